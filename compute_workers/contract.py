@@ -1,0 +1,138 @@
+"""The message contract between the control plane and the compute workers.
+
+Both sides import this module (and only this module of each other), so it must stay pure
+standard-library Python: no Django, no libvirt, no Celery.
+
+Queues
+    ``scheduler``         scheduler tasks (run by a Django-enabled Celery worker)
+    ``conductor``         conductor tasks: the only writer of what compute workers report
+    ``compute.<host>``    one queue per hypervisor host, consumed by that host's compute worker
+
+Every task carries plain JSON: ids, the versioned instance spec, or small dicts.
+
+Compute tasks (sent to ``compute_queue(host)``):
+
+``compute.spawn(spec)``
+    Build the instance described by ``spec`` (see :func:`validate_spec`). Idempotent by domain name
+    ``instance-<uuid>``: a redelivered spawn of a running instance only reports it again. Reports
+    progress with ``conductor.instance_update`` and failure with ``conductor.build_failed``.
+``compute.terminate(instance_uuid)``
+    Destroy and undefine the domain, delete ``INSTANCES_PATH/<uuid>``. Succeeds when nothing is
+    there. Reports ``conductor.instance_destroyed`` (or ``conductor.instance_update`` with a fault).
+``compute.get_console_output(instance_uuid, lines)``
+    Synchronous call (the caller waits on the RPC result backend). Returns
+    ``{"output": str}`` or ``{"error": "InstanceNotFound"|"ConsoleUnavailable", "message": str}``.
+
+Conductor tasks (sent to ``conductor``):
+
+``conductor.instance_update(instance_uuid, host, expected_task_state, values, event=None, fault=None)``
+    Compare-and-swap: applied only when the instance's ``task_state`` still equals
+    ``expected_task_state`` and it lives on ``host``; otherwise dropped and logged. ``values`` may hold
+    ``vm_state``, ``task_state``, ``power_state``. ``event`` is ``{"name", "result", "message"}``
+    appended to the current action; ``fault`` is ``{"message", "code", "details"}``.
+``conductor.build_failed(instance_uuid, host, fault, reschedule)``
+    The spawn on ``host`` failed and everything it made there is cleaned up. ``reschedule`` is False
+    when retrying elsewhere cannot help (for example a corrupt image).
+``conductor.instance_destroyed(instance_uuid, host)``
+    ``compute.terminate`` finished: the domain and its files are gone.
+``conductor.host_heartbeat(host, resources)``
+    Sent every ``COMPUTE_HEARTBEAT_INTERVAL`` seconds; see :data:`HEARTBEAT_RESOURCE_KEYS`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+SPEC_VERSION = 1
+
+SCHEDULER_QUEUE = "scheduler"
+CONDUCTOR_QUEUE = "conductor"
+COMPUTE_QUEUE_PREFIX = "compute."
+
+# Stable task names. Never rename one without keeping the old name registered.
+SCHEDULE_INSTANCE = "scheduler.schedule_instance"
+
+CONDUCTOR_INSTANCE_UPDATE = "conductor.instance_update"
+CONDUCTOR_BUILD_FAILED = "conductor.build_failed"
+CONDUCTOR_INSTANCE_DESTROYED = "conductor.instance_destroyed"
+CONDUCTOR_HOST_HEARTBEAT = "conductor.host_heartbeat"
+
+COMPUTE_SPAWN = "compute.spawn"
+COMPUTE_TERMINATE = "compute.terminate"
+COMPUTE_CONSOLE_OUTPUT = "compute.get_console_output"
+
+# Power states, as Nova names them (what the hypervisor says).
+POWER_NOSTATE = "nostate"
+POWER_RUNNING = "running"
+POWER_PAUSED = "paused"
+POWER_SHUTDOWN = "shutdown"
+POWER_CRASHED = "crashed"
+POWER_SUSPENDED = "suspended"
+POWER_STATES = (POWER_NOSTATE, POWER_RUNNING, POWER_PAUSED, POWER_SHUTDOWN, POWER_CRASHED,
+                POWER_SUSPENDED)
+
+# Keys of the ``resources`` dict of a heartbeat.
+HEARTBEAT_RESOURCE_KEYS = (
+    "libvirt_uri",          # str
+    "driver",               # "libvirt" | "fake"
+    "virt_type",            # "kvm" | "qemu" (what guests actually run with)
+    "hypervisor_type",      # e.g. "QEMU"
+    "hypervisor_version",   # int, libvirt's encoding (7002000 = 7.2.0)
+    "vcpus",                # int, physical CPUs usable by guests
+    "memory_mb",            # int, total RAM
+    "memory_mb_reserved",   # int, kept for the host itself
+    "disk_gb",              # int, total of the filesystem holding INSTANCES_PATH
+    "disk_gb_reserved",     # int
+    "cpu_info",             # dict: arch, model, vendor, features (list)
+    "instances",            # dict: instance uuid -> power state, for every cloudctl domain on the host
+)
+
+
+def compute_queue(host: str) -> str:
+    """The queue a host's compute worker consumes. The one place this mapping is made."""
+    if not host or any(c.isspace() for c in host):
+        raise ValueError(f"invalid host name {host!r}")
+    return f"{COMPUTE_QUEUE_PREFIX}{host}"
+
+
+def domain_name(instance_uuid: str) -> str:
+    """libvirt domain name of an instance; spawn is idempotent by it."""
+    return f"instance-{instance_uuid}"
+
+
+class SpecError(ValueError):
+    """An instance spec is malformed or of a version this worker does not understand."""
+
+
+def validate_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """Check a spawn spec's shape and return it. Raises :class:`SpecError`.
+
+    Spec, version 1::
+
+        {
+          "version": 1,
+          "instance_uuid": "…", "name": "display name", "host": "…", "request_id": "req-…",
+          "flavor": {"name": "m1.nano", "vcpus": 1, "memory_mb": 128, "root_gb": 1},
+          "image": {"id": "…", "name": "tiny", "url": "http://…/api/v1/images/<id>/file",
+                    "sha256": "…", "size": 123, "disk_format": "qcow2", "properties": {}},
+          "networks": [], "key_data": null, "user_data": null
+        }
+    """
+    if not isinstance(spec, dict):
+        raise SpecError("spec must be a JSON object")
+    if spec.get("version") != SPEC_VERSION:
+        raise SpecError(f"unsupported spec version {spec.get('version')!r}, expected {SPEC_VERSION}")
+    for key, kind in (("instance_uuid", str), ("name", str), ("host", str), ("flavor", dict),
+                      ("image", dict)):
+        if not isinstance(spec.get(key), kind):
+            raise SpecError(f"spec.{key} must be a {kind.__name__}")
+    for key in ("vcpus", "memory_mb", "root_gb"):
+        value = spec["flavor"].get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise SpecError(f"spec.flavor.{key} must be a non-negative integer")
+    for key in ("id", "url", "sha256", "disk_format"):
+        if not isinstance(spec["image"].get(key), str):
+            raise SpecError(f"spec.image.{key} must be a string")
+    if spec["image"]["disk_format"] not in ("qcow2", "raw"):
+        raise SpecError(f"unsupported disk_format {spec['image']['disk_format']!r}")
+    return spec
