@@ -1,0 +1,5 @@
+"""cloudctl: a small, fast, dependable virtual-machine manager."""
+
+from .celery import app as celery_app
+
+__all__ = ("celery_app",)

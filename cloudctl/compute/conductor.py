@@ -1,0 +1,205 @@
+"""What compute workers report, applied to the database. The conductor is its only writer.
+
+Reports carry the task_state the worker expected; a report about an instance that has moved on
+(deleted meanwhile, rescheduled elsewhere) is dropped and logged, never applied.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from cloudctl.compute import rpc
+from cloudctl.compute.models import Allocation, Host, Instance, InstanceAction, InstanceActionEvent
+from cloudctl.compute.services import finish_action, mark_deleted
+from cloudctl.compute.states import PowerState, TaskState, VmState
+from compute_workers import contract
+
+log = logging.getLogger(__name__)
+
+_UPDATABLE = {"vm_state", "task_state", "power_state"}
+
+
+def current_action(instance_uuid: str) -> InstanceAction | None:
+    """The newest action still running on the instance."""
+    return (InstanceAction.objects.filter(instance_id=instance_uuid, finish_time__isnull=True)
+            .order_by("-start_time", "-id").first())
+
+
+def record_event(instance_uuid: str, *, event: str, result: str = "", host: str = "",
+                 message: str = "", traceback: str = "", finished: bool = True) -> None:
+    action = current_action(instance_uuid)
+    if action is None:
+        log.info("event %s for %s has no running action; not recorded", event, instance_uuid)
+        return
+    now = timezone.now()
+    InstanceActionEvent.objects.create(action=action, event=event, result=result, host=host,
+                                       message=message, traceback=traceback, start_time=now,
+                                       finish_time=now if finished else None)
+
+
+def instance_update(*, instance_uuid: str, host: str, expected_task_state: str | None,
+                    values: dict[str, Any], event: dict[str, Any] | None = None,
+                    fault: dict[str, Any] | None = None) -> bool:
+    """Apply a compute worker's state report if the instance is still where the worker thinks."""
+    unknown = set(values) - _UPDATABLE
+    if unknown:
+        raise ValueError(f"instance_update cannot set {sorted(unknown)}")
+    now = timezone.now()
+    changes: dict[str, Any] = {**values, "updated": now}
+    if fault is not None:
+        changes["fault"] = fault
+    if values.get("vm_state") == VmState.ACTIVE and expected_task_state == TaskState.SPAWNING:
+        changes["launched_at"] = now
+    with transaction.atomic():
+        matched = Instance.objects.filter(uuid=instance_uuid, host__name=host)
+        matched = (matched.filter(task_state__isnull=True) if expected_task_state is None
+                   else matched.filter(task_state=expected_task_state))
+        if matched.update(**changes) != 1:
+            _drop_stale_report(instance_uuid, host, expected_task_state, values)
+            return False
+        if event:
+            record_event(instance_uuid, event=str(event.get("name", "compute")),
+                         result=str(event.get("result", "")), host=host,
+                         message=str(event.get("message", "")))
+        if "task_state" in values and values["task_state"] is None:
+            action = current_action(instance_uuid)
+            if action is not None:
+                failed = values.get("vm_state") == VmState.ERROR or fault is not None
+                finish_action(action, result="Error" if failed else "Success",
+                              message=(fault or {}).get("message", ""))
+    return True
+
+
+def _drop_stale_report(instance_uuid: str, host: str, expected_task_state: str | None,
+                       values: dict[str, Any]) -> None:
+    instance = Instance.objects.filter(uuid=instance_uuid).select_related("host").first()
+    if instance is None:
+        log.warning("dropped report from %s about unknown instance %s", host, instance_uuid)
+        return
+    log.info("dropped stale report from %s for %s: expected task_state=%s, now vm_state=%s "
+             "task_state=%s host=%s; values=%s", host, instance_uuid, expected_task_state,
+             instance.vm_state, instance.task_state, instance.host, values)
+    # A spawn that finished after the server was deleted (or moved) left a domain behind:
+    # reality wins, so ask that host to remove it.
+    lives_elsewhere = instance.host is None or instance.host.name != host
+    if values.get("vm_state") == VmState.ACTIVE and (
+            instance.vm_state == VmState.DELETED or lives_elsewhere):
+        log.warning("asking %s to remove the leftover domain of %s", host, instance_uuid)
+        rpc.cast(host, contract.COMPUTE_TERMINATE, instance_uuid=instance_uuid)
+
+
+def build_failed(*, instance_uuid: str, host: str, fault: dict[str, Any], reschedule: bool) -> None:
+    """A spawn failed on ``host`` (and was cleaned up there): retry elsewhere or end in ERROR."""
+    with transaction.atomic():
+        instance = (Instance.objects.select_for_update()
+                    .filter(uuid=instance_uuid, host__name=host, task_state=TaskState.SPAWNING)
+                    .first())
+        if instance is None:
+            log.info("dropped build failure of %s on %s: the instance moved on", instance_uuid,
+                     host)
+            return
+        Allocation.objects.filter(instance=instance, host__name=host).delete()
+        record_event(instance_uuid, event="compute_spawn", result="Error", host=host,
+                     message=str(fault.get("message", "")), traceback=str(fault.get("details", "")))
+        retry_hosts = [*instance.retry_hosts, host]
+        if reschedule and instance.attempts < settings.SCHEDULER_MAX_ATTEMPTS:
+            Instance.objects.filter(uuid=instance_uuid).update(
+                host=None, task_state=TaskState.SCHEDULING, retry_hosts=retry_hosts,
+                updated=timezone.now())
+            transaction.on_commit(lambda: rpc.send_to_scheduler(
+                contract.SCHEDULE_INSTANCE, instance_uuid=instance_uuid))
+            return
+        message = str(fault.get("message") or "the build failed")
+        if reschedule:
+            message = (f"{message} (tried {instance.attempts} of "
+                       f"{settings.SCHEDULER_MAX_ATTEMPTS} allowed attempts, on "
+                       f"{', '.join(retry_hosts)})")
+        Instance.objects.filter(uuid=instance_uuid).update(
+            vm_state=VmState.ERROR, task_state=None, power_state=PowerState.NOSTATE,
+            retry_hosts=retry_hosts, updated=timezone.now(),
+            fault={"message": message, "code": int(fault.get("code", 500)),
+                   "details": str(fault.get("details", ""))})
+        action = current_action(instance_uuid)
+        if action is not None:
+            finish_action(action, result="Error", message=message)
+
+
+def instance_destroyed(*, instance_uuid: str, host: str) -> None:
+    """The host removed the domain and files: finish the delete."""
+    with transaction.atomic():
+        instance = (Instance.objects.select_for_update()
+                    .filter(uuid=instance_uuid, task_state=TaskState.DELETING).first())
+        if instance is None:
+            log.info("instance_destroyed for %s from %s: not deleting, nothing to do",
+                     instance_uuid, host)
+            return
+        action = current_action(instance_uuid)
+        record_event(instance_uuid, event="compute_terminate_instance", result="Success",
+                     host=host)
+        mark_deleted(instance)
+        if action is not None:
+            finish_action(action, result="Success")
+
+
+_HOST_FIELDS = ("libvirt_uri", "driver", "virt_type", "hypervisor_type", "hypervisor_version",
+                "vcpus", "memory_mb", "memory_mb_reserved", "disk_gb", "disk_gb_reserved",
+                "cpu_info")
+
+
+def host_heartbeat(*, host: str, resources: dict[str, Any]) -> Host:
+    """Record a compute worker's heartbeat; the first one registers the host."""
+    values: dict[str, Any] = {key: resources[key] for key in _HOST_FIELDS if key in resources}
+    values["reported_instances"] = resources.get("instances", {})
+    values["last_heartbeat"] = timezone.now()
+    record, _ = Host.objects.update_or_create(name=host, defaults=values)
+    _reap_deleted_domains(record)
+    return record
+
+
+def _reap_deleted_domains(host: Host) -> None:
+    """Domains still on a host for servers already deleted are removed (Nova's 'reap')."""
+    reported = list(host.reported_instances or {})
+    if not reported:
+        return
+    leftovers = Instance.objects.filter(uuid__in=reported, vm_state=VmState.DELETED)
+    for instance_uuid in leftovers.values_list("uuid", flat=True):
+        log.warning("host %s still has a domain for deleted server %s; removing it", host.name,
+                    instance_uuid)
+        rpc.cast(host.name, contract.COMPUTE_TERMINATE, instance_uuid=str(instance_uuid))
+
+
+def reap_stuck_builds() -> int:
+    """Builds older than INSTANCE_BUILD_TIMEOUT go to ERROR with a fault saying where they hung."""
+    deadline = timezone.now() - timedelta(seconds=settings.INSTANCE_BUILD_TIMEOUT)
+    stuck = Instance.objects.filter(vm_state=VmState.BUILDING, created__lt=deadline,
+                                    task_state__in=[TaskState.SCHEDULING, TaskState.SPAWNING])
+    reaped = 0
+    for instance in stuck.select_related("host"):
+        where = f"on host {instance.host.name}" if instance.host else "waiting for a host"
+        message = (f"build timed out after {settings.INSTANCE_BUILD_TIMEOUT} s while "
+                   f"{instance.task_state} {where}")
+        with transaction.atomic():
+            updated = Instance.objects.filter(
+                uuid=instance.uuid, vm_state=VmState.BUILDING,
+                task_state=instance.task_state).update(
+                vm_state=VmState.ERROR, task_state=None, updated=timezone.now(),
+                fault={"message": message, "code": 500, "details": ""})
+            if not updated:
+                continue
+            Allocation.objects.filter(instance=instance).delete()
+            record_event(str(instance.uuid), event="build_timeout", result="Error",
+                         message=message)
+            action = current_action(str(instance.uuid))
+            if action is not None:
+                finish_action(action, result="Error", message=message)
+        if instance.host is not None:
+            rpc.cast(instance.host.name, contract.COMPUTE_TERMINATE,
+                     instance_uuid=str(instance.uuid))
+        reaped += 1
+    return reaped

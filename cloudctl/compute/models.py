@@ -1,0 +1,166 @@
+"""Flavors, hosts, instances, resource claims and the record of every action."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import models
+from django.utils import timezone
+
+from cloudctl.compute.states import PowerState, TaskState, VmState, derive_status
+from cloudctl.identity.models import Project
+from cloudctl.images.models import Image
+
+
+class Flavor(models.Model):
+    name = models.CharField(max_length=64, unique=True)
+    vcpus = models.PositiveIntegerField()
+    memory_mb = models.PositiveIntegerField()
+    root_gb = models.PositiveIntegerField()
+    is_public = models.BooleanField(default=True)
+    extra_specs = models.JSONField(default=dict, blank=True)
+    disabled = models.BooleanField(default=False)
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ("memory_mb", "vcpus", "name")
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.vcpus} vCPU, {self.memory_mb} MiB, {self.root_gb} GiB)"
+
+
+class Host(models.Model):
+    """A compute service on a hypervisor host, created by its first heartbeat."""
+
+    name = models.CharField(max_length=255, unique=True)
+    libvirt_uri = models.CharField(max_length=255, blank=True)
+    driver = models.CharField(max_length=32, blank=True)
+    virt_type = models.CharField(max_length=16, blank=True)
+    availability_zone = models.CharField(max_length=255, blank=True,
+                                         help_text="empty means DEFAULT_AVAILABILITY_ZONE")
+    enabled = models.BooleanField(default=True)
+    disabled_reason = models.CharField(max_length=255, blank=True)
+    last_heartbeat = models.DateTimeField(null=True, blank=True)
+    vcpus = models.PositiveIntegerField(default=0)
+    memory_mb = models.PositiveIntegerField(default=0)
+    memory_mb_reserved = models.PositiveIntegerField(default=0)
+    disk_gb = models.PositiveIntegerField(default=0)
+    disk_gb_reserved = models.PositiveIntegerField(default=0)
+    hypervisor_type = models.CharField(max_length=64, blank=True)
+    hypervisor_version = models.BigIntegerField(default=0)
+    cpu_info = models.JSONField(default=dict, blank=True)
+    reported_instances = models.JSONField(default=dict, blank=True,
+                                          help_text="uuid -> power state, from the last heartbeat")
+    # Per-host overrides; null means the global setting.
+    cpu_allocation_ratio = models.FloatField(null=True, blank=True)
+    ram_allocation_ratio = models.FloatField(null=True, blank=True)
+    disk_allocation_ratio = models.FloatField(null=True, blank=True)
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ("name",)
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def is_up(self) -> bool:
+        if self.last_heartbeat is None:
+            return False
+        age = timezone.now() - self.last_heartbeat
+        return age < timedelta(seconds=settings.SERVICE_DOWN_TIME)
+
+    @property
+    def zone(self) -> str:
+        return self.availability_zone or settings.DEFAULT_AVAILABILITY_ZONE
+
+
+class Instance(models.Model):
+    uuid = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    name = models.CharField(max_length=255)
+    project = models.ForeignKey(Project, on_delete=models.PROTECT, related_name="instances")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL,
+                             related_name="instances")
+    flavor = models.ForeignKey(Flavor, on_delete=models.PROTECT, related_name="instances")
+    # The flavor's numbers at boot time: a later flavor edit must not change a running server.
+    vcpus = models.PositiveIntegerField()
+    memory_mb = models.PositiveIntegerField()
+    root_gb = models.PositiveIntegerField()
+    image = models.ForeignKey(Image, null=True, on_delete=models.SET_NULL, related_name="instances")
+    availability_zone = models.CharField(max_length=255, blank=True)
+    host = models.ForeignKey(Host, null=True, blank=True, on_delete=models.SET_NULL,
+                             related_name="instances")
+    vm_state = models.CharField(max_length=16, choices=VmState.choices, default=VmState.BUILDING)
+    task_state = models.CharField(max_length=32, choices=TaskState.choices, null=True, blank=True,
+                                  default=TaskState.SCHEDULING)
+    power_state = models.CharField(max_length=16, choices=PowerState.choices,
+                                   default=PowerState.NOSTATE)
+    fault = models.JSONField(null=True, blank=True)
+    # Hosts a build was tried on (RetryFilter excludes them) and how many attempts were made.
+    retry_hosts = models.JSONField(default=list, blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+    created = models.DateTimeField(auto_now_add=True)
+    updated = models.DateTimeField(auto_now=True)
+    launched_at = models.DateTimeField(null=True, blank=True)
+    deleted_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ("-created",)
+        indexes = [models.Index(fields=["vm_state", "task_state"])]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.uuid})"
+
+    @property
+    def status(self) -> str:
+        return derive_status(self.vm_state, self.task_state)
+
+
+class Allocation(models.Model):
+    """Resources an instance holds on a host. A host's usage is the sum of its allocations."""
+
+    instance = models.ForeignKey(Instance, on_delete=models.CASCADE, related_name="allocations")
+    host = models.ForeignKey(Host, on_delete=models.CASCADE, related_name="allocations")
+    vcpus = models.PositiveIntegerField()
+    memory_mb = models.PositiveIntegerField()
+    disk_gb = models.PositiveIntegerField()
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["instance", "host"],
+                                               name="one_allocation_per_instance_host")]
+
+
+class InstanceAction(models.Model):
+    """One user-visible operation on an instance (create, delete, reboot, ...)."""
+
+    instance = models.ForeignKey(Instance, on_delete=models.CASCADE, related_name="actions")
+    action = models.CharField(max_length=64)
+    request_id = models.CharField(max_length=64)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL)
+    project = models.ForeignKey(Project, null=True, on_delete=models.SET_NULL)
+    start_time = models.DateTimeField(default=timezone.now)
+    finish_time = models.DateTimeField(null=True, blank=True)
+    result = models.CharField(max_length=16, blank=True, help_text="empty while running")
+    message = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ("-start_time", "-id")
+
+
+class InstanceActionEvent(models.Model):
+    """A step of an action (scheduling, compute_spawn, ...), with its outcome."""
+
+    action = models.ForeignKey(InstanceAction, on_delete=models.CASCADE, related_name="events")
+    event = models.CharField(max_length=64)
+    start_time = models.DateTimeField(default=timezone.now)
+    finish_time = models.DateTimeField(null=True, blank=True)
+    result = models.CharField(max_length=16, blank=True)
+    host = models.CharField(max_length=255, blank=True)
+    message = models.TextField(blank=True)
+    traceback = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ("start_time", "id")

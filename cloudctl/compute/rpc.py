@@ -1,0 +1,63 @@
+"""Messages from the control plane to compute workers: one function per direction of call.
+
+``cast`` sends and forgets; ``call`` waits (bounded) for the worker's answer, which compute
+workers store in the Redis RPC backend (they have no database, so django-celery-results cannot
+hold their results).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+from celery.backends.redis import RedisBackend
+from celery.exceptions import TimeoutError as CeleryTimeoutError
+from celery.result import AsyncResult
+from django.conf import settings
+
+from cloudctl.celery import app
+from compute_workers import contract
+
+log = logging.getLogger(__name__)
+
+
+class ComputeUnavailable(Exception):
+    """The host's compute worker did not answer in time."""
+
+
+@functools.cache
+def _rpc_backend() -> RedisBackend:
+    return RedisBackend(app=app, url=settings.CELERY_RPC_BACKEND)
+
+
+def cast(host: str, task_name: str, **kwargs: Any) -> None:
+    """Send a task to ``host``'s compute queue; the worker reports back through the conductor."""
+    app.send_task(task_name, kwargs=kwargs, queue=contract.compute_queue(host))
+
+
+def call(host: str, task_name: str, *, timeout: float, **kwargs: Any) -> Any:
+    """Run a task on ``host``'s compute worker and return its result, or raise ComputeUnavailable.
+
+    The message expires with the timeout, so a worker that comes back later does not run a call
+    nobody waits for any more.
+    """
+    sent = app.send_task(task_name, kwargs=kwargs, queue=contract.compute_queue(host),
+                         expires=timeout)
+    result = AsyncResult(sent.id, backend=_rpc_backend(), app=app)
+    try:
+        return result.get(timeout=timeout, propagate=True, interval=0.05)
+    except CeleryTimeoutError:
+        raise ComputeUnavailable(
+            f"the compute worker of host {host} did not answer within {timeout:g} s"
+        ) from None
+    finally:
+        result.forget()
+
+
+def send_to_scheduler(task_name: str, **kwargs: Any) -> None:
+    app.send_task(task_name, kwargs=kwargs, queue=contract.SCHEDULER_QUEUE)
+
+
+def send_to_conductor(task_name: str, **kwargs: Any) -> None:
+    app.send_task(task_name, kwargs=kwargs, queue=contract.CONDUCTOR_QUEUE)

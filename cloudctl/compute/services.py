@@ -1,0 +1,216 @@
+"""Server operations requested by users: one function per operation, called by every interface.
+
+Each operation is: validate, one compare-and-swap state transition (the loser of a race gets
+:class:`InstanceInvalidState`, i.e. 409), an InstanceAction row, and a task sent on commit.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Q, QuerySet
+from django.utils import timezone
+
+from cloudctl.compute import rpc
+from cloudctl.compute.models import Allocation, Flavor, Host, Instance, InstanceAction
+from cloudctl.compute.states import DELETE, PowerState, TaskState, Transition, VmState
+from cloudctl.identity.models import Project
+from cloudctl.identity.services import is_admin, project_id_of
+from cloudctl.images.models import Image, ImageStatus
+from compute_workers import contract
+
+log = logging.getLogger(__name__)
+
+GIB = 1024**3
+
+
+class InstanceInvalidState(Exception):
+    """The instance is not in a state the action may start from (HTTP 409)."""
+
+    def __init__(self, instance: Instance, action: str) -> None:
+        self.instance = instance
+        self.action = action
+        super().__init__(
+            f"cannot {action} server {instance.uuid} while vm_state={instance.vm_state} "
+            f"task_state={instance.task_state}"
+        )
+
+
+class InvalidRequest(Exception):
+    """A request that is well-formed but cannot be served (HTTP 400), naming the field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        self.message = message
+        super().__init__(f"{field}: {message}")
+
+
+class ConsoleUnavailable(Exception):
+    """The console cannot be read now (HTTP 409): the server does not run on a host."""
+
+
+def new_request_id() -> str:
+    return f"req-{uuid.uuid4()}"
+
+
+def servers_visible_to(user: Any) -> QuerySet[Instance]:
+    """Live (not deleted) servers: all for admins, the user's project's for members."""
+    servers = Instance.objects.exclude(vm_state=VmState.DELETED).select_related(
+        "flavor", "image", "host", "project")
+    if is_admin(user):
+        return servers
+    return servers.filter(project_id=project_id_of(user))
+
+
+def flavors_visible_to(user: Any) -> QuerySet[Flavor]:
+    flavors = Flavor.objects.filter(disabled=False)
+    return flavors if is_admin(user) else flavors.filter(is_public=True)
+
+
+def action_start(*, instance: Instance, action: str, user: Any, request_id: str,
+                 project: Project | None = None) -> InstanceAction:
+    return InstanceAction.objects.create(
+        instance=instance, action=action, request_id=request_id,
+        user=user if getattr(user, "pk", None) else None,
+        project=project or instance.project,
+    )
+
+
+def transition(instance: Instance, rule: Transition, **values: Any) -> Instance:
+    """Compare-and-swap the instance into ``rule.to_task_state`` or raise InstanceInvalidState.
+
+    One conditional UPDATE: of two concurrent requests exactly one matches the row.
+    """
+    allowed_task = Q(task_state__in=[s for s in rule.from_task_states if s is not None])
+    if None in rule.from_task_states:
+        allowed_task |= Q(task_state__isnull=True)
+    updated = (Instance.objects
+               .filter(allowed_task, uuid=instance.uuid, vm_state__in=rule.from_vm_states)
+               .update(task_state=rule.to_task_state, updated=timezone.now(), **values))
+    instance.refresh_from_db()
+    if updated != 1:
+        raise InstanceInvalidState(instance, rule.action)
+    return instance
+
+
+def _check_boot_fit(flavor: Flavor, image: Image) -> None:
+    if image.status != ImageStatus.ACTIVE:
+        raise InvalidRequest("image", f"image {image.name} is {image.status}, not active")
+    if flavor.memory_mb < image.min_ram:
+        raise InvalidRequest("flavor", f"flavor {flavor.name} has {flavor.memory_mb} MiB RAM; "
+                                       f"image {image.name} needs at least {image.min_ram} MiB")
+    if flavor.root_gb < image.min_disk:
+        raise InvalidRequest("flavor", f"flavor {flavor.name} has a {flavor.root_gb} GiB disk; "
+                                       f"image {image.name} needs at least {image.min_disk} GiB")
+    if image.virtual_size and image.virtual_size > flavor.root_gb * GIB:
+        raise InvalidRequest("flavor", f"image {image.name} is {image.virtual_size / GIB:.2f} GiB, "
+                                       f"larger than flavor {flavor.name}'s {flavor.root_gb} GiB disk")
+
+
+def server_create(*, user: Any, project: Project, name: str, flavor: Flavor, image: Image,
+                  availability_zone: str = "", request_id: str | None = None) -> Instance:
+    """Record a new server (BUILD/scheduling) and ask the scheduler to place it."""
+    _check_boot_fit(flavor, image)
+    with transaction.atomic():
+        instance = Instance.objects.create(
+            name=name, project=project, user=user, flavor=flavor, image=image,
+            vcpus=flavor.vcpus, memory_mb=flavor.memory_mb, root_gb=flavor.root_gb,
+            availability_zone=availability_zone,
+            vm_state=VmState.BUILDING, task_state=TaskState.SCHEDULING,
+            power_state=PowerState.NOSTATE,
+        )
+        action_start(instance=instance, action="create", user=user,
+                     request_id=request_id or new_request_id())
+        transaction.on_commit(lambda: rpc.send_to_scheduler(
+            contract.SCHEDULE_INSTANCE, instance_uuid=str(instance.uuid)))
+    return instance
+
+
+def server_delete(*, instance: Instance, user: Any, request_id: str | None = None) -> bool:
+    """Start deleting a server. Returns True when it is already gone (it had no host).
+
+    A server placed on a host is destroyed there by its compute worker, which reports back to the
+    conductor (:func:`cloudctl.compute.conductor.instance_destroyed`).
+    """
+    with transaction.atomic():
+        transition(instance, DELETE)
+        action = action_start(instance=instance, action="delete", user=user,
+                              request_id=request_id or new_request_id())
+        if instance.host is None:
+            mark_deleted(instance)
+            finish_action(action, result="Success")
+            return True
+        host_name = instance.host.name
+        transaction.on_commit(lambda: rpc.cast(
+            host_name, contract.COMPUTE_TERMINATE, instance_uuid=str(instance.uuid)))
+    return False
+
+
+def mark_deleted(instance: Instance) -> None:
+    """Final step of every delete: the row stays as history, its claim is released."""
+    Allocation.objects.filter(instance=instance).delete()
+    Instance.objects.filter(uuid=instance.uuid).update(
+        vm_state=VmState.DELETED, task_state=None, power_state=PowerState.NOSTATE,
+        deleted_at=timezone.now(), updated=timezone.now())
+    instance.refresh_from_db()
+
+
+def finish_action(action: InstanceAction, *, result: str, message: str = "") -> None:
+    InstanceAction.objects.filter(pk=action.pk, finish_time__isnull=True).update(
+        finish_time=timezone.now(), result=result, message=message)
+
+
+def server_console_output(*, instance: Instance, lines: int | None) -> str:
+    """The tail of the guest's serial console, read on its host by a short synchronous call."""
+    if instance.host is None or instance.vm_state in (VmState.BUILDING, VmState.DELETED) \
+            or instance.task_state == TaskState.DELETING:
+        raise ConsoleUnavailable(
+            f"server {instance.uuid} is not running on a host "
+            f"(vm_state={instance.vm_state}, task_state={instance.task_state})")
+    answer = rpc.call(instance.host.name, contract.COMPUTE_CONSOLE_OUTPUT,
+                      timeout=settings.CONSOLE_OUTPUT_TIMEOUT,
+                      instance_uuid=str(instance.uuid), lines=lines)
+    if "error" in answer:
+        raise ConsoleUnavailable(answer.get("message") or answer["error"])
+    return str(answer["output"])
+
+
+def hosts_with_usage() -> QuerySet[Host]:
+    from django.db.models import Count, Sum
+
+    return Host.objects.annotate(
+        vcpus_used=Sum("allocations__vcpus", default=0),
+        memory_mb_used=Sum("allocations__memory_mb", default=0),
+        disk_gb_used=Sum("allocations__disk_gb", default=0),
+        instance_count=Count("allocations", distinct=True),
+    )
+
+
+def flavor_delete(*, flavor: Flavor) -> None:
+    """Delete a flavor; one that servers were built from is only disabled (they keep its name)."""
+    if Instance.objects.filter(flavor=flavor).exists():
+        Flavor.objects.filter(pk=flavor.pk).update(disabled=True)
+    else:
+        flavor.delete()
+
+
+# Nova's default flavors plus m1.nano, sized for the demo image.
+DEFAULT_FLAVORS: tuple[tuple[str, int, int, int], ...] = (
+    ("m1.nano", 1, 128, 1),
+    ("m1.tiny", 1, 512, 1),
+    ("m1.small", 1, 2048, 20),
+    ("m1.medium", 2, 4096, 40),
+    ("m1.large", 4, 8192, 80),
+    ("m1.xlarge", 8, 16384, 160),
+)
+
+
+def flavors_seed() -> list[Flavor]:
+    """Create the default flavors that do not exist yet; existing ones are left as they are."""
+    return [Flavor.objects.get_or_create(name=name, defaults={"vcpus": vcpus, "memory_mb": ram,
+                                                               "root_gb": disk})[0]
+            for name, vcpus, ram, disk in DEFAULT_FLAVORS]

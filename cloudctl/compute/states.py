@@ -1,0 +1,105 @@
+"""Instance states as Nova names them, so operators recognise them.
+
+``vm_state`` is where the instance rests; ``task_state`` is the operation in flight (None when
+idle); ``power_state`` is what the hypervisor last said. The API ``status`` derives from the first
+two. Each action lists the (vm_state, task_state) pairs it may start from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from django.db import models
+
+from compute_workers import contract
+
+
+class VmState(models.TextChoices):
+    BUILDING = "building"
+    ACTIVE = "active"
+    STOPPED = "stopped"
+    PAUSED = "paused"
+    SUSPENDED = "suspended"
+    RESIZED = "resized"
+    ERROR = "error"
+    DELETED = "deleted"
+
+
+class TaskState(models.TextChoices):
+    SCHEDULING = "scheduling"
+    SPAWNING = "spawning"
+    REBOOTING = "rebooting"
+    REBOOTING_HARD = "rebooting_hard"
+    POWERING_OFF = "powering_off"
+    POWERING_ON = "powering_on"
+    PAUSING = "pausing"
+    UNPAUSING = "unpausing"
+    SUSPENDING = "suspending"
+    RESUMING = "resuming"
+    IMAGE_SNAPSHOT = "image_snapshot"
+    IMAGE_UPLOADING = "image_uploading"
+    MIGRATING = "migrating"
+    RESIZE_PREP = "resize_prep"
+    RESIZE_MIGRATING = "resize_migrating"
+    RESIZE_FINISH = "resize_finish"
+    RESIZE_REVERTING = "resize_reverting"
+    RESIZE_CONFIRMING = "resize_confirming"
+    DELETING = "deleting"
+
+
+class PowerState(models.TextChoices):
+    NOSTATE = contract.POWER_NOSTATE
+    RUNNING = contract.POWER_RUNNING
+    PAUSED = contract.POWER_PAUSED
+    SHUTDOWN = contract.POWER_SHUTDOWN
+    CRASHED = contract.POWER_CRASHED
+    SUSPENDED = contract.POWER_SUSPENDED
+
+
+_STATUS_BY_VM_STATE = {
+    VmState.BUILDING: "BUILD",
+    VmState.ACTIVE: "ACTIVE",
+    VmState.STOPPED: "SHUTOFF",
+    VmState.PAUSED: "PAUSED",
+    VmState.SUSPENDED: "SUSPENDED",
+    VmState.RESIZED: "VERIFY_RESIZE",
+    VmState.ERROR: "ERROR",
+    VmState.DELETED: "DELETED",
+}
+_STATUS_BY_TASK_STATE = {
+    TaskState.REBOOTING: "REBOOT",
+    TaskState.REBOOTING_HARD: "HARD_REBOOT",
+    TaskState.MIGRATING: "MIGRATING",
+    TaskState.RESIZE_PREP: "RESIZE",
+    TaskState.RESIZE_MIGRATING: "RESIZE",
+    TaskState.RESIZE_FINISH: "RESIZE",
+    TaskState.RESIZE_REVERTING: "REVERT_RESIZE",
+    TaskState.RESIZE_CONFIRMING: "VERIFY_RESIZE",
+}
+
+
+def derive_status(vm_state: str, task_state: str | None) -> str:
+    """The API status, as Nova's ``nova.api.openstack.common.status_from_state``."""
+    if vm_state in (VmState.ACTIVE, VmState.STOPPED) and task_state in _STATUS_BY_TASK_STATE:
+        return _STATUS_BY_TASK_STATE[TaskState(task_state)]
+    return _STATUS_BY_VM_STATE.get(VmState(vm_state), "UNKNOWN")
+
+
+@dataclass(frozen=True)
+class Transition:
+    """An action's allowed starting points and the task_state it moves the instance into."""
+
+    action: str
+    from_vm_states: tuple[str, ...]
+    from_task_states: tuple[str | None, ...]
+    to_task_state: str
+
+
+# Delete is allowed from every resting state and from a build in flight (as Nova); a second
+# delete while one runs is refused rather than doubled.
+DELETE = Transition(
+    action="delete",
+    from_vm_states=tuple(s for s in VmState.values if s != VmState.DELETED),
+    from_task_states=(None, TaskState.SCHEDULING, TaskState.SPAWNING),
+    to_task_state=TaskState.DELETING,
+)

@@ -1,0 +1,199 @@
+"""Django settings for cloudctl. Every value comes from an environment variable (see README).
+
+A malformed value stops start-up with :class:`cloudctl.env.ImproperlyConfiguredEnv` naming the
+variable.
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+import dj_database_url
+
+from cloudctl.env import (
+    ImproperlyConfiguredEnv,
+    env_bool,
+    env_float,
+    env_int,
+    env_list,
+    env_str,
+)
+from compute_workers import contract
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+STATE_DIR = Path(env_str("CLOUDCTL_STATE_DIR", str(BASE_DIR / "var")))
+
+
+def _persistent_secret_key() -> str:
+    """CLOUDCTL_SECRET_KEY, else a random key generated once and kept in STATE_DIR/secret_key."""
+    configured = env_str("CLOUDCTL_SECRET_KEY", "")
+    if configured:
+        return configured
+    path = STATE_DIR / "secret_key"
+    if not path.exists():
+        STATE_DIR.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_urlsafe(50))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+SECRET_KEY = _persistent_secret_key()
+DEBUG = env_bool("CLOUDCTL_DEBUG", False)
+ALLOWED_HOSTS = env_list("CLOUDCTL_ALLOWED_HOSTS", ["127.0.0.1", "localhost"])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "rest_framework.authtoken",
+    "django_celery_results",
+    "cloudctl.identity",
+    "cloudctl.images",
+    "cloudctl.compute",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",  # admin CSS/JS under gunicorn, no nginx needed
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "cloudctl.urls"
+WSGI_APPLICATION = "cloudctl.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# Database: SQLite (WAL, busy timeout, IMMEDIATE transactions so that two writers serialise at
+# BEGIN instead of failing on upgrade) unless DATABASE_URL names another, e.g. PostgreSQL.
+_database_url = env_str("DATABASE_URL", f"sqlite:///{STATE_DIR / 'cloudctl.sqlite3'}")
+try:
+    _default_db = dj_database_url.parse(_database_url, conn_max_age=60)
+except Exception as exc:  # dj_database_url raises several types for malformed URLs
+    raise ImproperlyConfiguredEnv("DATABASE_URL", _database_url, f"a database URL ({exc})") from None
+if _default_db["ENGINE"] == "django.db.backends.sqlite3":
+    _default_db["CONN_MAX_AGE"] = 0
+    _default_db["OPTIONS"] = {
+        "timeout": env_int("CLOUDCTL_SQLITE_TIMEOUT", 30, minimum=1),
+        "transaction_mode": "IMMEDIATE",
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+    }
+    Path(_default_db["NAME"]).parent.mkdir(parents=True, exist_ok=True)
+DATABASES = {"default": _default_db}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS: list[dict[str, str]] = []
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+STATIC_URL = "static/"
+STATIC_ROOT = STATE_DIR / "static"
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env_str("CLOUDCTL_LOG_LEVEL", "INFO")},
+}
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "cloudctl.identity.authentication.ServiceTokenAuthentication",
+        "rest_framework.authentication.TokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "UNAUTHENTICATED_USER": None,
+    "EXCEPTION_HANDLER": "cloudctl.api.exception_handler",
+}
+
+# --- cloudctl -------------------------------------------------------------------------------------
+# The base URL compute workers use to download images (GET /api/v1/images/<id>/file).
+CLOUDCTL_API_URL = env_str("CLOUDCTL_API_URL", "http://127.0.0.1:8000").rstrip("/")
+# Shared secret that compute workers present to download images; empty disables service access.
+CLOUDCTL_SERVICE_TOKEN = env_str("CLOUDCTL_SERVICE_TOKEN", "")
+IMAGES_PATH = Path(env_str("IMAGES_PATH", str(STATE_DIR / "image-store")))
+
+SCHEDULER_MAX_ATTEMPTS = env_int("SCHEDULER_MAX_ATTEMPTS", 3, minimum=1)
+SCHEDULER_ENABLED_FILTERS = env_list(
+    "SCHEDULER_ENABLED_FILTERS",
+    ["RetryFilter", "AvailabilityZoneFilter", "ComputeFilter", "RamFilter", "DiskFilter",
+     "CoreFilter"],
+)
+SCHEDULER_WEIGHERS = env_list("SCHEDULER_WEIGHERS", ["RAMWeigher", "CPUWeigher", "DiskWeigher"])
+SCHEDULER_RAM_WEIGHT_MULTIPLIER = env_float("SCHEDULER_RAM_WEIGHT_MULTIPLIER", 1.0)
+SCHEDULER_CPU_WEIGHT_MULTIPLIER = env_float("SCHEDULER_CPU_WEIGHT_MULTIPLIER", 1.0)
+SCHEDULER_DISK_WEIGHT_MULTIPLIER = env_float("SCHEDULER_DISK_WEIGHT_MULTIPLIER", 1.0)
+CPU_ALLOCATION_RATIO = env_float("CPU_ALLOCATION_RATIO", 16.0, minimum=0.0)
+RAM_ALLOCATION_RATIO = env_float("RAM_ALLOCATION_RATIO", 1.5, minimum=0.0)
+DISK_ALLOCATION_RATIO = env_float("DISK_ALLOCATION_RATIO", 1.0, minimum=0.0)
+DEFAULT_AVAILABILITY_ZONE = env_str("DEFAULT_AVAILABILITY_ZONE", "nova")
+# A host is "up" while its last heartbeat is younger than this many seconds.
+SERVICE_DOWN_TIME = env_int("SERVICE_DOWN_TIME", 60, minimum=1)
+# Seconds an instance may stay in BUILD before the reaper puts it in ERROR.
+INSTANCE_BUILD_TIMEOUT = env_int("INSTANCE_BUILD_TIMEOUT", 900, minimum=10)
+# Seconds the API waits for a compute worker to answer a console-output call.
+CONSOLE_OUTPUT_TIMEOUT = env_float("CONSOLE_OUTPUT_TIMEOUT", 10.0, minimum=0.1)
+
+# --- Celery (scheduler, conductor, beat; compute workers have their own app) ----------------------
+CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0")
+# Where compute workers store results of synchronous calls (console output).
+CELERY_RPC_BACKEND = env_str("CELERY_RPC_BACKEND", "redis://127.0.0.1:6379/1")
+CELERY_RESULT_BACKEND = "django-db"
+CELERY_RESULT_EXTENDED = True
+CELERY_RESULT_EXPIRES = env_int("CELERY_RESULT_EXPIRES", 7 * 24 * 3600, minimum=60)
+CELERY_TASK_SERIALIZER = "json"
+CELERY_RESULT_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+# acks_late + reject_on_worker_lost: a task whose worker dies is delivered again instead of lost;
+# every task is written to be safe to run twice.
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+# One message at a time per worker process, so a long task never sits on a prefetched one.
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_SOFT_TIME_LIMIT = 120
+CELERY_TASK_TIME_LIMIT = 180
+# Redis redelivers an unacknowledged task after visibility_timeout: keep it above the longest
+# hard time limit of any task (compute tasks included), or a slow task runs twice.
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 7200}
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_WORKER_SEND_TASK_EVENTS = True
+CELERY_TASK_SEND_SENT_EVENT = True
+CELERY_TASK_ROUTES = {
+    "scheduler.*": {"queue": contract.SCHEDULER_QUEUE},
+    "conductor.*": {"queue": contract.CONDUCTOR_QUEUE},
+}
+CELERY_IMPORTS = ("scheduler.tasks", "cloudctl.compute.tasks")
+CELERY_BEAT_SCHEDULE = {
+    "reap-stuck-builds": {
+        "task": "conductor.reap_stuck_builds",
+        "schedule": env_float("REAPER_INTERVAL", 30.0, minimum=1.0),
+    },
+}

@@ -1,0 +1,227 @@
+"""Pick a host for an instance and claim its resources atomically.
+
+``select_hosts`` is pure (filters then weighers on snapshots). ``claim`` re-reads the chosen host's
+usage under a row lock (``SELECT ... FOR UPDATE`` on PostgreSQL; SQLite serialises writers with
+``BEGIN IMMEDIATE``), re-checks capacity, inserts the Allocation and moves the instance from
+``scheduling`` to ``spawning`` in the same transaction. A lost race moves on to the next host.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Count, F, Sum
+from django.utils import timezone
+
+from cloudctl.compute import rpc
+from cloudctl.compute.conductor import current_action, record_event
+from cloudctl.compute.models import Allocation, Host, Instance
+from cloudctl.compute.services import finish_action
+from cloudctl.compute.states import TaskState, VmState
+from compute_workers import contract
+from scheduler.filters import RESOURCE_FILTERS, BaseHostFilter, load_filters
+from scheduler.host_state import HostState, RequestSpec
+from scheduler.weighers import BaseWeigher, load_weighers, weigh_hosts
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FilterStep:
+    name: str
+    hosts_in: int
+    hosts_out: int
+    reason: str = ""
+
+
+@dataclass
+class NoValidHost(Exception):
+    """Every host was filtered out; ``steps`` says which filter removed which."""
+
+    steps: list[FilterStep] = field(default_factory=list)
+    total_hosts: int = 0
+
+    @property
+    def message(self) -> str:
+        if self.total_hosts == 0:
+            return "No valid host was found: no compute host has registered yet."
+        emptied = next((s for s in self.steps if s.hosts_out == 0), None)
+        if emptied is None:
+            return "No valid host was found: every candidate host was claimed concurrently."
+        return (f"No valid host was found: {emptied.name} left 0 of {emptied.hosts_in} "
+                f"host(s): {emptied.reason}.")
+
+    def as_fault(self) -> dict[str, Any]:
+        return {"message": self.message, "code": 500,
+                "details": {"total_hosts": self.total_hosts,
+                            "filters": [s.__dict__ for s in self.steps]}}
+
+
+def enabled_filters() -> list[BaseHostFilter]:
+    return load_filters(settings.SCHEDULER_ENABLED_FILTERS)
+
+
+def enabled_weighers() -> list[tuple[BaseWeigher, float]]:
+    return load_weighers(settings.SCHEDULER_WEIGHERS, {
+        "RAMWeigher": settings.SCHEDULER_RAM_WEIGHT_MULTIPLIER,
+        "CPUWeigher": settings.SCHEDULER_CPU_WEIGHT_MULTIPLIER,
+        "DiskWeigher": settings.SCHEDULER_DISK_WEIGHT_MULTIPLIER,
+    })
+
+
+def select_hosts(hosts: Sequence[HostState], spec: RequestSpec,
+                 filters: Sequence[BaseHostFilter],
+                 weighers: Sequence[tuple[BaseWeigher, float]]) -> list[HostState]:
+    """Candidate hosts, best first. Raises NoValidHost with the per-filter breakdown."""
+    if not hosts:
+        raise NoValidHost(total_hosts=0)
+    remaining = list(hosts)
+    steps: list[FilterStep] = []
+    for host_filter in filters:
+        passed = [h for h in remaining if host_filter.host_passes(h, spec)]
+        rejected = [h for h in remaining if h not in passed]
+        steps.append(FilterStep(host_filter.name, len(remaining), len(passed),
+                                host_filter.explain(spec, rejected) if rejected else ""))
+        if not passed:
+            log.info("Filter %s returned 0 hosts for %s: %s", host_filter.name,
+                     spec.instance_uuid, steps[-1].reason)
+            raise NoValidHost(steps=steps, total_hosts=len(hosts))
+        remaining = passed
+    return [host for host, _ in weigh_hosts(remaining, spec, weighers)]
+
+
+def _ratios(host: Host) -> dict[str, float]:
+    return {
+        "cpu_allocation_ratio": host.cpu_allocation_ratio or settings.CPU_ALLOCATION_RATIO,
+        "ram_allocation_ratio": host.ram_allocation_ratio or settings.RAM_ALLOCATION_RATIO,
+        "disk_allocation_ratio": host.disk_allocation_ratio or settings.DISK_ALLOCATION_RATIO,
+    }
+
+
+def host_state_of(host: Host, usage: dict[str, Any]) -> HostState:
+    return HostState(
+        name=host.name, availability_zone=host.zone, enabled=host.enabled, is_up=host.is_up,
+        vcpus=host.vcpus, memory_mb=host.memory_mb, disk_gb=host.disk_gb,
+        memory_mb_reserved=host.memory_mb_reserved, disk_gb_reserved=host.disk_gb_reserved,
+        vcpus_used=usage.get("vcpus_used") or 0, memory_mb_used=usage.get("memory_mb_used") or 0,
+        disk_gb_used=usage.get("disk_gb_used") or 0, num_instances=usage.get("n") or 0,
+        hypervisor_type=host.hypervisor_type, cpu_info=host.cpu_info,
+        disabled_reason=host.disabled_reason, **_ratios(host),
+    )
+
+
+def load_host_states() -> list[HostState]:
+    usage = {
+        row["host_id"]: row for row in Allocation.objects.values("host_id").annotate(
+            vcpus_used=Sum("vcpus"), memory_mb_used=Sum("memory_mb"),
+            disk_gb_used=Sum("disk_gb"), n=Count("id"))
+    }
+    return [host_state_of(host, usage.get(host.pk, {})) for host in Host.objects.all()]
+
+
+def request_spec_of(instance: Instance) -> RequestSpec:
+    return RequestSpec(
+        instance_uuid=str(instance.uuid), vcpus=instance.vcpus, memory_mb=instance.memory_mb,
+        root_gb=instance.root_gb, availability_zone=instance.availability_zone,
+        project_id=instance.project_id, ignore_hosts=tuple(instance.retry_hosts),
+        image_properties=dict(instance.image.properties) if instance.image else {},
+        flavor_extra_specs=dict(instance.flavor.extra_specs),
+    )
+
+
+class InstanceGone(Exception):
+    """The instance left ``scheduling`` (deleted meanwhile): stop, claim nothing."""
+
+
+def claim(instance_uuid: str, host_name: str, spec: RequestSpec) -> bool:
+    """Claim ``spec``'s resources on ``host_name`` for the instance. False if they are gone."""
+    with transaction.atomic():
+        host = Host.objects.select_for_update().get(name=host_name)
+        usage = Allocation.objects.filter(host=host).aggregate(
+            vcpus_used=Sum("vcpus"), memory_mb_used=Sum("memory_mb"),
+            disk_gb_used=Sum("disk_gb"), n=Count("id"))
+        fresh = host_state_of(host, usage)
+        if not all(f.host_passes(fresh, spec) for f in RESOURCE_FILTERS):
+            return False
+        moved = Instance.objects.filter(uuid=instance_uuid, task_state=TaskState.SCHEDULING).update(
+            host=host, task_state=TaskState.SPAWNING, attempts=F("attempts") + 1,
+            updated=timezone.now())
+        if moved != 1:
+            raise InstanceGone(instance_uuid)
+        Allocation.objects.create(instance_id=instance_uuid, host=host, vcpus=spec.vcpus,
+                                  memory_mb=spec.memory_mb, disk_gb=spec.root_gb)
+    return True
+
+
+def spawn_spec(instance: Instance, host_name: str) -> dict[str, Any]:
+    """The self-contained, versioned spec a compute worker builds the instance from."""
+    image = instance.image
+    if image is None:
+        raise ValueError(f"instance {instance.uuid} has no image")
+    action = current_action(str(instance.uuid))
+    return contract.validate_spec({
+        "version": contract.SPEC_VERSION,
+        "instance_uuid": str(instance.uuid),
+        "name": instance.name,
+        "host": host_name,
+        "request_id": action.request_id if action else "",
+        "flavor": {"name": instance.flavor.name, "vcpus": instance.vcpus,
+                   "memory_mb": instance.memory_mb, "root_gb": instance.root_gb},
+        "image": {"id": str(image.id), "name": image.name,
+                  "url": f"{settings.CLOUDCTL_API_URL}/api/v1/images/{image.id}/file",
+                  "sha256": image.sha256, "size": image.size or 0,
+                  "disk_format": image.disk_format, "properties": dict(image.properties)},
+        "networks": [],
+        "key_data": None,
+        "user_data": None,
+    })
+
+
+def schedule_instance(instance_uuid: str) -> str | None:
+    """Place one instance: returns the host name, or None when it ended in ERROR or is gone."""
+    instance = (Instance.objects.select_related("flavor", "image")
+                .filter(uuid=instance_uuid).first())
+    if instance is None or instance.task_state != TaskState.SCHEDULING:
+        log.info("not scheduling %s: it is no longer waiting for a host", instance_uuid)
+        return None
+    spec = request_spec_of(instance)
+    try:
+        candidates = select_hosts(load_host_states(), spec, enabled_filters(), enabled_weighers())
+        for candidate in candidates:
+            if claim(instance_uuid, candidate.name, spec):
+                break
+            log.info("lost the race for %s on %s; trying the next host", instance_uuid,
+                     candidate.name)
+        else:
+            raise NoValidHost(total_hosts=len(candidates))
+    except InstanceGone:
+        log.info("%s left scheduling while being placed; nothing claimed", instance_uuid)
+        return None
+    except NoValidHost as no_host:
+        _fail_no_valid_host(instance, no_host)
+        return None
+    record_event(instance_uuid, event="schedule", result="Success", host=candidate.name,
+                 message=f"attempt {len(spec.ignore_hosts) + 1}")
+    instance.refresh_from_db()
+    rpc.cast(candidate.name, contract.COMPUTE_SPAWN, spec=spawn_spec(instance, candidate.name))
+    return candidate.name
+
+
+def _fail_no_valid_host(instance: Instance, no_host: NoValidHost) -> None:
+    fault = no_host.as_fault()
+    with transaction.atomic():
+        updated = Instance.objects.filter(
+            uuid=instance.uuid, task_state=TaskState.SCHEDULING).update(
+            vm_state=VmState.ERROR, task_state=None, fault=fault, updated=timezone.now())
+        if not updated:
+            return
+        record_event(str(instance.uuid), event="schedule", result="Error",
+                     message=fault["message"])
+        action = current_action(str(instance.uuid))
+        if action is not None:
+            finish_action(action, result="Error", message=fault["message"])

@@ -1,0 +1,133 @@
+"""Fixtures for control-plane tests (Django, database; Celery transport captured)."""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.contrib.auth import get_user_model
+from rest_framework.authtoken.models import Token
+from rest_framework.test import APIClient
+
+from cloudctl.compute import conductor, rpc
+from cloudctl.compute.models import Flavor, Host
+from cloudctl.compute.services import flavors_seed
+from cloudctl.identity.models import Project
+from cloudctl.identity.services import membership_set
+from cloudctl.images.models import Image
+from cloudctl.images.services import image_import
+from compute_workers import contract
+
+
+@dataclass
+class Outbox:
+    """Messages the control plane sent, instead of putting them on Redis."""
+
+    scheduler: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    compute: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
+    calls: dict[str, Any] = field(default_factory=dict)
+
+    def compute_tasks(self, name: str) -> list[dict[str, Any]]:
+        return [kwargs for _, task, kwargs in self.compute if task == name]
+
+
+@pytest.fixture
+def outbox(monkeypatch: pytest.MonkeyPatch) -> Outbox:
+    box = Outbox()
+    monkeypatch.setattr(rpc, "send_to_scheduler",
+                        lambda name, **kw: box.scheduler.append((name, kw)))
+    monkeypatch.setattr(rpc, "cast", lambda host, name, **kw: box.compute.append((host, name, kw)))
+
+    def call(host: str, name: str, *, timeout: float, **kw: Any) -> Any:
+        answer = box.calls.get(name)
+        if answer is None:
+            raise rpc.ComputeUnavailable(f"the compute worker of host {host} did not answer")
+        return answer(host, **kw) if callable(answer) else answer
+
+    monkeypatch.setattr(rpc, "call", call)
+    return box
+
+
+@pytest.fixture(autouse=True)
+def _image_store(settings: Any, tmp_path: Path) -> None:
+    settings.IMAGES_PATH = tmp_path / "image-store"
+    settings.CLOUDCTL_SERVICE_TOKEN = "service-secret"
+
+
+def make_user(username: str, project: Project, *, admin: bool = False) -> Any:
+    user = get_user_model().objects.create_user(username=username, password="pw",
+                                                is_staff=admin, is_superuser=admin)
+    membership_set(user=user, project=project)
+    return user
+
+
+def client_for(user: Any) -> APIClient:
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.get_or_create(user=user)[0].key}")
+    return client
+
+
+@pytest.fixture
+def project(db: None) -> Project:
+    return Project.objects.create(name="blue")
+
+
+@pytest.fixture
+def other_project(db: None) -> Project:
+    return Project.objects.create(name="green")
+
+
+@pytest.fixture
+def member(project: Project) -> Any:
+    return make_user("alice", project)
+
+
+@pytest.fixture
+def admin(db: None) -> Any:
+    return make_user("root", Project.objects.create(name="admin"), admin=True)
+
+
+@pytest.fixture
+def api(member: Any) -> APIClient:
+    return client_for(member)
+
+
+@pytest.fixture
+def admin_api(admin: Any) -> APIClient:
+    return client_for(admin)
+
+
+@pytest.fixture
+def flavors(db: None) -> dict[str, Flavor]:
+    return {f.name: f for f in flavors_seed()}
+
+
+@pytest.fixture(scope="session")
+def small_qcow2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("img") / "small.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "64M"], check=True)
+    return path
+
+
+@pytest.fixture
+def image(db: None, small_qcow2: Path) -> Image:
+    return image_import(name="tiny", source=small_qcow2, disk_format="qcow2", min_ram=64)
+
+
+def heartbeat(name: str, *, vcpus: int = 4, memory_mb: int = 8192, disk_gb: int = 100,
+              **extra: Any) -> Host:
+    resources = {"libvirt_uri": "test:///default", "driver": "fake", "virt_type": "qemu",
+                 "hypervisor_type": "QEMU", "hypervisor_version": 7002000, "vcpus": vcpus,
+                 "memory_mb": memory_mb, "memory_mb_reserved": 0, "disk_gb": disk_gb,
+                 "disk_gb_reserved": 0, "cpu_info": {"arch": "x86_64"}, "instances": {}}
+    resources.update(extra)
+    assert set(contract.HEARTBEAT_RESOURCE_KEYS) <= set(resources)
+    return conductor.host_heartbeat(host=name, resources=resources)
+
+
+@pytest.fixture
+def host(db: None) -> Host:
+    return heartbeat("hv1")

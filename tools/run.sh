@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# `make run`: install what is missing, start the daemons, prepare the database and the demo
+# image, then start every Procfile process with honcho (Ctrl-C stops them all).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$PWD
+
+tools/install-system.sh
+tools/venv.sh requirements.txt
+tools/services.sh start
+
+export CLOUDCTL_STATE_DIR=${CLOUDCTL_STATE_DIR:-$repo/var}
+mkdir -p "$CLOUDCTL_STATE_DIR"
+# Secrets generated once per installation, kept in var/cloudctl.env (mode 600); a value set in
+# the environment wins.
+env_file=$CLOUDCTL_STATE_DIR/cloudctl.env
+if [ ! -f "$env_file" ]; then
+  umask 077
+  printf 'CLOUDCTL_SERVICE_TOKEN=%s\n' "$(head -c 32 /dev/urandom | sha256sum | cut -d' ' -f1)" > "$env_file"
+fi
+if [ -z "${CLOUDCTL_SERVICE_TOKEN:-}" ]; then
+  CLOUDCTL_SERVICE_TOKEN=$(sed -n 's/^CLOUDCTL_SERVICE_TOKEN=//p' "$env_file")
+  export CLOUDCTL_SERVICE_TOKEN
+fi
+
+image=$CLOUDCTL_STATE_DIR/images/tiny.qcow2
+[ -f "$image" ] || tools/build-tiny-image.sh "$image"
+
+export PATH="$repo/.venv/bin:$PATH"
+python manage.py migrate --noinput
+python manage.py collectstatic --noinput -v0
+python manage.py bootstrap --image "$image"
+
+cat <<MSG
+
+==> cloudctl is starting:
+    API     http://127.0.0.1:8000/api/v1/   (token: POST /api/v1/auth/token/)
+    admin   http://127.0.0.1:8000/admin/
+    Flower  http://127.0.0.1:5555/
+    user    ${CLOUDCTL_ADMIN_USER:-admin} (password printed above when it was created)
+MSG
+exec honcho start -f Procfile

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Start the daemons cloudctl talks to, when they are not running already. No systemd needed.
+# Usage: tools/services.sh start [--postgres]     (idempotent)
+#        tools/services.sh status
+#
+# libvirtd runs in a PID namespace whose PID 1 is tini: libvirt waits for a dead QEMU to be
+# reaped, and a slow-reaping PID 1 (as in containers) makes every `destroy` cost ~2 s.
+set -euo pipefail
+cmd=${1:-start}
+shift || true
+want_postgres=0
+for arg in "$@"; do
+  case "$arg" in
+    --postgres) want_postgres=1 ;;
+    *) echo "unknown option $arg" >&2; exit 2 ;;
+  esac
+done
+log_dir=${CLOUDCTL_LOG_DIR:-/var/log/cloudctl}
+mkdir -p "$log_dir"
+
+wait_for() {  # wait_for <seconds> <description> <command...>
+  local limit=$1 what=$2; shift 2
+  for _ in $(seq 1 $((limit * 10))); do
+    "$@" >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  echo "$what did not come up within ${limit}s" >&2
+  return 1
+}
+
+redis_up() { redis-cli -h 127.0.0.1 -p 6379 ping | grep -q PONG; }
+libvirt_up() { virsh -c qemu:///system version; }
+virtlogd_up() { pgrep -x virtlogd; }
+postgres_up() { pg_isready -q -h 127.0.0.1; }
+
+start() {
+  if ! redis_up; then
+    echo "==> starting redis-server"
+    redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save '' \
+      --logfile "$log_dir/redis.log"
+    wait_for 10 redis redis_up
+  fi
+  if ! virtlogd_up; then
+    echo "==> starting virtlogd"
+    virtlogd -d
+  fi
+  if ! libvirt_up; then
+    echo "==> starting libvirtd"
+    mkdir -p /run/libvirt /var/lib/libvirt
+    setsid nohup unshare --pid --fork --mount-proc tini -s -- libvirtd \
+      >>"$log_dir/libvirtd.log" 2>&1 </dev/null &
+    wait_for 30 libvirtd libvirt_up
+  fi
+  if [ "$want_postgres" = 1 ] && ! postgres_up; then
+    echo "==> starting postgresql"
+    cluster=$(pg_lsclusters -h | awk 'NR==1 {print $1" "$2}')
+    if [ -z "$cluster" ]; then
+      pg_createcluster 15 main >/dev/null
+      cluster="15 main"
+    fi
+    # shellcheck disable=SC2086
+    pg_ctlcluster $cluster start
+    wait_for 30 postgresql postgres_up
+  fi
+}
+
+status() {
+  redis_up && echo "redis: up" || echo "redis: down"
+  virtlogd_up >/dev/null && echo "virtlogd: up" || echo "virtlogd: down"
+  libvirt_up >/dev/null 2>&1 && echo "libvirtd: up" || echo "libvirtd: down"
+  postgres_up && echo "postgresql: up" || echo "postgresql: down"
+}
+
+case "$cmd" in
+  start) start ;;
+  status) status ;;
+  *) echo "usage: $0 start [--postgres] | status" >&2; exit 2 ;;
+esac

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# `make test`: install what is missing, start the daemons, lint, then run the whole suite.
+# Extra arguments go to pytest (e.g. `make test ARGS="-k scheduler"`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+tools/install-system.sh
+tools/venv.sh requirements-dev.txt
+tools/services.sh start
+
+echo "==> ruff"
+.venv/bin/ruff check .
+echo "==> import boundaries"
+.venv/bin/lint-imports --no-cache
+echo "==> pytest (database: ${DATABASE_URL:-SQLite})"
+exec .venv/bin/pytest "$@"
