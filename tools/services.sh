@@ -28,10 +28,10 @@ wait_for() {  # wait_for <seconds> <description> <command...>
   return 1
 }
 
-redis_up() { redis-cli -h 127.0.0.1 -p 6379 ping | grep -q PONG; }
-libvirt_up() { virsh -c qemu:///system version; }
-virtlogd_up() { pgrep -x virtlogd; }
-postgres_up() { pg_isready -q -h 127.0.0.1; }
+redis_up() { redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null | grep -q PONG; }
+libvirt_up() { virsh -c qemu:///system version >/dev/null 2>&1; }
+virtlogd_up() { pgrep -x virtlogd >/dev/null; }
+postgres_up() { pg_isready -q -h 127.0.0.1 2>/dev/null; }
 
 start() {
   if ! redis_up; then
@@ -66,8 +66,8 @@ start() {
 
 status() {
   redis_up && echo "redis: up" || echo "redis: down"
-  virtlogd_up >/dev/null && echo "virtlogd: up" || echo "virtlogd: down"
-  libvirt_up >/dev/null 2>&1 && echo "libvirtd: up" || echo "libvirtd: down"
+  virtlogd_up && echo "virtlogd: up" || echo "virtlogd: down"
+  libvirt_up && echo "libvirtd: up" || echo "libvirtd: down"
   postgres_up && echo "postgresql: up" || echo "postgresql: down"
 }
 

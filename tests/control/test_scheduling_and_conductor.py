@@ -1,0 +1,219 @@
+"""Placement, claims, and what the conductor does with compute workers' reports."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from django.db import connection
+from django.utils import timezone
+
+from cloudctl.compute import conductor
+from cloudctl.compute.models import Allocation, Host, Instance, InstanceAction
+from cloudctl.compute.services import server_create
+from cloudctl.compute.states import TaskState, VmState
+from compute_workers import contract
+from scheduler.manager import claim, request_spec_of, schedule_instance
+from tests.control.conftest import heartbeat
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def new_server(member, project, flavors, image):
+    def make(name: str = "s", flavor: str = "m1.nano") -> Instance:
+        return server_create(user=member, project=project, name=name, flavor=flavors[flavor],
+                             image=image)
+    return make
+
+
+def test_schedule_claims_and_sends_a_complete_spec(new_server, outbox, settings):
+    heartbeat("small", memory_mb=1024)
+    heartbeat("big", memory_mb=8192)
+    server = new_server()
+    assert schedule_instance(str(server.uuid)) == "big"  # RAM weigher spreads
+    server.refresh_from_db()
+    assert (server.vm_state, server.task_state, server.host.name, server.attempts) == (
+        VmState.BUILDING, TaskState.SPAWNING, "big", 1)
+    allocation = Allocation.objects.get(instance=server)
+    assert (allocation.host.name, allocation.vcpus, allocation.memory_mb, allocation.disk_gb) == (
+        "big", 1, 128, 1)
+    [(host, task, kwargs)] = outbox.compute
+    assert (host, task) == ("big", contract.COMPUTE_SPAWN)
+    spec = contract.validate_spec(kwargs["spec"])
+    assert spec["instance_uuid"] == str(server.uuid)
+    assert spec["flavor"] == {"name": "m1.nano", "vcpus": 1, "memory_mb": 128, "root_gb": 1}
+    assert spec["image"]["url"] == (f"{settings.CLOUDCTL_API_URL}/api/v1/images/"
+                                    f"{server.image_id}/file")
+    assert spec["image"]["sha256"] == server.image.sha256
+    assert spec["request_id"].startswith("req-")
+
+
+def test_no_valid_host_says_which_filter_and_why(new_server, outbox):
+    heartbeat("hv1", memory_mb=4096)
+    heartbeat("hv2", memory_mb=6144)
+    Host.objects.filter(name="hv1").update(last_heartbeat=timezone.now() - timedelta(hours=1))
+    server = new_server(flavor="m1.xlarge")
+    assert schedule_instance(str(server.uuid)) is None
+    server.refresh_from_db()
+    assert server.vm_state == VmState.ERROR and server.task_state is None
+    assert server.fault["message"] == (
+        "No valid host was found: RamFilter left 0 of 1 host(s): 1 host(s) lack 16384 MiB RAM "
+        "free; the most free is 9216 MiB on hv2.")
+    steps = {s["name"]: (s["hosts_in"], s["hosts_out"]) for s in server.fault["details"]["filters"]}
+    assert steps["ComputeFilter"] == (2, 1)
+    assert steps["RamFilter"] == (1, 0)
+    action = InstanceAction.objects.get(instance=server)
+    assert action.result == "Error" and action.finish_time is not None
+    assert not Allocation.objects.exists() and outbox.compute == []
+
+
+def test_claim_never_overcommits(new_server):
+    heartbeat("hv1", memory_mb=200, vcpus=1)  # 200 * 1.5 = 300 MiB usable: two m1.nano fit
+    servers = [new_server(name=f"s{i}") for i in range(3)]
+    results = [claim(str(s.uuid), "hv1", request_spec_of(s)) for s in servers]
+    assert results == [True, True, False]
+    assert Allocation.objects.count() == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_schedulers_never_overcommit(new_server, outbox):
+    heartbeat("hv1", memory_mb=512, vcpus=1)  # 768 MiB usable: six m1.nano
+    servers = [new_server(name=f"s{i}") for i in range(12)]
+    barrier = threading.Barrier(len(servers))
+    placed: list[Any] = []
+
+    def run(server: Instance) -> None:
+        barrier.wait()
+        try:
+            placed.append(schedule_instance(str(server.uuid)))
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in servers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert placed.count("hv1") == 6 and placed.count(None) == 6
+    assert Allocation.objects.count() == 6
+    assert Instance.objects.filter(vm_state=VmState.ERROR).count() == 6
+
+
+def _placed(new_server, outbox) -> Instance:
+    heartbeat("hv1")
+    heartbeat("hv2")
+    server = new_server()
+    schedule_instance(str(server.uuid))
+    server.refresh_from_db()
+    return server
+
+
+def test_spawn_success_report(new_server, outbox):
+    server = _placed(new_server, outbox)
+    applied = conductor.instance_update(
+        instance_uuid=str(server.uuid), host=server.host.name, expected_task_state="spawning",
+        values={"vm_state": "active", "task_state": None, "power_state": "running"},
+        event={"name": "compute_spawn", "result": "Success"})
+    assert applied
+    server.refresh_from_db()
+    assert (server.status, server.power_state) == ("ACTIVE", "running")
+    assert server.launched_at is not None
+    action = InstanceAction.objects.get(instance=server)
+    assert action.result == "Success"
+    assert [e.event for e in action.events.all()] == ["schedule", "compute_spawn"]
+
+
+def test_stale_reports_are_dropped(new_server, outbox, django_capture_on_commit_callbacks):
+    server = _placed(new_server, outbox)
+    other = "hv2" if server.host.name == "hv1" else "hv1"
+    assert not conductor.instance_update(
+        instance_uuid=str(server.uuid), host=other, expected_task_state="spawning",
+        values={"vm_state": "active", "task_state": None})
+    assert not conductor.instance_update(
+        instance_uuid=str(server.uuid), host=server.host.name, expected_task_state="rebooting",
+        values={"vm_state": "active", "task_state": None})
+    server.refresh_from_db()
+    assert server.vm_state == VmState.BUILDING
+    # The report from the wrong host claimed a running domain there: that host is told to remove it.
+    assert outbox.compute[-1] == (other, contract.COMPUTE_TERMINATE,
+                                  {"instance_uuid": str(server.uuid)})
+
+
+def test_build_failure_reschedules_then_errors(new_server, outbox, settings,
+                                               django_capture_on_commit_callbacks):
+    settings.SCHEDULER_MAX_ATTEMPTS = 2
+    server = _placed(new_server, outbox)
+    first = server.host.name
+    fault = {"message": "libvirt: boom", "code": 500, "details": "Traceback ..."}
+    with django_capture_on_commit_callbacks(execute=True):
+        conductor.build_failed(instance_uuid=str(server.uuid), host=first, fault=fault,
+                               reschedule=True)
+    server.refresh_from_db()
+    assert (server.task_state, server.host, server.retry_hosts) == ("scheduling", None, [first])
+    assert outbox.scheduler[-1] == (contract.SCHEDULE_INSTANCE, {"instance_uuid": str(server.uuid)})
+    assert not Allocation.objects.filter(instance=server).exists()
+
+    second = schedule_instance(str(server.uuid))
+    assert second != first  # RetryFilter
+    conductor.build_failed(instance_uuid=str(server.uuid), host=second, fault=fault,
+                           reschedule=True)
+    server.refresh_from_db()
+    assert server.vm_state == VmState.ERROR and server.task_state is None
+    assert server.fault["message"] == (f"libvirt: boom (tried 2 of 2 allowed attempts, on "
+                                       f"{first}, {second})")
+    assert not Allocation.objects.filter(instance=server).exists()
+    events = InstanceAction.objects.get(instance=server).events.values_list("event", "result")
+    assert list(events) == [("schedule", "Success"), ("compute_spawn", "Error"),
+                            ("schedule", "Success"), ("compute_spawn", "Error")]
+
+
+def test_build_failure_without_reschedule_errors_at_once(new_server, outbox):
+    server = _placed(new_server, outbox)
+    conductor.build_failed(instance_uuid=str(server.uuid), host=server.host.name,
+                           fault={"message": "image tiny checksum mismatch", "code": 400,
+                                  "details": ""}, reschedule=False)
+    server.refresh_from_db()
+    assert server.status == "ERROR"
+    assert server.fault == {"message": "image tiny checksum mismatch", "code": 400, "details": ""}
+
+
+def test_destroyed_report_finishes_the_delete(new_server, outbox, member):
+    from cloudctl.compute.services import server_delete
+
+    server = _placed(new_server, outbox)
+    assert server_delete(instance=server, user=member) is False
+    conductor.instance_destroyed(instance_uuid=str(server.uuid), host=server.host.name)
+    server.refresh_from_db()
+    assert server.vm_state == VmState.DELETED and server.deleted_at is not None
+    assert not Allocation.objects.exists()
+    delete = InstanceAction.objects.get(instance=server, action="delete")
+    assert delete.result == "Success"
+
+
+def test_heartbeat_registers_and_reaps_deleted_domains(new_server, outbox):
+    server = _placed(new_server, outbox)
+    Instance.objects.filter(uuid=server.uuid).update(vm_state=VmState.DELETED, task_state=None)
+    outbox.compute.clear()
+    host = heartbeat("hv1", instances={str(server.uuid): "running"})
+    assert host.is_up and host.vcpus == 4 and host.hypervisor_type == "QEMU"
+    if server.host.name == "hv1":
+        assert outbox.compute == [("hv1", contract.COMPUTE_TERMINATE,
+                                   {"instance_uuid": str(server.uuid)})]
+
+
+def test_reaper_errors_builds_past_their_deadline(new_server, outbox, settings):
+    server = _placed(new_server, outbox)
+    fresh = new_server(name="fresh")
+    Instance.objects.filter(uuid=server.uuid).update(
+        created=timezone.now() - timedelta(seconds=settings.INSTANCE_BUILD_TIMEOUT + 5))
+    assert conductor.reap_stuck_builds() == 1
+    server.refresh_from_db()
+    assert server.status == "ERROR"
+    assert server.fault["message"].startswith(
+        f"build timed out after {settings.INSTANCE_BUILD_TIMEOUT} s while spawning on host")
+    assert not Allocation.objects.filter(instance=server).exists()
+    fresh.refresh_from_db()
+    assert fresh.status == "BUILD"
