@@ -14,14 +14,17 @@ mkdir -p "$CLOUDCTL_STATE_DIR"
 # Secrets generated once per installation, kept in var/cloudctl.env (mode 600); a value set in
 # the environment wins.
 env_file=$CLOUDCTL_STATE_DIR/cloudctl.env
+random_hex() { head -c 32 /dev/urandom | sha256sum | cut -c1-"$1"; }
 if [ ! -f "$env_file" ]; then
-  umask 077
-  printf 'CLOUDCTL_SERVICE_TOKEN=%s\n' "$(head -c 32 /dev/urandom | sha256sum | cut -d' ' -f1)" > "$env_file"
+  (umask 077
+   printf 'CLOUDCTL_SERVICE_TOKEN=%s\n' "$(random_hex 64)"
+   printf 'FLOWER_BASIC_AUTH=admin:%s\n' "$(random_hex 20)") > "$env_file"
 fi
-if [ -z "${CLOUDCTL_SERVICE_TOKEN:-}" ]; then
-  CLOUDCTL_SERVICE_TOKEN=$(sed -n 's/^CLOUDCTL_SERVICE_TOKEN=//p' "$env_file")
-  export CLOUDCTL_SERVICE_TOKEN
-fi
+for name in CLOUDCTL_SERVICE_TOKEN FLOWER_BASIC_AUTH; do
+  if [ -z "${!name:-}" ]; then
+    export "$name=$(sed -n "s/^$name=//p" "$env_file")"
+  fi
+done
 
 image=$CLOUDCTL_STATE_DIR/images/tiny.qcow2
 [ -f "$image" ] || tools/build-tiny-image.sh "$image"
@@ -36,7 +39,7 @@ cat <<MSG
 ==> cloudctl is starting:
     API     http://127.0.0.1:8000/api/v1/   (token: POST /api/v1/auth/token/)
     admin   http://127.0.0.1:8000/admin/
-    Flower  http://127.0.0.1:5555/
+    Flower  http://127.0.0.1:${FLOWER_PORT:-5555}/   (login: $FLOWER_BASIC_AUTH)
     user    ${CLOUDCTL_ADMIN_USER:-admin} (password printed above when it was created)
 MSG
 exec honcho start -f Procfile

@@ -1,0 +1,174 @@
+"""An entire cloudctl, started from the real Procfile with honcho, on a database of its own."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse, urlunparse
+
+import pytest
+import requests
+
+REPO = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Stack:
+    url: str
+    flower_url: str
+    host: str
+    instances_path: Path
+    env: dict[str, str]
+    log_path: Path
+    token: str = ""
+
+    def api(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        headers = kwargs.pop("headers", {})
+        if self.token:
+            headers.setdefault("Authorization", f"Token {self.token}")
+        return requests.request(method, f"{self.url}{path}", headers=headers, timeout=30, **kwargs)
+
+    def log_tail(self, lines: int = 80) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def wait_for(self, what: str, check: Any, timeout: float, interval: float = 0.25) -> Any:
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while time.monotonic() < deadline:
+            last = check()
+            if last:
+                return last
+            time.sleep(interval)
+        raise AssertionError(f"{what}: not reached within {timeout} s (last: {last!r})\n"
+                             f"--- process log ---\n{self.log_tail()}")
+
+
+def _postgres_database(base_url: str, name: str) -> tuple[str, Any]:
+    import psycopg2
+
+    parsed = urlparse(base_url)
+    admin = psycopg2.connect(dbname=parsed.path.lstrip("/") or "postgres", user=parsed.username,
+                             password=parsed.password, host=parsed.hostname,
+                             port=parsed.port or 5432)
+    admin.autocommit = True
+    with admin.cursor() as cursor:
+        cursor.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        cursor.execute(f'CREATE DATABASE "{name}"')
+
+    def drop() -> None:
+        with admin.cursor() as cursor:
+            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+    return urlunparse(parsed._replace(path=f"/{name}")), drop
+
+
+@pytest.fixture(scope="session")
+def stack(tiny_image_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    tag = secrets.token_hex(3)
+    state = tmp_path_factory.mktemp("stack")
+    # QEMU runs as libvirt-qemu: instance files must live where it can traverse.
+    instances = Path("/var/lib/cloudctl-test") / f"e2e-{tag}"
+    instances.mkdir(parents=True)
+    port, flower_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COMPUTE_", "CELERY_"))}
+    drop_database = None
+    if env.get("DATABASE_URL", "").startswith("postgres"):
+        env["DATABASE_URL"], drop_database = _postgres_database(env["DATABASE_URL"],
+                                                                f"cloudctl_e2e_{tag}")
+    else:
+        env["DATABASE_URL"] = f"sqlite:///{state / 'cloudctl.sqlite3'}"
+    host = f"e2e-{tag}"
+    env.update({
+        "PATH": f"{VENV_BIN}:{env.get('PATH', '')}",
+        "CLOUDCTL_STATE_DIR": str(state),
+        "CLOUDCTL_BIND": f"127.0.0.1:{port}",
+        "CLOUDCTL_API_URL": f"http://127.0.0.1:{port}",
+        "CLOUDCTL_SERVICE_TOKEN": secrets.token_hex(16),
+        "CLOUDCTL_ADMIN_USER": "admin",
+        "CLOUDCTL_ADMIN_PASSWORD": "e2e-password",
+        "CELERY_BROKER_URL": "redis://127.0.0.1:6379/13",
+        "CELERY_RPC_BACKEND": "redis://127.0.0.1:6379/12",
+        "COMPUTE_HOST": host,
+        "COMPUTE_LIBVIRT_URI": "qemu:///system",
+        "COMPUTE_HEARTBEAT_INTERVAL": "2",
+        "INSTANCES_PATH": str(instances),
+        "FLOWER_PORT": str(flower_port),
+        "FLOWER_BASIC_AUTH": "flower:e2e-flower",
+        "WEB_WORKERS": "2",
+        "PYTHONUNBUFFERED": "1",
+    })
+    if "E2E_VIRT_TYPE" in os.environ:
+        env["COMPUTE_VIRT_TYPE"] = os.environ["E2E_VIRT_TYPE"]
+    for db in ("12", "13"):
+        subprocess.run(["redis-cli", "-n", db, "flushdb"], check=True, capture_output=True)
+    manage = [str(VENV_BIN / "python"), "manage.py"]
+    subprocess.run([*manage, "migrate", "--noinput", "-v0"], cwd=REPO, env=env, check=True)
+    subprocess.run([*manage, "bootstrap", "--image", str(tiny_image_path)], cwd=REPO, env=env,
+                   check=True, capture_output=True)
+
+    log_path = state / "honcho.log"
+    with open(log_path, "wb") as log:
+        honcho = subprocess.Popen([str(VENV_BIN / "honcho"), "-f", "Procfile", "start"],
+                                  cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    stack = Stack(url=f"http://127.0.0.1:{port}", flower_url=f"http://127.0.0.1:{flower_port}",
+                  host=host, instances_path=instances, env=env, log_path=log_path)
+    try:
+        def token() -> str:
+            try:
+                answer = requests.post(f"{stack.url}/api/v1/auth/token/", timeout=5,
+                                       json={"username": "admin", "password": "e2e-password"})
+            except requests.ConnectionError:
+                return ""
+            return answer.json().get("token", "") if answer.status_code == 200 else ""
+
+        stack.token = stack.wait_for("web answers", token, 60)
+        stack.wait_for(f"host {host} heartbeats",
+                       lambda: any(h["name"] == host and h["state"] == "up"
+                                   for h in stack.api("GET", "/api/v1/hosts/").json()), 90)
+        yield stack
+    finally:
+        honcho.send_signal(signal.SIGTERM)
+        try:
+            honcho.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(honcho.pid, signal.SIGKILL)
+            honcho.wait()
+        _remove_leftover_domains(instances)
+        shutil.rmtree(instances, ignore_errors=True)
+        if drop_database is not None:
+            drop_database()
+
+
+def _remove_leftover_domains(instances: Path) -> None:
+    """A failed test must not leave guests running: destroy domains whose files live here."""
+    import libvirt
+
+    conn = libvirt.open("qemu:///system")
+    try:
+        for domain in conn.listAllDomains():
+            if str(instances) in domain.XMLDesc():
+                if domain.isActive():
+                    domain.destroy()
+                domain.undefine()
+    finally:
+        conn.close()

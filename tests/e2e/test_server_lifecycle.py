@@ -1,0 +1,89 @@
+"""End to end: HTTP → scheduler → compute worker → a real QEMU guest, and back out again."""
+
+from __future__ import annotations
+
+import time
+
+import libvirt
+import pytest
+
+from tests.e2e.conftest import Stack
+
+pytestmark = [pytest.mark.e2e, pytest.mark.libvirt]
+
+READY_MARKER = "cloudctl-guest: ready"
+
+
+def test_boot_console_and_delete_a_real_guest(stack: Stack) -> None:
+    started = time.monotonic()
+    created = stack.api("POST", "/api/v1/servers/",
+                        json={"name": "e2e-demo", "flavor": "m1.nano", "image": "tiny"})
+    assert created.status_code == 202, created.text
+    server = created.json()
+    assert server["status"] == "BUILD"
+    server_id = server["id"]
+
+    def active() -> dict | None:
+        body = stack.api("GET", f"/api/v1/servers/{server_id}/").json()
+        assert body["status"] != "ERROR", f"build failed: {body['fault']}"
+        return body if body["status"] == "ACTIVE" else None
+
+    server = stack.wait_for("server ACTIVE", active, 180)
+    to_active = time.monotonic() - started
+    assert (server["vm_state"], server["task_state"], server["power_state"]) == (
+        "active", None, "running")
+    assert server["host"] == stack.host
+
+    conn = libvirt.open("qemu:///system")
+    try:
+        domain = conn.lookupByName(f"instance-{server_id}")
+        assert domain.isActive()
+        assert domain.UUIDString() == server_id
+        assert (stack.instances_path / server_id / "disk").exists()
+
+        def console() -> str:
+            answer = stack.api("GET", f"/api/v1/servers/{server_id}/console-output/?lines=50")
+            assert answer.status_code == 200, answer.text
+            output = answer.json()["output"]
+            return output if READY_MARKER in output else ""
+
+        stack.wait_for("guest ready marker in console-output", console, 120, interval=0.5)
+        to_ready = time.monotonic() - started
+        print(f"\nPOST -> ACTIVE {to_active:.1f} s; POST -> '{READY_MARKER}' {to_ready:.1f} s")
+
+        [host] = [h for h in stack.api("GET", "/api/v1/hosts/").json() if h["name"] == stack.host]
+        assert (host["vcpus_used"], host["memory_mb_used"], host["disk_gb_used"],
+                host["instance_count"]) == (1, 128, 1, 1)
+
+        deleted = stack.api("DELETE", f"/api/v1/servers/{server_id}/")
+        assert deleted.status_code == 202, deleted.text
+        stack.wait_for("server gone from the API",
+                       lambda: stack.api("GET", f"/api/v1/servers/{server_id}/").status_code == 404,
+                       60)
+        assert server_id not in [s["id"] for s in stack.api("GET", "/api/v1/servers/").json()]
+        with pytest.raises(libvirt.libvirtError):
+            conn.lookupByName(f"instance-{server_id}")
+        assert not (stack.instances_path / server_id).exists()
+        [host] = [h for h in stack.api("GET", "/api/v1/hosts/").json() if h["name"] == stack.host]
+        assert (host["vcpus_used"], host["memory_mb_used"], host["instance_count"]) == (0, 0, 0)
+    finally:
+        conn.close()
+
+
+def test_flower_sees_every_worker(stack: Stack) -> None:
+    import requests
+
+    def workers() -> set[str]:
+        try:
+            answer = requests.get(f"{stack.flower_url}/api/workers?refresh=1", timeout=10,
+                                  auth=("flower", "e2e-flower"))
+        except requests.ConnectionError:
+            return set()
+        if answer.status_code != 200:
+            return set()
+        return {name.split("@")[0] for name in answer.json()}
+
+    seen = stack.wait_for("scheduler, conductor and compute workers in Flower",
+                          lambda: (w := workers()) >= {"scheduler", "conductor", "compute"} and w,
+                          60, interval=1)
+    assert {"scheduler", "conductor", "compute"} <= seen
