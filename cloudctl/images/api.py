@@ -27,18 +27,12 @@ class ImageSerializer(serializers.ModelSerializer):
 
 class ImageViewSet(viewsets.ReadOnlyModelViewSet):
     serializer_class = ImageSerializer
+    service_actions = ("file",)  # compute workers download images, and do nothing else
 
     def get_queryset(self) -> QuerySet[Image]:
         if is_service(self.request.user):
             return Image.objects.filter(status=ImageStatus.ACTIVE)
-        if self.action not in ("list", "retrieve", "file"):
-            return Image.objects.none()
         return images_visible_to(self.request.user).select_related("owner")
-
-    def list(self, request: Request, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if is_service(request.user):
-            raise NotFound()
-        return super().list(request, *args, **kwargs)
 
     @action(detail=True, methods=["get"], url_path="file")
     def file(self, request: Request, pk: str | None = None) -> FileResponse:

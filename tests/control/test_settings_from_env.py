@@ -1,0 +1,30 @@
+"""Malformed environment values stop start-up with a message naming the variable."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize(("name", "value", "expected"), [
+    ("SCHEDULER_MAX_ATTEMPTS", "three", "SCHEDULER_MAX_ATTEMPTS='three' is invalid: expected an integer"),
+    ("SCHEDULER_MAX_ATTEMPTS", "0", "expected an integer >= 1"),
+    ("RAM_ALLOCATION_RATIO", "lots", "RAM_ALLOCATION_RATIO='lots' is invalid: expected a number"),
+    ("CLOUDCTL_DEBUG", "maybe", "CLOUDCTL_DEBUG='maybe' is invalid"),
+    ("DATABASE_URL", "nonsense://x", "DATABASE_URL='nonsense://x' is invalid"),
+    ("SCHEDULER_ENABLED_FILTERS", "RamFilter,NoSuchFilter", "unknown scheduler filter(s) NoSuchFilter"),
+])
+def test_bad_values_name_the_variable(tmp_path, name, value, expected):
+    env = {**os.environ, "CLOUDCTL_STATE_DIR": str(tmp_path), name: value}
+    env.pop("DATABASE_URL", None) if name != "DATABASE_URL" else None
+    code = "import django; django.setup(); import scheduler.tasks"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                            text=True, env={**env, "DJANGO_SETTINGS_MODULE": "cloudctl.settings"})
+    assert result.returncode != 0
+    assert expected in result.stderr, result.stderr[-2000:]
