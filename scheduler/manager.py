@@ -9,8 +9,6 @@ usage under a row lock (``SELECT ... FOR UPDATE`` on PostgreSQL; SQLite serialis
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from django.conf import settings
@@ -26,40 +24,10 @@ from cloudctl.compute.states import TaskState, VmState
 from compute_workers import contract
 from scheduler.filters import RESOURCE_FILTERS, BaseHostFilter, load_filters
 from scheduler.host_state import HostState, RequestSpec
-from scheduler.weighers import BaseWeigher, load_weighers, weigh_hosts
+from scheduler.selection import NoValidHost, select_hosts
+from scheduler.weighers import BaseWeigher, load_weighers
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class FilterStep:
-    name: str
-    hosts_in: int
-    hosts_out: int
-    reason: str = ""
-
-
-@dataclass
-class NoValidHost(Exception):
-    """Every host was filtered out; ``steps`` says which filter removed which."""
-
-    steps: list[FilterStep] = field(default_factory=list)
-    total_hosts: int = 0
-
-    @property
-    def message(self) -> str:
-        if self.total_hosts == 0:
-            return "No valid host was found: no compute host has registered yet."
-        emptied = next((s for s in self.steps if s.hosts_out == 0), None)
-        if emptied is None:
-            return "No valid host was found: every candidate host was claimed concurrently."
-        return (f"No valid host was found: {emptied.name} left 0 of {emptied.hosts_in} "
-                f"host(s): {emptied.reason}.")
-
-    def as_fault(self) -> dict[str, Any]:
-        return {"message": self.message, "code": 500,
-                "details": {"total_hosts": self.total_hosts,
-                            "filters": [s.__dict__ for s in self.steps]}}
 
 
 def enabled_filters() -> list[BaseHostFilter]:
@@ -72,27 +40,6 @@ def enabled_weighers() -> list[tuple[BaseWeigher, float]]:
         "CPUWeigher": settings.SCHEDULER_CPU_WEIGHT_MULTIPLIER,
         "DiskWeigher": settings.SCHEDULER_DISK_WEIGHT_MULTIPLIER,
     })
-
-
-def select_hosts(hosts: Sequence[HostState], spec: RequestSpec,
-                 filters: Sequence[BaseHostFilter],
-                 weighers: Sequence[tuple[BaseWeigher, float]]) -> list[HostState]:
-    """Candidate hosts, best first. Raises NoValidHost with the per-filter breakdown."""
-    if not hosts:
-        raise NoValidHost(total_hosts=0)
-    remaining = list(hosts)
-    steps: list[FilterStep] = []
-    for host_filter in filters:
-        passed = [h for h in remaining if host_filter.host_passes(h, spec)]
-        rejected = [h for h in remaining if h not in passed]
-        steps.append(FilterStep(host_filter.name, len(remaining), len(passed),
-                                host_filter.explain(spec, rejected) if rejected else ""))
-        if not passed:
-            log.info("Filter %s returned 0 hosts for %s: %s", host_filter.name,
-                     spec.instance_uuid, steps[-1].reason)
-            raise NoValidHost(steps=steps, total_hosts=len(hosts))
-        remaining = passed
-    return [host for host, _ in weigh_hosts(remaining, spec, weighers)]
 
 
 def _ratios(host: Host) -> dict[str, float]:
