@@ -1,0 +1,23 @@
+"""Hypervisor drivers; :func:`load_driver` picks one by its COMPUTE_DRIVER name."""
+
+from __future__ import annotations
+
+from compute_workers.config import DRIVERS, ComputeConfig, ConfigError
+from compute_workers.virt.driver import ComputeDriver
+
+
+def load_driver(config: ComputeConfig) -> ComputeDriver:
+    """The driver named by ``config.driver``; an unknown name is a ConfigError at start."""
+    if config.driver == "fake":
+        from compute_workers.virt.fake import FakeDriver
+
+        return FakeDriver(vcpus=config.fake_vcpus, memory_mb=config.fake_memory_mb,
+                          disk_gb=config.fake_disk_gb)
+    if config.driver == "libvirt":
+        # Imported here: hosts that only simulate (fake driver) need no libvirt-python.
+        from compute_workers.virt.libvirt.driver import LibvirtDriver
+
+        return LibvirtDriver(config.libvirt_uri, config.instances_path, config.virt_type,
+                             config.machine_type)
+    raise ConfigError(f"unknown compute driver {config.driver!r} (COMPUTE_DRIVER): choose one of "
+                      f"{', '.join(DRIVERS)}")

@@ -1,0 +1,182 @@
+"""Configuration of a compute worker, from environment variables only.
+
+Every setting is one environment variable; ``python -m compute_workers`` options override some of them.
+A malformed value fails at start with :class:`ConfigError` naming the variable.
+
+| Variable | Default | Meaning |
+|---|---|---|
+| `CELERY_BROKER_URL` | `redis://127.0.0.1:6379/0` | Broker the worker consumes from and sends conductor reports to. |
+| `CELERY_RPC_BACKEND` | `redis://127.0.0.1:6379/1` | Redis result backend holding the results of synchronous calls (`compute.get_console_output`). |
+| `COMPUTE_HOST` | `socket.gethostname()` | Host name; the worker consumes queue `compute.<host>` as node `compute@<host>`. |
+| `COMPUTE_LIBVIRT_URI` | `qemu:///system` | libvirt connection URI (`test:///default` for fast tests). |
+| `COMPUTE_DRIVER` | `libvirt` | `libvirt`, or `fake` (in-memory hypervisor, for benchmarks). |
+| `COMPUTE_VIRT_TYPE` | `auto` | `kvm`, `qemu` (TCG), or `auto`: kvm only when a probe guest really runs fast under KVM. |
+| `COMPUTE_MACHINE_TYPE` | `pc` | QEMU machine type of new domains. |
+| `INSTANCES_PATH` | `/var/lib/cloudctl/instances` | Instance directories and the image cache `_base/`; every parent must be traversable by the QEMU user. |
+| `CLOUDCTL_SERVICE_TOKEN` | (empty) | Sent as `Authorization: Token <token>` when downloading images; a spawn that needs an image fails without it. |
+| `COMPUTE_HEARTBEAT_INTERVAL` | `5` | Seconds between two `conductor.host_heartbeat` reports. |
+| `COMPUTE_CONCURRENCY` | `4` | Worker threads, i.e. tasks run at once. |
+| `COMPUTE_RESERVED_HOST_MEMORY_MB` | `512` | RAM kept for the host itself, reported in the heartbeat. |
+| `COMPUTE_RESERVED_HOST_DISK_GB` | `0` | Disk kept for the host itself, reported in the heartbeat. |
+| `COMPUTE_IMAGE_DOWNLOAD_TIMEOUT` | `300` | Seconds one image download may take in all. |
+| `COMPUTE_SPAWN_SOFT_TIME_LIMIT` | `900` | Celery soft time limit of `compute.spawn`, seconds. |
+| `COMPUTE_SPAWN_TIME_LIMIT` | `960` | Celery hard time limit of `compute.spawn`. |
+| `COMPUTE_TERMINATE_SOFT_TIME_LIMIT` | `120` | Soft time limit of `compute.terminate`. |
+| `COMPUTE_TERMINATE_TIME_LIMIT` | `180` | Hard time limit of `compute.terminate`. |
+| `COMPUTE_CONSOLE_SOFT_TIME_LIMIT` | `20` | Soft time limit of `compute.get_console_output`. |
+| `COMPUTE_CONSOLE_TIME_LIMIT` | `30` | Hard time limit of `compute.get_console_output`. |
+| `COMPUTE_VISIBILITY_TIMEOUT` | `7200` | Redis `visibility_timeout`: an unacknowledged task is delivered again after it. Must exceed every hard time limit. |
+| `COMPUTE_FAKE_VCPUS` | `16` | vCPUs the fake driver reports (`--vcpus`). |
+| `COMPUTE_FAKE_MEMORY_MB` | `32768` | RAM the fake driver reports (`--memory-mb`). |
+| `COMPUTE_FAKE_DISK_GB` | `500` | Disk the fake driver reports (`--disk-gb`). |
+
+Celery time limits are not enforced by the ``threads`` pool the worker runs (Celery ignores them
+there); they are declared for pools that do, and the operations bound their own waits (download
+timeout, ``qemu-img`` timeouts, libvirt calls).
+"""  # noqa: E501  (the table above is meant to be copied into the README as it is)
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from compute_workers import contract
+
+DRIVERS = ("libvirt", "fake")
+VIRT_TYPES = ("auto", "kvm", "qemu")
+DEFAULT_INSTANCES_PATH = Path("/var/lib/cloudctl/instances")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or malformed; the message names the variable."""
+
+
+def _env(name: str, default: Any, parse: Callable[[str], Any] = str, *, secret: bool = False) -> Any:
+    """A dataclass field read from environment variable ``name``, parsed by ``parse``."""
+    factory = default if callable(default) else None
+    extra: dict[str, Any] = {"default_factory": factory} if factory else {"default": default}
+    return dataclasses.field(metadata={"env": name, "parse": parse}, repr=not secret, **extra)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError("must be a positive integer")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be a non-negative integer")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError("must be a positive number")
+    return value
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return text
+    return parse
+
+
+def _host(text: str) -> str:
+    contract.compute_queue(text)  # the one place that knows what a queue-able host name is
+    return text
+
+
+def _non_empty(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text
+
+
+@dataclasses.dataclass(frozen=True)
+class ComputeConfig:
+    """Settings of one compute worker. Build with :meth:`from_env`."""
+
+    broker_url: str = _env("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0", _non_empty)
+    rpc_backend: str = _env("CELERY_RPC_BACKEND", "redis://127.0.0.1:6379/1", _non_empty)
+    host: str = _env("COMPUTE_HOST", socket.gethostname, _host)
+    libvirt_uri: str = _env("COMPUTE_LIBVIRT_URI", "qemu:///system", _non_empty)
+    driver: str = _env("COMPUTE_DRIVER", "libvirt", _choice(DRIVERS))
+    virt_type: str = _env("COMPUTE_VIRT_TYPE", "auto", _choice(VIRT_TYPES))
+    machine_type: str = _env("COMPUTE_MACHINE_TYPE", "pc", _non_empty)
+    instances_path: Path = _env("INSTANCES_PATH", DEFAULT_INSTANCES_PATH, Path)  # noqa: RUF009 (a field)
+    service_token: str = _env("CLOUDCTL_SERVICE_TOKEN", "", secret=True)
+    heartbeat_interval: float = _env("COMPUTE_HEARTBEAT_INTERVAL", 5.0, _positive_float)
+    concurrency: int = _env("COMPUTE_CONCURRENCY", 4, _positive_int)
+    reserved_host_memory_mb: int = _env("COMPUTE_RESERVED_HOST_MEMORY_MB", 512, _non_negative_int)
+    reserved_host_disk_gb: int = _env("COMPUTE_RESERVED_HOST_DISK_GB", 0, _non_negative_int)
+    image_download_timeout: float = _env("COMPUTE_IMAGE_DOWNLOAD_TIMEOUT", 300.0, _positive_float)
+    spawn_soft_time_limit: int = _env("COMPUTE_SPAWN_SOFT_TIME_LIMIT", 900, _positive_int)
+    spawn_time_limit: int = _env("COMPUTE_SPAWN_TIME_LIMIT", 960, _positive_int)
+    terminate_soft_time_limit: int = _env("COMPUTE_TERMINATE_SOFT_TIME_LIMIT", 120, _positive_int)
+    terminate_time_limit: int = _env("COMPUTE_TERMINATE_TIME_LIMIT", 180, _positive_int)
+    console_soft_time_limit: int = _env("COMPUTE_CONSOLE_SOFT_TIME_LIMIT", 20, _positive_int)
+    console_time_limit: int = _env("COMPUTE_CONSOLE_TIME_LIMIT", 30, _positive_int)
+    visibility_timeout: int = _env("COMPUTE_VISIBILITY_TIMEOUT", 7200, _positive_int)
+    fake_vcpus: int = _env("COMPUTE_FAKE_VCPUS", 16, _positive_int)
+    fake_memory_mb: int = _env("COMPUTE_FAKE_MEMORY_MB", 32768, _positive_int)
+    fake_disk_gb: int = _env("COMPUTE_FAKE_DISK_GB", 500, _positive_int)
+
+    def __post_init__(self) -> None:
+        for kind in ("spawn", "terminate", "console"):
+            soft_var = f"COMPUTE_{kind.upper()}_SOFT_TIME_LIMIT"
+            hard_var = f"COMPUTE_{kind.upper()}_TIME_LIMIT"
+            soft, hard = getattr(self, f"{kind}_soft_time_limit"), getattr(self, f"{kind}_time_limit")
+            if soft >= hard:
+                raise ConfigError(f"{soft_var} ({soft} s) must be below {hard_var} ({hard} s)")
+            if hard >= self.visibility_timeout:
+                raise ConfigError(f"COMPUTE_VISIBILITY_TIMEOUT ({self.visibility_timeout} s) must exceed "
+                                  f"{hard_var} ({hard} s), or Redis delivers the task again while it "
+                                  "still runs")
+
+    def time_limits(self) -> tuple[tuple[str, int, int], ...]:
+        """(task name, soft limit, hard limit) of every compute task."""
+        return (
+            (contract.COMPUTE_SPAWN, self.spawn_soft_time_limit, self.spawn_time_limit),
+            (contract.COMPUTE_TERMINATE, self.terminate_soft_time_limit, self.terminate_time_limit),
+            (contract.COMPUTE_CONSOLE_OUTPUT, self.console_soft_time_limit, self.console_time_limit),
+        )
+
+    @property
+    def queue(self) -> str:
+        return contract.compute_queue(self.host)
+
+    @classmethod
+    def from_env(cls, overrides: Mapping[str, str] | None = None,
+                 environ: Mapping[str, str] | None = None) -> ComputeConfig:
+        """Read every variable from ``environ`` (default ``os.environ``); ``overrides`` win.
+
+        Both map variable names (``"COMPUTE_HOST"``) to strings. Raises :class:`ConfigError`.
+        """
+        source = dict(os.environ if environ is None else environ)
+        source.update(overrides or {})
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            name = field.metadata["env"]
+            if name not in source:
+                continue
+            try:
+                values[field.name] = field.metadata["parse"](source[name])
+            except ValueError as exc:
+                raise ConfigError(f"invalid value {source[name]!r} for environment variable {name}: "
+                                  f"{exc}") from None
+        return cls(**values)
+
+    @staticmethod
+    def variables() -> tuple[str, ...]:
+        """Every environment variable read, in documentation order."""
+        return tuple(field.metadata["env"] for field in dataclasses.fields(ComputeConfig))

@@ -1,0 +1,204 @@
+"""Image download, the per-host image cache, and the qemu-img calls that inspect and layer images.
+
+Layout (as Nova's libvirt driver)::
+
+    INSTANCES_PATH/_base/<image-id>      cached base image, verified, never written after the rename
+    INSTANCES_PATH/<uuid>/disk           qcow2 overlay whose backing file is the base
+
+A base image is downloaded once per host even when spawns race: a per-image lock serializes threads
+and an ``flock`` serializes processes. The bytes go to a temporary file that becomes the cached file by
+an atomic rename only after its sha256, its size and its format (``qemu-img info``: the declared
+format, no backing file, no external data file) have been checked, so a cache entry is always whole
+and safe to hand to QEMU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import subprocess
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from compute_workers.exception import (
+    HypervisorError,
+    ImageChecksumMismatch,
+    ImageDownloadError,
+    ImageError,
+    ImageFormatError,
+    ImageNotFound,
+    ImageSizeMismatch,
+    ImageTooLarge,
+)
+from compute_workers.locks import KeyedLock, file_lock
+
+LOG = logging.getLogger(__name__)
+
+GiB = 1024 ** 3
+CHUNK_SIZE = 1024 * 1024
+QEMU_IMG_TIMEOUT = 120.0
+# qemu-img parses untrusted files: bound its memory and CPU time, as Nova does.
+QEMU_IMG_PRLIMIT = ("prlimit", f"--as={1 * GiB}", "--cpu=30", "--")
+_IMAGE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+@dataclasses.dataclass(frozen=True)
+class FetchResult:
+    path: Path
+    downloaded_bytes: int  # 0 when the image was already cached
+    seconds: float
+
+
+def _run(argv: list[str], what: str) -> subprocess.CompletedProcess[str]:
+    """Run a host tool; a missing tool, a hang or a crash is a host problem (HypervisorError)."""
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=QEMU_IMG_TIMEOUT,
+                              check=False)
+    except FileNotFoundError as exc:
+        raise HypervisorError(f"{what}: {exc.filename} is not installed on this host") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise HypervisorError(f"{what}: {argv[0]} did not finish in {QEMU_IMG_TIMEOUT:.0f} s") from exc
+
+
+def qemu_img_info(path: Path, disk_format: str | None = None) -> dict[str, Any]:
+    """``qemu-img info --output=json`` of ``path``; the format is probed unless ``disk_format`` is given.
+
+    Raises ImageFormatError when qemu-img cannot read the file.
+    """
+    argv = [*QEMU_IMG_PRLIMIT, "qemu-img", "info", "--output=json", "--force-share"]
+    if disk_format:
+        argv += ["-f", disk_format]
+    result = _run([*argv, str(path)], f"inspecting {path.name}")
+    if result.returncode != 0:
+        raise ImageFormatError(f"qemu-img cannot read the image: {result.stderr.strip()}")
+    info: dict[str, Any] = json.loads(result.stdout)
+    return info
+
+
+def check_image_file(path: Path, name: str, disk_format: str) -> dict[str, Any]:
+    """Refuse an image that is not of ``disk_format`` or that refers to other files; return its info.
+
+    A "raw" image whose bytes are really qcow2 with a backing file would make QEMU open any file of
+    the host, so the format is probed, never trusted.
+    """
+    info = qemu_img_info(path)
+    if info.get("format") != disk_format:
+        raise ImageFormatError(f"Image {name} is declared {disk_format} but its content is "
+                               f"{info.get('format')}")
+    if info.get("backing-filename") or info.get("full-backing-filename"):
+        raise ImageFormatError(f"Image {name} has a backing file ({info.get('backing-filename')}): "
+                               "refused")
+    data_file = info.get("format-specific", {}).get("data", {}).get("data-file")
+    if data_file:
+        raise ImageFormatError(f"Image {name} has an external data file ({data_file}): refused")
+    return info
+
+
+def create_overlay(base: Path, base_format: str, disk: Path, root_gb: int, image_name: str) -> None:
+    """Create ``disk``, a qcow2 overlay of ``base`` of ``root_gb`` GiB (the image's size when 0).
+
+    Raises ImageTooLarge when the image's virtual size exceeds ``root_gb``.
+    """
+    virtual_size = int(qemu_img_info(base, base_format)["virtual-size"])
+    if root_gb and virtual_size > root_gb * GiB:
+        raise ImageTooLarge(f"Image {image_name} virtual size {virtual_size / GiB:.2f} GiB exceeds flavor "
+                            f"root disk {root_gb} GiB")
+    argv = ["qemu-img", "create", "-f", "qcow2", "-F", base_format, "-b", str(base), str(disk)]
+    if root_gb:
+        argv.append(f"{root_gb}G")
+    result = _run(argv, "creating the instance disk")
+    if result.returncode != 0:
+        raise HypervisorError(f"qemu-img create failed: {result.stderr.strip()}")
+
+
+class ImageCache:
+    """Downloads images into ``base_dir`` once and hands out the cached paths."""
+
+    def __init__(self, base_dir: Path, *, token: str, timeout: float) -> None:
+        self.base_dir = base_dir
+        self.token = token
+        self.timeout = timeout
+        self._locks = KeyedLock()
+
+    def path(self, image_id: str) -> Path:
+        if not _IMAGE_ID.fullmatch(image_id):
+            raise ImageError(f"invalid image id {image_id!r}")
+        return self.base_dir / image_id
+
+    def fetch(self, image: dict[str, Any]) -> FetchResult:
+        """The cached file of ``image`` (the spec's image dict), downloaded and verified if missing.
+
+        Raises ImageError subclasses for a bad image (not worth retrying elsewhere) and
+        ImageDownloadError when the download itself failed.
+        """
+        started = time.monotonic()
+        target = self.path(image["id"])
+        self.base_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        with self._locks.hold(image["id"]), file_lock(self.base_dir / f".{image['id']}.lock"):
+            if target.exists():
+                return FetchResult(target, 0, time.monotonic() - started)
+            size = self._download(image, target)
+        seconds = time.monotonic() - started
+        LOG.info("image %s (%s) cached at %s: %d bytes in %.1f s", image["id"], image.get("name"), target,
+                 size, seconds)
+        return FetchResult(target, size, seconds)
+
+    def _download(self, image: dict[str, Any], target: Path) -> int:
+        name = image.get("name") or image["id"]
+        if not self.token:
+            raise ImageDownloadError(f"cannot download image {name}: CLOUDCTL_SERVICE_TOKEN is not set "
+                                     "on this host")
+        expected_size = image.get("size") if isinstance(image.get("size"), int) else None
+        partial = self.base_dir / f".{image['id']}.part-{uuid.uuid4().hex}"
+        try:
+            size, digest = self._stream_to(image["url"], name, partial, expected_size)
+            if expected_size is not None and size != expected_size:
+                raise ImageSizeMismatch(f"Image {name} size mismatch: expected {expected_size} bytes, "
+                                        f"got {size}")
+            if digest != image["sha256"].lower():
+                raise ImageChecksumMismatch(f"Image {name} checksum mismatch: expected sha256 "
+                                            f"{image['sha256']}, got {digest}")
+            check_image_file(partial, name, image["disk_format"])
+            partial.chmod(0o644)
+            partial.rename(target)
+            return size
+        finally:
+            partial.unlink(missing_ok=True)
+
+    def _stream_to(self, url: str, name: str, partial: Path, expected_size: int | None) -> tuple[int, str]:
+        deadline = time.monotonic() + self.timeout
+        sha256 = hashlib.sha256()
+        size = 0
+        headers = {"Authorization": f"Token {self.token}"}
+        try:
+            with requests.get(url, headers=headers, stream=True,
+                              timeout=(min(10.0, self.timeout), min(60.0, self.timeout))) as response:
+                if response.status_code == 404:
+                    raise ImageNotFound(f"Image {name} not found at the image API ({url})")
+                if response.status_code != 200:
+                    raise ImageDownloadError(f"cannot download image {name}: the image API answered "
+                                             f"HTTP {response.status_code}")
+                with open(partial, "xb") as out:
+                    for chunk in response.iter_content(CHUNK_SIZE):
+                        size += len(chunk)
+                        if expected_size is not None and size > expected_size:
+                            raise ImageSizeMismatch(f"Image {name} size mismatch: more than the "
+                                                    f"expected {expected_size} bytes")
+                        if time.monotonic() > deadline:
+                            raise ImageDownloadError(f"download of image {name} took longer than "
+                                                     f"{self.timeout:.0f} s")
+                        sha256.update(chunk)
+                        out.write(chunk)
+                    out.flush()
+                    os.fsync(out.fileno())
+        except requests.RequestException as exc:
+            raise ImageDownloadError(f"cannot download image {name}: {exc}") from exc
+        return size, sha256.hexdigest()

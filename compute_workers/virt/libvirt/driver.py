@@ -1,0 +1,358 @@
+"""The libvirt driver: QEMU guests (KVM or TCG) on ``qemu:///system``, or libvirt's ``test:///default``.
+
+One libvirt connection is shared by every worker thread (libvirt connections are thread-safe and
+libvirt-python releases the GIL during calls); it is reopened if libvirtd went away.
+
+On ``test://`` URIs domains are of type ``test``: nothing runs and there are no real disks, so no image
+is needed and ``qemu-img`` is not called; everything else (XML, lifecycle, files) is the same code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import mmap
+import os
+import shutil
+import threading
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import libvirt
+
+from compute_workers import images
+from compute_workers.exception import (
+    ConsoleUnavailable,
+    HypervisorError,
+    InstanceExists,
+    InstanceNotFound,
+)
+from compute_workers.virt.driver import (
+    ComputeDriver,
+    RebootType,
+    checked_uuid,
+    instance_uuid_of,
+)
+from compute_workers.virt.libvirt import host
+from compute_workers.virt.libvirt.domain import build_domain_xml
+
+LOG = logging.getLogger(__name__)
+
+CONSOLE_MAX_BYTES = 100 * 1024
+GiB = 1024 ** 3
+_UNDEFINE_FLAGS = (libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+                   | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+_UNDEFINE_FLAGS_MINIMAL = (libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+                           | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+
+
+def _ignore_libvirt_errors(_ctx: object, _error: object) -> None:
+    """libvirt prints every error on stderr by default; ours are raised and logged instead."""
+
+
+def _error_code(exc: libvirt.libvirtError) -> int:
+    return int(exc.get_error_code() or 0)
+
+
+@contextlib.contextmanager
+def _hypervisor_errors(what: str, instance_uuid: str | None = None) -> Iterator[None]:
+    """Turn libvirt errors into the worker's exceptions (no domain -> InstanceNotFound)."""
+    try:
+        yield
+    except libvirt.libvirtError as exc:
+        if instance_uuid and _error_code(exc) == libvirt.VIR_ERR_NO_DOMAIN:
+            raise InstanceNotFound(f"instance {instance_uuid} not found on this host") from exc
+        raise HypervisorError(f"{what}: {exc.get_error_message() or exc}") from exc
+
+
+def supports_direct_io(directory: Path) -> bool:
+    """Whether files in ``directory`` can be opened with O_DIRECT (what disk cache='none' needs)."""
+    probe = directory / f".directio-test-{os.getpid()}-{threading.get_ident()}"
+    buffer = mmap.mmap(-1, 4096)  # page-aligned, as O_DIRECT wants
+    try:
+        fd = os.open(probe, os.O_CREAT | os.O_WRONLY | os.O_DIRECT, 0o600)
+        try:
+            os.write(fd, buffer)
+        finally:
+            os.close(fd)
+        return True
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        return False
+    finally:
+        buffer.close()
+        probe.unlink(missing_ok=True)
+
+
+def _cpu_info(capabilities_xml: str) -> dict[str, Any]:
+    cpu = ET.fromstring(capabilities_xml).find("./host/cpu")
+    if cpu is None:
+        return {"arch": "", "model": "", "vendor": "", "features": []}
+    return {
+        "arch": cpu.findtext("arch", ""),
+        "model": cpu.findtext("model", ""),
+        "vendor": cpu.findtext("vendor", ""),
+        "features": sorted(f.get("name", "") for f in cpu.findall("feature") if f.get("name")),
+    }
+
+
+class LibvirtDriver(ComputeDriver):
+    name = "libvirt"
+
+    def __init__(self, uri: str, instances_path: Path, virt_type: str = "auto",
+                 machine_type: str = "pc") -> None:
+        super().__init__()
+        self.uri = uri
+        self.instances_path = instances_path
+        self.requested_virt_type = virt_type
+        self.machine_type = machine_type
+        self.is_test = uri.startswith("test:")
+        self.capabilities = {**self.capabilities, "needs_base_image": not self.is_test,
+                             "supports_reboot": True, "supports_power_ops": True,
+                             "supports_pause": True, "supports_suspend": True}
+        self.virt_type = "test" if self.is_test else virt_type
+        self.disk_cache = "none"
+        self._cpu_info: dict[str, Any] = {}
+        self._conn: libvirt.virConnect | None = None
+        self._conn_lock = threading.Lock()
+
+    # Connection and host --------------------------------------------------------------------------
+
+    @property
+    def conn(self) -> libvirt.virConnect:
+        with self._conn_lock:
+            if self._conn is not None and self._conn.isAlive():
+                return self._conn
+            if self._conn is not None:
+                LOG.warning("libvirt connection to %s lost; reconnecting", self.uri)
+            with _hypervisor_errors(f"cannot connect to libvirt at {self.uri}"):
+                self._conn = libvirt.open(self.uri)
+            return self._conn
+
+    def init_host(self) -> None:
+        libvirt.registerErrorHandler(_ignore_libvirt_errors, None)
+        conn = self.conn
+        self.instances_path.mkdir(mode=0o755, parents=True, exist_ok=True)
+        if not self.is_test:
+            self.virt_type = host.resolve_virt_type(self.requested_virt_type)
+            self.disk_cache = "none" if supports_direct_io(self.instances_path) else "writeback"
+            LOG.info("disk cache mode %s (O_DIRECT %s in %s)", self.disk_cache,
+                     "works" if self.disk_cache == "none" else "unsupported", self.instances_path)
+            self._warn_if_not_traversable()
+        with _hypervisor_errors("cannot read the host capabilities"):
+            self._cpu_info = _cpu_info(conn.getCapabilities())
+
+    def _warn_if_not_traversable(self) -> None:
+        for directory in (self.instances_path, *self.instances_path.parents):
+            if not os.stat(directory).st_mode & 0o001:
+                LOG.warning("%s is not traversable by other users: QEMU (running as the libvirt-qemu "
+                            "user) cannot open instance disks below it", directory)
+                return
+
+    def get_available_resource(self) -> dict[str, Any]:
+        conn = self.conn
+        with _hypervisor_errors("cannot read the host resources"):
+            _model, memory_mb, cpus, *_ = conn.getInfo()
+            hypervisor_type, hypervisor_version = conn.getType(), conn.getVersion()
+        fs = os.statvfs(self.instances_path)
+        return {
+            "virt_type": self.virt_type,
+            "hypervisor_type": hypervisor_type,
+            "hypervisor_version": hypervisor_version,
+            "vcpus": cpus,
+            "memory_mb": memory_mb,
+            "disk_gb": fs.f_frsize * fs.f_blocks // GiB,
+            "cpu_info": self._cpu_info,
+        }
+
+    def list_instances(self) -> dict[str, str]:
+        with _hypervisor_errors("cannot list domains"):
+            domains = self.conn.listAllDomains(0)
+        instances = {}
+        for domain in domains:
+            instance_uuid = instance_uuid_of(domain.name())
+            if instance_uuid is None:
+                continue
+            try:
+                instances[instance_uuid] = host.power_state(domain.state()[0])
+            except libvirt.libvirtError as exc:
+                if _error_code(exc) != libvirt.VIR_ERR_NO_DOMAIN:  # vanished meanwhile: leave it out
+                    raise HypervisorError(f"cannot read the state of {domain.name()}: {exc}") from exc
+        return instances
+
+    # One instance -----------------------------------------------------------------------------------
+
+    def instance_dir(self, instance_uuid: str) -> Path:
+        return self.instances_path / checked_uuid(instance_uuid)
+
+    def _lookup(self, instance_uuid: str) -> libvirt.virDomain | None:
+        try:
+            return self.conn.lookupByUUIDString(checked_uuid(instance_uuid))
+        except libvirt.libvirtError as exc:
+            if _error_code(exc) == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise HypervisorError(f"cannot look up instance {instance_uuid}: {exc}") from exc
+
+    def _domain(self, instance_uuid: str) -> libvirt.virDomain:
+        domain = self._lookup(instance_uuid)
+        if domain is None:
+            raise InstanceNotFound(f"instance {instance_uuid} not found on this host")
+        return domain
+
+    def spawn(self, spec: dict[str, Any], base_image: Path | None) -> None:
+        instance_uuid = checked_uuid(spec["instance_uuid"])
+        if self._lookup(instance_uuid) is not None:
+            raise InstanceExists(f"instance {instance_uuid} already exists on this host")
+        directory = self.instance_dir(instance_uuid)
+        disk, console = directory / "disk", directory / "console.log"
+        try:
+            if directory.exists():  # left by an attempt that died before cleaning up: no domain uses it
+                shutil.rmtree(directory)
+            directory.mkdir(mode=0o755, parents=True)
+            if not self.is_test:
+                if base_image is None:
+                    raise HypervisorError("spawn needs the base image")
+                image = spec["image"]
+                images.create_overlay(base_image, image["disk_format"], disk, spec["flavor"]["root_gb"],
+                                      image.get("name") or image["id"])
+            console.touch(mode=0o600)
+            xml = build_domain_xml(spec, virt_type=self.virt_type, machine_type=self.machine_type,
+                                   disk_path=disk, console_path=console, disk_cache=self.disk_cache)
+            (directory / "libvirt.xml").write_text(xml)
+            with _hypervisor_errors(f"libvirt cannot define the domain of instance {instance_uuid}"):
+                domain = self.conn.defineXML(xml)
+            with _hypervisor_errors(f"libvirt cannot start the domain of instance {instance_uuid}"):
+                domain.create()
+        except BaseException:
+            LOG.warning("spawn of %s failed; removing what it made", instance_uuid)
+            with contextlib.suppress(Exception):
+                self.destroy(instance_uuid)
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+
+    def destroy(self, instance_uuid: str) -> None:
+        domain = self._lookup(instance_uuid)
+        if domain is not None:
+            self._stop(domain)
+            self._undefine(domain)
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(self.instance_dir(instance_uuid))
+
+    def _stop(self, domain: libvirt.virDomain) -> None:
+        """Hard stop; a domain already stopped or gone is fine. QEMU sometimes answers EBUSY while it
+        is still flushing: retry a few times, as Nova does."""
+        for attempt in range(3):
+            try:
+                if domain.isActive():
+                    domain.destroy()
+                return
+            except libvirt.libvirtError as exc:
+                code = _error_code(exc)
+                if code in (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID):
+                    return
+                if code == libvirt.VIR_ERR_SYSTEM_ERROR and exc.get_int1() == errno.EBUSY and attempt < 2:
+                    time.sleep(1)
+                    continue
+                raise HypervisorError(f"libvirt cannot stop {domain.name()}: {exc}") from exc
+
+    def _undefine(self, domain: libvirt.virDomain) -> None:
+        for flags in (_UNDEFINE_FLAGS, _UNDEFINE_FLAGS_MINIMAL):
+            try:
+                domain.undefineFlags(flags)
+                return
+            except libvirt.libvirtError as exc:
+                code = _error_code(exc)
+                if code == libvirt.VIR_ERR_NO_DOMAIN:
+                    return
+                if code not in (libvirt.VIR_ERR_NO_SUPPORT, libvirt.VIR_ERR_INVALID_ARG):
+                    raise HypervisorError(f"libvirt cannot undefine {domain.name()}: {exc}") from exc
+        with _hypervisor_errors(f"libvirt cannot undefine {domain.name()}"):
+            domain.undefine()
+
+    def get_info(self, instance_uuid: str) -> str:
+        domain = self._domain(instance_uuid)
+        with _hypervisor_errors(f"cannot read the state of instance {instance_uuid}", instance_uuid):
+            return host.power_state(domain.state()[0])
+
+    def get_console_output(self, instance_uuid: str, lines: int) -> str:
+        self._domain(instance_uuid)
+        path = self.instance_dir(instance_uuid) / "console.log"
+        try:
+            with open(path, "rb") as log:
+                size = log.seek(0, os.SEEK_END)
+                start = max(0, size - CONSOLE_MAX_BYTES)
+                log.seek(start)
+                data = log.read(CONSOLE_MAX_BYTES)
+        except FileNotFoundError:
+            raise ConsoleUnavailable(f"instance {instance_uuid} has no console log") from None
+        text_lines = data.decode("utf-8", errors="replace").splitlines(keepends=True)
+        if start > 0 and text_lines:
+            text_lines = text_lines[1:]  # the first one was cut by the byte limit
+        return "".join(text_lines[-lines:]) if lines > 0 else ""
+
+    # Power operations (the next issue wires them to tasks) -------------------------------------------
+
+    def _wait_for_shutoff(self, domain: libvirt.virDomain, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not domain.isActive():
+                return True
+            time.sleep(0.5)
+        return not domain.isActive()
+
+    def reboot(self, instance_uuid: str, reboot_type: RebootType) -> None:
+        domain = self._domain(instance_uuid)
+        with _hypervisor_errors(f"cannot reboot instance {instance_uuid}", instance_uuid):
+            if reboot_type == "soft" and domain.isActive():
+                domain.shutdown()
+                if self._wait_for_shutoff(domain, 60.0):
+                    domain.create()
+                    return
+                LOG.warning("instance %s ignored the soft reboot; rebooting it hard", instance_uuid)
+            self._stop(domain)
+            domain.create()
+
+    def power_off(self, instance_uuid: str, timeout: float = 60.0) -> None:
+        domain = self._domain(instance_uuid)
+        with _hypervisor_errors(f"cannot power off instance {instance_uuid}", instance_uuid):
+            if not domain.isActive():
+                return
+            domain.shutdown()
+            if not self._wait_for_shutoff(domain, timeout):
+                LOG.warning("instance %s did not shut down in %.0f s; stopping it", instance_uuid, timeout)
+                self._stop(domain)
+
+    def power_on(self, instance_uuid: str) -> None:
+        domain = self._domain(instance_uuid)
+        with _hypervisor_errors(f"cannot power on instance {instance_uuid}", instance_uuid):
+            if not domain.isActive():
+                domain.create()
+
+    def pause(self, instance_uuid: str) -> None:
+        domain = self._domain(instance_uuid)
+        with _hypervisor_errors(f"cannot pause instance {instance_uuid}", instance_uuid):
+            if domain.state()[0] != libvirt.VIR_DOMAIN_PAUSED:
+                domain.suspend()  # libvirt's "suspend" freezes the vCPUs: our pause
+
+    def unpause(self, instance_uuid: str) -> None:
+        domain = self._domain(instance_uuid)
+        with _hypervisor_errors(f"cannot unpause instance {instance_uuid}", instance_uuid):
+            if domain.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
+                domain.resume()
+
+    def suspend(self, instance_uuid: str) -> None:
+        domain = self._domain(instance_uuid)
+        with _hypervisor_errors(f"cannot suspend instance {instance_uuid}", instance_uuid):
+            if domain.isActive():
+                domain.managedSave(0)
+
+    def resume(self, instance_uuid: str) -> None:
+        domain = self._domain(instance_uuid)
+        with _hypervisor_errors(f"cannot resume instance {instance_uuid}", instance_uuid):
+            if not domain.isActive():
+                domain.create()  # restores the managed save image when there is one

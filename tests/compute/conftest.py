@@ -1,0 +1,148 @@
+"""Fixtures of the compute worker tests: specs, drivers, a list reporter, a local image API."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from compute_workers import contract
+from compute_workers.config import ComputeConfig
+from compute_workers.manager import ComputeManager
+from compute_workers.reporter import ListReporter
+from compute_workers.virt.driver import ComputeDriver
+
+HOST = "test-host"
+TOKEN = "test-service-token"
+
+SpecFactory = Callable[..., dict[str, Any]]
+
+
+@pytest.fixture(autouse=True)
+def require_libvirtd(request: pytest.FixtureRequest) -> None:
+    """Tests marked ``libvirt`` need libvirtd and QEMU: they FAIL when those are missing (never skip
+    silently), unless CLOUDCTL_SKIP_LIBVIRT=1 says this machine has none."""
+    if request.node.get_closest_marker("libvirt") is None:
+        return
+    if os.environ.get("CLOUDCTL_SKIP_LIBVIRT") == "1":
+        pytest.skip("CLOUDCTL_SKIP_LIBVIRT=1: real-libvirt tests skipped on purpose")
+    import libvirt
+
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    try:
+        libvirt.open("qemu:///system").close()
+    except libvirt.libvirtError as exc:
+        pytest.fail(f"libvirtd is not reachable at qemu:///system ({exc}); start it with "
+                    "`tools/services.sh start`, or set CLOUDCTL_SKIP_LIBVIRT=1 to skip these tests")
+    if shutil.which("qemu-system-x86_64") is None or shutil.which("qemu-img") is None:
+        pytest.fail("qemu-system-x86_64 and qemu-img are needed (tools/install-system.sh)")
+
+
+@pytest.fixture
+def make_spec() -> SpecFactory:
+    def make(**changes: Any) -> dict[str, Any]:
+        spec: dict[str, Any] = {
+            "version": contract.SPEC_VERSION,
+            "instance_uuid": str(uuid.uuid4()),
+            "name": "web <1> & \"friends\"",
+            "host": HOST,
+            "request_id": "req-" + uuid.uuid4().hex,
+            "flavor": {"name": "m1.nano", "vcpus": 1, "memory_mb": 128, "root_gb": 1},
+            "image": {"id": "img-" + uuid.uuid4().hex[:8], "name": "tiny", "url": "http://127.0.0.1:9/none",
+                      "sha256": "0" * 64, "size": None, "disk_format": "qcow2", "properties": {}},
+            "networks": [], "key_data": None, "user_data": None,
+        }
+        for key, value in changes.items():
+            if isinstance(value, dict) and isinstance(spec.get(key), dict):
+                spec[key] = {**spec[key], **value}
+            else:
+                spec[key] = value
+        return spec
+    return make
+
+
+def make_config(instances_path: Path, **overrides: str) -> ComputeConfig:
+    values = {"COMPUTE_HOST": HOST, "INSTANCES_PATH": str(instances_path), "CLOUDCTL_SERVICE_TOKEN": TOKEN,
+              "COMPUTE_IMAGE_DOWNLOAD_TIMEOUT": "30", **overrides}
+    return ComputeConfig.from_env(values, environ={})
+
+
+def make_manager(driver: ComputeDriver, instances_path: Path, **overrides: str) -> tuple[ComputeManager,
+                                                                                         ListReporter]:
+    reporter = ListReporter()
+    manager = ComputeManager(make_config(instances_path, **overrides), driver, reporter)
+    manager.init_host()
+    return manager, reporter
+
+
+@dataclass
+class ImageServer:
+    """A local image API: serves registered bytes at /images/<name>, only with the service token."""
+
+    base_url: str
+    files: dict[str, bytes] = field(default_factory=dict)
+    requests: list[str] = field(default_factory=list)
+
+    def add(self, name: str, data: bytes, disk_format: str = "qcow2", **image: Any) -> dict[str, Any]:
+        """Serve ``data`` and return the spec's image dict for it (checksum and size true)."""
+        self.files[name] = data
+        return {"id": name, "name": name, "url": f"{self.base_url}/images/{name}",
+                "sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "disk_format": disk_format,
+                "properties": {}, **image}
+
+
+@pytest.fixture
+def image_server() -> Iterator[ImageServer]:
+    server_state: dict[str, ImageServer] = {}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            state = server_state["server"]
+            state.requests.append(self.path)
+            if self.headers.get("Authorization") != f"Token {TOKEN}":
+                self.send_error(401, "missing or wrong service token")
+                return
+            data = state.files.get(self.path.removeprefix("/images/"))
+            if data is None:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server_state["server"] = ImageServer(f"http://127.0.0.1:{httpd.server_address[1]}")
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield server_state["server"]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def qemu_img(*args: str) -> None:
+    subprocess.run(["qemu-img", *args], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def small_qcow2(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """A valid 16 MiB (virtual) qcow2 image, a few hundred KiB of bytes."""
+    path = tmp_path_factory.mktemp("images") / "small.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(path), "16M")
+    return path.read_bytes()
