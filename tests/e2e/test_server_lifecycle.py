@@ -87,3 +87,40 @@ def test_flower_sees_every_worker(stack: Stack) -> None:
                           lambda: (w := workers()) >= {"scheduler", "conductor", "compute"} and w,
                           60, interval=1)
     assert {"scheduler", "conductor", "compute"} <= seen
+
+
+def test_a_corrupt_image_ends_in_error_with_a_fault_that_says_why(stack: Stack,
+                                                                  tiny_image_path) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    subprocess.run([sys.executable, "manage.py", "bootstrap", "--image", str(tiny_image_path),
+                    "--image-name", "corrupt"], cwd=repo, env=stack.env, check=True,
+                   capture_output=True)
+    [image] = [i for i in stack.api("GET", "/api/v1/images/").json() if i["name"] == "corrupt"]
+    stored = Path(stack.env["CLOUDCTL_STATE_DIR"]) / "image-store" / image["id"]
+    with open(stored, "r+b") as handle:  # flip bytes after registration: the sha256 no longer holds
+        handle.seek(4096)
+        handle.write(b"\xff" * 16)
+
+    created = stack.api("POST", "/api/v1/servers/",
+                        json={"name": "doomed", "flavor": "m1.nano", "image": image["id"]})
+    assert created.status_code == 202, created.text
+    server_id = created.json()["id"]
+
+    def errored() -> dict | None:
+        body = stack.api("GET", f"/api/v1/servers/{server_id}/").json()
+        return body if body["status"] == "ERROR" else None
+
+    server = stack.wait_for("server ERROR", errored, 90)
+    assert server["task_state"] is None
+    assert "sha256" in server["fault"]["message"].lower() or \
+        "checksum" in server["fault"]["message"].lower(), server["fault"]
+    assert not (stack.instances_path / server_id).exists()
+    [host] = [h for h in stack.api("GET", "/api/v1/hosts/").json() if h["name"] == stack.host]
+    assert host["instance_count"] == 0
+    assert stack.api("DELETE", f"/api/v1/servers/{server_id}/").status_code == 202
+    stack.wait_for("errored server deleted",
+                   lambda: stack.api("GET", f"/api/v1/servers/{server_id}/").status_code == 404, 60)
