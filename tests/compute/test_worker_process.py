@@ -1,0 +1,146 @@
+"""``python -m compute_workers`` as a process: options, configuration errors, and a fake-driver worker
+on the real Redis answering spawn / console / terminate, heartbeating, and stopping on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+from kombu import Connection
+
+from compute_workers import contract
+
+from .conftest import SpecFactory
+
+REPO = Path(__file__).resolve().parents[2]
+BROKER = "redis://127.0.0.1:6379/15"
+BACKEND = "redis://127.0.0.1:6379/14"
+
+
+def run_module(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "compute_workers", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=60, env=env)
+
+
+def test_help_lists_the_options() -> None:
+    result = run_module("--help")
+    assert result.returncode == 0, result.stderr
+    for option in ("--host", "--libvirt-uri", "--driver", "--vcpus", "--memory-mb", "--disk-gb",
+                   "--concurrency", "--loglevel"):
+        assert option in result.stdout
+
+
+def test_a_malformed_setting_stops_the_worker_at_start() -> None:
+    env = {**os.environ, "COMPUTE_HEARTBEAT_INTERVAL": "soon"}
+    result = run_module("--host", "x", "--driver", "fake", env=env)
+    assert result.returncode == 2
+    assert "COMPUTE_HEARTBEAT_INTERVAL" in result.stderr and "'soon'" in result.stderr
+
+
+def test_an_unreachable_hypervisor_stops_the_worker_at_start(tmp_path: Path) -> None:
+    env = {**os.environ, "INSTANCES_PATH": str(tmp_path)}
+    result = run_module("--host", "x", "--libvirt-uri", "qemu+unix:///system?socket=/nonexistent", env=env)
+    assert result.returncode == 1
+    assert "cannot connect to libvirt" in result.stderr
+
+
+class ConductorQueue:
+    """Reads what workers send to the ``conductor`` queue of the test broker."""
+
+    def __init__(self) -> None:
+        self.connection = Connection(BROKER)
+        self.queue = self.connection.SimpleQueue(contract.CONDUCTOR_QUEUE)
+        self.queue.clear()
+
+    def wait_for(self, task_name: str, timeout: float = 20.0, **match: Any) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        seen = []
+        while time.monotonic() < deadline:
+            try:
+                message = self.queue.get(block=True, timeout=0.5)
+            except self.queue.Empty:
+                continue
+            message.ack()
+            _args, kwargs, _embed = message.decode()
+            seen.append((message.headers["task"], kwargs))
+            if message.headers["task"] == task_name and all(kwargs.get(k) == v for k, v in match.items()):
+                return dict(kwargs)
+        raise AssertionError(f"no {task_name} {match} within {timeout} s; seen: {seen}")
+
+    def close(self) -> None:
+        self.queue.close()
+        self.connection.release()
+
+
+@pytest.fixture
+def worker() -> Iterator[tuple[str, subprocess.Popen[str], ConductorQueue]]:
+    host = f"pytest-{secrets.token_hex(4)}"
+    conductor = ConductorQueue()
+    env = {**os.environ, "CELERY_BROKER_URL": BROKER, "CELERY_RPC_BACKEND": BACKEND,
+           "COMPUTE_HEARTBEAT_INTERVAL": "1", "PYTHONUNBUFFERED": "1"}
+    argv = [sys.executable, "-m", "compute_workers", "--host", host, "--driver", "fake", "--vcpus", "6",
+            "--memory-mb", "6144", "--disk-gb", "60", "--concurrency", "2"]
+    process = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    try:
+        yield host, process, conductor
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate(timeout=15)
+        conductor.close()
+        client = redis.Redis.from_url(BROKER)
+        client.delete(contract.compute_queue(host), f"_kombu.binding.{contract.compute_queue(host)}")
+
+
+def test_worker_serves_its_queue_heartbeats_and_stops_on_sigterm(
+        worker: tuple[str, subprocess.Popen[str], ConductorQueue], make_spec: SpecFactory) -> None:
+    host, process, conductor = worker
+    beat = conductor.wait_for(contract.CONDUCTOR_HOST_HEARTBEAT, host=host)
+    assert set(beat["resources"]) == set(contract.HEARTBEAT_RESOURCE_KEYS)
+    assert (beat["resources"]["vcpus"], beat["resources"]["memory_mb"], beat["resources"]["disk_gb"]) == (
+        6, 6144, 60)
+    assert beat["resources"]["driver"] == "fake"
+
+    client = Celery("test-client", broker=BROKER, backend=BACKEND, fixups=[])
+    client.conf.update(task_serializer="json", accept_content=["json"], result_serializer="json")
+    spec = make_spec(host=host)
+    queue = contract.compute_queue(host)
+    client.send_task(contract.COMPUTE_SPAWN, kwargs={"spec": spec}, queue=queue)
+    update = conductor.wait_for(contract.CONDUCTOR_INSTANCE_UPDATE, instance_uuid=spec["instance_uuid"])
+    assert update["host"] == host and update["expected_task_state"] == "spawning"
+    assert update["values"] == {"vm_state": "active", "task_state": None, "power_state": "running"}
+
+    console = client.send_task(contract.COMPUTE_CONSOLE_OUTPUT,
+                               kwargs={"instance_uuid": spec["instance_uuid"], "lines": 5}, queue=queue)
+    assert "cloudctl-guest: ready" in console.get(timeout=20)["output"]
+    elsewhere = make_spec()["instance_uuid"]
+    missing = client.send_task(contract.COMPUTE_CONSOLE_OUTPUT,
+                               kwargs={"instance_uuid": elsewhere, "lines": 5}, queue=queue)
+    assert missing.get(timeout=20)["error"] == "InstanceNotFound"
+
+    beat = conductor.wait_for(contract.CONDUCTOR_HOST_HEARTBEAT, host=host)
+    assert beat["resources"]["instances"] == {spec["instance_uuid"]: "running"}
+
+    client.send_task(contract.COMPUTE_TERMINATE, kwargs={"instance_uuid": spec["instance_uuid"]}, queue=queue)
+    assert conductor.wait_for(contract.CONDUCTOR_INSTANCE_DESTROYED,
+                              instance_uuid=spec["instance_uuid"]) == {"instance_uuid": spec["instance_uuid"],
+                                                                       "host": host}
+
+    started = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=15)
+    assert time.monotonic() - started < 15
+    assert process.returncode == 0, output
+    assert f"compute@{host} ready" in output
+    assert "Warm shutdown" in output
