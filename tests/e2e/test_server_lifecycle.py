@@ -116,8 +116,8 @@ def test_a_corrupt_image_ends_in_error_with_a_fault_that_says_why(stack: Stack,
 
     server = stack.wait_for("server ERROR", errored, 90)
     assert server["task_state"] is None
-    assert "sha256" in server["fault"]["message"].lower() or \
-        "checksum" in server["fault"]["message"].lower(), server["fault"]
+    assert server["fault"]["message"].startswith(
+        f"Image corrupt checksum mismatch: expected sha256 {image['sha256']}"), server["fault"]
     assert not (stack.instances_path / server_id).exists()
     [host] = [h for h in stack.api("GET", "/api/v1/hosts/").json() if h["name"] == stack.host]
     assert host["instance_count"] == 0
