@@ -20,7 +20,8 @@ Compute tasks (sent to ``compute_queue(host)``):
     Destroy and undefine the domain, delete ``INSTANCES_PATH/<uuid>``. Succeeds when nothing is
     there. Reports ``conductor.instance_destroyed`` (or ``conductor.instance_update`` with a fault).
 ``compute.get_console_output(instance_uuid, lines)``
-    Synchronous call (the caller waits on the RPC result backend). Returns
+    Synchronous call (the caller waits on the RPC result backend). Returns the last ``lines`` lines
+    (``None``: all the worker keeps, the last 100 KiB) as
     ``{"output": str}`` or ``{"error": "InstanceNotFound"|"ConsoleUnavailable", "message": str}``.
 
 Conductor tasks (sent to ``conductor``):
@@ -75,7 +76,7 @@ POWER_STATES = (POWER_NOSTATE, POWER_RUNNING, POWER_PAUSED, POWER_SHUTDOWN, POWE
 HEARTBEAT_RESOURCE_KEYS = (
     "libvirt_uri",          # str
     "driver",               # "libvirt" | "fake"
-    "virt_type",            # "kvm" | "qemu" (what guests actually run with)
+    "virt_type",            # "kvm" | "qemu" (what guests actually run with); "test" on libvirt's test://
     "hypervisor_type",      # e.g. "QEMU"
     "hypervisor_version",   # int, libvirt's encoding (7002000 = 7.2.0)
     "vcpus",                # int, physical CPUs usable by guests

@@ -190,14 +190,15 @@ class ComputeManager:
         self.reporter.report(contract.CONDUCTOR_INSTANCE_DESTROYED, instance_uuid=instance_uuid,
                              host=self.host)
 
-    def get_console_output(self, instance_uuid: str, lines: int) -> dict[str, str]:
+    def get_console_output(self, instance_uuid: str, lines: int | None) -> dict[str, str]:
         """``{"output": str}`` or ``{"error": "InstanceNotFound" | "ConsoleUnavailable", "message"}``.
 
-        Expected failures are answers, not exceptions: the caller waits on the result backend.
+        ``lines`` None means all the driver keeps (the last 100 KiB). Expected failures are answers,
+        not exceptions: the caller waits on the result backend.
         """
         try:
-            lines = max(0, min(int(lines), MAX_CONSOLE_LINES))
-            return {"output": self.driver.get_console_output(instance_uuid, lines)}
+            count = MAX_CONSOLE_LINES if lines is None else max(0, min(int(lines), MAX_CONSOLE_LINES))
+            return {"output": self.driver.get_console_output(instance_uuid, count)}
         except (InstanceNotFound, InvalidInstanceUUID) as exc:
             return {"error": "InstanceNotFound", "message": str(exc)}
         except (ConsoleUnavailable, ValueError, TypeError) as exc:

@@ -31,5 +31,5 @@ def register_tasks(app: Celery, manager: ComputeManager) -> None:
 
     @app.task(name=contract.COMPUTE_CONSOLE_OUTPUT, shared=False, ignore_result=False,
               **limits[contract.COMPUTE_CONSOLE_OUTPUT])
-    def get_console_output(instance_uuid: str, lines: int = 50) -> dict[str, str]:
+    def get_console_output(instance_uuid: str, lines: int | None = None) -> dict[str, str]:
         return manager.get_console_output(instance_uuid, lines)

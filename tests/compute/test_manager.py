@@ -219,6 +219,8 @@ def test_console_output_answers_instead_of_raising(libvirt_manager: tuple[Comput
     log = manager.driver.instance_dir(spec["instance_uuid"]) / "console.log"
     log.write_text("booting\ncloudctl-guest: ready\n")
     assert manager.get_console_output(spec["instance_uuid"], 1) == {"output": "cloudctl-guest: ready\n"}
+    assert manager.get_console_output(spec["instance_uuid"], None) == {
+        "output": "booting\ncloudctl-guest: ready\n"}
     log.unlink()
     assert manager.get_console_output(spec["instance_uuid"], 1)["error"] == "ConsoleUnavailable"
     missing = manager.get_console_output(make_spec()["instance_uuid"], 10)
