@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     manager = ComputeManager(config, driver, CeleryReporter(app))
     try:
         manager.init_host()
-    except ComputeError as exc:
+    except (ComputeError, OSError) as exc:
         LOG.error("cannot start the compute worker of host %s: %s", config.host, exc)
         return 1
     register_tasks(app, manager)

@@ -70,7 +70,7 @@ class RecordingApp:
 
 def test_celery_reporter_sends_to_the_conductor_queue() -> None:
     app = RecordingApp()
-    reporter = CeleryReporter(app)  # type: ignore[arg-type]
+    reporter = CeleryReporter(app)
     reporter.report(contract.CONDUCTOR_INSTANCE_DESTROYED, instance_uuid="u", host="h")
     reporter.report(contract.CONDUCTOR_HOST_HEARTBEAT, host="h", resources={})
     assert app.sent == [

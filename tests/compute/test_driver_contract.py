@@ -108,5 +108,5 @@ class TestDriverContract:
             operation(uuid)
             assert driver.get_info(uuid) == expected, operation.__name__
         for reboot_type in ("soft", "hard"):
-            driver.reboot(uuid, reboot_type)  # type: ignore[arg-type]
+            driver.reboot(uuid, reboot_type)
             assert driver.get_info(uuid) == contract.POWER_RUNNING

@@ -6,7 +6,7 @@ from __future__ import annotations
 import secrets
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import libvirt
@@ -57,8 +57,8 @@ def wait_for_console(manager: ComputeManager, instance_uuid: str, text: str, tim
 
 
 def test_spawn_boot_power_cycle_and_terminate_the_demo_image(
-        real_manager: tuple[ComputeManager, ListReporter], image_server: ImageServer,
-        tiny_image_path: Path, make_spec: SpecFactory, record_property: pytest.RecordProperty) -> None:
+        real_manager: tuple[ComputeManager, ListReporter], image_server: ImageServer, tiny_image_path: Path,
+        make_spec: SpecFactory, record_property: Callable[[str, object], None]) -> None:
     manager, reporter = real_manager
     driver = manager.driver
     assert isinstance(driver, LibvirtDriver)
