@@ -113,38 +113,58 @@ class ComputeManager:
         started = time.monotonic()
         try:
             existing = self._power_state_or_none(instance_uuid)
-            if existing is not None:
-                message = self._converge_existing(instance_uuid, existing)
-            else:
-                base_image = self._prepare_image(spec)
-                self.driver.spawn(spec, base_image)
-                message = (f"domain {contract.domain_name(instance_uuid)} started on {self.host} in "
-                           f"{time.monotonic() - started:.1f} s")
+        except Exception as exc:
+            self._build_failed(spec, exc, cleanup=False)  # nothing was made
+            return
+        if existing is not None:
+            self._spawn_existing(spec, existing)
+            return
+        driver_called = False
+        try:
+            base_image = self._prepare_image(spec)
+            driver_called = True
+            self.driver.spawn(spec, base_image)
             power_state = self.driver.get_info(instance_uuid)
         except Exception as exc:
-            self._build_failed(spec, exc)
+            self._build_failed(spec, exc, cleanup=driver_called)
             return
+        message = (f"domain {contract.domain_name(instance_uuid)} started on {self.host} in "
+                   f"{time.monotonic() - started:.1f} s")
+        self._spawned(instance_uuid, power_state, message)
+
+    def _spawned(self, instance_uuid: str, power_state: str, message: str) -> None:
         LOG.info("spawn of %s: %s", instance_uuid, message)
         self._update(instance_uuid, SPAWNING,
                      {"vm_state": "active", "task_state": None, "power_state": power_state},
                      event=self._event("compute_spawn", "success", message))
+
+    def _spawn_existing(self, spec: dict[str, Any], power_state: str) -> None:
+        """The domain exists: this is a redelivered spawn. Never rebuild nor remove it (it may be an
+        instance in use: the conductor drops our report if the instance moved on); start it if an
+        earlier attempt died between defining and starting it."""
+        instance_uuid = spec["instance_uuid"]
+        try:
+            if power_state == contract.POWER_PAUSED:
+                self.driver.unpause(instance_uuid)
+            elif power_state != contract.POWER_RUNNING:
+                LOG.warning("spawn of %s: its domain exists but is %s; starting it", instance_uuid,
+                            power_state)
+                self.driver.power_on(instance_uuid)
+            power_state = self.driver.get_info(instance_uuid)
+        except Exception as exc:
+            # Not build_failed: that would reschedule while the domain stays here.
+            LOG.error("spawn of %s: cannot start its existing domain: %s", instance_uuid, exc)
+            self._update(instance_uuid, SPAWNING, {"vm_state": "error", "task_state": None},
+                         fault=fault_from(exc, self.host))
+            return
+        self._spawned(instance_uuid, power_state, f"domain {contract.domain_name(instance_uuid)} already "
+                                                  f"exists on {self.host}; not rebuilt")
 
     def _power_state_or_none(self, instance_uuid: str) -> str | None:
         try:
             return self.driver.get_info(instance_uuid)
         except InstanceNotFound:
             return None
-
-    def _converge_existing(self, instance_uuid: str, power_state: str) -> str:
-        """A spawn of an instance whose domain exists (a redelivered task): never rebuild it; start
-        it if a previous attempt died between defining and starting it."""
-        if power_state != contract.POWER_RUNNING:
-            LOG.warning("spawn of %s: its domain exists but is %s; starting it", instance_uuid, power_state)
-            if power_state == contract.POWER_PAUSED:
-                self.driver.unpause(instance_uuid)
-            else:
-                self.driver.power_on(instance_uuid)
-        return f"domain {contract.domain_name(instance_uuid)} already exists on {self.host}; not rebuilt"
 
     def _prepare_image(self, spec: dict[str, Any]) -> Path | None:
         if not self.driver.capabilities["needs_base_image"]:
@@ -161,15 +181,18 @@ class ComputeManager:
                      event=self._event("compute_prep_image", "success", message))
         return fetched.path
 
-    def _build_failed(self, spec: dict[str, Any], exc: Exception) -> None:
+    def _build_failed(self, spec: dict[str, Any], exc: Exception, *, cleanup: bool) -> None:
+        """Report a failed build; ``cleanup``: this attempt called driver.spawn, make sure nothing of
+        it is left (the driver cleans up after itself, this is the belt to its braces)."""
         instance_uuid = spec["instance_uuid"]
         reschedule = reschedule_after(exc)
         LOG.error("spawn of %s failed on %s (reschedule=%s): %s", instance_uuid, self.host, reschedule, exc,
                   exc_info=not isinstance(exc, ComputeError))
-        try:
-            self.driver.destroy(instance_uuid)  # the driver cleans up after itself; this makes sure
-        except Exception:
-            LOG.exception("cleanup after the failed spawn of %s failed", instance_uuid)
+        if cleanup:
+            try:
+                self.driver.destroy(instance_uuid)
+            except Exception:
+                LOG.exception("cleanup after the failed spawn of %s failed", instance_uuid)
         self.reporter.report(contract.CONDUCTOR_BUILD_FAILED, instance_uuid=instance_uuid, host=self.host,
                              fault=fault_from(exc, self.host), reschedule=reschedule)
 

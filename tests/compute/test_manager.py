@@ -240,3 +240,41 @@ def test_heartbeat_sends_every_resource_key(tmp_path: Path, make_spec: SpecFacto
     assert beat["resources"]["vcpus"] == 8 and beat["resources"]["memory_mb"] == 4096
     assert beat["resources"]["driver"] == "fake"
     assert beat["resources"]["instances"] == {spec["instance_uuid"]: "running"}
+
+
+def test_existing_domain_that_cannot_start_is_reported_in_error_and_kept(tmp_path: Path,
+                                                                         make_spec: SpecFactory) -> None:
+    class NoStartDriver(FakeDriver):
+        def power_on(self, instance_uuid: str) -> None:
+            raise HypervisorError("libvirt cannot start the domain: no memory")
+
+    driver = NoStartDriver()
+    manager, reporter = make_manager(driver, tmp_path)
+    spec = make_spec()
+    driver.spawn(spec, None)
+    driver.instances[spec["instance_uuid"]].power_state = contract.POWER_SHUTDOWN
+    manager.spawn(spec)  # redelivered: a domain of that instance is already defined
+    assert names(reporter) == [contract.CONDUCTOR_INSTANCE_UPDATE]  # not build_failed: no reschedule
+    update = last_update(reporter)
+    assert update["expected_task_state"] == "spawning"
+    assert update["values"] == {"vm_state": "error", "task_state": None}
+    assert update["fault"]["message"] == "libvirt cannot start the domain: no memory"
+    assert driver.list_instances() == {spec["instance_uuid"]: contract.POWER_SHUTDOWN}  # never removed
+
+
+def test_spawn_that_cannot_see_the_hypervisor_removes_nothing(tmp_path: Path, make_spec: SpecFactory) -> None:
+    destroyed: list[str] = []
+
+    class BlindDriver(FakeDriver):
+        def get_info(self, instance_uuid: str) -> str:
+            raise HypervisorError("cannot look up instance: libvirtd is restarting")
+
+        def destroy(self, instance_uuid: str) -> None:
+            destroyed.append(instance_uuid)
+
+    manager, reporter = make_manager(BlindDriver(), tmp_path)
+    manager.spawn(make_spec())
+    failed = reporter.named(contract.CONDUCTOR_BUILD_FAILED)[0]
+    assert failed["reschedule"] is True
+    assert failed["fault"]["message"] == "cannot look up instance: libvirtd is restarting"
+    assert destroyed == []  # it may be a running instance of a redelivered spawn: never touch it
