@@ -24,7 +24,7 @@ from typing import Any
 
 import libvirt
 
-from compute_workers import images
+from compute_workers import contract, images
 from compute_workers.exception import (
     ConsoleUnavailable,
     HypervisorError,
@@ -192,7 +192,7 @@ class LibvirtDriver(ComputeDriver):
 
     def _lookup(self, instance_uuid: str) -> libvirt.virDomain | None:
         try:
-            return self.conn.lookupByUUIDString(checked_uuid(instance_uuid))
+            return self.conn.lookupByName(contract.domain_name(checked_uuid(instance_uuid)))
         except libvirt.libvirtError as exc:
             if _error_code(exc) == libvirt.VIR_ERR_NO_DOMAIN:
                 return None
