@@ -97,7 +97,7 @@ def claim(instance_uuid: str, host_name: str, spec: RequestSpec) -> bool:
             return False
         moved = Instance.objects.filter(uuid=instance_uuid, task_state=TaskState.SCHEDULING).update(
             host=host, task_state=TaskState.SPAWNING, attempts=F("attempts") + 1,
-            updated=timezone.now())
+            availability_zone=host.zone, updated=timezone.now())
         if moved != 1:
             raise InstanceGone(instance_uuid)
         Allocation.objects.create(instance_id=instance_uuid, host=host, vcpus=spec.vcpus,

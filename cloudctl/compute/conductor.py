@@ -32,15 +32,31 @@ def current_action(instance_uuid: str) -> InstanceAction | None:
 
 
 def record_event(instance_uuid: str, *, event: str, result: str = "", host: str = "",
-                 message: str = "", traceback: str = "", finished: bool = True) -> None:
+                 message: str = "", traceback: str = "") -> None:
+    """Add a step to the instance's running action.
+
+    A result of ``start`` opens the step; a later result for the same step name closes it, so a
+    step that takes time shows its start and finish times in one row.
+    """
     action = current_action(instance_uuid)
     if action is None:
         log.info("event %s for %s has no running action; not recorded", event, instance_uuid)
         return
     now = timezone.now()
+    result = result.strip().capitalize()
+    if result == "Start":
+        InstanceActionEvent.objects.create(action=action, event=event, host=host, message=message,
+                                           start_time=now)
+        return
+    opened = action.events.filter(event=event, finish_time__isnull=True).order_by("-id").first()
+    if opened is not None:
+        opened.finish_time, opened.result, opened.traceback = now, result, traceback
+        opened.message = message or opened.message
+        opened.save(update_fields=["finish_time", "result", "message", "traceback"])
+        return
     InstanceActionEvent.objects.create(action=action, event=event, result=result, host=host,
                                        message=message, traceback=traceback, start_time=now,
-                                       finish_time=now if finished else None)
+                                       finish_time=now)
 
 
 def instance_update(*, instance_uuid: str, host: str, expected_task_state: str | None,

@@ -217,3 +217,19 @@ def test_reaper_errors_builds_past_their_deadline(new_server, outbox, settings):
     assert not Allocation.objects.filter(instance=server).exists()
     fresh.refresh_from_db()
     assert fresh.status == "BUILD"
+
+
+def test_a_step_reported_at_start_and_end_is_one_event(new_server, outbox):
+    server = _placed(new_server, outbox)
+    report = dict(instance_uuid=str(server.uuid), host=server.host.name,
+                  expected_task_state="spawning", values={})
+    conductor.instance_update(**report, event={"name": "compute_prep_image", "result": "start",
+                                               "message": "preparing image tiny"})
+    conductor.instance_update(**report, event={"name": "compute_prep_image", "result": "success",
+                                               "message": "image tiny downloaded"})
+    action = InstanceAction.objects.get(instance=server)
+    [step] = action.events.filter(event="compute_prep_image")
+    assert (step.result, step.message, step.host) == ("Success", "image tiny downloaded",
+                                                     server.host.name)
+    assert step.finish_time >= step.start_time
+    assert server.availability_zone == "nova"  # the placed host's zone, as Nova records it
