@@ -8,7 +8,8 @@ start-up instead of silently running with a default.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 
 class ImproperlyConfiguredEnv(Exception):
@@ -28,30 +29,26 @@ def env_str(name: str, default: str) -> str:
     return _raw(name) or default
 
 
-def env_int(name: str, default: int, *, minimum: int | None = None) -> int:
+def _number(name: str, default: Any, parse: Callable[[str], Any], kind: str,
+            minimum: Any) -> Any:
     raw = _raw(name)
     if raw is None:
         return default
     try:
-        value = int(raw)
+        value = parse(raw)
     except ValueError:
-        raise ImproperlyConfiguredEnv(name, raw, "an integer") from None
+        raise ImproperlyConfiguredEnv(name, raw, kind) from None
     if minimum is not None and value < minimum:
-        raise ImproperlyConfiguredEnv(name, raw, f"an integer >= {minimum}")
+        raise ImproperlyConfiguredEnv(name, raw, f"{kind} >= {minimum}")
     return value
+
+
+def env_int(name: str, default: int, *, minimum: int | None = None) -> int:
+    return int(_number(name, default, int, "an integer", minimum))
 
 
 def env_float(name: str, default: float, *, minimum: float | None = None) -> float:
-    raw = _raw(name)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ImproperlyConfiguredEnv(name, raw, "a number") from None
-    if minimum is not None and value < minimum:
-        raise ImproperlyConfiguredEnv(name, raw, f"a number >= {minimum}")
-    return value
+    return float(_number(name, default, float, "a number", minimum))
 
 
 _TRUE = {"1", "true", "yes", "on"}
