@@ -24,13 +24,50 @@ Compute tasks (sent to ``compute_queue(host)``):
     (``None``: all the worker keeps, the last 100 KiB) as
     ``{"output": str}`` or ``{"error": "InstanceNotFound"|"ConsoleUnavailable", "message": str}``.
 
+Lifecycle tasks (sent to ``compute_queue(host)``), each carrying the id of the InstanceAction
+that asked for it. A task whose ``action_id`` this host already completed is a logged no-op (a
+redelivery); every task converges to its target state (starting a running domain does nothing):
+
+``compute.reboot_instance(instance_uuid, action_id, reboot_type, spec)``
+    ``reboot_type`` "SOFT": ACPI shutdown, wait up to ``COMPUTE_CLEAN_SHUTDOWN_TIMEOUT``, start
+    again; a guest that does not shut down in time gets a hard reboot and the event
+    ``fallback_to_hard_reboot`` says so. "HARD": destroy, regenerate the definition from ``spec``
+    (the spawn spec, v1), start; disks kept. Expected task_state "rebooting" / "rebooting_hard".
+``compute.power_off_instance(instance_uuid, action_id, timeout)``
+    ACPI shutdown, wait up to ``timeout`` seconds, then forced off. Expected "powering_off".
+``compute.power_on_instance(instance_uuid, action_id, spec)``
+    Start from the definition regenerated from ``spec``. Expected "powering_on".
+``compute.pause_instance`` / ``compute.unpause_instance(instance_uuid, action_id)``
+    libvirt suspend/resume of the vCPUs. Expected "pausing" / "unpausing".
+``compute.suspend_instance`` / ``compute.resume_instance(instance_uuid, action_id)``
+    libvirt managed save (RAM to disk, domain not running) and restore. Expected "suspending" /
+    "resuming".
+
+Each reports ``conductor.instance_update`` with the expected task_state and ``action_id``: on
+success ``values`` = the target (vm_state, task_state None, power_state) and an event named
+``compute_<operation>_instance`` (e.g. ``compute_reboot_instance``), opened with result "start"
+and closed with "success"; on failure ``values`` = the truth read from the hypervisor (vm_state
+derived from the domain's real power state: running→active, paused→paused, suspended→suspended,
+shutdown/crashed→stopped, no domain→error), task_state None, plus the event closed with "error"
+and a ``fault``.
+
 Conductor tasks (sent to ``conductor``):
 
-``conductor.instance_update(instance_uuid, host, expected_task_state, values, event=None, fault=None)``
+``conductor.instance_update(instance_uuid, host, expected_task_state, values, event=None, fault=None,
+action_id=None)``
     Compare-and-swap: applied only when the instance's ``task_state`` still equals
     ``expected_task_state`` and it lives on ``host``; otherwise dropped and logged. ``values`` may hold
     ``vm_state``, ``task_state``, ``power_state``. ``event`` is ``{"name", "result", "message"}``
-    appended to the current action; ``fault`` is ``{"message", "code", "details"}``.
+    appended to the action ``action_id`` (else the instance's running action); ``fault`` is
+    ``{"message", "code", "details"}``.
+``conductor.power_state_update(host, instance_uuid, power_state, observed_at)``
+    What the hypervisor says now (sent on every libvirt lifecycle event of a cloudctl domain;
+    ``observed_at`` is the host's ``time.time()`` when it read the state). The conductor ignores
+    observations older than the instance's last state change and instances with a task in flight.
+``conductor.host_init(host, resources)``
+    Sent once when a compute worker starts, before it consumes tasks: the same ``resources`` as a
+    heartbeat (``instances`` lists every cloudctl domain with its power state). The conductor
+    finishes or repeats what the restart interrupted (Nova's ``_init_instance``).
 ``conductor.build_failed(instance_uuid, host, fault, reschedule)``
     The spawn on ``host`` failed and everything it made there is cleaned up. ``reschedule`` is False
     when retrying elsewhere cannot help (for example a corrupt image).
@@ -57,10 +94,22 @@ CONDUCTOR_INSTANCE_UPDATE = "conductor.instance_update"
 CONDUCTOR_BUILD_FAILED = "conductor.build_failed"
 CONDUCTOR_INSTANCE_DESTROYED = "conductor.instance_destroyed"
 CONDUCTOR_HOST_HEARTBEAT = "conductor.host_heartbeat"
+CONDUCTOR_POWER_STATE_UPDATE = "conductor.power_state_update"
+CONDUCTOR_HOST_INIT = "conductor.host_init"
 
 COMPUTE_SPAWN = "compute.spawn"
 COMPUTE_TERMINATE = "compute.terminate"
 COMPUTE_CONSOLE_OUTPUT = "compute.get_console_output"
+COMPUTE_REBOOT = "compute.reboot_instance"
+COMPUTE_POWER_OFF = "compute.power_off_instance"
+COMPUTE_POWER_ON = "compute.power_on_instance"
+COMPUTE_PAUSE = "compute.pause_instance"
+COMPUTE_UNPAUSE = "compute.unpause_instance"
+COMPUTE_SUSPEND = "compute.suspend_instance"
+COMPUTE_RESUME = "compute.resume_instance"
+
+REBOOT_SOFT = "SOFT"
+REBOOT_HARD = "HARD"
 
 # Power states, as Nova names them (what the hypervisor says).
 POWER_NOSTATE = "nostate"
