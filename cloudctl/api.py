@@ -9,7 +9,12 @@ from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
 from cloudctl.compute.rpc import ComputeUnavailable
-from cloudctl.compute.services import ConsoleUnavailable, InstanceInvalidState, InvalidRequest
+from cloudctl.compute.services import (
+    ConsoleUnavailable,
+    HostUnavailable,
+    InstanceInvalidState,
+    InvalidRequest,
+)
 from cloudctl.images.services import ImageRejected
 
 
@@ -18,6 +23,11 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
     if isinstance(exc, InstanceInvalidState):
         instance = exc.instance
         return Response({"detail": str(exc), "code": "conflict", "status": instance.status,
+                         "vm_state": instance.vm_state, "task_state": instance.task_state},
+                        status=status.HTTP_409_CONFLICT)
+    if isinstance(exc, HostUnavailable):
+        instance = exc.instance
+        return Response({"detail": str(exc), "code": "host_unavailable", "status": instance.status,
                          "vm_state": instance.vm_state, "task_state": instance.task_state},
                         status=status.HTTP_409_CONFLICT)
     if isinstance(exc, ConsoleUnavailable):

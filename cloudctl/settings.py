@@ -161,6 +161,20 @@ DEFAULT_AVAILABILITY_ZONE = env_str("DEFAULT_AVAILABILITY_ZONE", "nova")
 SERVICE_DOWN_TIME = env_int("SERVICE_DOWN_TIME", 60, minimum=1)
 # Seconds an instance may stay in BUILD before the reaper puts it in ERROR.
 INSTANCE_BUILD_TIMEOUT = env_int("INSTANCE_BUILD_TIMEOUT", 900, minimum=10)
+# Seconds a guest gets to shut down after the ACPI request before it is forced off (stop).
+CLEAN_SHUTDOWN_TIMEOUT = env_int("CLEAN_SHUTDOWN_TIMEOUT", 60, minimum=0)
+# Seconds an operation may keep a server in a task state before the reaper ends it truthfully.
+TASK_DEADLINES = {
+    "rebooting": env_int("TASK_DEADLINE_REBOOTING", 300, minimum=1),
+    "rebooting_hard": env_int("TASK_DEADLINE_REBOOTING_HARD", 180, minimum=1),
+    "powering_off": env_int("TASK_DEADLINE_POWERING_OFF", 180, minimum=1),
+    "powering_on": env_int("TASK_DEADLINE_POWERING_ON", 180, minimum=1),
+    "pausing": env_int("TASK_DEADLINE_PAUSING", 60, minimum=1),
+    "unpausing": env_int("TASK_DEADLINE_UNPAUSING", 60, minimum=1),
+    "suspending": env_int("TASK_DEADLINE_SUSPENDING", 600, minimum=1),
+    "resuming": env_int("TASK_DEADLINE_RESUMING", 600, minimum=1),
+    "deleting": env_int("TASK_DEADLINE_DELETING", 300, minimum=1),
+}
 # Seconds the API waits for a compute worker to answer a console-output call.
 CONSOLE_OUTPUT_TIMEOUT = env_float("CONSOLE_OUTPUT_TIMEOUT", 10.0, minimum=0.1)
 
@@ -194,8 +208,8 @@ CELERY_TASK_ROUTES = {
 }
 CELERY_IMPORTS = ("scheduler.tasks", "cloudctl.compute.tasks")
 CELERY_BEAT_SCHEDULE = {
-    "reap-stuck-builds": {
-        "task": "conductor.reap_stuck_builds",
+    "reap-expired-tasks": {
+        "task": "conductor.reap_expired_tasks",
         "schedule": env_float("REAPER_INTERVAL", 30.0, minimum=1.0),
     },
 }

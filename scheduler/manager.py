@@ -14,12 +14,12 @@ from typing import Any
 from django.conf import settings
 from django.db import transaction
 from django.db.models import Count, F, Sum
-from django.utils import timezone
 
 from cloudctl.compute import rpc
 from cloudctl.compute.conductor import current_action, record_event
 from cloudctl.compute.models import Allocation, Host, Instance
 from cloudctl.compute.services import finish_action
+from cloudctl.compute.specs import spawn_spec
 from cloudctl.compute.states import TaskState, VmState
 from compute_workers import contract
 from scheduler.filters import RESOURCE_FILTERS, BaseHostFilter, load_filters
@@ -95,38 +95,14 @@ def claim(instance_uuid: str, host_name: str, spec: RequestSpec) -> bool:
         fresh = host_state_of(host, usage)
         if not all(f.host_passes(fresh, spec) for f in RESOURCE_FILTERS):
             return False
-        moved = Instance.objects.filter(uuid=instance_uuid, task_state=TaskState.SCHEDULING).update(
+        moved = Instance.objects.filter(uuid=instance_uuid, task_state=TaskState.SCHEDULING).change(
             host=host, task_state=TaskState.SPAWNING, attempts=F("attempts") + 1,
-            availability_zone=host.zone, updated=timezone.now())
+            availability_zone=host.zone)
         if moved != 1:
             raise InstanceGone(instance_uuid)
         Allocation.objects.create(instance_id=instance_uuid, host=host, vcpus=spec.vcpus,
                                   memory_mb=spec.memory_mb, disk_gb=spec.root_gb)
     return True
-
-
-def spawn_spec(instance: Instance, host_name: str) -> dict[str, Any]:
-    """The self-contained, versioned spec a compute worker builds the instance from."""
-    image = instance.image
-    if image is None:
-        raise ValueError(f"instance {instance.uuid} has no image")
-    action = current_action(str(instance.uuid))
-    return contract.validate_spec({
-        "version": contract.SPEC_VERSION,
-        "instance_uuid": str(instance.uuid),
-        "name": instance.name,
-        "host": host_name,
-        "request_id": action.request_id if action else "",
-        "flavor": {"name": instance.flavor.name, "vcpus": instance.vcpus,
-                   "memory_mb": instance.memory_mb, "root_gb": instance.root_gb},
-        "image": {"id": str(image.id), "name": image.name,
-                  "url": f"{settings.CLOUDCTL_API_URL}/api/v1/images/{image.id}/file",
-                  "sha256": image.sha256, "size": image.size or 0,
-                  "disk_format": image.disk_format, "properties": dict(image.properties)},
-        "networks": [],
-        "key_data": None,
-        "user_data": None,
-    })
 
 
 def schedule_instance(instance_uuid: str) -> str | None:
@@ -163,8 +139,8 @@ def _fail_no_valid_host(instance: Instance, no_host: NoValidHost) -> None:
     fault = no_host.as_fault()
     with transaction.atomic():
         updated = Instance.objects.filter(
-            uuid=instance.uuid, task_state=TaskState.SCHEDULING).update(
-            vm_state=VmState.ERROR, task_state=None, fault=fault, updated=timezone.now())
+            uuid=instance.uuid, task_state=TaskState.SCHEDULING).change(
+            vm_state=VmState.ERROR, task_state=None, fault=fault)
         if not updated:
             return
         record_event(str(instance.uuid), event="schedule", result="Error",

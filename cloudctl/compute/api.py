@@ -13,7 +13,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from cloudctl.compute import services
-from cloudctl.compute.models import Flavor, Host, Instance
+from cloudctl.compute.models import Flavor, Host, Instance, InstanceAction, InstanceActionEvent
 from cloudctl.identity.services import is_admin, project_of
 from cloudctl.images.models import Image
 from cloudctl.images.services import images_visible_to
@@ -83,12 +83,13 @@ class ServerSerializer(serializers.ModelSerializer):
     flavor = serializers.SerializerMethodField()
     image = serializers.SerializerMethodField()
     fault = serializers.SerializerMethodField()
+    host_status = serializers.SerializerMethodField()
 
     class Meta:
         model = Instance
         fields = ("id", "name", "status", "vm_state", "task_state", "power_state", "host",
-                  "availability_zone", "flavor", "image", "fault", "project", "created",
-                  "updated", "launched_at")
+                  "host_status", "availability_zone", "flavor", "image", "fault", "project",
+                  "created", "updated", "launched_at")
         read_only_fields = fields
 
     def get_flavor(self, instance: Instance) -> dict[str, Any]:
@@ -100,6 +101,9 @@ class ServerSerializer(serializers.ModelSerializer):
             return None
         return {"id": str(instance.image.id), "name": instance.image.name}
 
+    def get_host_status(self, instance: Instance) -> str:
+        return services.host_status(instance)
+
     def get_fault(self, instance: Instance) -> dict[str, Any] | None:
         if not instance.fault:
             return None
@@ -109,6 +113,34 @@ class ServerSerializer(serializers.ModelSerializer):
             fault["details"] = ""
         return {"message": fault.get("message", ""), "code": fault.get("code", 500),
                 "details": fault.get("details", "")}
+
+
+class ActionEventSerializer(serializers.ModelSerializer):
+    traceback = serializers.SerializerMethodField()
+
+    class Meta:
+        model = InstanceActionEvent
+        fields = ("event", "result", "host", "message", "start_time", "finish_time", "traceback")
+
+    def get_traceback(self, event: InstanceActionEvent) -> str:
+        return event.traceback if is_admin(self.context["request"].user) else ""
+
+
+class ActionSerializer(serializers.ModelSerializer):
+    server_id = serializers.UUIDField(source="instance_id")
+    user = serializers.CharField(source="user.username", default=None)
+    project = serializers.CharField(source="project.name", default=None)
+    events = ActionEventSerializer(many=True)
+
+    class Meta:
+        model = InstanceAction
+        fields = ("id", "server_id", "action", "request_id", "user", "project", "start_time",
+                  "finish_time", "result", "message", "events")
+        read_only_fields = fields
+
+
+class RebootSerializer(serializers.Serializer):
+    type = serializers.ChoiceField(choices=["SOFT", "HARD"], default="SOFT")
 
 
 class ConsoleQuerySerializer(serializers.Serializer):
@@ -136,6 +168,52 @@ class ServerViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.G
             return Response(status=status.HTTP_204_NO_CONTENT)
         instance.refresh_from_db()
         return Response(self.get_serializer(instance).data, status=status.HTTP_202_ACCEPTED)
+
+    def _accepted(self, action_record: InstanceAction) -> Response:
+        action_record = (InstanceAction.objects.select_related("user", "project")
+                         .prefetch_related("events").get(pk=action_record.pk))
+        return Response(ActionSerializer(action_record, context={"request": self.request}).data,
+                        status=status.HTTP_202_ACCEPTED)
+
+    @action(detail=True, methods=["post"])
+    def reboot(self, request: Request, pk: str | None = None) -> Response:
+        body = RebootSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        return self._accepted(services.server_reboot(
+            instance=self.get_object(), user=request.user, reboot_type=body.validated_data["type"]))
+
+    @action(detail=True, methods=["post"])
+    def stop(self, request: Request, pk: str | None = None) -> Response:
+        return self._accepted(services.server_stop(instance=self.get_object(), user=request.user))
+
+    @action(detail=True, methods=["post"])
+    def start(self, request: Request, pk: str | None = None) -> Response:
+        return self._accepted(services.server_start(instance=self.get_object(), user=request.user))
+
+    @action(detail=True, methods=["post"])
+    def pause(self, request: Request, pk: str | None = None) -> Response:
+        return self._accepted(services.server_pause(instance=self.get_object(), user=request.user))
+
+    @action(detail=True, methods=["post"])
+    def unpause(self, request: Request, pk: str | None = None) -> Response:
+        return self._accepted(services.server_unpause(instance=self.get_object(),
+                                                      user=request.user))
+
+    @action(detail=True, methods=["post"])
+    def suspend(self, request: Request, pk: str | None = None) -> Response:
+        return self._accepted(services.server_suspend(instance=self.get_object(),
+                                                      user=request.user))
+
+    @action(detail=True, methods=["post"])
+    def resume(self, request: Request, pk: str | None = None) -> Response:
+        return self._accepted(services.server_resume(instance=self.get_object(), user=request.user))
+
+    @action(detail=True, methods=["get"])
+    def actions(self, request: Request, pk: str | None = None) -> Response:
+        instance = self.get_object()
+        records = (InstanceAction.objects.filter(instance=instance)
+                   .select_related("user", "project").prefetch_related("events"))
+        return Response(ActionSerializer(records, many=True, context={"request": request}).data)
 
     @action(detail=True, methods=["get"], url_path="console-output")
     def console_output(self, request: Request, pk: str | None = None) -> Response:

@@ -7,7 +7,7 @@ Reports carry the task_state the worker expected; a report about an instance tha
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from django.conf import settings
@@ -25,20 +25,23 @@ log = logging.getLogger(__name__)
 _UPDATABLE = {"vm_state", "task_state", "power_state"}
 
 
-def current_action(instance_uuid: str) -> InstanceAction | None:
-    """The newest action still running on the instance."""
-    return (InstanceAction.objects.filter(instance_id=instance_uuid, finish_time__isnull=True)
-            .order_by("-start_time", "-id").first())
+def current_action(instance_uuid: str, action_id: int | None = None) -> InstanceAction | None:
+    """The action ``action_id`` if given (and still running), else the instance's newest running
+    action."""
+    running = InstanceAction.objects.filter(instance_id=instance_uuid, finish_time__isnull=True)
+    if action_id is not None:
+        return running.filter(pk=action_id).first()
+    return running.order_by("-start_time", "-id").first()
 
 
 def record_event(instance_uuid: str, *, event: str, result: str = "", host: str = "",
-                 message: str = "", traceback: str = "") -> None:
+                 message: str = "", traceback: str = "", action_id: int | None = None) -> None:
     """Add a step to the instance's running action.
 
     A result of ``start`` opens the step; a later result for the same step name closes it, so a
     step that takes time shows its start and finish times in one row.
     """
-    action = current_action(instance_uuid)
+    action = current_action(instance_uuid, action_id)
     if action is None:
         log.info("event %s for %s has no running action; not recorded", event, instance_uuid)
         return
@@ -61,14 +64,19 @@ def record_event(instance_uuid: str, *, event: str, result: str = "", host: str 
 
 def instance_update(*, instance_uuid: str, host: str, expected_task_state: str | None,
                     values: dict[str, Any], event: dict[str, Any] | None = None,
-                    fault: dict[str, Any] | None = None) -> bool:
-    """Apply a compute worker's state report if the instance is still where the worker thinks."""
+                    fault: dict[str, Any] | None = None, action_id: int | None = None) -> bool:
+    """Apply a compute worker's state report if the instance is still where the worker thinks.
+
+    A fault becomes the server's fault only when the server ends in ERROR; an operation that failed
+    but left the server in a sound state (a stop that could not stop a running guest) says so on
+    its action instead, as Nova's instance actions do.
+    """
     unknown = set(values) - _UPDATABLE
     if unknown:
         raise ValueError(f"instance_update cannot set {sorted(unknown)}")
     now = timezone.now()
-    changes: dict[str, Any] = {**values, "updated": now}
-    if fault is not None:
+    changes: dict[str, Any] = dict(values)
+    if fault is not None and values.get("vm_state") == VmState.ERROR:
         changes["fault"] = fault
     if values.get("vm_state") == VmState.ACTIVE and expected_task_state == TaskState.SPAWNING:
         changes["launched_at"] = now
@@ -76,15 +84,16 @@ def instance_update(*, instance_uuid: str, host: str, expected_task_state: str |
         matched = Instance.objects.filter(uuid=instance_uuid, host__name=host)
         matched = (matched.filter(task_state__isnull=True) if expected_task_state is None
                    else matched.filter(task_state=expected_task_state))
-        if matched.update(**changes) != 1:
+        if matched.change(**changes) != 1:
             _drop_stale_report(instance_uuid, host, expected_task_state, values)
             return False
         if event:
             record_event(instance_uuid, event=str(event.get("name", "compute")),
                          result=str(event.get("result", "")), host=host,
-                         message=str(event.get("message", "")))
+                         message=str(event.get("message", "")),
+                         traceback=str((fault or {}).get("details", "")), action_id=action_id)
         if "task_state" in values and values["task_state"] is None:
-            action = current_action(instance_uuid)
+            action = current_action(instance_uuid, action_id)
             if action is not None:
                 failed = values.get("vm_state") == VmState.ERROR or fault is not None
                 finish_action(action, result="Error" if failed else "Success",
@@ -125,9 +134,8 @@ def build_failed(*, instance_uuid: str, host: str, fault: dict[str, Any], resche
                      message=str(fault.get("message", "")), traceback=str(fault.get("details", "")))
         retry_hosts = [*instance.retry_hosts, host]
         if reschedule and instance.attempts < settings.SCHEDULER_MAX_ATTEMPTS:
-            Instance.objects.filter(uuid=instance_uuid).update(
-                host=None, task_state=TaskState.SCHEDULING, retry_hosts=retry_hosts,
-                updated=timezone.now())
+            Instance.objects.filter(uuid=instance_uuid).change(
+                host=None, task_state=TaskState.SCHEDULING, retry_hosts=retry_hosts)
             transaction.on_commit(lambda: rpc.send_to_scheduler(
                 contract.SCHEDULE_INSTANCE, instance_uuid=instance_uuid))
             return
@@ -136,9 +144,9 @@ def build_failed(*, instance_uuid: str, host: str, fault: dict[str, Any], resche
             message = (f"{message} (tried {instance.attempts} of "
                        f"{settings.SCHEDULER_MAX_ATTEMPTS} allowed attempts, on "
                        f"{', '.join(retry_hosts)})")
-        Instance.objects.filter(uuid=instance_uuid).update(
+        Instance.objects.filter(uuid=instance_uuid).change(
             vm_state=VmState.ERROR, task_state=None, power_state=PowerState.NOSTATE,
-            retry_hosts=retry_hosts, updated=timezone.now(),
+            retry_hosts=retry_hosts,
             fault={"message": message, "code": int(fault.get("code", 500)),
                    "details": str(fault.get("details", ""))})
         action = current_action(instance_uuid)
@@ -178,6 +186,12 @@ def host_heartbeat(*, host: str, resources: dict[str, Any]) -> Host:
     return record
 
 
+def observed_at_of(resources: dict[str, Any]) -> datetime:
+    """When the host read its domains' states (``observed_at``, epoch seconds), else now."""
+    epoch = resources.get("observed_at")
+    return datetime.fromtimestamp(float(epoch), tz=UTC) if epoch else timezone.now()
+
+
 def _reap_deleted_domains(host: Host) -> None:
     """Domains still on a host for servers already deleted are removed (Nova's 'reap')."""
     reported = list(host.reported_instances or {})
@@ -188,34 +202,3 @@ def _reap_deleted_domains(host: Host) -> None:
         log.warning("host %s still has a domain for deleted server %s; removing it", host.name,
                     instance_uuid)
         rpc.cast(host.name, contract.COMPUTE_TERMINATE, instance_uuid=str(instance_uuid))
-
-
-def reap_stuck_builds() -> int:
-    """Builds older than INSTANCE_BUILD_TIMEOUT go to ERROR with a fault saying where they hung."""
-    deadline = timezone.now() - timedelta(seconds=settings.INSTANCE_BUILD_TIMEOUT)
-    stuck = Instance.objects.filter(vm_state=VmState.BUILDING, created__lt=deadline,
-                                    task_state__in=[TaskState.SCHEDULING, TaskState.SPAWNING])
-    reaped = 0
-    for instance in stuck.select_related("host"):
-        where = f"on host {instance.host.name}" if instance.host else "waiting for a host"
-        message = (f"build timed out after {settings.INSTANCE_BUILD_TIMEOUT} s while "
-                   f"{instance.task_state} {where}")
-        with transaction.atomic():
-            updated = Instance.objects.filter(
-                uuid=instance.uuid, vm_state=VmState.BUILDING,
-                task_state=instance.task_state).update(
-                vm_state=VmState.ERROR, task_state=None, updated=timezone.now(),
-                fault={"message": message, "code": 500, "details": ""})
-            if not updated:
-                continue
-            Allocation.objects.filter(instance=instance).delete()
-            record_event(str(instance.uuid), event="build_timeout", result="Error",
-                         message=message)
-            action = current_action(str(instance.uuid))
-            if action is not None:
-                finish_action(action, result="Error", message=message)
-        if instance.host is not None:
-            rpc.cast(instance.host.name, contract.COMPUTE_TERMINATE,
-                     instance_uuid=str(instance.uuid))
-        reaped += 1
-    return reaped

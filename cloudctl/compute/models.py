@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import timedelta
+from typing import Any
 
 from django.conf import settings
 from django.db import models
@@ -77,7 +78,21 @@ class Host(models.Model):
         return self.availability_zone or settings.DEFAULT_AVAILABILITY_ZONE
 
 
+class InstanceQuerySet(models.QuerySet["Instance"]):
+    def change(self, **values: Any) -> int:
+        """UPDATE with the bookkeeping every state change needs: ``updated``, and
+        ``task_state_since`` whenever task_state is written. Returns the number of rows changed, so
+        a filtered ``change`` is a compare-and-swap."""
+        now = timezone.now()
+        values.setdefault("updated", now)
+        if "task_state" in values:
+            values.setdefault("task_state_since", now)
+        return self.update(**values)
+
+
 class Instance(models.Model):
+    objects = InstanceQuerySet.as_manager()
+
     uuid = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     name = models.CharField(max_length=255)
     project = models.ForeignKey(Project, on_delete=models.PROTECT, related_name="instances")
@@ -95,6 +110,8 @@ class Instance(models.Model):
     vm_state = models.CharField(max_length=16, choices=VmState.choices, default=VmState.BUILDING)
     task_state = models.CharField(max_length=32, choices=TaskState.choices, null=True, blank=True,
                                   default=TaskState.SCHEDULING)
+    # When task_state last changed: the reaper measures each task's deadline from it.
+    task_state_since = models.DateTimeField(default=timezone.now)
     power_state = models.CharField(max_length=16, choices=PowerState.choices,
                                    default=PowerState.NOSTATE)
     fault = models.JSONField(null=True, blank=True)

@@ -15,8 +15,9 @@ from django.db import transaction
 from django.db.models import Q, QuerySet
 from django.utils import timezone
 
-from cloudctl.compute import rpc
+from cloudctl.compute import rpc, states
 from cloudctl.compute.models import Allocation, Flavor, Host, Instance, InstanceAction
+from cloudctl.compute.specs import spawn_spec
 from cloudctl.compute.states import DELETE, PowerState, TaskState, Transition, VmState
 from cloudctl.identity.models import Project
 from cloudctl.identity.services import is_admin, project_id_of
@@ -51,6 +52,14 @@ class InvalidRequest(Exception):
 
 class ConsoleUnavailable(Exception):
     """The console cannot be read now (HTTP 409): the server does not run on a host."""
+
+
+class HostUnavailable(Exception):
+    """The server's host cannot act now (HTTP 409): it is down, or the server has no host."""
+
+    def __init__(self, instance: Instance, message: str) -> None:
+        self.instance = instance
+        super().__init__(message)
 
 
 def new_request_id() -> str:
@@ -90,7 +99,7 @@ def transition(instance: Instance, rule: Transition, **values: Any) -> Instance:
         allowed_task |= Q(task_state__isnull=True)
     updated = (Instance.objects
                .filter(allowed_task, uuid=instance.uuid, vm_state__in=rule.from_vm_states)
-               .update(task_state=rule.to_task_state, updated=timezone.now(), **values))
+               .change(task_state=rule.to_task_state, **values))
     instance.refresh_from_db()
     if updated != 1:
         raise InstanceInvalidState(instance, rule.action)
@@ -140,7 +149,11 @@ def server_delete(*, instance: Instance, user: Any, request_id: str | None = Non
         transition(instance, DELETE)
         action = action_start(instance=instance, action="delete", user=user,
                               request_id=request_id or new_request_id())
-        if instance.host is None:
+        if instance.host is None or not instance.host.is_up:
+            # Nova's local delete: nothing can be asked of a host that is down. Its domain, if
+            # any, is removed when the host heartbeats again (conductor reaps deleted servers).
+            if instance.host is not None:
+                record_local_delete(action, instance.host)
             mark_deleted(instance)
             finish_action(action, result="Success")
             return True
@@ -150,13 +163,99 @@ def server_delete(*, instance: Instance, user: Any, request_id: str | None = Non
     return False
 
 
+def record_local_delete(action: InstanceAction, host: Host) -> None:
+    now = timezone.now()
+    action.events.create(event="local_delete", result="Success", host=host.name, start_time=now,
+                         finish_time=now,
+                         message=f"host {host.name} is down: deleted here; its domain is removed "
+                                 "when the host comes back")
+
+
 def mark_deleted(instance: Instance) -> None:
     """Final step of every delete: the row stays as history, its claim is released."""
     Allocation.objects.filter(instance=instance).delete()
-    Instance.objects.filter(uuid=instance.uuid).update(
+    Instance.objects.filter(uuid=instance.uuid).change(
         vm_state=VmState.DELETED, task_state=None, power_state=PowerState.NOSTATE,
-        deleted_at=timezone.now(), updated=timezone.now())
+        deleted_at=timezone.now())
     instance.refresh_from_db()
+
+
+def host_status(instance: Instance) -> str:
+    """Nova's host_status: UP, DOWN, MAINTENANCE (host disabled), or "" for a server on no host."""
+    if instance.host is None:
+        return ""
+    if not instance.host.is_up:
+        return "DOWN"
+    return "UP" if instance.host.enabled else "MAINTENANCE"
+
+
+def _require_host_up(instance: Instance, action: str) -> Host:
+    if instance.host is None:
+        raise HostUnavailable(instance, f"cannot {action} server {instance.uuid}: it is on no host")
+    if not instance.host.is_up:
+        seen = instance.host.last_heartbeat.isoformat() if instance.host.last_heartbeat else "never"
+        raise HostUnavailable(instance, f"cannot {action} server {instance.uuid}: its host "
+                                        f"{instance.host.name} is down (last heartbeat {seen})")
+    return instance.host
+
+
+def _server_operation(*, instance: Instance, user: Any, rule: Transition, task_name: str,
+                      request_id: str | None, **task_kwargs: Any) -> InstanceAction:
+    """The one path of every lifecycle action: host check, compare-and-swap into the task state,
+    an action record, and the compute task sent when the transaction commits."""
+    host = _require_host_up(instance, rule.action)
+    with transaction.atomic():
+        transition(instance, rule)
+        action = action_start(instance=instance, action=rule.action, user=user,
+                              request_id=request_id or new_request_id())
+        kwargs = {"instance_uuid": str(instance.uuid), "action_id": action.pk, **task_kwargs}
+        transaction.on_commit(lambda: rpc.cast(host.name, task_name, **kwargs))
+    return action
+
+
+def server_reboot(*, instance: Instance, user: Any, reboot_type: str,
+                  request_id: str | None = None) -> InstanceAction:
+    hard = reboot_type == contract.REBOOT_HARD
+    return _server_operation(instance=instance, user=user,
+                             rule=states.REBOOT_HARD if hard else states.REBOOT_SOFT,
+                             task_name=contract.COMPUTE_REBOOT, request_id=request_id,
+                             reboot_type=reboot_type,
+                             spec=spawn_spec(instance, instance.host.name) if instance.host else {})
+
+
+def server_stop(*, instance: Instance, user: Any, request_id: str | None = None) -> InstanceAction:
+    return _server_operation(instance=instance, user=user, rule=states.STOP,
+                             task_name=contract.COMPUTE_POWER_OFF, request_id=request_id,
+                             timeout=settings.CLEAN_SHUTDOWN_TIMEOUT)
+
+
+def server_start(*, instance: Instance, user: Any, request_id: str | None = None) -> InstanceAction:
+    return _server_operation(instance=instance, user=user, rule=states.START,
+                             task_name=contract.COMPUTE_POWER_ON, request_id=request_id,
+                             spec=spawn_spec(instance, instance.host.name) if instance.host else {})
+
+
+def server_pause(*, instance: Instance, user: Any, request_id: str | None = None) -> InstanceAction:
+    return _server_operation(instance=instance, user=user, rule=states.PAUSE,
+                             task_name=contract.COMPUTE_PAUSE, request_id=request_id)
+
+
+def server_unpause(*, instance: Instance, user: Any,
+                   request_id: str | None = None) -> InstanceAction:
+    return _server_operation(instance=instance, user=user, rule=states.UNPAUSE,
+                             task_name=contract.COMPUTE_UNPAUSE, request_id=request_id)
+
+
+def server_suspend(*, instance: Instance, user: Any,
+                   request_id: str | None = None) -> InstanceAction:
+    return _server_operation(instance=instance, user=user, rule=states.SUSPEND,
+                             task_name=contract.COMPUTE_SUSPEND, request_id=request_id)
+
+
+def server_resume(*, instance: Instance, user: Any,
+                  request_id: str | None = None) -> InstanceAction:
+    return _server_operation(instance=instance, user=user, rule=states.RESUME,
+                             task_name=contract.COMPUTE_RESUME, request_id=request_id)
 
 
 def finish_action(action: InstanceAction, *, result: str, message: str = "") -> None:

@@ -95,11 +95,58 @@ class Transition:
     to_task_state: str
 
 
-# Delete is allowed from every resting state and from a build in flight (as Nova); a second
-# delete while one runs is refused rather than doubled.
+# Delete is allowed from every state (as Nova: it is how users get rid of a stuck server); a
+# second delete while one runs is refused rather than doubled.
 DELETE = Transition(
     action="delete",
     from_vm_states=tuple(s for s in VmState.values if s != VmState.DELETED),
-    from_task_states=(None, TaskState.SCHEDULING, TaskState.SPAWNING),
+    from_task_states=(None, *(t for t in TaskState.values if t != TaskState.DELETING)),
     to_task_state=TaskState.DELETING,
 )
+
+# Nova's compute API rules. Hard reboot is the escape hatch: it may start from a half-done
+# reboot, pause, unpause, suspend or resume, and from stopped, paused, suspended and error.
+REBOOT_SOFT = Transition(
+    action="reboot",
+    from_vm_states=(VmState.ACTIVE,),
+    from_task_states=(None,),
+    to_task_state=TaskState.REBOOTING,
+)
+REBOOT_HARD = Transition(
+    action="reboot",
+    from_vm_states=(VmState.ACTIVE, VmState.STOPPED, VmState.PAUSED, VmState.SUSPENDED,
+                    VmState.ERROR),
+    from_task_states=(None, TaskState.REBOOTING, TaskState.REBOOTING_HARD, TaskState.PAUSING,
+                      TaskState.UNPAUSING, TaskState.SUSPENDING, TaskState.RESUMING),
+    to_task_state=TaskState.REBOOTING_HARD,
+)
+STOP = Transition(
+    action="stop",
+    from_vm_states=(VmState.ACTIVE, VmState.ERROR),
+    from_task_states=(None,),
+    to_task_state=TaskState.POWERING_OFF,
+)
+START = Transition(
+    action="start",
+    from_vm_states=(VmState.STOPPED,),
+    from_task_states=(None,),
+    to_task_state=TaskState.POWERING_ON,
+)
+PAUSE = Transition(action="pause", from_vm_states=(VmState.ACTIVE,), from_task_states=(None,),
+                   to_task_state=TaskState.PAUSING)
+UNPAUSE = Transition(action="unpause", from_vm_states=(VmState.PAUSED,),
+                     from_task_states=(None,), to_task_state=TaskState.UNPAUSING)
+SUSPEND = Transition(action="suspend", from_vm_states=(VmState.ACTIVE,),
+                     from_task_states=(None,), to_task_state=TaskState.SUSPENDING)
+RESUME = Transition(action="resume", from_vm_states=(VmState.SUSPENDED,),
+                    from_task_states=(None,), to_task_state=TaskState.RESUMING)
+
+# The vm_state that tells the truth about a domain in a given power state.
+VM_STATE_FOR_POWER_STATE = {
+    PowerState.RUNNING: VmState.ACTIVE,
+    PowerState.PAUSED: VmState.PAUSED,
+    PowerState.SUSPENDED: VmState.SUSPENDED,
+    PowerState.SHUTDOWN: VmState.STOPPED,
+    PowerState.CRASHED: VmState.STOPPED,
+    PowerState.NOSTATE: VmState.ERROR,
+}

@@ -6,17 +6,17 @@ from typing import Any
 
 from celery import shared_task
 
-from cloudctl.compute import conductor
+from cloudctl.compute import conductor, sync
 from compute_workers import contract
 
 
 @shared_task(name=contract.CONDUCTOR_INSTANCE_UPDATE)
 def instance_update(instance_uuid: str, host: str, expected_task_state: str | None,
                     values: dict[str, Any], event: dict[str, Any] | None = None,
-                    fault: dict[str, Any] | None = None) -> bool:
+                    fault: dict[str, Any] | None = None, action_id: int | None = None) -> bool:
     return conductor.instance_update(instance_uuid=instance_uuid, host=host,
                                      expected_task_state=expected_task_state, values=values,
-                                     event=event, fault=fault)
+                                     event=event, fault=fault, action_id=action_id)
 
 
 @shared_task(name=contract.CONDUCTOR_BUILD_FAILED)
@@ -32,9 +32,23 @@ def instance_destroyed(instance_uuid: str, host: str) -> None:
 
 @shared_task(name=contract.CONDUCTOR_HOST_HEARTBEAT, ignore_result=True)
 def host_heartbeat(host: str, resources: dict[str, Any]) -> None:
+    record = conductor.host_heartbeat(host=host, resources=resources)
+    sync.sync_host(record, resources.get("instances", {}), conductor.observed_at_of(resources))
+
+
+@shared_task(name=contract.CONDUCTOR_HOST_INIT)
+def host_init(host: str, resources: dict[str, Any]) -> None:
     conductor.host_heartbeat(host=host, resources=resources)
+    sync.host_init(host=host, reported=resources.get("instances", {}))
 
 
-@shared_task(name="conductor.reap_stuck_builds")
-def reap_stuck_builds() -> int:
-    return conductor.reap_stuck_builds()
+@shared_task(name=contract.CONDUCTOR_POWER_STATE_UPDATE, ignore_result=True)
+def power_state_update(host: str, instance_uuid: str, power_state: str,
+                       observed_at: float | None = None) -> bool:
+    return sync.power_state_update(host=host, instance_uuid=instance_uuid,
+                                   power_state=power_state, observed_at=observed_at)
+
+
+@shared_task(name="conductor.reap_expired_tasks")
+def reap_expired_tasks() -> int:
+    return sync.reap_expired_tasks()

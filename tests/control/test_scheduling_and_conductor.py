@@ -10,7 +10,7 @@ import pytest
 from django.db import connection
 from django.utils import timezone
 
-from cloudctl.compute import conductor
+from cloudctl.compute import conductor, sync
 from cloudctl.compute.models import Allocation, Host, Instance, InstanceAction
 from cloudctl.compute.services import server_create
 from cloudctl.compute.states import TaskState, VmState
@@ -208,12 +208,13 @@ def test_reaper_errors_builds_past_their_deadline(new_server, outbox, settings):
     server = _placed(new_server, outbox)
     fresh = new_server(name="fresh")
     Instance.objects.filter(uuid=server.uuid).update(
-        created=timezone.now() - timedelta(seconds=settings.INSTANCE_BUILD_TIMEOUT + 5))
-    assert conductor.reap_stuck_builds() == 1
+        task_state_since=timezone.now() - timedelta(seconds=settings.INSTANCE_BUILD_TIMEOUT + 5))
+    assert sync.reap_expired_tasks() == 1
     server.refresh_from_db()
     assert server.status == "ERROR"
-    assert server.fault["message"].startswith(
-        f"build timed out after {settings.INSTANCE_BUILD_TIMEOUT} s while spawning on host")
+    assert server.fault["message"] == (
+        f"build timed out: spawning did not finish within {settings.INSTANCE_BUILD_TIMEOUT} s "
+        f"on host {server.host.name}")
     assert not Allocation.objects.filter(instance=server).exists()
     fresh.refresh_from_db()
     assert fresh.status == "BUILD"

@@ -1,0 +1,35 @@
+"""The spawn spec: everything a compute worker needs to build (or rebuild) an instance."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+
+from cloudctl.compute.models import Instance, InstanceAction
+from compute_workers import contract
+
+
+def spawn_spec(instance: Instance, host_name: str) -> dict[str, Any]:
+    """The self-contained, versioned spec a compute worker builds the instance from."""
+    image = instance.image
+    if image is None:
+        raise ValueError(f"instance {instance.uuid} has no image")
+    action = (InstanceAction.objects.filter(instance=instance, finish_time__isnull=True)
+              .order_by("-start_time", "-id").first())
+    return contract.validate_spec({
+        "version": contract.SPEC_VERSION,
+        "instance_uuid": str(instance.uuid),
+        "name": instance.name,
+        "host": host_name,
+        "request_id": action.request_id if action else "",
+        "flavor": {"name": instance.flavor.name, "vcpus": instance.vcpus,
+                   "memory_mb": instance.memory_mb, "root_gb": instance.root_gb},
+        "image": {"id": str(image.id), "name": image.name,
+                  "url": f"{settings.CLOUDCTL_API_URL}/api/v1/images/{image.id}/file",
+                  "sha256": image.sha256, "size": image.size or 0,
+                  "disk_format": image.disk_format, "properties": dict(image.properties)},
+        "networks": [],
+        "key_data": None,
+        "user_data": None,
+    })
