@@ -7,7 +7,7 @@ Reports carry the task_state the worker expected; a report about an instance tha
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.conf import settings
@@ -186,10 +186,17 @@ def host_heartbeat(*, host: str, resources: dict[str, Any]) -> Host:
     return record
 
 
+# A heartbeat without ``observed_at`` is taken to be this old: its list of domains may predate
+# a spawn or a state change the conductor applied in the meantime.
+UNDATED_HEARTBEAT_AGE = timedelta(seconds=30)
+
+
 def observed_at_of(resources: dict[str, Any]) -> datetime:
-    """When the host read its domains' states (``observed_at``, epoch seconds), else now."""
+    """When the host read its domains' states (``observed_at``, epoch seconds)."""
     epoch = resources.get("observed_at")
-    return datetime.fromtimestamp(float(epoch), tz=UTC) if epoch else timezone.now()
+    if epoch:
+        return datetime.fromtimestamp(float(epoch), tz=UTC)
+    return timezone.now() - UNDATED_HEARTBEAT_AGE
 
 
 def _reap_deleted_domains(host: Host) -> None:
