@@ -30,6 +30,10 @@ class InstanceExists(ComputeError):
     """A domain of that instance already exists on this host."""
 
 
+class InstanceInvalidState(ComputeError):
+    """The domain is in a state the operation cannot start from (pause a shut-off instance)."""
+
+
 class ConsoleUnavailable(ComputeError):
     """The instance exists but has no console log to read (yet)."""
 

@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import abc
 import uuid as uuid_lib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from compute_workers import contract
 from compute_workers.exception import InvalidInstanceUUID
-
-RebootType = Literal["soft", "hard"]
 
 # Keys of get_available_resource(); the manager adds libvirt_uri, driver, the reserved amounts and
 # instances to make contract.HEARTBEAT_RESOURCE_KEYS.
@@ -31,10 +29,11 @@ DRIVER_RESOURCE_KEYS = ("virt_type", "hypervisor_type", "hypervisor_version", "v
 # Every capability a driver declares, False until a driver says otherwise.
 CAPABILITY_NAMES = (
     "needs_base_image",     # spawn() wants the image downloaded into the cache (base_image argument)
-    "supports_reboot",
-    "supports_power_ops",   # power_off, power_on
+    "supports_reboot",      # shutdown, hard_reboot (and soft reboot, made of shutdown and power_on)
+    "supports_power_ops",   # shutdown, power_off, power_on
     "supports_pause",       # pause, unpause
     "supports_suspend",     # suspend, resume
+    "supports_lifecycle_events",  # register_lifecycle_callback
     "supports_snapshot",
     "supports_live_migration",
 )
@@ -118,7 +117,8 @@ class ComputeDriver(abc.ABC):
 
     @abc.abstractmethod
     def get_info(self, instance_uuid: str) -> str:
-        """The power state (``contract.POWER_*``) of the instance. Raises InstanceNotFound."""
+        """The power state (``contract.POWER_*``) of the instance, read from the hypervisor now: a
+        domain shut off with a saved memory state is ``suspended``. Raises InstanceNotFound."""
 
     @abc.abstractmethod
     def get_console_output(self, instance_uuid: str, lines: int) -> str:
@@ -128,40 +128,80 @@ class ComputeDriver(abc.ABC):
         but has no console log.
         """
 
-    # Later operations: declared now so the interface is whole; drivers opt in through capabilities.
+    # Lifecycle. Soft reboot is not a driver method: the manager composes it from shutdown() and
+    # power_on(), and falls back to hard_reboot(), so that it can report the fallback as an event.
 
-    def reboot(self, instance_uuid: str, reboot_type: RebootType) -> None:
-        """Reboot: ``soft`` asks the guest (ACPI) and falls back to hard if it does not comply in
-        time; ``hard`` resets the domain. Afterwards the domain runs. Raises InstanceNotFound."""
+    def register_lifecycle_callback(self, callback: Callable[[str], None] | None) -> None:
+        """From now on call ``callback(instance_uuid)`` whenever the domain of an instance changes
+        lifecycle state (started, stopped, paused, saved...), whoever changed it; None stops it.
+
+        The callback only learns that something happened, not what: the receiver reads the state
+        itself. It is called from a hypervisor thread and must not block. A driver that reconnects
+        to its hypervisor registers again, and calls back for every instance (events may have been
+        missed meanwhile).
+        """
         raise NotImplementedError
 
-    def power_off(self, instance_uuid: str, timeout: float = 60.0) -> None:
-        """Ask the guest to shut down, and stop it hard after ``timeout`` seconds.
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the hypervisor connection and stop calling back; other methods may reconnect."""
 
-        Afterwards the domain is defined and shut off; already shut off is success. Raises
+    def shutdown(self, instance_uuid: str, timeout: float) -> bool:
+        """Ask the guest to shut down (ACPI power button, pressed again every few seconds while it
+        still runs: a guest still booting misses the first press) and wait up to ``timeout``
+        seconds. Never forces.
+
+        Returns True when the domain is shut off afterwards (it already was, or the guest complied),
+        False when it still runs; a paused or crashed guest cannot act on the request: False at
+        once. Raises InstanceNotFound."""
+        raise NotImplementedError
+
+    def power_off(self, instance_uuid: str, timeout: float) -> bool:
+        """:meth:`shutdown` with ``timeout`` (skipped when it is 0), then force the domain off.
+
+        Afterwards the domain is defined and shut off, with no saved memory state (a suspended
+        instance's is discarded). Returns True when nothing had to be forced. Raises
         InstanceNotFound."""
         raise NotImplementedError
 
-    def power_on(self, instance_uuid: str) -> None:
-        """Start a shut-off domain. Afterwards it runs; already running is success.
-        Raises InstanceNotFound."""
+    def power_on(self, instance_uuid: str, spec: dict[str, Any] | None = None) -> None:
+        """Start the instance. Afterwards its domain runs.
+
+        A shut-off domain is started from the definition regenerated from ``spec`` (so a changed
+        flavor applies; None keeps the current definition); a domain with a saved memory state is
+        started from it as it is; a paused one is unpaused; a running one is left alone. A domain
+        whose definition is lost but whose disk is here is defined again from ``spec``. Raises
+        InstanceNotFound when there is neither."""
+        raise NotImplementedError
+
+    def hard_reboot(self, instance_uuid: str, spec: dict[str, Any] | None = None) -> None:
+        """Force the domain off whatever its state, discard any saved memory state, define it again
+        from ``spec`` (None: keep the definition) and start it: a fresh boot on the same disks.
+
+        Afterwards the domain runs. A lost definition is recreated as in :meth:`power_on`. Raises
+        InstanceNotFound when neither the domain nor its disk is here."""
         raise NotImplementedError
 
     def pause(self, instance_uuid: str) -> None:
-        """Freeze the vCPUs, memory kept. Afterwards the domain is paused. Raises InstanceNotFound."""
+        """Freeze the vCPUs, memory kept. Afterwards the domain is paused; already paused is
+        success. Raises InstanceNotFound, InstanceInvalidState when the domain does not run."""
         raise NotImplementedError
 
     def unpause(self, instance_uuid: str) -> None:
-        """Let a paused domain run again. Afterwards it runs. Raises InstanceNotFound."""
+        """Let a paused domain run again. Afterwards it runs; already running is success.
+        Raises InstanceNotFound, InstanceInvalidState when the domain is not active."""
         raise NotImplementedError
 
     def suspend(self, instance_uuid: str) -> None:
         """Save the memory to disk and stop the domain (libvirt managed save). Afterwards the
-        domain is shut off with a saved state that :meth:`resume` restores. Raises InstanceNotFound."""
+        domain is shut off with a saved state (power state ``suspended``) that :meth:`resume`
+        restores, running; already suspended is success. Raises InstanceNotFound,
+        InstanceInvalidState when the domain is shut off without a saved state."""
         raise NotImplementedError
 
     def resume(self, instance_uuid: str) -> None:
-        """Restore a suspended domain. Afterwards it runs. Raises InstanceNotFound."""
+        """Restore a suspended domain from its saved memory. Afterwards it runs; already running is
+        success. Raises InstanceNotFound, InstanceInvalidState when there is no saved state."""
         raise NotImplementedError
 
     def snapshot(self, instance_uuid: str, image_id: str, upload_url: str) -> None:

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from compute_workers import contract
-from compute_workers.exception import InstanceExists, InstanceNotFound, InvalidInstanceUUID
+from compute_workers.exception import (
+    InstanceExists,
+    InstanceInvalidState,
+    InstanceNotFound,
+    InvalidInstanceUUID,
+)
 from compute_workers.virt.driver import CAPABILITY_NAMES, DRIVER_RESOURCE_KEYS, ComputeDriver
 from compute_workers.virt.fake import FakeDriver
 from compute_workers.virt.libvirt.driver import LibvirtDriver
@@ -24,6 +30,7 @@ def driver(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ComputeDr
         driver = LibvirtDriver("test:///default", tmp_path / "instances")
     driver.init_host()
     yield driver
+    driver.close()
 
 
 class TestDriverContract:
@@ -95,18 +102,115 @@ class TestDriverContract:
         assert driver.get_console_output(spec["instance_uuid"], 0) == ""
 
     def test_power_operations_converge(self, driver: ComputeDriver, make_spec: SpecFactory) -> None:
-        uuid = make_spec()["instance_uuid"]
-        driver.spawn(make_spec(instance_uuid=uuid), None)
-        steps = [
+        spec = make_spec()
+        uuid = spec["instance_uuid"]
+        driver.spawn(spec, None)
+        steps: list[tuple[Callable[[str], object], str]] = [
             (driver.pause, contract.POWER_PAUSED), (driver.pause, contract.POWER_PAUSED),
             (driver.unpause, contract.POWER_RUNNING), (driver.unpause, contract.POWER_RUNNING),
-            (driver.power_off, contract.POWER_SHUTDOWN), (driver.power_off, contract.POWER_SHUTDOWN),
+            (lambda u: driver.power_off(u, 10), contract.POWER_SHUTDOWN),
+            (lambda u: driver.power_off(u, 10), contract.POWER_SHUTDOWN),
             (driver.power_on, contract.POWER_RUNNING), (driver.power_on, contract.POWER_RUNNING),
-            (driver.suspend, contract.POWER_SHUTDOWN), (driver.resume, contract.POWER_RUNNING),
+            (driver.suspend, contract.POWER_SUSPENDED), (driver.suspend, contract.POWER_SUSPENDED),
+            (driver.resume, contract.POWER_RUNNING), (driver.resume, contract.POWER_RUNNING),
+            (lambda u: driver.shutdown(u, 10), contract.POWER_SHUTDOWN),
+            (lambda u: driver.power_on(u, spec), contract.POWER_RUNNING),
+            (lambda u: driver.hard_reboot(u, spec), contract.POWER_RUNNING),
         ]
-        for operation, expected in steps:
+        for number, (operation, expected) in enumerate(steps):
             operation(uuid)
-            assert driver.get_info(uuid) == expected, operation.__name__
-        for reboot_type in ("soft", "hard"):
-            driver.reboot(uuid, reboot_type)
-            assert driver.get_info(uuid) == contract.POWER_RUNNING
+            assert driver.get_info(uuid) == expected, number
+            assert driver.list_instances() == {uuid: expected}, number
+
+    def test_a_suspended_instance_is_suspended_until_resumed_or_discarded(self, driver: ComputeDriver,
+                                                                          make_spec: SpecFactory) -> None:
+        spec = make_spec()
+        uuid = spec["instance_uuid"]
+        driver.spawn(spec, None)
+        driver.pause(uuid)
+        driver.suspend(uuid)  # a paused guest can be saved too, and comes back running
+        assert driver.get_info(uuid) == contract.POWER_SUSPENDED
+        driver.power_on(uuid, spec)  # starts from the saved memory
+        assert driver.get_info(uuid) == contract.POWER_RUNNING
+        driver.suspend(uuid)
+        assert driver.power_off(uuid, 10) is True  # nothing to force: the saved state is discarded
+        assert driver.get_info(uuid) == contract.POWER_SHUTDOWN
+        driver.power_on(uuid, spec)
+        driver.suspend(uuid)
+        driver.hard_reboot(uuid, spec)  # a fresh boot: the saved state is discarded
+        assert driver.get_info(uuid) == contract.POWER_RUNNING
+        driver.power_off(uuid, 10)
+        assert driver.get_info(uuid) == contract.POWER_SHUTDOWN  # not suspended again
+
+    def test_shutdown_and_power_off_say_whether_they_forced(self, driver: ComputeDriver,
+                                                          make_spec: SpecFactory) -> None:
+        uuid = make_spec()["instance_uuid"]
+        driver.spawn(make_spec(instance_uuid=uuid), None)
+        driver.pause(uuid)
+        assert driver.shutdown(uuid, 10) is False  # a paused guest cannot act on ACPI: at once
+        assert driver.get_info(uuid) == contract.POWER_PAUSED
+        assert driver.power_off(uuid, 10) is False
+        assert driver.get_info(uuid) == contract.POWER_SHUTDOWN
+        assert driver.shutdown(uuid, 10) is True
+        driver.power_on(uuid)
+        assert driver.power_off(uuid, 0) is False  # timeout 0: forced without asking
+        assert driver.get_info(uuid) == contract.POWER_SHUTDOWN
+
+    @pytest.mark.parametrize(("operation", "from_state"), [
+        ("pause", "shutdown"), ("unpause", "shutdown"), ("suspend", "shutdown"), ("resume", "shutdown"),
+        ("resume", "running_no_save"), ("unpause", "suspended"), ("pause", "suspended")])
+    def test_operations_refuse_states_they_cannot_start_from(self, driver: ComputeDriver,
+                                                             make_spec: SpecFactory, operation: str,
+                                                             from_state: str) -> None:
+        uuid = make_spec()["instance_uuid"]
+        driver.spawn(make_spec(instance_uuid=uuid), None)
+        if from_state == "shutdown":
+            driver.power_off(uuid, 0)
+        elif from_state == "suspended":
+            driver.suspend(uuid)
+        before = driver.get_info(uuid)
+        if from_state == "running_no_save":
+            getattr(driver, operation)(uuid)  # resume of a running domain is simply done
+            return
+        with pytest.raises(InstanceInvalidState):
+            getattr(driver, operation)(uuid)
+        assert driver.get_info(uuid) == before
+
+    @pytest.mark.parametrize("operation", ["shutdown", "power_off", "power_on", "hard_reboot", "pause",
+                                           "unpause", "suspend", "resume"])
+    def test_lifecycle_of_a_missing_instance_is_not_found(self, driver: ComputeDriver,
+                                                          make_spec: SpecFactory, operation: str) -> None:
+        spec = make_spec()
+        args: tuple[object, ...] = (10,) if operation in ("shutdown", "power_off") else ()
+        if operation in ("power_on", "hard_reboot"):
+            args = (spec,)  # a spec cannot bring back an instance whose disk is not here
+        with pytest.raises(InstanceNotFound):
+            getattr(driver, operation)(spec["instance_uuid"], *args)
+        assert driver.list_instances() == {}
+
+    def test_lifecycle_callback_hears_every_change_of_state(self, driver: ComputeDriver,
+                                                            make_spec: SpecFactory) -> None:
+        heard: list[str] = []
+        driver.register_lifecycle_callback(heard.append)
+        try:
+            spec = make_spec()
+            uuid = spec["instance_uuid"]
+            driver.spawn(spec, None)
+            wait_until(lambda: uuid in heard)
+            heard.clear()
+            driver.pause(uuid)
+            wait_until(lambda: uuid in heard)
+            heard.clear()
+            driver.register_lifecycle_callback(None)
+            driver.unpause(uuid)
+            time.sleep(0.2)
+            assert heard == []
+        finally:
+            driver.close()
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)

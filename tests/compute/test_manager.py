@@ -89,7 +89,7 @@ def test_spawn_of_a_defined_but_stopped_domain_starts_it(
     manager, reporter = libvirt_manager
     spec = make_spec()
     manager.spawn(spec)
-    manager.driver.power_off(spec["instance_uuid"])
+    manager.driver.power_off(spec["instance_uuid"], 10)
     manager.spawn(spec)  # e.g. a previous attempt died between define and start
     assert manager.driver.get_info(spec["instance_uuid"]) == contract.POWER_RUNNING
     assert last_update(reporter)["values"] == ACTIVE
@@ -245,7 +245,7 @@ def test_heartbeat_sends_every_resource_key(tmp_path: Path, make_spec: SpecFacto
 def test_existing_domain_that_cannot_start_is_reported_in_error_and_kept(tmp_path: Path,
                                                                          make_spec: SpecFactory) -> None:
     class NoStartDriver(FakeDriver):
-        def power_on(self, instance_uuid: str) -> None:
+        def power_on(self, instance_uuid: str, spec: dict[str, Any] | None = None) -> None:
             raise HypervisorError("libvirt cannot start the domain: no memory")
 
     driver = NoStartDriver()

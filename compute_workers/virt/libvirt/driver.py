@@ -18,7 +18,7 @@ import shutil
 import threading
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +29,11 @@ from compute_workers.exception import (
     ConsoleUnavailable,
     HypervisorError,
     InstanceExists,
+    InstanceInvalidState,
     InstanceNotFound,
 )
 from compute_workers.virt.driver import (
     ComputeDriver,
-    RebootType,
     checked_uuid,
     instance_uuid_of,
 )
@@ -43,6 +43,11 @@ from compute_workers.virt.libvirt.domain import build_domain_xml
 LOG = logging.getLogger(__name__)
 
 CONSOLE_MAX_BYTES = 100 * 1024
+# A guest still booting (its ACPI daemon not yet listening) misses a power-button press: press again
+# this often while waiting for a clean shutdown (Nova: every 10 s).
+ACPI_RETRY_INTERVAL = 5.0
+# How often a wait for shutoff looks at the domain: the measured shutdown time is this precise.
+POLL_INTERVAL = 0.1
 GiB = 1024 ** 3
 _UNDEFINE_FLAGS = (libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
                    | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
@@ -56,6 +61,43 @@ def _ignore_libvirt_errors(_ctx: object, _error: object) -> None:
 
 def _error_code(exc: libvirt.libvirtError) -> int:
     return int(exc.get_error_code() or 0)
+
+
+def _alive(conn: libvirt.virConnect) -> bool:
+    try:
+        return bool(conn.isAlive())
+    except libvirt.libvirtError:  # closed
+        return False
+
+
+_event_loop_lock = threading.Lock()
+_event_loop_running = False
+
+
+def _run_event_loop() -> None:
+    while True:
+        try:
+            if libvirt.virEventRunDefaultImpl() < 0:
+                LOG.error("libvirt event loop iteration failed")
+                time.sleep(1)
+        except Exception:
+            LOG.exception("libvirt event loop iteration failed")
+            time.sleep(1)
+
+
+def start_event_loop() -> None:
+    """Register libvirt's default event loop and run it in a daemon thread, once per process.
+
+    Lifecycle events (and keepalives) of a connection are dispatched by the event loop registered
+    when it was opened: this must come before :func:`libvirt.open`.
+    """
+    global _event_loop_running
+    with _event_loop_lock:
+        if _event_loop_running:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+        threading.Thread(target=_run_event_loop, name="libvirt-events", daemon=True).start()
+        _event_loop_running = True
 
 
 @contextlib.contextmanager
@@ -114,28 +156,39 @@ class LibvirtDriver(ComputeDriver):
         self.is_test = uri.startswith("test:")
         self.capabilities = {**self.capabilities, "needs_base_image": not self.is_test,
                              "supports_reboot": True, "supports_power_ops": True,
-                             "supports_pause": True, "supports_suspend": True}
+                             "supports_pause": True, "supports_suspend": True,
+                             "supports_lifecycle_events": True}
         self.virt_type = "test" if self.is_test else virt_type
         self.disk_cache = "none"
         self._cpu_info: dict[str, Any] = {}
         self._conn: libvirt.virConnect | None = None
         self._conn_lock = threading.Lock()
+        self._lifecycle_callback: Callable[[str], None] | None = None
+        self._events_conn: libvirt.virConnect | None = None
+        self._event_callback_id = -1
 
     # Connection and host --------------------------------------------------------------------------
 
     @property
     def conn(self) -> libvirt.virConnect:
         with self._conn_lock:
-            if self._conn is not None and self._conn.isAlive():
+            if self._conn is not None and _alive(self._conn):
                 return self._conn
-            if self._conn is not None:
+            reconnect = self._conn is not None
+            if reconnect:
                 LOG.warning("libvirt connection to %s lost; reconnecting", self.uri)
+                self._deregister_events(self._conn)
             with _hypervisor_errors(f"cannot connect to libvirt at {self.uri}"):
                 self._conn = libvirt.open(self.uri)
+            if self._lifecycle_callback is not None:
+                self._register_events(self._conn)
+                if reconnect:
+                    self._notify_all(self._conn)
             return self._conn
 
     def init_host(self) -> None:
         libvirt.registerErrorHandler(_ignore_libvirt_errors, None)
+        start_event_loop()  # before the connection: its events are dispatched by this loop
         conn = self.conn
         self.instances_path.mkdir(mode=0o755, parents=True, exist_ok=True)
         if not self.is_test:
@@ -179,7 +232,7 @@ class LibvirtDriver(ComputeDriver):
             if instance_uuid is None:
                 continue
             try:
-                instances[instance_uuid] = host.power_state(domain.state()[0])
+                instances[instance_uuid] = self._power_state(domain)
             except libvirt.libvirtError as exc:
                 if _error_code(exc) != libvirt.VIR_ERR_NO_DOMAIN:  # vanished meanwhile: leave it out
                     raise HypervisorError(f"cannot read the state of {domain.name()}: {exc}") from exc
@@ -277,7 +330,7 @@ class LibvirtDriver(ComputeDriver):
     def get_info(self, instance_uuid: str) -> str:
         domain = self._domain(instance_uuid)
         with _hypervisor_errors(f"cannot read the state of instance {instance_uuid}", instance_uuid):
-            return host.power_state(domain.state()[0])
+            return self._power_state(domain)
 
     def get_console_output(self, instance_uuid: str, lines: int) -> str:
         self._domain(instance_uuid)
@@ -295,53 +348,120 @@ class LibvirtDriver(ComputeDriver):
             text_lines = text_lines[1:]  # the first one was cut by the byte limit
         return "".join(text_lines[-lines:]) if lines > 0 else ""
 
-    # Power operations (the next issue wires them to tasks) -------------------------------------------
+    # Lifecycle --------------------------------------------------------------------------------------
 
-    def _wait_for_shutoff(self, domain: libvirt.virDomain, timeout: float) -> bool:
+    def _power_state(self, domain: libvirt.virDomain) -> str:
+        """Power state of ``domain``; libvirt says shut off for a managed-saved domain, we say
+        suspended (the save image decides, not the shutoff reason: that outlives a removed image)."""
+        state = domain.state()[0]
+        if state == libvirt.VIR_DOMAIN_SHUTOFF and domain.hasManagedSaveImage(0):
+            return contract.POWER_SUSPENDED
+        return host.power_state(state)
+
+    def _shutdown(self, domain: libvirt.virDomain, timeout: float) -> bool:
+        """ACPI power button, pressed again every ACPI_RETRY_INTERVAL, until shut off or ``timeout``."""
+        if not domain.isActive():
+            return True
+        if domain.state()[0] not in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_BLOCKED):
+            return False  # paused or crashed: nothing in the guest can act on the request
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        next_press = 0.0
+        while True:
+            now = time.monotonic()
+            if now >= next_press:
+                try:
+                    domain.shutdown()
+                except libvirt.libvirtError as exc:
+                    if _error_code(exc) != libvirt.VIR_ERR_OPERATION_INVALID:  # "not running": done
+                        raise
+                next_press = now + ACPI_RETRY_INTERVAL
             if not domain.isActive():
                 return True
-            time.sleep(0.5)
-        return not domain.isActive()
+            if now >= deadline:
+                return False
+            time.sleep(min(POLL_INTERVAL, max(deadline - now, 0.01)))
 
-    def reboot(self, instance_uuid: str, reboot_type: RebootType) -> None:
+    def shutdown(self, instance_uuid: str, timeout: float) -> bool:
         domain = self._domain(instance_uuid)
-        with _hypervisor_errors(f"cannot reboot instance {instance_uuid}", instance_uuid):
-            if reboot_type == "soft" and domain.isActive():
-                domain.shutdown()
-                if self._wait_for_shutoff(domain, 60.0):
-                    domain.create()
-                    return
-                LOG.warning("instance %s ignored the soft reboot; rebooting it hard", instance_uuid)
-            self._stop(domain)
-            domain.create()
+        with _hypervisor_errors(f"cannot shut down instance {instance_uuid}", instance_uuid):
+            return self._shutdown(domain, timeout)
 
-    def power_off(self, instance_uuid: str, timeout: float = 60.0) -> None:
+    def power_off(self, instance_uuid: str, timeout: float) -> bool:
         domain = self._domain(instance_uuid)
         with _hypervisor_errors(f"cannot power off instance {instance_uuid}", instance_uuid):
-            if not domain.isActive():
-                return
-            domain.shutdown()
-            if not self._wait_for_shutoff(domain, timeout):
-                LOG.warning("instance %s did not shut down in %.0f s; stopping it", instance_uuid, timeout)
+            clean = not domain.isActive() or (timeout > 0 and self._shutdown(domain, timeout))
+            if not clean:
+                LOG.info("forcing instance %s off", instance_uuid)
                 self._stop(domain)
+            if domain.hasManagedSaveImage(0):
+                LOG.info("discarding the saved memory state of instance %s", instance_uuid)
+                domain.managedSaveRemove(0)
+            return clean
 
-    def power_on(self, instance_uuid: str) -> None:
-        domain = self._domain(instance_uuid)
+    def _recreatable(self, instance_uuid: str) -> bool:
+        """Whether the instance's files are here to define its domain again (what spawn made)."""
+        directory = self.instance_dir(instance_uuid)
+        return (directory / ("libvirt.xml" if self.is_test else "disk")).exists()
+
+    def _define(self, instance_uuid: str, spec: dict[str, Any]) -> libvirt.virDomain:
+        """(Re)define the domain from ``spec``: the one definition spawn would write today."""
+        directory = self.instance_dir(instance_uuid)
+        xml = build_domain_xml(spec, virt_type=self.virt_type, machine_type=self.machine_type,
+                               disk_path=directory / "disk", console_path=directory / "console.log",
+                               disk_cache=self.disk_cache)
+        (directory / "libvirt.xml").write_text(xml)
+        with _hypervisor_errors(f"libvirt cannot define the domain of instance {instance_uuid}"):
+            return self.conn.defineXML(xml)
+
+    def _lookup_or_recreate(self, instance_uuid: str, spec: dict[str, Any] | None) -> libvirt.virDomain:
+        domain = self._lookup(instance_uuid)
+        if domain is not None:
+            return domain
+        if spec is None or not self._recreatable(instance_uuid):
+            raise InstanceNotFound(f"instance {instance_uuid} not found on this host")
+        LOG.warning("the domain of instance %s is not defined but its disk is here; defining it again",
+                    instance_uuid)
+        return self._define(instance_uuid, spec)
+
+    def power_on(self, instance_uuid: str, spec: dict[str, Any] | None = None) -> None:
+        domain = self._lookup_or_recreate(instance_uuid, spec)
         with _hypervisor_errors(f"cannot power on instance {instance_uuid}", instance_uuid):
-            if not domain.isActive():
-                domain.create()
+            if domain.isActive():
+                if domain.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
+                    domain.resume()
+                return
+            if spec is not None and not domain.hasManagedSaveImage(0):
+                # A saved memory state is restored as it is: a new definition could refuse it.
+                domain = self._define(instance_uuid, spec)
+            domain.create()
+
+    def hard_reboot(self, instance_uuid: str, spec: dict[str, Any] | None = None) -> None:
+        domain = self._lookup(instance_uuid)
+        with _hypervisor_errors(f"cannot reboot instance {instance_uuid}", instance_uuid):
+            if domain is not None:
+                self._stop(domain)
+                if domain.hasManagedSaveImage(0):
+                    domain.managedSaveRemove(0)  # or create() would restore it: not a reboot
+                if spec is not None:
+                    domain = self._define(instance_uuid, spec)
+            domain = self._lookup_or_recreate(instance_uuid, spec) if domain is None else domain
+            domain.create()
 
     def pause(self, instance_uuid: str) -> None:
         domain = self._domain(instance_uuid)
         with _hypervisor_errors(f"cannot pause instance {instance_uuid}", instance_uuid):
-            if domain.state()[0] != libvirt.VIR_DOMAIN_PAUSED:
-                domain.suspend()  # libvirt's "suspend" freezes the vCPUs: our pause
+            state = domain.state()[0]
+            if state == libvirt.VIR_DOMAIN_PAUSED:
+                return
+            if not domain.isActive():
+                raise InstanceInvalidState(f"instance {instance_uuid} is not running: cannot pause it")
+            domain.suspend()  # libvirt's "suspend" freezes the vCPUs: our pause
 
     def unpause(self, instance_uuid: str) -> None:
         domain = self._domain(instance_uuid)
         with _hypervisor_errors(f"cannot unpause instance {instance_uuid}", instance_uuid):
+            if not domain.isActive():
+                raise InstanceInvalidState(f"instance {instance_uuid} is not running: cannot unpause it")
             if domain.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
                 domain.resume()
 
@@ -349,10 +469,89 @@ class LibvirtDriver(ComputeDriver):
         domain = self._domain(instance_uuid)
         with _hypervisor_errors(f"cannot suspend instance {instance_uuid}", instance_uuid):
             if domain.isActive():
-                domain.managedSave(0)
+                # SAVE_RUNNING: a guest saved while paused still comes back running on resume.
+                domain.managedSave(libvirt.VIR_DOMAIN_SAVE_RUNNING)
+            elif not domain.hasManagedSaveImage(0):
+                raise InstanceInvalidState(f"instance {instance_uuid} is shut off: no memory to save")
 
     def resume(self, instance_uuid: str) -> None:
         domain = self._domain(instance_uuid)
         with _hypervisor_errors(f"cannot resume instance {instance_uuid}", instance_uuid):
-            if not domain.isActive():
-                domain.create()  # restores the managed save image when there is one
+            if domain.isActive():
+                return
+            if not domain.hasManagedSaveImage(0):
+                raise InstanceInvalidState(f"instance {instance_uuid} has no saved memory state to "
+                                           "resume from")
+            domain.create()  # restores the managed save image, and removes it
+
+    # Lifecycle events ---------------------------------------------------------------------------------
+
+    def register_lifecycle_callback(self, callback: Callable[[str], None] | None) -> None:
+        with self._conn_lock:
+            self._lifecycle_callback = callback
+            conn = self._conn
+            if conn is None or not _alive(conn):
+                return  # the next connection registers it
+            if callback is None:
+                self._deregister_events(conn)
+            elif self._events_conn is not conn:
+                self._register_events(conn)
+
+    def _register_events(self, conn: libvirt.virConnect) -> None:
+        """Called with _conn_lock held, on a connection opened after the event loop started."""
+        with _hypervisor_errors("cannot register for libvirt lifecycle events"):
+            self._event_callback_id = conn.domainEventRegisterAny(
+                None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle_event, None)
+            conn.registerCloseCallback(self._on_connection_closed, None)
+        self._events_conn = conn
+
+    def _deregister_events(self, conn: libvirt.virConnect) -> None:
+        if self._events_conn is not conn:
+            return
+        self._events_conn = None
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.domainEventDeregisterAny(self._event_callback_id)
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.unregisterCloseCallback()
+
+    def _on_lifecycle_event(self, _conn: libvirt.virConnect, domain: libvirt.virDomain, event: int,
+                            detail: int, _opaque: object) -> None:
+        """Runs on libvirt's event thread: hand the uuid over, never block, never raise."""
+        try:
+            instance_uuid = instance_uuid_of(domain.name())
+            callback = self._lifecycle_callback
+            if instance_uuid is None or callback is None:
+                return
+            LOG.debug("lifecycle event %s (detail %s) of instance %s", event, detail, instance_uuid)
+            callback(instance_uuid)
+        except Exception:
+            LOG.exception("lifecycle event handler failed")
+
+    def _on_connection_closed(self, _conn: libvirt.virConnect, reason: int, _opaque: object) -> None:
+        LOG.warning("libvirt connection to %s closed (reason %s): events stop until the next call "
+                    "reconnects (the heartbeat makes one every few seconds)", self.uri, reason)
+
+    def _notify_all(self, conn: libvirt.virConnect) -> None:
+        """After a reconnect: events may have been missed, so every instance counts as changed."""
+        callback = self._lifecycle_callback
+        if callback is None:
+            return
+        try:
+            names = [domain.name() for domain in conn.listAllDomains(0)]
+        except libvirt.libvirtError as exc:
+            LOG.warning("cannot list domains after reconnecting: %s", exc)
+            return
+        for name in names:
+            instance_uuid = instance_uuid_of(name)
+            if instance_uuid is not None:
+                callback(instance_uuid)
+
+    def close(self) -> None:
+        with self._conn_lock:
+            conn, self._conn = self._conn, None
+            self._lifecycle_callback = None
+            if conn is None:
+                return
+            self._deregister_events(conn)
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.close()
