@@ -206,6 +206,10 @@ def _repeat_interrupted(instance: Instance, power_state: str) -> None:
         if not Instance.objects.filter(uuid=uuid, task_state=task).change(task_state=again):
             return
         instance.refresh_from_db()
+        if action is not None:
+            action.events.filter(finish_time__isnull=True).update(
+                finish_time=timezone.now(), result="Error",
+                message=f"interrupted: the compute worker on {host} restarted")
         how = "hard reboot" if again == TaskState.REBOOTING_HARD else again.replace("_", " ")
         record_event(uuid, event="init_instance", result="Success", host=host,
                      message=f"the compute worker on {host} restarted during {task} (domain "
@@ -255,8 +259,9 @@ def _reap(instance: Instance, task: str, seconds: int) -> int:
     host = instance.host
     where = f"on host {host.name}" if host else "waiting for a host"
     late = f"{task} did not finish within {seconds} s {where}"
-    known = (host is not None and host.is_up and host.last_heartbeat is not None
-             and host.last_heartbeat > instance.task_state_since)
+    # The host's last heartbeat is the best truth there is while the host is up: if the task never
+    # ran (a wedged worker) it is the state before the task, which is where the server is.
+    known = host is not None and host.is_up
     power_state = (host.reported_instances or {}).get(uuid, PowerState.NOSTATE) if known \
         else PowerState.NOSTATE
     changes: dict[str, Any] = {"task_state": None}
@@ -268,7 +273,8 @@ def _reap(instance: Instance, task: str, seconds: int) -> int:
         message = f"{late}; the host is down, so the server is deleted here (local delete)"
     elif known and power_state != PowerState.NOSTATE:
         truth = VM_STATE_FOR_POWER_STATE[PowerState(power_state)]
-        message = f"{late}; the host reports the domain {power_state}, so the server is {truth}"
+        message = (f"{late}; the host last reported the domain {power_state}, so the server is "
+                   f"{truth}")
         changes.update(vm_state=truth, power_state=power_state)
     else:
         reason = ("the host is down" if host is None or not host.is_up

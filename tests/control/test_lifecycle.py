@@ -312,7 +312,7 @@ def test_reaper_ends_an_expired_task_truthfully(api, server):
     [reboot, _] = api.get(f"/api/v1/servers/{server.uuid}/actions/").json()
     assert reboot["result"] == "Error"
     assert reboot["message"] == ("rebooting did not finish within 300 s on host hv1; the host "
-                                 "reports the domain running, so the server is active")
+                                 "last reported the domain running, so the server is active")
     assert reboot["events"][-1]["event"] == "task_deadline_exceeded"
 
 
