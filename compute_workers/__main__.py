@@ -1,9 +1,11 @@
 """``python -m compute_workers``: the compute worker of one hypervisor host.
 
-Runs the driver's init_host, starts the heartbeat (one at once, then every COMPUTE_HEARTBEAT_INTERVAL
-seconds), then a Celery worker (threads pool, events on) consuming only ``compute.<host>`` as node
-``compute@<host>``. SIGTERM (what honcho sends) stops it cleanly: running tasks finish first.
-Options override the environment variables listed in :mod:`compute_workers.config`.
+Runs the driver's init_host, starts sending a ``conductor.power_state_update`` on every lifecycle event
+of an instance's domain, sends ``conductor.host_init`` (retried until the broker takes it), starts the
+heartbeat (one at once, then every COMPUTE_HEARTBEAT_INTERVAL seconds), then a Celery worker (threads
+pool, events on) consuming only ``compute.<host>`` as node ``compute@<host>``. SIGTERM (what honcho
+sends) stops it cleanly: running tasks finish first. Options override the environment variables listed
+in :mod:`compute_workers.config`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import logging
 import signal
 import sys
+import time
 from types import FrameType
 
 from compute_workers.app import create_app
@@ -61,6 +64,23 @@ def _exit_on_sigterm(signum: int, _frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
 
+HOST_INIT_RETRY_MAX = 30.0
+
+
+def send_host_init(manager: ComputeManager) -> None:
+    """``conductor.host_init``, retried with backoff: the conductor must hear it before any task runs."""
+    delay = 1.0
+    while True:
+        try:
+            manager.host_init()
+            LOG.info("host_init sent for host %s", manager.host)
+            return
+        except Exception as exc:
+            LOG.warning("cannot send host_init (%s); trying again in %.0f s", exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, HOST_INIT_RETRY_MAX)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.loglevel.upper(),
@@ -83,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         LOG.error("cannot start the compute worker of host %s: %s", config.host, exc)
         return 1
     register_tasks(app, manager)
+    # Events first: a change between the host_init snapshot and the registration would be missed.
+    manager.watch_power_states()
+    send_host_init(manager)
 
     heartbeat = Heartbeat(manager.heartbeat, config.heartbeat_interval)
     heartbeat.start()
@@ -96,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(worker.exitcode or 0)
     finally:
         heartbeat.stop()
+        manager.close()
 
 
 if __name__ == "__main__":

@@ -19,12 +19,15 @@ A malformed value fails at start with :class:`ConfigError` naming the variable.
 | `COMPUTE_RESERVED_HOST_MEMORY_MB` | `512` | RAM kept for the host itself, reported in the heartbeat. |
 | `COMPUTE_RESERVED_HOST_DISK_GB` | `0` | Disk kept for the host itself, reported in the heartbeat. |
 | `COMPUTE_IMAGE_DOWNLOAD_TIMEOUT` | `300` | Seconds one image download may take in all. |
+| `COMPUTE_CLEAN_SHUTDOWN_TIMEOUT` | `60` | Seconds a soft reboot waits for the guest to shut down after the ACPI request before it reboots hard; also the wait of a power off whose task gives no timeout. At most `COMPUTE_LIFECYCLE_SOFT_TIME_LIMIT` - 30. |
 | `COMPUTE_SPAWN_SOFT_TIME_LIMIT` | `900` | Celery soft time limit of `compute.spawn`, seconds. |
 | `COMPUTE_SPAWN_TIME_LIMIT` | `960` | Celery hard time limit of `compute.spawn`. |
 | `COMPUTE_TERMINATE_SOFT_TIME_LIMIT` | `120` | Soft time limit of `compute.terminate`. |
 | `COMPUTE_TERMINATE_TIME_LIMIT` | `180` | Hard time limit of `compute.terminate`. |
 | `COMPUTE_CONSOLE_SOFT_TIME_LIMIT` | `20` | Soft time limit of `compute.get_console_output`. |
 | `COMPUTE_CONSOLE_TIME_LIMIT` | `30` | Hard time limit of `compute.get_console_output`. |
+| `COMPUTE_LIFECYCLE_SOFT_TIME_LIMIT` | `300` | Soft time limit of each lifecycle task (reboot, power off/on, pause, unpause, suspend, resume); a power off's clean-shutdown wait is capped 30 s below it. |
+| `COMPUTE_LIFECYCLE_TIME_LIMIT` | `360` | Hard time limit of each lifecycle task. |
 | `COMPUTE_VISIBILITY_TIMEOUT` | `7200` | Redis `visibility_timeout`: an unacknowledged task is delivered again after it. Must exceed every hard time limit. |
 | `COMPUTE_FAKE_VCPUS` | `16` | vCPUs the fake driver reports (`--vcpus`). |
 | `COMPUTE_FAKE_MEMORY_MB` | `32768` | RAM the fake driver reports (`--memory-mb`). |
@@ -49,6 +52,11 @@ from compute_workers import contract
 DRIVERS = ("libvirt", "fake")
 VIRT_TYPES = ("auto", "kvm", "qemu")
 DEFAULT_INSTANCES_PATH = Path("/var/lib/cloudctl/instances")
+LIFECYCLE_TASKS = (contract.COMPUTE_REBOOT, contract.COMPUTE_POWER_OFF, contract.COMPUTE_POWER_ON,
+                   contract.COMPUTE_PAUSE, contract.COMPUTE_UNPAUSE, contract.COMPUTE_SUSPEND,
+                   contract.COMPUTE_RESUME)
+# Seconds a lifecycle task keeps, below its soft time limit, to force a guest off and report.
+SHUTDOWN_MARGIN = 30
 
 
 class ConfigError(ValueError):
@@ -73,6 +81,13 @@ def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise ValueError("must be a non-negative integer")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise ValueError("must be a non-negative number")
     return value
 
 
@@ -120,19 +135,22 @@ class ComputeConfig:
     reserved_host_memory_mb: int = _env("COMPUTE_RESERVED_HOST_MEMORY_MB", 512, _non_negative_int)
     reserved_host_disk_gb: int = _env("COMPUTE_RESERVED_HOST_DISK_GB", 0, _non_negative_int)
     image_download_timeout: float = _env("COMPUTE_IMAGE_DOWNLOAD_TIMEOUT", 300.0, _positive_float)
+    clean_shutdown_timeout: float = _env("COMPUTE_CLEAN_SHUTDOWN_TIMEOUT", 60.0, _non_negative_float)
     spawn_soft_time_limit: int = _env("COMPUTE_SPAWN_SOFT_TIME_LIMIT", 900, _positive_int)
     spawn_time_limit: int = _env("COMPUTE_SPAWN_TIME_LIMIT", 960, _positive_int)
     terminate_soft_time_limit: int = _env("COMPUTE_TERMINATE_SOFT_TIME_LIMIT", 120, _positive_int)
     terminate_time_limit: int = _env("COMPUTE_TERMINATE_TIME_LIMIT", 180, _positive_int)
     console_soft_time_limit: int = _env("COMPUTE_CONSOLE_SOFT_TIME_LIMIT", 20, _positive_int)
     console_time_limit: int = _env("COMPUTE_CONSOLE_TIME_LIMIT", 30, _positive_int)
+    lifecycle_soft_time_limit: int = _env("COMPUTE_LIFECYCLE_SOFT_TIME_LIMIT", 300, _positive_int)
+    lifecycle_time_limit: int = _env("COMPUTE_LIFECYCLE_TIME_LIMIT", 360, _positive_int)
     visibility_timeout: int = _env("COMPUTE_VISIBILITY_TIMEOUT", 7200, _positive_int)
     fake_vcpus: int = _env("COMPUTE_FAKE_VCPUS", 16, _positive_int)
     fake_memory_mb: int = _env("COMPUTE_FAKE_MEMORY_MB", 32768, _positive_int)
     fake_disk_gb: int = _env("COMPUTE_FAKE_DISK_GB", 500, _positive_int)
 
     def __post_init__(self) -> None:
-        for kind in ("spawn", "terminate", "console"):
+        for kind in ("spawn", "terminate", "console", "lifecycle"):
             soft_var = f"COMPUTE_{kind.upper()}_SOFT_TIME_LIMIT"
             hard_var = f"COMPUTE_{kind.upper()}_TIME_LIMIT"
             soft, hard = getattr(self, f"{kind}_soft_time_limit"), getattr(self, f"{kind}_time_limit")
@@ -142,6 +160,16 @@ class ComputeConfig:
                 raise ConfigError(f"COMPUTE_VISIBILITY_TIMEOUT ({self.visibility_timeout} s) must exceed "
                                   f"{hard_var} ({hard} s), or Redis delivers the task again while it "
                                   "still runs")
+        if self.clean_shutdown_timeout > self.max_shutdown_timeout:
+            raise ConfigError(f"COMPUTE_CLEAN_SHUTDOWN_TIMEOUT ({self.clean_shutdown_timeout:g} s) must be "
+                              f"at most COMPUTE_LIFECYCLE_SOFT_TIME_LIMIT - {SHUTDOWN_MARGIN} "
+                              f"({self.max_shutdown_timeout:g} s): a soft reboot must have time to "
+                              "fall back to a hard one")
+
+    @property
+    def max_shutdown_timeout(self) -> float:
+        """The longest wait for a clean shutdown, leaving a lifecycle task time to force and report."""
+        return float(max(self.lifecycle_soft_time_limit - SHUTDOWN_MARGIN, 0))
 
     def time_limits(self) -> tuple[tuple[str, int, int], ...]:
         """(task name, soft limit, hard limit) of every compute task."""
@@ -149,6 +177,7 @@ class ComputeConfig:
             (contract.COMPUTE_SPAWN, self.spawn_soft_time_limit, self.spawn_time_limit),
             (contract.COMPUTE_TERMINATE, self.terminate_soft_time_limit, self.terminate_time_limit),
             (contract.COMPUTE_CONSOLE_OUTPUT, self.console_soft_time_limit, self.console_time_limit),
+            *((name, self.lifecycle_soft_time_limit, self.lifecycle_time_limit) for name in LIFECYCLE_TASKS),
         )
 
     @property

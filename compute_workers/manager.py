@@ -5,7 +5,9 @@ driver, classifies failures, and reports to the conductor through a :class:`Repo
 raises for an operation's failure (that is reported), so a task is acknowledged once its outcome has
 been sent. Operations on one instance are serialized within the process (a terminate that arrives
 during a spawn waits for it), and every operation is safe to run twice: Redis redelivers
-unacknowledged tasks.
+unacknowledged tasks. Spawn and terminate converge by the domain's name; lifecycle operations also
+converge (starting a running domain does nothing) and a completed action is never run again (see
+:mod:`compute_workers.journal`): a second reboot is not a no-op, so convergence alone is not enough.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +24,14 @@ from compute_workers.config import ComputeConfig
 from compute_workers.exception import (
     ComputeError,
     ConsoleUnavailable,
+    InstanceInvalidState,
     InstanceNotFound,
     InvalidInstanceUUID,
 )
 from compute_workers.images import ImageCache
+from compute_workers.journal import ActionJournal
 from compute_workers.locks import KeyedLock
+from compute_workers.power_events import PowerStateEvents
 from compute_workers.reporter import Reporter
 from compute_workers.virt.driver import ComputeDriver, checked_uuid
 
@@ -35,6 +41,25 @@ SPAWNING = "spawning"
 DELETING = "deleting"
 FAULT_DETAILS_MAX = 16 * 1024
 MAX_CONSOLE_LINES = 10_000
+
+RUNNING, PAUSED, SUSPENDED = contract.POWER_RUNNING, contract.POWER_PAUSED, contract.POWER_SUSPENDED
+SHUTDOWN = contract.POWER_SHUTDOWN
+
+# The contract's truth after a failure: vm_state from the domain's real power state.
+VM_STATE_OF_POWER_STATE = {
+    RUNNING: "active",
+    PAUSED: "paused",
+    SUSPENDED: "suspended",
+    SHUTDOWN: "stopped",
+    contract.POWER_CRASHED: "stopped",
+    contract.POWER_NOSTATE: "error",
+}
+
+
+def _target(power_state: str) -> dict[str, Any]:
+    return {"vm_state": VM_STATE_OF_POWER_STATE[power_state], "task_state": None,
+            "power_state": power_state}
+
 
 
 def fault_from(exc: BaseException, host: str) -> dict[str, Any]:
@@ -65,6 +90,8 @@ class ComputeManager:
         self.images = ImageCache(config.instances_path / "_base", token=config.service_token,
                                  timeout=config.image_download_timeout)
         self._instance_locks = KeyedLock()
+        self.journal = ActionJournal(config.instances_path)
+        self._power_events: PowerStateEvents | None = None
 
     def init_host(self) -> None:
         """Connect the driver and log what the host runs; raises if the hypervisor is unusable."""
@@ -79,10 +106,11 @@ class ComputeManager:
     # Reports ---------------------------------------------------------------------------------------
 
     def _update(self, instance_uuid: str, expected_task_state: str | None, values: dict[str, Any], *,
-                event: dict[str, Any] | None = None, fault: dict[str, Any] | None = None) -> None:
+                event: dict[str, Any] | None = None, fault: dict[str, Any] | None = None,
+                action_id: int | None = None) -> None:
         self.reporter.report(contract.CONDUCTOR_INSTANCE_UPDATE, instance_uuid=instance_uuid, host=self.host,
                              expected_task_state=expected_task_state, values=values, event=event,
-                             fault=fault)
+                             fault=fault, action_id=action_id)
 
     @staticmethod
     def _event(name: str, result: str, message: str) -> dict[str, Any]:
@@ -149,7 +177,7 @@ class ComputeManager:
             elif power_state != contract.POWER_RUNNING:
                 LOG.warning("spawn of %s: its domain exists but is %s; starting it", instance_uuid,
                             power_state)
-                self.driver.power_on(instance_uuid)
+                self.driver.power_on(instance_uuid, spec)
             power_state = self.driver.get_info(instance_uuid)
         except Exception as exc:
             # Not build_failed: that would reschedule while the domain stays here.
@@ -229,6 +257,273 @@ class ComputeManager:
         except (ComputeError, OSError) as exc:
             LOG.error("console output of %s failed: %s", instance_uuid, exc)
             return {"error": "ConsoleUnavailable", "message": str(exc)}
+
+    # Lifecycle operations ----------------------------------------------------------------------------
+    #
+    # Each one: a redelivered action (its id in the journal) does nothing; otherwise the event is
+    # opened ("start"), the operation converges to its target (already there: nothing done, success),
+    # the action is journaled, then the event is closed with "success" and the target values, or with
+    # "error", the truth read from the hypervisor and a fault. Never raises.
+
+    def reboot_instance(self, instance_uuid: str, action_id: int | None, reboot_type: str,
+                        spec: dict[str, Any] | None) -> None:
+        """SOFT: ACPI shutdown, wait up to COMPUTE_CLEAN_SHUTDOWN_TIMEOUT, start again from the
+        definition regenerated from ``spec``; a guest that is not running or does not shut down in time
+        is rebooted hard (event ``fallback_to_hard_reboot``). HARD: destroy, regenerate, start."""
+        hard = reboot_type == contract.REBOOT_HARD
+        task_state = "rebooting_hard" if hard else "rebooting"
+
+        def run() -> str:
+            if reboot_type not in (contract.REBOOT_SOFT, contract.REBOOT_HARD):
+                raise contract.SpecError(f"unknown reboot type {reboot_type!r}: expected "
+                                         f"{contract.REBOOT_SOFT} or {contract.REBOOT_HARD}")
+            checked = self._checked_spec(instance_uuid, spec)
+            state = self._power_state_or_none(instance_uuid)
+            if hard:
+                return self._hard_reboot(instance_uuid, checked, state)
+            if state != RUNNING:
+                why = (f"domain {contract.domain_name(instance_uuid)} is not defined on host {self.host}"
+                       if state is None else f"guest is {state}, not running")
+                return self._fall_back_to_hard_reboot(instance_uuid, action_id, task_state, checked,
+                                                      state, f"{why}; hard rebooting")
+            timeout = self.config.clean_shutdown_timeout
+            started = time.monotonic()
+            if not self.driver.shutdown(instance_uuid, timeout):
+                return self._fall_back_to_hard_reboot(
+                    instance_uuid, action_id, task_state, checked, state,
+                    f"guest did not shut down within {timeout:g} s after the ACPI request; hard rebooting")
+            shut_down = time.monotonic() - started
+            self.driver.power_on(instance_uuid, checked)
+            return (f"guest shut down cleanly in {shut_down:.1f} s and was started again; rebooted in "
+                    f"{time.monotonic() - started:.1f} s")
+
+        self._lifecycle(instance_uuid, action_id, "compute_reboot_instance", task_state,
+                        f"{reboot_type} reboot of {contract.domain_name(instance_uuid)} on {self.host}",
+                        _target(RUNNING), run)
+
+    def _fall_back_to_hard_reboot(self, instance_uuid: str, action_id: int | None, task_state: str,
+                                  spec: dict[str, Any] | None, state: str | None, message: str) -> str:
+        LOG.warning("soft reboot of %s: %s", instance_uuid, message)
+        self._update(instance_uuid, task_state, {}, action_id=action_id,
+                     event=self._event("fallback_to_hard_reboot", "success", message))
+        return self._hard_reboot(instance_uuid, spec, state)
+
+    def _hard_reboot(self, instance_uuid: str, spec: dict[str, Any] | None, state: str | None) -> str:
+        started = time.monotonic()
+        self.driver.hard_reboot(instance_uuid, spec)
+        seconds = time.monotonic() - started
+        if state is None:
+            return (f"domain {contract.domain_name(instance_uuid)} was not defined on host {self.host}; "
+                    f"defined again from the spec and started in {seconds:.1f} s")
+        return f"domain destroyed and started again from its regenerated definition in {seconds:.1f} s"
+
+    def power_off_instance(self, instance_uuid: str, action_id: int | None, timeout: float | None) -> None:
+        """ACPI shutdown, wait up to ``timeout`` seconds (0: none), then force the domain off; it
+        stays defined. A suspended instance's saved memory is discarded (it ends shut off)."""
+
+        def run() -> str:
+            wait = self._shutdown_timeout(timeout)
+            state = self.driver.get_info(instance_uuid)
+            if state == SHUTDOWN:
+                return f"domain was already shut off on host {self.host}; nothing to do"
+            started = time.monotonic()
+            clean = self.driver.power_off(instance_uuid, wait)
+            seconds = time.monotonic() - started
+            if state == SUSPENDED:
+                return f"saved memory state discarded; domain shut off in {seconds:.1f} s"
+            if clean:
+                return f"guest shut down cleanly in {seconds:.1f} s"
+            if state != RUNNING:
+                return f"guest was {state} and cannot act on an ACPI request; forced off in {seconds:.1f} s"
+            if wait == 0:
+                return f"forced off in {seconds:.1f} s (timeout 0: no clean shutdown asked)"
+            return f"guest did not shut down within {wait:g} s; forced off"
+
+        self._lifecycle(instance_uuid, action_id, "compute_stop_instance", "powering_off",
+                        f"powering off {contract.domain_name(instance_uuid)} on {self.host}",
+                        _target(SHUTDOWN), run)
+
+    def power_on_instance(self, instance_uuid: str, action_id: int | None,
+                          spec: dict[str, Any] | None) -> None:
+        """Start from the definition regenerated from ``spec`` (a saved memory state, if any, is
+        restored as it is); a paused domain is unpaused; a lost definition is recreated."""
+
+        def run() -> str:
+            checked = self._checked_spec(instance_uuid, spec)
+            state = self._power_state_or_none(instance_uuid)
+            if state == RUNNING:
+                return f"domain was already running on host {self.host}; nothing to do"
+            started = time.monotonic()
+            self.driver.power_on(instance_uuid, checked)
+            seconds = time.monotonic() - started
+            if state is None:
+                return (f"domain {contract.domain_name(instance_uuid)} was not defined on host {self.host}; "
+                        f"defined again from the spec and started in {seconds:.1f} s")
+            if state == SUSPENDED:
+                return f"started from its saved memory state in {seconds:.1f} s"
+            if state == PAUSED:
+                return f"guest was paused; unpaused in {seconds:.1f} s"
+            return f"domain started from its regenerated definition in {seconds:.1f} s"
+
+        self._lifecycle(instance_uuid, action_id, "compute_start_instance", "powering_on",
+                        f"powering on {contract.domain_name(instance_uuid)} on {self.host}",
+                        _target(RUNNING), run)
+
+    def pause_instance(self, instance_uuid: str, action_id: int | None) -> None:
+        """Freeze the vCPUs (libvirt suspend)."""
+        self._simple_lifecycle(instance_uuid, action_id, "pause", "pausing", PAUSED, {
+            RUNNING: (self.driver.pause, "vCPUs paused")}, hint="start or resume it first")
+
+    def unpause_instance(self, instance_uuid: str, action_id: int | None) -> None:
+        """Let the vCPUs run again (libvirt resume)."""
+        self._simple_lifecycle(instance_uuid, action_id, "unpause", "unpausing", RUNNING, {
+            PAUSED: (self.driver.unpause, "vCPUs running again")},
+            hint="only a paused instance can be unpaused")
+
+    def suspend_instance(self, instance_uuid: str, action_id: int | None) -> None:
+        """Save the memory to disk and stop the domain (libvirt managed save)."""
+        self._simple_lifecycle(instance_uuid, action_id, "suspend", "suspending", SUSPENDED, {
+            RUNNING: (self.driver.suspend, "memory saved to disk and domain stopped"),
+            PAUSED: (self.driver.suspend, "memory of the paused guest saved to disk and domain stopped")},
+            hint="a shut-off instance has no memory to save")
+
+    def resume_instance(self, instance_uuid: str, action_id: int | None) -> None:
+        """Restore a suspended domain from its saved memory; a paused one is unpaused."""
+        self._simple_lifecycle(instance_uuid, action_id, "resume", "resuming", RUNNING, {
+            SUSPENDED: (self.driver.resume, "memory restored from disk; guest running again"),
+            PAUSED: (self.driver.unpause, "guest was paused, not suspended; unpaused")},
+            hint="it has no saved memory state; start it instead")
+
+    def _simple_lifecycle(self, instance_uuid: str, action_id: int | None, verb: str, task_state: str,
+                          target: str, moves: Mapping[str, tuple[Callable[[str], None], str]], *,
+                          hint: str) -> None:
+        """An operation that only moves the domain from the states in ``moves`` to ``target``."""
+
+        def run() -> str:
+            state = self.driver.get_info(instance_uuid)
+            if state == target:
+                return f"domain was already {target} on host {self.host}; nothing to do"
+            if state not in moves:
+                raise InstanceInvalidState(f"cannot {verb} instance {instance_uuid}: its domain is {state} "
+                                           f"on host {self.host}; {hint}")
+            operation, done = moves[state]
+            started = time.monotonic()
+            operation(instance_uuid)
+            return f"{done} in {time.monotonic() - started:.1f} s"
+
+        self._lifecycle(instance_uuid, action_id, f"compute_{verb}_instance", task_state,
+                        f"{verb} {contract.domain_name(instance_uuid)} on {self.host}", _target(target), run)
+
+    def _lifecycle(self, instance_uuid: str, action_id: int | None, event: str, task_state: str,
+                   start_message: str, target: dict[str, Any], run: Callable[[], str]) -> None:
+        try:
+            checked_uuid(instance_uuid)
+        except InvalidInstanceUUID:
+            LOG.error("%s refused: invalid instance uuid %r (no instance can have it)", event, instance_uuid)
+            return
+        if action_id is not None and (not isinstance(action_id, int) or isinstance(action_id, bool)):
+            LOG.error("%s of %s: action id %r is not an integer; running it without the redelivery "
+                      "journal", event, instance_uuid, action_id)
+            action_id = None
+        with self._instance_locks.hold(instance_uuid):
+            if action_id is not None and self.journal.done(instance_uuid, action_id):
+                LOG.info("action %s already done on this host; redelivered task ignored (%s of %s)",
+                         action_id, event, instance_uuid)
+                return
+            if action_id is None:
+                LOG.warning("%s of %s carries no action id: a redelivery of it would run again", event,
+                            instance_uuid)
+            self._update(instance_uuid, task_state, {}, action_id=action_id,
+                         event=self._event(event, "start", start_message))
+            try:
+                message = run()
+            except Exception as exc:
+                values = self._truth(instance_uuid)
+                fault = fault_from(exc, self.host)
+                if isinstance(exc, InstanceNotFound):
+                    fault["message"] = (f"domain {contract.domain_name(instance_uuid)} does not exist on "
+                                        f"host {self.host}")
+                LOG.error("%s of %s failed on %s: %s", event, instance_uuid, self.host, fault["message"],
+                          exc_info=not isinstance(exc, ComputeError | contract.SpecError))
+                self._journal(instance_uuid, action_id, "error")
+                self._update(instance_uuid, task_state, values, action_id=action_id, fault=fault,
+                             event=self._event(event, "error", fault["message"]))
+                return
+            LOG.info("%s of %s: %s", event, instance_uuid, message)
+            self._journal(instance_uuid, action_id, "success")
+            self._update(instance_uuid, task_state, target, action_id=action_id,
+                         event=self._event(event, "success", message))
+
+    def _journal(self, instance_uuid: str, action_id: int | None, result: str) -> None:
+        if action_id is None:
+            return
+        try:
+            self.journal.record(instance_uuid, action_id, result)
+        except OSError as exc:  # the outcome must still be reported
+            LOG.error("cannot journal action %s of %s (%s): a redelivery of it would run again",
+                      action_id, instance_uuid, exc)
+
+    def _truth(self, instance_uuid: str) -> dict[str, Any]:
+        """The values of a failed operation: what the hypervisor says now; only task_state None when
+        it cannot say (the conductor keeps the rest as it was)."""
+        try:
+            return _target(self.driver.get_info(instance_uuid))
+        except InstanceNotFound:
+            return _target(contract.POWER_NOSTATE)
+        except Exception as exc:
+            LOG.warning("cannot read the power state of %s after a failure: %s", instance_uuid, exc)
+            return {"task_state": None}
+
+    def _checked_spec(self, instance_uuid: str, spec: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The spec to regenerate the definition from; None (or {}) keeps the current definition."""
+        if not spec:
+            LOG.warning("no spec for %s: its current domain definition is kept", instance_uuid)
+            return None
+        contract.validate_spec(spec)
+        if spec["instance_uuid"] != instance_uuid:
+            raise contract.SpecError(f"spec is for instance {spec['instance_uuid']}, not {instance_uuid}")
+        return spec
+
+    def _shutdown_timeout(self, timeout: float | None) -> float:
+        """A power off's wait: the task's ``timeout``, COMPUTE_CLEAN_SHUTDOWN_TIMEOUT when it has none,
+        capped so that the task ends within its time limit."""
+        if timeout is None:
+            return self.config.clean_shutdown_timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout >= 0:
+            LOG.warning("invalid power off timeout %r; waiting COMPUTE_CLEAN_SHUTDOWN_TIMEOUT (%g s)",
+                        timeout, self.config.clean_shutdown_timeout)
+            return self.config.clean_shutdown_timeout
+        if timeout > self.config.max_shutdown_timeout:
+            LOG.warning("power off timeout %g s capped at %g s (COMPUTE_LIFECYCLE_SOFT_TIME_LIMIT - 30)",
+                        timeout, self.config.max_shutdown_timeout)
+            return self.config.max_shutdown_timeout
+        return float(timeout)
+
+    # Host ------------------------------------------------------------------------------------------
+
+    def watch_power_states(self) -> None:
+        """Send ``conductor.power_state_update`` on every lifecycle event of an instance's domain."""
+        if self._power_events is not None:
+            return
+        if not self.driver.capabilities["supports_lifecycle_events"]:
+            LOG.warning("driver %s has no lifecycle events: power states reach the conductor only with "
+                        "the heartbeat", self.driver.name)
+            return
+        self._power_events = PowerStateEvents(self.host, self.driver, self.reporter)
+        self._power_events.start()
+        self.driver.register_lifecycle_callback(self._power_events.notify)
+
+    def close(self) -> None:
+        """Stop the power-state events and release the hypervisor connection."""
+        if self._power_events is not None:
+            self.driver.register_lifecycle_callback(None)
+            self._power_events.stop()
+            self._power_events = None
+        self.driver.close()
+
+    def host_init(self) -> None:
+        """``conductor.host_init``: what this host runs, once at start, before any task is consumed."""
+        self.reporter.report(contract.CONDUCTOR_HOST_INIT, host=self.host, resources=self.resources())
 
     def resources(self) -> dict[str, Any]:
         """The heartbeat's resources: the driver's totals plus what only the worker knows."""

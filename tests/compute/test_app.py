@@ -60,6 +60,35 @@ def test_tasks_are_registered_with_contract_names_and_limits(tmp_path: Path, mak
         {"instance_uuid": spec["instance_uuid"], "host": HOST}]
 
 
+def test_lifecycle_tasks_take_the_contract_kwargs(tmp_path: Path, make_spec: SpecFactory) -> None:
+    manager, reporter = make_manager(FakeDriver(), tmp_path)
+    app = create_app(manager.config)
+    register_tasks(app, manager)
+    app.finalize()
+    spec = make_spec()
+    uuid = spec["instance_uuid"]
+    manager.spawn(spec)
+    reporter.reports.clear()
+    calls: list[tuple[str, dict[str, Any]]] = [
+        (contract.COMPUTE_REBOOT, {"reboot_type": "SOFT", "spec": spec}),
+        (contract.COMPUTE_REBOOT, {"reboot_type": "HARD", "spec": spec}),
+        (contract.COMPUTE_PAUSE, {}), (contract.COMPUTE_UNPAUSE, {}),
+        (contract.COMPUTE_SUSPEND, {}), (contract.COMPUTE_RESUME, {}),
+        (contract.COMPUTE_POWER_OFF, {"timeout": 30}), (contract.COMPUTE_POWER_ON, {"spec": spec}),
+    ]
+    for action_id, (name, kwargs) in enumerate(calls, start=1):
+        task = app.tasks[name]
+        assert (task.soft_time_limit, task.time_limit) == (300, 360) and task.ignore_result
+        task.run(instance_uuid=uuid, action_id=action_id, **kwargs)
+    results = [update for update in reporter.named(contract.CONDUCTOR_INSTANCE_UPDATE)
+               if update["event"]["result"] != "start"]
+    assert [(u["event"]["name"], u["event"]["result"], u["action_id"]) for u in results] == [
+        ("compute_reboot_instance", "success", 1), ("compute_reboot_instance", "success", 2),
+        ("compute_pause_instance", "success", 3), ("compute_unpause_instance", "success", 4),
+        ("compute_suspend_instance", "success", 5), ("compute_resume_instance", "success", 6),
+        ("compute_stop_instance", "success", 7), ("compute_start_instance", "success", 8)]
+
+
 class RecordingApp:
     def __init__(self) -> None:
         self.sent: list[tuple[str, dict[str, Any]]] = []

@@ -26,6 +26,8 @@ def test_defaults() -> None:
     assert (config.heartbeat_interval, config.concurrency) == (5.0, 4)
     assert (config.reserved_host_memory_mb, config.reserved_host_disk_gb) == (512, 0)
     assert config.image_download_timeout == 300.0
+    assert config.clean_shutdown_timeout == 60.0
+    assert (config.lifecycle_soft_time_limit, config.lifecycle_time_limit) == (300, 360)
     assert config.visibility_timeout > max(hard for _, _, hard in config.time_limits())
     assert config.queue == f"compute.{socket.gethostname()}"
 
@@ -42,6 +44,7 @@ def test_environment_and_overrides() -> None:
     ("COMPUTE_CONCURRENCY", "four"), ("COMPUTE_CONCURRENCY", "0"), ("COMPUTE_HEARTBEAT_INTERVAL", "-1"),
     ("COMPUTE_DRIVER", "xen"), ("COMPUTE_VIRT_TYPE", "hvf"), ("COMPUTE_HOST", "two words"),
     ("COMPUTE_RESERVED_HOST_MEMORY_MB", "-5"), ("CELERY_BROKER_URL", " "),
+    ("COMPUTE_CLEAN_SHUTDOWN_TIMEOUT", "-1"), ("COMPUTE_CLEAN_SHUTDOWN_TIMEOUT", "nan"),
 ])
 def test_malformed_values_name_the_variable(variable: str, value: str) -> None:
     with pytest.raises(ConfigError, match=variable):
@@ -53,6 +56,19 @@ def test_time_limits_must_stay_below_the_visibility_timeout() -> None:
         ComputeConfig.from_env(environ={"COMPUTE_VISIBILITY_TIMEOUT": "600"})
     with pytest.raises(ConfigError, match="COMPUTE_TERMINATE_SOFT_TIME_LIMIT"):
         ComputeConfig.from_env(environ={"COMPUTE_TERMINATE_SOFT_TIME_LIMIT": "500"})
+
+
+def test_the_clean_shutdown_wait_must_fit_in_a_lifecycle_task() -> None:
+    config = ComputeConfig.from_env(environ={"COMPUTE_CLEAN_SHUTDOWN_TIMEOUT": "0"})
+    assert config.clean_shutdown_timeout == 0  # soft reboots are then always hard ones
+    with pytest.raises(ConfigError, match=r"COMPUTE_CLEAN_SHUTDOWN_TIMEOUT \(280 s\) must be at most "
+                                          r"COMPUTE_LIFECYCLE_SOFT_TIME_LIMIT - 30 \(270 s\)"):
+        ComputeConfig.from_env(environ={"COMPUTE_CLEAN_SHUTDOWN_TIMEOUT": "280"})
+    with pytest.raises(ConfigError, match="COMPUTE_LIFECYCLE_SOFT_TIME_LIMIT"):
+        ComputeConfig.from_env(environ={"COMPUTE_LIFECYCLE_SOFT_TIME_LIMIT": "400"})
+    with pytest.raises(ConfigError, match="must exceed COMPUTE_LIFECYCLE_TIME_LIMIT"):
+        ComputeConfig.from_env(environ={"COMPUTE_LIFECYCLE_SOFT_TIME_LIMIT": "7000",
+                                        "COMPUTE_LIFECYCLE_TIME_LIMIT": "8000"})
 
 
 def test_the_token_is_not_in_the_repr() -> None:

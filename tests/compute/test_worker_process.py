@@ -55,16 +55,24 @@ def test_an_unreachable_hypervisor_stops_the_worker_at_start(tmp_path: Path) -> 
 
 
 class ConductorQueue:
-    """Reads what workers send to the ``conductor`` queue of the test broker."""
+    """Reads what workers send to the ``conductor`` queue of the test broker, in order; each message
+    is returned by at most one wait_for."""
 
     def __init__(self) -> None:
         self.connection = Connection(BROKER)
         self.queue = self.connection.SimpleQueue(contract.CONDUCTOR_QUEUE)
         self.queue.clear()
+        self.unclaimed: list[tuple[str, dict[str, Any]]] = []
 
     def wait_for(self, task_name: str, timeout: float = 20.0, **match: Any) -> dict[str, Any]:
+        def matches(name: str, kwargs: dict[str, Any]) -> bool:
+            return name == task_name and all(kwargs.get(k) == v for k, v in match.items())
+
+        for index, (name, kwargs) in enumerate(self.unclaimed):
+            if matches(name, kwargs):
+                del self.unclaimed[index]
+                return kwargs
         deadline = time.monotonic() + timeout
-        seen = []
         while time.monotonic() < deadline:
             try:
                 message = self.queue.get(block=True, timeout=0.5)
@@ -72,10 +80,10 @@ class ConductorQueue:
                 continue
             message.ack()
             _args, kwargs, _embed = message.decode()
-            seen.append((message.headers["task"], kwargs))
-            if message.headers["task"] == task_name and all(kwargs.get(k) == v for k, v in match.items()):
+            if matches(message.headers["task"], kwargs):
                 return dict(kwargs)
-        raise AssertionError(f"no {task_name} {match} within {timeout} s; seen: {seen}")
+            self.unclaimed.append((message.headers["task"], dict(kwargs)))
+        raise AssertionError(f"no {task_name} {match} within {timeout} s; seen: {self.unclaimed}")
 
     def close(self) -> None:
         self.queue.close()
@@ -106,6 +114,9 @@ def worker() -> Iterator[tuple[str, subprocess.Popen[str], ConductorQueue]]:
 def test_worker_serves_its_queue_heartbeats_and_stops_on_sigterm(
         worker: tuple[str, subprocess.Popen[str], ConductorQueue], make_spec: SpecFactory) -> None:
     host, process, conductor = worker
+    init = conductor.wait_for(contract.CONDUCTOR_HOST_INIT, host=host)
+    assert set(init["resources"]) == set(contract.HEARTBEAT_RESOURCE_KEYS)
+    assert init["resources"]["instances"] == {}
     beat = conductor.wait_for(contract.CONDUCTOR_HOST_HEARTBEAT, host=host)
     assert set(beat["resources"]) == set(contract.HEARTBEAT_RESOURCE_KEYS)
     assert (beat["resources"]["vcpus"], beat["resources"]["memory_mb"], beat["resources"]["disk_gb"]) == (
@@ -131,6 +142,16 @@ def test_worker_serves_its_queue_heartbeats_and_stops_on_sigterm(
 
     beat = conductor.wait_for(contract.CONDUCTOR_HOST_HEARTBEAT, host=host)
     assert beat["resources"]["instances"] == {spec["instance_uuid"]: "running"}
+
+    client.send_task(contract.COMPUTE_PAUSE, kwargs={"instance_uuid": spec["instance_uuid"], "action_id": 12},
+                     queue=queue)
+    paused = {"vm_state": "paused", "task_state": None, "power_state": "paused"}
+    update = conductor.wait_for(contract.CONDUCTOR_INSTANCE_UPDATE, instance_uuid=spec["instance_uuid"],
+                                values=paused)
+    assert update["action_id"] == 12 and update["event"]["name"] == "compute_pause_instance"
+    event = conductor.wait_for(contract.CONDUCTOR_POWER_STATE_UPDATE, instance_uuid=spec["instance_uuid"],
+                               power_state="paused")
+    assert event["host"] == host and abs(event["observed_at"] - time.time()) < 20
 
     client.send_task(contract.COMPUTE_TERMINATE, kwargs={"instance_uuid": spec["instance_uuid"]}, queue=queue)
     assert conductor.wait_for(contract.CONDUCTOR_INSTANCE_DESTROYED,
