@@ -3,25 +3,29 @@
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from pathlib import Path
 
 import libvirt
 import pytest
 
 from compute_workers import contract
-from compute_workers.exception import ConsoleUnavailable, HypervisorError
+from compute_workers.exception import ConsoleUnavailable, HypervisorError, InstanceNotFound
+from compute_workers.virt.libvirt import driver as libvirt_driver
 from compute_workers.virt.libvirt import host
 from compute_workers.virt.libvirt.domain import METADATA_NS, build_domain_xml
 from compute_workers.virt.libvirt.driver import LibvirtDriver
 
 from .conftest import SpecFactory, make_manager
+from .test_driver_contract import wait_until
 
 
 @pytest.fixture
-def driver(tmp_path: Path) -> LibvirtDriver:
+def driver(tmp_path: Path) -> Iterator[LibvirtDriver]:
     driver = LibvirtDriver("test:///default", tmp_path / "instances")
     driver.init_host()
-    return driver
+    yield driver
+    driver.close()
 
 
 def domain_xml(driver: LibvirtDriver, instance_uuid: str) -> ET.Element:
@@ -190,3 +194,62 @@ def test_power_state_mapping_is_novas() -> None:
     assert host.power_state(libvirt.VIR_DOMAIN_PMSUSPENDED) == contract.POWER_SUSPENDED
     assert host.power_state(libvirt.VIR_DOMAIN_NOSTATE) == contract.POWER_NOSTATE
     assert set(host.LIBVIRT_POWER_STATE.values()) == set(contract.POWER_STATES)
+
+
+def test_lifecycle_events_are_registered_again_after_a_reconnect(
+        driver: LibvirtDriver, make_spec: SpecFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    heard: list[str] = []
+    spec = make_spec()
+    uuid = spec["instance_uuid"]
+    driver.spawn(spec, None)
+    driver.register_lifecycle_callback(heard.append)
+    try:
+        old = driver.conn
+        driver.pause(uuid)
+        wait_until(lambda: uuid in heard)
+        alive = libvirt_driver._alive
+        monkeypatch.setattr(libvirt_driver, "_alive", lambda conn: conn is not old and alive(conn))
+        heard.clear()
+        driver.list_instances()  # the next call reconnects
+        assert driver.conn is not old
+        with pytest.raises(libvirt.libvirtError):
+            old.isAlive()  # closed
+        assert heard == [uuid]  # events may have been missed: every instance counts as changed
+        heard.clear()
+        driver.unpause(uuid)
+        wait_until(lambda: uuid in heard)
+    finally:
+        driver.destroy(uuid)
+        driver.close()
+
+
+def test_a_suspended_domain_is_shut_off_with_a_save_image(driver: LibvirtDriver,
+                                                          make_spec: SpecFactory) -> None:
+    spec = make_spec()
+    uuid = spec["instance_uuid"]
+    driver.spawn(spec, None)
+    driver.suspend(uuid)
+    domain = driver.conn.lookupByName(contract.domain_name(uuid))
+    assert domain.state()[0] == libvirt.VIR_DOMAIN_SHUTOFF and domain.hasManagedSaveImage(0)
+    assert driver.get_info(uuid) == contract.POWER_SUSPENDED
+    domain.managedSaveRemove(0)  # libvirt keeps the shutoff reason "saved": the image decides
+    assert domain.state() == [libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_SHUTOFF_SAVED]
+    assert driver.get_info(uuid) == contract.POWER_SHUTDOWN
+    driver.destroy(uuid)
+
+
+def test_recreating_a_lost_domain_needs_its_files(driver: LibvirtDriver, make_spec: SpecFactory) -> None:
+    spec = make_spec()
+    uuid = spec["instance_uuid"]
+    driver.spawn(spec, None)
+    domain = driver.conn.lookupByName(contract.domain_name(uuid))
+    domain.destroy()
+    domain.undefine()
+    (driver.instance_dir(uuid) / "libvirt.xml").unlink()
+    with pytest.raises(InstanceNotFound):
+        driver.hard_reboot(uuid, spec)
+    with pytest.raises(InstanceNotFound):
+        driver.power_on(uuid, spec)
+    with pytest.raises(InstanceNotFound):
+        driver.power_on(uuid, None)  # without a spec nothing can be recreated
+    assert driver.list_instances() == {}

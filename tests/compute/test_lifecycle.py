@@ -49,7 +49,7 @@ OPERATIONS: dict[str, tuple[str, str, dict[str, Any], Callable[..., None]]] = {
     "resume": ("compute_resume_instance", "resuming", ACTIVE, lambda m, u, a, spec: m.resume_instance(u, a)),
 }
 # The state each operation starts from in the success tests, reached from a running instance.
-PREPARE: dict[str, Callable[[ComputeManager, str], None]] = {
+PREPARE: dict[str, Callable[[ComputeManager, str], object]] = {
     "reboot_soft": lambda m, u: None,
     "reboot_hard": lambda m, u: None,
     "power_off": lambda m, u: None,
@@ -263,7 +263,12 @@ def test_soft_reboot_falls_back_on_test_libvirt_when_shutdown_is_ignored(
     spec = make_spec()
     uuid = spawned(manager, reporter, spec)
     presses: list[float] = []
-    monkeypatch.setattr(libvirt.virDomain, "shutdown", lambda self: presses.append(time.monotonic()) or 0)
+
+    def ignored(_domain: libvirt.virDomain) -> int:
+        presses.append(time.monotonic())
+        return 0
+
+    monkeypatch.setattr(libvirt.virDomain, "shutdown", ignored)
     monkeypatch.setattr("compute_workers.virt.libvirt.driver.ACPI_RETRY_INTERVAL", 0.1)
     domain_id = driver.conn.lookupByName(contract.domain_name(uuid)).ID()
     try:
@@ -286,8 +291,10 @@ def test_soft_reboot_of_a_guest_that_does_not_run_is_a_hard_one(managed: Managed
     manager, reporter = managed
     spec = make_spec()
     uuid = spawned(manager, reporter, spec)
-    {"power_off": lambda: manager.driver.power_off(uuid, 0), "pause": lambda: manager.driver.pause(uuid),
-     "suspend": lambda: manager.driver.suspend(uuid)}[prepare]()
+    if prepare == "power_off":
+        manager.driver.power_off(uuid, 0)
+    else:
+        getattr(manager.driver, prepare)(uuid)
     manager.reboot_instance(uuid, 1, "SOFT", spec)
     assert updates(reporter)[1]["event"] == {"name": "fallback_to_hard_reboot", "result": "success",
                                              "message": why}

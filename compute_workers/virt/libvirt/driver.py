@@ -174,15 +174,21 @@ class LibvirtDriver(ComputeDriver):
         with self._conn_lock:
             if self._conn is not None and _alive(self._conn):
                 return self._conn
-            reconnect = self._conn is not None
-            if reconnect:
+            lost = self._conn
+            if lost is not None:
                 LOG.warning("libvirt connection to %s lost; reconnecting", self.uri)
-                self._deregister_events(self._conn)
             with _hypervisor_errors(f"cannot connect to libvirt at {self.uri}"):
                 self._conn = libvirt.open(self.uri)
+            if lost is not None:
+                self._deregister_events(lost)
+                with contextlib.suppress(libvirt.libvirtError):
+                    lost.close()
             if self._lifecycle_callback is not None:
-                self._register_events(self._conn)
-                if reconnect:
+                try:
+                    self._register_events(self._conn)
+                except HypervisorError as exc:  # the caller's operation need not fail for it
+                    LOG.error("%s: power states reach the conductor only with the heartbeat", exc)
+                if lost is not None:
                     self._notify_all(self._conn)
             return self._conn
 
@@ -487,6 +493,7 @@ class LibvirtDriver(ComputeDriver):
     # Lifecycle events ---------------------------------------------------------------------------------
 
     def register_lifecycle_callback(self, callback: Callable[[str], None] | None) -> None:
+        start_event_loop()
         with self._conn_lock:
             self._lifecycle_callback = callback
             conn = self._conn
@@ -502,17 +509,21 @@ class LibvirtDriver(ComputeDriver):
         with _hypervisor_errors("cannot register for libvirt lifecycle events"):
             self._event_callback_id = conn.domainEventRegisterAny(
                 None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle_event, None)
-            conn.registerCloseCallback(self._on_connection_closed, None)
         self._events_conn = conn
+        try:
+            conn.registerCloseCallback(self._on_connection_closed, None)
+        except libvirt.libvirtError as exc:  # only a log line is lost
+            LOG.debug("no close callback on %s: %s", self.uri, exc)
 
     def _deregister_events(self, conn: libvirt.virConnect) -> None:
-        if self._events_conn is not conn:
+        registered = self._events_conn
+        if registered is None or registered is not conn:
             return
         self._events_conn = None
         with contextlib.suppress(libvirt.libvirtError):
-            conn.domainEventDeregisterAny(self._event_callback_id)
+            registered.domainEventDeregisterAny(self._event_callback_id)
         with contextlib.suppress(libvirt.libvirtError):
-            conn.unregisterCloseCallback()
+            registered.unregisterCloseCallback()
 
     def _on_lifecycle_event(self, _conn: libvirt.virConnect, domain: libvirt.virDomain, event: int,
                             detail: int, _opaque: object) -> None:
