@@ -135,6 +135,7 @@ HEARTBEAT_RESOURCE_KEYS = (
     "disk_gb_reserved",     # int
     "cpu_info",             # dict: arch, model, vendor, features (list)
     "instances",            # dict: instance uuid -> power state, for every cloudctl domain on the host
+    "observed_at",          # float, the host's time.time() just before it listed the domains
 )
 
 

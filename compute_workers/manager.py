@@ -528,12 +528,14 @@ class ComputeManager:
     def resources(self) -> dict[str, Any]:
         """The heartbeat's resources: the driver's totals plus what only the worker knows."""
         resources = self.driver.get_available_resource()
+        observed_at = time.time()  # before reading the domains: the list is at least this fresh
         resources.update({
             "libvirt_uri": self.config.libvirt_uri,
             "driver": self.driver.name,
             "memory_mb_reserved": self.config.reserved_host_memory_mb,
             "disk_gb_reserved": self.config.reserved_host_disk_gb,
             "instances": self.driver.list_instances(),
+            "observed_at": observed_at,
         })
         return resources
 

@@ -81,6 +81,12 @@ def instance_update(*, instance_uuid: str, host: str, expected_task_state: str |
     if values.get("vm_state") == VmState.ACTIVE and expected_task_state == TaskState.SPAWNING:
         changes["launched_at"] = now
     with transaction.atomic():
+        if action_id is not None and current_action(instance_uuid, action_id) is None:
+            # The action already ended (reaped, or finished by an earlier delivery): a report
+            # about it must not end a newer operation that expects the same task_state.
+            log.info("dropped report from %s for %s: action %s is not running", host,
+                     instance_uuid, action_id)
+            return False
         matched = Instance.objects.filter(uuid=instance_uuid, host__name=host)
         matched = (matched.filter(task_state__isnull=True) if expected_task_state is None
                    else matched.filter(task_state=expected_task_state))

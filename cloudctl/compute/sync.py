@@ -262,8 +262,15 @@ def _reap(instance: Instance, task: str, seconds: int) -> int:
     # The host's last heartbeat is the best truth there is while the host is up: if the task never
     # ran (a wedged worker) it is the state before the task, which is where the server is.
     known = host is not None and host.is_up
-    power_state = (host.reported_instances or {}).get(uuid, PowerState.NOSTATE) if known \
-        else PowerState.NOSTATE
+    power_state, source = PowerState.NOSTATE, ""
+    if known:
+        reported = host.reported_instances or {}
+        if uuid in reported:
+            power_state, source = reported[uuid], "the host last reported the domain"
+        elif host.last_heartbeat is not None and host.last_heartbeat < instance.task_state_since:
+            # No heartbeat since the task started, and the last one predates the domain: the
+            # state the server had when the task started is the last truth there is.
+            power_state, source = instance.power_state, "the domain was last known"
     changes: dict[str, Any] = {"task_state": None}
     if task in (TaskState.SCHEDULING, TaskState.SPAWNING):
         message = f"build timed out: {late}"
@@ -273,8 +280,7 @@ def _reap(instance: Instance, task: str, seconds: int) -> int:
         message = f"{late}; the host is down, so the server is deleted here (local delete)"
     elif known and power_state != PowerState.NOSTATE:
         truth = VM_STATE_FOR_POWER_STATE[PowerState(power_state)]
-        message = (f"{late}; the host last reported the domain {power_state}, so the server is "
-                   f"{truth}")
+        message = f"{late}; {source} {power_state}, so the server is {truth}"
         changes.update(vm_state=truth, power_state=power_state)
     else:
         reason = ("the host is down" if host is None or not host.is_up

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,7 +123,8 @@ def heartbeat(name: str, *, vcpus: int = 4, memory_mb: int = 8192, disk_gb: int 
     resources = {"libvirt_uri": "test:///default", "driver": "fake", "virt_type": "qemu",
                  "hypervisor_type": "QEMU", "hypervisor_version": 7002000, "vcpus": vcpus,
                  "memory_mb": memory_mb, "memory_mb_reserved": 0, "disk_gb": disk_gb,
-                 "disk_gb_reserved": 0, "cpu_info": {"arch": "x86_64"}, "instances": {}}
+                 "disk_gb_reserved": 0, "cpu_info": {"arch": "x86_64"}, "instances": {},
+                 "observed_at": time.time()}
     resources.update(extra)
     assert set(contract.HEARTBEAT_RESOURCE_KEYS) <= set(resources)
     return conductor.host_heartbeat(host=name, resources=resources)

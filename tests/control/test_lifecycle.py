@@ -327,3 +327,33 @@ def test_reaper_with_the_host_down_ends_in_error(api, server):
     assert server.fault["message"] == ("powering_off did not finish within 180 s on host hv1 and "
                                        "the host is down")
     assert TaskState.POWERING_OFF not in Instance.objects.values_list("task_state", flat=True)
+
+
+def test_a_report_about_a_finished_action_is_dropped(api, server):
+    first = act(api, server, "stop").json()["id"]
+    done = dict(instance_uuid=str(server.uuid), host="hv1", expected_task_state="powering_off",
+                values={"vm_state": "stopped", "task_state": None, "power_state": "shutdown"})
+    assert conductor.instance_update(**done, action_id=first)
+    act(api, server, "start")
+    Instance.objects.filter(uuid=server.uuid).update(vm_state="active", task_state=None)
+    act(api, server, "stop")
+    # A late redelivery of the first stop's report must not end the second stop.
+    assert not conductor.instance_update(**done, action_id=first)
+    server.refresh_from_db()
+    assert server.task_state == "powering_off"
+
+
+def test_reaper_falls_back_to_the_last_known_state(api, server, settings):
+    settings.TASK_DEADLINES = {**settings.TASK_DEADLINES, "pausing": 5}
+    act(api, server, "pause")
+    now = timezone.now()
+    Instance.objects.filter(uuid=server.uuid).update(task_state_since=now - timedelta(seconds=10))
+    # The host is up, but its last heartbeat predates the task and the domain (a wedged worker).
+    Host.objects.filter(name="hv1").update(last_heartbeat=now - timedelta(seconds=20),
+                                           reported_instances={})
+    assert sync.reap_expired_tasks() == 1
+    server.refresh_from_db()
+    assert (server.vm_state, server.task_state) == ("active", None)
+    pause = InstanceAction.objects.get(instance=server, action="pause")
+    assert pause.message == ("pausing did not finish within 5 s on host hv1; the domain was last "
+                             "known running, so the server is active")

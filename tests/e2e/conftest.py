@@ -113,6 +113,9 @@ def stack(tiny_image_path: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         "INSTANCES_PATH": str(instances),
         "FLOWER_PORT": str(flower_port),
         "FLOWER_BASIC_AUTH": "flower:e2e-flower",
+        # Short deadlines and a fast reaper, so the test of a stuck task does not wait minutes.
+        "TASK_DEADLINE_PAUSING": "8",
+        "REAPER_INTERVAL": "2",
         "WEB_WORKERS": "2",
         "PYTHONUNBUFFERED": "1",
     })
@@ -172,3 +175,52 @@ def _remove_leftover_domains(instances: Path) -> None:
                 domain.undefine()
     finally:
         conn.close()
+
+
+class ExtraWorker:
+    """A compute worker for a second host name, outside honcho, that a test may SIGKILL,
+    SIGSTOP and restart (honcho would stop every process when one dies)."""
+
+    def __init__(self, stack: Stack, name: str, instances: Path) -> None:
+        self.stack, self.name, self.instances = stack, name, instances
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = instances.parent / f"{name}.log"
+
+    def start(self) -> None:
+        env = {**self.stack.env, "COMPUTE_HOST": self.name, "INSTANCES_PATH": str(self.instances),
+               "COMPUTE_VIRT_TYPE": "qemu"}
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [str(VENV_BIN / "python"), "-m", "compute_workers", "--host", self.name],
+                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+        if signum == signal.SIGKILL:
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@pytest.fixture
+def extra_worker(stack: Stack) -> Iterator[ExtraWorker]:
+    name = f"{stack.host}-b"
+    instances = Path("/var/lib/cloudctl-test") / name
+    instances.mkdir(parents=True, exist_ok=True)
+    worker = ExtraWorker(stack, name, instances)
+    worker.start()
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        _remove_leftover_domains(instances)
+        shutil.rmtree(instances, ignore_errors=True)
