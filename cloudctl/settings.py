@@ -147,12 +147,23 @@ SCHEDULER_MAX_ATTEMPTS = env_int("SCHEDULER_MAX_ATTEMPTS", 3, minimum=1)
 SCHEDULER_ENABLED_FILTERS = env_list(
     "SCHEDULER_ENABLED_FILTERS",
     ["RetryFilter", "AvailabilityZoneFilter", "ComputeFilter", "RamFilter", "DiskFilter",
-     "CoreFilter"],
+     "CoreFilter", "ComputeCapabilitiesFilter", "ImagePropertiesFilter",
+     "ServerGroupAffinityFilter", "ServerGroupAntiAffinityFilter", "SameHostFilter",
+     "DifferentHostFilter"],
 )
-SCHEDULER_WEIGHERS = env_list("SCHEDULER_WEIGHERS", ["RAMWeigher", "CPUWeigher", "DiskWeigher"])
+SCHEDULER_WEIGHERS = env_list("SCHEDULER_WEIGHERS", [
+    "RAMWeigher", "CPUWeigher", "DiskWeigher", "ServerGroupSoftAffinityWeigher",
+    "ServerGroupSoftAntiAffinityWeigher"])
 SCHEDULER_RAM_WEIGHT_MULTIPLIER = env_float("SCHEDULER_RAM_WEIGHT_MULTIPLIER", 1.0)
 SCHEDULER_CPU_WEIGHT_MULTIPLIER = env_float("SCHEDULER_CPU_WEIGHT_MULTIPLIER", 1.0)
 SCHEDULER_DISK_WEIGHT_MULTIPLIER = env_float("SCHEDULER_DISK_WEIGHT_MULTIPLIER", 1.0)
+# The group weighers must outweigh the resource weighers to mean anything (as Nova's defaults).
+SCHEDULER_SOFT_AFFINITY_WEIGHT_MULTIPLIER = env_float("SCHEDULER_SOFT_AFFINITY_WEIGHT_MULTIPLIER",
+                                                      10.0, minimum=0.0)
+SCHEDULER_SOFT_ANTI_AFFINITY_WEIGHT_MULTIPLIER = env_float(
+    "SCHEDULER_SOFT_ANTI_AFFINITY_WEIGHT_MULTIPLIER", 10.0, minimum=0.0)
+# Pick at random among the best N hosts, so concurrent requests spread instead of colliding.
+SCHEDULER_HOST_SUBSET_SIZE = env_int("SCHEDULER_HOST_SUBSET_SIZE", 1, minimum=1)
 CPU_ALLOCATION_RATIO = env_float("CPU_ALLOCATION_RATIO", 16.0, minimum=0.0)
 RAM_ALLOCATION_RATIO = env_float("RAM_ALLOCATION_RATIO", 1.5, minimum=0.0)
 DISK_ALLOCATION_RATIO = env_float("DISK_ALLOCATION_RATIO", 1.0, minimum=0.0)

@@ -4,7 +4,14 @@ from django.contrib import admin
 from django.urls import include, path
 from rest_framework.routers import SimpleRouter
 
-from cloudctl.compute.api import FlavorViewSet, HostViewSet, ServerViewSet
+from cloudctl.compute.api import (
+    AggregateViewSet,
+    AvailabilityZoneView,
+    FlavorViewSet,
+    HostViewSet,
+    ServerGroupViewSet,
+    ServerViewSet,
+)
 from cloudctl.identity.api import TokenView
 from cloudctl.images.api import ImageViewSet
 
@@ -14,6 +21,9 @@ router.register("servers", ServerViewSet, basename="server")
 router.register("flavors", FlavorViewSet, basename="flavor")
 router.register("images", ImageViewSet, basename="image")
 router.register("hosts", HostViewSet, basename="host")
+router.register("server-groups", ServerGroupViewSet, basename="server-group")
+router.register("availability-zones", AvailabilityZoneView, basename="availability-zone")
+router.register("aggregates", AggregateViewSet, basename="aggregate")
 
 urlpatterns = [
     path("api/v1/auth/token/", TokenView.as_view(), name="auth-token"),

@@ -30,8 +30,18 @@ class HostState:
     ram_allocation_ratio: float = 1.5
     disk_allocation_ratio: float = 1.0
     hypervisor_type: str = ""
+    hypervisor_version: int = 0
+    virt_type: str = ""
     cpu_info: dict[str, Any] = field(default_factory=dict)
     disabled_reason: str = ""
+    aggregate_metadata: dict[str, Any] = field(default_factory=dict)
+
+    def capabilities(self) -> dict[str, Any]:
+        """What ComputeCapabilitiesFilter matches flavor extra specs against."""
+        return {"hypervisor_type": self.hypervisor_type,
+                "hypervisor_version": self.hypervisor_version, "virt_type": self.virt_type,
+                "vcpus": self.vcpus, "memory_mb": self.memory_mb, "disk_gb": self.disk_gb,
+                "cpu_info": self.cpu_info, **self.aggregate_metadata}
 
     @property
     def free_ram_mb(self) -> float:
@@ -66,3 +76,11 @@ class RequestSpec:
     ignore_hosts: tuple[str, ...] = ()
     image_properties: dict[str, Any] = field(default_factory=dict)
     flavor_extra_specs: dict[str, Any] = field(default_factory=dict)
+    # Host names resolved from the same_host / different_host hints (server ids).
+    same_host: frozenset[str] | None = None
+    different_host: frozenset[str] = frozenset()
+    # The server group's policy and how many of its members each host already runs.
+    group_policy: str | None = None
+    group_hosts: dict[str, int] = field(default_factory=dict)
+    # An administrator's pinned host; the filters still check it.
+    force_host: str = ""

@@ -9,6 +9,7 @@ usage under a row lock (``SELECT ... FOR UPDATE`` on PostgreSQL; SQLite serialis
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any
 
 from django.conf import settings
@@ -17,12 +18,12 @@ from django.db.models import Count, F, Sum
 
 from cloudctl.compute import rpc
 from cloudctl.compute.conductor import current_action, record_event
-from cloudctl.compute.models import Allocation, Host, Instance
+from cloudctl.compute.models import Aggregate, Allocation, Host, Instance, ServerGroup
 from cloudctl.compute.services import finish_action
 from cloudctl.compute.specs import spawn_spec
 from cloudctl.compute.states import TaskState, VmState
 from compute_workers import contract
-from scheduler.filters import RESOURCE_FILTERS, BaseHostFilter, load_filters
+from scheduler.filters import CLAIM_FILTERS, BaseHostFilter, load_filters
 from scheduler.host_state import HostState, RequestSpec
 from scheduler.selection import NoValidHost, select_hosts
 from scheduler.weighers import BaseWeigher, load_weighers
@@ -39,6 +40,9 @@ def enabled_weighers() -> list[tuple[BaseWeigher, float]]:
         "RAMWeigher": settings.SCHEDULER_RAM_WEIGHT_MULTIPLIER,
         "CPUWeigher": settings.SCHEDULER_CPU_WEIGHT_MULTIPLIER,
         "DiskWeigher": settings.SCHEDULER_DISK_WEIGHT_MULTIPLIER,
+        "ServerGroupSoftAffinityWeigher": settings.SCHEDULER_SOFT_AFFINITY_WEIGHT_MULTIPLIER,
+        "ServerGroupSoftAntiAffinityWeigher":
+            settings.SCHEDULER_SOFT_ANTI_AFFINITY_WEIGHT_MULTIPLIER,
     })
 
 
@@ -50,16 +54,27 @@ def _ratios(host: Host) -> dict[str, float]:
     }
 
 
-def host_state_of(host: Host, usage: dict[str, Any]) -> HostState:
+def host_state_of(host: Host, usage: dict[str, Any],
+                  aggregate_metadata: dict[str, Any] | None = None) -> HostState:
     return HostState(
         name=host.name, availability_zone=host.zone, enabled=host.enabled, is_up=host.is_up,
         vcpus=host.vcpus, memory_mb=host.memory_mb, disk_gb=host.disk_gb,
         memory_mb_reserved=host.memory_mb_reserved, disk_gb_reserved=host.disk_gb_reserved,
         vcpus_used=usage.get("vcpus_used") or 0, memory_mb_used=usage.get("memory_mb_used") or 0,
         disk_gb_used=usage.get("disk_gb_used") or 0, num_instances=usage.get("n") or 0,
-        hypervisor_type=host.hypervisor_type, cpu_info=host.cpu_info,
-        disabled_reason=host.disabled_reason, **_ratios(host),
+        hypervisor_type=host.hypervisor_type, hypervisor_version=host.hypervisor_version,
+        virt_type=host.virt_type, cpu_info=host.cpu_info, disabled_reason=host.disabled_reason,
+        aggregate_metadata=aggregate_metadata or {}, **_ratios(host),
     )
+
+
+def _aggregate_metadata() -> dict[int, dict[str, Any]]:
+    """Each host's aggregates' metadata merged (capabilities the flavor may ask for)."""
+    merged: dict[int, dict[str, Any]] = {}
+    for aggregate in Aggregate.objects.prefetch_related("hosts"):
+        for host in aggregate.hosts.all():
+            merged.setdefault(host.pk, {}).update(aggregate.metadata)
+    return merged
 
 
 def load_host_states() -> list[HostState]:
@@ -68,16 +83,38 @@ def load_host_states() -> list[HostState]:
             vcpus_used=Sum("vcpus"), memory_mb_used=Sum("memory_mb"),
             disk_gb_used=Sum("disk_gb"), n=Count("id"))
     }
-    return [host_state_of(host, usage.get(host.pk, {})) for host in Host.objects.all()]
+    metadata = _aggregate_metadata()
+    return [host_state_of(host, usage.get(host.pk, {}), metadata.get(host.pk))
+            for host in Host.objects.all()]
+
+
+def _hosts_of(server_ids: list[str]) -> frozenset[str]:
+    return frozenset(Instance.objects.filter(uuid__in=server_ids, host__isnull=False)
+                     .exclude(vm_state=VmState.DELETED).values_list("host__name", flat=True))
+
+
+def group_hosts(group_id: Any, exclude: str) -> dict[str, int]:
+    """How many live members of the group each host runs (the instance being placed excluded)."""
+    rows = (Instance.objects.filter(server_group_id=group_id, host__isnull=False)
+            .exclude(vm_state=VmState.DELETED).exclude(uuid=exclude)
+            .values("host__name").annotate(n=Count("uuid")))
+    return {row["host__name"]: row["n"] for row in rows}
 
 
 def request_spec_of(instance: Instance) -> RequestSpec:
+    hints = instance.scheduler_hints or {}
+    group = instance.server_group
     return RequestSpec(
         instance_uuid=str(instance.uuid), vcpus=instance.vcpus, memory_mb=instance.memory_mb,
         root_gb=instance.root_gb, availability_zone=instance.availability_zone,
         project_id=instance.project_id, ignore_hosts=tuple(instance.retry_hosts),
         image_properties=dict(instance.image.properties) if instance.image else {},
         flavor_extra_specs=dict(instance.flavor.extra_specs),
+        same_host=_hosts_of(hints["same_host"]) if hints.get("same_host") else None,
+        different_host=_hosts_of(hints.get("different_host") or []),
+        group_policy=group.policy if group else None,
+        group_hosts=group_hosts(group.pk, str(instance.uuid)) if group else {},
+        force_host=instance.requested_host,
     )
 
 
@@ -88,12 +125,19 @@ class InstanceGone(Exception):
 def claim(instance_uuid: str, host_name: str, spec: RequestSpec) -> bool:
     """Claim ``spec``'s resources on ``host_name`` for the instance. False if they are gone."""
     with transaction.atomic():
+        group_id = (Instance.objects.filter(uuid=instance_uuid)
+                    .values_list("server_group_id", flat=True).first())
+        if group_id is not None:
+            # Members of one group are placed one at a time: lock the group, then re-read where
+            # its members are, so two concurrent anti-affinity members cannot share a host.
+            list(ServerGroup.objects.select_for_update().filter(pk=group_id))
+            spec = replace(spec, group_hosts=group_hosts(group_id, instance_uuid))
         host = Host.objects.select_for_update().get(name=host_name)
         usage = Allocation.objects.filter(host=host).aggregate(
             vcpus_used=Sum("vcpus"), memory_mb_used=Sum("memory_mb"),
             disk_gb_used=Sum("disk_gb"), n=Count("id"))
         fresh = host_state_of(host, usage)
-        if not all(f.host_passes(fresh, spec) for f in RESOURCE_FILTERS):
+        if not all(f.host_passes(fresh, spec) for f in CLAIM_FILTERS):
             return False
         moved = Instance.objects.filter(uuid=instance_uuid, task_state=TaskState.SCHEDULING).change(
             host=host, task_state=TaskState.SPAWNING, attempts=F("attempts") + 1,
@@ -107,14 +151,15 @@ def claim(instance_uuid: str, host_name: str, spec: RequestSpec) -> bool:
 
 def schedule_instance(instance_uuid: str) -> str | None:
     """Place one instance: returns the host name, or None when it ended in ERROR or is gone."""
-    instance = (Instance.objects.select_related("flavor", "image")
+    instance = (Instance.objects.select_related("flavor", "image", "server_group")
                 .filter(uuid=instance_uuid).first())
     if instance is None or instance.task_state != TaskState.SCHEDULING:
         log.info("not scheduling %s: it is no longer waiting for a host", instance_uuid)
         return None
     spec = request_spec_of(instance)
     try:
-        candidates = select_hosts(load_host_states(), spec, enabled_filters(), enabled_weighers())
+        candidates = select_hosts(load_host_states(), spec, enabled_filters(), enabled_weighers(),
+                                  subset_size=settings.SCHEDULER_HOST_SUBSET_SIZE)
         for candidate in candidates:
             if claim(instance_uuid, candidate.name, spec):
                 break

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,12 +48,20 @@ class NoValidHost(Exception):
 
 def select_hosts(hosts: Sequence[HostState], spec: RequestSpec,
                  filters: Sequence[BaseHostFilter],
-                 weighers: Sequence[tuple[BaseWeigher, float]]) -> list[HostState]:
+                 weighers: Sequence[tuple[BaseWeigher, float]],
+                 subset_size: int = 1) -> list[HostState]:
     """Candidate hosts, best first. Raises NoValidHost with the per-filter breakdown."""
     if not hosts:
         raise NoValidHost(total_hosts=0)
     remaining = list(hosts)
     steps: list[FilterStep] = []
+    if spec.force_host:
+        pinned = [h for h in remaining if h.name == spec.force_host]
+        steps.append(FilterStep("RequestedHost", len(remaining), len(pinned),
+                                f"an administrator pinned host {spec.force_host}"))
+        if not pinned:
+            raise NoValidHost(steps=steps, total_hosts=len(hosts))
+        remaining = pinned
     for host_filter in filters:
         passed: list[HostState] = []
         rejected: list[HostState] = []
@@ -65,4 +74,11 @@ def select_hosts(hosts: Sequence[HostState], spec: RequestSpec,
                      spec.instance_uuid, steps[-1].reason)
             raise NoValidHost(steps=steps, total_hosts=len(hosts))
         remaining = passed
-    return [host for host, _ in weigh_hosts(remaining, spec, weighers)]
+    ranked = [host for host, _ in weigh_hosts(remaining, spec, weighers)]
+    if subset_size > 1:
+        # Nova's host_subset_size: pick at random among the best few, so concurrent requests
+        # that see the same weights do not all race for the same host.
+        best = ranked[:subset_size]
+        random.shuffle(best)
+        ranked = best + ranked[subset_size:]
+    return ranked

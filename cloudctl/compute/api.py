@@ -13,7 +13,15 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from cloudctl.compute import services
-from cloudctl.compute.models import Flavor, Host, Instance, InstanceAction, InstanceActionEvent
+from cloudctl.compute.models import (
+    Aggregate,
+    Flavor,
+    Host,
+    Instance,
+    InstanceAction,
+    InstanceActionEvent,
+    ServerGroup,
+)
 from cloudctl.identity.services import is_admin, project_of
 from cloudctl.images.models import Image
 from cloudctl.images.services import images_visible_to
@@ -60,11 +68,56 @@ def _lookup(queryset: QuerySet[Any], ref: str, *, kind: str, id_kind: type) -> A
     raise serializers.ValidationError(f"no {kind} with id or name {ref!r}")
 
 
+class SchedulerHintsSerializer(serializers.Serializer):
+    same_host = serializers.ListField(child=serializers.UUIDField(), required=False,
+                                      allow_empty=False)
+    different_host = serializers.ListField(child=serializers.UUIDField(), required=False,
+                                           allow_empty=False)
+    group = serializers.UUIDField(required=False)
+
+    def to_internal_value(self, data: Any) -> Any:
+        unknown = set(data) - set(self.fields) if isinstance(data, dict) else set()
+        if unknown:
+            raise serializers.ValidationError(
+                f"unknown hint(s) {', '.join(sorted(unknown))}; known: same_host, "
+                "different_host, group")
+        return super().to_internal_value(data)
+
+
 class ServerCreateSerializer(serializers.Serializer):
     name = StrictCharField(max_length=255)
     flavor = IdOrNameField()
     image = IdOrNameField()
     availability_zone = StrictCharField(max_length=255, required=False, default="")
+    scheduler_hints = SchedulerHintsSerializer(required=False)
+    host = StrictCharField(max_length=255, required=False, default="")
+
+    def validate_host(self, value: str) -> str:
+        if value and not is_admin(self.context["request"].user):
+            raise serializers.ValidationError("only administrators may choose a host")
+        return value
+
+    def validate_scheduler_hints(self, hints: dict[str, Any]) -> dict[str, Any]:
+        user = self.context["request"].user
+        visible = services.servers_visible_to(user)
+        for key in ("same_host", "different_host"):
+            ids = hints.get(key) or []
+            found = set(visible.filter(uuid__in=ids).values_list("uuid", flat=True))
+            missing = [str(i) for i in ids if i not in found]
+            if missing:
+                raise serializers.ValidationError(f"{key}: no server {', '.join(missing)}")
+        if "group" in hints:
+            group = services.server_groups_visible_to(user).filter(pk=hints["group"]).first()
+            if group is None:
+                raise serializers.ValidationError(f"group: no server group {hints['group']}")
+            hints["group"] = group
+        return hints
+
+    def service_arguments(self) -> dict[str, Any]:
+        data = dict(self.validated_data)
+        hints = data.pop("scheduler_hints", {}) or {}
+        return {**data, "server_group": hints.get("group"), "same_host": hints.get("same_host"),
+                "different_host": hints.get("different_host")}
 
     def validate_flavor(self, ref: str) -> Flavor:
         user = self.context["request"].user
@@ -84,12 +137,13 @@ class ServerSerializer(serializers.ModelSerializer):
     image = serializers.SerializerMethodField()
     fault = serializers.SerializerMethodField()
     host_status = serializers.SerializerMethodField()
+    server_group = serializers.UUIDField(source="server_group_id", read_only=True)
 
     class Meta:
         model = Instance
         fields = ("id", "name", "status", "vm_state", "task_state", "power_state", "host",
                   "host_status", "availability_zone", "flavor", "image", "fault", "project",
-                  "created", "updated", "launched_at")
+                  "server_group", "created", "updated", "launched_at")
         read_only_fields = fields
 
     def get_flavor(self, instance: Instance) -> dict[str, Any]:
@@ -158,7 +212,7 @@ class ServerViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.G
         body = ServerCreateSerializer(data=request.data, context={"request": request})
         body.is_valid(raise_exception=True)
         instance = services.server_create(
-            user=request.user, project=project_of(request.user), **body.validated_data)
+            user=request.user, project=project_of(request.user), **body.service_arguments())
         instance = self.get_queryset().get(pk=instance.pk)
         return Response(self.get_serializer(instance).data, status=status.HTTP_202_ACCEPTED)
 
@@ -279,6 +333,10 @@ class HostSerializer(serializers.ModelSerializer):
         return "up" if host.is_up else "down"
 
 
+class DisableSerializer(serializers.Serializer):
+    reason = serializers.CharField(max_length=255, required=False, default="", allow_blank=True)
+
+
 class HostViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
     serializer_class = HostSerializer
     permission_classes = [IsAdminUser]
@@ -287,3 +345,112 @@ class HostViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
 
     def get_queryset(self) -> QuerySet[Host]:
         return services.hosts_with_usage()
+
+    def _shown(self, host: Host) -> Response:
+        return Response(self.get_serializer(self.get_queryset().get(pk=host.pk)).data)
+
+    @action(detail=True, methods=["post"])
+    def disable(self, request: Request, name: str | None = None) -> Response:
+        body = DisableSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        return self._shown(services.host_set_enabled(host=self.get_object(), enabled=False,
+                                                     reason=body.validated_data["reason"]))
+
+    @action(detail=True, methods=["post"])
+    def enable(self, request: Request, name: str | None = None) -> Response:
+        return self._shown(services.host_set_enabled(host=self.get_object(), enabled=True))
+
+
+class ServerGroupSerializer(serializers.ModelSerializer):
+    name = StrictCharField(max_length=255)
+    project = serializers.CharField(source="project.name", read_only=True)
+    members = serializers.SerializerMethodField()
+
+    class Meta:
+        model = ServerGroup
+        fields = ("id", "name", "policy", "project", "members", "created")
+        read_only_fields = ("id", "project", "members", "created")
+
+    def get_members(self, group: ServerGroup) -> list[dict[str, Any]]:
+        return [{"id": str(m.uuid), "name": m.name, "status": m.status,
+                 "host": m.host.name if m.host else None}
+                for m in group.members.exclude(vm_state="deleted").select_related("host")]
+
+
+class ServerGroupViewSet(mixins.CreateModelMixin, mixins.ListModelMixin,
+                         mixins.RetrieveModelMixin, mixins.DestroyModelMixin,
+                         viewsets.GenericViewSet):
+    """Nova's os-server-groups: deleting a group leaves its servers running, ungrouped."""
+
+    serializer_class = ServerGroupSerializer
+
+    def get_queryset(self) -> QuerySet[ServerGroup]:
+        return services.server_groups_visible_to(self.request.user)
+
+    def perform_create(self, serializer: ServerGroupSerializer) -> None:
+        serializer.instance = services.server_group_create(
+            user=self.request.user, project=project_of(self.request.user),
+            **serializer.validated_data)
+
+
+class AvailabilityZoneView(viewsets.ViewSet):
+    """Zones; administrators also see each zone's hosts."""
+
+    def list(self, request: Request) -> Response:
+        zones = services.availability_zones()
+        admin = is_admin(request.user)
+        return Response([
+            {"name": name, "available": any(h.is_up and h.enabled for h in hosts),
+             **({"hosts": [h.name for h in hosts]} if admin else {})}
+            for name, hosts in sorted(zones.items())])
+
+
+class AggregateSerializer(serializers.ModelSerializer):
+    name = StrictCharField(max_length=255)
+    availability_zone = StrictCharField(max_length=255, required=False, allow_blank=True)
+    hosts = serializers.SlugRelatedField(slug_field="name", many=True, read_only=True)
+
+    class Meta:
+        model = Aggregate
+        fields = ("id", "name", "availability_zone", "metadata", "hosts", "created")
+        read_only_fields = ("id", "hosts", "created")
+
+    def validate_metadata(self, value: Any) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise serializers.ValidationError("must be an object of key: value")
+        return value
+
+
+class HostRefSerializer(serializers.Serializer):
+    host = StrictCharField(max_length=255)
+
+
+class AggregateViewSet(viewsets.ModelViewSet):
+    serializer_class = AggregateSerializer
+    permission_classes = [IsAdminUser]
+    queryset = Aggregate.objects.prefetch_related("hosts")
+    http_method_names = ["get", "post", "put", "patch", "delete", "head", "options"]
+
+    def perform_update(self, serializer: AggregateSerializer) -> None:
+        serializer.instance = services.aggregate_update(aggregate=serializer.instance,
+                                                        **serializer.validated_data)
+
+    def _host(self, request: Request) -> Host:
+        body = HostRefSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        host = Host.objects.filter(name=body.validated_data["host"]).first()
+        if host is None:
+            raise serializers.ValidationError({"host": [f"no host {body.validated_data['host']!r}"]})
+        return host
+
+    @action(detail=True, methods=["post"], url_path="add-host")
+    def add_host(self, request: Request, pk: str | None = None) -> Response:
+        aggregate = services.aggregate_add_host(aggregate=self.get_object(),
+                                                host=self._host(request))
+        return Response(self.get_serializer(aggregate).data)
+
+    @action(detail=True, methods=["post"], url_path="remove-host")
+    def remove_host(self, request: Request, pk: str | None = None) -> Response:
+        aggregate = services.aggregate_remove_host(aggregate=self.get_object(),
+                                                   host=self._host(request))
+        return Response(self.get_serializer(aggregate).data)

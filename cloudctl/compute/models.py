@@ -39,8 +39,8 @@ class Host(models.Model):
     libvirt_uri = models.CharField(max_length=255, blank=True)
     driver = models.CharField(max_length=32, blank=True)
     virt_type = models.CharField(max_length=16, blank=True)
-    availability_zone = models.CharField(max_length=255, blank=True,
-                                         help_text="empty means DEFAULT_AVAILABILITY_ZONE")
+    # Set from the host's aggregates (the one naming a zone); empty: DEFAULT_AVAILABILITY_ZONE.
+    availability_zone = models.CharField(max_length=255, blank=True, editable=False)
     enabled = models.BooleanField(default=True)
     disabled_reason = models.CharField(max_length=255, blank=True)
     last_heartbeat = models.DateTimeField(null=True, blank=True)
@@ -76,6 +76,47 @@ class Host(models.Model):
     @property
     def zone(self) -> str:
         return self.availability_zone or settings.DEFAULT_AVAILABILITY_ZONE
+
+
+class Aggregate(models.Model):
+    """Hosts grouped with metadata, as Nova's host aggregates; one may name an availability zone,
+    which then is the zone of its hosts."""
+
+    name = models.CharField(max_length=255, unique=True)
+    availability_zone = models.CharField(max_length=255, blank=True)
+    metadata = models.JSONField(default=dict, blank=True)
+    hosts = models.ManyToManyField(Host, blank=True, related_name="aggregates")
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ("name",)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class ServerGroupPolicy(models.TextChoices):
+    AFFINITY = "affinity"
+    ANTI_AFFINITY = "anti-affinity"
+    SOFT_AFFINITY = "soft-affinity"
+    SOFT_ANTI_AFFINITY = "soft-anti-affinity"
+
+
+class ServerGroup(models.Model):
+    """Servers placed together (affinity) or apart (anti-affinity); soft policies only prefer."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    name = models.CharField(max_length=255)
+    policy = models.CharField(max_length=32, choices=ServerGroupPolicy.choices)
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="server_groups")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL)
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ("name", "created")
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.policy})"
 
 
 class InstanceQuerySet(models.QuerySet["Instance"]):
@@ -115,6 +156,12 @@ class Instance(models.Model):
     power_state = models.CharField(max_length=16, choices=PowerState.choices,
                                    default=PowerState.NOSTATE)
     fault = models.JSONField(null=True, blank=True)
+    server_group = models.ForeignKey(ServerGroup, null=True, blank=True, on_delete=models.SET_NULL,
+                                     related_name="members")
+    # same_host / different_host: lists of server ids the scheduler must (not) share a host with.
+    scheduler_hints = models.JSONField(default=dict, blank=True)
+    # A host an administrator pinned the server to (still checked by the filters).
+    requested_host = models.CharField(max_length=255, blank=True)
     # Hosts a build was tried on (RetryFilter excludes them) and how many attempts were made.
     retry_hosts = models.JSONField(default=list, blank=True)
     attempts = models.PositiveIntegerField(default=0)

@@ -16,7 +16,15 @@ from django.db.models import Q, QuerySet
 from django.utils import timezone
 
 from cloudctl.compute import rpc, states
-from cloudctl.compute.models import Allocation, Flavor, Host, Instance, InstanceAction
+from cloudctl.compute.models import (
+    Aggregate,
+    Allocation,
+    Flavor,
+    Host,
+    Instance,
+    InstanceAction,
+    ServerGroup,
+)
 from cloudctl.compute.specs import spawn_spec
 from cloudctl.compute.states import DELETE, PowerState, TaskState, Transition, VmState
 from cloudctl.identity.models import Project
@@ -120,15 +128,37 @@ def _check_boot_fit(flavor: Flavor, image: Image) -> None:
                                        f"larger than flavor {flavor.name}'s {flavor.root_gb} GiB disk")
 
 
+def availability_zones() -> dict[str, list[Host]]:
+    """Every zone with its hosts; the default zone is listed even before any host is in it."""
+    zones: dict[str, list[Host]] = {settings.DEFAULT_AVAILABILITY_ZONE: []}
+    for zone in Aggregate.objects.exclude(availability_zone="").values_list(
+            "availability_zone", flat=True):
+        zones.setdefault(zone, [])
+    for host in Host.objects.all():
+        zones.setdefault(host.zone, []).append(host)
+    return zones
+
+
 def server_create(*, user: Any, project: Project, name: str, flavor: Flavor, image: Image,
-                  availability_zone: str = "", request_id: str | None = None) -> Instance:
+                  availability_zone: str = "", server_group: ServerGroup | None = None,
+                  same_host: list[str] | None = None, different_host: list[str] | None = None,
+                  host: str = "", request_id: str | None = None) -> Instance:
     """Record a new server (BUILD/scheduling) and ask the scheduler to place it."""
     _check_boot_fit(flavor, image)
+    if availability_zone and availability_zone not in availability_zones():
+        raise InvalidRequest("availability_zone", f"no availability zone {availability_zone!r}")
+    if host and not Host.objects.filter(name=host).exists():
+        raise InvalidRequest("host", f"no host {host!r}")
+    if server_group is not None and server_group.project_id != project.pk:
+        raise InvalidRequest("scheduler_hints", "the server group belongs to another project")
+    hints = {key: [str(v) for v in value] for key, value in
+             (("same_host", same_host), ("different_host", different_host)) if value}
     with transaction.atomic():
         instance = Instance.objects.create(
             name=name, project=project, user=user, flavor=flavor, image=image,
             vcpus=flavor.vcpus, memory_mb=flavor.memory_mb, root_gb=flavor.root_gb,
-            availability_zone=availability_zone,
+            availability_zone=availability_zone, server_group=server_group,
+            scheduler_hints=hints, requested_host=host,
             vm_state=VmState.BUILDING, task_state=TaskState.SCHEDULING,
             power_state=PowerState.NOSTATE,
         )
@@ -287,6 +317,58 @@ def hosts_with_usage() -> QuerySet[Host]:
         disk_gb_used=Sum("allocations__disk_gb", default=0),
         instance_count=Count("allocations", distinct=True),
     )
+
+
+def host_set_enabled(*, host: Host, enabled: bool, reason: str = "") -> Host:
+    """Disable a host (it keeps its servers, receives no new ones) or enable it again."""
+    Host.objects.filter(pk=host.pk).update(enabled=enabled, disabled_reason="" if enabled else reason)
+    host.refresh_from_db()
+    return host
+
+
+def server_group_create(*, user: Any, project: Project, name: str, policy: str) -> ServerGroup:
+    return ServerGroup.objects.create(name=name, policy=policy, project=project,
+                                      user=user if getattr(user, "pk", None) else None)
+
+
+def server_groups_visible_to(user: Any) -> QuerySet[ServerGroup]:
+    groups = ServerGroup.objects.select_related("project")
+    return groups if is_admin(user) else groups.filter(project_id=project_id_of(user))
+
+
+def aggregate_zone_sync(host: Host) -> None:
+    """A host's zone is the zone its aggregates name (at most one), else the default."""
+    zones = set(host.aggregates.exclude(availability_zone="").values_list("availability_zone",
+                                                                          flat=True))
+    if len(zones) > 1:
+        raise InvalidRequest("availability_zone",
+                             f"host {host.name} would be in zones {', '.join(sorted(zones))}; a "
+                             "host is in one availability zone")
+    Host.objects.filter(pk=host.pk).update(availability_zone=zones.pop() if zones else "")
+
+
+def aggregate_add_host(*, aggregate: Aggregate, host: Host) -> Aggregate:
+    with transaction.atomic():
+        aggregate.hosts.add(host)
+        aggregate_zone_sync(host)
+    return aggregate
+
+
+def aggregate_remove_host(*, aggregate: Aggregate, host: Host) -> Aggregate:
+    with transaction.atomic():
+        aggregate.hosts.remove(host)
+        aggregate_zone_sync(host)
+    return aggregate
+
+
+def aggregate_update(*, aggregate: Aggregate, **values: Any) -> Aggregate:
+    with transaction.atomic():
+        for key, value in values.items():
+            setattr(aggregate, key, value)
+        aggregate.save()
+        for host in aggregate.hosts.all():
+            aggregate_zone_sync(host)
+    return aggregate
 
 
 def flavor_delete(*, flavor: Flavor) -> None:

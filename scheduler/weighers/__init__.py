@@ -40,8 +40,31 @@ class DiskWeigher(BaseWeigher):
         return host_state.free_disk_gb
 
 
+class ServerGroupSoftAffinityWeigher(BaseWeigher):
+    """soft-affinity: prefer hosts already running members of the group."""
+
+    name = "ServerGroupSoftAffinityWeigher"
+
+    def weigh(self, host_state: HostState, spec: RequestSpec) -> float:
+        if spec.group_policy != "soft-affinity":
+            return 0.0
+        return float(spec.group_hosts.get(host_state.name, 0))
+
+
+class ServerGroupSoftAntiAffinityWeigher(BaseWeigher):
+    """soft-anti-affinity: prefer hosts running fewer members of the group."""
+
+    name = "ServerGroupSoftAntiAffinityWeigher"
+
+    def weigh(self, host_state: HostState, spec: RequestSpec) -> float:
+        if spec.group_policy != "soft-anti-affinity":
+            return 0.0
+        return -float(spec.group_hosts.get(host_state.name, 0))
+
+
 ALL_WEIGHERS: dict[str, type[BaseWeigher]] = {
-    cls.name: cls for cls in (RAMWeigher, CPUWeigher, DiskWeigher)
+    cls.name: cls for cls in (RAMWeigher, CPUWeigher, DiskWeigher,
+                              ServerGroupSoftAffinityWeigher, ServerGroupSoftAntiAffinityWeigher)
 }
 
 

@@ -107,3 +107,91 @@ def test_consume_updates_free_amounts():
     state.consume(spec(memory_mb=300, vcpus=2, root_gb=5))
     assert (state.free_ram_mb, state.vcpus_used, state.disk_gb_used, state.num_instances) == (
         700, 2, 5, 1)
+
+
+def test_extra_spec_operators():
+    from scheduler.filters import extra_spec_matches as match
+
+    assert match("QEMU", "qemu") and not match("QEMU", "xen")
+    assert match("QEMU", "s== QEMU") and not match("QEMU", "s== qemu")
+    assert match(7002000, ">= 7000000") and not match(7002000, "<= 7000000")
+    assert match(4, "== 4") and not match("four", "== 4")
+    assert match(["sse2", "avx"], "<in> avx") and not match(["sse2"], "<in> avx")
+    assert match("kvm", "<or> qemu <or> kvm") and not match("xen", "<or> qemu <or> kvm")
+    assert not match(None, "anything")
+
+
+def test_compute_capabilities_filter_scopes():
+    from scheduler.filters import ComputeCapabilitiesFilter
+
+    state = host(hypervisor_type="QEMU", cpu_info={"arch": "x86_64", "features": ["avx"]},
+                 aggregate_metadata={"ssd": "true"})
+    passes = ComputeCapabilitiesFilter().host_passes
+    assert passes(state, spec(flavor_extra_specs={"capabilities:cpu_info:arch": "x86_64",
+                                                  "hw:cpu_policy": "dedicated"}))
+    assert passes(state, spec(flavor_extra_specs={"capabilities:cpu_info:features": "<in> avx",
+                                                  "ssd": "true"}))
+    assert not passes(state, spec(flavor_extra_specs={"hypervisor_type": "xen"}))
+    assert not passes(state, spec(flavor_extra_specs={"capabilities:cpu_info:model": "Haswell"}))
+
+
+def test_image_properties_filter():
+    from scheduler.filters import ImagePropertiesFilter
+
+    state = host(hypervisor_type="QEMU", virt_type="kvm", cpu_info={"arch": "x86_64"})
+    passes = ImagePropertiesFilter().host_passes
+    assert passes(state, spec(image_properties={"architecture": "x86_64",
+                                                "hypervisor_type": "kvm"}))
+    assert passes(state, spec(image_properties={"hypervisor_type": "qemu"}))
+    assert not passes(state, spec(image_properties={"architecture": "aarch64"}))
+
+
+def test_group_and_hint_filters():
+    from scheduler.filters import (
+        DifferentHostFilter,
+        SameHostFilter,
+        ServerGroupAffinityFilter,
+        ServerGroupAntiAffinityFilter,
+    )
+
+    a, b = host("a"), host("b")
+    anti = spec(group_policy="anti-affinity", group_hosts={"a": 1})
+    assert not ServerGroupAntiAffinityFilter().host_passes(a, anti)
+    assert ServerGroupAntiAffinityFilter().host_passes(b, anti)
+    aff = spec(group_policy="affinity", group_hosts={"a": 2})
+    assert ServerGroupAffinityFilter().host_passes(a, aff)
+    assert not ServerGroupAffinityFilter().host_passes(b, aff)
+    # The first member of an affinity group may go anywhere.
+    assert ServerGroupAffinityFilter().host_passes(b, spec(group_policy="affinity"))
+    assert SameHostFilter().host_passes(a, spec(same_host=frozenset({"a"})))
+    assert not SameHostFilter().host_passes(b, spec(same_host=frozenset({"a"})))
+    assert SameHostFilter().host_passes(b, spec())
+    assert not DifferentHostFilter().host_passes(a, spec(different_host=frozenset({"a"})))
+
+
+def test_soft_group_weighers():
+    from scheduler.weighers import ServerGroupSoftAffinityWeigher, ServerGroupSoftAntiAffinityWeigher
+
+    hosts = [host("a"), host("b"), host("c")]
+    counts = {"a": 2, "b": 1}
+    pack = weigh_hosts(hosts, spec(group_policy="soft-affinity", group_hosts=counts),
+                       [(ServerGroupSoftAffinityWeigher(), 1.0)])
+    assert [h.name for h, _ in pack] == ["a", "b", "c"]
+    spread = weigh_hosts(hosts, spec(group_policy="soft-anti-affinity", group_hosts=counts),
+                         [(ServerGroupSoftAntiAffinityWeigher(), 1.0)])
+    assert [h.name for h, _ in spread] == ["c", "b", "a"]
+
+
+def test_pinned_host_and_subset_size():
+    from scheduler.selection import NoValidHost, select_hosts
+
+    hosts = [host(f"h{i}", memory_mb=1000 * (i + 1)) for i in range(5)]
+    filters = load_filters(["RamFilter"])
+    weighers = [(RAMWeigher(), 1.0)]
+    assert [h.name for h in select_hosts(hosts, spec(force_host="h1"), filters, weighers)] == ["h1"]
+    with pytest.raises(NoValidHost) as missing:
+        select_hosts(hosts, spec(force_host="h9"), filters, weighers)
+    assert missing.value.steps[0].name == "RequestedHost"
+    firsts = {select_hosts(hosts, spec(), filters, weighers, subset_size=3)[0].name
+              for _ in range(60)}
+    assert firsts == {"h4", "h3", "h2"}
