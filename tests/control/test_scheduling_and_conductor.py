@@ -234,3 +234,34 @@ def test_a_step_reported_at_start_and_end_is_one_event(new_server, outbox):
                                                      server.host.name)
     assert step.finish_time >= step.start_time
     assert server.availability_zone == "nova"  # the placed host's zone, as Nova records it
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_anti_affinity_members_never_share_a_host(member, project, flavors, image,
+                                                             outbox):
+    from cloudctl.compute.models import ServerGroup
+
+    for name in ("hv1", "hv2", "hv3"):
+        heartbeat(name)
+    group = ServerGroup.objects.create(name="g", policy="anti-affinity", project=project)
+    servers = [server_create(user=member, project=project, name=f"g{i}",
+                             flavor=flavors["m1.nano"], image=image, server_group=group)
+               for i in range(6)]
+    barrier = threading.Barrier(len(servers))
+    placed: list[Any] = []
+
+    def run(server: Instance) -> None:
+        barrier.wait()
+        try:
+            placed.append(schedule_instance(str(server.uuid)))
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in servers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    hosts = [p for p in placed if p]
+    assert sorted(hosts) == ["hv1", "hv2", "hv3"]
+    assert Instance.objects.filter(vm_state=VmState.ERROR).count() == 3
