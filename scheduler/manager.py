@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
 from django.db import transaction
 from django.db.models import Count, F, Sum
+from django.utils import timezone
 
 from cloudctl.compute import rpc
 from cloudctl.compute.conductor import current_action, record_event
@@ -46,25 +48,35 @@ def enabled_weighers() -> list[tuple[BaseWeigher, float]]:
     })
 
 
-def _ratios(host: Host) -> dict[str, float]:
-    return {
-        "cpu_allocation_ratio": host.cpu_allocation_ratio or settings.CPU_ALLOCATION_RATIO,
-        "ram_allocation_ratio": host.ram_allocation_ratio or settings.RAM_ALLOCATION_RATIO,
-        "disk_allocation_ratio": host.disk_allocation_ratio or settings.DISK_ALLOCATION_RATIO,
-    }
+# The Host columns a HostState needs; reading only these as plain rows (not model instances, and
+# not the large reported_instances column) is what keeps a decision fast with 1,000 hosts.
+_HOST_COLUMNS = ("id", "name", "availability_zone", "enabled", "disabled_reason", "last_heartbeat",
+                 "vcpus", "memory_mb", "memory_mb_reserved", "disk_gb", "disk_gb_reserved",
+                 "hypervisor_type", "hypervisor_version", "virt_type", "cpu_info",
+                 "cpu_allocation_ratio", "ram_allocation_ratio", "disk_allocation_ratio")
 
 
-def host_state_of(host: Host, usage: dict[str, Any],
-                  aggregate_metadata: dict[str, Any] | None = None) -> HostState:
+def host_state_of(row: dict[str, Any], usage: dict[str, Any],
+                  aggregate_metadata: dict[str, Any] | None = None, *,
+                  up_since: datetime | None = None) -> HostState:
+    """A HostState from a Host row (``_HOST_COLUMNS``) and its usage sums."""
+    if up_since is None:
+        up_since = timezone.now() - timedelta(seconds=settings.SERVICE_DOWN_TIME)
+    heartbeat = row["last_heartbeat"]
     return HostState(
-        name=host.name, availability_zone=host.zone, enabled=host.enabled, is_up=host.is_up,
-        vcpus=host.vcpus, memory_mb=host.memory_mb, disk_gb=host.disk_gb,
-        memory_mb_reserved=host.memory_mb_reserved, disk_gb_reserved=host.disk_gb_reserved,
+        name=row["name"],
+        availability_zone=row["availability_zone"] or settings.DEFAULT_AVAILABILITY_ZONE,
+        enabled=row["enabled"], is_up=heartbeat is not None and heartbeat > up_since,
+        vcpus=row["vcpus"], memory_mb=row["memory_mb"], disk_gb=row["disk_gb"],
+        memory_mb_reserved=row["memory_mb_reserved"], disk_gb_reserved=row["disk_gb_reserved"],
         vcpus_used=usage.get("vcpus_used") or 0, memory_mb_used=usage.get("memory_mb_used") or 0,
         disk_gb_used=usage.get("disk_gb_used") or 0, num_instances=usage.get("n") or 0,
-        hypervisor_type=host.hypervisor_type, hypervisor_version=host.hypervisor_version,
-        virt_type=host.virt_type, cpu_info=host.cpu_info, disabled_reason=host.disabled_reason,
-        aggregate_metadata=aggregate_metadata or {}, **_ratios(host),
+        hypervisor_type=row["hypervisor_type"], hypervisor_version=row["hypervisor_version"],
+        virt_type=row["virt_type"], cpu_info=row["cpu_info"] or {},
+        disabled_reason=row["disabled_reason"], aggregate_metadata=aggregate_metadata or {},
+        cpu_allocation_ratio=row["cpu_allocation_ratio"] or settings.CPU_ALLOCATION_RATIO,
+        ram_allocation_ratio=row["ram_allocation_ratio"] or settings.RAM_ALLOCATION_RATIO,
+        disk_allocation_ratio=row["disk_allocation_ratio"] or settings.DISK_ALLOCATION_RATIO,
     )
 
 
@@ -84,8 +96,10 @@ def load_host_states() -> list[HostState]:
             disk_gb_used=Sum("disk_gb"), n=Count("id"))
     }
     metadata = _aggregate_metadata()
-    return [host_state_of(host, usage.get(host.pk, {}), metadata.get(host.pk))
-            for host in Host.objects.all()]
+    up_since = timezone.now() - timedelta(seconds=settings.SERVICE_DOWN_TIME)
+    return [host_state_of(row, usage.get(row["id"], {}), metadata.get(row["id"]),
+                          up_since=up_since)
+            for row in Host.objects.values(*_HOST_COLUMNS)]
 
 
 def _hosts_of(server_ids: list[str]) -> frozenset[str]:
@@ -136,7 +150,7 @@ def claim(instance_uuid: str, host_name: str, spec: RequestSpec) -> bool:
         usage = Allocation.objects.filter(host=host).aggregate(
             vcpus_used=Sum("vcpus"), memory_mb_used=Sum("memory_mb"),
             disk_gb_used=Sum("disk_gb"), n=Count("id"))
-        fresh = host_state_of(host, usage)
+        fresh = host_state_of({column: getattr(host, column) for column in _HOST_COLUMNS}, usage)
         if not all(f.host_passes(fresh, spec) for f in CLAIM_FILTERS):
             return False
         moved = Instance.objects.filter(uuid=instance_uuid, task_state=TaskState.SCHEDULING).change(
