@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,10 +82,13 @@ def _postgres_database(base_url: str, name: str) -> tuple[str, Any]:
     return urlunparse(parsed._replace(path=f"/{name}")), drop
 
 
-@pytest.fixture(scope="session")
-def stack(tiny_image_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+@contextmanager
+def run_stack(tiny_image_path: Path, state: Path, *, procfile: Path, hosts: list[str],
+              redis_dbs: tuple[int, int], extra_env: dict[str, str] | None = None
+              ) -> Iterator[Stack]:
+    """Start the processes of ``procfile`` with honcho on a database and Redis DBs of their own,
+    and yield once the API answers and every host in ``hosts`` heartbeats."""
     tag = secrets.token_hex(3)
-    state = tmp_path_factory.mktemp("stack")
     # QEMU runs as libvirt-qemu: instance files must live where it can traverse.
     instances = Path("/var/lib/cloudctl-test") / f"e2e-{tag}"
     instances.mkdir(parents=True)
@@ -96,7 +100,7 @@ def stack(tiny_image_path: Path, tmp_path_factory: pytest.TempPathFactory) -> It
                                                                 f"cloudctl_e2e_{tag}")
     else:
         env["DATABASE_URL"] = f"sqlite:///{state / 'cloudctl.sqlite3'}"
-    host = f"e2e-{tag}"
+    broker_db, rpc_db = redis_dbs
     env.update({
         "PATH": f"{VENV_BIN}:{env.get('PATH', '')}",
         "CLOUDCTL_STATE_DIR": str(state),
@@ -105,9 +109,9 @@ def stack(tiny_image_path: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         "CLOUDCTL_SERVICE_TOKEN": secrets.token_hex(16),
         "CLOUDCTL_ADMIN_USER": "admin",
         "CLOUDCTL_ADMIN_PASSWORD": "e2e-password",
-        "CELERY_BROKER_URL": "redis://127.0.0.1:6379/13",
-        "CELERY_RPC_BACKEND": "redis://127.0.0.1:6379/12",
-        "COMPUTE_HOST": host,
+        "CELERY_BROKER_URL": f"redis://127.0.0.1:6379/{broker_db}",
+        "CELERY_RPC_BACKEND": f"redis://127.0.0.1:6379/{rpc_db}",
+        "COMPUTE_HOST": hosts[0],
         "COMPUTE_LIBVIRT_URI": "qemu:///system",
         "COMPUTE_HEARTBEAT_INTERVAL": "2",
         "INSTANCES_PATH": str(instances),
@@ -118,11 +122,12 @@ def stack(tiny_image_path: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         "REAPER_INTERVAL": "2",
         "WEB_WORKERS": "2",
         "PYTHONUNBUFFERED": "1",
+        **(extra_env or {}),
     })
     if "E2E_VIRT_TYPE" in os.environ:
         env["COMPUTE_VIRT_TYPE"] = os.environ["E2E_VIRT_TYPE"]
-    for db in ("12", "13"):
-        subprocess.run(["redis-cli", "-n", db, "flushdb"], check=True, capture_output=True)
+    for db in redis_dbs:
+        subprocess.run(["redis-cli", "-n", str(db), "flushdb"], check=True, capture_output=True)
     manage = [str(VENV_BIN / "python"), "manage.py"]
     subprocess.run([*manage, "migrate", "--noinput", "-v0"], cwd=REPO, env=env, check=True)
     subprocess.run([*manage, "bootstrap", "--image", str(tiny_image_path)], cwd=REPO, env=env,
@@ -130,11 +135,12 @@ def stack(tiny_image_path: Path, tmp_path_factory: pytest.TempPathFactory) -> It
 
     log_path = state / "honcho.log"
     with open(log_path, "wb") as log:
-        honcho = subprocess.Popen([str(VENV_BIN / "honcho"), "-f", "Procfile", "start"],
+        honcho = subprocess.Popen([str(VENV_BIN / "honcho"), "-f", str(procfile), "-d", str(REPO),
+                                   "start"],
                                   cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                                   start_new_session=True)
     stack = Stack(url=f"http://127.0.0.1:{port}", flower_url=f"http://127.0.0.1:{flower_port}",
-                  host=host, instances_path=instances, env=env, log_path=log_path)
+                  host=hosts[0], instances_path=instances, env=env, log_path=log_path)
     try:
         def token() -> str:
             try:
@@ -145,9 +151,13 @@ def stack(tiny_image_path: Path, tmp_path_factory: pytest.TempPathFactory) -> It
             return answer.json().get("token", "") if answer.status_code == 200 else ""
 
         stack.token = stack.wait_for("web answers", token, 60)
-        stack.wait_for(f"host {host} heartbeats",
-                       lambda: any(h["name"] == host and h["state"] == "up"
-                                   for h in stack.api("GET", "/api/v1/hosts/").json()), 90)
+
+        def all_up() -> bool:
+            up = {h["name"] for h in stack.api("GET", "/api/v1/hosts/").json()
+                  if h["state"] == "up"}
+            return set(hosts) <= up
+
+        stack.wait_for(f"{len(hosts)} host(s) heartbeat", all_up, 90)
         yield stack
     finally:
         honcho.send_signal(signal.SIGTERM)
@@ -160,6 +170,15 @@ def stack(tiny_image_path: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         shutil.rmtree(instances, ignore_errors=True)
         if drop_database is not None:
             drop_database()
+
+
+@pytest.fixture(scope="session")
+def stack(tiny_image_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Every process of the real Procfile, one compute worker on qemu:///system."""
+    host = f"e2e-{secrets.token_hex(3)}"
+    with run_stack(tiny_image_path, tmp_path_factory.mktemp("stack"), procfile=REPO / "Procfile",
+                   hosts=[host], redis_dbs=(13, 12), extra_env={"COMPUTE_HOST": host}) as running:
+        yield running
 
 
 def _remove_leftover_domains(instances: Path) -> None:
