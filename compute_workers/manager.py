@@ -92,6 +92,7 @@ class ComputeManager:
         self._instance_locks = KeyedLock()
         self.journal = ActionJournal(config.instances_path)
         self._power_events: PowerStateEvents | None = None
+        self._owns_power_events = False
 
     def init_host(self) -> None:
         """Connect the driver and log what the host runs; raises if the hypervisor is unusable."""
@@ -501,23 +502,31 @@ class ComputeManager:
 
     # Host ------------------------------------------------------------------------------------------
 
-    def watch_power_states(self) -> None:
-        """Send ``conductor.power_state_update`` on every lifecycle event of an instance's domain."""
+    def watch_power_states(self, events: PowerStateEvents | None = None) -> None:
+        """Send ``conductor.power_state_update`` on every lifecycle event of an instance's domain.
+
+        ``events``: a sender thread shared by several hosts (a fleet), which its owner starts and
+        stops; without it the manager runs its own, stopped by :meth:`close`.
+        """
         if self._power_events is not None:
             return
         if not self.driver.capabilities["supports_lifecycle_events"]:
             LOG.warning("driver %s has no lifecycle events: power states reach the conductor only with "
                         "the heartbeat", self.driver.name)
             return
-        self._power_events = PowerStateEvents(self.host, self.driver, self.reporter)
-        self._power_events.start()
-        self.driver.register_lifecycle_callback(self._power_events.notify)
+        self._owns_power_events = events is None
+        if events is None:
+            events = PowerStateEvents(self.reporter)
+            events.start()
+        events.watch(self.host, self.driver)
+        self._power_events = events
 
     def close(self) -> None:
         """Stop the power-state events and release the hypervisor connection."""
         if self._power_events is not None:
-            self.driver.register_lifecycle_callback(None)
-            self._power_events.stop()
+            self._power_events.unwatch(self.host)
+            if self._owns_power_events:
+                self._power_events.stop()
             self._power_events = None
         self.driver.close()
 

@@ -2,67 +2,133 @@
 
 Names come from :mod:`compute_workers.contract`; the time limits from :class:`ComputeConfig`
 (declared for Celery; the threads pool does not enforce them, the manager bounds its own waits).
+
+Which manager runs a task is asked of a :class:`Managers` for each task: a worker of one host always
+answers its one manager (:class:`OneHost`); a fleet of simulated hosts answers the manager of the host
+whose queue the task came from (:class:`compute_workers.fleet.Fleet`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from typing import Any, Protocol
 
-from celery import Celery
+from celery import Celery, Task
+from celery.app.task import Context
 
 from compute_workers import contract
+from compute_workers.config import ComputeConfig
 from compute_workers.manager import ComputeManager
 
+LOG = logging.getLogger(__name__)
 
-def register_tasks(app: Celery, manager: ComputeManager) -> None:
-    """Register every compute task of the contract on ``app``, bound to ``manager``."""
+
+class Managers(Protocol):
+    """The manager that runs each task."""
+
+    @property
+    def config(self) -> ComputeConfig:
+        """Settings every manager shares (the tasks' time limits)."""
+
+    def for_task(self, request: Context, host: str | None = None) -> ComputeManager | None:
+        """The manager of the task being run (``request`` is its Celery request: delivery info, id);
+        ``host`` is the one the task's arguments name, if any (a spawn spec's). None: no host here."""
+
+
+class OneHost:
+    """The worker of one host: every task is its manager's."""
+
+    def __init__(self, manager: ComputeManager) -> None:
+        self.manager = manager
+
+    @property
+    def config(self) -> ComputeConfig:
+        return self.manager.config
+
+    def for_task(self, request: Context, host: str | None = None) -> ComputeManager:
+        return self.manager
+
+
+def _route(request: Context) -> str | None:
+    delivery_info = getattr(request, "delivery_info", None) or {}
+    return delivery_info.get("routing_key")
+
+
+def register_tasks(app: Celery, managers: ComputeManager | Managers) -> None:
+    """Register every compute task of the contract on ``app``, run by ``managers`` (a manager: that one
+    for every task)."""
+    if isinstance(managers, ComputeManager):
+        managers = OneHost(managers)
     limits = {name: {"soft_time_limit": soft, "time_limit": hard}
-              for name, soft, hard in manager.config.time_limits()}
+              for name, soft, hard in managers.config.time_limits()}
 
-    @app.task(name=contract.COMPUTE_SPAWN, shared=False, ignore_result=True,
-              **limits[contract.COMPUTE_SPAWN])
-    def spawn(spec: dict[str, Any]) -> None:
-        manager.spawn(spec)
+    def manager_for(task: Task, host: str | None = None) -> ComputeManager | None:
+        manager = managers.for_task(task.request, host)
+        if manager is None:
+            LOG.error("%s %s came with routing key %r, which is no queue of this worker's hosts; dropped",
+                      task.name, task.request.id, _route(task.request))
+        return manager
 
-    @app.task(name=contract.COMPUTE_TERMINATE, shared=False, ignore_result=True,
+    # bind=True: the task's request tells which queue (hence which host) it came from.
+    common = {"shared": False, "bind": True}
+
+    @app.task(name=contract.COMPUTE_SPAWN, ignore_result=True, **common, **limits[contract.COMPUTE_SPAWN])
+    def spawn(self: Task, spec: dict[str, Any]) -> None:
+        host = spec.get("host") if isinstance(spec, dict) and isinstance(spec.get("host"), str) else None
+        if manager := manager_for(self, host):
+            manager.spawn(spec)
+
+    @app.task(name=contract.COMPUTE_TERMINATE, ignore_result=True, **common,
               **limits[contract.COMPUTE_TERMINATE])
-    def terminate(instance_uuid: str) -> None:
-        manager.terminate(instance_uuid)
+    def terminate(self: Task, instance_uuid: str) -> None:
+        if manager := manager_for(self):
+            manager.terminate(instance_uuid)
 
-    @app.task(name=contract.COMPUTE_CONSOLE_OUTPUT, shared=False, ignore_result=False,
+    @app.task(name=contract.COMPUTE_CONSOLE_OUTPUT, ignore_result=False, **common,
               **limits[contract.COMPUTE_CONSOLE_OUTPUT])
-    def get_console_output(instance_uuid: str, lines: int | None = None) -> dict[str, str]:
-        return manager.get_console_output(instance_uuid, lines)
+    def get_console_output(self: Task, instance_uuid: str, lines: int | None = None) -> dict[str, str]:
+        if manager := manager_for(self):
+            return manager.get_console_output(instance_uuid, lines)
+        return {"error": "ConsoleUnavailable",
+                "message": f"no host of this worker consumes the queue {_route(self.request)!r}"}
 
     # Lifecycle: fire-and-forget like spawn; the outcome goes to the conductor.
-    lifecycle = {"shared": False, "ignore_result": True}
+    lifecycle = {"ignore_result": True, **common}
 
     @app.task(name=contract.COMPUTE_REBOOT, **lifecycle, **limits[contract.COMPUTE_REBOOT])
-    def reboot_instance(instance_uuid: str, action_id: int | None, reboot_type: str,
+    def reboot_instance(self: Task, instance_uuid: str, action_id: int | None, reboot_type: str,
                         spec: dict[str, Any] | None = None) -> None:
-        manager.reboot_instance(instance_uuid, action_id, reboot_type, spec)
+        if manager := manager_for(self):
+            manager.reboot_instance(instance_uuid, action_id, reboot_type, spec)
 
     @app.task(name=contract.COMPUTE_POWER_OFF, **lifecycle, **limits[contract.COMPUTE_POWER_OFF])
-    def power_off_instance(instance_uuid: str, action_id: int | None, timeout: float | None = None) -> None:
-        manager.power_off_instance(instance_uuid, action_id, timeout)
+    def power_off_instance(self: Task, instance_uuid: str, action_id: int | None,
+                           timeout: float | None = None) -> None:
+        if manager := manager_for(self):
+            manager.power_off_instance(instance_uuid, action_id, timeout)
 
     @app.task(name=contract.COMPUTE_POWER_ON, **lifecycle, **limits[contract.COMPUTE_POWER_ON])
-    def power_on_instance(instance_uuid: str, action_id: int | None,
+    def power_on_instance(self: Task, instance_uuid: str, action_id: int | None,
                           spec: dict[str, Any] | None = None) -> None:
-        manager.power_on_instance(instance_uuid, action_id, spec)
+        if manager := manager_for(self):
+            manager.power_on_instance(instance_uuid, action_id, spec)
 
     @app.task(name=contract.COMPUTE_PAUSE, **lifecycle, **limits[contract.COMPUTE_PAUSE])
-    def pause_instance(instance_uuid: str, action_id: int | None) -> None:
-        manager.pause_instance(instance_uuid, action_id)
+    def pause_instance(self: Task, instance_uuid: str, action_id: int | None) -> None:
+        if manager := manager_for(self):
+            manager.pause_instance(instance_uuid, action_id)
 
     @app.task(name=contract.COMPUTE_UNPAUSE, **lifecycle, **limits[contract.COMPUTE_UNPAUSE])
-    def unpause_instance(instance_uuid: str, action_id: int | None) -> None:
-        manager.unpause_instance(instance_uuid, action_id)
+    def unpause_instance(self: Task, instance_uuid: str, action_id: int | None) -> None:
+        if manager := manager_for(self):
+            manager.unpause_instance(instance_uuid, action_id)
 
     @app.task(name=contract.COMPUTE_SUSPEND, **lifecycle, **limits[contract.COMPUTE_SUSPEND])
-    def suspend_instance(instance_uuid: str, action_id: int | None) -> None:
-        manager.suspend_instance(instance_uuid, action_id)
+    def suspend_instance(self: Task, instance_uuid: str, action_id: int | None) -> None:
+        if manager := manager_for(self):
+            manager.suspend_instance(instance_uuid, action_id)
 
     @app.task(name=contract.COMPUTE_RESUME, **lifecycle, **limits[contract.COMPUTE_RESUME])
-    def resume_instance(instance_uuid: str, action_id: int | None) -> None:
-        manager.resume_instance(instance_uuid, action_id)
+    def resume_instance(self: Task, instance_uuid: str, action_id: int | None) -> None:
+        if manager := manager_for(self):
+            manager.resume_instance(instance_uuid, action_id)

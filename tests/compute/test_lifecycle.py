@@ -566,10 +566,10 @@ def test_power_states_are_read_when_sent_and_a_burst_is_sent_once(tmp_path: Path
     manager.watch_power_states()
     try:
         assert manager._power_events is not None
-        manager._power_events.notify(other)
+        manager._power_events.notify(HOST, other)
         assert stuck.wait(5)  # the sender is reading the state of the other instance
         for _ in range(50):
-            manager._power_events.notify(uuid)
+            manager._power_events.notify(HOST, uuid)
         driver.instances[uuid].power_state = contract.POWER_PAUSED  # what it is by the time it is read
         release.set()
         wait_for_power_state(reporter, uuid, contract.POWER_PAUSED)
