@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
+from kombu import Connection
 
 from compute_workers import contract
 from compute_workers.config import ComputeConfig
@@ -146,3 +149,45 @@ def small_qcow2(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     path = tmp_path_factory.mktemp("images") / "small.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", str(path), "16M")
     return path.read_bytes()
+
+
+class ConductorQueue:
+    """Reads what workers send to the ``conductor`` queue of the test broker, in order; each message
+    is returned by at most one wait_for."""
+
+    def __init__(self, broker: str) -> None:
+        self.connection = Connection(broker)
+        self.queue = self.connection.SimpleQueue(contract.CONDUCTOR_QUEUE)
+        self.queue.clear()
+        self.unclaimed: list[tuple[str, dict[str, Any]]] = []
+
+    def wait_for(self, task_name: str, timeout: float = 20.0, **match: Any) -> dict[str, Any]:
+        def matches(name: str, kwargs: dict[str, Any]) -> bool:
+            return name == task_name and all(kwargs.get(k) == v for k, v in match.items())
+
+        for index, (name, kwargs) in enumerate(self.unclaimed):
+            if matches(name, kwargs):
+                del self.unclaimed[index]
+                return kwargs
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                message = self.queue.get(block=True, timeout=0.5)
+            except self.queue.Empty:
+                continue
+            message.ack()
+            _args, kwargs, _embed = message.decode()
+            if matches(message.headers["task"], kwargs):
+                return dict(kwargs)
+            self.unclaimed.append((message.headers["task"], dict(kwargs)))
+        raise AssertionError(f"no {task_name} {match} within {timeout} s; seen: {self.unclaimed}")
+
+    def close(self) -> None:
+        self.queue.close()
+        self.connection.release()
+
+
+def forget_queues(client: redis.Redis, queues: list[str]) -> None:
+    """Delete what consuming ``queues`` left in the broker: their lists and kombu's binding tables."""
+    client.delete(*queues, *(f"_kombu.binding.{q}" for q in queues),
+                  *(f"_kombu.binding_permanent.{q}" for q in queues))

@@ -11,16 +11,14 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
 from celery import Celery
-from kombu import Connection
 
 from compute_workers import contract
 
-from .conftest import SpecFactory
+from .conftest import ConductorQueue, SpecFactory, forget_queues
 
 REPO = Path(__file__).resolve().parents[2]
 BROKER = "redis://127.0.0.1:6379/15"
@@ -54,46 +52,10 @@ def test_an_unreachable_hypervisor_stops_the_worker_at_start(tmp_path: Path) -> 
     assert "cannot connect to libvirt" in result.stderr
 
 
-class ConductorQueue:
-    """Reads what workers send to the ``conductor`` queue of the test broker, in order; each message
-    is returned by at most one wait_for."""
-
-    def __init__(self) -> None:
-        self.connection = Connection(BROKER)
-        self.queue = self.connection.SimpleQueue(contract.CONDUCTOR_QUEUE)
-        self.queue.clear()
-        self.unclaimed: list[tuple[str, dict[str, Any]]] = []
-
-    def wait_for(self, task_name: str, timeout: float = 20.0, **match: Any) -> dict[str, Any]:
-        def matches(name: str, kwargs: dict[str, Any]) -> bool:
-            return name == task_name and all(kwargs.get(k) == v for k, v in match.items())
-
-        for index, (name, kwargs) in enumerate(self.unclaimed):
-            if matches(name, kwargs):
-                del self.unclaimed[index]
-                return kwargs
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                message = self.queue.get(block=True, timeout=0.5)
-            except self.queue.Empty:
-                continue
-            message.ack()
-            _args, kwargs, _embed = message.decode()
-            if matches(message.headers["task"], kwargs):
-                return dict(kwargs)
-            self.unclaimed.append((message.headers["task"], dict(kwargs)))
-        raise AssertionError(f"no {task_name} {match} within {timeout} s; seen: {self.unclaimed}")
-
-    def close(self) -> None:
-        self.queue.close()
-        self.connection.release()
-
-
 @pytest.fixture
 def worker() -> Iterator[tuple[str, subprocess.Popen[str], ConductorQueue]]:
     host = f"pytest-{secrets.token_hex(4)}"
-    conductor = ConductorQueue()
+    conductor = ConductorQueue(BROKER)
     env = {**os.environ, "CELERY_BROKER_URL": BROKER, "CELERY_RPC_BACKEND": BACKEND,
            "COMPUTE_HEARTBEAT_INTERVAL": "1", "PYTHONUNBUFFERED": "1"}
     argv = [sys.executable, "-m", "compute_workers", "--host", host, "--driver", "fake", "--vcpus", "6",
@@ -108,7 +70,7 @@ def worker() -> Iterator[tuple[str, subprocess.Popen[str], ConductorQueue]]:
         process.communicate(timeout=15)
         conductor.close()
         client = redis.Redis.from_url(BROKER)
-        client.delete(contract.compute_queue(host), f"_kombu.binding.{contract.compute_queue(host)}")
+        forget_queues(client, [contract.compute_queue(host)])
 
 
 def test_worker_serves_its_queue_heartbeats_and_stops_on_sigterm(
