@@ -214,6 +214,8 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_SEND_TASK_EVENTS = True
 CELERY_TASK_SEND_SENT_EVENT = True
 CELERY_TASK_ROUTES = {
+    contract.CONDUCTOR_HOST_HEARTBEAT: {"queue": contract.CONDUCTOR_STATUS_QUEUE},
+    contract.CONDUCTOR_POWER_STATE_UPDATE: {"queue": contract.CONDUCTOR_STATUS_QUEUE},
     "scheduler.*": {"queue": contract.SCHEDULER_QUEUE},
     "conductor.*": {"queue": contract.CONDUCTOR_QUEUE},
 }

@@ -85,6 +85,10 @@ SPEC_VERSION = 1
 
 SCHEDULER_QUEUE = "scheduler"
 CONDUCTOR_QUEUE = "conductor"
+# Heartbeats and power-state observations travel on a queue of their own, so that a burst of them
+# (1,000 hosts heartbeating) never delays an operation's report behind it; the conductor consumes
+# both queues.
+CONDUCTOR_STATUS_QUEUE = "conductor.status"
 COMPUTE_QUEUE_PREFIX = "compute."
 
 # Stable task names. Never rename one without keeping the old name registered.
@@ -137,6 +141,13 @@ HEARTBEAT_RESOURCE_KEYS = (
     "instances",            # dict: instance uuid -> power state, for every cloudctl domain on the host
     "observed_at",          # float, the host's time.time() just before it listed the domains
 )
+
+
+def conductor_queue(task_name: str) -> str:
+    """The conductor queue a report travels on: status reports apart from operation reports."""
+    if task_name in (CONDUCTOR_HOST_HEARTBEAT, CONDUCTOR_POWER_STATE_UPDATE):
+        return CONDUCTOR_STATUS_QUEUE
+    return CONDUCTOR_QUEUE
 
 
 def compute_queue(host: str) -> str:

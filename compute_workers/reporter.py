@@ -21,7 +21,7 @@ class Reporter(Protocol):
 
 
 class CeleryReporter:
-    """Sends ``conductor.*`` tasks through the worker's Celery app."""
+    """Sends ``conductor.*`` tasks through the worker's Celery app, each on its conductor queue."""
 
     # A heartbeat older than this is worthless: a conductor catching up after an outage skips it.
     HEARTBEAT_EXPIRES = 60.0
@@ -33,7 +33,8 @@ class CeleryReporter:
         options: dict[str, Any] = {}
         if task_name == contract.CONDUCTOR_HOST_HEARTBEAT:
             options["expires"] = self.HEARTBEAT_EXPIRES
-        self.app.send_task(task_name, kwargs=kwargs, queue=contract.CONDUCTOR_QUEUE, **options)
+        self.app.send_task(task_name, kwargs=kwargs, queue=contract.conductor_queue(task_name),
+                           **options)
 
 
 class ListReporter:

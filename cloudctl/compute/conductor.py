@@ -187,7 +187,10 @@ def host_heartbeat(*, host: str, resources: dict[str, Any]) -> Host:
     values: dict[str, Any] = {key: resources[key] for key in _HOST_FIELDS if key in resources}
     values["reported_instances"] = resources.get("instances", {})
     values["last_heartbeat"] = timezone.now()
-    record, _ = Host.objects.update_or_create(name=host, defaults=values)
+    # One UPDATE for the common case (the host exists): heartbeats are the conductor's bulk work.
+    if not Host.objects.filter(name=host).update(**values):
+        Host.objects.get_or_create(name=host, defaults=values)
+    record = Host.objects.get(name=host)
     _reap_deleted_domains(record)
     return record
 

@@ -152,13 +152,15 @@ def small_qcow2(tmp_path_factory: pytest.TempPathFactory) -> bytes:
 
 
 class ConductorQueue:
-    """Reads what workers send to the ``conductor`` queue of the test broker, in order; each message
-    is returned by at most one wait_for."""
+    """Reads what workers send to the conductor's queues (``conductor`` and ``conductor.status``)
+    of the test broker; each message is returned by at most one wait_for."""
 
     def __init__(self, broker: str) -> None:
         self.connection = Connection(broker)
-        self.queue = self.connection.SimpleQueue(contract.CONDUCTOR_QUEUE)
-        self.queue.clear()
+        self.queues = [self.connection.SimpleQueue(name)
+                       for name in (contract.CONDUCTOR_QUEUE, contract.CONDUCTOR_STATUS_QUEUE)]
+        for queue in self.queues:
+            queue.clear()
         self.unclaimed: list[tuple[str, dict[str, Any]]] = []
 
     def wait_for(self, task_name: str, timeout: float = 20.0, **match: Any) -> dict[str, Any]:
@@ -171,9 +173,8 @@ class ConductorQueue:
                 return kwargs
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            try:
-                message = self.queue.get(block=True, timeout=0.5)
-            except self.queue.Empty:
+            message = self._next(timeout=0.25)
+            if message is None:
                 continue
             message.ack()
             _args, kwargs, _embed = message.decode()
@@ -182,8 +183,17 @@ class ConductorQueue:
             self.unclaimed.append((message.headers["task"], dict(kwargs)))
         raise AssertionError(f"no {task_name} {match} within {timeout} s; seen: {self.unclaimed}")
 
+    def _next(self, timeout: float) -> Any:
+        for queue in self.queues:
+            try:
+                return queue.get(block=True, timeout=timeout / len(self.queues))
+            except queue.Empty:
+                continue
+        return None
+
     def close(self) -> None:
-        self.queue.close()
+        for queue in self.queues:
+            queue.close()
         self.connection.release()
 
 

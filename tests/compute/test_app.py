@@ -106,7 +106,8 @@ def test_celery_reporter_sends_to_the_conductor_queue() -> None:
         (contract.CONDUCTOR_INSTANCE_DESTROYED,
          {"kwargs": {"instance_uuid": "u", "host": "h"}, "queue": contract.CONDUCTOR_QUEUE}),
         (contract.CONDUCTOR_HOST_HEARTBEAT,
-         {"kwargs": {"host": "h", "resources": {}}, "queue": contract.CONDUCTOR_QUEUE, "expires": 60.0}),
+         {"kwargs": {"host": "h", "resources": {}}, "queue": contract.CONDUCTOR_STATUS_QUEUE,
+          "expires": 60.0}),
     ]
 
 

@@ -32,7 +32,7 @@ def fleet_stack(tiny_image_path: Path, tmp_path_factory: pytest.TempPathFactory
         "--loglevel WARNING\n"
         "scheduler2: celery -A cloudctl worker -Q scheduler -n scheduler2@%h --concurrency 2 "
         "--loglevel WARNING\n"
-        "conductor: celery -A cloudctl worker -Q conductor -n conductor@%h --concurrency 2 "
+        "conductor: celery -A cloudctl worker -Q conductor,conductor.status -n conductor@%h --concurrency 2 "
         "--loglevel WARNING\n"
         f"fleet: python -m compute_workers.fleet --hosts {HOSTS} --prefix {prefix} --vcpus 4 "
         f"--memory-mb {MEMORY_MB} --disk-gb 100 --heartbeat-interval 2 --loglevel warning\n")
