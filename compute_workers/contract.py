@@ -43,6 +43,19 @@ redelivery); every task converges to its target state (starting a running domain
     libvirt managed save (RAM to disk, domain not running) and restore. Expected "suspending" /
     "resuming".
 
+``compute.snapshot_instance(instance_uuid, action_id, image_id, upload_url, image_name)``
+    Snapshot the instance's root disk into a standalone qcow2 and upload it with
+    ``PUT upload_url`` (streamed, ``Authorization: Token <CLOUDCTL_SERVICE_TOKEN>``, body = the
+    qcow2 bytes). Live when the domain runs (the guest keeps running: libvirt block copy, paused at
+    most briefly), cold when it is shut off. Expected task_state "image_snapshot"; when the copy is
+    made it reports values ``{"task_state": "image_uploading"}`` (expected "image_snapshot"), and
+    at the end ``{"task_state": None}`` plus the truthful vm_state/power_state (expected
+    "image_uploading"). Progress goes in events with result "progress" (message e.g. "copied
+    12.0 of 33.0 MiB"), which update the open event without closing it. On failure the server is
+    left as it was (running or stopped) and the report carries ``fault``; the image service marks
+    the image killed when its upload fails, and the conductor does when no upload was made. At
+    most ``COMPUTE_MAX_CONCURRENT_SNAPSHOTS`` run at once on a host; the others wait.
+
 Each reports ``conductor.instance_update`` with the expected task_state and ``action_id``: on
 success ``values`` = the target (vm_state, task_state None, power_state) and an event named
 ``compute_<operation>_instance`` (e.g. ``compute_reboot_instance``), opened with result "start"
@@ -111,6 +124,7 @@ COMPUTE_PAUSE = "compute.pause_instance"
 COMPUTE_UNPAUSE = "compute.unpause_instance"
 COMPUTE_SUSPEND = "compute.suspend_instance"
 COMPUTE_RESUME = "compute.resume_instance"
+COMPUTE_SNAPSHOT = "compute.snapshot_instance"
 
 REBOOT_SOFT = "SOFT"
 REBOOT_HARD = "HARD"
