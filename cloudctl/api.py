@@ -15,7 +15,7 @@ from cloudctl.compute.services import (
     InstanceInvalidState,
     InvalidRequest,
 )
-from cloudctl.images.services import ImageRejected
+from cloudctl.images.services import ImageConflict, ImageRejected
 
 
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
@@ -34,6 +34,9 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
         return Response({"detail": str(exc), "code": "conflict"}, status=status.HTTP_409_CONFLICT)
     if isinstance(exc, InvalidRequest):
         return Response({exc.field: [exc.message]}, status=status.HTTP_400_BAD_REQUEST)
+    if isinstance(exc, ImageConflict):
+        return Response({"detail": str(exc), "code": "conflict", "status": exc.image.status},
+                        status=status.HTTP_409_CONFLICT)
     if isinstance(exc, ImageRejected):
         return Response({"file": [str(exc)]}, status=status.HTTP_400_BAD_REQUEST)
     if isinstance(exc, ComputeUnavailable):

@@ -14,6 +14,7 @@ import dj_database_url
 from cloudctl.env import (
     ImproperlyConfiguredEnv,
     env_bool,
+    env_choice,
     env_float,
     env_int,
     env_list,
@@ -142,6 +143,8 @@ CLOUDCTL_API_URL = env_str("CLOUDCTL_API_URL", "http://127.0.0.1:8000").rstrip("
 # Shared secret that compute workers present to download images; empty disables service access.
 CLOUDCTL_SERVICE_TOKEN = env_str("CLOUDCTL_SERVICE_TOKEN", "")
 IMAGES_PATH = Path(env_str("IMAGES_PATH", str(STATE_DIR / "image-store")))
+# Where image bytes are kept: "local" (the directory IMAGES_PATH) is the backend there is.
+IMAGE_STORE = env_choice("IMAGE_STORE", "local", ["local"])
 
 SCHEDULER_MAX_ATTEMPTS = env_int("SCHEDULER_MAX_ATTEMPTS", 3, minimum=1)
 SCHEDULER_ENABLED_FILTERS = env_list(

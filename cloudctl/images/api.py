@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
 from django.db.models import QuerySet
-from django.http import FileResponse
-from rest_framework import serializers, viewsets
+from django.http import FileResponse, HttpResponse, StreamingHttpResponse
+from django.http.response import HttpResponseBase
+from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
-from rest_framework.exceptions import NotFound
+from rest_framework.exceptions import NotFound, PermissionDenied
 from rest_framework.request import Request
+from rest_framework.response import Response
 
 from cloudctl.identity.authentication import is_service
-from cloudctl.images.models import Image, ImageStatus
-from cloudctl.images.services import image_path, images_visible_to
+from cloudctl.identity.services import is_admin, project_id_of, project_of
+from cloudctl.images.models import DiskFormat, Image, ImageStatus, Visibility
+from cloudctl.images.services import (
+    image_create,
+    image_delete,
+    image_path,
+    image_upload,
+    images_visible_to,
+)
 
 
 class ImageSerializer(serializers.ModelSerializer):
@@ -25,22 +39,117 @@ class ImageSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
-class ImageViewSet(viewsets.ReadOnlyModelViewSet):
+class ImageCreateSerializer(serializers.ModelSerializer):
+    name = serializers.CharField(max_length=255)
+    disk_format = serializers.ChoiceField(choices=DiskFormat.choices)
+    container_format = serializers.ChoiceField(choices=["bare"], default="bare")
+    visibility = serializers.ChoiceField(choices=Visibility.choices, default=Visibility.PRIVATE)
+    min_ram = serializers.IntegerField(min_value=0, default=0)
+    min_disk = serializers.IntegerField(min_value=0, default=0)
+    properties = serializers.DictField(child=serializers.CharField(allow_blank=True),
+                                       required=False, default=dict)
+
+    class Meta:
+        model = Image
+        fields = ("name", "disk_format", "container_format", "visibility", "min_ram", "min_disk",
+                  "properties")
+
+    def validate_visibility(self, value: str) -> str:
+        if value == Visibility.PUBLIC and not is_admin(self.context["request"].user):
+            raise serializers.ValidationError("only administrators may create public images")
+        return value
+
+
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+def _byte_range(header: str, size: int) -> tuple[int, int] | None:
+    """(first, last) of a single ``Range: bytes=a-b`` header; None when it cannot be served."""
+    match = _RANGE.match(header.strip())
+    if not match or (not match.group(1) and not match.group(2)):
+        return None
+    if match.group(1):
+        first = int(match.group(1))
+        last = int(match.group(2)) if match.group(2) else size - 1
+    else:
+        first, last = max(size - int(match.group(2)), 0), size - 1
+    last = min(last, size - 1)
+    return (first, last) if first <= last and first < size else None
+
+
+def _file_slice(path: Path, first: int, last: int) -> Iterator[bytes]:
+    with open(path, "rb") as handle:
+        handle.seek(first)
+        remaining = last - first + 1
+        while remaining > 0:
+            chunk = handle.read(min(1024 * 1024, remaining))
+            if not chunk:
+                return
+            remaining -= len(chunk)
+            yield chunk
+
+
+class ImageViewSet(mixins.CreateModelMixin, mixins.DestroyModelMixin,
+                   viewsets.ReadOnlyModelViewSet):
     serializer_class = ImageSerializer
-    service_actions = ("file",)  # compute workers download images, and do nothing else
+    # Compute workers download images and upload snapshots, and do nothing else.
+    service_actions = ("file",)
 
     def get_queryset(self) -> QuerySet[Image]:
         if is_service(self.request.user):
-            return Image.objects.filter(status=ImageStatus.ACTIVE)
+            return Image.objects.exclude(status=ImageStatus.DELETED)
         return images_visible_to(self.request.user).select_related("owner")
 
-    @action(detail=True, methods=["get"], url_path="file")
-    def file(self, request: Request, pk: str | None = None) -> FileResponse:
+    def _check_owner(self, image: Image) -> None:
+        user = self.request.user
+        if is_service(user) or is_admin(user):
+            return
+        if image.owner_id is None or image.owner_id != project_id_of(user):
+            raise PermissionDenied("only the image's project or an administrator may change it")
+
+    def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        body = ImageCreateSerializer(data=request.data, context={"request": request})
+        body.is_valid(raise_exception=True)
+        image = image_create(owner=project_of(request.user), **body.validated_data)
+        return Response(ImageSerializer(image).data, status=status.HTTP_201_CREATED)
+
+    def perform_destroy(self, instance: Image) -> None:
+        self._check_owner(instance)
+        image_delete(image=instance)
+
+    @action(detail=True, methods=["get", "put"], url_path="file")
+    def file(self, request: Request, pk: str | None = None) -> HttpResponseBase:
         image = self.get_object()
+        if request.method == "PUT":
+            return self._upload(request, image)
         path = image_path(image)
-        if image.status != ImageStatus.ACTIVE or not path.exists():
+        if image.status != ImageStatus.ACTIVE or path is None:
             raise NotFound(f"image {image.id} has no data (status {image.status})")
+        size = path.stat().st_size
+        wanted = request.headers.get("Range")
+        if wanted:
+            span = _byte_range(wanted, size)
+            if span is None:
+                response = HttpResponse(status=416)
+                response["Content-Range"] = f"bytes */{size}"
+                return response
+            first, last = span
+            partial = StreamingHttpResponse(_file_slice(path, first, last), status=206,
+                                            content_type="application/octet-stream")
+            partial["Content-Range"] = f"bytes {first}-{last}/{size}"
+            partial["Content-Length"] = str(last - first + 1)
+            partial["Accept-Ranges"] = "bytes"
+            return partial
         response = FileResponse(open(path, "rb"), content_type="application/octet-stream")
-        response["Content-Length"] = str(path.stat().st_size)
+        response["Content-Length"] = str(size)
+        response["Accept-Ranges"] = "bytes"
         response["X-Image-Sha256"] = image.sha256
         return response
+
+    def _upload(self, request: Request, image: Image) -> Response:
+        """PUT the bytes: read from the request stream chunk by chunk, never whole."""
+        self._check_owner(image)
+        length = request.META.get("CONTENT_LENGTH")
+        expected = int(length) if length and length.isdigit() else None
+        image = image_upload(image=image, stream=request._request, expected_size=expected)
+        return Response(ImageSerializer(image).data)

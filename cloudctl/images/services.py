@@ -4,26 +4,25 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import subprocess
-import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from django.conf import settings
 from django.db.models import Q, QuerySet
 
 from cloudctl.identity.models import Project
 from cloudctl.identity.services import is_admin, project_id_of
 from cloudctl.images.models import DiskFormat, Image, ImageStatus, Visibility
+from cloudctl.images.storage import image_store
 
 
 class ImageRejected(ValueError):
     """Image bytes that must not become an active image; the message says why."""
 
 
-def image_path(image: Image) -> Path:
-    return Path(settings.IMAGES_PATH) / str(image.id)
+def image_path(image: Image) -> Path | None:
+    """The local file holding the image's bytes, or None when it has none."""
+    return image_store().local_path(str(image.id))
 
 
 def images_visible_to(user: Any) -> QuerySet[Image]:
@@ -62,42 +61,101 @@ def inspect_disk(path: Path, declared_format: str) -> dict[str, Any]:
     return info
 
 
+class ImageConflict(Exception):
+    """The image is not in a state that allows the operation (HTTP 409)."""
+
+    def __init__(self, image: Image, message: str) -> None:
+        self.image = image
+        super().__init__(message)
+
+
+UPLOAD_CHUNK = 1024 * 1024
+
+
+def image_create(*, name: str, disk_format: str, owner: Project | None,
+                 visibility: str = Visibility.PRIVATE, container_format: str = "bare",
+                 min_ram: int = 0, min_disk: int = 0,
+                 properties: dict[str, Any] | None = None) -> Image:
+    """A queued image record, waiting for its bytes."""
+    return Image.objects.create(name=name, disk_format=disk_format, owner=owner,
+                                visibility=visibility, container_format=container_format,
+                                min_ram=min_ram, min_disk=min_disk,
+                                properties=properties or {}, status=ImageStatus.QUEUED)
+
+
+def image_kill(image: Image, reason: str) -> None:
+    """A failed upload or snapshot: the image will never have data."""
+    properties = {**image.properties, "failure": reason}
+    Image.objects.filter(pk=image.pk).exclude(status=ImageStatus.ACTIVE).update(
+        status=ImageStatus.KILLED, properties=properties)
+    image.refresh_from_db()
+
+
+def image_upload(*, image: Image, stream: BinaryIO, expected_size: int | None) -> Image:
+    """Receive an image's bytes from ``stream`` (never all in memory), then inspect them.
+
+    queued → saving → active, or killed with the reason in ``properties["failure"]`` when the
+    bytes are truncated, not what ``disk_format`` says, or unsafe (backing file, data file).
+    One upload per image: the queued → saving step is a compare-and-swap.
+    """
+    if not Image.objects.filter(pk=image.pk, status=ImageStatus.QUEUED).update(
+            status=ImageStatus.SAVING):
+        image.refresh_from_db()
+        raise ImageConflict(image, f"image {image.id} is {image.status}; only a queued image "
+                                   "accepts data")
+    store = image_store()
+    digest = hashlib.sha256()
+    received = 0
+    try:
+        with store.staging() as (handle, staged):
+            while chunk := stream.read(UPLOAD_CHUNK):
+                handle.write(chunk)
+                digest.update(chunk)
+                received += len(chunk)
+            handle.flush()
+            if expected_size is not None and received != expected_size:
+                raise ImageRejected(f"upload truncated: received {received} of {expected_size} "
+                                    "bytes")
+            if received == 0:
+                raise ImageRejected("upload is empty")
+            info = inspect_disk(staged, image.disk_format)
+            store.commit(staged, str(image.id))
+    except ImageRejected as exc:
+        image_kill(image, str(exc))
+        raise
+    except Exception as exc:
+        image_kill(image, f"upload failed: {exc}")
+        raise
+    Image.objects.filter(pk=image.pk).update(
+        status=ImageStatus.ACTIVE, size=received, sha256=digest.hexdigest(),
+        virtual_size=info.get("virtual-size"))
+    image.refresh_from_db()
+    return image
+
+
+def image_delete(*, image: Image) -> None:
+    """The record stays as history (deleted); the bytes go."""
+    Image.objects.filter(pk=image.pk).update(status=ImageStatus.DELETED)
+    image_store().delete(str(image.id))
+
+
 def image_import(*, name: str, source: Path, disk_format: str, visibility: str = Visibility.PUBLIC,
                  owner: Project | None = None, min_ram: int = 0, min_disk: int = 0,
                  properties: dict[str, Any] | None = None) -> Image:
-    """Copy a local file into the image store, inspect it and make it an active image.
+    """Register a local file as an image through the same path as an API upload.
 
     Idempotent by (name, sha256): importing the same bytes under the same name again returns the
     existing image.
     """
     digest = hashlib.sha256()
     with open(source, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1024 * 1024), b""):
+        for chunk in iter(lambda: handle.read(UPLOAD_CHUNK), b""):
             digest.update(chunk)
-    sha256 = digest.hexdigest()
-    existing = Image.objects.filter(name=name, sha256=sha256, status=ImageStatus.ACTIVE).first()
-    if existing is not None and image_path(existing).exists():
+    existing = Image.objects.filter(name=name, sha256=digest.hexdigest(),
+                                    status=ImageStatus.ACTIVE).first()
+    if existing is not None and image_path(existing) is not None:
         return existing
-
-    image = Image.objects.create(name=name, disk_format=disk_format, visibility=visibility,
-                                 owner=owner, min_ram=min_ram, min_disk=min_disk,
-                                 properties=properties or {}, status=ImageStatus.SAVING)
-    store = Path(settings.IMAGES_PATH)
-    store.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=store, delete=False, prefix=".upload-") as tmp:
-        with open(source, "rb") as handle:
-            shutil.copyfileobj(handle, tmp, 1024 * 1024)
-    tmp_path = Path(tmp.name)
-    try:
-        info = inspect_disk(tmp_path, disk_format)
-    except ImageRejected:
-        tmp_path.unlink(missing_ok=True)
-        Image.objects.filter(pk=image.pk).update(status=ImageStatus.KILLED)
-        raise
-    tmp_path.rename(image_path(image))
-    image.size = image_path(image).stat().st_size
-    image.virtual_size = info.get("virtual-size")
-    image.sha256 = sha256
-    image.status = ImageStatus.ACTIVE
-    image.save(update_fields=["size", "virtual_size", "sha256", "status", "updated"])
-    return image
+    image = image_create(name=name, disk_format=disk_format, owner=owner, visibility=visibility,
+                         min_ram=min_ram, min_disk=min_disk, properties=properties)
+    with open(source, "rb") as handle:
+        return image_upload(image=image, stream=handle, expected_size=source.stat().st_size)
