@@ -188,6 +188,8 @@ TASK_DEADLINES = {
     "suspending": env_int("TASK_DEADLINE_SUSPENDING", 600, minimum=1),
     "resuming": env_int("TASK_DEADLINE_RESUMING", 600, minimum=1),
     "deleting": env_int("TASK_DEADLINE_DELETING", 300, minimum=1),
+    "image_snapshot": env_int("TASK_DEADLINE_IMAGE_SNAPSHOT", 1800, minimum=1),
+    "image_uploading": env_int("TASK_DEADLINE_IMAGE_UPLOADING", 1800, minimum=1),
 }
 # Seconds the API waits for a compute worker to answer a console-output call.
 CONSOLE_OUTPUT_TIMEOUT = env_float("CONSOLE_OUTPUT_TIMEOUT", 10.0, minimum=0.1)

@@ -182,6 +182,7 @@ class ActionEventSerializer(serializers.ModelSerializer):
 
 class ActionSerializer(serializers.ModelSerializer):
     server_id = serializers.UUIDField(source="instance_id")
+    image_id = serializers.UUIDField(read_only=True)
     user = serializers.CharField(source="user.username", default=None)
     project = serializers.CharField(source="project.name", default=None)
     events = ActionEventSerializer(many=True)
@@ -189,8 +190,12 @@ class ActionSerializer(serializers.ModelSerializer):
     class Meta:
         model = InstanceAction
         fields = ("id", "server_id", "action", "request_id", "user", "project", "start_time",
-                  "finish_time", "result", "message", "events")
+                  "finish_time", "result", "message", "image_id", "events")
         read_only_fields = fields
+
+
+class SnapshotSerializer(serializers.Serializer):
+    name = StrictCharField(max_length=255)
 
 
 class RebootSerializer(serializers.Serializer):
@@ -261,6 +266,14 @@ class ServerViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.G
     @action(detail=True, methods=["post"])
     def resume(self, request: Request, pk: str | None = None) -> Response:
         return self._accepted(services.server_resume(instance=self.get_object(), user=request.user))
+
+    @action(detail=True, methods=["post"])
+    def snapshot(self, request: Request, pk: str | None = None) -> Response:
+        body = SnapshotSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        record = services.server_snapshot(instance=self.get_object(), user=request.user,
+                                          name=body.validated_data["name"])
+        return self._accepted(record)
 
     @action(detail=True, methods=["get"])
     def actions(self, request: Request, pk: str | None = None) -> Response:

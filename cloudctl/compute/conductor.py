@@ -47,6 +47,10 @@ def record_event(instance_uuid: str, *, event: str, result: str = "", host: str 
         return
     now = timezone.now()
     result = result.strip().capitalize()
+    if result == "Progress":
+        # A long step tells how far it got: the open step's message changes, it stays open.
+        action.events.filter(event=event, finish_time__isnull=True).update(message=message)
+        return
     if result == "Start":
         InstanceActionEvent.objects.create(action=action, event=event, host=host, message=message,
                                            start_time=now)

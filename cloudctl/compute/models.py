@@ -209,6 +209,9 @@ class InstanceAction(models.Model):
     finish_time = models.DateTimeField(null=True, blank=True)
     result = models.CharField(max_length=16, blank=True, help_text="empty while running")
     message = models.TextField(blank=True)
+    # The image a snapshot action makes (killed if the action fails before it has data).
+    image = models.ForeignKey(Image, null=True, blank=True, on_delete=models.SET_NULL,
+                              related_name="+")
 
     class Meta:
         ordering = ("-start_time", "-id")

@@ -30,6 +30,7 @@ from cloudctl.compute.states import DELETE, PowerState, TaskState, Transition, V
 from cloudctl.identity.models import Project
 from cloudctl.identity.services import is_admin, project_id_of
 from cloudctl.images.models import Image, ImageStatus
+from cloudctl.images.services import image_create, image_kill
 from compute_workers import contract
 
 log = logging.getLogger(__name__)
@@ -289,8 +290,43 @@ def server_resume(*, instance: Instance, user: Any,
 
 
 def finish_action(action: InstanceAction, *, result: str, message: str = "") -> None:
-    InstanceAction.objects.filter(pk=action.pk, finish_time__isnull=True).update(
+    updated = InstanceAction.objects.filter(pk=action.pk, finish_time__isnull=True).update(
         finish_time=timezone.now(), result=result, message=message)
+    if updated and result == "Error" and action.image_id is not None:
+        # A snapshot that failed leaves no half image behind: killed, with the reason.
+        image = Image.objects.filter(pk=action.image_id).first()
+        if image is not None:
+            image_kill(image, message or "the snapshot failed")
+
+
+def server_snapshot(*, instance: Instance, user: Any, name: str,
+                    request_id: str | None = None) -> InstanceAction:
+    """Snapshot the server's disk into a new private image of its project (202 at once).
+
+    Live when the server runs (the guest keeps running), cold when it is stopped. The image is
+    queued now, saving while the compute worker uploads, active when the upload passes the image
+    service's inspection; killed if anything fails.
+    """
+    host = _require_host_up(instance, "snapshot")
+    with transaction.atomic():
+        transition(instance, states.SNAPSHOT)
+        base = instance.image
+        image = image_create(
+            name=name, disk_format="qcow2", owner=instance.project,
+            min_ram=base.min_ram if base else 0, min_disk=instance.root_gb,
+            properties={**({k: v for k, v in base.properties.items() if k != "failure"}
+                           if base else {}),
+                        "image_type": "snapshot", "instance_uuid": str(instance.uuid),
+                        "base_image": str(base.id) if base else ""})
+        action = action_start(instance=instance, action="snapshot", user=user,
+                              request_id=request_id or new_request_id())
+        InstanceAction.objects.filter(pk=action.pk).update(image=image)
+        action.refresh_from_db()
+        kwargs = {"instance_uuid": str(instance.uuid), "action_id": action.pk,
+                  "image_id": str(image.id), "image_name": name,
+                  "upload_url": f"{settings.CLOUDCTL_API_URL}/api/v1/images/{image.id}/file"}
+        transaction.on_commit(lambda: rpc.cast(host.name, contract.COMPUTE_SNAPSHOT, **kwargs))
+    return action
 
 
 def server_console_output(*, instance: Instance, lines: int | None) -> str:

@@ -141,6 +141,13 @@ SUSPEND = Transition(action="suspend", from_vm_states=(VmState.ACTIVE,),
 RESUME = Transition(action="resume", from_vm_states=(VmState.SUSPENDED,),
                     from_task_states=(None,), to_task_state=TaskState.RESUMING)
 
+SNAPSHOT = Transition(
+    action="snapshot",
+    from_vm_states=(VmState.ACTIVE, VmState.STOPPED, VmState.PAUSED, VmState.SUSPENDED),
+    from_task_states=(None,),
+    to_task_state=TaskState.IMAGE_SNAPSHOT,
+)
+
 # The vm_state that tells the truth about a domain in a given power state.
 VM_STATE_FOR_POWER_STATE = {
     PowerState.RUNNING: VmState.ACTIVE,

@@ -357,3 +357,73 @@ def test_reaper_falls_back_to_the_last_known_state(api, server, settings):
     pause = InstanceAction.objects.get(instance=server, action="pause")
     assert pause.message == ("pausing did not finish within 5 s on host hv1; the domain was last "
                              "known running, so the server is active")
+
+
+def test_snapshot_makes_a_queued_private_image_and_asks_the_host(
+        api, server, outbox, django_capture_on_commit_callbacks, settings):
+    from cloudctl.images.models import Image
+
+    with django_capture_on_commit_callbacks(execute=True):
+        response = act(api, server, "snapshot", name="before-upgrade")
+    assert response.status_code == 202, response.content
+    record = response.json()
+    image = Image.objects.get(pk=record["image_id"])
+    assert (image.name, image.status, image.visibility, image.owner.name) == (
+        "before-upgrade", "queued", "private", "blue")
+    assert image.properties["instance_uuid"] == str(server.uuid)
+    assert image.properties["base_image"] == str(server.image_id)
+    assert image.min_disk == server.root_gb
+    server.refresh_from_db()
+    assert server.task_state == "image_snapshot"
+    [(host, name, kwargs)] = outbox.compute
+    assert (host, name) == ("hv1", contract.COMPUTE_SNAPSHOT)
+    assert kwargs == {"instance_uuid": str(server.uuid), "action_id": record["id"],
+                      "image_id": str(image.id), "image_name": "before-upgrade",
+                      "upload_url": f"{settings.CLOUDCTL_API_URL}/api/v1/images/{image.id}/file"}
+    assert act(api, server, "snapshot", name="again").status_code == 409
+    assert act(api, server, "snapshot", name="").status_code == 400
+
+
+def test_snapshot_progress_success_and_failure(api, server, small_qcow2):
+    from cloudctl.images.models import Image
+    from cloudctl.images.services import image_upload
+
+    record = act(api, server, "snapshot", name="snap").json()
+    report = dict(instance_uuid=str(server.uuid), host="hv1", action_id=record["id"])
+    conductor.instance_update(**report, expected_task_state="image_snapshot", values={},
+                              event={"name": "compute_snapshot_instance", "result": "start"})
+    conductor.instance_update(**report, expected_task_state="image_snapshot", values={},
+                              event={"name": "compute_snapshot_instance", "result": "progress",
+                                     "message": "copied 12.0 of 33.0 MiB"})
+    [snap, _] = api.get(f"/api/v1/servers/{server.uuid}/actions/").json()
+    assert snap["events"][0]["message"] == "copied 12.0 of 33.0 MiB"
+    assert snap["events"][0]["finish_time"] is None
+    conductor.instance_update(**report, expected_task_state="image_snapshot",
+                              values={"task_state": "image_uploading"},
+                              event={"name": "compute_snapshot_instance", "result": "success",
+                                     "message": "copied 33.0 MiB in 1.2 s"})
+    assert api.get(f"/api/v1/servers/{server.uuid}/").json()["task_state"] == "image_uploading"
+    with open(small_qcow2, "rb") as handle:
+        image_upload(image=Image.objects.get(pk=record["image_id"]), stream=handle,
+                     expected_size=small_qcow2.stat().st_size)
+    conductor.instance_update(**report, expected_task_state="image_uploading",
+                              values={"task_state": None, "vm_state": "active",
+                                      "power_state": "running"})
+    [snap, _] = api.get(f"/api/v1/servers/{server.uuid}/actions/").json()
+    assert snap["result"] == "Success"
+    assert api.get(f"/api/v1/images/{record['image_id']}/").json()["status"] == "active"
+
+    failed = act(api, server, "snapshot", name="doomed").json()
+    conductor.instance_update(instance_uuid=str(server.uuid), host="hv1", action_id=failed["id"],
+                              expected_task_state="image_snapshot",
+                              values={"task_state": None, "vm_state": "active",
+                                      "power_state": "running"},
+                              event={"name": "compute_snapshot_instance", "result": "error",
+                                     "message": "block copy failed: no space left on device"},
+                              fault={"message": "block copy failed: no space left on device",
+                                     "code": 500, "details": "Traceback ..."})
+    shown = api.get(f"/api/v1/servers/{server.uuid}/").json()
+    assert (shown["status"], shown["fault"]) == ("ACTIVE", None)
+    doomed = Image.objects.get(pk=failed["image_id"])
+    assert doomed.status == "killed"
+    assert doomed.properties["failure"] == "block copy failed: no space left on device"
