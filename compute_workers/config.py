@@ -28,6 +28,12 @@ A malformed value fails at start with :class:`ConfigError` naming the variable.
 | `COMPUTE_CONSOLE_TIME_LIMIT` | `30` | Hard time limit of `compute.get_console_output`. |
 | `COMPUTE_LIFECYCLE_SOFT_TIME_LIMIT` | `300` | Soft time limit of each lifecycle task (reboot, power off/on, pause, unpause, suspend, resume); a power off's clean-shutdown wait is capped 30 s below it. |
 | `COMPUTE_LIFECYCLE_TIME_LIMIT` | `360` | Hard time limit of each lifecycle task. |
+| `COMPUTE_SNAPSHOT_SOFT_TIME_LIMIT` | `1800` | Soft time limit of `compute.snapshot_instance` (copy, convert and upload). |
+| `COMPUTE_SNAPSHOT_TIME_LIMIT` | `1860` | Hard time limit of `compute.snapshot_instance`. |
+| `COMPUTE_MAX_CONCURRENT_SNAPSHOTS` | `2` | Snapshots run at once on this host; the others wait for a slot. Temporary files go to `INSTANCES_PATH/snapshots/`. |
+| `COMPUTE_IMAGE_UPLOAD_TIMEOUT` | `600` | Seconds a snapshot upload may wait for the image service (connect, and each read of its answer). |
+| `COMPUTE_IMAGE_CACHE_MAX_AGE` | `86400` | A cached base image (`_base/<image-id>`) that no instance disk of this host uses and no spawn used for this many seconds is removed. |
+| `COMPUTE_IMAGE_CACHE_CLEANUP_INTERVAL` | `600` | Seconds between two image cache cleanups (run by the heartbeat thread). |
 | `COMPUTE_VISIBILITY_TIMEOUT` | `7200` | Redis `visibility_timeout`: an unacknowledged task is delivered again after it. Must exceed every hard time limit. |
 | `COMPUTE_FAKE_VCPUS` | `16` | vCPUs the fake driver reports (`--vcpus`). |
 | `COMPUTE_FAKE_MEMORY_MB` | `32768` | RAM the fake driver reports (`--memory-mb`). |
@@ -144,13 +150,20 @@ class ComputeConfig:
     console_time_limit: int = _env("COMPUTE_CONSOLE_TIME_LIMIT", 30, _positive_int)
     lifecycle_soft_time_limit: int = _env("COMPUTE_LIFECYCLE_SOFT_TIME_LIMIT", 300, _positive_int)
     lifecycle_time_limit: int = _env("COMPUTE_LIFECYCLE_TIME_LIMIT", 360, _positive_int)
+    snapshot_soft_time_limit: int = _env("COMPUTE_SNAPSHOT_SOFT_TIME_LIMIT", 1800, _positive_int)
+    snapshot_time_limit: int = _env("COMPUTE_SNAPSHOT_TIME_LIMIT", 1860, _positive_int)
+    max_concurrent_snapshots: int = _env("COMPUTE_MAX_CONCURRENT_SNAPSHOTS", 2, _positive_int)
+    image_upload_timeout: float = _env("COMPUTE_IMAGE_UPLOAD_TIMEOUT", 600.0, _positive_float)
+    image_cache_max_age: float = _env("COMPUTE_IMAGE_CACHE_MAX_AGE", 86400.0, _non_negative_float)
+    image_cache_cleanup_interval: float = _env("COMPUTE_IMAGE_CACHE_CLEANUP_INTERVAL", 600.0,
+                                               _positive_float)
     visibility_timeout: int = _env("COMPUTE_VISIBILITY_TIMEOUT", 7200, _positive_int)
     fake_vcpus: int = _env("COMPUTE_FAKE_VCPUS", 16, _positive_int)
     fake_memory_mb: int = _env("COMPUTE_FAKE_MEMORY_MB", 32768, _positive_int)
     fake_disk_gb: int = _env("COMPUTE_FAKE_DISK_GB", 500, _positive_int)
 
     def __post_init__(self) -> None:
-        for kind in ("spawn", "terminate", "console", "lifecycle"):
+        for kind in ("spawn", "terminate", "console", "lifecycle", "snapshot"):
             soft_var = f"COMPUTE_{kind.upper()}_SOFT_TIME_LIMIT"
             hard_var = f"COMPUTE_{kind.upper()}_TIME_LIMIT"
             soft, hard = getattr(self, f"{kind}_soft_time_limit"), getattr(self, f"{kind}_time_limit")
@@ -177,6 +190,7 @@ class ComputeConfig:
             (contract.COMPUTE_SPAWN, self.spawn_soft_time_limit, self.spawn_time_limit),
             (contract.COMPUTE_TERMINATE, self.terminate_soft_time_limit, self.terminate_time_limit),
             (contract.COMPUTE_CONSOLE_OUTPUT, self.console_soft_time_limit, self.console_time_limit),
+            (contract.COMPUTE_SNAPSHOT, self.snapshot_soft_time_limit, self.snapshot_time_limit),
             *((name, self.lifecycle_soft_time_limit, self.lifecycle_time_limit) for name in LIFECYCLE_TASKS),
         )
 

@@ -70,3 +70,7 @@ class ImageFormatError(ImageError):
 
 class ImageTooLarge(ImageError):
     """The image's virtual size exceeds the flavor's root disk."""
+
+
+class ImageUploadError(ComputeError):
+    """The snapshot could not be uploaded: the image service refused it or could not be reached."""

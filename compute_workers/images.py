@@ -38,7 +38,7 @@ from compute_workers.exception import (
     ImageSizeMismatch,
     ImageTooLarge,
 )
-from compute_workers.locks import KeyedLock, file_lock
+from compute_workers.locks import KeyedLock, file_lock, try_file_lock
 
 LOG = logging.getLogger(__name__)
 
@@ -57,15 +57,14 @@ class FetchResult:
     seconds: float
 
 
-def _run(argv: list[str], what: str) -> subprocess.CompletedProcess[str]:
+def _run(argv: list[str], what: str, timeout: float = QEMU_IMG_TIMEOUT) -> subprocess.CompletedProcess[str]:
     """Run a host tool; a missing tool, a hang or a crash is a host problem (HypervisorError)."""
     try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=QEMU_IMG_TIMEOUT,
-                              check=False)
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
     except FileNotFoundError as exc:
         raise HypervisorError(f"{what}: {exc.filename} is not installed on this host") from exc
     except subprocess.TimeoutExpired as exc:
-        raise HypervisorError(f"{what}: {argv[0]} did not finish in {QEMU_IMG_TIMEOUT:.0f} s") from exc
+        raise HypervisorError(f"{what}: {argv[0]} did not finish in {timeout:.0f} s") from exc
 
 
 def qemu_img_info(path: Path, disk_format: str | None = None) -> dict[str, Any]:
@@ -119,6 +118,47 @@ def create_overlay(base: Path, base_format: str, disk: Path, root_gb: int, image
         raise HypervisorError(f"qemu-img create failed: {result.stderr.strip()}")
 
 
+def create_delta(backing: Path | None, backing_format: str, delta: Path, virtual_size: int) -> None:
+    """Create ``delta``, an empty qcow2 of ``virtual_size`` bytes backed by ``backing`` (None: none):
+    the destination of a shallow block copy."""
+    argv = ["qemu-img", "create", "-q", "-f", "qcow2"]
+    if backing is not None:
+        argv += ["-F", backing_format, "-b", str(backing)]
+    result = _run([*argv, str(delta), str(virtual_size)], "creating the snapshot delta")
+    if result.returncode != 0:
+        raise HypervisorError(f"qemu-img create failed: {result.stderr.strip()}")
+
+
+def convert_to_standalone(source: Path, source_format: str, target: Path, timeout: float) -> None:
+    """``qemu-img convert -O qcow2``: ``source`` and its whole backing chain flattened into
+    ``target``, a compact qcow2 with no backing file (unallocated and zero clusters are left out)."""
+    argv = ["qemu-img", "convert", "-f", source_format, "-O", "qcow2", str(source), str(target)]
+    result = _run(argv, "converting the snapshot", timeout=timeout)
+    if result.returncode != 0:
+        raise HypervisorError(f"qemu-img convert failed: {result.stderr.strip()}")
+
+
+def qcow2_backing_file(path: Path) -> str | None:
+    """The backing file name written in a qcow2 header, None when it has none or is no qcow2.
+
+    Read from the header (big-endian: magic, version, backing_file_offset u64, backing_file_size u32),
+    so that scanning every instance disk costs no qemu-img call.
+    """
+    try:
+        with open(path, "rb") as disk:
+            header = disk.read(20)
+            if len(header) < 20 or header[:4] != b"QFI\xfb":
+                return None
+            offset = int.from_bytes(header[8:16], "big")
+            size = int.from_bytes(header[16:20], "big")
+            if not offset or not size or size > 4096:
+                return None
+            disk.seek(offset)
+            return disk.read(size).decode("utf-8", errors="replace")
+    except OSError:
+        return None
+
+
 class ImageCache:
     """Downloads images into ``base_dir`` once and hands out the cached paths."""
 
@@ -144,12 +184,48 @@ class ImageCache:
         self.base_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
         with self._locks.hold(image["id"]), file_lock(self.base_dir / f".{image['id']}.lock"):
             if target.exists():
+                os.utime(target)  # used now: the cache cleanup keeps what spawns use
                 return FetchResult(target, 0, time.monotonic() - started)
             size = self._download(image, target)
         seconds = time.monotonic() - started
         LOG.info("image %s (%s) cached at %s: %d bytes in %.1f s", image["id"], image.get("name"), target,
                  size, seconds)
         return FetchResult(target, size, seconds)
+
+    def cleanup(self, max_age: float, in_use: set[str]) -> list[str]:
+        """Remove the cached images not in ``in_use`` (ids of the images instance disks are backed
+        by) whose file was not touched (downloaded, or used by a spawn) for ``max_age`` seconds.
+
+        An image whose lock a download or spawn holds (thread or process) is skipped, never waited
+        for. Returns the ids removed.
+        """
+        removed: list[str] = []
+        try:
+            entries = sorted(self.base_dir.iterdir())
+        except FileNotFoundError:
+            return removed
+        for entry in entries:
+            image_id = entry.name
+            if not _IMAGE_ID.fullmatch(image_id) or image_id in in_use or not entry.is_file():
+                continue
+            with self._locks.try_hold(image_id) as held:
+                if not held:
+                    continue
+                with try_file_lock(self.base_dir / f".{image_id}.lock") as locked:
+                    if not locked:
+                        continue
+                    try:
+                        age = time.time() - entry.stat().st_mtime
+                    except FileNotFoundError:
+                        continue
+                    if age < max_age:
+                        continue
+                    entry.unlink(missing_ok=True)
+                    (self.base_dir / f".{image_id}.lock").unlink(missing_ok=True)
+            LOG.info("image cache: removed %s (unused by the instances of this host, last used %.0f s "
+                     "ago)", entry, age)
+            removed.append(image_id)
+        return removed
 
     def _download(self, image: dict[str, Any], target: Path) -> int:
         name = image.get("name") or image["id"]

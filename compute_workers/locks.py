@@ -37,6 +37,32 @@ class KeyedLock:
                 else:
                     self._locks[key] = (lock, users - 1)
 
+    @contextmanager
+    def try_hold(self, key: str) -> Iterator[bool]:
+        """``with locks.try_hold(key) as held:`` the lock of ``key`` if nobody holds it (True), else
+        at once False; never waits."""
+        with self._guard:
+            if key in self._locks:
+                held = False
+            else:
+                lock = threading.Lock()
+                lock.acquire()
+                self._locks[key] = (lock, 1)
+                held = True
+        if not held:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            with self._guard:
+                lock, users = self._locks[key]
+                if users == 1:
+                    del self._locks[key]
+                else:
+                    self._locks[key] = (lock, users - 1)
+                lock.release()
+
     def __len__(self) -> int:
         with self._guard:
             return len(self._locks)
@@ -51,3 +77,18 @@ def file_lock(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing the last descriptor releases the lock
+
+
+@contextmanager
+def try_file_lock(path: Path) -> Iterator[bool]:
+    """An exclusive ``flock`` on ``path`` if no other process holds one (True), else False at once."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)

@@ -12,23 +12,29 @@ converge (starting a running domain does nothing) and a completed action is neve
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import secrets
+import threading
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+import requests
 
 from compute_workers import contract
 from compute_workers.config import ComputeConfig
 from compute_workers.exception import (
     ComputeError,
     ConsoleUnavailable,
+    ImageUploadError,
     InstanceInvalidState,
     InstanceNotFound,
     InvalidInstanceUUID,
 )
-from compute_workers.images import ImageCache
+from compute_workers.images import ImageCache, qcow2_backing_file
 from compute_workers.journal import ActionJournal
 from compute_workers.locks import KeyedLock
 from compute_workers.power_events import PowerStateEvents
@@ -40,6 +46,10 @@ LOG = logging.getLogger(__name__)
 SPAWNING = "spawning"
 DELETING = "deleting"
 FAULT_DETAILS_MAX = 16 * 1024
+MiB = 1024 * 1024
+# A snapshot reports its copy's progress at most this often.
+SNAPSHOT_PROGRESS_INTERVAL = 2.0
+SNAPSHOTS_DIR = "snapshots"
 MAX_CONSOLE_LINES = 10_000
 
 RUNNING, PAUSED, SUSPENDED = contract.POWER_RUNNING, contract.POWER_PAUSED, contract.POWER_SUSPENDED
@@ -93,6 +103,8 @@ class ComputeManager:
         self.journal = ActionJournal(config.instances_path)
         self._power_events: PowerStateEvents | None = None
         self._owns_power_events = False
+        self._snapshot_slots = threading.BoundedSemaphore(config.max_concurrent_snapshots)
+        self._next_cache_cleanup = 0.0  # monotonic; the first heartbeat cleans up
 
     def init_host(self) -> None:
         """Connect the driver and log what the host runs; raises if the hypervisor is unusable."""
@@ -417,23 +429,12 @@ class ComputeManager:
 
     def _lifecycle(self, instance_uuid: str, action_id: int | None, event: str, task_state: str,
                    start_message: str, target: dict[str, Any], run: Callable[[], str]) -> None:
-        try:
-            checked_uuid(instance_uuid)
-        except InvalidInstanceUUID:
-            LOG.error("%s refused: invalid instance uuid %r (no instance can have it)", event, instance_uuid)
+        action_id = self._checked_action(event, instance_uuid, action_id)
+        if action_id is False:
             return
-        if action_id is not None and (not isinstance(action_id, int) or isinstance(action_id, bool)):
-            LOG.error("%s of %s: action id %r is not an integer; running it without the redelivery "
-                      "journal", event, instance_uuid, action_id)
-            action_id = None
         with self._instance_locks.hold(instance_uuid):
-            if action_id is not None and self.journal.done(instance_uuid, action_id):
-                LOG.info("action %s already done on this host; redelivered task ignored (%s of %s)",
-                         action_id, event, instance_uuid)
+            if self._redelivered(event, instance_uuid, action_id):
                 return
-            if action_id is None:
-                LOG.warning("%s of %s carries no action id: a redelivery of it would run again", event,
-                            instance_uuid)
             self._update(instance_uuid, task_state, {}, action_id=action_id,
                          event=self._event(event, "start", start_message))
             try:
@@ -454,6 +455,159 @@ class ComputeManager:
             self._journal(instance_uuid, action_id, "success")
             self._update(instance_uuid, task_state, target, action_id=action_id,
                          event=self._event(event, "success", message))
+
+    @staticmethod
+    def _checked_action(event: str, instance_uuid: str, action_id: Any) -> int | bool | None:
+        """The action id to journal (None: none); False when the task must be refused."""
+        try:
+            checked_uuid(instance_uuid)
+        except InvalidInstanceUUID:
+            LOG.error("%s refused: invalid instance uuid %r (no instance can have it)", event, instance_uuid)
+            return False
+        if action_id is not None and (not isinstance(action_id, int) or isinstance(action_id, bool)):
+            LOG.error("%s of %s: action id %r is not an integer; running it without the redelivery "
+                      "journal", event, instance_uuid, action_id)
+            return None
+        return int(action_id) if action_id is not None else None
+
+    def _redelivered(self, event: str, instance_uuid: str, action_id: int | None) -> bool:
+        """Whether the action was already done here (called with the instance's lock held)."""
+        if action_id is not None and self.journal.done(instance_uuid, action_id):
+            LOG.info("action %s already done on this host; redelivered task ignored (%s of %s)",
+                     action_id, event, instance_uuid)
+            return True
+        if action_id is None:
+            LOG.warning("%s of %s carries no action id: a redelivery of it would run again", event,
+                        instance_uuid)
+        return False
+
+    # Snapshot ------------------------------------------------------------------------------------------
+
+    def snapshot_instance(self, instance_uuid: str, action_id: int | None, image_id: str, upload_url: str,
+                          image_name: str) -> None:
+        """Snapshot the root disk into a standalone qcow2 (live when the domain runs, cold when it is
+        shut off) and upload it with ``PUT upload_url``. task_state image_snapshot -> image_uploading
+        -> None. At most COMPUTE_MAX_CONCURRENT_SNAPSHOTS at once; the others wait. Never raises."""
+        event = "compute_snapshot_instance"
+        checked_action = self._checked_action(event, instance_uuid, action_id)
+        if checked_action is False:
+            return
+        action = None if checked_action is None else int(checked_action)
+        label = image_name or image_id
+        with self._instance_locks.hold(instance_uuid):
+            if self._redelivered(event, instance_uuid, action):
+                return
+            phase = {"task_state": "image_snapshot", "upload_open": False}
+            self._update(instance_uuid, "image_snapshot", {}, action_id=action, event=self._event(
+                event, "start", f"snapshot of {contract.domain_name(instance_uuid)} on {self.host} as image "
+                                f"{label}"))
+            target: Path | None = None
+            try:
+                with self._snapshot_slot(instance_uuid):
+                    target = self._snapshot_path(instance_uuid)
+                    message = self._snapshot_and_upload(instance_uuid, action, target, upload_url, label,
+                                                        phase)
+                values = _target(self.driver.get_info(instance_uuid))
+            except Exception as exc:
+                self._snapshot_failed(instance_uuid, action, event, phase, exc)
+                return
+            finally:
+                if target is not None:
+                    target.unlink(missing_ok=True)
+                    target.with_name(target.name + ".delta").unlink(missing_ok=True)
+            LOG.info("%s of %s: %s", event, instance_uuid, message)
+            self._journal(instance_uuid, action, "success")
+            self._update(instance_uuid, "image_uploading", values, action_id=action,
+                         event=self._event(event, "success", message))
+
+    @contextlib.contextmanager
+    def _snapshot_slot(self, instance_uuid: str) -> Iterator[None]:
+        if not self._snapshot_slots.acquire(blocking=False):
+            LOG.info("snapshot of %s waits: %d snapshot(s) already run on this host (COMPUTE_MAX_CONCURRENT_"
+                     "SNAPSHOTS)", instance_uuid, self.config.max_concurrent_snapshots)
+            self._snapshot_slots.acquire()
+        try:
+            yield
+        finally:
+            self._snapshot_slots.release()
+
+    def _snapshot_path(self, instance_uuid: str) -> Path:
+        """A new file name under INSTANCES_PATH/snapshots/, a directory QEMU can traverse."""
+        directory = self.config.instances_path / SNAPSHOTS_DIR
+        directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+        directory.chmod(0o755)
+        return directory / f"{instance_uuid}-{secrets.token_hex(6)}.qcow2"
+
+    def _snapshot_and_upload(self, instance_uuid: str, action_id: int | None, target: Path, upload_url: str,
+                             label: str, phase: dict[str, Any]) -> str:
+        event = "compute_snapshot_instance"
+        state = self.driver.get_info(instance_uuid)
+        kind = "live" if state in (RUNNING, PAUSED) else "cold"
+        started = time.monotonic()
+        last_report = [started]
+
+        def progress(copied: int, total: int) -> None:
+            now = time.monotonic()
+            if now - last_report[0] < SNAPSHOT_PROGRESS_INTERVAL:
+                return
+            last_report[0] = now
+            self._update(instance_uuid, "image_snapshot", {}, action_id=action_id, event=self._event(
+                event, "progress", f"copied {copied / MiB:.1f} of {total / MiB:.1f} MiB"))
+
+        self.driver.snapshot(instance_uuid, target, progress)
+        copied = time.monotonic() - started
+        size = target.stat().st_size
+        self._update(instance_uuid, "image_snapshot", {"task_state": "image_uploading"}, action_id=action_id,
+                     event=self._event(event, "progress", f"{kind} snapshot made: {size / MiB:.1f} MiB in "
+                                                          f"{copied:.1f} s; uploading"))
+        phase["task_state"] = "image_uploading"
+        upload_started = time.monotonic()
+        self._update(instance_uuid, "image_uploading", {}, action_id=action_id, event=self._event(
+            "compute_upload_image", "start", f"uploading {size / MiB:.1f} MiB as image {label}"))
+        phase["upload_open"] = True
+        self._upload(target, upload_url, label)
+        uploaded = time.monotonic() - upload_started
+        phase["upload_open"] = False
+        self._update(instance_uuid, "image_uploading", {}, action_id=action_id, event=self._event(
+            "compute_upload_image", "success", f"uploaded {size / MiB:.1f} MiB in {uploaded:.1f} s"))
+        return (f"{kind} snapshot of {contract.domain_name(instance_uuid)} uploaded as image {label}: "
+                f"{size / MiB:.1f} MiB; copy and convert {copied:.1f} s, upload {uploaded:.1f} s, total "
+                f"{time.monotonic() - started:.1f} s")
+
+    def _upload(self, path: Path, upload_url: str, label: str) -> None:
+        """Stream ``path`` to the image service; a non-2xx answer is a failure with its message."""
+        if not self.config.service_token:
+            raise ImageUploadError(f"cannot upload image {label}: CLOUDCTL_SERVICE_TOKEN is not set on "
+                                   f"host {self.host}")
+        headers = {"Authorization": f"Token {self.config.service_token}",
+                   "Content-Type": "application/octet-stream"}
+        timeout = self.config.image_upload_timeout
+        try:
+            with open(path, "rb") as body:
+                response = requests.put(upload_url, data=body, headers=headers,
+                                        timeout=(min(10.0, timeout), timeout))
+        except requests.RequestException as exc:
+            raise ImageUploadError(f"cannot upload image {label} to the image service: {exc}") from exc
+        if not 200 <= response.status_code < 300:
+            raise ImageUploadError(f"the image service refused image {label}: HTTP {response.status_code}: "
+                                   f"{_answer_message(response)}")
+
+    def _snapshot_failed(self, instance_uuid: str, action_id: int | None, event: str, phase: dict[str, Any],
+                         exc: Exception) -> None:
+        fault = fault_from(exc, self.host)
+        if isinstance(exc, InstanceNotFound):
+            fault["message"] = (f"domain {contract.domain_name(instance_uuid)} does not exist on host "
+                                f"{self.host}")
+        LOG.error("%s of %s failed on %s: %s", event, instance_uuid, self.host, fault["message"],
+                  exc_info=not isinstance(exc, ComputeError))
+        task_state = phase["task_state"]
+        if phase["upload_open"]:
+            self._update(instance_uuid, task_state, {}, action_id=action_id,
+                         event=self._event("compute_upload_image", "error", fault["message"]))
+        values = self._truth(instance_uuid)
+        self._journal(instance_uuid, action_id, "error")
+        self._update(instance_uuid, task_state, values, action_id=action_id, fault=fault,
+                     event=self._event(event, "error", fault["message"]))
 
     def _journal(self, instance_uuid: str, action_id: int | None, result: str) -> None:
         if action_id is None:
@@ -549,4 +703,44 @@ class ComputeManager:
         return resources
 
     def heartbeat(self) -> None:
+        """Report the heartbeat, then clean the image cache when COMPUTE_IMAGE_CACHE_CLEANUP_INTERVAL
+        has passed (a failing cleanup is logged, never fails the heartbeat)."""
         self.reporter.report(contract.CONDUCTOR_HOST_HEARTBEAT, host=self.host, resources=self.resources())
+        if not self.driver.capabilities["needs_base_image"] or time.monotonic() < self._next_cache_cleanup:
+            return
+        self._next_cache_cleanup = time.monotonic() + self.config.image_cache_cleanup_interval
+        try:
+            self.cleanup_image_cache()
+        except Exception:
+            LOG.exception("image cache cleanup failed")
+
+    def images_in_use(self) -> set[str]:
+        """Ids of the cached images some instance disk of this host is backed by."""
+        base_dir = self.images.base_dir.resolve()
+        used = set()
+        for disk in self.config.instances_path.glob("*/disk"):
+            backing = qcow2_backing_file(disk)
+            if backing and Path(backing).resolve().parent == base_dir:
+                used.add(Path(backing).name)
+        return used
+
+    def cleanup_image_cache(self) -> list[str]:
+        """Remove the cached images no instance uses and no spawn used for COMPUTE_IMAGE_CACHE_MAX_AGE
+        seconds; returns their ids."""
+        removed = self.images.cleanup(self.config.image_cache_max_age, self.images_in_use())
+        if removed:
+            LOG.info("image cache cleanup removed %d image(s): %s", len(removed), ", ".join(removed))
+        return removed
+
+
+def _answer_message(response: requests.Response) -> str:
+    """The message of an HTTP error answer: its JSON ``detail``/``error``/``message``, else its text."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        for key in ("detail", "error", "message"):
+            if isinstance(body.get(key), str):
+                return body[key][:1000]
+    return (response.text or response.reason or "").strip()[:1000]

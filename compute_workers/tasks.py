@@ -132,3 +132,9 @@ def register_tasks(app: Celery, managers: ComputeManager | Managers) -> None:
     def resume_instance(self: Task, instance_uuid: str, action_id: int | None) -> None:
         if manager := manager_for(self):
             manager.resume_instance(instance_uuid, action_id)
+
+    @app.task(name=contract.COMPUTE_SNAPSHOT, **lifecycle, **limits[contract.COMPUTE_SNAPSHOT])
+    def snapshot_instance(self: Task, instance_uuid: str, action_id: int | None, image_id: str,
+                          upload_url: str, image_name: str = "") -> None:
+        if manager := manager_for(self):
+            manager.snapshot_instance(instance_uuid, action_id, image_id, upload_url, image_name)

@@ -204,9 +204,21 @@ class ComputeDriver(abc.ABC):
         success. Raises InstanceNotFound, InstanceInvalidState when there is no saved state."""
         raise NotImplementedError
 
-    def snapshot(self, instance_uuid: str, image_id: str, upload_url: str) -> None:
-        """Copy the root disk into a standalone image and upload it. The instance keeps running
-        (or is briefly paused). On failure nothing is uploaded and the instance is as before."""
+    def snapshot(self, instance_uuid: str, target_path: Path,
+                 progress: Callable[[int, int], None]) -> None:
+        """Write the instance's root disk, as it is now, to ``target_path``: a standalone qcow2 (no
+        backing file, no external data file) that boots as the instance would.
+
+        Live when the domain is active (running or paused): the guest keeps running (libvirt block
+        copy of the top layer, aborted without pivot once in sync; QEMU may pause it briefly), and
+        stays in the state it had. Cold when it is shut off (suspended included): the disk is converted
+        directly and the domain is left alone. ``progress(copied_bytes, total_bytes)`` is called while
+        copying (often; the caller throttles). ``target_path``'s directory exists and is traversable
+        by the hypervisor; temporary files go next to ``target_path`` and are removed whatever happens.
+
+        Afterwards ``target_path`` is complete and the domain is in the power state it had. On failure
+        (InstanceNotFound, HypervisorError) the block job is aborted, the domain keeps its state and
+        disk, and ``target_path`` may be partial (the caller deletes it)."""
         raise NotImplementedError
 
     def live_migration(self, instance_uuid: str, dest_host: str, dest_uri: str) -> None:

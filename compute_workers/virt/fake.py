@@ -44,9 +44,10 @@ class FakeDriver(ComputeDriver):
         self.capabilities = {**self.capabilities, "needs_base_image": needs_base_image,
                              "supports_reboot": True, "supports_power_ops": True,
                              "supports_pause": True, "supports_suspend": True,
-                             "supports_lifecycle_events": True}
+                             "supports_lifecycle_events": True, "supports_snapshot": True}
         self.vcpus, self.memory_mb, self.disk_gb = vcpus, memory_mb, disk_gb
         self.spawn_delay, self.destroy_delay = spawn_delay, destroy_delay
+        self.snapshot_delay = 0.0
         self.instances: dict[str, FakeInstance] = {}
         self._lock = threading.Lock()
         self._lifecycle_callback: Callable[[str], None] | None = None
@@ -184,6 +185,16 @@ class FakeDriver(ComputeDriver):
 
     def resume(self, instance_uuid: str) -> None:
         self._set_state(instance_uuid, (contract.POWER_SUSPENDED,), contract.POWER_RUNNING)
+
+    def snapshot(self, instance_uuid: str, target_path: Path,
+                 progress: Callable[[int, int], None]) -> None:
+        instance = self._get(instance_uuid)
+        kind = "live" if instance.power_state in (contract.POWER_RUNNING, contract.POWER_PAUSED) else "cold"
+        data = f"cloudctl fake snapshot of {instance_uuid} ({kind}, boot {instance.boots})\n".encode()
+        progress(0, len(data))
+        time.sleep(self.snapshot_delay)
+        target_path.write_bytes(data)
+        progress(len(data), len(data))
 
 
 class FakeACPIIgnoringDriver(FakeDriver):

@@ -95,6 +95,13 @@ class ImageServer:
     base_url: str
     files: dict[str, bytes] = field(default_factory=dict)
     requests: list[str] = field(default_factory=list)
+    # PUT /uploads/<name> (the image service's upload API): what was stored, and the answer to give
+    # instead of storing, e.g. (413, '{"detail": "too large"}').
+    uploads: dict[str, bytes] = field(default_factory=dict)
+    upload_answer: tuple[int, str] | None = None
+
+    def upload_url(self, name: str) -> str:
+        return f"{self.base_url}/uploads/{name}"
 
     def add(self, name: str, data: bytes, disk_format: str = "qcow2", **image: Any) -> dict[str, Any]:
         """Serve ``data`` and return the spec's image dict for it (checksum and size true)."""
@@ -121,6 +128,41 @@ def image_server() -> Iterator[ImageServer]:
                 return
             self.send_response(200)
             self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_PUT(self) -> None:
+            state = server_state["server"]
+            state.requests.append(f"PUT {self.path}")
+            if self.headers.get("Authorization") != f"Token {TOKEN}":
+                self._answer(401, '{"detail": "missing or wrong service token"}')
+                return
+            if self.headers.get("Content-Type") != "application/octet-stream":
+                self._answer(415, '{"detail": "expected application/octet-stream"}')
+                return
+            body = self._read_body()
+            if state.upload_answer is not None:
+                self._answer(*state.upload_answer)
+                return
+            state.uploads[self.path.removeprefix("/uploads/")] = body
+            self._answer(204, "")
+
+        def _read_body(self) -> bytes:
+            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                chunks = []
+                while size := int(self.rfile.readline().split(b";")[0], 16):
+                    chunks.append(self.rfile.read(size))
+                    self.rfile.readline()
+                self.rfile.readline()
+                return b"".join(chunks)
+            return self.rfile.read(int(self.headers.get("Content-Length", "0")))
+
+        def _answer(self, status: int, body: str) -> None:
+            data = body.encode()
+            self.send_response(status)
+            if data:
+                self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)

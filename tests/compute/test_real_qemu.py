@@ -5,8 +5,11 @@ junit properties."""
 
 from __future__ import annotations
 
+import json
 import secrets
 import shutil
+import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -190,3 +193,112 @@ def wait_for_power_state(reporter: ListReporter, instance_uuid: str, power_state
                 return update
         time.sleep(0.01)
     raise AssertionError(f"no power_state_update {power_state} within {timeout} s")
+
+
+class StatePoller(threading.Thread):
+    """Polls a domain's state every few milliseconds (its own connection): how long it was not running."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(daemon=True)
+        self.conn = libvirt.open("qemu:///system")
+        self.domain = self.conn.lookupByName(name)
+        self.stopping = threading.Event()
+        self.samples = 0
+        self.states: set[int] = set()
+        self.not_running = 0.0
+
+    def run(self) -> None:
+        last = time.monotonic()
+        while not self.stopping.is_set():
+            state = self.domain.state()[0]
+            now = time.monotonic()
+            self.samples += 1
+            self.states.add(state)
+            if state != libvirt.VIR_DOMAIN_RUNNING:
+                self.not_running += now - last
+            last = now
+            time.sleep(0.002)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(10)
+        self.conn.close()
+
+
+def uploaded_info(tmp_path: Path, data: bytes) -> dict[str, Any]:
+    path = tmp_path / "uploaded.qcow2"
+    path.write_bytes(data)
+    result = subprocess.run(["qemu-img", "info", "--output=json", str(path)], check=True,
+                            capture_output=True, text=True)
+    info: dict[str, Any] = json.loads(result.stdout)
+    return info
+
+
+def test_live_and_cold_snapshot_of_the_demo_image(
+        real_manager: tuple[ComputeManager, ListReporter], image_server: ImageServer, tiny_image_path: Path,
+        make_spec: SpecFactory, tmp_path: Path, record_property: Callable[[str, object], None]) -> None:
+    """Live snapshot of a running guest (it keeps running), a new instance booted from it (its boot
+    counter goes on: the disk was copied), then a cold snapshot of the stopped guest."""
+    manager, reporter = real_manager
+    driver = manager.driver
+    assert isinstance(driver, LibvirtDriver)
+    spec = make_spec(image=image_server.add("tiny", tiny_image_path.read_bytes()))
+    instance_uuid = spec["instance_uuid"]
+    timings: dict[str, float] = {}
+    manager.spawn(spec)
+    assert reporter.named(contract.CONDUCTOR_BUILD_FAILED) == []
+    wait_for_console(manager, instance_uuid, READY, timeout=90)
+    assert "cloudctl-guest: boot-count 1" in console(manager, instance_uuid)
+
+    # Live: the guest runs all along (its state polled every few ms from another connection).
+    reporter.reports.clear()
+    poller = StatePoller(contract.domain_name(instance_uuid))
+    poller.start()
+    started = time.monotonic()
+    manager.snapshot_instance(instance_uuid, 1, "snap-live",
+                              image_server.upload_url("snap-live"), "snap-live")
+    timings["live_snapshot"] = time.monotonic() - started
+    poller.stop()
+    timings["live_snapshot_not_running"] = poller.not_running
+    updates = reporter.named(contract.CONDUCTOR_INSTANCE_UPDATE)
+    assert updates[-1]["fault"] is None, updates[-1]
+    assert updates[-1]["values"] == ACTIVE and updates[-1]["expected_task_state"] == "image_uploading"
+    assert poller.samples > 10 and poller.states == {libvirt.VIR_DOMAIN_RUNNING}, poller.states
+    assert driver.get_info(instance_uuid) == contract.POWER_RUNNING
+    assert not driver.conn.lookupByName(contract.domain_name(instance_uuid)).blockJobInfo("vda", 0)
+    assert list((manager.config.instances_path / "snapshots").iterdir()) == []
+    data = image_server.uploads["snap-live"]
+    info = uploaded_info(tmp_path, data)
+    assert info["format"] == "qcow2"
+    assert "backing-filename" not in info and "full-backing-filename" not in info
+
+    # A new instance from the snapshot boots with the first guest's counter: boot 2.
+    copy = make_spec(image=image_server.add("snap-live", data))
+    started = time.monotonic()
+    manager.spawn(copy)
+    assert reporter.named(contract.CONDUCTOR_BUILD_FAILED) == []
+    wait_for_console(manager, copy["instance_uuid"], READY, timeout=90)
+    timings["spawn_from_snapshot_to_ready"] = time.monotonic() - started
+    assert "cloudctl-guest: boot-count 2" in console(manager, copy["instance_uuid"])
+    manager.terminate(copy["instance_uuid"])
+
+    # Cold: the stopped guest stays stopped.
+    manager.power_off_instance(instance_uuid, 2, 0)
+    reporter.reports.clear()
+    started = time.monotonic()
+    manager.snapshot_instance(instance_uuid, 3, "snap-cold",
+                              image_server.upload_url("snap-cold"), "snap-cold")
+    timings["cold_snapshot"] = time.monotonic() - started
+    final = reporter.named(contract.CONDUCTOR_INSTANCE_UPDATE)[-1]
+    assert final["fault"] is None and final["values"] == STOPPED, final
+    assert final["event"]["message"].startswith("cold snapshot")
+    info = uploaded_info(tmp_path, image_server.uploads["snap-cold"])
+    assert info["format"] == "qcow2" and "backing-filename" not in info
+    assert driver.get_info(instance_uuid) == contract.POWER_SHUTDOWN
+    manager.terminate(instance_uuid)
+    assert driver.list_instances() == {}
+
+    for label, seconds in timings.items():
+        record_property(f"{label}_s", round(seconds, 3))
+    print("\nsnapshot timings (s): " + ", ".join(f"{k}={v:.3f}" for k, v in timings.items()))
+    print("live snapshot events: " + " | ".join(u["event"]["message"] for u in updates if u["event"]))

@@ -49,6 +49,15 @@ ACPI_RETRY_INTERVAL = 5.0
 # How often a wait for shutoff looks at the domain: the measured shutdown time is this precise.
 POLL_INTERVAL = 0.1
 GiB = 1024 ** 3
+# A block copy must reach "ready" (the copy in sync with the disk) within this many seconds.
+BLOCK_COPY_TIMEOUT = 900.0
+# qemu-img convert of a snapshot (whole chain flattened) within this many seconds.
+CONVERT_TIMEOUT = 900.0
+BLOCK_JOB_POLL_INTERVAL = 0.1
+# TRANSIENT_JOB: libvirt refuses a block copy of a persistent domain otherwise (the job would not
+# survive a restart of the domain); with it the domain stays persistent throughout.
+_BLOCK_COPY_FLAGS = (libvirt.VIR_DOMAIN_BLOCK_COPY_SHALLOW | libvirt.VIR_DOMAIN_BLOCK_COPY_REUSE_EXT
+                     | libvirt.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB)
 _UNDEFINE_FLAGS = (libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
                    | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
 _UNDEFINE_FLAGS_MINIMAL = (libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
@@ -111,6 +120,10 @@ def _hypervisor_errors(what: str, instance_uuid: str | None = None) -> Iterator[
         raise HypervisorError(f"{what}: {exc.get_error_message() or exc}") from exc
 
 
+def _xml_escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("'", "&apos;")
+
+
 def supports_direct_io(directory: Path) -> bool:
     """Whether files in ``directory`` can be opened with O_DIRECT (what disk cache='none' needs)."""
     probe = directory / f".directio-test-{os.getpid()}-{threading.get_ident()}"
@@ -157,7 +170,7 @@ class LibvirtDriver(ComputeDriver):
         self.capabilities = {**self.capabilities, "needs_base_image": not self.is_test,
                              "supports_reboot": True, "supports_power_ops": True,
                              "supports_pause": True, "supports_suspend": True,
-                             "supports_lifecycle_events": True}
+                             "supports_lifecycle_events": True, "supports_snapshot": True}
         self.virt_type = "test" if self.is_test else virt_type
         self.disk_cache = "none"
         self._cpu_info: dict[str, Any] = {}
@@ -489,6 +502,82 @@ class LibvirtDriver(ComputeDriver):
                 raise InstanceInvalidState(f"instance {instance_uuid} has no saved memory state to "
                                            "resume from")
             domain.create()  # restores the managed save image, and removes it
+
+    # Snapshot -------------------------------------------------------------------------------------------
+
+    def snapshot(self, instance_uuid: str, target_path: Path,
+                 progress: Callable[[int, int], None]) -> None:
+        domain = self._domain(instance_uuid)
+        with _hypervisor_errors(f"cannot snapshot instance {instance_uuid}", instance_uuid):
+            active = bool(domain.isActive())
+        if self.is_test:
+            # test:// has no disks: the "image" says what it is a snapshot of.
+            data = f"cloudctl test:// snapshot of {instance_uuid} ({'live' if active else 'cold'})\n"
+            target_path.write_bytes(data.encode())
+            progress(len(data), len(data))
+            return
+        disk = self.instance_dir(instance_uuid) / "disk"
+        if not active:
+            size = disk.stat().st_size
+            progress(0, size)
+            images.convert_to_standalone(disk, "qcow2", target_path, CONVERT_TIMEOUT)
+            progress(size, size)
+            return
+        delta = target_path.with_name(target_path.name + ".delta")
+        try:
+            self._live_copy(domain, disk, delta, progress)
+            images.convert_to_standalone(delta, "qcow2", target_path, CONVERT_TIMEOUT)
+        finally:
+            delta.unlink(missing_ok=True)
+
+    def _live_copy(self, domain: libvirt.virDomain, disk: Path, delta: Path,
+                   progress: Callable[[int, int], None]) -> None:
+        """Nova's live snapshot: ``delta`` (backed by the disk's own backing file) receives a shallow
+        block copy of the disk's top layer; once the copy is in sync the job is aborted without pivot,
+        so the guest keeps its disk and ``delta`` holds a consistent copy of it."""
+        info = images.qemu_img_info(disk, "qcow2")  # --force-share: the running QEMU holds the lock
+        backing = info.get("full-backing-filename") or info.get("backing-filename")
+        images.create_delta(Path(backing) if backing else None,
+                            info.get("backing-filename-format") or "qcow2", delta,
+                            int(info["virtual-size"]))
+        delta.chmod(0o644)
+        dest = (f"<disk type='file'><driver type='qcow2'/>"
+                f"<source file='{_xml_escape(str(delta))}'/></disk>")
+        with _hypervisor_errors(f"cannot start the block copy of instance {domain.name()}"):
+            domain.blockCopy("vda", dest, None, _BLOCK_COPY_FLAGS)
+        try:
+            deadline = time.monotonic() + BLOCK_COPY_TIMEOUT
+            while True:
+                with _hypervisor_errors(f"cannot read the block copy of {domain.name()}"):
+                    job = domain.blockJobInfo("vda", 0)
+                if not job:
+                    raise HypervisorError(f"the block copy of {domain.name()} ended before it was ready")
+                cur, end = int(job.get("cur", 0)), int(job.get("end", 0))
+                progress(cur, end)
+                if end and cur == end and job.get("ready", 1):
+                    break
+                if time.monotonic() > deadline:
+                    raise HypervisorError(f"the block copy of {domain.name()} was not ready within "
+                                          f"{BLOCK_COPY_TIMEOUT:.0f} s")
+                time.sleep(BLOCK_JOB_POLL_INTERVAL)
+        finally:
+            self._abort_block_job(domain)
+
+    def _abort_block_job(self, domain: libvirt.virDomain) -> None:
+        """Abort the copy without pivot (the guest keeps its disk) and wait until the job is gone."""
+        try:
+            domain.blockJobAbort("vda", 0)
+        except libvirt.libvirtError as exc:
+            LOG.warning("aborting the block copy of %s: %s", domain.name(), exc)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if not domain.blockJobInfo("vda", 0):
+                    return
+            except libvirt.libvirtError:
+                return
+            time.sleep(BLOCK_JOB_POLL_INTERVAL)
+        LOG.warning("the block copy job of %s is still there 30 s after its abort", domain.name())
 
     # Lifecycle events ---------------------------------------------------------------------------------
 
