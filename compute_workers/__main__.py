@@ -17,6 +17,7 @@ import sys
 import time
 from types import FrameType
 
+from compute_workers import contract
 from compute_workers.app import create_app
 from compute_workers.config import DRIVERS, ComputeConfig, ConfigError
 from compute_workers.exception import ComputeError
@@ -119,6 +120,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(worker.exitcode or 0)
     finally:
         heartbeat.stop()
+        try:
+            # Tell the conductor at once, rather than leaving the host "up" with nobody
+            # consuming its queue until its heartbeat grows old.
+            manager.reporter.report(contract.CONDUCTOR_HOST_STOPPING, host=manager.host)
+        except Exception as exc:
+            LOG.warning("could not report that host %s is stopping: %s", manager.host, exc)
         manager.close()
 
 

@@ -77,6 +77,9 @@ action_id=None)``
     What the hypervisor says now (sent on every libvirt lifecycle event of a cloudctl domain;
     ``observed_at`` is the host's ``time.time()`` when it read the state). The conductor ignores
     observations older than the instance's last state change and instances with a task in flight.
+``conductor.host_stopping(host)``
+    Sent when a compute worker shuts down cleanly: the host is down from now on (no new servers,
+    actions refused) instead of after ``SERVICE_DOWN_TIME`` without heartbeats.
 ``conductor.host_init(host, resources)``
     Sent once when a compute worker starts, before it consumes tasks: the same ``resources`` as a
     heartbeat (``instances`` lists every cloudctl domain with its power state). The conductor
@@ -113,6 +116,7 @@ CONDUCTOR_INSTANCE_DESTROYED = "conductor.instance_destroyed"
 CONDUCTOR_HOST_HEARTBEAT = "conductor.host_heartbeat"
 CONDUCTOR_POWER_STATE_UPDATE = "conductor.power_state_update"
 CONDUCTOR_HOST_INIT = "conductor.host_init"
+CONDUCTOR_HOST_STOPPING = "conductor.host_stopping"
 
 COMPUTE_SPAWN = "compute.spawn"
 COMPUTE_TERMINATE = "compute.terminate"

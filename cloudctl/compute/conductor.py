@@ -204,6 +204,12 @@ def host_heartbeat(*, host: str, resources: dict[str, Any]) -> Host:
 UNDATED_HEARTBEAT_AGE = timedelta(seconds=30)
 
 
+def host_stopping(*, host: str) -> None:
+    """The host's compute worker shut down cleanly: it is down now, not SERVICE_DOWN_TIME later."""
+    Host.objects.filter(name=host).update(last_heartbeat=None)
+    log.info("host %s: compute worker stopped", host)
+
+
 def observed_at_of(resources: dict[str, Any]) -> datetime:
     """When the host read its domains' states (``observed_at``, epoch seconds)."""
     epoch = resources.get("observed_at")

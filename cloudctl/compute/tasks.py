@@ -36,6 +36,11 @@ def host_heartbeat(host: str, resources: dict[str, Any]) -> None:
     sync.sync_host(record, resources.get("instances", {}), conductor.observed_at_of(resources))
 
 
+@shared_task(name=contract.CONDUCTOR_HOST_STOPPING)
+def host_stopping(host: str) -> None:
+    conductor.host_stopping(host=host)
+
+
 @shared_task(name=contract.CONDUCTOR_HOST_INIT)
 def host_init(host: str, resources: dict[str, Any]) -> None:
     conductor.host_heartbeat(host=host, resources=resources)

@@ -427,3 +427,11 @@ def test_snapshot_progress_success_and_failure(api, server, small_qcow2):
     doomed = Image.objects.get(pk=failed["image_id"])
     assert doomed.status == "killed"
     assert doomed.properties["failure"] == "block copy failed: no space left on device"
+
+
+def test_a_cleanly_stopped_worker_makes_its_host_down_at_once(api, server):
+    conductor.host_stopping(host="hv1")
+    assert api.get(f"/api/v1/servers/{server.uuid}/").json()["host_status"] == "DOWN"
+    assert act(api, server, "reboot").status_code == 409
+    heartbeat("hv1")
+    assert api.get(f"/api/v1/servers/{server.uuid}/").json()["host_status"] == "UP"
