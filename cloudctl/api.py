@@ -1,10 +1,14 @@
-"""REST API plumbing shared by every endpoint: errors as JSON with the reason."""
+"""REST API plumbing shared by every endpoint: errors as JSON with the reason, and their
+OpenAPI description (the serializers below only document the shapes the handler renders)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from rest_framework import status
+from drf_spectacular.extensions import OpenApiAuthenticationExtension, OpenApiSerializerExtension
+from drf_spectacular.plumbing import build_bearer_security_scheme_object
+from drf_spectacular.utils import OpenApiResponse
+from rest_framework import serializers, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
@@ -43,3 +47,100 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
         return Response({"detail": str(exc), "code": "compute_unavailable"},
                         status=status.HTTP_503_SERVICE_UNAVAILABLE)
     return drf_exception_handler(exc, context)
+
+
+# --- OpenAPI: the error shapes ---------------------------------------------------------------------
+
+class ErrorSerializer(serializers.Serializer):
+    """401, 403, 404, ...: DRF's error body."""
+
+    detail = serializers.CharField()
+
+
+class ValidationErrorSerializer(serializers.Serializer):
+    """400: the rejected fields, each with its messages (``non_field_errors`` for the whole body).
+    A body that is not JSON at all answers ``{"detail": "JSON parse error - ..."}``."""
+
+
+class ValidationErrorSchema(OpenApiSerializerExtension):
+    target_class = ValidationErrorSerializer
+
+    def map_serializer(self, auto_schema: Any, direction: Any) -> dict[str, Any]:
+        return {
+            "type": "object",
+            "description": "field name -> messages; a nested object for nested fields",
+            "additionalProperties": {"oneOf": [
+                {"type": "array", "items": {"type": "string"}},
+                {"type": "object", "additionalProperties": {}},
+            ]},
+            "example": {"name": ["This field is required."]},
+        }
+
+
+class CodedErrorSerializer(ErrorSerializer):
+    """409 of a console that cannot be read (``conflict``), 503 of a compute worker that did not
+    answer (``compute_unavailable``)."""
+
+    code = serializers.CharField()
+
+
+class ConflictSerializer(ErrorSerializer):
+    """409: the server's state forbids the action (``conflict``) or its host is down or missing
+    (``host_unavailable``)."""
+
+    code = serializers.ChoiceField(choices=["conflict", "host_unavailable"])
+    status = serializers.CharField()
+    vm_state = serializers.CharField()
+    task_state = serializers.CharField(allow_null=True)
+
+
+class ImageConflictSerializer(ErrorSerializer):
+    """409: the image is not in a state that accepts the operation (e.g. data already uploaded)."""
+
+    code = serializers.ChoiceField(choices=["conflict"])
+    status = serializers.CharField()
+
+
+def error_responses(*codes: int) -> dict[int, OpenApiResponse]:
+    """The documented error answers of an endpoint, by status code."""
+    known = {
+        400: OpenApiResponse(ValidationErrorSerializer, description="Invalid request body or query"),
+        401: OpenApiResponse(ErrorSerializer, description="No token, or an unknown one"),
+        403: OpenApiResponse(ErrorSerializer, description="Not allowed to this user"),
+        404: OpenApiResponse(ErrorSerializer, description="No such object (or not visible to you)"),
+        409: OpenApiResponse(ConflictSerializer,
+                             description="The server's state or its host forbids this now"),
+        503: OpenApiResponse(CodedErrorSerializer,
+                             description="The server's compute worker did not answer in time"),
+    }
+    return {code: known[code] for code in codes}
+
+
+class TokenScheme(OpenApiAuthenticationExtension):
+    """``Authorization: Token <key>``; described here to mention the compute workers' token."""
+
+    target_class = "rest_framework.authentication.TokenAuthentication"
+    name = "tokenAuth"
+    priority = 1  # over drf-spectacular's own description of TokenAuthentication
+
+    def get_security_definition(self, auto_schema: Any) -> dict[str, Any]:
+        scheme = build_bearer_security_scheme_object(header_name="Authorization",
+                                                     token_prefix="Token")
+        scheme["description"] = (
+            "`Authorization: Token <key>` with the key from POST /api/v1/auth/token/ "
+            "(compute workers send CLOUDCTL_SERVICE_TOKEN the same way: image data only)")
+        return scheme
+
+
+class ServiceTokenScheme(OpenApiAuthenticationExtension):
+    """The compute workers' token travels in the same header as users' tokens: it adds nothing
+    to tokenAuth."""
+
+    target_class = "cloudctl.identity.authentication.ServiceTokenAuthentication"
+    name: list[str] = []
+
+    def get_security_requirement(self, auto_schema: Any) -> None:
+        return None
+
+    def get_security_definition(self, auto_schema: Any) -> list[dict[str, Any]]:
+        return []

@@ -52,6 +52,8 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "rest_framework.authtoken",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI's JS/CSS served from here: no CDN needed
     "django_celery_results",
     "cloudctl.identity",
     "cloudctl.images",
@@ -135,6 +137,30 @@ REST_FRAMEWORK = {
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "UNAUTHENTICATED_USER": None,
     "EXCEPTION_HANDLER": "cloudctl.api.exception_handler",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+}
+
+# OpenAPI 3 schema at /api/v1/schema/, Swagger UI at /api/v1/docs/ (both readable without a token).
+SPECTACULAR_SETTINGS = {
+    "TITLE": "cloudctl",
+    "VERSION": "1.0.0",
+    "DESCRIPTION": (
+        "A small OpenStack-Nova-like virtual-machine manager. Get a token with "
+        "`POST /api/v1/auth/token/` and send it as `Authorization: Token <token>`. "
+        "Server actions are asynchronous: they answer 202 with the action record; "
+        "a server in a state that forbids the action answers 409 with its status, "
+        "vm_state and task_state."
+    ),
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
+    "SERVE_AUTHENTICATION": [],
+    "COMPONENT_SPLIT_REQUEST": True,
+    "SCHEMA_PATH_PREFIX": r"/api/v1",
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    # Security schemes come from the authentication classes: tokenAuth (`Authorization: Token
+    # <key>`, described in cloudctl/api.py) and cookieAuth (the admin's session).
 }
 
 # --- cloudctl -------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
-"""URL map: the REST API under /api/v1/ and the Django admin under /admin/."""
+"""URL map: the REST API under /api/v1/ (with its OpenAPI schema and Swagger UI) and the Django
+admin under /admin/."""
 
 from django.contrib import admin
 from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import SimpleRouter
 
 from cloudctl.compute.api import (
@@ -12,6 +14,7 @@ from cloudctl.compute.api import (
     ServerGroupViewSet,
     ServerViewSet,
 )
+from cloudctl.compute.dashboard import capacity_dashboard
 from cloudctl.identity.api import TokenView
 from cloudctl.images.api import ImageViewSet
 
@@ -27,6 +30,10 @@ router.register("aggregates", AggregateViewSet, basename="aggregate")
 
 urlpatterns = [
     path("api/v1/auth/token/", TokenView.as_view(), name="auth-token"),
+    # Readable without a token, like Nova's published API reference (SPECTACULAR_SETTINGS).
+    path("api/v1/schema/", SpectacularAPIView.as_view(), name="api-schema"),
+    path("api/v1/docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
     path("api/v1/", include(router.urls)),
+    path("admin/dashboard/", capacity_dashboard, name="capacity-dashboard"),
     path("admin/", admin.site.urls),
 ]

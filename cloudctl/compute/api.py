@@ -6,12 +6,21 @@ import uuid
 from typing import Any
 
 from django.db.models import QuerySet
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import (
+    OpenApiParameter,
+    OpenApiResponse,
+    extend_schema,
+    extend_schema_field,
+    extend_schema_view,
+)
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.permissions import BasePermission, IsAdminUser
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from cloudctl.api import CodedErrorSerializer, error_responses
 from cloudctl.compute import services
 from cloudctl.compute.models import (
     Aggregate,
@@ -36,6 +45,8 @@ class StrictCharField(serializers.CharField):
         return super().to_internal_value(data)
 
 
+@extend_schema_field({"oneOf": [{"type": "integer"}, {"type": "string"}],
+                      "description": "an id (integer or uuid) or a unique name"})
 class IdOrNameField(serializers.Field):
     """A reference given as an id (integer or uuid) or a name."""
 
@@ -128,16 +139,41 @@ class ServerCreateSerializer(serializers.Serializer):
         return _lookup(images_visible_to(user), ref, kind="image", id_kind=uuid.UUID)
 
 
+class ServerFlavorSerializer(serializers.Serializer):
+    """Documentation only: the flavor a server was built from, with its numbers at boot."""
+
+    id = serializers.IntegerField()
+    name = serializers.CharField()
+    vcpus = serializers.IntegerField()
+    memory_mb = serializers.IntegerField()
+    root_gb = serializers.IntegerField()
+
+
+class ServerImageSerializer(serializers.Serializer):
+    """Documentation only: the image a server was built from."""
+
+    id = serializers.UUIDField()
+    name = serializers.CharField()
+
+
+class ServerFaultSerializer(serializers.Serializer):
+    """Documentation only: why a server is in error (details only for administrators on 5xx)."""
+
+    message = serializers.CharField()
+    code = serializers.IntegerField()
+    details = serializers.CharField(allow_blank=True)
+
+
 class ServerSerializer(serializers.ModelSerializer):
     id = serializers.UUIDField(source="uuid", read_only=True)
     status = serializers.CharField(read_only=True)
-    host = serializers.CharField(source="host.name", default=None, read_only=True)
+    host = serializers.CharField(source="host.name", default=None, read_only=True, allow_null=True)
     project = serializers.CharField(source="project.name", read_only=True)
     flavor = serializers.SerializerMethodField()
     image = serializers.SerializerMethodField()
     fault = serializers.SerializerMethodField()
     host_status = serializers.SerializerMethodField()
-    server_group = serializers.UUIDField(source="server_group_id", read_only=True)
+    server_group = serializers.UUIDField(source="server_group_id", read_only=True, allow_null=True)
 
     class Meta:
         model = Instance
@@ -146,10 +182,12 @@ class ServerSerializer(serializers.ModelSerializer):
                   "server_group", "created", "updated", "launched_at")
         read_only_fields = fields
 
+    @extend_schema_field(ServerFlavorSerializer)
     def get_flavor(self, instance: Instance) -> dict[str, Any]:
         return {"id": instance.flavor_id, "name": instance.flavor.name, "vcpus": instance.vcpus,
                 "memory_mb": instance.memory_mb, "root_gb": instance.root_gb}
 
+    @extend_schema_field(ServerImageSerializer(allow_null=True))
     def get_image(self, instance: Instance) -> dict[str, Any] | None:
         if instance.image is None:
             return None
@@ -158,6 +196,7 @@ class ServerSerializer(serializers.ModelSerializer):
     def get_host_status(self, instance: Instance) -> str:
         return services.host_status(instance)
 
+    @extend_schema_field(ServerFaultSerializer(allow_null=True))
     def get_fault(self, instance: Instance) -> dict[str, Any] | None:
         if not instance.fault:
             return None
@@ -182,9 +221,9 @@ class ActionEventSerializer(serializers.ModelSerializer):
 
 class ActionSerializer(serializers.ModelSerializer):
     server_id = serializers.UUIDField(source="instance_id")
-    image_id = serializers.UUIDField(read_only=True)
-    user = serializers.CharField(source="user.username", default=None)
-    project = serializers.CharField(source="project.name", default=None)
+    image_id = serializers.UUIDField(read_only=True, allow_null=True)
+    user = serializers.CharField(source="user.username", default=None, allow_null=True)
+    project = serializers.CharField(source="project.name", default=None, allow_null=True)
     events = ActionEventSerializer(many=True)
 
     class Meta:
@@ -203,9 +242,47 @@ class RebootSerializer(serializers.Serializer):
 
 
 class ConsoleQuerySerializer(serializers.Serializer):
-    lines = serializers.IntegerField(required=False, min_value=1, max_value=10000, default=None)
+    lines = serializers.IntegerField(required=False, min_value=1, max_value=10000, default=None,
+                                     help_text="only the last N lines (default: the whole log)")
 
 
+class ConsoleOutputSerializer(serializers.Serializer):
+    """Documentation only: the answer of console-output."""
+
+    output = serializers.CharField()
+
+
+SERVER_ID = OpenApiParameter("id", OpenApiTypes.UUID, OpenApiParameter.PATH,
+                             description="the server's id")
+_ACCEPTED_ACTION = OpenApiResponse(
+    ActionSerializer, description="Accepted: the action record; follow it in GET .../actions/")
+
+
+def _server_action(summary: str, request: Any = None, *, bad_request: bool = False) -> Any:
+    """extend_schema of a server action: 202 with the action record, 409 when the state forbids."""
+    codes = (400, 401, 403, 404, 409) if bad_request else (401, 403, 404, 409)
+    return extend_schema(summary=summary, parameters=[SERVER_ID], request=request,
+                         responses={202: _ACCEPTED_ACTION, **error_responses(*codes)})
+
+
+@extend_schema_view(
+    list=extend_schema(summary="List the servers visible to you",
+                       responses={200: ServerSerializer(many=True), **error_responses(401, 403)}),
+    retrieve=extend_schema(summary="Show a server", parameters=[SERVER_ID],
+                           responses={200: ServerSerializer, **error_responses(401, 403, 404)}),
+    create=extend_schema(
+        summary="Boot a server (asynchronous: 202, then status BUILD -> ACTIVE or ERROR)",
+        request=ServerCreateSerializer,
+        responses={202: OpenApiResponse(ServerSerializer, description="Accepted: being scheduled"),
+                   **error_responses(400, 401, 403)}),
+    destroy=extend_schema(
+        summary="Delete a server", parameters=[SERVER_ID], request=None,
+        responses={204: OpenApiResponse(description="Gone at once (it was on no host, or its "
+                                                    "host is down: local delete)"),
+                   202: OpenApiResponse(ServerSerializer,
+                                        description="Accepted: its compute worker destroys it"),
+                   **error_responses(401, 403, 404, 409)}),
+)
 class ServerViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
     serializer_class = ServerSerializer
     lookup_value_regex = "[0-9a-fA-F-]{36}"
@@ -234,6 +311,8 @@ class ServerViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.G
         return Response(ActionSerializer(action_record, context={"request": self.request}).data,
                         status=status.HTTP_202_ACCEPTED)
 
+    @_server_action("Reboot a server (SOFT: ACPI, then HARD after the timeout; HARD: reset)",
+                    RebootSerializer, bad_request=True)
     @action(detail=True, methods=["post"])
     def reboot(self, request: Request, pk: str | None = None) -> Response:
         body = RebootSerializer(data=request.data)
@@ -241,32 +320,40 @@ class ServerViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.G
         return self._accepted(services.server_reboot(
             instance=self.get_object(), user=request.user, reboot_type=body.validated_data["type"]))
 
+    @_server_action("Stop (power off) a server")
     @action(detail=True, methods=["post"])
     def stop(self, request: Request, pk: str | None = None) -> Response:
         return self._accepted(services.server_stop(instance=self.get_object(), user=request.user))
 
+    @_server_action("Start a stopped server")
     @action(detail=True, methods=["post"])
     def start(self, request: Request, pk: str | None = None) -> Response:
         return self._accepted(services.server_start(instance=self.get_object(), user=request.user))
 
+    @_server_action("Pause a server")
     @action(detail=True, methods=["post"])
     def pause(self, request: Request, pk: str | None = None) -> Response:
         return self._accepted(services.server_pause(instance=self.get_object(), user=request.user))
 
+    @_server_action("Unpause a server")
     @action(detail=True, methods=["post"])
     def unpause(self, request: Request, pk: str | None = None) -> Response:
         return self._accepted(services.server_unpause(instance=self.get_object(),
                                                       user=request.user))
 
+    @_server_action("Suspend a server")
     @action(detail=True, methods=["post"])
     def suspend(self, request: Request, pk: str | None = None) -> Response:
         return self._accepted(services.server_suspend(instance=self.get_object(),
                                                       user=request.user))
 
+    @_server_action("Resume a suspended server")
     @action(detail=True, methods=["post"])
     def resume(self, request: Request, pk: str | None = None) -> Response:
         return self._accepted(services.server_resume(instance=self.get_object(), user=request.user))
 
+    @_server_action("Snapshot a server's disk into a new private image (live when running)",
+                    SnapshotSerializer, bad_request=True)
     @action(detail=True, methods=["post"])
     def snapshot(self, request: Request, pk: str | None = None) -> Response:
         body = SnapshotSerializer(data=request.data)
@@ -275,6 +362,9 @@ class ServerViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.G
                                           name=body.validated_data["name"])
         return self._accepted(record)
 
+    @extend_schema(summary="The server's actions, newest first, with their events",
+                   parameters=[SERVER_ID],
+                   responses={200: ActionSerializer(many=True), **error_responses(401, 403, 404)})
     @action(detail=True, methods=["get"])
     def actions(self, request: Request, pk: str | None = None) -> Response:
         instance = self.get_object()
@@ -282,6 +372,14 @@ class ServerViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.G
                    .select_related("user", "project").prefetch_related("events"))
         return Response(ActionSerializer(records, many=True, context={"request": request}).data)
 
+    @extend_schema(
+        summary="The tail of the server's serial console, read from its host",
+        parameters=[SERVER_ID, ConsoleQuerySerializer],
+        responses={200: ConsoleOutputSerializer,
+                   409: OpenApiResponse(CodedErrorSerializer,
+                                        description="The server does not run on a host, or its "
+                                                    "console cannot be read"),
+                   **error_responses(400, 401, 403, 404, 503)})
     @action(detail=True, methods=["get"], url_path="console-output")
     def console_output(self, request: Request, pk: str | None = None) -> Response:
         query = ConsoleQuerySerializer(data=request.query_params)
@@ -312,6 +410,23 @@ class FlavorSerializer(serializers.ModelSerializer):
         return value
 
 
+FLAVOR_ID = OpenApiParameter("id", OpenApiTypes.INT, OpenApiParameter.PATH,
+                              description="the flavor's id")
+
+
+@extend_schema_view(
+    list=extend_schema(summary="List the flavors",
+                       responses={200: FlavorSerializer(many=True), **error_responses(401, 403)}),
+    retrieve=extend_schema(summary="Show a flavor", parameters=[FLAVOR_ID],
+                           responses={200: FlavorSerializer, **error_responses(401, 403, 404)}),
+    create=extend_schema(summary="Create a flavor (administrators)",
+                         responses={201: FlavorSerializer, **error_responses(400, 401, 403)}),
+    destroy=extend_schema(
+        summary="Delete a flavor (administrators); one servers were built from is only disabled",
+        parameters=[FLAVOR_ID],
+        responses={204: OpenApiResponse(description="Deleted (or disabled)"),
+                   **error_responses(401, 403, 404)}),
+)
 class FlavorViewSet(mixins.CreateModelMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin,
                     mixins.DestroyModelMixin, viewsets.GenericViewSet):
     serializer_class = FlavorSerializer
@@ -350,6 +465,17 @@ class DisableSerializer(serializers.Serializer):
     reason = serializers.CharField(max_length=255, required=False, default="", allow_blank=True)
 
 
+HOST_NAME = OpenApiParameter("name", OpenApiTypes.STR, OpenApiParameter.PATH,
+                             description="the host's name")
+_ADMIN_ERRORS = error_responses(401, 403)
+
+
+@extend_schema_view(
+    list=extend_schema(summary="List the compute hosts with their usage (administrators)",
+                       responses={200: HostSerializer(many=True), **_ADMIN_ERRORS}),
+    retrieve=extend_schema(summary="Show a compute host (administrators)", parameters=[HOST_NAME],
+                           responses={200: HostSerializer, **error_responses(401, 403, 404)}),
+)
 class HostViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
     serializer_class = HostSerializer
     permission_classes = [IsAdminUser]
@@ -362,6 +488,9 @@ class HostViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
     def _shown(self, host: Host) -> Response:
         return Response(self.get_serializer(self.get_queryset().get(pk=host.pk)).data)
 
+    @extend_schema(summary="Disable a host: the scheduler places no new server on it",
+                   parameters=[HOST_NAME], request=DisableSerializer,
+                   responses={200: HostSerializer, **error_responses(400, 401, 403, 404)})
     @action(detail=True, methods=["post"])
     def disable(self, request: Request, name: str | None = None) -> Response:
         body = DisableSerializer(data=request.data)
@@ -369,6 +498,8 @@ class HostViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
         return self._shown(services.host_set_enabled(host=self.get_object(), enabled=False,
                                                      reason=body.validated_data["reason"]))
 
+    @extend_schema(summary="Enable a host again", parameters=[HOST_NAME], request=None,
+                   responses={200: HostSerializer, **error_responses(401, 403, 404)})
     @action(detail=True, methods=["post"])
     def enable(self, request: Request, name: str | None = None) -> Response:
         return self._shown(services.host_set_enabled(host=self.get_object(), enabled=True))
@@ -390,6 +521,24 @@ class ServerGroupSerializer(serializers.ModelSerializer):
                 for m in group.members.exclude(vm_state="deleted").select_related("host")]
 
 
+SERVER_GROUP_ID = OpenApiParameter("id", OpenApiTypes.UUID, OpenApiParameter.PATH,
+                                   description="the server group's id")
+
+
+@extend_schema_view(
+    list=extend_schema(summary="List the server groups visible to you",
+                       responses={200: ServerGroupSerializer(many=True),
+                                  **error_responses(401, 403)}),
+    retrieve=extend_schema(summary="Show a server group", parameters=[SERVER_GROUP_ID],
+                           responses={200: ServerGroupSerializer,
+                                      **error_responses(401, 403, 404)}),
+    create=extend_schema(summary="Create a server group in your project",
+                         responses={201: ServerGroupSerializer, **error_responses(400, 401, 403)}),
+    destroy=extend_schema(summary="Delete a server group (its servers keep running, ungrouped)",
+                          parameters=[SERVER_GROUP_ID],
+                          responses={204: OpenApiResponse(description="Deleted"),
+                                     **error_responses(401, 403, 404)}),
+)
 class ServerGroupViewSet(mixins.CreateModelMixin, mixins.ListModelMixin,
                          mixins.RetrieveModelMixin, mixins.DestroyModelMixin,
                          viewsets.GenericViewSet):
@@ -406,9 +555,21 @@ class ServerGroupViewSet(mixins.CreateModelMixin, mixins.ListModelMixin,
             **serializer.validated_data)
 
 
+class AvailabilityZoneSerializer(serializers.Serializer):
+    """Documentation only: one availability zone."""
+
+    name = serializers.CharField()
+    available = serializers.BooleanField(help_text="some host of the zone is up and enabled")
+    hosts = serializers.ListField(child=serializers.CharField(), required=False,
+                                  help_text="the zone's hosts; shown to administrators only")
+
+
 class AvailabilityZoneView(viewsets.ViewSet):
     """Zones; administrators also see each zone's hosts."""
 
+    @extend_schema(summary="List the availability zones",
+                   responses={200: AvailabilityZoneSerializer(many=True),
+                              **error_responses(401, 403)})
     def list(self, request: Request) -> Response:
         zones = services.availability_zones()
         admin = is_admin(request.user)
@@ -438,6 +599,29 @@ class HostRefSerializer(serializers.Serializer):
     host = StrictCharField(max_length=255)
 
 
+AGGREGATE_ID = OpenApiParameter("id", OpenApiTypes.INT, OpenApiParameter.PATH,
+                                description="the aggregate's id")
+
+
+@extend_schema_view(
+    list=extend_schema(summary="List the host aggregates (administrators)",
+                       responses={200: AggregateSerializer(many=True), **_ADMIN_ERRORS}),
+    retrieve=extend_schema(summary="Show a host aggregate", parameters=[AGGREGATE_ID],
+                           responses={200: AggregateSerializer, **error_responses(401, 403, 404)}),
+    create=extend_schema(summary="Create a host aggregate",
+                         responses={201: AggregateSerializer, **error_responses(400, 401, 403)}),
+    update=extend_schema(summary="Replace a host aggregate's name, zone and metadata",
+                         parameters=[AGGREGATE_ID],
+                         responses={200: AggregateSerializer,
+                                    **error_responses(400, 401, 403, 404)}),
+    partial_update=extend_schema(summary="Change some of a host aggregate's fields",
+                                 parameters=[AGGREGATE_ID],
+                                 responses={200: AggregateSerializer,
+                                            **error_responses(400, 401, 403, 404)}),
+    destroy=extend_schema(summary="Delete a host aggregate", parameters=[AGGREGATE_ID],
+                          responses={204: OpenApiResponse(description="Deleted"),
+                                     **error_responses(401, 403, 404)}),
+)
 class AggregateViewSet(viewsets.ModelViewSet):
     serializer_class = AggregateSerializer
     permission_classes = [IsAdminUser]
@@ -456,12 +640,18 @@ class AggregateViewSet(viewsets.ModelViewSet):
             raise serializers.ValidationError({"host": [f"no host {body.validated_data['host']!r}"]})
         return host
 
+    @extend_schema(summary="Add a host to the aggregate", parameters=[AGGREGATE_ID],
+                   request=HostRefSerializer,
+                   responses={200: AggregateSerializer, **error_responses(400, 401, 403, 404)})
     @action(detail=True, methods=["post"], url_path="add-host")
     def add_host(self, request: Request, pk: str | None = None) -> Response:
         aggregate = services.aggregate_add_host(aggregate=self.get_object(),
                                                 host=self._host(request))
         return Response(self.get_serializer(aggregate).data)
 
+    @extend_schema(summary="Remove a host from the aggregate", parameters=[AGGREGATE_ID],
+                   request=HostRefSerializer,
+                   responses={200: AggregateSerializer, **error_responses(400, 401, 403, 404)})
     @action(detail=True, methods=["post"], url_path="remove-host")
     def remove_host(self, request: Request, pk: str | None = None) -> Response:
         aggregate = services.aggregate_remove_host(aggregate=self.get_object(),

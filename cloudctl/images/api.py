@@ -10,12 +10,20 @@ from typing import Any
 from django.db.models import QuerySet
 from django.http import FileResponse, HttpResponse, StreamingHttpResponse
 from django.http.response import HttpResponseBase
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import (
+    OpenApiParameter,
+    OpenApiResponse,
+    extend_schema,
+    extend_schema_view,
+)
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import NotFound, PermissionDenied
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from cloudctl.api import ImageConflictSerializer, error_responses
 from cloudctl.identity.authentication import is_service
 from cloudctl.identity.services import is_admin, project_id_of, project_of
 from cloudctl.images.models import DiskFormat, Image, ImageStatus, Visibility
@@ -89,6 +97,26 @@ def _file_slice(path: Path, first: int, last: int) -> Iterator[bytes]:
             yield chunk
 
 
+IMAGE_ID = OpenApiParameter("id", OpenApiTypes.UUID, OpenApiParameter.PATH,
+                            description="the image's id")
+_OCTETS = "application/octet-stream"
+_BYTES = {_OCTETS: OpenApiTypes.BINARY}
+
+
+@extend_schema_view(
+    list=extend_schema(summary="List the images visible to you",
+                       responses={200: ImageSerializer(many=True), **error_responses(401, 403)}),
+    retrieve=extend_schema(summary="Show an image", parameters=[IMAGE_ID],
+                           responses={200: ImageSerializer, **error_responses(401, 403, 404)}),
+    create=extend_schema(
+        summary="Create an image record (status queued); then PUT its data to .../file",
+        request=ImageCreateSerializer,
+        responses={201: ImageSerializer, **error_responses(400, 401, 403)}),
+    destroy=extend_schema(
+        summary="Delete an image (its project or an administrator)", parameters=[IMAGE_ID],
+        responses={204: OpenApiResponse(description="Deleted: the record stays, status deleted"),
+                   **error_responses(401, 403, 404)}),
+)
 class ImageViewSet(mixins.CreateModelMixin, mixins.DestroyModelMixin,
                    viewsets.ReadOnlyModelViewSet):
     serializer_class = ImageSerializer
@@ -117,6 +145,40 @@ class ImageViewSet(mixins.CreateModelMixin, mixins.DestroyModelMixin,
         self._check_owner(instance)
         image_delete(image=instance)
 
+    @extend_schema(
+        methods=["GET"],
+        summary="Download the image's data (a single Range is honoured)",
+        parameters=[IMAGE_ID, OpenApiParameter(
+            "Range", OpenApiTypes.STR, OpenApiParameter.HEADER, required=False,
+            description="one byte range, e.g. `bytes=0-511`, `bytes=512-` or `bytes=-512`"),
+            OpenApiParameter("Accept-Ranges", OpenApiTypes.STR, OpenApiParameter.HEADER,
+                             response=[200, 206], description="`bytes`"),
+            OpenApiParameter("Content-Range", OpenApiTypes.STR, OpenApiParameter.HEADER,
+                             response=[206, 416],
+                             description="`bytes <first>-<last>/<size>`; on 416 `bytes */<size>`"),
+            OpenApiParameter("X-Image-Sha256", OpenApiTypes.STR, OpenApiParameter.HEADER,
+                             response=[200], description="SHA-256 of the whole image (hex)")],
+        responses={
+            (200, _OCTETS): OpenApiResponse(OpenApiTypes.BINARY, description="The whole image"),
+            (206, _OCTETS): OpenApiResponse(OpenApiTypes.BINARY, description="The requested range"),
+            416: OpenApiResponse(description="The range cannot be served (empty body)"),
+            **error_responses(401, 403),
+            404: OpenApiResponse(error_responses(404)[404].response,
+                                 description="No such image, or it has no data (not active)"),
+        })
+    @extend_schema(
+        methods=["PUT"],
+        summary="Upload the data of a queued image (raw bytes, streamed; inspected, then active)",
+        parameters=[IMAGE_ID], request=_BYTES,
+        responses={
+            200: ImageSerializer,
+            400: OpenApiResponse(error_responses(400)[400].response,
+                                 description="Rejected data, under `file` (not a readable disk "
+                                             "image of the declared format, truncated, empty, ...)"),
+            409: OpenApiResponse(ImageConflictSerializer,
+                                 description="The image is not queued (its data is already there)"),
+            **error_responses(401, 403, 404),
+        })
     @action(detail=True, methods=["get", "put"], url_path="file")
     def file(self, request: Request, pk: str | None = None) -> HttpResponseBase:
         image = self.get_object()
