@@ -1,8 +1,246 @@
-"""Django admin registrations. State fields are read-only: the system owns them."""
+"""The operators' control room. Every admin action calls the same service as the REST API; the
+state fields are read-only (the system owns them) and "reset state" is the recorded escape hatch."""
 
-from django.contrib import admin
+from __future__ import annotations
 
-from cloudctl.compute.models import Allocation, Flavor, Host, Instance, InstanceAction, InstanceActionEvent
+from collections.abc import Callable
+from typing import Any
+
+from django import forms
+from django.contrib import admin, messages
+from django.contrib.admin import helpers
+from django.db.models import QuerySet
+from django.http import HttpRequest, HttpResponse
+from django.template.response import TemplateResponse
+from django.utils import timezone
+from django.utils.html import format_html, format_html_join
+
+from cloudctl.compute import rpc, services
+from cloudctl.compute.models import (
+    Aggregate,
+    Allocation,
+    Flavor,
+    Host,
+    Instance,
+    InstanceAction,
+    InstanceActionEvent,
+    ServerGroup,
+)
+from cloudctl.compute.states import VmState
+
+# --- servers -------------------------------------------------------------------------------------
+
+
+def _run_on_each(modeladmin: admin.ModelAdmin, request: HttpRequest, queryset: QuerySet[Instance],
+                 verb: str, operation: Callable[[Instance], Any]) -> None:
+    """Apply one service call per server and tell, per server, whether it was accepted."""
+    for instance in queryset.select_related("host"):
+        try:
+            operation(instance)
+        except (services.InstanceInvalidState, services.HostUnavailable,
+                services.InvalidRequest, rpc.ComputeUnavailable) as refused:
+            modeladmin.message_user(request, f"{instance.name}: {verb} refused: {refused}",
+                                    level=messages.WARNING)
+        else:
+            modeladmin.message_user(request, f"{instance.name}: {verb} accepted",
+                                    level=messages.SUCCESS)
+
+
+def _lifecycle_action(verb: str, call: Callable[..., Any], **fixed: Any) -> Any:
+    def run(modeladmin: admin.ModelAdmin, request: HttpRequest,
+            queryset: QuerySet[Instance]) -> None:
+        _run_on_each(modeladmin, request, queryset, verb,
+                     lambda instance: call(instance=instance, user=request.user, **fixed))
+
+    run.__name__ = verb.replace(" ", "_").replace("(", "").replace(")", "")
+    return admin.action(description=f"{verb.capitalize()} selected servers")(run)
+
+
+def _snapshot(instance: Instance, user: Any) -> Any:
+    stamp = timezone.now().strftime("%Y%m%d-%H%M%S")
+    return services.server_snapshot(instance=instance, user=user,
+                                    name=f"{instance.name}-snapshot-{stamp}")
+
+
+def _delete(instance: Instance, user: Any) -> Any:
+    return services.server_delete(instance=instance, user=user)
+
+
+class ResetStateForm(forms.Form):
+    state = forms.ChoiceField(choices=[(VmState.ACTIVE, "active"), (VmState.ERROR, "error")],
+                              help_text="as Nova's os-resetState: active or error")
+    reason = forms.CharField(max_length=500, widget=forms.Textarea(attrs={"rows": 3}),
+                             help_text="recorded in the server's action history")
+
+
+@admin.action(description="Reset state of selected servers (recorded)")
+def reset_state(modeladmin: admin.ModelAdmin, request: HttpRequest,
+                queryset: QuerySet[Instance]) -> HttpResponse | None:
+    form = ResetStateForm(request.POST if "apply" in request.POST else None)
+    if "apply" in request.POST and form.is_valid():
+        _run_on_each(modeladmin, request, queryset, "reset state",
+                     lambda instance: services.server_reset_state(
+                         instance=instance, user=request.user, state=form.cleaned_data["state"],
+                         reason=form.cleaned_data["reason"]))
+        return None
+    return TemplateResponse(request, "admin/compute/instance/reset_state.html", {
+        **modeladmin.admin_site.each_context(request), "title": "Reset server state",
+        "servers": queryset, "form": form, "opts": modeladmin.model._meta,
+        "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
+    })
+
+
+class InstanceActionInline(admin.TabularInline):
+    model = InstanceAction
+    extra = 0
+    can_delete = False
+    readonly_fields = ("action", "request_id", "user", "start_time", "finish_time", "result",
+                       "message", "steps")
+    fields = readonly_fields
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    @admin.display(description="events")
+    def steps(self, action: InstanceAction) -> str:
+        return format_html_join(
+            "", "<div>{} <b>{}</b> {}</div>",
+            ((event.event, event.result or "…", event.message) for event in action.events.all()))
+
+
+@admin.register(Instance)
+class InstanceAdmin(admin.ModelAdmin):
+    list_display = ("name", "uuid", "status_shown", "host", "flavor", "project", "created")
+    list_filter = ("vm_state", "task_state", "host", "project")
+    search_fields = ("name", "uuid")
+    readonly_fields = ("uuid", "vm_state", "task_state", "power_state", "host", "fault",
+                       "retry_hosts", "attempts", "vcpus", "memory_mb", "root_gb", "launched_at",
+                       "deleted_at", "created", "updated", "availability_zone", "server_group",
+                       "scheduler_hints", "requested_host", "console_tail")
+    fields = ("name", *readonly_fields)
+    inlines = [InstanceActionInline]
+    actions = [
+        _lifecycle_action("reboot (soft)", services.server_reboot, reboot_type="SOFT"),
+        _lifecycle_action("reboot (hard)", services.server_reboot, reboot_type="HARD"),
+        _lifecycle_action("stop", services.server_stop),
+        _lifecycle_action("start", services.server_start),
+        _lifecycle_action("pause", services.server_pause),
+        _lifecycle_action("unpause", services.server_unpause),
+        _lifecycle_action("suspend", services.server_suspend),
+        _lifecycle_action("resume", services.server_resume),
+        _lifecycle_action("snapshot", _snapshot),
+        _lifecycle_action("delete", _delete),
+        reset_state,
+    ]
+
+    def get_actions(self, request: HttpRequest) -> dict[str, Any]:
+        actions = super().get_actions(request)
+        actions.pop("delete_selected", None)  # deleting rows would lie: delete goes through the service
+        return actions
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # servers are created through the API, which schedules them
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    @admin.display(description="status", ordering="vm_state")
+    def status_shown(self, instance: Instance) -> str:
+        return instance.status + (f" ({instance.task_state})" if instance.task_state else "")
+
+    @admin.display(description="console output (last 20 lines)")
+    def console_tail(self, instance: Instance) -> str:
+        try:
+            output = services.server_console_output(instance=instance, lines=20)
+        except (services.ConsoleUnavailable, rpc.ComputeUnavailable) as unavailable:
+            return f"({unavailable})"
+        return format_html("<pre style='max-height:20em;overflow:auto'>{}</pre>", output)
+
+
+# --- hosts ----------------------------------------------------------------------------------------
+
+
+class DisableForm(forms.Form):
+    reason = forms.CharField(max_length=255, required=False)
+
+
+@admin.action(description="Disable selected hosts (keep their servers, no new ones)")
+def disable_hosts(modeladmin: admin.ModelAdmin, request: HttpRequest,
+                  queryset: QuerySet[Host]) -> None:
+    reason = f"disabled by {request.user} from the admin"
+    for host in queryset:
+        services.host_set_enabled(host=host, enabled=False, reason=reason)
+    modeladmin.message_user(request, f"disabled {queryset.count()} host(s)")
+
+
+@admin.action(description="Enable selected hosts")
+def enable_hosts(modeladmin: admin.ModelAdmin, request: HttpRequest,
+                 queryset: QuerySet[Host]) -> None:
+    for host in queryset:
+        services.host_set_enabled(host=host, enabled=True)
+    modeladmin.message_user(request, f"enabled {queryset.count()} host(s)")
+
+
+@admin.register(Host)
+class HostAdmin(admin.ModelAdmin):
+    list_display = ("name", "state", "enabled", "disabled_reason", "zone", "vcpu_usage",
+                    "ram_usage", "disk_usage", "instance_count", "virt_type", "last_heartbeat")
+    list_filter = ("enabled", "virt_type")
+    search_fields = ("name",)
+    readonly_fields = ("name", "libvirt_uri", "driver", "virt_type", "availability_zone",
+                       "last_heartbeat", "vcpus", "memory_mb", "memory_mb_reserved", "disk_gb",
+                       "disk_gb_reserved", "hypervisor_type", "hypervisor_version", "cpu_info",
+                       "reported_instances", "servers")
+    actions = [disable_hosts, enable_hosts]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Host]:
+        return services.hosts_with_usage()
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # hosts register themselves with their first heartbeat
+
+    @admin.display(description="state")
+    def state(self, host: Host) -> str:
+        return "up" if host.is_up else "DOWN"
+
+    @staticmethod
+    def _usage(used: float, total: float, ratio: float, unit: str) -> str:
+        capacity = total * ratio
+        percent = 100 * used / capacity if capacity else 0
+        return f"{used:g}/{capacity:g} {unit} ({percent:.0f}%, x{ratio:g})"
+
+    @admin.display(description="vCPU")
+    def vcpu_usage(self, host: Host) -> str:
+        from django.conf import settings
+
+        return self._usage(host.vcpus_used, host.vcpus,
+                           host.cpu_allocation_ratio or settings.CPU_ALLOCATION_RATIO, "")
+
+    @admin.display(description="RAM")
+    def ram_usage(self, host: Host) -> str:
+        from django.conf import settings
+
+        return self._usage(host.memory_mb_used, host.memory_mb - host.memory_mb_reserved,
+                           host.ram_allocation_ratio or settings.RAM_ALLOCATION_RATIO, "MiB")
+
+    @admin.display(description="disk")
+    def disk_usage(self, host: Host) -> str:
+        from django.conf import settings
+
+        return self._usage(host.disk_gb_used, host.disk_gb - host.disk_gb_reserved,
+                           host.disk_allocation_ratio or settings.DISK_ALLOCATION_RATIO, "GiB")
+
+    @admin.display(description="servers")
+    def instance_count(self, host: Host) -> int:
+        return host.instance_count
+
+    @admin.display(description="servers on this host")
+    def servers(self, host: Host) -> str:
+        live = host.instances.exclude(vm_state=VmState.DELETED)
+        return format_html_join(", ", "{} ({})", ((s.name, s.status) for s in live)) or "none"
+
+
+# --- the rest -------------------------------------------------------------------------------------
 
 
 @admin.register(Flavor)
@@ -11,34 +249,22 @@ class FlavorAdmin(admin.ModelAdmin):
     search_fields = ("name",)
 
 
-@admin.register(Host)
-class HostAdmin(admin.ModelAdmin):
-    list_display = ("name", "enabled", "vcpus", "memory_mb", "disk_gb", "hypervisor_type",
-                    "virt_type", "last_heartbeat")
-    readonly_fields = ("libvirt_uri", "driver", "virt_type", "last_heartbeat", "vcpus", "memory_mb",
-                       "memory_mb_reserved", "disk_gb", "disk_gb_reserved", "hypervisor_type",
-                       "hypervisor_version", "cpu_info", "reported_instances")
+@admin.register(ServerGroup)
+class ServerGroupAdmin(admin.ModelAdmin):
+    list_display = ("name", "policy", "project", "created")
+    list_filter = ("policy",)
+    readonly_fields = ("policy",)
 
 
-class InstanceActionInline(admin.TabularInline):
-    model = InstanceAction
-    extra = 0
-    can_delete = False
-    readonly_fields = ("action", "request_id", "user", "start_time", "finish_time", "result",
-                       "message")
-    fields = readonly_fields
+@admin.register(Aggregate)
+class AggregateAdmin(admin.ModelAdmin):
+    list_display = ("name", "availability_zone", "created")
+    filter_horizontal = ("hosts",)
 
-
-@admin.register(Instance)
-class InstanceAdmin(admin.ModelAdmin):
-    list_display = ("name", "uuid", "vm_state", "task_state", "power_state", "host", "flavor",
-                    "project", "created")
-    list_filter = ("vm_state", "task_state", "host", "project")
-    search_fields = ("name", "uuid")
-    readonly_fields = ("uuid", "vm_state", "task_state", "power_state", "host", "fault",
-                       "retry_hosts", "attempts", "vcpus", "memory_mb", "root_gb", "launched_at",
-                       "deleted_at", "created", "updated")
-    inlines = [InstanceActionInline]
+    def save_related(self, request: HttpRequest, form: Any, formsets: Any, change: bool) -> None:
+        super().save_related(request, form, formsets, change)
+        for host in form.instance.hosts.all():
+            services.aggregate_zone_sync(host)
 
 
 @admin.register(Allocation)
@@ -46,8 +272,23 @@ class AllocationAdmin(admin.ModelAdmin):
     list_display = ("instance", "host", "vcpus", "memory_mb", "disk_gb", "created")
     list_filter = ("host",)
 
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
 
 @admin.register(InstanceActionEvent)
 class InstanceActionEventAdmin(admin.ModelAdmin):
     list_display = ("action", "event", "result", "host", "start_time", "finish_time")
     list_filter = ("event", "result")
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False

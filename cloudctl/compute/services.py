@@ -299,6 +299,29 @@ def finish_action(action: InstanceAction, *, result: str, message: str = "") -> 
             image_kill(image, message or "the snapshot failed")
 
 
+def server_reset_state(*, instance: Instance, user: Any, state: str, reason: str) -> InstanceAction:
+    """Nova's os-resetState: force vm_state to active or error and clear the task, recording who
+    did it and why. The escape hatch for an operator who knows better than the records."""
+    if state not in (VmState.ACTIVE, VmState.ERROR):
+        raise InvalidRequest("state", "reset state goes to active or error")
+    if instance.vm_state == VmState.DELETED:
+        raise InstanceInvalidState(instance, "reset the state of")
+    before = f"vm_state={instance.vm_state} task_state={instance.task_state}"
+    with transaction.atomic():
+        Instance.objects.filter(uuid=instance.uuid).change(vm_state=state, task_state=None)
+        for running in InstanceAction.objects.filter(instance=instance, finish_time__isnull=True):
+            finish_action(running, result="Error", message=f"ended by a reset of the state: {reason}")
+        now = timezone.now()
+        action = action_start(instance=instance, action="reset_state", user=user,
+                              request_id=new_request_id())
+        message = f"{before} -> vm_state={state}: {reason}"
+        action.events.create(event="reset_state", result="Success", start_time=now,
+                             finish_time=now, message=message)
+        finish_action(action, result="Success", message=message)
+    instance.refresh_from_db()
+    return action
+
+
 def server_snapshot(*, instance: Instance, user: Any, name: str,
                     request_id: str | None = None) -> InstanceAction:
     """Snapshot the server's disk into a new private image of its project (202 at once).

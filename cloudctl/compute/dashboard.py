@@ -1,0 +1,81 @@
+"""The capacity dashboard: hosts, zones, servers per status, trouble, last scheduling failures.
+
+Server-side rendered from the same selectors as the API; the page refreshes itself."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from django.conf import settings
+from django.contrib.admin.views.decorators import staff_member_required
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import render
+from django.utils import timezone
+
+from cloudctl.compute.models import Host, Instance, InstanceActionEvent
+from cloudctl.compute.services import hosts_with_usage
+from cloudctl.compute.states import VmState
+
+REFRESH_SECONDS = 10
+
+
+def _bar(used: float, total: float, ratio: float) -> dict[str, Any]:
+    capacity = total * ratio
+    percent = min(100.0, 100 * used / capacity) if capacity else 0.0
+    return {"used": used, "capacity": capacity, "ratio": ratio, "percent": round(percent, 1),
+            "level": "high" if percent >= 90 else "mid" if percent >= 70 else "low"}
+
+
+def host_rows(hosts: list[Host]) -> list[dict[str, Any]]:
+    rows = []
+    for host in hosts:
+        rows.append({
+            "host": host, "up": host.is_up, "zone": host.zone,
+            "vcpu": _bar(host.vcpus_used, host.vcpus,
+                         host.cpu_allocation_ratio or settings.CPU_ALLOCATION_RATIO),
+            "ram": _bar(host.memory_mb_used, host.memory_mb - host.memory_mb_reserved,
+                        host.ram_allocation_ratio or settings.RAM_ALLOCATION_RATIO),
+            "disk": _bar(host.disk_gb_used, host.disk_gb - host.disk_gb_reserved,
+                         host.disk_allocation_ratio or settings.DISK_ALLOCATION_RATIO),
+        })
+    return rows
+
+
+def zone_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    zones: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        zone = zones.setdefault(row["zone"], {"name": row["zone"], "hosts": 0, "up": 0,
+                                              "vcpu": [0.0, 0.0], "ram": [0.0, 0.0],
+                                              "disk": [0.0, 0.0]})
+        zone["hosts"] += 1
+        zone["up"] += 1 if row["up"] and row["host"].enabled else 0
+        for key in ("vcpu", "ram", "disk"):
+            zone[key][0] += row[key]["used"]
+            zone[key][1] += row[key]["capacity"]
+    return [{**zone, **{key: _bar(zone[key][0], zone[key][1], 1.0)
+                        for key in ("vcpu", "ram", "disk")}}
+            for zone in sorted(zones.values(), key=lambda z: z["name"])]
+
+
+@staff_member_required
+def capacity_dashboard(request: HttpRequest) -> HttpResponse:
+    rows = host_rows(list(hosts_with_usage()))
+    live = list(Instance.objects.exclude(vm_state=VmState.DELETED).select_related("host"))
+    now = timezone.now()
+    troubled = []
+    for server in live:
+        if server.vm_state == VmState.ERROR or server.task_state:
+            deadline = settings.TASK_DEADLINES.get(server.task_state or "",
+                                                   settings.INSTANCE_BUILD_TIMEOUT)
+            age = (now - server.task_state_since).total_seconds()
+            troubled.append({"server": server, "age": int(age),
+                             "late": bool(server.task_state) and age > deadline})
+    failures = (InstanceActionEvent.objects.filter(event="schedule", result="Error")
+                .select_related("action__instance").order_by("-start_time")[:10])
+    return render(request, "dashboard.html", {
+        "title": "Capacity", "hosts": rows, "zones": zone_rows(rows),
+        "status_counts": sorted(Counter(s.status for s in live).items()),
+        "troubled": troubled, "failures": failures, "refresh": REFRESH_SECONDS,
+        "generated": now,
+    })

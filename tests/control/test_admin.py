@@ -1,0 +1,112 @@
+"""The admin: every page renders, actions go through the services, reset state is recorded,
+the dashboard shows real usage."""
+
+from __future__ import annotations
+
+import pytest
+from django.contrib import admin
+from django.test import Client
+from django.urls import reverse
+
+from cloudctl.compute import conductor
+from cloudctl.compute.models import Instance, InstanceAction
+from compute_workers import contract
+from scheduler.manager import schedule_instance
+from tests.control.conftest import heartbeat
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def staff(admin) -> Client:
+    client = Client()
+    client.force_login(admin)
+    return client
+
+
+@pytest.fixture
+def running(api, flavors, image, outbox) -> Instance:
+    heartbeat("hv1")
+    body = api.post("/api/v1/servers/", {"name": "web", "flavor": "m1.nano", "image": "tiny"},
+                    format="json").json()
+    schedule_instance(body["id"])
+    conductor.instance_update(instance_uuid=body["id"], host="hv1",
+                              expected_task_state="spawning",
+                              values={"vm_state": "active", "task_state": None,
+                                      "power_state": "running"})
+    outbox.compute.clear()
+    return Instance.objects.get(uuid=body["id"])
+
+
+def test_every_admin_page_renders(staff, running, outbox):
+    for model, model_admin in admin.site._registry.items():
+        meta = model._meta
+        changelist = staff.get(reverse(f"admin:{meta.app_label}_{meta.model_name}_changelist"))
+        assert changelist.status_code == 200, (meta.label, changelist.status_code)
+        if model_admin.has_add_permission(changelist.wsgi_request):
+            add = staff.get(reverse(f"admin:{meta.app_label}_{meta.model_name}_add"))
+            assert add.status_code == 200, meta.label
+        first = model._default_manager.first()
+        if first is not None:
+            change = staff.get(reverse(f"admin:{meta.app_label}_{meta.model_name}_change",
+                                       args=[first.pk]))
+            assert change.status_code == 200, meta.label
+    page = staff.get(reverse("admin:compute_instance_change", args=[running.pk]))
+    assert b"did not answer" in page.content  # the console tail asked the host (none here)
+
+
+def act(staff: Client, action: str, *servers: Instance, **extra):
+    return staff.post(reverse("admin:compute_instance_changelist"),
+                      {"action": action, "_selected_action": [s.pk for s in servers], **extra},
+                      follow=True)
+
+
+def test_admin_actions_go_through_the_services(staff, running, outbox,
+                                               django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks(execute=True):
+        page = act(staff, "reboot_soft", running)
+    assert "Web: reboot (soft) accepted" in page.content.decode()
+    running.refresh_from_db()
+    assert running.task_state == "rebooting"
+    assert outbox.compute[-1][:2] == ("hv1", contract.COMPUTE_REBOOT)
+    action = InstanceAction.objects.get(instance=running, action="reboot")
+    assert action.user.username == "root"
+    refused = act(staff, "stop", running)
+    assert "Web: stop refused: cannot stop server" in refused.content.decode()
+    assert "task_state=rebooting" in refused.content.decode()
+
+
+def test_reset_state_asks_why_and_records_it(staff, running):
+    Instance.objects.filter(pk=running.pk).update(task_state="rebooting")
+    form = act(staff, "reset_state", running)
+    assert b"Reset the state of 1 server" in form.content
+    done = act(staff, "reset_state", running, apply="1", state="active",
+               reason="reboot hung; guest checked by hand")
+    assert "Web: reset state accepted" in done.content.decode()
+    running.refresh_from_db()
+    assert (running.vm_state, running.task_state) == ("active", None)
+    record = InstanceAction.objects.get(instance=running, action="reset_state")
+    assert record.user.username == "root"
+    assert record.message == ("vm_state=active task_state=rebooting -> vm_state=active: "
+                              "reboot hung; guest checked by hand")
+
+
+def test_hosts_can_be_disabled_from_the_admin(staff, running):
+    staff.post(reverse("admin:compute_host_changelist"),
+               {"action": "disable_hosts", "_selected_action": [running.host.pk]})
+    running.host.refresh_from_db()
+    assert not running.host.enabled and "from the admin" in running.host.disabled_reason
+
+
+def test_dashboard_shows_real_usage(staff, running):
+    heartbeat("hv2")
+    page = staff.get("/admin/dashboard/")
+    assert page.status_code == 200
+    html = page.content.decode()
+    assert 'http-equiv="refresh"' in html
+    hv1 = html.split('id="host-hv1"', 1)[1].split("</tr>", 1)[0]
+    assert '<td class="instances">1</td>' in hv1
+    assert "128 / 12288" in hv1  # 8192 MiB x 1.5, one m1.nano
+    assert "ACTIVE" in html
+    anonymous = Client().get("/admin/dashboard/")
+    assert anonymous.status_code == 302
