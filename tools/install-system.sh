@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install the Debian packages cloudctl needs, skipping what is already there.
-# Usage: tools/install-system.sh [--postgres] [--dev]
+# Usage: tools/install-system.sh [--postgres] [--browser]
 set -euo pipefail
 
 packages=(redis-server libvirt-daemon-system libvirt-dev pkg-config qemu-system-x86 qemu-utils
@@ -9,6 +9,7 @@ packages=(redis-server libvirt-daemon-system libvirt-dev pkg-config qemu-system-
 for arg in "$@"; do
   case "$arg" in
     --postgres) packages+=(postgresql) ;;
+    --browser) packages+=(chromium) ;;  # the admin browser test drives Debian's Chromium
     *) echo "unknown option $arg" >&2; exit 2 ;;
   esac
 done

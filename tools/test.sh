@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-tools/install-system.sh
+tools/install-system.sh --browser
 tools/venv.sh requirements-dev.txt
 tools/services.sh start
 

@@ -130,6 +130,7 @@ def run_stack(tiny_image_path: Path, state: Path, *, procfile: Path, hosts: list
         subprocess.run(["redis-cli", "-n", str(db), "flushdb"], check=True, capture_output=True)
     manage = [str(VENV_BIN / "python"), "manage.py"]
     subprocess.run([*manage, "migrate", "--noinput", "-v0"], cwd=REPO, env=env, check=True)
+    subprocess.run([*manage, "collectstatic", "--noinput", "-v0"], cwd=REPO, env=env, check=True)
     subprocess.run([*manage, "bootstrap", "--image", str(tiny_image_path)], cwd=REPO, env=env,
                    check=True, capture_output=True)
 
