@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import subprocess
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,3 +135,43 @@ def heartbeat(name: str, *, vcpus: int = 4, memory_mb: int = 8192, disk_gb: int 
 @pytest.fixture
 def host(db: None) -> Host:
     return heartbeat("hv1")
+
+
+def active_server(api: APIClient, outbox: Outbox, name: str = "s") -> Any:
+    """A server of ``api``'s user, placed on host hv1 and reported ACTIVE by its compute worker."""
+    from cloudctl.compute.models import Instance
+    from scheduler.manager import schedule_instance
+
+    heartbeat("hv1")
+    body = api.post("/api/v1/servers/", {"name": name, "flavor": "m1.nano", "image": "tiny"},
+                    format="json").json()
+    schedule_instance(body["id"])
+    conductor.instance_update(instance_uuid=body["id"], host="hv1",
+                              expected_task_state="spawning",
+                              values={"vm_state": "active", "task_state": None,
+                                      "power_state": "running"})
+    outbox.compute.clear()
+    return Instance.objects.get(uuid=body["id"])
+
+
+def run_concurrently(work: Callable[[Any], Any], items: list[Any], timeout: float = 60) -> list[Any]:
+    """Run ``work(item)`` for every item in its own thread, all released at once; the results in
+    completion order. Each thread closes its database connection."""
+    from django.db import connection
+
+    barrier = threading.Barrier(len(items))
+    results: list[Any] = []
+
+    def run(item: Any) -> None:
+        barrier.wait()
+        try:
+            results.append(work(item))
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=run, args=(item,)) for item in items]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+    return results

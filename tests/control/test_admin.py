@@ -8,11 +8,9 @@ from django.contrib import admin
 from django.test import Client
 from django.urls import reverse
 
-from cloudctl.compute import conductor
 from cloudctl.compute.models import Instance, InstanceAction
 from compute_workers import contract
-from scheduler.manager import schedule_instance
-from tests.control.conftest import heartbeat
+from tests.control.conftest import active_server, heartbeat
 
 pytestmark = pytest.mark.django_db
 
@@ -26,16 +24,7 @@ def staff(admin) -> Client:
 
 @pytest.fixture
 def running(api, flavors, image, outbox) -> Instance:
-    heartbeat("hv1")
-    body = api.post("/api/v1/servers/", {"name": "web", "flavor": "m1.nano", "image": "tiny"},
-                    format="json").json()
-    schedule_instance(body["id"])
-    conductor.instance_update(instance_uuid=body["id"], host="hv1",
-                              expected_task_state="spawning",
-                              values={"vm_state": "active", "task_state": None,
-                                      "power_state": "running"})
-    outbox.compute.clear()
-    return Instance.objects.get(uuid=body["id"])
+    return active_server(api, outbox, name="web")
 
 
 def test_every_admin_page_renders(staff, running, outbox):

@@ -15,23 +15,14 @@ from cloudctl.compute.models import Host, Instance, InstanceAction
 from cloudctl.compute.states import TaskState, VmState
 from compute_workers import contract
 from scheduler.manager import schedule_instance
-from tests.control.conftest import heartbeat
+from tests.control.conftest import active_server, heartbeat
 
 pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
 def server(api, flavors, image, outbox) -> Instance:
-    heartbeat("hv1")
-    body = api.post("/api/v1/servers/", {"name": "s", "flavor": "m1.nano", "image": "tiny"},
-                    format="json").json()
-    schedule_instance(body["id"])
-    conductor.instance_update(instance_uuid=body["id"], host="hv1",
-                              expected_task_state="spawning",
-                              values={"vm_state": "active", "task_state": None,
-                                      "power_state": "running"})
-    outbox.compute.clear()
-    return Instance.objects.get(uuid=body["id"])
+    return active_server(api, outbox)
 
 
 def act(api, server: Instance, action: str, **body: Any):

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import threading
 from datetime import timedelta
-from typing import Any
 
 import pytest
-from django.db import connection
 from django.utils import timezone
 
 from cloudctl.compute import conductor, sync
@@ -16,7 +13,7 @@ from cloudctl.compute.services import server_create
 from cloudctl.compute.states import TaskState, VmState
 from compute_workers import contract
 from scheduler.manager import claim, request_spec_of, schedule_instance
-from tests.control.conftest import heartbeat
+from tests.control.conftest import heartbeat, run_concurrently
 
 pytestmark = pytest.mark.django_db
 
@@ -82,21 +79,7 @@ def test_claim_never_overcommits(new_server):
 def test_concurrent_schedulers_never_overcommit(new_server, outbox):
     heartbeat("hv1", memory_mb=512, vcpus=1)  # 768 MiB usable: six m1.nano
     servers = [new_server(name=f"s{i}") for i in range(12)]
-    barrier = threading.Barrier(len(servers))
-    placed: list[Any] = []
-
-    def run(server: Instance) -> None:
-        barrier.wait()
-        try:
-            placed.append(schedule_instance(str(server.uuid)))
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=run, args=(s,)) for s in servers]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    placed = run_concurrently(lambda server: schedule_instance(str(server.uuid)), servers)
     assert placed.count("hv1") == 6 and placed.count(None) == 6
     assert Allocation.objects.count() == 6
     assert Instance.objects.filter(vm_state=VmState.ERROR).count() == 6
@@ -247,21 +230,7 @@ def test_concurrent_anti_affinity_members_never_share_a_host(member, project, fl
     servers = [server_create(user=member, project=project, name=f"g{i}",
                              flavor=flavors["m1.nano"], image=image, server_group=group)
                for i in range(6)]
-    barrier = threading.Barrier(len(servers))
-    placed: list[Any] = []
-
-    def run(server: Instance) -> None:
-        barrier.wait()
-        try:
-            placed.append(schedule_instance(str(server.uuid)))
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=run, args=(s,)) for s in servers]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    placed = run_concurrently(lambda server: schedule_instance(str(server.uuid)), servers)
     hosts = [p for p in placed if p]
     assert sorted(hosts) == ["hv1", "hv2", "hv3"]
     assert Instance.objects.filter(vm_state=VmState.ERROR).count() == 3
