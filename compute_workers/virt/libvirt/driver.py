@@ -37,7 +37,7 @@ from compute_workers.virt.driver import (
     checked_uuid,
     instance_uuid_of,
 )
-from compute_workers.virt.libvirt import host
+from compute_workers.virt.libvirt import host, migration
 from compute_workers.virt.libvirt.domain import build_domain_xml
 
 LOG = logging.getLogger(__name__)
@@ -578,6 +578,20 @@ class LibvirtDriver(ComputeDriver):
                 return
             time.sleep(BLOCK_JOB_POLL_INTERVAL)
         LOG.warning("the block copy job of %s is still there 30 s after its abort", domain.name())
+
+    # Migration ----------------------------------------------------------------------------------------
+
+    def live_migration(self, instance_uuid: str, dest_uri: str, dest_migrate_uri: str | None = None,
+                       block_migration: bool = False) -> migration.MigrationResult:
+        """Peer-to-peer live migration to the daemon at ``dest_uri`` (memory, and the disk too with
+        ``block_migration``, streamed to ``dest_migrate_uri``). Afterwards the domain runs and is
+        defined there and is gone here; on failure it keeps running here."""
+        domain = self._domain(instance_uuid)
+        with _hypervisor_errors(f"cannot live-migrate instance {instance_uuid} to {dest_uri}", instance_uuid):
+            if domain.state()[0] not in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_PAUSED):
+                raise InstanceInvalidState(f"instance {instance_uuid} is not running: "
+                                           "nothing to live-migrate")
+            return migration.live_migrate(domain, dest_uri, dest_migrate_uri, block_migration)
 
     # Lifecycle events ---------------------------------------------------------------------------------
 
