@@ -221,7 +221,9 @@ class ComputeDriver(abc.ABC):
         disk, and ``target_path`` may be partial (the caller deletes it)."""
         raise NotImplementedError
 
-    def live_migration(self, instance_uuid: str, dest_host: str, dest_uri: str) -> None:
-        """Move the running domain to ``dest_host`` without stopping it. On failure the domain keeps
-        running here."""
+    def live_migration(self, instance_uuid: str, dest_uri: str, dest_migrate_uri: str | None = None,
+                       block_migration: bool = False) -> Any:
+        """Move the running domain to the hypervisor at ``dest_uri`` without stopping it (its disk
+        too with ``block_migration``, streamed to ``dest_migrate_uri``). Afterwards the domain runs
+        and is defined there and is gone here; on failure it keeps running here."""
         raise NotImplementedError
