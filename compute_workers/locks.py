@@ -30,12 +30,7 @@ class KeyedLock:
             with lock:
                 yield
         finally:
-            with self._guard:
-                lock, users = self._locks[key]
-                if users == 1:
-                    del self._locks[key]
-                else:
-                    self._locks[key] = (lock, users - 1)
+            self._forget(key)
 
     @contextmanager
     def try_hold(self, key: str) -> Iterator[bool]:
@@ -55,13 +50,17 @@ class KeyedLock:
         try:
             yield True
         finally:
-            with self._guard:
-                lock, users = self._locks[key]
-                if users == 1:
-                    del self._locks[key]
-                else:
-                    self._locks[key] = (lock, users - 1)
-                lock.release()
+            self._forget(key).release()
+
+    def _forget(self, key: str) -> threading.Lock:
+        """One user fewer of ``key``'s lock (the last one removes it); returns the lock."""
+        with self._guard:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+            return lock
 
     def __len__(self) -> int:
         with self._guard:
