@@ -243,3 +243,10 @@ def forget_queues(client: redis.Redis, queues: list[str]) -> None:
     """Delete what consuming ``queues`` left in the broker: their lists and kombu's binding tables."""
     client.delete(*queues, *(f"_kombu.binding.{q}" for q in queues),
                   *(f"_kombu.binding_permanent.{q}" for q in queues))
+
+
+def spawned(manager: Any, reporter: Any, spec: dict[str, Any]) -> str:
+    """Spawn ``spec`` through ``manager`` and forget the reports: the start of a lifecycle test."""
+    manager.spawn(spec)
+    reporter.reports.clear()
+    return str(spec["instance_uuid"])

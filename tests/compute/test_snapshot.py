@@ -22,7 +22,7 @@ from compute_workers.tasks import register_tasks
 from compute_workers.virt.fake import FakeDriver
 from compute_workers.virt.libvirt.driver import LibvirtDriver
 
-from .conftest import ImageServer, SpecFactory, make_manager
+from .conftest import ImageServer, SpecFactory, make_manager, spawned
 
 ACTIVE = {"vm_state": "active", "task_state": None, "power_state": "running"}
 STOPPED = {"vm_state": "stopped", "task_state": None, "power_state": "shutdown"}
@@ -45,12 +45,6 @@ def managed(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Managed]
     for instance_uuid in manager.driver.list_instances():
         manager.driver.destroy(instance_uuid)
     manager.close()
-
-
-def spawned(manager: ComputeManager, reporter: ListReporter, spec: dict[str, Any]) -> str:
-    manager.spawn(spec)
-    reporter.reports.clear()
-    return str(spec["instance_uuid"])
 
 
 def snapshot(manager: ComputeManager, server: ImageServer, instance_uuid: str, action_id: int | None,
