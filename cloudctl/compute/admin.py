@@ -16,6 +16,7 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
 from cloudctl.compute import rpc, services
+from cloudctl.compute.dashboard import usage_bars
 from cloudctl.compute.models import (
     Aggregate,
     Allocation,
@@ -204,31 +205,22 @@ class HostAdmin(admin.ModelAdmin):
         return "up" if host.is_up else "DOWN"
 
     @staticmethod
-    def _usage(used: float, total: float, ratio: float, unit: str) -> str:
-        capacity = total * ratio
-        percent = 100 * used / capacity if capacity else 0
-        return f"{used:g}/{capacity:g} {unit} ({percent:.0f}%, x{ratio:g})"
+    def _usage(host: Host, resource: str, unit: str) -> str:
+        bar = usage_bars(host)[resource]
+        return (f"{bar['used']:g}/{bar['capacity']:g} {unit} ({bar['percent']:.0f}%, "
+                f"x{bar['ratio']:g})")
 
     @admin.display(description="vCPU")
     def vcpu_usage(self, host: Host) -> str:
-        from django.conf import settings
-
-        return self._usage(host.vcpus_used, host.vcpus,
-                           host.cpu_allocation_ratio or settings.CPU_ALLOCATION_RATIO, "")
+        return self._usage(host, "vcpu", "")
 
     @admin.display(description="RAM")
     def ram_usage(self, host: Host) -> str:
-        from django.conf import settings
-
-        return self._usage(host.memory_mb_used, host.memory_mb - host.memory_mb_reserved,
-                           host.ram_allocation_ratio or settings.RAM_ALLOCATION_RATIO, "MiB")
+        return self._usage(host, "ram", "MiB")
 
     @admin.display(description="disk")
     def disk_usage(self, host: Host) -> str:
-        from django.conf import settings
-
-        return self._usage(host.disk_gb_used, host.disk_gb - host.disk_gb_reserved,
-                           host.disk_allocation_ratio or settings.DISK_ALLOCATION_RATIO, "GiB")
+        return self._usage(host, "disk", "GiB")
 
     @admin.display(description="servers")
     def instance_count(self, host: Host) -> int:

@@ -22,24 +22,25 @@ REFRESH_SECONDS = 10
 
 def _bar(used: float, total: float, ratio: float) -> dict[str, Any]:
     capacity = total * ratio
-    percent = min(100.0, 100 * used / capacity) if capacity else 0.0
+    percent = 100 * used / capacity if capacity else 0.0
     return {"used": used, "capacity": capacity, "ratio": ratio, "percent": round(percent, 1),
+            "width": round(min(100.0, percent), 1),  # a lowered ratio can leave a host over 100%
             "level": "high" if percent >= 90 else "mid" if percent >= 70 else "low"}
 
 
+def usage_bars(host: Host) -> dict[str, dict[str, Any]]:
+    """vCPU, RAM and disk use of a host from ``hosts_with_usage()``, against ratio x capacity."""
+    ratios = host.ratios
+    return {
+        "vcpu": _bar(host.vcpus_used, host.vcpus, ratios["cpu"]),
+        "ram": _bar(host.memory_mb_used, host.memory_mb - host.memory_mb_reserved, ratios["ram"]),
+        "disk": _bar(host.disk_gb_used, host.disk_gb - host.disk_gb_reserved, ratios["disk"]),
+    }
+
+
 def host_rows(hosts: list[Host]) -> list[dict[str, Any]]:
-    rows = []
-    for host in hosts:
-        rows.append({
-            "host": host, "up": host.is_up, "zone": host.zone,
-            "vcpu": _bar(host.vcpus_used, host.vcpus,
-                         host.cpu_allocation_ratio or settings.CPU_ALLOCATION_RATIO),
-            "ram": _bar(host.memory_mb_used, host.memory_mb - host.memory_mb_reserved,
-                        host.ram_allocation_ratio or settings.RAM_ALLOCATION_RATIO),
-            "disk": _bar(host.disk_gb_used, host.disk_gb - host.disk_gb_reserved,
-                         host.disk_allocation_ratio or settings.DISK_ALLOCATION_RATIO),
-        })
-    return rows
+    return [{"host": host, "up": host.is_up, "zone": host.zone, **usage_bars(host)}
+            for host in hosts]
 
 
 def zone_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -74,6 +74,13 @@ class Host(models.Model):
         return age < timedelta(seconds=settings.SERVICE_DOWN_TIME)
 
     @property
+    def ratios(self) -> dict[str, float]:
+        """Allocation ratios in force: the host's own, else the settings'."""
+        return {"cpu": self.cpu_allocation_ratio or settings.CPU_ALLOCATION_RATIO,
+                "ram": self.ram_allocation_ratio or settings.RAM_ALLOCATION_RATIO,
+                "disk": self.disk_allocation_ratio or settings.DISK_ALLOCATION_RATIO}
+
+    @property
     def zone(self) -> str:
         return self.availability_zone or settings.DEFAULT_AVAILABILITY_ZONE
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Q, QuerySet
+from django.db.models import Count, Q, QuerySet, Sum
 from django.utils import timezone
 
 from cloudctl.compute import rpc, states
@@ -368,8 +368,6 @@ def server_console_output(*, instance: Instance, lines: int | None) -> str:
 
 
 def hosts_with_usage() -> QuerySet[Host]:
-    from django.db.models import Count, Sum
-
     return Host.objects.annotate(
         vcpus_used=Sum("allocations__vcpus", default=0),
         memory_mb_used=Sum("allocations__memory_mb", default=0),
