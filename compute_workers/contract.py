@@ -56,6 +56,85 @@ redelivery); every task converges to its target state (starting a running domain
     the image killed when its upload fails, and the conductor does when no upload was made. At
     most ``COMPUTE_MAX_CONCURRENT_SNAPSHOTS`` run at once on a host; the others wait.
 
+Migration tasks. Every one carries ``migration_id`` (the control plane's Migration record) and
+reports with ``conductor.migration_update`` (below) instead of ``conductor.instance_update``; a task
+whose step this host already completed for that migration is a logged no-op (a redelivery; journal
+key ``migration-<id>-<step>``). Paths are the same on every host: ``INSTANCES_PATH/<uuid>/disk``.
+
+``compute.check_can_migrate_destination(instance_uuid, source_host, source_cpu_info, image, live)``
+    Synchronous call to the destination, before anything changes. Checks: no domain of the instance
+    here (check "instance_exists"), the hypervisor answers ("hypervisor"), for ``live`` the source's
+    CPU (``source_cpu_info``, a heartbeat ``cpu_info`` dict) with libvirt ``compareCPU`` ("cpu",
+    skipped by drivers that cannot compare), the base ``image`` (spec v1 image dict) cached here or
+    fetchable from its url ("image"). Creates a marker file ``INSTANCES_PATH/.shared-<token>`` for
+    the shared-storage test (markers older than 10 min are removed on every check). Answers
+    ``{"ok": True, "migration_uri": "qemu+tcp://<COMPUTE_MIGRATION_ADDRESS>/system",
+    "migration_data_uri": "tcp://<COMPUTE_MIGRATION_ADDRESS>", "shared_marker": ".shared-<token>",
+    "disk_free_bytes": int, "image_cached": bool, "cpu": "identical"|"superset"|"skipped"}`` or
+    ``{"ok": False, "check": <name>, "message": str}``.
+``compute.check_can_migrate_source(instance_uuid, shared_marker)``
+    Synchronous call to the source: the domain exists here ("source", else), whether the marker is
+    visible here (storage shared with the destination; the source then deletes it), the bytes the
+    disk occupies. Answers ``{"ok": True, "shared_storage": bool, "power_state": str,
+    "disk_bytes": int}`` or ``{"ok": False, "check": "source", "message": str}``.
+
+Live migration (task_state ``migrating``):
+
+``compute.pre_live_migration(instance_uuid, migration_id, spec, block_migration, shared_storage,
+shared_marker)`` (destination)
+    Removes the marker; makes the instance directory and an empty ``console.log``; fetches the base
+    image into the cache; for ``block_migration`` creates the disk as spawn would (a qcow2 overlay of
+    the base image, the flavor's size): libvirt then copies only the top layer
+    (``VIR_MIGRATE_NON_SHARED_INC``). With ``shared_storage`` the directory is the source's: nothing
+    is created but the cached image. Reports status "prepared", or "error" with ``error``.
+``compute.live_migration(instance_uuid, migration_id, dest_host, migration_uri, migration_data_uri,
+block_migration, shared_storage, completion_timeout)`` (source)
+    Peer-to-peer live migration (persist on the destination, undefine here; ``NON_SHARED_INC`` for
+    block migration; ``UNSAFE`` added on shared storage when ``COMPUTE_MIGRATION_UNSAFE`` says so).
+    Reports "running" when the job started, then ``conductor.migration_progress`` at least every
+    second, then one of: "migrated" (libvirt finished: the domain is gone here; the instance
+    directory here is removed unless ``shared_storage``), "cancelled" (aborted on request: the
+    domain runs here as before), "failed" (libvirt failed, or ``completion_timeout`` seconds passed
+    and the job was aborted; ``error`` says which; the domain runs here), with ``values`` =
+    ``{"power_state": ...}`` read afterwards (``nostate`` if the domain is not here).
+``compute.abort_live_migration(instance_uuid, migration_id)`` (source)
+    Abort the running migration job of that migration (libvirt ``abortJob``); the running
+    ``compute.live_migration`` then reports "cancelled". No job running: a logged no-op.
+``compute.post_live_migration_at_destination(instance_uuid, migration_id, spec)`` (destination)
+    The domain must exist and run here (libvirt says so): writes ``libvirt.xml`` from ``spec`` and
+    reports "completed" with ``values`` ``{"power_state"}``; else "error" with ``error``.
+``compute.rollback_live_migration_at_destination(instance_uuid, migration_id, shared_storage)``
+    (destination) After a failed migration: removes any domain of the instance here that does not run
+    and, unless ``shared_storage``, the instance directory. Reports "rolled_back".
+
+Cold migration and resize (task_states ``resize_prep`` -> ``resize_migrating`` -> ``resize_finish``;
+the old disk is kept on the source in ``INSTANCES_PATH/<uuid>_resize/`` until confirmed):
+
+``compute.prep_resize(instance_uuid, migration_id, spec, shared_marker)`` (destination)
+    Removes the marker; fetches the base image of ``spec`` (the new flavor's spec, for this host).
+    Creates nothing in ``INSTANCES_PATH/<uuid>`` (on the same host it is the source's). Reports
+    "prepared" or "error".
+``compute.resize_instance(instance_uuid, migration_id, dest_host, migration_uri, timeout)`` (source)
+    Power off (clean shutdown, ``timeout`` seconds, then forced), undefine the domain, rename the
+    directory to ``<uuid>_resize``, copy its ``disk`` to the destination's ``INSTANCES_PATH/<uuid>/
+    disk`` with libvirt storage volume streams (download here, upload over ``migration_uri``; on the
+    same host or shared storage the same code copies within one filesystem). Reports "migrated"; on
+    failure puts everything back as it was (directory, definition, running if it ran) and reports
+    "error" with ``error`` and ``values`` ``{"power_state"}``.
+``compute.finish_resize(instance_uuid, migration_id, spec, power_on)`` (destination)
+    Grows the disk to ``spec``'s root_gb if larger, writes ``console.log``, defines the domain from
+    ``spec``, starts it when ``power_on``. Reports "finished" with ``values`` ``{"power_state"}``, or
+    "error" (nothing of it left defined here).
+``compute.confirm_resize(instance_uuid, migration_id)`` (source)
+    Removes ``<uuid>_resize`` (and any leftover domain definition on the source when it is another
+    host). Reports "confirmed".
+``compute.revert_resize(instance_uuid, migration_id)`` (destination)
+    Destroys and undefines the domain here and removes ``INSTANCES_PATH/<uuid>`` (the copy; the
+    original is in ``<uuid>_resize`` on the source). Reports "reverted_dest".
+``compute.finish_revert_resize(instance_uuid, migration_id, spec, power_on)`` (source)
+    Renames ``<uuid>_resize`` back to ``<uuid>``, defines the domain from ``spec`` (the old flavor),
+    starts it when ``power_on``. Reports "reverted" with ``values`` ``{"power_state"}``, or "error".
+
 Each reports ``conductor.instance_update`` with the expected task_state and ``action_id``: on
 success ``values`` = the target (vm_state, task_state None, power_state) and an event named
 ``compute_<operation>_instance`` (e.g. ``compute_reboot_instance``), opened with result "start"
@@ -89,6 +168,14 @@ action_id=None)``
     when retrying elsewhere cannot help (for example a corrupt image).
 ``conductor.instance_destroyed(instance_uuid, host)``
     ``compute.terminate`` finished: the domain and its files are gone.
+``conductor.migration_update(migration_id, host, status, error=None, values=None, event=None)``
+    A step of a migration ended on ``host`` (statuses above). ``values`` may hold ``power_state``;
+    ``event`` is ``{"name", "result", "message"}`` for the migration's action. The conductor applies a
+    status only in the order it expects (a redelivered or late report is dropped) and sends the next
+    step.
+``conductor.migration_progress(migration_id, host, progress)`` (queue ``conductor.status``)
+    ``progress``: ``{"memory_total", "memory_processed", "memory_remaining", "disk_total",
+    "disk_processed", "disk_remaining"}`` in bytes (libvirt job info) plus ``"observed_at"`` (epoch).
 ``conductor.host_heartbeat(host, resources)``
     Sent every ``COMPUTE_HEARTBEAT_INTERVAL`` seconds; see :data:`HEARTBEAT_RESOURCE_KEYS`.
 """
@@ -117,6 +204,8 @@ CONDUCTOR_HOST_HEARTBEAT = "conductor.host_heartbeat"
 CONDUCTOR_POWER_STATE_UPDATE = "conductor.power_state_update"
 CONDUCTOR_HOST_INIT = "conductor.host_init"
 CONDUCTOR_HOST_STOPPING = "conductor.host_stopping"
+CONDUCTOR_MIGRATION_UPDATE = "conductor.migration_update"
+CONDUCTOR_MIGRATION_PROGRESS = "conductor.migration_progress"
 
 COMPUTE_SPAWN = "compute.spawn"
 COMPUTE_TERMINATE = "compute.terminate"
@@ -129,6 +218,36 @@ COMPUTE_UNPAUSE = "compute.unpause_instance"
 COMPUTE_SUSPEND = "compute.suspend_instance"
 COMPUTE_RESUME = "compute.resume_instance"
 COMPUTE_SNAPSHOT = "compute.snapshot_instance"
+COMPUTE_CHECK_MIGRATE_DESTINATION = "compute.check_can_migrate_destination"
+COMPUTE_CHECK_MIGRATE_SOURCE = "compute.check_can_migrate_source"
+COMPUTE_PRE_LIVE_MIGRATION = "compute.pre_live_migration"
+COMPUTE_LIVE_MIGRATION = "compute.live_migration"
+COMPUTE_ABORT_LIVE_MIGRATION = "compute.abort_live_migration"
+COMPUTE_POST_LIVE_MIGRATION_AT_DEST = "compute.post_live_migration_at_destination"
+COMPUTE_ROLLBACK_LIVE_MIGRATION_AT_DEST = "compute.rollback_live_migration_at_destination"
+COMPUTE_PREP_RESIZE = "compute.prep_resize"
+COMPUTE_RESIZE_INSTANCE = "compute.resize_instance"
+COMPUTE_FINISH_RESIZE = "compute.finish_resize"
+COMPUTE_CONFIRM_RESIZE = "compute.confirm_resize"
+COMPUTE_REVERT_RESIZE = "compute.revert_resize"
+COMPUTE_FINISH_REVERT_RESIZE = "compute.finish_revert_resize"
+
+# Statuses a compute worker reports with conductor.migration_update.
+MIGRATION_PREPARED = "prepared"
+MIGRATION_RUNNING = "running"
+MIGRATION_MIGRATED = "migrated"
+MIGRATION_COMPLETED = "completed"
+MIGRATION_CANCELLED = "cancelled"
+MIGRATION_FAILED = "failed"
+MIGRATION_ERROR = "error"
+MIGRATION_ROLLED_BACK = "rolled_back"
+MIGRATION_FINISHED = "finished"
+MIGRATION_CONFIRMED = "confirmed"
+MIGRATION_REVERTED_DEST = "reverted_dest"
+MIGRATION_REVERTED = "reverted"
+MIGRATION_PROGRESS_KEYS = ("memory_total", "memory_processed", "memory_remaining", "disk_total",
+                           "disk_processed", "disk_remaining")
+RESIZE_DIR_SUFFIX = "_resize"
 
 REBOOT_SOFT = "SOFT"
 REBOOT_HARD = "HARD"
@@ -163,7 +282,8 @@ HEARTBEAT_RESOURCE_KEYS = (
 
 def conductor_queue(task_name: str) -> str:
     """The conductor queue a report travels on: status reports apart from operation reports."""
-    if task_name in (CONDUCTOR_HOST_HEARTBEAT, CONDUCTOR_POWER_STATE_UPDATE):
+    if task_name in (CONDUCTOR_HOST_HEARTBEAT, CONDUCTOR_POWER_STATE_UPDATE,
+                     CONDUCTOR_MIGRATION_PROGRESS):
         return CONDUCTOR_STATUS_QUEUE
     return CONDUCTOR_QUEUE
 
