@@ -203,6 +203,22 @@ SERVICE_DOWN_TIME = env_int("SERVICE_DOWN_TIME", 60, minimum=1)
 INSTANCE_BUILD_TIMEOUT = env_int("INSTANCE_BUILD_TIMEOUT", 900, minimum=10)
 # Seconds a guest gets to shut down after the ACPI request before it is forced off (stop).
 CLEAN_SHUTDOWN_TIMEOUT = env_int("CLEAN_SHUTDOWN_TIMEOUT", 60, minimum=0)
+# --- Migration and resize --------------------------------------------------------------------------
+# A live migration is aborted when it runs longer than this many seconds per GiB of guest RAM (plus
+# the disk's GiB for a block migration), as Nova's live_migration_completion_timeout.
+LIVE_MIGRATION_COMPLETION_TIMEOUT = env_int("LIVE_MIGRATION_COMPLETION_TIMEOUT", 800, minimum=1)
+# Seconds the API waits for each pre-flight check answer of a compute worker.
+MIGRATION_PRECHECK_TIMEOUT = env_float("MIGRATION_PRECHECK_TIMEOUT", 30.0, minimum=0.1)
+# Destinations tried (pre-flight checks) when the scheduler picks one, before giving up.
+MIGRATION_MAX_ATTEMPTS = env_int("MIGRATION_MAX_ATTEMPTS", 3, minimum=1)
+# A resize may stay on its host (the scheduler may pick it).
+ALLOW_RESIZE_TO_SAME_HOST = env_bool("ALLOW_RESIZE_TO_SAME_HOST", True)
+# Seconds after which an unconfirmed resize (VERIFY_RESIZE) is confirmed automatically; 0: never.
+RESIZE_CONFIRM_WINDOW = env_int("RESIZE_CONFIRM_WINDOW", 86400, minimum=0)
+# Seconds one step of a migration (prepare, finish, confirm, revert; the live job has its own
+# deadline) may take before the reaper ends the migration truthfully.
+MIGRATION_STEP_TIMEOUT = env_int("MIGRATION_STEP_TIMEOUT", 900, minimum=5)
+
 # Seconds an operation may keep a server in a task state before the reaper ends it truthfully.
 TASK_DEADLINES = {
     "rebooting": env_int("TASK_DEADLINE_REBOOTING", 300, minimum=1),
@@ -254,6 +270,10 @@ CELERY_IMPORTS = ("scheduler.tasks", "cloudctl.compute.tasks")
 CELERY_BEAT_SCHEDULE = {
     "reap-expired-tasks": {
         "task": "conductor.reap_expired_tasks",
+        "schedule": env_float("REAPER_INTERVAL", 30.0, minimum=1.0),
+    },
+    "confirm-expired-resizes": {
+        "task": "conductor.confirm_expired_resizes",
         "schedule": env_float("REAPER_INTERVAL", 30.0, minimum=1.0),
     },
 }

@@ -11,6 +11,7 @@ from cloudctl.compute.api import (
     AvailabilityZoneView,
     FlavorViewSet,
     HostViewSet,
+    MigrationViewSet,
     ServerGroupViewSet,
     ServerViewSet,
 )
@@ -27,6 +28,7 @@ router.register("hosts", HostViewSet, basename="host")
 router.register("server-groups", ServerGroupViewSet, basename="server-group")
 router.register("availability-zones", AvailabilityZoneView, basename="availability-zone")
 router.register("aggregates", AggregateViewSet, basename="aggregate")
+router.register("migrations", MigrationViewSet, basename="migration")
 
 urlpatterns = [
     path("api/v1/auth/token/", TokenView.as_view(), name="auth-token"),

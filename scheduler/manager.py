@@ -136,22 +136,45 @@ class InstanceGone(Exception):
     """The instance left ``scheduling`` (deleted meanwhile): stop, claim nothing."""
 
 
+def _locked_host_if_it_fits(instance_uuid: str, host_name: str, spec: RequestSpec) -> Host | None:
+    """Within the caller's transaction: lock the instance's server group and the host, re-read the
+    host's usage and re-check the claim filters. The host (row locked) if ``spec`` still fits."""
+    group_id = (Instance.objects.filter(uuid=instance_uuid)
+                .values_list("server_group_id", flat=True).first())
+    if group_id is not None:
+        # Members of one group are placed one at a time: lock the group, then re-read where
+        # its members are, so two concurrent anti-affinity members cannot share a host.
+        list(ServerGroup.objects.select_for_update().filter(pk=group_id))
+        spec = replace(spec, group_hosts=group_hosts(group_id, instance_uuid))
+    host = Host.objects.select_for_update().get(name=host_name)
+    usage = Allocation.objects.filter(host=host).aggregate(
+        vcpus_used=Sum("vcpus"), memory_mb_used=Sum("memory_mb"),
+        disk_gb_used=Sum("disk_gb"), n=Count("id"))
+    fresh = host_state_of({column: getattr(host, column) for column in _HOST_COLUMNS}, usage)
+    if not all(f.host_passes(fresh, spec) for f in CLAIM_FILTERS):
+        return None
+    return host
+
+
+def claim_move(instance_uuid: str, host_name: str, spec: RequestSpec, migration_id: int) -> bool:
+    """Claim ``spec`` on ``host_name`` for a migration of the instance, within the caller's
+    transaction: the instance's current allocation is handed to the migration (held until the move
+    is confirmed or reverted) and a new one is made on the destination. False if it does not fit."""
+    host = _locked_host_if_it_fits(instance_uuid, host_name, spec)
+    if host is None:
+        return False
+    Allocation.objects.filter(instance_id=instance_uuid, migration__isnull=True).update(
+        migration_id=migration_id)
+    Allocation.objects.create(instance_id=instance_uuid, host=host, vcpus=spec.vcpus,
+                              memory_mb=spec.memory_mb, disk_gb=spec.root_gb)
+    return True
+
+
 def claim(instance_uuid: str, host_name: str, spec: RequestSpec) -> bool:
     """Claim ``spec``'s resources on ``host_name`` for the instance. False if they are gone."""
     with transaction.atomic():
-        group_id = (Instance.objects.filter(uuid=instance_uuid)
-                    .values_list("server_group_id", flat=True).first())
-        if group_id is not None:
-            # Members of one group are placed one at a time: lock the group, then re-read where
-            # its members are, so two concurrent anti-affinity members cannot share a host.
-            list(ServerGroup.objects.select_for_update().filter(pk=group_id))
-            spec = replace(spec, group_hosts=group_hosts(group_id, instance_uuid))
-        host = Host.objects.select_for_update().get(name=host_name)
-        usage = Allocation.objects.filter(host=host).aggregate(
-            vcpus_used=Sum("vcpus"), memory_mb_used=Sum("memory_mb"),
-            disk_gb_used=Sum("disk_gb"), n=Count("id"))
-        fresh = host_state_of({column: getattr(host, column) for column in _HOST_COLUMNS}, usage)
-        if not all(f.host_passes(fresh, spec) for f in CLAIM_FILTERS):
+        host = _locked_host_if_it_fits(instance_uuid, host_name, spec)
+        if host is None:
             return False
         moved = Instance.objects.filter(uuid=instance_uuid, task_state=TaskState.SCHEDULING).change(
             host=host, task_state=TaskState.SPAWNING, attempts=F("attempts") + 1,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import (
     OpenApiParameter,
@@ -16,19 +16,24 @@ from drf_spectacular.utils import (
 )
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
+from rest_framework.exceptions import NotFound
 from rest_framework.permissions import BasePermission, IsAdminUser
 from rest_framework.request import Request
 from rest_framework.response import Response
 
 from cloudctl.api import CodedErrorSerializer, error_responses
-from cloudctl.compute import services
+from cloudctl.compute import migration_ops, services
 from cloudctl.compute.models import (
+    MIGRATION_IN_PROGRESS,
     Aggregate,
     Flavor,
     Host,
     Instance,
     InstanceAction,
     InstanceActionEvent,
+    Migration,
+    MigrationStatus,
+    MigrationType,
     ServerGroup,
 )
 from cloudctl.identity.services import is_admin, project_of
@@ -252,10 +257,75 @@ class ConsoleOutputSerializer(serializers.Serializer):
     output = serializers.CharField()
 
 
+@extend_schema_field({"oneOf": [{"type": "string", "enum": ["auto"]}, {"type": "boolean"}],
+                      "default": "auto",
+                      "description": '"auto": copy the disk only when the hosts do not share the '
+                                     'instance storage (detected); true: always copy; false: never'})
+class BlockMigrationField(serializers.Field):
+    default_error_messages = {"invalid": 'must be "auto", true or false'}
+
+    def to_internal_value(self, data: Any) -> bool | str:
+        if data == "auto" or isinstance(data, bool):
+            return data
+        self.fail("invalid")
+
+    def to_representation(self, value: Any) -> Any:
+        return value
+
+
+class LiveMigrateSerializer(serializers.Serializer):
+    host = StrictCharField(max_length=255, required=False, allow_null=True, default=None,
+                           help_text="destination host; null: the scheduler picks one")
+    block_migration = BlockMigrationField(required=False, default="auto")
+
+
+class MigrateSerializer(serializers.Serializer):
+    host = StrictCharField(max_length=255, required=False, allow_null=True, default=None,
+                           help_text="destination host; null: the scheduler picks one")
+
+
+class ResizeSerializer(serializers.Serializer):
+    flavor = IdOrNameField(help_text="the new flavor (id or name)")
+
+    def validate_flavor(self, ref: str) -> Flavor:
+        return _lookup(services.flavors_visible_to(self.context["request"].user), ref, kind="flavor",
+                       id_kind=int)
+
+
+class MigrationSerializer(serializers.ModelSerializer):
+    server = serializers.UUIDField(source="instance_id", read_only=True)
+    source_host = serializers.CharField(source="source_host.name", default=None, allow_null=True)
+    dest_host = serializers.CharField(source="dest_host.name", default=None, allow_null=True)
+    old_flavor = serializers.CharField(source="old_flavor.name")
+    new_flavor = serializers.CharField(source="new_flavor.name")
+    action_id = serializers.IntegerField(allow_null=True)
+
+    class Meta:
+        model = Migration
+        fields = ("id", "server", "migration_type", "status", "source_host", "dest_host", "old_flavor",
+                  "new_flavor", "block_migration", "shared_storage", "completion_timeout",
+                  "memory_total", "memory_processed", "memory_remaining", "disk_total", "disk_processed",
+                  "disk_remaining", "progress_updated", "error", "action_id", "created", "updated",
+                  "started_at", "finished_at")
+        read_only_fields = fields
+
+
 SERVER_ID = OpenApiParameter("id", OpenApiTypes.UUID, OpenApiParameter.PATH,
                              description="the server's id")
 _ACCEPTED_ACTION = OpenApiResponse(
     ActionSerializer, description="Accepted: the action record; follow it in GET .../actions/")
+
+
+MIGRATION_ID = OpenApiParameter("migration_id", OpenApiTypes.INT, OpenApiParameter.PATH,
+                                description="the migration's id")
+
+
+def _migration_action(summary: str, request: Any = None) -> Any:
+    """extend_schema of a migration request: 202 with the migration record; 409 when the state, the
+    host or a pre-flight check (``code`` ``preflight_failed``, ``check`` naming it) forbids it."""
+    return extend_schema(summary=summary, parameters=[SERVER_ID], request=request,
+                         responses={202: MigrationSerializer,
+                                    **error_responses(400, 401, 403, 404, 409, 503)})
 
 
 def _server_action(summary: str, request: Any = None, *, bad_request: bool = False) -> Any:
@@ -361,6 +431,87 @@ class ServerViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.G
         record = services.server_snapshot(instance=self.get_object(), user=request.user,
                                           name=body.validated_data["name"])
         return self._accepted(record)
+
+    def _migration_accepted(self, migration: Migration) -> Response:
+        migration = migration_ops.migrations_visible_to(self.request.user).get(pk=migration.pk)
+        return Response(MigrationSerializer(migration).data, status=status.HTTP_202_ACCEPTED)
+
+    @_migration_action("Live-migrate a running server to another host (admin); checked before it "
+                       "starts, then followed in GET .../migrations/", LiveMigrateSerializer)
+    @action(detail=True, methods=["post"], url_path="live-migrate", permission_classes=[IsAdminUser])
+    def live_migrate(self, request: Request, pk: str | None = None) -> Response:
+        body = LiveMigrateSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        return self._migration_accepted(migration_ops.server_live_migrate(
+            instance=self.get_object(), user=request.user, host=body.validated_data["host"],
+            block_migration=body.validated_data["block_migration"]))
+
+    @_migration_action("Cold-migrate a server to another host (admin): stopped, moved, started "
+                       "there if it ran", MigrateSerializer)
+    @action(detail=True, methods=["post"], permission_classes=[IsAdminUser])
+    def migrate(self, request: Request, pk: str | None = None) -> Response:
+        body = MigrateSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        return self._migration_accepted(migration_ops.server_migrate(
+            instance=self.get_object(), user=request.user, host=body.validated_data["host"]))
+
+    @_migration_action("Resize a server to a bigger flavor: ends in VERIFY_RESIZE, then confirm or "
+                       "revert (confirmed automatically after RESIZE_CONFIRM_WINDOW)", ResizeSerializer)
+    @action(detail=True, methods=["post"])
+    def resize(self, request: Request, pk: str | None = None) -> Response:
+        body = ResizeSerializer(data=request.data, context={"request": request})
+        body.is_valid(raise_exception=True)
+        return self._migration_accepted(migration_ops.server_resize(
+            instance=self.get_object(), user=request.user, flavor=body.validated_data["flavor"]))
+
+    @_migration_action("Confirm a resize: the old copy and its resources on the source are freed")
+    @action(detail=True, methods=["post"], url_path="confirm-resize")
+    def confirm_resize(self, request: Request, pk: str | None = None) -> Response:
+        return self._migration_accepted(migration_ops.server_confirm_resize(instance=self.get_object(),
+                                                                         user=request.user))
+
+    @_migration_action("Revert a resize: back to the old host and flavor, with the disk as it was")
+    @action(detail=True, methods=["post"], url_path="revert-resize")
+    def revert_resize(self, request: Request, pk: str | None = None) -> Response:
+        return self._migration_accepted(migration_ops.server_revert_resize(instance=self.get_object(),
+                                                                        user=request.user))
+
+    @extend_schema(summary="The server's migrations and resizes, newest first, with their progress",
+                   parameters=[SERVER_ID],
+                   responses={200: MigrationSerializer(many=True), **error_responses(401, 403, 404)})
+    @action(detail=True, methods=["get"], url_path="migrations")
+    def server_migrations(self, request: Request, pk: str | None = None) -> Response:
+        instance = self.get_object()
+        found = migration_ops.migrations_visible_to(request.user).filter(instance=instance)
+        return Response(MigrationSerializer(found, many=True).data)
+
+    @extend_schema(summary="One migration of the server", parameters=[SERVER_ID, MIGRATION_ID],
+                   responses={200: MigrationSerializer, **error_responses(401, 403, 404)})
+    @action(detail=True, methods=["get"], url_path=r"migrations/(?P<migration_id>[0-9]+)")
+    def server_migration(self, request: Request, pk: str | None = None,
+                         migration_id: str | None = None) -> Response:
+        return Response(MigrationSerializer(self._migration(migration_id)).data)
+
+    @extend_schema(summary="Abort a live migration (admin): the server stays on its source, running",
+                   parameters=[SERVER_ID, MIGRATION_ID], request=None,
+                   responses={202: MigrationSerializer,
+                              409: OpenApiResponse(CodedErrorSerializer,
+                                                   description="The migration cannot be aborted now"),
+                              **error_responses(401, 403, 404)})
+    @action(detail=True, methods=["post"], url_path=r"migrations/(?P<migration_id>[0-9]+)/abort",
+            permission_classes=[IsAdminUser])
+    def abort_migration(self, request: Request, pk: str | None = None,
+                        migration_id: str | None = None) -> Response:
+        migration = migration_ops.migration_abort(migration=self._migration(migration_id), user=request.user)
+        return self._migration_accepted(migration)
+
+    def _migration(self, migration_id: str | None) -> Migration:
+        instance = self.get_object()
+        found = migration_ops.migrations_visible_to(self.request.user).filter(
+            instance=instance, pk=int(migration_id or 0)).first()
+        if found is None:
+            raise NotFound(f"server {instance.uuid} has no migration {migration_id}")
+        return found
 
     @extend_schema(summary="The server's actions, newest first, with their events",
                    parameters=[SERVER_ID],
@@ -657,3 +808,51 @@ class AggregateViewSet(viewsets.ModelViewSet):
         aggregate = services.aggregate_remove_host(aggregate=self.get_object(),
                                                    host=self._host(request))
         return Response(self.get_serializer(aggregate).data)
+
+
+MIGRATION_FILTERS = [
+    OpenApiParameter("status", OpenApiTypes.STR, description="only migrations in this status",
+                     enum=MigrationStatus.values),
+    OpenApiParameter("migration_type", OpenApiTypes.STR, enum=MigrationType.values),
+    OpenApiParameter("host", OpenApiTypes.STR, description="source or destination host name"),
+    OpenApiParameter("server", OpenApiTypes.UUID),
+    OpenApiParameter("in_progress", OpenApiTypes.BOOL, description="only migrations not finished yet"),
+]
+
+
+@extend_schema_view(
+    list=extend_schema(summary="Every migration and resize, newest first (admin)",
+                       parameters=MIGRATION_FILTERS,
+                       responses={200: MigrationSerializer(many=True), **error_responses(400, 401, 403)}),
+    retrieve=extend_schema(summary="Show a migration (admin)",
+                           parameters=[OpenApiParameter("id", OpenApiTypes.INT, OpenApiParameter.PATH)],
+                           responses={200: MigrationSerializer, **error_responses(401, 403, 404)}),
+)
+class MigrationViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    serializer_class = MigrationSerializer
+    permission_classes = [IsAdminUser]
+
+    def get_queryset(self) -> QuerySet[Migration]:
+        found = migration_ops.migrations_visible_to(self.request.user)
+        query = self.request.query_params
+        if getattr(self, "action", None) != "list":
+            return found
+        if "status" in query:
+            if query["status"] not in MigrationStatus.values:
+                raise serializers.ValidationError({"status": [f"one of {', '.join(MigrationStatus.values)}"]})
+            found = found.filter(status=query["status"])
+        if "migration_type" in query:
+            if query["migration_type"] not in MigrationType.values:
+                raise serializers.ValidationError(
+                    {"migration_type": [f"one of {', '.join(MigrationType.values)}"]})
+            found = found.filter(migration_type=query["migration_type"])
+        if "host" in query:
+            found = found.filter(Q(source_host__name=query["host"]) | Q(dest_host__name=query["host"]))
+        if "server" in query:
+            try:
+                found = found.filter(instance_id=uuid.UUID(query["server"]))
+            except ValueError:
+                raise serializers.ValidationError({"server": ["must be a server id (uuid)"]}) from None
+        if query.get("in_progress") in ("1", "true", "True"):
+            found = found.filter(status__in=[str(s) for s in MIGRATION_IN_PROGRESS])
+        return found

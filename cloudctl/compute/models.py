@@ -189,19 +189,115 @@ class Instance(models.Model):
         return derive_status(self.vm_state, self.task_state)
 
 
+class MigrationType(models.TextChoices):
+    LIVE = "live-migration"
+    COLD = "migration"
+    RESIZE = "resize"
+
+
+class MigrationStatus(models.TextChoices):
+    """Nova's migration statuses, in the order a migration goes through them."""
+
+    ACCEPTED = "accepted"
+    PREPARING = "preparing"          # the destination prepares (pre_live_migration, prep_resize)
+    QUEUED = "queued"                # live: prepared, the source was asked to start
+    RUNNING = "running"              # live: libvirt's job runs (progress is reported)
+    CANCELLING = "cancelling"        # live: abort requested
+    MIGRATING = "migrating"          # cold/resize: the source powers off and copies the disk
+    POST_MIGRATING = "post-migrating"  # the destination finishes (post_live_migration, finish)
+    FINISHED = "finished"            # resize: VERIFY_RESIZE, waiting for confirm or revert
+    CONFIRMING = "confirming"
+    REVERTING = "reverting"
+    COMPLETED = "completed"          # live migration done
+    CONFIRMED = "confirmed"          # cold migration or resize done
+    REVERTED = "reverted"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+    ERROR = "error"
+
+
+MIGRATION_IN_PROGRESS = (MigrationStatus.ACCEPTED, MigrationStatus.PREPARING, MigrationStatus.QUEUED,
+                         MigrationStatus.RUNNING, MigrationStatus.CANCELLING, MigrationStatus.MIGRATING,
+                         MigrationStatus.POST_MIGRATING, MigrationStatus.FINISHED,
+                         MigrationStatus.CONFIRMING, MigrationStatus.REVERTING)
+
+
+class Migration(models.Model):
+    """One move of an instance between hosts (or a resize, possibly on one host), with its progress.
+
+    While it runs the instance holds resources on both hosts: the source's allocation is handed to
+    the migration (``Allocation.migration``) and a new one is claimed on the destination, so neither
+    can be given away until the migration ends one way or the other.
+    """
+
+    instance = models.ForeignKey(Instance, on_delete=models.CASCADE, related_name="migrations")
+    migration_type = models.CharField(max_length=16, choices=MigrationType.choices)
+    status = models.CharField(max_length=16, choices=MigrationStatus.choices,
+                              default=MigrationStatus.ACCEPTED)
+    source_host = models.ForeignKey(Host, null=True, on_delete=models.SET_NULL, related_name="+")
+    dest_host = models.ForeignKey(Host, null=True, on_delete=models.SET_NULL, related_name="+")
+    old_flavor = models.ForeignKey(Flavor, on_delete=models.PROTECT, related_name="+")
+    new_flavor = models.ForeignKey(Flavor, on_delete=models.PROTECT, related_name="+")
+    block_migration = models.BooleanField(null=True, blank=True)
+    shared_storage = models.BooleanField(null=True, blank=True)
+    # Live migration: what the destination asked the source to connect to.
+    migration_uri = models.CharField(max_length=255, blank=True)
+    migration_data_uri = models.CharField(max_length=255, blank=True)
+    completion_timeout = models.PositiveIntegerField(null=True, blank=True,
+                                                     help_text="seconds; live migration only")
+    # Power state before a cold migration or resize: the destination starts the server if it ran.
+    power_on = models.BooleanField(default=True)
+    memory_total = models.BigIntegerField(null=True, blank=True)
+    memory_processed = models.BigIntegerField(null=True, blank=True)
+    memory_remaining = models.BigIntegerField(null=True, blank=True)
+    disk_total = models.BigIntegerField(null=True, blank=True)
+    disk_processed = models.BigIntegerField(null=True, blank=True)
+    disk_remaining = models.BigIntegerField(null=True, blank=True)
+    progress_updated = models.DateTimeField(null=True, blank=True)
+    error = models.TextField(blank=True)
+    action = models.ForeignKey("InstanceAction", null=True, on_delete=models.SET_NULL, related_name="+")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL,
+                             related_name="+")
+    created = models.DateTimeField(auto_now_add=True)
+    updated = models.DateTimeField(auto_now=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ("-created", "-id")
+        indexes = [models.Index(fields=["status"])]
+
+    def __str__(self) -> str:
+        return f"{self.migration_type} {self.pk} of {self.instance_id}"
+
+    @property
+    def in_progress(self) -> bool:
+        return self.status in MIGRATION_IN_PROGRESS
+
+
 class Allocation(models.Model):
-    """Resources an instance holds on a host. A host's usage is the sum of its allocations."""
+    """Resources an instance holds on a host. A host's usage is the sum of its allocations.
+
+    An allocation with a ``migration`` is the source side of a move in progress: the instance left
+    (or is leaving) that host, but the resources stay held until the move is confirmed or reverted.
+    """
 
     instance = models.ForeignKey(Instance, on_delete=models.CASCADE, related_name="allocations")
     host = models.ForeignKey(Host, on_delete=models.CASCADE, related_name="allocations")
+    migration = models.ForeignKey(Migration, null=True, blank=True, on_delete=models.CASCADE,
+                                  related_name="allocations")
     vcpus = models.PositiveIntegerField()
     memory_mb = models.PositiveIntegerField()
     disk_gb = models.PositiveIntegerField()
     created = models.DateTimeField(auto_now_add=True)
 
     class Meta:
-        constraints = [models.UniqueConstraint(fields=["instance", "host"],
-                                               name="one_allocation_per_instance_host")]
+        constraints = [
+            models.UniqueConstraint(fields=["instance", "host"], condition=models.Q(migration=None),
+                                    name="one_allocation_per_instance_host"),
+            models.UniqueConstraint(fields=["migration"], condition=~models.Q(migration=None),
+                                    name="one_source_allocation_per_migration"),
+        ]
 
 
 class InstanceAction(models.Model):

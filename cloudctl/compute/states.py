@@ -80,6 +80,10 @@ _STATUS_BY_TASK_STATE = {
 
 def derive_status(vm_state: str, task_state: str | None) -> str:
     """The API status, as Nova's ``nova.api.openstack.common.status_from_state``."""
+    if vm_state in (VmState.ACTIVE, VmState.STOPPED, VmState.PAUSED) and task_state == TaskState.MIGRATING:
+        return "MIGRATING"
+    if vm_state == VmState.RESIZED and task_state == TaskState.RESIZE_REVERTING:
+        return "REVERT_RESIZE"
     if vm_state in (VmState.ACTIVE, VmState.STOPPED) and task_state in _STATUS_BY_TASK_STATE:
         return _STATUS_BY_TASK_STATE[TaskState(task_state)]
     return _STATUS_BY_VM_STATE.get(VmState(vm_state), "UNKNOWN")
@@ -147,6 +151,20 @@ SNAPSHOT = Transition(
     from_task_states=(None,),
     to_task_state=TaskState.IMAGE_SNAPSHOT,
 )
+
+# Migrations (admin) and resize (owner). Nova live-migrates active and paused servers; a cold
+# migration or resize starts from active or stopped and ends where it started (resize: in RESIZED,
+# i.e. VERIFY_RESIZE, until confirmed or reverted).
+LIVE_MIGRATE = Transition(action="live-migration", from_vm_states=(VmState.ACTIVE, VmState.PAUSED),
+                          from_task_states=(None,), to_task_state=TaskState.MIGRATING)
+COLD_MIGRATE = Transition(action="migrate", from_vm_states=(VmState.ACTIVE, VmState.STOPPED),
+                          from_task_states=(None,), to_task_state=TaskState.RESIZE_PREP)
+RESIZE = Transition(action="resize", from_vm_states=(VmState.ACTIVE, VmState.STOPPED),
+                    from_task_states=(None,), to_task_state=TaskState.RESIZE_PREP)
+CONFIRM_RESIZE = Transition(action="confirmResize", from_vm_states=(VmState.RESIZED,),
+                            from_task_states=(None,), to_task_state=TaskState.RESIZE_CONFIRMING)
+REVERT_RESIZE = Transition(action="revertResize", from_vm_states=(VmState.RESIZED,),
+                           from_task_states=(None,), to_task_state=TaskState.RESIZE_REVERTING)
 
 # The vm_state that tells the truth about a domain in a given power state.
 VM_STATE_FOR_POWER_STATE = {

@@ -64,7 +64,9 @@ def sync_power_state(instance: Instance, power_state: str, observed_at: datetime
         changes["power_state"] = power_state
     truth = VM_STATE_FOR_POWER_STATE[PowerState(power_state)]
     message = ""
-    if instance.vm_state == VmState.STOPPED and power_state == PowerState.RUNNING:
+    if instance.vm_state == VmState.RESIZED:
+        pass  # VERIFY_RESIZE waits for confirm or revert whatever the guest does: power state only
+    elif instance.vm_state == VmState.STOPPED and power_state == PowerState.RUNNING:
         # Nova's rule: the server is stopped, so a running domain (started behind cloudctl's back)
         # is stopped again; cloudctl never leaves running what the user stopped.
         _stop_unexpected_domain(instance)

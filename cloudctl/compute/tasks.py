@@ -6,7 +6,7 @@ from typing import Any
 
 from celery import shared_task
 
-from cloudctl.compute import conductor, sync
+from cloudctl.compute import conductor, migration_ops, sync
 from compute_workers import contract
 
 
@@ -57,3 +57,20 @@ def power_state_update(host: str, instance_uuid: str, power_state: str,
 @shared_task(name="conductor.reap_expired_tasks")
 def reap_expired_tasks() -> int:
     return sync.reap_expired_tasks()
+
+
+@shared_task(name=contract.CONDUCTOR_MIGRATION_UPDATE)
+def migration_update(migration_id: int, host: str, status: str, error: str | None = None,
+                     values: dict[str, Any] | None = None, event: dict[str, Any] | None = None) -> bool:
+    return migration_ops.migration_update(migration_id=migration_id, host=host, status=status, error=error,
+                                       values=values, event=event)
+
+
+@shared_task(name=contract.CONDUCTOR_MIGRATION_PROGRESS, ignore_result=True)
+def migration_progress(migration_id: int, host: str, progress: dict[str, Any]) -> bool:
+    return migration_ops.migration_progress(migration_id=migration_id, host=host, progress=progress)
+
+
+@shared_task(name="conductor.confirm_expired_resizes")
+def confirm_expired_resizes() -> int:
+    return migration_ops.confirm_expired_resizes()

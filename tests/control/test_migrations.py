@@ -1,0 +1,455 @@
+"""Live migration, cold migration and resize in the control plane: checks before any change, the
+steps driven by the hosts' reports, claims on both hosts at every step, abort, confirm and revert.
+
+The hosts' answers are played by the test (the ``outbox`` captures casts and answers calls); real
+migrations between real libvirt hosts are in tests/multihost/.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from django.utils import timezone
+from rest_framework.test import APIClient
+
+from cloudctl.compute import migration_ops
+from cloudctl.compute.models import Allocation, Flavor, Instance, InstanceAction, Migration, ServerGroup
+from compute_workers import contract
+
+from .conftest import Outbox, active_server, heartbeat
+
+pytestmark = pytest.mark.django_db
+
+GIB = 1024**3
+
+
+def dest_answer(host: str, **kw: Any) -> dict[str, Any]:
+    ip = {"hv1": "10.0.0.1", "hv2": "10.0.0.2", "hv3": "10.0.0.3"}[host]
+    return {"ok": True, "migration_uri": f"qemu+tcp://{ip}/system", "migration_data_uri": f"tcp://{ip}",
+            "shared_marker": ".shared-abc", "disk_free_bytes": 50 * GIB, "image_cached": False,
+            "cpu": "identical"}
+
+
+def source_answer(shared: bool = False, disk_bytes: int = 20 * 1024 * 1024) -> Any:
+    return lambda host, **kw: {"ok": True, "shared_storage": shared, "power_state": "running",
+                               "disk_bytes": disk_bytes}
+
+
+@pytest.fixture(autouse=True)
+def _send_on_commit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tasks are sent when their transaction commits; the test's outer transaction never does."""
+    from django.db import transaction
+
+    monkeypatch.setattr(transaction, "on_commit", lambda callback, using=None, robust=False: callback())
+
+
+@pytest.fixture
+def checks(outbox: Outbox) -> Outbox:
+    outbox.calls[contract.COMPUTE_CHECK_MIGRATE_DESTINATION] = dest_answer
+    outbox.calls[contract.COMPUTE_CHECK_MIGRATE_SOURCE] = source_answer()
+    return outbox
+
+
+def allocations(instance: Instance) -> list[tuple[str, int, bool]]:
+    """(host, memory_mb, held by a migration) of every allocation of the instance."""
+    return sorted((a.host.name, a.memory_mb, a.migration_id is not None)
+                  for a in Allocation.objects.filter(instance=instance).select_related("host"))
+
+
+def report(migration: Migration | int, host: str, status: str, **kw: Any) -> bool:
+    pk = migration if isinstance(migration, int) else migration.pk
+    return migration_ops.migration_update(migration_id=pk, host=host, status=status, **kw)
+
+
+def live_migrate(admin_api: APIClient, server: Instance, **body: Any) -> Any:
+    return admin_api.post(f"/api/v1/servers/{server.uuid}/live-migrate/", body, format="json")
+
+
+def test_live_migration_runs_step_by_step_and_moves_the_claim_last(
+        api: APIClient, admin_api: APIClient, checks: Outbox, flavors: dict[str, Flavor], image: Any) -> None:
+    server = active_server(api, checks)
+    heartbeat("hv2")
+    answer = live_migrate(admin_api, server, host="hv2")
+    assert answer.status_code == 202, answer.json()
+    body = answer.json()
+    assert body["status"] == "preparing" and body["migration_type"] == "live-migration"
+    assert (body["source_host"], body["dest_host"], body["block_migration"]) == ("hv1", "hv2", True)
+    # 128 MiB of RAM and 20 MiB of disk at 800 s per GiB
+    assert body["completion_timeout"] == round(800 * (128 / 1024 + 20 / 1024))
+    server.refresh_from_db()
+    assert (server.status, server.host.name) == ("MIGRATING", "hv1")
+    assert allocations(server) == [("hv1", 128, True), ("hv2", 128, False)]
+    [prepare] = checks.compute_tasks(contract.COMPUTE_PRE_LIVE_MIGRATION)
+    assert prepare["block_migration"] is True and prepare["shared_storage"] is False
+    assert prepare["spec"]["host"] == "hv2" and prepare["shared_marker"] == ".shared-abc"
+    migration = Migration.objects.get(pk=body["id"])
+
+    assert not report(migration, "hv1", contract.MIGRATION_PREPARED)  # the wrong host: dropped
+    assert report(migration, "hv2", contract.MIGRATION_PREPARED)
+    [start] = checks.compute_tasks(contract.COMPUTE_LIVE_MIGRATION)
+    assert checks.compute[-1][0] == "hv1"
+    assert start["migration_uri"] == "qemu+tcp://10.0.0.2/system"
+    assert start["migration_data_uri"] == "tcp://10.0.0.2" and start["dest_host"] == "hv2"
+    assert report(migration, "hv1", contract.MIGRATION_RUNNING)
+    assert migration_ops.migration_progress(migration_id=migration.pk, host="hv1", progress={
+        "memory_total": 134217728, "memory_processed": 1000, "memory_remaining": 134216728,
+        "disk_total": 0, "disk_processed": 0, "disk_remaining": 0, "observed_at": 1.0})
+    shown = admin_api.get(f"/api/v1/servers/{server.uuid}/migrations/{migration.pk}/").json()
+    assert (shown["status"], shown["memory_remaining"]) == ("running", 134216728)
+
+    assert not report(migration, "hv2", contract.MIGRATION_COMPLETED)  # not before libvirt finished
+    assert report(migration, "hv1", contract.MIGRATION_MIGRATED)
+    [post] = checks.compute_tasks(contract.COMPUTE_POST_LIVE_MIGRATION_AT_DEST)
+    assert checks.compute[-1][0] == "hv2" and post["spec"]["host"] == "hv2"
+    server.refresh_from_db()
+    assert server.host.name == "hv1", "the record moves only when the destination says the domain runs"
+    assert allocations(server) == [("hv1", 128, True), ("hv2", 128, False)]
+
+    assert report(migration, "hv2", contract.MIGRATION_COMPLETED, values={"power_state": "running"})
+    server.refresh_from_db()
+    assert (server.status, server.host.name, server.task_state) == ("ACTIVE", "hv2", None)
+    assert allocations(server) == [("hv2", 128, False)]
+    migration.refresh_from_db()
+    assert migration.status == "completed" and migration.finished_at is not None
+    action = InstanceAction.objects.get(pk=migration.action_id)
+    assert (action.action, action.result) == ("live-migration", "Success")
+    assert not report(migration, "hv2", contract.MIGRATION_COMPLETED)  # a redelivery changes nothing
+
+
+def test_a_failed_preflight_check_leaves_the_server_untouched(
+        api: APIClient, admin_api: APIClient, checks: Outbox, flavors: dict[str, Flavor], image: Any) -> None:
+    server = active_server(api, checks)
+    heartbeat("hv2")
+    checks.calls[contract.COMPUTE_CHECK_MIGRATE_DESTINATION] = {
+        "ok": False, "check": "cpu", "message": "the CPU of hv1 is incompatible with this host: lacks avx2"}
+    answer = live_migrate(admin_api, server, host="hv2")
+    assert answer.status_code == 409
+    assert answer.json()["code"] == "preflight_failed" and answer.json()["check"] == "cpu"
+    assert "avx2" in answer.json()["detail"] and "hv2" in answer.json()["detail"]
+    server.refresh_from_db()
+    assert (server.status, server.task_state, server.host.name) == ("ACTIVE", None, "hv1")
+    assert allocations(server) == [("hv1", 128, False)]
+    assert not Migration.objects.exists() and checks.compute == []
+
+
+def test_the_disk_space_check_and_the_block_migration_choice(
+        api: APIClient, admin_api: APIClient, checks: Outbox, flavors: dict[str, Flavor], image: Any) -> None:
+    server = active_server(api, checks)
+    heartbeat("hv2")
+    checks.calls[contract.COMPUTE_CHECK_MIGRATE_SOURCE] = source_answer(disk_bytes=80 * GIB)
+    answer = live_migrate(admin_api, server, host="hv2")
+    assert answer.status_code == 409 and answer.json()["check"] == "disk", answer.json()
+    assert "hv2 has 50.00 GiB free" in answer.json()["detail"]
+
+    checks.calls[contract.COMPUTE_CHECK_MIGRATE_SOURCE] = source_answer()
+    answer = live_migrate(admin_api, server, host="hv2", block_migration=False)
+    assert answer.status_code == 409 and answer.json()["check"] == "shared_storage"
+
+    checks.calls[contract.COMPUTE_CHECK_MIGRATE_SOURCE] = source_answer(shared=True)
+    answer = live_migrate(admin_api, server, host="hv2", block_migration=True)
+    assert answer.status_code == 400 and "share the instance storage" in answer.json()["block_migration"][0]
+    answer = live_migrate(admin_api, server, host="hv2")
+    assert answer.status_code == 202
+    assert (answer.json()["block_migration"], answer.json()["shared_storage"]) == (False, True)
+    # memory only: 128 MiB at 800 s per GiB
+    assert answer.json()["completion_timeout"] == 100
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({"host": "hv1"}, "host"), ({"host": "nowhere"}, "host"), ({"block_migration": "yes"}, "block_migration"),
+    ({"host": 7}, "host")])
+def test_bad_live_migration_requests_name_the_field(
+        api: APIClient, admin_api: APIClient, checks: Outbox, flavors: dict[str, Flavor], image: Any,
+        body: dict[str, Any], field: str) -> None:
+    server = active_server(api, checks)
+    heartbeat("hv2")
+    answer = live_migrate(admin_api, server, **body)
+    assert answer.status_code == 400 and field in answer.json(), answer.json()
+
+
+def test_only_admins_migrate_and_members_see_their_servers_migrations(
+        api: APIClient, admin_api: APIClient, checks: Outbox, flavors: dict[str, Flavor], image: Any) -> None:
+    server = active_server(api, checks)
+    heartbeat("hv2")
+    assert api.post(f"/api/v1/servers/{server.uuid}/live-migrate/", {}, format="json").status_code == 403
+    assert api.post(f"/api/v1/servers/{server.uuid}/migrate/", {}, format="json").status_code == 403
+    assert live_migrate(admin_api, server).status_code == 202  # the scheduler picks hv2
+    assert Migration.objects.get().dest_host.name == "hv2"
+    mine = api.get(f"/api/v1/servers/{server.uuid}/migrations/").json()
+    assert [m["dest_host"] for m in mine] == ["hv2"]
+    assert api.get("/api/v1/migrations/").status_code == 403
+    listed = admin_api.get("/api/v1/migrations/?in_progress=true&host=hv2").json()
+    assert [m["server"] for m in listed] == [str(server.uuid)]
+    assert admin_api.get("/api/v1/migrations/?status=bogus").status_code == 400
+    assert admin_api.get("/api/v1/migrations/?status=completed").json() == []
+
+
+def test_the_scheduler_picks_a_destination_that_honours_anti_affinity(
+        api: APIClient, admin_api: APIClient, checks: Outbox, flavors: dict[str, Flavor], image: Any,
+        member: Any, project: Any) -> None:
+    group = ServerGroup.objects.create(name="apart", policy="anti-affinity", project=project)
+    first = active_server(api, checks, name="first")
+    for name in ("hv2", "hv3"):
+        heartbeat(name, memory_mb=65536 if name == "hv2" else 8192)  # the weigher prefers hv2
+    second = active_server(api, checks, name="second")
+    Instance.objects.filter(uuid=second.uuid).update(host=second.host.__class__.objects.get(name="hv2"))
+    Instance.objects.filter(uuid__in=[first.uuid, second.uuid]).update(server_group=group)
+    answer = live_migrate(admin_api, first)
+    assert answer.status_code == 202, answer.json()
+    assert answer.json()["dest_host"] == "hv3", "hv2 runs another member of the anti-affinity group"
+    # with hv3 gone too, no host is left: refused before anything changes
+    Instance.objects.filter(uuid=first.uuid).update(task_state=None)
+    Migration.objects.all().delete()
+    Allocation.objects.filter(instance=first).delete()
+    Allocation.objects.create(instance=first, host=first.host, vcpus=1, memory_mb=128, disk_gb=1)
+    heartbeat("hv3")
+    from cloudctl.compute.services import host_set_enabled
+    host_set_enabled(host=first.host.__class__.objects.get(name="hv3"), enabled=False, reason="maintenance")
+    answer = live_migrate(admin_api, first)
+    assert answer.status_code == 409 and answer.json()["check"] == "scheduler", answer.json()
+    assert "No valid host" in answer.json()["detail"]
+
+
+def started_live_migration(api: APIClient, admin_api: APIClient,
+                           checks: Outbox) -> tuple[Instance, Migration]:
+    server = active_server(api, checks)
+    heartbeat("hv2")
+    migration = Migration.objects.get(pk=live_migrate(admin_api, server, host="hv2").json()["id"])
+    report(migration, "hv2", contract.MIGRATION_PREPARED)
+    report(migration, "hv1", contract.MIGRATION_RUNNING)
+    checks.compute.clear()
+    return server, migration
+
+
+def test_abort_keeps_the_server_on_its_source(
+        api: APIClient, admin_api: APIClient, checks: Outbox, flavors: dict[str, Flavor], image: Any) -> None:
+    server, migration = started_live_migration(api, admin_api, checks)
+    url = f"/api/v1/servers/{server.uuid}/migrations/{migration.pk}/abort/"
+    assert api.post(url).status_code == 403
+    answer = admin_api.post(url)
+    assert answer.status_code == 202 and answer.json()["status"] == "cancelling"
+    assert checks.compute == [("hv1", contract.COMPUTE_ABORT_LIVE_MIGRATION,
+                               {"instance_uuid": str(server.uuid), "migration_id": migration.pk})]
+    assert report(migration, "hv1", contract.MIGRATION_CANCELLED, error="aborted on request",
+                  values={"power_state": "running"})
+    server.refresh_from_db()
+    assert (server.status, server.host.name) == ("ACTIVE", "hv1")
+    assert allocations(server) == [("hv1", 128, False)]
+    migration.refresh_from_db()
+    assert migration.status == "cancelled"
+    [rollback] = checks.compute_tasks(contract.COMPUTE_ROLLBACK_LIVE_MIGRATION_AT_DEST)
+    assert rollback["shared_storage"] is False
+    again = admin_api.post(url)
+    assert again.status_code == 409 and again.json()["status"] == "cancelled"
+
+
+def test_abort_before_the_job_starts_is_not_lost(
+        api: APIClient, admin_api: APIClient, checks: Outbox, flavors: dict[str, Flavor], image: Any) -> None:
+    server = active_server(api, checks)
+    heartbeat("hv2")
+    migration = Migration.objects.get(pk=live_migrate(admin_api, server, host="hv2").json()["id"])
+    abort = admin_api.post(f"/api/v1/servers/{server.uuid}/migrations/{migration.pk}/abort/")
+    assert abort.status_code == 202
+    checks.compute.clear()
+    assert report(migration, "hv2", contract.MIGRATION_PREPARED)
+    assert checks.compute_tasks(contract.COMPUTE_LIVE_MIGRATION) == [], "never started"
+    migration.refresh_from_db()
+    server.refresh_from_db()
+    assert migration.status == "cancelled" and server.status == "ACTIVE"
+    assert allocations(server) == [("hv1", 128, False)]
+
+
+def test_a_migration_past_its_deadline_fails_truthfully(
+        api: APIClient, admin_api: APIClient, checks: Outbox, flavors: dict[str, Flavor], image: Any) -> None:
+    server, migration = started_live_migration(api, admin_api, checks)
+    error = "live migration exceeded its completion timeout of 100 s and was aborted"
+    assert report(migration, "hv1", contract.MIGRATION_FAILED, error=error, values={"power_state": "running"})
+    server.refresh_from_db()
+    migration.refresh_from_db()
+    assert (server.status, server.host.name, migration.status, migration.error) == (
+        "ACTIVE", "hv1", "failed", error)
+    action = InstanceAction.objects.get(pk=migration.action_id)
+    assert action.result == "Error" and "completion timeout" in action.message
+
+
+def test_a_destination_that_cannot_prepare_ends_the_migration(
+        api: APIClient, admin_api: APIClient, checks: Outbox, flavors: dict[str, Flavor], image: Any) -> None:
+    server = active_server(api, checks)
+    heartbeat("hv2")
+    migration = Migration.objects.get(pk=live_migrate(admin_api, server, host="hv2").json()["id"])
+    assert report(migration, "hv2", contract.MIGRATION_ERROR, error="cannot download image tiny: HTTP 404")
+    server.refresh_from_db()
+    migration.refresh_from_db()
+    assert (server.status, migration.status) == ("ACTIVE", "error")
+    assert "HTTP 404" in migration.error and allocations(server) == [("hv1", 128, False)]
+
+
+def cold(admin_api: APIClient, server: Instance, **body: Any) -> Any:
+    return admin_api.post(f"/api/v1/servers/{server.uuid}/migrate/", body, format="json")
+
+
+def test_cold_migration_moves_the_server_and_confirms_itself(
+        api: APIClient, admin_api: APIClient, checks: Outbox, flavors: dict[str, Flavor], image: Any) -> None:
+    server = active_server(api, checks)
+    heartbeat("hv2")
+    answer = cold(admin_api, server)
+    assert answer.status_code == 202, answer.json()
+    migration = Migration.objects.get(pk=answer.json()["id"])
+    assert migration.dest_host.name == "hv2" and migration.power_on
+    assert checks.compute[-1][:2] == ("hv2", contract.COMPUTE_PREP_RESIZE)
+    server.refresh_from_db()
+    assert (server.status, server.task_state) == ("RESIZE", "resize_prep")
+    assert report(migration, "hv2", contract.MIGRATION_PREPARED)
+    assert checks.compute[-1][:2] == ("hv1", contract.COMPUTE_RESIZE_INSTANCE)
+    assert checks.compute[-1][2]["migration_uri"] == "qemu+tcp://10.0.0.2/system"
+    assert report(migration, "hv1", contract.MIGRATION_MIGRATED)
+    host, name, finish = checks.compute[-1]
+    assert (host, name, finish["power_on"], finish["spec"]["flavor"]["name"]) == (
+        "hv2", contract.COMPUTE_FINISH_RESIZE, True, "m1.nano")
+    assert report(migration, "hv2", contract.MIGRATION_FINISHED, values={"power_state": "running"})
+    server.refresh_from_db()
+    assert (server.status, server.host.name) == ("ACTIVE", "hv2")
+    assert allocations(server) == [("hv1", 128, True), ("hv2", 128, False)], "held until the copy is removed"
+    assert checks.compute[-1][:2] == ("hv1", contract.COMPUTE_CONFIRM_RESIZE)
+    assert report(migration, "hv1", contract.MIGRATION_CONFIRMED)
+    migration.refresh_from_db()
+    assert migration.status == "confirmed" and allocations(server) == [("hv2", 128, False)]
+
+
+def test_cold_migration_of_a_stopped_server_leaves_it_stopped(
+        api: APIClient, admin_api: APIClient, checks: Outbox, flavors: dict[str, Flavor], image: Any) -> None:
+    server = active_server(api, checks)
+    Instance.objects.filter(uuid=server.uuid).update(vm_state="stopped", power_state="shutdown")
+    heartbeat("hv2")
+    migration = Migration.objects.get(pk=cold(admin_api, server, host="hv2").json()["id"])
+    assert migration.power_on is False
+    report(migration, "hv2", contract.MIGRATION_PREPARED)
+    report(migration, "hv1", contract.MIGRATION_MIGRATED)
+    assert checks.compute[-1][2]["power_on"] is False
+    report(migration, "hv2", contract.MIGRATION_FINISHED, values={"power_state": "shutdown"})
+    server.refresh_from_db()
+    assert (server.status, server.host.name) == ("SHUTOFF", "hv2")
+
+
+def test_a_failed_copy_leaves_the_server_where_it_was(
+        api: APIClient, admin_api: APIClient, checks: Outbox, flavors: dict[str, Flavor], image: Any) -> None:
+    server = active_server(api, checks)
+    heartbeat("hv2")
+    migration = Migration.objects.get(pk=cold(admin_api, server).json()["id"])
+    report(migration, "hv2", contract.MIGRATION_PREPARED)
+    assert report(migration, "hv1", contract.MIGRATION_ERROR, error="cannot reach qemu+tcp://10.0.0.2/system",
+                  values={"power_state": "running"})
+    server.refresh_from_db()
+    migration.refresh_from_db()
+    assert (server.status, server.host.name, migration.status) == ("ACTIVE", "hv1", "error")
+    assert allocations(server) == [("hv1", 128, False)]
+
+
+def resize(api: APIClient, server: Instance, flavor: str) -> Any:
+    return api.post(f"/api/v1/servers/{server.uuid}/resize/", {"flavor": flavor}, format="json")
+
+
+def resized(api: APIClient, checks: Outbox) -> tuple[Instance, Migration]:
+    """A server resized from m1.nano to m1.tiny on its own host, waiting in VERIFY_RESIZE."""
+    server = active_server(api, checks)
+    answer = resize(api, server, "m1.tiny")
+    assert answer.status_code == 202, answer.json()
+    migration = Migration.objects.get(pk=answer.json()["id"])
+    assert (migration.source_host.name, migration.dest_host.name) == ("hv1", "hv1")
+    server.refresh_from_db()
+    assert allocations(server) == [("hv1", 128, True), ("hv1", 512, False)], "both flavors held"
+    assert report(migration, "hv1", contract.MIGRATION_PREPARED)
+    assert report(migration, "hv1", contract.MIGRATION_MIGRATED)
+    assert checks.compute[-1][2]["spec"]["flavor"]["memory_mb"] == 512
+    assert report(migration, "hv1", contract.MIGRATION_FINISHED, values={"power_state": "running"})
+    server.refresh_from_db()
+    assert (server.status, server.flavor.name, server.memory_mb) == ("VERIFY_RESIZE", "m1.tiny", 512)
+    assert allocations(server) == [("hv1", 128, True), ("hv1", 512, False)]
+    checks.compute.clear()
+    return server, migration
+
+
+def test_resize_then_confirm_frees_the_old_flavor(
+        api: APIClient, checks: Outbox, flavors: dict[str, Flavor], image: Any) -> None:
+    server, migration = resized(api, checks)
+    answer = api.post(f"/api/v1/servers/{server.uuid}/confirm-resize/")
+    assert answer.status_code == 202 and answer.json()["status"] == "confirming"
+    assert checks.compute == [("hv1", contract.COMPUTE_CONFIRM_RESIZE,
+                               {"instance_uuid": str(server.uuid), "migration_id": migration.pk})]
+    assert report(migration, "hv1", contract.MIGRATION_CONFIRMED)
+    server.refresh_from_db()
+    assert (server.status, server.flavor.name) == ("ACTIVE", "m1.tiny")
+    assert allocations(server) == [("hv1", 512, False)]
+    assert api.post(f"/api/v1/servers/{server.uuid}/confirm-resize/").status_code == 409
+
+
+def test_resize_then_revert_goes_back_to_the_old_flavor(
+        api: APIClient, checks: Outbox, flavors: dict[str, Flavor], image: Any) -> None:
+    server, migration = resized(api, checks)
+    answer = api.post(f"/api/v1/servers/{server.uuid}/revert-resize/")
+    assert answer.status_code == 202 and answer.json()["status"] == "reverting"
+    server.refresh_from_db()
+    assert server.status == "REVERT_RESIZE"
+    assert checks.compute[-1][:2] == ("hv1", contract.COMPUTE_REVERT_RESIZE)
+    assert report(migration, "hv1", contract.MIGRATION_REVERTED_DEST)
+    _host, name, kwargs = checks.compute[-1]
+    assert (name, kwargs["spec"]["flavor"]["name"], kwargs["power_on"]) == (
+        contract.COMPUTE_FINISH_REVERT_RESIZE, "m1.nano", True)
+    assert report(migration, "hv1", contract.MIGRATION_REVERTED, values={"power_state": "running"})
+    server.refresh_from_db()
+    migration.refresh_from_db()
+    assert (server.status, server.flavor.name, server.memory_mb, migration.status) == (
+        "ACTIVE", "m1.nano", 128, "reverted")
+    assert allocations(server) == [("hv1", 128, False)]
+
+
+def test_an_unconfirmed_resize_is_confirmed_after_the_window(
+        api: APIClient, checks: Outbox, flavors: dict[str, Flavor], image: Any, settings: Any) -> None:
+    server, migration = resized(api, checks)
+    settings.RESIZE_CONFIRM_WINDOW = 60
+    assert migration_ops.confirm_expired_resizes() == 0
+    Migration.objects.filter(pk=migration.pk).update(finished_at=timezone.now() - timedelta(seconds=61))
+    assert migration_ops.confirm_expired_resizes() == 1
+    assert checks.compute[-1][:2] == ("hv1", contract.COMPUTE_CONFIRM_RESIZE)
+    report(migration, "hv1", contract.MIGRATION_CONFIRMED)
+    server.refresh_from_db()
+    assert server.status == "ACTIVE"
+    assert InstanceAction.objects.filter(instance=server, action="confirmResize", result="Success").exists()
+
+
+@pytest.mark.parametrize(("flavor", "message"), [
+    ("m1.nano", "already has flavor"), ("nonesuch", "no flavor")])
+def test_bad_resize_requests_name_the_flavor(
+        api: APIClient, checks: Outbox, flavors: dict[str, Flavor], image: Any, flavor: str,
+        message: str) -> None:
+    server = active_server(api, checks)
+    answer = resize(api, server, flavor)
+    assert answer.status_code == 400 and message in answer.json()["flavor"][0], answer.json()
+
+
+def test_a_resize_cannot_shrink_the_disk(
+        api: APIClient, checks: Outbox, flavors: dict[str, Flavor], image: Any) -> None:
+    server = active_server(api, checks)
+    Flavor.objects.create(name="wide", vcpus=1, memory_mb=256, root_gb=0)
+    answer = resize(api, server, "wide")
+    assert answer.status_code == 400 and "cannot shrink" in answer.json()["flavor"][0]
+
+
+def test_a_finish_that_fails_reverts_to_the_source(
+        api: APIClient, admin_api: APIClient, checks: Outbox, flavors: dict[str, Flavor], image: Any) -> None:
+    server = active_server(api, checks)
+    heartbeat("hv2")
+    migration = Migration.objects.get(pk=cold(admin_api, server).json()["id"])
+    report(migration, "hv2", contract.MIGRATION_PREPARED)
+    report(migration, "hv1", contract.MIGRATION_MIGRATED)
+    assert report(migration, "hv2", contract.MIGRATION_ERROR, error="libvirt cannot define the domain")
+    assert checks.compute[-1][:2] == ("hv2", contract.COMPUTE_REVERT_RESIZE)
+    report(migration, "hv2", contract.MIGRATION_REVERTED_DEST)
+    assert checks.compute[-1][:2] == ("hv1", contract.COMPUTE_FINISH_REVERT_RESIZE)
+    report(migration, "hv1", contract.MIGRATION_REVERTED, values={"power_state": "running"})
+    server.refresh_from_db()
+    migration.refresh_from_db()
+    assert (server.status, server.host.name, migration.status) == ("ACTIVE", "hv1", "error")
+    assert "could not finish" in migration.error and allocations(server) == [("hv1", 128, False)]
