@@ -15,7 +15,7 @@ from django.template.response import TemplateResponse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
-from cloudctl.compute import rpc, services
+from cloudctl.compute import migration_ops, rpc, services
 from cloudctl.compute.dashboard import usage_bars
 from cloudctl.compute.models import (
     Aggregate,
@@ -25,6 +25,7 @@ from cloudctl.compute.models import (
     Instance,
     InstanceAction,
     InstanceActionEvent,
+    Migration,
     ServerGroup,
 )
 from cloudctl.compute.states import VmState
@@ -38,8 +39,8 @@ def _run_on_each(modeladmin: admin.ModelAdmin, request: HttpRequest, queryset: Q
     for instance in queryset.select_related("host"):
         try:
             operation(instance)
-        except (services.InstanceInvalidState, services.HostUnavailable,
-                services.InvalidRequest, rpc.ComputeUnavailable) as refused:
+        except (services.InstanceInvalidState, services.HostUnavailable, services.InvalidRequest,
+                rpc.ComputeUnavailable, migration_ops.MigrationCheckFailed) as refused:
             modeladmin.message_user(request, f"{instance.name}: {verb} refused: {refused}",
                                     level=messages.WARNING)
         else:
@@ -61,6 +62,16 @@ def _snapshot(instance: Instance, user: Any) -> Any:
     stamp = timezone.now().strftime("%Y%m%d-%H%M%S")
     return services.server_snapshot(instance=instance, user=user,
                                     name=f"{instance.name}-snapshot-{stamp}")
+
+
+def _live_migrate(instance: Instance, user: Any) -> Any:
+    """The scheduler picks the destination; the disk is copied only if the hosts share no storage."""
+    return migration_ops.server_live_migrate(instance=instance, user=user, host=None,
+                                             block_migration="auto")
+
+
+def _cold_migrate(instance: Instance, user: Any) -> Any:
+    return migration_ops.server_migrate(instance=instance, user=user, host=None)
 
 
 def _delete(instance: Instance, user: Any) -> Any:
@@ -130,6 +141,8 @@ class InstanceAdmin(admin.ModelAdmin):
         _lifecycle_action("suspend", services.server_suspend),
         _lifecycle_action("resume", services.server_resume),
         _lifecycle_action("snapshot", _snapshot),
+        _lifecycle_action("live-migrate", _live_migrate),
+        _lifecycle_action("migrate (cold)", _cold_migrate),
         _lifecycle_action("delete", _delete),
         reset_state,
     ]
@@ -283,4 +296,32 @@ class InstanceActionEventAdmin(admin.ModelAdmin):
         return False
 
     def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+
+@admin.register(Migration)
+class MigrationAdmin(admin.ModelAdmin):
+    """Read-only: a migration's state belongs to the system; abort it from the API or let its
+    deadline do it."""
+
+    list_display = ("id", "instance", "migration_type", "status", "source_host", "dest_host", "progress",
+                    "created", "finished_at")
+    list_filter = ("migration_type", "status", "source_host", "dest_host")
+    search_fields = ("instance__name", "instance__uuid")
+
+    @admin.display(description="progress")
+    def progress(self, migration: Migration) -> str:
+        total = (migration.memory_total or 0) + (migration.disk_total or 0)
+        remaining = (migration.memory_remaining or 0) + (migration.disk_remaining or 0)
+        if not total:
+            return ""
+        return f"{100 * (total - remaining) / total:.0f}% ({remaining / 2**20:.1f} MiB left)"
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False

@@ -99,3 +99,26 @@ def test_dashboard_shows_real_usage(staff, running):
     assert "ACTIVE" in html
     anonymous = Client().get("/admin/dashboard/")
     assert anonymous.status_code == 302
+
+
+def test_live_migrate_from_the_admin_reports_each_server(staff, running, outbox, api,
+                                                         django_capture_on_commit_callbacks):
+    other = active_server(api, outbox, name="db")
+    heartbeat("hv2")
+    outbox.calls[contract.COMPUTE_CHECK_MIGRATE_DESTINATION] = lambda host, instance_uuid, **kw: (
+        {"ok": True, "migration_uri": "qemu+tcp://10.0.0.2/system", "migration_data_uri": "tcp://10.0.0.2",
+         "shared_marker": ".shared-x", "disk_free_bytes": 2**40, "image_cached": True, "cpu": "identical"}
+        if instance_uuid == str(running.uuid) else
+        {"ok": False, "check": "cpu", "message": "host CPU lacks avx2"})
+    outbox.calls[contract.COMPUTE_CHECK_MIGRATE_SOURCE] = {"ok": True, "shared_storage": False,
+                                                           "power_state": "running", "disk_bytes": 1}
+    with django_capture_on_commit_callbacks(execute=True):
+        page = act(staff, "live-migrate", running, other).content.decode()
+    assert "Web: live-migrate accepted" in page
+    assert "Db: live-migrate refused: destination hv2: host CPU lacks avx2" in page
+    running.refresh_from_db()
+    other.refresh_from_db()
+    assert (running.status, other.status) == ("MIGRATING", "ACTIVE")
+    assert outbox.compute[-1][:2] == ("hv2", contract.COMPUTE_PRE_LIVE_MIGRATION)
+    listed = staff.get(reverse("admin:compute_migration_changelist")).content.decode()
+    assert "live-migration" in listed and "preparing" in listed
