@@ -346,11 +346,7 @@ def migration_abort(*, migration: Migration, user: Any) -> Migration:
 
 
 def _cast_abort(migration: Migration) -> None:
-    if migration.source_host is None:
-        return
-    host, kwargs = migration.source_host.name, {"instance_uuid": str(migration.instance_id),
-                                                "migration_id": migration.pk}
-    transaction.on_commit(lambda: rpc.cast(host, contract.COMPUTE_ABORT_LIVE_MIGRATION, **kwargs))
+    _cast(migration.source_host, contract.COMPUTE_ABORT_LIVE_MIGRATION, **_ids(migration))
 
 
 def _resize_migration(instance: Instance) -> Migration:
@@ -378,9 +374,7 @@ def server_confirm_resize(*, instance: Instance, user: Any, request_id: str | No
 def _confirm(migration: Migration, action: InstanceAction | None) -> None:
     Migration.objects.filter(pk=migration.pk).update(status=S.CONFIRMING, updated=timezone.now(),
                                                       **({"action": action} if action else {}))
-    host, kwargs = migration.source_host.name, {"instance_uuid": str(migration.instance_id),
-                                                "migration_id": migration.pk}
-    transaction.on_commit(lambda: rpc.cast(host, contract.COMPUTE_CONFIRM_RESIZE, **kwargs))
+    _cast(migration.source_host, contract.COMPUTE_CONFIRM_RESIZE, **_ids(migration))
 
 
 def server_revert_resize(*, instance: Instance, user: Any, request_id: str | None = None) -> Migration:
@@ -401,9 +395,7 @@ def server_revert_resize(*, instance: Instance, user: Any, request_id: str | Non
 def _revert(migration: Migration, action: InstanceAction | None) -> None:
     Migration.objects.filter(pk=migration.pk).update(status=S.REVERTING, updated=timezone.now(),
                                                       **({"action": action} if action else {}))
-    host, kwargs = migration.dest_host.name, {"instance_uuid": str(migration.instance_id),
-                                              "migration_id": migration.pk}
-    transaction.on_commit(lambda: rpc.cast(host, contract.COMPUTE_REVERT_RESIZE, **kwargs))
+    _cast(migration.dest_host, contract.COMPUTE_REVERT_RESIZE, **_ids(migration))
 
 
 def confirm_expired_resizes() -> int:
@@ -531,10 +523,13 @@ def _instance(migration: Migration, expected_task: str) -> QuerySet[Instance]:
 
 
 def _cast(host: Host | None, task: str, **kwargs: Any) -> None:
+    """Send a step when the transaction commits. A step not started within MIGRATION_STEP_TIMEOUT
+    is discarded by the worker (the reaper ends the migration): never a live migration starting hours
+    later because Redis redelivered it after a worker died holding it."""
     if host is None:
         return
-    name = host.name
-    transaction.on_commit(lambda: rpc.cast(name, task, **kwargs))
+    name, expires = host.name, settings.MIGRATION_STEP_TIMEOUT
+    transaction.on_commit(lambda: rpc.cast(name, task, expires=expires, **kwargs))
 
 
 def _ids(migration: Migration) -> dict[str, Any]:
@@ -805,3 +800,120 @@ _COLD_STEPS: dict[str, tuple[tuple[str, ...], str, Any]] = {
     contract.MIGRATION_ERROR: ((S.PREPARING, S.MIGRATING, S.POST_MIGRATING, S.CONFIRMING, S.REVERTING),
                                "any", _cold_error),
 }
+
+
+# --- Interrupted and stuck migrations ---------------------------------------------------------------
+
+def recover_after_restart(host: Host, reported: dict[str, str]) -> int:
+    """Nova's ``_init_instance`` for migrations: the compute worker of ``host`` restarted while it was
+    the source of a migration step. Where its domain is now decides (``reported``: host_init's list).
+
+    A live migration whose domain left the host is finished by asking the destination whether it
+    runs there; one whose domain is still here is aborted (the libvirt job may outlive the worker)
+    and ends failed, the server on its source. A cold migration or resize interrupted while the
+    source stopped or copied the disk ends in ERROR with a fault saying where the disk is.
+    """
+    recovered = 0
+    reason = f"interrupted by a restart of the compute worker on {host.name}"
+    live = Migration.objects.filter(source_host=host, migration_type=MigrationType.LIVE,
+                                    status__in=(S.QUEUED, S.RUNNING, S.CANCELLING))
+    for pk in live.values_list("pk", flat=True):
+        with transaction.atomic():
+            migration = _locked(pk, (S.QUEUED, S.RUNNING, S.CANCELLING))
+            if migration is None:
+                continue
+            uuid = str(migration.instance_id)
+            if uuid in reported:
+                _cast_abort(migration)
+                _live_failed(migration, status=S.FAILED, values={"power_state": reported[uuid]},
+                             error=f"{reason}; the job was aborted and the server stays on {host.name}")
+            else:
+                _event(migration, "init_instance", "Success", f"{reason}; the domain left {host.name}: "
+                                                              f"asking {migration.dest_host.name} whether "
+                                                              "it runs there", host=host.name)
+                _live_migrated(migration)
+            recovered += 1
+    cold = Migration.objects.filter(source_host=host, status=S.MIGRATING).exclude(
+        migration_type=MigrationType.LIVE)
+    for pk in cold.values_list("pk", flat=True):
+        with transaction.atomic():
+            migration = _locked(pk, (S.MIGRATING,))
+            if migration is not None:
+                _cold_interrupted(migration, f"{reason} while it stopped the server and copied its disk")
+                recovered += 1
+    return recovered
+
+
+def _locked(pk: int, statuses: tuple[str, ...]) -> Migration | None:
+    return (Migration.objects.select_for_update()
+            .select_related("instance", "source_host", "dest_host", "old_flavor", "new_flavor")
+            .filter(pk=pk, status__in=statuses).first())
+
+
+def _cold_interrupted(migration: Migration, reason: str) -> None:
+    uuid = str(migration.instance_id)
+    source = migration.source_host.name
+    message = (f"{migration.migration_type} {migration.pk} {reason}. The server's disk is on {source} in "
+               f"INSTANCES_PATH/{uuid} or INSTANCES_PATH/{uuid}{contract.RESIZE_DIR_SUFFIX}; an operator "
+               "must check it before resetting the state")
+    Instance.objects.filter(uuid=uuid, task_state__in=(
+        TaskState.RESIZE_PREP, TaskState.RESIZE_MIGRATING, TaskState.RESIZE_FINISH)).change(
+        task_state=None, vm_state=VmState.ERROR, fault={"message": message, "code": 500, "details": ""})
+    _set(migration, status=S.ERROR, error=message, finished_at=timezone.now())
+    _event(migration, "init_instance", "Error", message, host=source)
+    _finish(migration, "Error", message)
+
+
+def reap_stuck_migrations() -> int:
+    """End migrations whose step did not report within MIGRATION_STEP_TIMEOUT (a running live
+    migration: within its completion timeout plus that), from what the hosts last reported."""
+    now = timezone.now()
+    step = timedelta(seconds=settings.MIGRATION_STEP_TIMEOUT)
+    reaped = 0
+    stuck = Migration.objects.filter(status__in=(S.PREPARING, S.QUEUED, S.RUNNING, S.CANCELLING,
+                                                 S.MIGRATING, S.POST_MIGRATING, S.CONFIRMING,
+                                                 S.REVERTING), updated__lt=now - step)
+    for migration in stuck.select_related("source_host", "dest_host"):
+        if migration.status in (S.RUNNING, S.CANCELLING) and migration.started_at and \
+                migration.started_at + timedelta(seconds=migration.completion_timeout or 0) + step > now:
+            continue
+        with transaction.atomic():
+            locked = _locked(migration.pk, (migration.status,))
+            if locked is None or locked.updated != migration.updated:
+                continue
+            _reap_migration(locked, f"{locked.migration_type} {locked.pk} got no report for "
+                                    f"{settings.MIGRATION_STEP_TIMEOUT} s while {locked.status}")
+            reaped += 1
+    return reaped
+
+
+def _reported(host: Host | None, uuid: str) -> str | None:
+    if host is None or not host.is_up:
+        return None
+    return (host.reported_instances or {}).get(uuid)
+
+
+def _reap_migration(migration: Migration, late: str) -> None:
+    uuid = str(migration.instance_id)
+    if migration.migration_type == MigrationType.LIVE:
+        on_dest, on_source = _reported(migration.dest_host, uuid), _reported(migration.source_host, uuid)
+        if migration.status in (S.PREPARING, S.QUEUED, S.CANCELLING, S.RUNNING) and on_source:
+            _cast_abort(migration)
+            _live_failed(migration, status=S.FAILED, values={"power_state": on_source},
+                         error=f"{late}; the domain is still on {migration.source_host.name}: aborted")
+            return
+        if on_dest and not on_source:
+            _event(migration, "migration_deadline", "Success",
+                   f"{late}; {migration.dest_host.name} reports the domain {on_dest}")
+            _live_completed(migration, values={"power_state": on_dest})
+            return
+        message = f"{late}; neither host reports the domain where expected"
+        _instance(migration, TaskState.MIGRATING).change(
+            task_state=None, vm_state=VmState.ERROR, fault={"message": message, "code": 500, "details": ""})
+        _set(migration, status=S.ERROR, error=message, finished_at=timezone.now())
+        _finish(migration, "Error", message)
+        return
+    if migration.status in (S.CONFIRMING,):
+        _confirm_failed(migration, error=late)
+        return
+    _cold_interrupted(migration, late)

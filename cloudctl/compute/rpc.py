@@ -31,9 +31,12 @@ def _rpc_backend() -> RedisBackend:
     return RedisBackend(app=app, url=settings.CELERY_RPC_BACKEND)
 
 
-def cast(host: str, task_name: str, **kwargs: Any) -> None:
-    """Send a task to ``host``'s compute queue; the worker reports back through the conductor."""
-    app.send_task(task_name, kwargs=kwargs, queue=contract.compute_queue(host))
+def cast(host: str, task_name: str, *, expires: float | None = None, **kwargs: Any) -> None:
+    """Send a task to ``host``'s compute queue; the worker reports back through the conductor.
+
+    ``expires`` (seconds): a worker that gets the task later discards it (a migration step must not
+    start hours later, when Redis redelivers it after a worker died holding it)."""
+    app.send_task(task_name, kwargs=kwargs, queue=contract.compute_queue(host), expires=expires)
 
 
 def call(host: str, task_name: str, *, timeout: float, **kwargs: Any) -> Any:

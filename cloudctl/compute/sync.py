@@ -22,7 +22,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from cloudctl.compute import rpc
+from cloudctl.compute import migration_ops, rpc
 from cloudctl.compute.conductor import current_action, record_event
 from cloudctl.compute.models import Allocation, Host, Instance, InstanceAction
 from cloudctl.compute.services import finish_action, mark_deleted
@@ -64,6 +64,8 @@ def sync_power_state(instance: Instance, power_state: str, observed_at: datetime
         changes["power_state"] = power_state
     truth = VM_STATE_FOR_POWER_STATE[PowerState(power_state)]
     message = ""
+    if power_state == PowerState.NOSTATE and _adopt_from_elsewhere(instance):
+        return True
     if instance.vm_state == VmState.RESIZED:
         pass  # VERIFY_RESIZE waits for confirm or revert whatever the guest does: power state only
     elif instance.vm_state == VmState.STOPPED and power_state == PowerState.RUNNING:
@@ -89,6 +91,34 @@ def sync_power_state(instance: Instance, power_state: str, observed_at: datetime
             _system_action(instance, "sync_power_state", result="Success", message=message,
                            event="sync_power_state")
     return bool(updated)
+
+
+def _adopt_from_elsewhere(instance: Instance) -> bool:
+    """The domain is gone from the server's host but another host that is up reports it (a live
+    migration that libvirt finished after its worker died, for example): reality wins, the record
+    and the claim move there."""
+    uuid = str(instance.uuid)
+    found = [host for host in Host.objects.filter(reported_instances__has_key=uuid).exclude(
+        pk=instance.host_id) if host.is_up]
+    if len(found) != 1:
+        return False
+    host = found[0]
+    power_state = host.reported_instances[uuid]
+    truth = VM_STATE_FOR_POWER_STATE.get(power_state, VmState.ERROR)
+    message = (f"the domain is no longer on {instance.host.name if instance.host else 'any host'} but "
+               f"{host.name} reports it {power_state}: the server is on {host.name} now")
+    with transaction.atomic():
+        if not Instance.objects.filter(uuid=uuid, task_state__isnull=True, updated=instance.updated).change(
+                host=host, availability_zone=host.zone, power_state=power_state, vm_state=truth):
+            return False
+        Allocation.objects.filter(instance_id=uuid).delete()
+        Allocation.objects.create(instance_id=uuid, host=host, vcpus=instance.vcpus,
+                                  memory_mb=instance.memory_mb, disk_gb=instance.root_gb)
+        instance.host = host
+        _system_action(instance, "sync_power_state", result="Success", message=message,
+                       event="domain_found_elsewhere")
+    log.warning("sync %s: %s", uuid, message)
+    return True
 
 
 def _stop_unexpected_domain(instance: Instance) -> None:
@@ -149,6 +179,12 @@ _ROLLED_BACK_ON_RESTART = (TaskState.PAUSING, TaskState.UNPAUSING, TaskState.SUS
 
 def host_init(*, host: str, reported: dict[str, str]) -> None:
     """A compute worker (re)started: finish or repeat what its restart interrupted."""
+    record = Host.objects.filter(name=host).first()
+    if record is not None:
+        try:
+            migration_ops.recover_after_restart(record, reported)
+        except Exception:
+            log.exception("recovering the migrations of %s after a worker restart failed", host)
     servers = (Instance.objects.select_related("host", "project", "flavor", "image")
                .filter(host__name=host).exclude(vm_state=VmState.DELETED))
     for instance in servers:

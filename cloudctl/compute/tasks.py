@@ -73,4 +73,5 @@ def migration_progress(migration_id: int, host: str, progress: dict[str, Any]) -
 
 @shared_task(name="conductor.confirm_expired_resizes")
 def confirm_expired_resizes() -> int:
-    return migration_ops.confirm_expired_resizes()
+    """Periodic (beat): unconfirmed resizes past RESIZE_CONFIRM_WINDOW, and stuck migrations."""
+    return migration_ops.confirm_expired_resizes() + migration_ops.reap_stuck_migrations()

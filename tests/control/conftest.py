@@ -42,7 +42,8 @@ def outbox(monkeypatch: pytest.MonkeyPatch) -> Outbox:
     box = Outbox()
     monkeypatch.setattr(rpc, "send_to_scheduler",
                         lambda name, **kw: box.scheduler.append((name, kw)))
-    monkeypatch.setattr(rpc, "cast", lambda host, name, **kw: box.compute.append((host, name, kw)))
+    monkeypatch.setattr(rpc, "cast", lambda host, name, expires=None, **kw: box.compute.append(
+        (host, name, kw)))
 
     def call(host: str, name: str, *, timeout: float, **kw: Any) -> Any:
         answer = box.calls.get(name)

@@ -453,3 +453,61 @@ def test_a_finish_that_fails_reverts_to_the_source(
     migration.refresh_from_db()
     assert (server.status, server.host.name, migration.status) == ("ACTIVE", "hv1", "error")
     assert "could not finish" in migration.error and allocations(server) == [("hv1", 128, False)]
+
+
+def test_a_source_worker_restart_mid_migration_ends_truthfully(
+        api: APIClient, admin_api: APIClient, checks: Outbox, flavors: dict[str, Flavor], image: Any) -> None:
+    """Nova's _init_instance for migrations: where the domain is after the restart decides."""
+    from cloudctl.compute import sync
+
+    server, migration = started_live_migration(api, admin_api, checks)
+    sync.host_init(host="hv1", reported={str(server.uuid): "running"})  # still here: aborted, failed
+    assert checks.compute[0][:2] == ("hv1", contract.COMPUTE_ABORT_LIVE_MIGRATION)
+    server.refresh_from_db()
+    migration.refresh_from_db()
+    assert (server.status, server.host.name, migration.status) == ("ACTIVE", "hv1", "failed")
+    assert "restart of the compute worker on hv1" in migration.error
+    assert allocations(server) == [("hv1", 128, False)]
+
+    Instance.objects.filter(uuid=server.uuid).update(task_state=None)
+    checks.compute.clear()
+    second = Migration.objects.get(pk=live_migrate(admin_api, server, host="hv2").json()["id"])
+    report(second, "hv2", contract.MIGRATION_PREPARED)
+    report(second, "hv1", contract.MIGRATION_RUNNING)
+    sync.host_init(host="hv1", reported={})  # the domain left: ask the destination
+    assert checks.compute[-1][:2] == ("hv2", contract.COMPUTE_POST_LIVE_MIGRATION_AT_DEST)
+    assert report(second, "hv2", contract.MIGRATION_COMPLETED, values={"power_state": "running"})
+    server.refresh_from_db()
+    assert (server.status, server.host.name) == ("ACTIVE", "hv2")
+
+
+def test_a_domain_found_on_another_host_moves_the_record(
+        api: APIClient, checks: Outbox, flavors: dict[str, Flavor], image: Any) -> None:
+    from cloudctl.compute import conductor, sync
+
+    server = active_server(api, checks)
+    heartbeat("hv2", instances={str(server.uuid): "running"})
+    source = heartbeat("hv1", instances={})
+    sync.sync_host(source, {}, conductor.observed_at_of({"observed_at": timezone.now().timestamp() + 1}))
+    server.refresh_from_db()
+    assert (server.status, server.host.name) == ("ACTIVE", "hv2")
+    assert allocations(server) == [("hv2", 128, False)]
+    assert InstanceAction.objects.filter(instance=server, events__event="domain_found_elsewhere").exists()
+
+
+def test_stuck_migrations_are_reaped_from_what_the_hosts_report(
+        api: APIClient, admin_api: APIClient, checks: Outbox, flavors: dict[str, Flavor], image: Any,
+        settings: Any) -> None:
+    server = active_server(api, checks)
+    heartbeat("hv2")
+    migration = Migration.objects.get(pk=live_migrate(admin_api, server, host="hv2").json()["id"])
+    report(migration, "hv2", contract.MIGRATION_PREPARED)
+    report(migration, "hv1", contract.MIGRATION_MIGRATED)  # and then the destination never answers
+    settings.MIGRATION_STEP_TIMEOUT = 5
+    assert migration_ops.reap_stuck_migrations() == 0
+    Migration.objects.filter(pk=migration.pk).update(updated=timezone.now() - timedelta(seconds=6))
+    heartbeat("hv2", instances={str(server.uuid): "running"})
+    assert migration_ops.reap_stuck_migrations() == 1
+    server.refresh_from_db()
+    migration.refresh_from_db()
+    assert (server.status, server.host.name, migration.status) == ("ACTIVE", "hv2", "completed")
