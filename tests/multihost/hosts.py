@@ -4,13 +4,20 @@ Each host is a libvirtd (qemu driver) in its own network namespace (``ip netns a
 mount, PID and UTS namespaces (``unshare``), with ``tini`` as PID 1 (prompt reaping), private bind
 mounts over the libvirt directories and a private instances directory mounted at the same path on
 every host (so a guest's disk and console keep their path when it migrates, yet are different files).
-The hosts reach each other over veth pairs into a bridge that lives in a namespace of its own; the
-addresses never leave these namespaces. The test process talks to each daemon over its unix socket.
-Tear-down kills each PID 1 (the kernel ends the daemon and its guests) and deletes the namespaces.
+The hosts reach each other over veth pairs into a bridge that lives in a namespace of its own. One
+more veth joins the root network namespace to that bridge (address ``<subnet>.254``), so that processes
+of the test (compute workers, ``virsh -c qemu+tcp://...``) reach every daemon over TCP. Each run takes
+a /24 of 10.253.0.0/16 that no other run on this machine holds (see :func:`_claim_subnet`): the root
+namespace is shared by every test run, so two runs must never route the same addresses. The test
+process talks to each daemon over its unix socket. Tear-down kills each PID 1 (the kernel ends the
+daemon and its guests), removes the root veth and deletes the namespaces.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import ipaddress
 import os
 import secrets
 import shutil
@@ -18,12 +25,14 @@ import signal
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path("/var/lib/cloudctl-test/multihost")
 LIBVIRT_DIRS = ("/etc/libvirt", "/run/libvirt", "/var/lib/libvirt", "/var/cache/libvirt", "/var/log/libvirt")
-SUBNET = "10.253.0"  # only ever inside this harness's own namespaces
+NETWORK = ipaddress.ip_network("10.253.0.0/16")  # each run takes a /24 of it (_claim_subnet)
+ROOT_HOST_PART = 254  # the root namespace's address in a run's /24
 CAP_NET_ADMIN = 12
 CAP_SYS_ADMIN = 21
 
@@ -31,7 +40,7 @@ CAP_SYS_ADMIN = 21
 @dataclass
 class NamespaceHost:
     name: str
-    ip: str
+    ip: str  # on the hosts' bridge (and reachable from the root namespace); set by NamespaceHosts.start()
     netns: str
     directory: Path  # this host's private state, as the test process sees it
     instances_path: Path  # where the daemon (and QEMU) see this host's instances
@@ -147,13 +156,17 @@ class NamespaceHosts:
         self.directory = ROOT / self.run_id
         self.instances_path = self.directory / "instances"  # the path every host's daemon sees
         self.bridge_ns = f"cch-{self.run_id}-br"
+        # The root namespace's end of its veth into the bridge: unique per run (15 characters at most).
+        self.root_link = f"cch-{self.run_id}-r"
+        self.root_ip = ""  # <subnet>.254, known once start() has claimed a subnet
         names = [f"host-{chr(ord('a') + i)}" for i in range(count)]
         self.hosts = [
-            NamespaceHost(name=name, ip=f"{SUBNET}.{i + 1}", netns=f"cch-{self.run_id}-{i}",
+            NamespaceHost(name=name, ip="", netns=f"cch-{self.run_id}-{i}",
                           directory=self.directory / name, instances_path=self.instances_path,
                           host_uuid=str(uuid.uuid4()))
             for i, name in enumerate(names)]
         self._netns: list[str] = []
+        self._root_link_added = False
 
     def start(self, timeout: float = 30) -> list[NamespaceHost]:
         started = time.monotonic()
@@ -163,7 +176,9 @@ class NamespaceHosts:
         self._add_netns(self.bridge_ns)
         _run("ip", "-n", self.bridge_ns, "link", "add", "br0", "type", "bridge")
         _run("ip", "-n", self.bridge_ns, "link", "set", "br0", "up")
+        subnet = self._connect_root_namespace()
         for index, host in enumerate(self.hosts):
+            host.ip = str(subnet[index + 1])
             self._add_netns(host.netns)
             port = f"p{index}"
             _run("ip", "-n", host.netns, "link", "add", "eth0", "type", "veth", "peer", "name", port,
@@ -180,6 +195,24 @@ class NamespaceHosts:
     def _add_netns(self, name: str) -> None:
         _run("ip", "netns", "add", name)
         self._netns.append(name)
+
+    def _connect_root_namespace(self) -> ipaddress.IPv4Network:
+        """Claim a free /24 and put the root namespace on the bridge at its .254; return the subnet.
+
+        A plain veth endpoint in the root namespace, not a bridge there: the root's br_netfilter hook
+        (``net.bridge.bridge-nf-call-iptables``) filters what a bridge forwards, whereas traffic to
+        and from a local address only meets the root's ordinary INPUT/OUTPUT chains."""
+        with _subnet_lock():
+            subnet = _claim_subnet()
+            _run("ip", "link", "add", self.root_link, "type", "veth", "peer", "name", "root",
+                 "netns", self.bridge_ns)
+            self._root_link_added = True
+            self.root_ip = str(subnet[ROOT_HOST_PART])
+            # Address before the lock is released: it is what marks the subnet taken for other runs.
+            _run("ip", "addr", "add", f"{self.root_ip}/{subnet.prefixlen}", "dev", self.root_link)
+        _run("ip", "link", "set", self.root_link, "up")
+        _run("ip", "-n", self.bridge_ns, "link", "set", "root", "master", "br0", "up")
+        return subnet
 
     def _start_daemon(self, host: NamespaceHost) -> None:
         host.directory.mkdir(mode=0o755)
@@ -229,6 +262,12 @@ class NamespaceHosts:
                 host.process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 errors.append(f"{host.name}: unshare did not exit")
+        if self._root_link_added:
+            # Deleting the bridge namespace would take the veth pair with it; say it explicitly anyway.
+            result = subprocess.run(["ip", "link", "del", self.root_link], capture_output=True, text=True)
+            if result.returncode != 0 and "Cannot find device" not in result.stderr:
+                errors.append(f"ip link del {self.root_link}: {result.stderr.strip()}")
+            self._root_link_added = False
         for name in self._netns:
             deadline = time.monotonic() + 10
             while True:  # nothing may outlive the test in these namespaces
@@ -249,6 +288,32 @@ class NamespaceHosts:
         shutil.rmtree(self.directory, ignore_errors=True)
         if errors:
             raise RuntimeError("multi-host tear-down incomplete: " + "; ".join(errors))
+
+
+@contextlib.contextmanager
+def _subnet_lock() -> Iterator[None]:
+    """Serialise subnet claims of concurrent test runs on this machine (each a pytest process)."""
+    ROOT.mkdir(mode=0o755, parents=True, exist_ok=True)
+    with open(ROOT / ".subnets.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _claim_subnet() -> ipaddress.IPv4Network:
+    """The first /24 of NETWORK that no address of the root namespace lies in. Called under
+    :func:`_subnet_lock`; the caller adds its address before releasing the lock, which is the claim.
+    A run that died without tear-down keeps its veth (and so its subnet) until the namespaces go."""
+    listing = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True,
+                             check=True, timeout=10).stdout
+    used = {ipaddress.ip_interface(field).ip for line in listing.splitlines()
+            for field in line.split()[3:4]}
+    for subnet in NETWORK.subnets(new_prefix=24):
+        if not any(address in subnet for address in used):
+            return subnet
+    raise RuntimeError(f"no free /24 left in {NETWORK} for the multi-host harness")
 
 
 def _children(pid: int) -> list[int]:
