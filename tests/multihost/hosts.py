@@ -4,6 +4,8 @@ Each host is a libvirtd (qemu driver) in its own network namespace (``ip netns a
 mount, PID and UTS namespaces (``unshare``), with ``tini`` as PID 1 (prompt reaping), private bind
 mounts over the libvirt directories and a private instances directory mounted at the same path on
 every host (so a guest's disk and console keep their path when it migrates, yet are different files).
+Hosts of a shared-storage group (``shared=``) bind-mount one and the same directory there instead, as
+an NFS export mounted on each of them would be.
 The hosts reach each other over veth pairs into a bridge that lives in a namespace of its own. One
 more veth joins the root network namespace to that bridge (address ``<subnet>.254``), so that processes
 of the test (compute workers, ``virsh -c qemu+tcp://...``) reach every daemon over TCP. Each run takes
@@ -25,7 +27,7 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,7 +47,11 @@ class NamespaceHost:
     directory: Path  # this host's private state, as the test process sees it
     instances_path: Path  # where the daemon (and QEMU) see this host's instances
     host_uuid: str
-    process: subprocess.Popen[bytes] | None = None
+    # This host's instances directory as the test process sees it; hosts of one shared-storage group
+    # have the same one.
+    local_instances: Path
+    process: subprocess.Popen[bytes] | None = None  # `unshare`, the parent of the namespaces' PID 1
+    init_pid: int = 0  # the namespaces' PID 1 (tini) as the root PID namespace numbers it
     log_path: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -68,11 +74,6 @@ class NamespaceHost:
     @property
     def migrate_uri(self) -> str:
         return f"tcp://{self.ip}"
-
-    @property
-    def local_instances(self) -> Path:
-        """This host's instances directory as the test process sees it."""
-        return self.directory / "instances"
 
     def log(self) -> str:
         try:
@@ -141,7 +142,7 @@ for target in {libvirt_dirs}; do
   mkdir -p "$target"
   mount --bind "$d/$(echo "$target" | tr / _)" "$target"
 done
-mount --bind "$d/instances" {instances_path}
+mount --bind {local_instances} {instances_path}
 hostname {hostname}
 ip link set lo up
 exec libvirtd --listen --pid-file /run/libvirt/libvirtd.pid
@@ -149,9 +150,13 @@ exec libvirtd --listen --pid-file /run/libvirt/libvirtd.pid
 
 
 class NamespaceHosts:
-    """N libvirt hosts on one machine. ``start()`` brings them up, ``stop()`` removes every trace."""
+    """N libvirt hosts on one machine. ``start()`` brings them up, ``stop()`` removes every trace.
 
-    def __init__(self, count: int = 2) -> None:
+    ``shared`` lists groups of host names (``host-a``, ``host-b``, ... in order) that share their
+    instances directory, e.g. ``NamespaceHosts(3, shared=(("host-b", "host-c"),))``: a file one of them
+    writes under ``instances_path`` the others see at once; every other host has a private one."""
+
+    def __init__(self, count: int = 2, shared: Sequence[Sequence[str]] = ()) -> None:
         self.run_id = secrets.token_hex(3)
         self.directory = ROOT / self.run_id
         self.instances_path = self.directory / "instances"  # the path every host's daemon sees
@@ -160,10 +165,21 @@ class NamespaceHosts:
         self.root_link = f"cch-{self.run_id}-r"
         self.root_ip = ""  # <subnet>.254, known once start() has claimed a subnet
         names = [f"host-{chr(ord('a') + i)}" for i in range(count)]
+        local_instances = {name: self.directory / name / "instances" for name in names}
+        for group in shared:
+            unknown = [name for name in group if name not in names]
+            if unknown:
+                raise ValueError(f"shared storage group {list(group)}: no host {', '.join(unknown)} "
+                                 f"(hosts: {', '.join(names)})")
+            directory = self.directory / ("shared-" + "+".join(group))
+            for name in group:
+                if local_instances[name] != self.directory / name / "instances":
+                    raise ValueError(f"{name} is in more than one shared storage group")
+                local_instances[name] = directory
         self.hosts = [
             NamespaceHost(name=name, ip="", netns=f"cch-{self.run_id}-{i}",
                           directory=self.directory / name, instances_path=self.instances_path,
-                          host_uuid=str(uuid.uuid4()))
+                          host_uuid=str(uuid.uuid4()), local_instances=local_instances[name])
             for i, name in enumerate(names)]
         self._netns: list[str] = []
         self._root_link_added = False
@@ -190,6 +206,8 @@ class NamespaceHosts:
             self._start_daemon(host)
         for host in self.hosts:
             self._wait_for_socket(host, started + timeout)
+            # The daemon answers, so unshare has long forked the namespaces' PID 1.
+            host.init_pid = _init_pid(host)
         return self.hosts
 
     def _add_netns(self, name: str) -> None:
@@ -218,12 +236,13 @@ class NamespaceHosts:
         host.directory.mkdir(mode=0o755)
         for target in LIBVIRT_DIRS:
             (host.directory / target.replace("/", "_")).mkdir(mode=0o755)
-        (host.directory / "instances").mkdir(mode=0o755)
+        host.local_instances.mkdir(mode=0o755, exist_ok=True)  # a shared one: by its first host
         etc = host.directory / "_etc_libvirt"
         (etc / "libvirtd.conf").write_text(LIBVIRTD_CONF.format(host_uuid=host.host_uuid))
         (etc / "qemu.conf").write_text(QEMU_CONF.format(ip=host.ip))
         script = START_SCRIPT.format(directory=host.directory, libvirt_dirs=" ".join(LIBVIRT_DIRS),
-                                     instances_path=self.instances_path, hostname=f"cloudctl-{host.name}")
+                                     local_instances=host.local_instances, instances_path=self.instances_path,
+                                     hostname=f"cloudctl-{host.name}")
         with host.log_path.open("ab") as log:
             # --kill-child: if unshare (our child) dies, the namespace's PID 1 is killed with it.
             host.process = subprocess.Popen(
@@ -314,6 +333,14 @@ def _claim_subnet() -> ipaddress.IPv4Network:
         if not any(address in subnet for address in used):
             return subnet
     raise RuntimeError(f"no free /24 left in {NETWORK} for the multi-host harness")
+
+
+def _init_pid(host: NamespaceHost) -> int:
+    """The PID (in the root PID namespace) of ``host``'s PID 1: the one child of its ``unshare``."""
+    children = _children(host.process.pid) if host.process is not None else []
+    if len(children) != 1:
+        raise RuntimeError(f"{host.name}: expected one child of unshare (tini), found {children}")
+    return children[0]
 
 
 def _children(pid: int) -> list[int]:
