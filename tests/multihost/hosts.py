@@ -25,13 +25,16 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path("/var/lib/cloudctl-test/multihost")
+REPO = Path(__file__).resolve().parents[2]
+NSEXEC = Path(__file__).with_name("nsexec.py")
 LIBVIRT_DIRS = ("/etc/libvirt", "/run/libvirt", "/var/lib/libvirt", "/var/cache/libvirt", "/var/log/libvirt")
 NETWORK = ipaddress.ip_network("10.253.0.0/16")  # each run takes a /24 of it (_claim_subnet)
 ROOT_HOST_PART = 254  # the root namespace's address in a run's /24
@@ -74,6 +77,95 @@ class NamespaceHost:
     @property
     def migrate_uri(self) -> str:
         return f"tcp://{self.ip}"
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def command(self, *argv: str, env: Mapping[str, str] | None = None, wd: Path = REPO) -> list[str]:
+        """The argv that runs ``argv`` on this host: in its mount, UTS and PID namespaces (its
+        ``/run/libvirt``, instances directory, hostname; it dies with the host) but in the caller's
+        network namespace. Signals to the process it starts reach ``argv``, which it exits as
+        (see nsexec.py). ``env`` is set on top of the environment the process gets."""
+        setenv = [f"--setenv={name}={value}" for name, value in (env or {}).items()]
+        return [sys.executable, str(NSEXEC), "--target", str(self.init_pid), "--wd", str(wd), *setenv,
+                "--", *argv]
+
+    def worker_env(self) -> dict[str, str]:
+        """The settings that make a compute worker this host's (broker, backend and service token are
+        the caller's to add)."""
+        return {"COMPUTE_HOST": self.name, "COMPUTE_LIBVIRT_URI": "qemu:///system",
+                "INSTANCES_PATH": str(self.instances_path), "COMPUTE_VIRT_TYPE": "qemu",
+                "COMPUTE_MIGRATION_ADDRESS": self.ip}
+
+    def worker_command(self, env: Mapping[str, str] | None = None) -> list[str]:
+        """``python -m compute_workers`` as this host's worker: :meth:`worker_env` plus ``env`` set on
+        top; a ready Procfile line is ``shlex.join(host.worker_command())``."""
+        return self.command(sys.executable, "-m", "compute_workers", "--host", self.name,
+                            env={**self.worker_env(), **(env or {})})
+
+
+class HostWorker:
+    """The compute worker process of one harness host, outside any process manager, so that a test
+    can SIGKILL it (say mid-migration) and start it again while the rest of the cloud runs."""
+
+    def __init__(self, host: NamespaceHost, env: Mapping[str, str], log_path: Path) -> None:
+        self.host, self.env, self.log_path = host, dict(env), log_path
+        self.process: subprocess.Popen[bytes] | None = None  # nsexec, which stands in for the worker
+
+    def start(self) -> None:
+        if self.running:
+            raise RuntimeError(f"the worker of {self.host.name} runs already")
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(self.host.worker_command(), env=self.env, cwd=REPO,
+                                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    @property
+    def pid(self) -> int:
+        """The worker process itself (root PID numbering), not nsexec. Waits for it to be forked."""
+        assert self.process is not None, "not started"
+        deadline = time.monotonic() + 10
+        while not (children := _children(self.process.pid)):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the worker of {self.host.name} is not running:\n{self.log()[-3000:]}")
+            time.sleep(0.01)
+        return children[0]
+
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` to the worker itself (SIGSTOP/SIGCONT too, which nsexec does not forward)."""
+        os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        """SIGKILL the worker, as a crash would: no warm shutdown, no ``host_stopping``."""
+        if self.running:
+            self.signal(signal.SIGKILL)
+            assert self.process is not None
+            self.process.wait(10)
+
+    def stop(self, timeout: float = 30) -> int | None:
+        """SIGTERM (a warm shutdown: running tasks finish, ``host_stopping`` is sent); SIGKILL after
+        ``timeout`` seconds. Returns the exit status (negative: the signal), None if never started."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)  # a stopped worker could not shut down
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()  # nsexec's death kills the worker (PR_SET_PDEATHSIG)
+                self.process.wait(10)
+        return self.process.returncode
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
 
     def log(self) -> str:
         try:
@@ -183,6 +275,19 @@ class NamespaceHosts:
             for i, name in enumerate(names)]
         self._netns: list[str] = []
         self._root_link_added = False
+        self.workers: list[HostWorker] = []
+
+    def host(self, name: str) -> NamespaceHost:
+        return next(host for host in self.hosts if host.name == name)
+
+    def start_worker(self, host: NamespaceHost, env: Mapping[str, str], log_path: Path) -> HostWorker:
+        """Start ``host``'s compute worker (see :class:`HostWorker`) with ``env`` (the whole environment:
+        broker, backend, service token, ...; the host's own settings are added on top); stop() ends it
+        if the test has not."""
+        worker = HostWorker(host, env, log_path)
+        worker.start()
+        self.workers.append(worker)
+        return worker
 
     def start(self, timeout: float = 30) -> list[NamespaceHost]:
         started = time.monotonic()
@@ -271,6 +376,11 @@ class NamespaceHosts:
     def stop(self) -> None:
         """Kill every namespace's PID 1 (ending its daemon and guests), delete the namespaces and files."""
         errors: list[str] = []
+        for worker in self.workers:  # they would die with their host's PID 1; reap them first
+            if worker.process is not None and worker.process.poll() is None:
+                worker.process.kill()
+                worker.process.wait(10)
+        self.workers.clear()
         for host in self.hosts:
             if host.process is None:
                 continue
