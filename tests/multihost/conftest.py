@@ -6,10 +6,16 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
-from .hosts import NamespaceHost, NamespaceHosts, missing_capabilities
+from tests.e2e.conftest import procfile_processes, run_stack
+
+from .cloud import Cloud, host_workers
+from .hosts import HostWorker, NamespaceHost, NamespaceHosts, missing_capabilities
+
+CLOUD_REDIS_DBS = (3, 2)  # broker, RPC backend: this fixture's alone (other suites use others at once)
 
 
 def skip_unless_capable() -> None:
@@ -50,3 +56,23 @@ def shared_hosts() -> Iterator[NamespaceHosts]:
     their instances directory."""
     with running_hosts(3, shared=(("host-b", "host-c"),)) as hosts:
         yield hosts
+
+
+@pytest.fixture(scope="session")
+def cloud(tiny_image_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cloud]:
+    """A whole cloudctl on three harness hosts, for the session: host-a with private storage, host-b
+    and host-c sharing theirs; web, scheduler, conductor and beat from the real Procfile under honcho;
+    one compute worker per host (``cloud.workers``, see :class:`~.hosts.HostWorker`). Yields once the
+    API answers and every host heartbeats. Tests leave no server behind."""
+    with running_hosts(3, shared=(("host-b", "host-c"),)) as harness:
+        workers: dict[str, HostWorker] = {}
+        started = time.monotonic()
+        with run_stack(tiny_image_path, tmp_path_factory.mktemp("cloud"),
+                       procfile=procfile_processes(without=("compute", "flower")),
+                       hosts=[host.name for host in harness.hosts], redis_dbs=CLOUD_REDIS_DBS,
+                       companions=lambda stack: host_workers(harness, stack, workers)) as stack:
+            print(f"\ncloudctl on {len(harness.hosts)} harness hosts: up in "
+                  f"{time.monotonic() - started:.2f} s")
+            yield Cloud(harness, stack, workers)
+            stopping = time.monotonic()
+        print(f"\ncloudctl on harness hosts: stopped in {time.monotonic() - stopping:.2f} s")

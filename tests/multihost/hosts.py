@@ -148,20 +148,30 @@ class HostWorker:
             assert self.process is not None
             self.process.wait(10)
 
-    def stop(self, timeout: float = 30) -> int | None:
-        """SIGTERM (a warm shutdown: running tasks finish, ``host_stopping`` is sent); SIGKILL after
-        ``timeout`` seconds. Returns the exit status (negative: the signal), None if never started."""
+    def terminate(self) -> None:
+        """SIGTERM, without waiting: a warm shutdown (running tasks finish, ``host_stopping`` is sent)."""
+        if self.running:
+            assert self.process is not None
+            with contextlib.suppress(ProcessLookupError, RuntimeError):  # it may be exiting already
+                os.kill(self.pid, signal.SIGCONT)  # a stopped worker could not shut down
+            self.process.terminate()  # nsexec forwards it to the worker
+
+    def wait(self, timeout: float = 30) -> int | None:
+        """The exit status (negative: the signal), after a SIGKILL if the worker has not exited within
+        ``timeout`` seconds; None if never started."""
         if self.process is None:
             return None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGCONT)  # a stopped worker could not shut down
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()  # nsexec's death kills the worker (PR_SET_PDEATHSIG)
-                self.process.wait(10)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()  # nsexec's death kills the worker (PR_SET_PDEATHSIG)
+            self.process.wait(10)
         return self.process.returncode
+
+    def stop(self, timeout: float = 30) -> int | None:
+        """:meth:`terminate` and :meth:`wait`."""
+        self.terminate()
+        return self.wait(timeout)
 
     def restart(self) -> None:
         self.stop()
