@@ -231,10 +231,15 @@ host_uuid = "{host_uuid}"
 log_outputs = "3:stderr"
 """
 
+# remember_owner = 0: libvirt would record each file's original owner in trusted.* xattrs, which the
+# destination of a migration on shared storage then reads as "in use" and refuses the console file
+# ("Setting different DAC user or group ... already in use"); NFS, what shared storage stands for
+# here, usually has no such xattrs.
 QEMU_CONF = """migration_host = "{ip}"
 stdio_handler = "file"
 cgroup_controllers = [ ]
 security_driver = "none"
+remember_owner = 0
 """
 
 # Runs as tini's child inside the new namespaces: private mounts, hostname, then the daemon.

@@ -8,6 +8,7 @@ import secrets
 import signal
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,15 +20,14 @@ from celery import Celery
 from compute_workers import contract
 from tests.compute_support import TOKEN, ConductorQueue, new_spec, serve_images
 
-from .guests import READY, read, wait_for
+from .guests import READY, domain_xml, read, wait_for
 from .hosts import NamespaceHost, NamespaceHosts
 
 pytestmark = pytest.mark.libvirt
 
 
-def in_mount_namespace(host: NamespaceHost, *command: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["nsenter", "--target", str(host.init_pid), "--mount", "--", *command],
-                          capture_output=True, text=True, timeout=30)
+def on_host(host: NamespaceHost, *command: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(host.command(*command), capture_output=True, text=True, timeout=30)
 
 
 def test_shared_storage_groups(shared_hosts: NamespaceHosts) -> None:
@@ -36,14 +36,53 @@ def test_shared_storage_groups(shared_hosts: NamespaceHosts) -> None:
     assert len({host.instances_path for host in shared_hosts.hosts}) == 1
     marker = f"marker-{secrets.token_hex(4)}"
     # Written where host-b's daemon sees its instances; host-c sees it, host-a does not.
-    written = in_mount_namespace(host_b, "sh", "-c", f"echo from-b > {host_b.instances_path}/{marker}")
+    written = on_host(host_b, "sh", "-c", f"echo from-b > {host_b.instances_path}/{marker}")
     assert written.returncode == 0, written.stderr
-    assert in_mount_namespace(host_c, "cat", f"{host_c.instances_path}/{marker}").stdout == "from-b\n"
-    assert in_mount_namespace(host_a, "cat", f"{host_a.instances_path}/{marker}").returncode != 0
+    assert on_host(host_c, "cat", f"{host_c.instances_path}/{marker}").stdout == "from-b\n"
+    assert on_host(host_a, "cat", f"{host_a.instances_path}/{marker}").returncode != 0
     assert (host_c.local_instances / marker).read_text() == "from-b\n"
     assert not (host_a.local_instances / marker).exists()
     # Nor does the test process see any host's files at instances_path itself.
     assert not (shared_hosts.instances_path / marker).exists()
+
+
+def test_live_migration_on_shared_storage(shared_hosts: NamespaceHosts, tiny_image_path: Path) -> None:
+    """host-b to host-c, no disk copied: the guest goes on with the very same files. libvirt sees the
+    bind mount as local storage, so it takes VIR_MIGRATE_UNSAFE (COMPUTE_MIGRATION_UNSAFE's reason)."""
+    _host_a, source, dest = shared_hosts.hosts
+    instance_uuid = str(uuid.uuid4())
+    (source.local_instances / instance_uuid).mkdir()
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(tiny_image_path),
+                    str(source.local_instances / instance_uuid / "disk")], check=True)
+    directory = source.instances_path / instance_uuid
+    console = dest.local_instances / instance_uuid / "console.log"  # the same file as the source's
+    src, dst = libvirt.open(source.uri), libvirt.open(dest.uri)
+    try:
+        domain = src.defineXML(domain_xml(f"mh-{instance_uuid}", instance_uuid, directory / "disk",
+                                          directory / "console.log"))
+        domain.create()  # migrated while it boots: the boot ends on the destination
+        flags = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_PERSIST_DEST
+                 | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE)
+        params = {libvirt.VIR_MIGRATE_PARAM_URI: dest.migrate_uri}
+        with pytest.raises(libvirt.libvirtError, match="Unsafe migration"):
+            domain.migrateToURI3(dest.peer_uri, params, flags)
+        started = time.monotonic()
+        domain.migrateToURI3(dest.peer_uri, params, flags | libvirt.VIR_MIGRATE_UNSAFE)
+        print(f"\nlive migration on shared storage: {time.monotonic() - started:.2f} s")
+        assert src.listAllDomains() == []
+        migrated = dst.lookupByUUIDString(instance_uuid)
+        assert migrated.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+        wait_for(lambda: READY in read(console), 120, lambda: read(console)[-2000:])
+        migrated.shutdown()
+        wait_for(lambda: POWEROFF in read(console), 60, lambda: read(console)[-2000:])
+    finally:
+        for conn in (src, dst):
+            for domain in conn.listAllDomains():
+                if domain.UUIDString() == instance_uuid:
+                    if domain.isActive():
+                        domain.destroy()
+                    domain.undefine()
+            conn.close()
 
 
 def test_a_shared_storage_group_names_known_hosts() -> None:
@@ -55,6 +94,7 @@ def test_a_shared_storage_group_names_known_hosts() -> None:
 
 BROKER = "redis://127.0.0.1:6379/5"  # Redis DBs of this module alone (other suites use others at once)
 BACKEND = "redis://127.0.0.1:6379/4"
+POWEROFF = "cloudctl-guest: poweroff (clean)"
 ACTIVE = {"vm_state": "active", "task_state": None, "power_state": "running"}
 
 
