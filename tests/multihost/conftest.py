@@ -15,6 +15,11 @@ from tests.e2e.conftest import procfile_processes, run_stack
 from .cloud import Cloud, host_workers
 from .hosts import HostWorker, NamespaceHost, NamespaceHosts, missing_capabilities
 
+# host-b and host-c share their instances directory through bind mounts, which libvirt cannot tell
+# from local storage; a live migration whose deadline is short enough to test (10 s for the 128 MiB
+# demo guest; an unthrottled one takes ~2 s); migration steps reaped quickly.
+CLOUD_ENV = {"COMPUTE_MIGRATION_UNSAFE": "1", "LIVE_MIGRATION_COMPLETION_TIMEOUT": "80",
+             "MIGRATION_STEP_TIMEOUT": "60", "COMPUTE_CONCURRENCY": "4"}
 CLOUD_REDIS_DBS = (3, 2)  # broker, RPC backend: this fixture's alone (other suites use others at once)
 
 
@@ -70,6 +75,7 @@ def cloud(tiny_image_path: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         with run_stack(tiny_image_path, tmp_path_factory.mktemp("cloud"),
                        procfile=procfile_processes(without=("compute", "flower")),
                        hosts=[host.name for host in harness.hosts], redis_dbs=CLOUD_REDIS_DBS,
+                       extra_env=CLOUD_ENV,
                        companions=lambda stack: host_workers(harness, stack, workers)) as stack:
             print(f"\ncloudctl on {len(harness.hosts)} harness hosts: up in "
                   f"{time.monotonic() - started:.2f} s")
