@@ -34,6 +34,12 @@ A malformed value fails at start with :class:`ConfigError` naming the variable.
 | `COMPUTE_IMAGE_UPLOAD_TIMEOUT` | `600` | Seconds a snapshot upload may wait for the image service (connect, and each read of its answer). |
 | `COMPUTE_IMAGE_CACHE_MAX_AGE` | `86400` | A cached base image (`_base/<image-id>`) that no instance disk of this host uses and no spawn used for this many seconds is removed. |
 | `COMPUTE_IMAGE_CACHE_CLEANUP_INTERVAL` | `600` | Seconds between two image cache cleanups (run by the heartbeat thread). |
+| `COMPUTE_MIGRATION_ADDRESS` | the host name (`COMPUTE_HOST`) | Address at which other hosts' libvirtd and QEMU reach this host for migrations: the check answers `qemu+<scheme>://<address>/system` (libvirt, peer to peer) and `tcp://<address>` (QEMU's migration stream). An IPv6 address is bracketed. |
+| `COMPUTE_MIGRATION_SCHEME` | `tcp` | `tcp`, `tls` or `ssh`: the transport of the libvirt migration URI (`qemu+tcp://`, `qemu+tls://`, `qemu+ssh://`); libvirtd must listen on it (`tcp`: `listen_tcp`, `tls`: `listen_tls`, `ssh`: root's key trusted by every host). |
+| `COMPUTE_MIGRATION_UNSAFE` | `0` | `1`: add `VIR_MIGRATE_UNSAFE` to live migrations on shared storage, for an `INSTANCES_PATH` shared in a way libvirt cannot recognise (a local directory shared by bind mounts); libvirt 9.0 refuses such a migration otherwise ("Migration without shared storage is unsafe"). Never on real NFS/cluster filesystems: libvirt recognises them. |
+| `COMPUTE_LIVE_MIGRATION_BANDWIDTH` | `0` | Maximum bandwidth of a live migration's stream, MiB/s; `0`: libvirt's default (unlimited, or what `virsh migrate-setspeed` set on the domain). |
+| `COMPUTE_LIVE_MIGRATION_SOFT_TIME_LIMIT` | `3600` | Soft time limit of `compute.live_migration`; a migration's `completion_timeout` is capped 30 s below it, so that an aborted migration is still reported. The other migration tasks use the limits of their kind: the checks those of `compute.get_console_output`, `compute.pre_live_migration` those of `compute.spawn` (it may download an image), post/rollback/abort those of the lifecycle tasks. |
+| `COMPUTE_LIVE_MIGRATION_TIME_LIMIT` | `3660` | Hard time limit of `compute.live_migration`. |
 | `COMPUTE_VISIBILITY_TIMEOUT` | `7200` | Redis `visibility_timeout`: an unacknowledged task is delivered again after it. Must exceed every hard time limit. |
 | `COMPUTE_FAKE_VCPUS` | `16` | vCPUs the fake driver reports (`--vcpus`). |
 | `COMPUTE_FAKE_MEMORY_MB` | `32768` | RAM the fake driver reports (`--memory-mb`). |
@@ -57,12 +63,20 @@ from compute_workers import contract
 
 DRIVERS = ("libvirt", "fake")
 VIRT_TYPES = ("auto", "kvm", "qemu")
+MIGRATION_SCHEMES = ("tcp", "tls", "ssh")
 DEFAULT_INSTANCES_PATH = Path("/var/lib/cloudctl/instances")
 LIFECYCLE_TASKS = (contract.COMPUTE_REBOOT, contract.COMPUTE_POWER_OFF, contract.COMPUTE_POWER_ON,
                    contract.COMPUTE_PAUSE, contract.COMPUTE_UNPAUSE, contract.COMPUTE_SUSPEND,
                    contract.COMPUTE_RESUME)
 # Seconds a lifecycle task keeps, below its soft time limit, to force a guest off and report.
 SHUTDOWN_MARGIN = 30
+# Seconds compute.live_migration keeps, below its soft time limit, to abort the job and report.
+LIVE_MIGRATION_MARGIN = 30
+# The migration tasks other than compute.live_migration, by the time limits they share.
+MIGRATION_CHECK_TASKS = (contract.COMPUTE_CHECK_MIGRATE_DESTINATION, contract.COMPUTE_CHECK_MIGRATE_SOURCE)
+LIVE_MIGRATION_STEP_TASKS = (contract.COMPUTE_ABORT_LIVE_MIGRATION,
+                             contract.COMPUTE_POST_LIVE_MIGRATION_AT_DEST,
+                             contract.COMPUTE_ROLLBACK_LIVE_MIGRATION_AT_DEST)
 
 
 class ConfigError(ValueError):
@@ -117,6 +131,19 @@ def _host(text: str) -> str:
     return text
 
 
+def _address(text: str) -> str:
+    """A migration address: a host name or an IP address, nothing a URI could be made of."""
+    if text and (any(c.isspace() or c in "/?#@" for c in text) or text.startswith("[")):
+        raise ValueError("must be a host name or an IP address (no brackets, no URI)")
+    return text
+
+
+def _flag(text: str) -> bool:
+    if text not in ("0", "1"):
+        raise ValueError("must be 0 or 1")
+    return text == "1"
+
+
 def _non_empty(text: str) -> str:
     if not text.strip():
         raise ValueError("must not be empty")
@@ -157,13 +184,19 @@ class ComputeConfig:
     image_cache_max_age: float = _env("COMPUTE_IMAGE_CACHE_MAX_AGE", 86400.0, _non_negative_float)
     image_cache_cleanup_interval: float = _env("COMPUTE_IMAGE_CACHE_CLEANUP_INTERVAL", 600.0,
                                                _positive_float)
+    migration_address: str = _env("COMPUTE_MIGRATION_ADDRESS", "", _address)
+    migration_scheme: str = _env("COMPUTE_MIGRATION_SCHEME", "tcp", _choice(MIGRATION_SCHEMES))
+    migration_unsafe: bool = _env("COMPUTE_MIGRATION_UNSAFE", False, _flag)
+    live_migration_bandwidth: int = _env("COMPUTE_LIVE_MIGRATION_BANDWIDTH", 0, _non_negative_int)
+    live_migration_soft_time_limit: int = _env("COMPUTE_LIVE_MIGRATION_SOFT_TIME_LIMIT", 3600, _positive_int)
+    live_migration_time_limit: int = _env("COMPUTE_LIVE_MIGRATION_TIME_LIMIT", 3660, _positive_int)
     visibility_timeout: int = _env("COMPUTE_VISIBILITY_TIMEOUT", 7200, _positive_int)
     fake_vcpus: int = _env("COMPUTE_FAKE_VCPUS", 16, _positive_int)
     fake_memory_mb: int = _env("COMPUTE_FAKE_MEMORY_MB", 32768, _positive_int)
     fake_disk_gb: int = _env("COMPUTE_FAKE_DISK_GB", 500, _positive_int)
 
     def __post_init__(self) -> None:
-        for kind in ("spawn", "terminate", "console", "lifecycle", "snapshot"):
+        for kind in ("spawn", "terminate", "console", "lifecycle", "snapshot", "live_migration"):
             soft_var = f"COMPUTE_{kind.upper()}_SOFT_TIME_LIMIT"
             hard_var = f"COMPUTE_{kind.upper()}_TIME_LIMIT"
             soft, hard = getattr(self, f"{kind}_soft_time_limit"), getattr(self, f"{kind}_time_limit")
@@ -192,7 +225,35 @@ class ComputeConfig:
             (contract.COMPUTE_CONSOLE_OUTPUT, self.console_soft_time_limit, self.console_time_limit),
             (contract.COMPUTE_SNAPSHOT, self.snapshot_soft_time_limit, self.snapshot_time_limit),
             *((name, self.lifecycle_soft_time_limit, self.lifecycle_time_limit) for name in LIFECYCLE_TASKS),
+            (contract.COMPUTE_LIVE_MIGRATION, self.live_migration_soft_time_limit,
+             self.live_migration_time_limit),
+            *((name, self.console_soft_time_limit, self.console_time_limit)
+              for name in MIGRATION_CHECK_TASKS),
+            (contract.COMPUTE_PRE_LIVE_MIGRATION, self.spawn_soft_time_limit, self.spawn_time_limit),
+            *((name, self.lifecycle_soft_time_limit, self.lifecycle_time_limit)
+              for name in LIVE_MIGRATION_STEP_TASKS),
         )
+
+    @property
+    def max_live_migration_timeout(self) -> float:
+        """The longest completion_timeout of a live migration, leaving the task time to abort and report."""
+        return float(max(self.live_migration_soft_time_limit - LIVE_MIGRATION_MARGIN, 1))
+
+    @property
+    def migration_host(self) -> str:
+        """COMPUTE_MIGRATION_ADDRESS (the host name when unset) as it goes in a URI."""
+        address = self.migration_address or self.host
+        return f"[{address}]" if ":" in address else address
+
+    @property
+    def migration_uri(self) -> str:
+        """The libvirt URI other hosts' daemons reach this one at (peer-to-peer migration)."""
+        return f"qemu+{self.migration_scheme}://{self.migration_host}/system"
+
+    @property
+    def migration_data_uri(self) -> str:
+        """Where other hosts' QEMU sends a migration stream to this host's QEMU."""
+        return f"tcp://{self.migration_host}"
 
     @property
     def queue(self) -> str:

@@ -74,3 +74,11 @@ class ImageTooLarge(ImageError):
 
 class ImageUploadError(ComputeError):
     """The snapshot could not be uploaded: the image service refused it or could not be reached."""
+
+
+class CPUIncompatible(ComputeError):
+    """This host's CPU cannot run a guest live-migrated from the source's CPU (libvirt compareCPU)."""
+
+
+class MigrationAborted(HypervisorError):
+    """libvirt ended a live migration because its job was aborted (abortJob); the domain stays here."""

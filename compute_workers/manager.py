@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import secrets
 import threading
 import time
@@ -24,19 +25,28 @@ from typing import Any
 
 import requests
 
-from compute_workers import contract
+from compute_workers import contract, migration_jobs
+from compute_workers import shared_storage as markers
 from compute_workers.config import ComputeConfig
 from compute_workers.exception import (
     ComputeError,
     ConsoleUnavailable,
+    CPUIncompatible,
+    ImageDownloadError,
     ImageUploadError,
     InstanceInvalidState,
     InstanceNotFound,
     InvalidInstanceUUID,
 )
 from compute_workers.images import ImageCache, qcow2_backing_file
-from compute_workers.journal import ActionJournal
+from compute_workers.journal import ActionJournal, MigrationJournal
 from compute_workers.locks import KeyedLock
+from compute_workers.migration_jobs import (
+    LiveMigrationJob,
+    LiveMigrationJobs,
+    MigrationMonitor,
+    ProgressThrottle,
+)
 from compute_workers.power_events import PowerStateEvents
 from compute_workers.reporter import Reporter
 from compute_workers.virt.driver import ComputeDriver, checked_uuid
@@ -101,6 +111,8 @@ class ComputeManager:
                                  timeout=config.image_download_timeout)
         self._instance_locks = KeyedLock()
         self.journal = ActionJournal(config.instances_path)
+        self.migration_journal = MigrationJournal(config.instances_path, config.host)
+        self._live_migrations = LiveMigrationJobs()
         self._power_events: PowerStateEvents | None = None
         self._owns_power_events = False
         self._snapshot_slots = threading.BoundedSemaphore(config.max_concurrent_snapshots)
@@ -653,6 +665,576 @@ class ComputeManager:
                         timeout, self.config.max_shutdown_timeout)
             return self.config.max_shutdown_timeout
         return float(timeout)
+
+    # Live migration ---------------------------------------------------------------------------------
+    #
+    # Each step reports conductor.migration_update (never instance_update). Its outcome is journaled
+    # (MigrationJournal, outside the instance directory, which leaves the source with the migration)
+    # before it is reported, and a redelivered step does nothing but report the journaled status again:
+    # the conductor drops what it already applied, so this only makes up for a report lost between the
+    # journal and the send. Failures are reported with a message naming the host and what the
+    # hypervisor said; nothing escapes as an exception.
+
+    def check_can_migrate_destination(self, instance_uuid: str, source_host: str,
+                                      source_cpu_info: Mapping[str, Any] | None,
+                                      image: Mapping[str, Any] | None, live: bool) -> dict[str, Any]:
+        """Can this host receive the instance from ``source_host``? Checks, in this order, the
+        hypervisor, that no domain of the instance is here, the source's CPU (``live`` only), the base
+        image; then creates the shared-storage marker. An answer, never an exception (the control
+        plane waits for it)."""
+        def refused(check: str, message: str) -> dict[str, Any]:
+            LOG.warning("migration of %s from %s to this host (%s) refused, check %s: %s", instance_uuid,
+                        source_host, self.host, check, message)
+            return {"ok": False, "check": check, "message": message}
+
+        try:
+            checked_uuid(instance_uuid)
+            state = self._power_state_or_none(instance_uuid)
+        except InvalidInstanceUUID as exc:
+            return refused("instance_exists", str(exc))
+        except Exception as exc:
+            return refused("hypervisor", f"the hypervisor of host {self.host} does not answer: {exc}")
+        if state is not None and (live or source_host != self.host):
+            return refused("instance_exists", f"a domain of instance {instance_uuid} already exists on host "
+                                              f"{self.host} ({state})")
+        cpu = "skipped"
+        if live:
+            try:
+                cpu_info = source_cpu_info if isinstance(source_cpu_info, Mapping) else {}
+                cpu = self.driver.compare_cpu(cpu_info)
+            except CPUIncompatible as exc:
+                return refused("cpu", f"the CPU of host {self.host} cannot run a guest live-migrated from "
+                                      f"host {source_host}: {exc}")
+            except Exception as exc:
+                return refused("cpu", f"host {self.host} cannot compare its CPU with host {source_host}'s: "
+                                      f"{exc}")
+        try:
+            image_cached = self._check_migration_image(image)
+        except Exception as exc:
+            return refused("image", str(exc))
+        try:
+            marker = markers.create_marker(self.config.instances_path)
+            fs = os.statvfs(self.config.instances_path)
+        except OSError as exc:
+            return refused("hypervisor", f"cannot write in INSTANCES_PATH {self.config.instances_path} on "
+                                         f"host {self.host}: {exc}")
+        return {"ok": True, "migration_uri": self.config.migration_uri,
+                "migration_data_uri": self.config.migration_data_uri, "shared_marker": marker,
+                "disk_free_bytes": fs.f_bavail * fs.f_frsize, "image_cached": image_cached, "cpu": cpu}
+
+    def _check_migration_image(self, image: Mapping[str, Any] | None) -> bool:
+        """Whether the base image is cached here; raises (with a message for users) when it is not
+        and cannot be fetched. Drivers without images have nothing to cache: False."""
+        if not self.driver.capabilities["needs_base_image"]:
+            return False
+        if not isinstance(image, Mapping) or not isinstance(image.get("id"), str):
+            raise contract.SpecError(f"no valid image given to check on host {self.host}: {image!r}")
+        label = image.get("name") or image["id"]
+        if self.images.path(image["id"]).exists():
+            return True
+        url = image.get("url")
+        if not isinstance(url, str) or not url:
+            raise contract.SpecError(f"image {label} has no url to fetch it from on host {self.host}")
+        if not self.config.service_token:
+            raise ImageDownloadError(f"image {label} is not cached on host {self.host} and CLOUDCTL_SERVICE_"
+                                     "TOKEN is not set there to download it")
+        headers = {"Authorization": f"Token {self.config.service_token}", "Range": "bytes=0-0"}
+        try:
+            with requests.get(url, headers=headers, stream=True,
+                              timeout=migration_jobs.IMAGE_CHECK_TIMEOUT) as answer:
+                status = answer.status_code
+        except requests.RequestException as exc:
+            raise ImageDownloadError(f"image {label} is not cached on host {self.host}, which cannot reach "
+                                     f"the image API: {exc}") from exc
+        if status not in (200, 206):
+            raise ImageDownloadError(f"image {label} is not cached on host {self.host} and the image API "
+                                     f"answered HTTP {status} for it")
+        return False
+
+    def check_can_migrate_source(self, instance_uuid: str, shared_marker: str | None) -> dict[str, Any]:
+        """Can the instance leave this host? Its domain must be here; says whether the destination's
+        marker is visible here (then removes it: shared storage) and the bytes its disk occupies."""
+        def refused(message: str) -> dict[str, Any]:
+            LOG.warning("migration of %s from this host (%s) refused: %s", instance_uuid, self.host, message)
+            return {"ok": False, "check": "source", "message": message}
+
+        try:
+            checked_uuid(instance_uuid)
+            power_state = self.driver.get_info(instance_uuid)
+        except (InvalidInstanceUUID, InstanceNotFound):
+            return refused(f"instance {instance_uuid} has no domain on host {self.host}")
+        except Exception as exc:
+            return refused(f"the hypervisor of host {self.host} does not answer: {exc}")
+        try:
+            shared = bool(shared_marker) and markers.marker_visible(self.config.instances_path,
+                                                                          str(shared_marker))
+        except markers.InvalidMarker as exc:
+            return refused(str(exc))
+        if shared:
+            markers.remove_marker(self.config.instances_path, shared_marker)
+        try:
+            disk_bytes = (self.config.instances_path / instance_uuid / "disk").stat().st_blocks * 512
+        except FileNotFoundError:
+            disk_bytes = 0  # a driver without disk files
+        except OSError as exc:
+            return refused(f"cannot read the disk of instance {instance_uuid} on host {self.host}: {exc}")
+        return {"ok": True, "shared_storage": shared, "power_state": power_state, "disk_bytes": disk_bytes}
+
+    def pre_live_migration(self, instance_uuid: str, migration_id: int, spec: dict[str, Any],
+                           block_migration: bool, shared_storage: bool, shared_marker: str | None) -> None:
+        """On the destination: remove the marker, fetch the base image, make the instance directory and
+        its empty console log and, for block migration, the disk overlay; report "prepared"."""
+        step, event = "pre_live_migration", "compute_pre_live_migration"
+        if not self._checked_migration(step, instance_uuid, migration_id):
+            return
+        with self._instance_locks.hold(instance_uuid):
+            if self._migration_redelivered(step, instance_uuid, migration_id):
+                return
+            started = time.monotonic()
+            markers.remove_marker(self.config.instances_path, shared_marker)
+            try:
+                self._checked_spec_for(instance_uuid, spec)
+                if not shared_storage and not block_migration:
+                    raise ComputeError(f"the instance directory of {instance_uuid} is not on storage shared "
+                                       f"with host {self.host} and this is no block migration: its disk "
+                                       "would not reach the destination")
+                base_image = None
+                if self.driver.capabilities["needs_base_image"]:
+                    base_image = self.images.fetch(spec["image"]).path
+                self.driver.pre_live_migration(spec, base_image, block_migration, shared_storage)
+            except Exception as exc:
+                message = (f"cannot prepare host {self.host} for the live migration of instance "
+                           f"{instance_uuid}: {self._failure_message(exc)}")
+                LOG.error("%s", message, exc_info=not isinstance(exc, ComputeError | contract.SpecError))
+                self._migration_done(migration_id, step, contract.MIGRATION_ERROR, error=message,
+                                     event=self._event(event, "error", message))
+                return
+            made = ("nothing to create: the instance directory is shared with the source" if shared_storage
+                    else "instance directory and disk overlay created" if block_migration
+                    else "instance directory created")
+            message = f"host {self.host} prepared in {time.monotonic() - started:.1f} s: {made}"
+            LOG.info("%s of %s (migration %s): %s", step, instance_uuid, migration_id, message)
+            self._migration_done(migration_id, step, contract.MIGRATION_PREPARED,
+                                 event=self._event(event, "success", message))
+
+    def live_migration(self, instance_uuid: str, migration_id: int, dest_host: str, migration_uri: str,
+                       migration_data_uri: str | None, block_migration: bool, shared_storage: bool,
+                       completion_timeout: float | None) -> None:
+        """On the source: live-migrate the domain to ``dest_host`` while reporting its progress; report
+        "running", then "migrated", "cancelled" or "failed" (see the contract). Runs as long as the
+        migration does; :meth:`abort_live_migration` (another thread) can stop it."""
+        step = "live_migration"
+        if not self._checked_migration(step, instance_uuid, migration_id):
+            return
+        if self._migration_redelivered(step, instance_uuid, migration_id):
+            return
+        job = self._live_migrations.start(migration_id, instance_uuid)
+        if job is None:
+            LOG.warning("live migration %s of %s already runs in this worker; redelivered task ignored",
+                        migration_id, instance_uuid)
+            return
+        try:
+            with self._instance_locks.hold(instance_uuid):
+                # A run of this migration that ended while this one waited journaled its outcome.
+                if self._migration_redelivered(step, instance_uuid, migration_id):
+                    return
+                self._live_migrate(job, dest_host, migration_uri, migration_data_uri, bool(block_migration),
+                                   bool(shared_storage), self._completion_timeout(completion_timeout))
+        except Exception as exc:  # a bug: still report, and truthfully
+            message = f"live migration of instance {instance_uuid} on host {self.host} failed: {exc}"
+            LOG.exception("%s", message)
+            self._migration_done(migration_id, step, contract.MIGRATION_FAILED, error=message,
+                                 values=self._migration_values(instance_uuid),
+                                 event=self._event("compute_live_migration", "error", message))
+        finally:
+            self._live_migrations.finish(job)
+
+    def _live_migrate(self, job: LiveMigrationJob, dest_host: str, migration_uri: str,
+                      migration_data_uri: str | None, block_migration: bool, shared: bool,
+                      timeout: float) -> None:
+        instance_uuid, migration_id = job.instance_uuid, job.migration_id
+        step, event = "live_migration", "compute_live_migration"
+        route = f"instance {instance_uuid} from host {self.host} to host {dest_host}"
+
+        def end(status: str, message: str, result: str) -> None:
+            LOG.warning("live migration %s: %s", migration_id, message)
+            self._migration_done(migration_id, step, status,
+                                 error=None if status == contract.MIGRATION_MIGRATED else message,
+                                 values=self._migration_values(instance_uuid),
+                                 event=self._event(event, result, message))
+
+        try:
+            state = self.driver.get_info(instance_uuid)
+        except InstanceNotFound:
+            self._live_migration_domain_gone(job, dest_host, migration_uri, shared)
+            return
+        except Exception as exc:
+            end(contract.MIGRATION_FAILED, f"live migration of {route} failed: the hypervisor of host "
+                                           f"{self.host} does not answer: {exc}", "error")
+            return
+        if job.abort_requested.is_set():
+            end(contract.MIGRATION_CANCELLED, f"live migration of {route} cancelled before it started",
+                "cancelled")
+            return
+        if state not in (RUNNING, PAUSED):
+            end(contract.MIGRATION_FAILED, f"live migration of {route} refused: the instance is {state} "
+                                           f"there; only a running or paused instance can be live-migrated",
+                "error")
+            return
+        unsafe = shared and self.config.migration_unsafe
+        outcome: dict[str, Any] = {}
+
+        def migrate() -> None:
+            try:
+                self.driver.live_migration(instance_uuid, migration_uri, migration_data_uri, block_migration,
+                                           unsafe=unsafe, bandwidth_mib=self.config.live_migration_bandwidth)
+            except BaseException as exc:
+                outcome["error"] = exc
+
+        LOG.info("live migration %s: %s to %s (data %s; block migration %s, shared storage %s, unsafe %s, "
+                 "bandwidth %s MiB/s, completion timeout %g s)", migration_id, route, migration_uri,
+                 migration_data_uri, block_migration, shared, unsafe,
+                 self.config.live_migration_bandwidth or "default", timeout)
+        started = time.monotonic()
+        thread = threading.Thread(target=migrate, name=f"live-migration-{migration_id}", daemon=True)
+        thread.start()
+        monitor = self._monitor_live_migration(job, thread, started + timeout, route)
+        seconds = time.monotonic() - started
+        if thread.is_alive():
+            end(contract.MIGRATION_FAILED, f"live migration of {route} did not end within "
+                                           f"{migration_jobs.ABORT_GRACE:g} s after libvirt was asked to "
+                                           f"abort it ({monitor.why_aborted}); its outcome is unknown",
+                "error")
+            return
+        error = outcome.get("error")
+        if error is None:
+            self._live_migration_succeeded(job, dest_host, shared, seconds, monitor)
+            return
+        self._resume_if_left_paused(instance_uuid, state)
+        if job.abort_requested.is_set() and not monitor.timed_out:
+            end(contract.MIGRATION_CANCELLED, f"live migration of {route} cancelled on request after "
+                                              f"{seconds:.1f} s: {error}", "cancelled")
+        elif monitor.timed_out:
+            end(contract.MIGRATION_FAILED, f"live migration of {route} did not complete within its "
+                                           f"completion timeout of {timeout:g} s and was aborted: {error}",
+                "error")
+        else:
+            end(contract.MIGRATION_FAILED, f"live migration of {route} failed after {seconds:.1f} s: "
+                                           f"{self._failure_message(error)}", "error")
+
+    def _monitor_live_migration(self, job: LiveMigrationJob, thread: threading.Thread, deadline: float,
+                                route: str) -> MigrationMonitor:
+        """Until ``thread`` (the migration) ends: report "running" once libvirt shows the job, then its
+        progress at least every second; abort it when asked or when ``deadline`` (monotonic) passed."""
+        monitor = MigrationMonitor()
+        throttle = ProgressThrottle(migration_jobs.PROGRESS_INTERVAL)
+        instance_uuid, migration_id = job.instance_uuid, job.migration_id
+        abort_deadline: float | None = None
+        next_abort_attempt = 0.0
+        while True:
+            thread.join(migration_jobs.POLL_INTERVAL if monitor.running_reported
+                        else migration_jobs.FIRST_POLL_INTERVAL)
+            if not thread.is_alive():
+                break
+            now = time.monotonic()
+            if not monitor.aborting and (job.abort_requested.is_set() or now >= deadline):
+                monitor.aborting = True
+                monitor.timed_out = not job.abort_requested.is_set()
+                monitor.why_aborted = ("completion timeout passed" if monitor.timed_out
+                                       else "cancelled on request")
+                abort_deadline = now + migration_jobs.ABORT_GRACE
+                if monitor.timed_out:
+                    LOG.warning("live migration %s of %s: completion timeout passed; aborting it",
+                                migration_id, route)
+            if monitor.aborting:
+                if abort_deadline is not None and now >= abort_deadline:
+                    LOG.error("live migration %s: still running %g s after its abort; giving up on it",
+                              migration_id, migration_jobs.ABORT_GRACE)
+                    break
+                if now >= next_abort_attempt:
+                    next_abort_attempt = now + migration_jobs.ABORT_RETRY_INTERVAL
+                    self._send_abort(job)
+            try:
+                progress = self.driver.live_migration_progress(instance_uuid)
+                observed_at = time.time()
+            except InstanceNotFound:
+                progress = None  # gone from here: it just completed
+            except Exception as exc:
+                if not monitor.progress_failed:
+                    LOG.warning("live migration %s: cannot read its progress: %s", migration_id, exc)
+                monitor.progress_failed = True
+                progress = None
+            if progress is None:
+                continue
+            if not monitor.running_reported:
+                self._report_running(job, route)
+                monitor.running_reported = True
+            if throttle.due(time.monotonic()):
+                monitor.progress_reports += 1
+                monitor.last_progress = progress
+                self.reporter.report(contract.CONDUCTOR_MIGRATION_PROGRESS, migration_id=migration_id,
+                                     host=self.host, progress={**progress, "observed_at": observed_at})
+        return monitor
+
+    def _report_running(self, job: LiveMigrationJob, route: str) -> None:
+        self._migration_update(job.migration_id, contract.MIGRATION_RUNNING, event=self._event(
+            "compute_live_migration", "start", f"live migration of {route} started"))
+
+    def _send_abort(self, job: LiveMigrationJob) -> None:
+        """Ask the hypervisor to abort the job, once it took the request; logged, never raised."""
+        with job.lock:
+            if job.abort_sent:
+                return
+            try:
+                job.abort_sent = self.driver.abort_live_migration(job.instance_uuid)
+            except Exception as exc:
+                LOG.warning("live migration %s: abort refused for now: %s", job.migration_id, exc)
+                return
+        if job.abort_sent:
+            LOG.info("live migration %s of %s: libvirt aborts its job", job.migration_id, job.instance_uuid)
+
+    def _live_migration_succeeded(self, job: LiveMigrationJob, dest_host: str, shared: bool, seconds: float,
+                                  monitor: MigrationMonitor) -> None:
+        """libvirt says the migration completed: the domain must be gone from here; then the source's
+        files go (never on shared storage: the directory is the destination's)."""
+        instance_uuid, migration_id = job.instance_uuid, job.migration_id
+        event = "compute_live_migration"
+        route = f"instance {instance_uuid} from host {self.host} to host {dest_host}"
+        if not monitor.running_reported:  # it ended before a poll saw the job
+            self._report_running(job, route)
+        try:
+            self.driver.post_live_migration_at_source(instance_uuid, shared)
+            left = ("its directory is kept: it is on storage shared with the destination" if shared
+                    else "its directory here was removed")
+        except InstanceInvalidState as exc:
+            message = (f"libvirt reported the live migration of {route} complete, but the domain still "
+                       f"runs on host {self.host}: {exc}")
+            LOG.error("%s", message)
+            self._migration_done(migration_id, "live_migration", contract.MIGRATION_FAILED, error=message,
+                                 values=self._migration_values(instance_uuid),
+                                 event=self._event(event, "error", message))
+            return
+        except Exception as exc:  # the instance is there now: only files are left here
+            LOG.error("live migration %s: cleanup of instance %s on %s failed (remove it by hand): %s",
+                      migration_id, instance_uuid, self.host, exc)
+            left = f"the cleanup of its files here failed: {exc}"
+        memory = (monitor.last_progress or {}).get("memory_total", 0)
+        message = (f"live migration of {route} completed in {seconds:.1f} s ({monitor.progress_reports} "
+                   f"progress reports; memory {memory / MiB:.0f} MiB); {left}")
+        self._migration_done(migration_id, "live_migration", contract.MIGRATION_MIGRATED,
+                             values=self._migration_values(instance_uuid),
+                             event=self._event(event, "success", message))
+        LOG.info("live migration %s: %s", migration_id, message)
+
+    def _live_migration_domain_gone(self, job: LiveMigrationJob, dest_host: str, migration_uri: str,
+                                    shared: bool) -> None:
+        """The domain is not here and no outcome was journaled: a redelivered task whose first run
+        died while libvirt went on (a peer-to-peer migration does not need its caller), or a wrong
+        host. Ask the destination rather than guess."""
+        instance_uuid, migration_id = job.instance_uuid, job.migration_id
+        step, event = "live_migration", "compute_live_migration"
+        route = f"instance {instance_uuid} from host {self.host} to host {dest_host}"
+        try:
+            there = self.driver.instance_power_state_at(migration_uri, instance_uuid)
+        except Exception as exc:
+            there = None
+            asked = f"and host {dest_host} cannot be asked: {exc}"
+        else:
+            asked = f"nor on host {dest_host}" if there is None else ""
+        if there in (RUNNING, PAUSED):
+            with contextlib.suppress(Exception):
+                self.driver.post_live_migration_at_source(instance_uuid, shared)
+            message = (f"live migration of {route}: the domain already runs on host {dest_host} (an earlier "
+                       "attempt completed it)")
+            self._migration_done(migration_id, step, contract.MIGRATION_MIGRATED,
+                                 values={"power_state": contract.POWER_NOSTATE},
+                                 event=self._event(event, "success", message))
+            LOG.warning("live migration %s: %s", migration_id, message)
+            return
+        if there is not None:
+            asked = f"and on host {dest_host} it is {there}"
+        message = (f"live migration of {route} failed: the domain of the instance is not on host {self.host} "
+                   f"{asked}")
+        LOG.error("live migration %s: %s", migration_id, message)
+        self._migration_done(migration_id, step, contract.MIGRATION_FAILED, error=message,
+                             values={"power_state": contract.POWER_NOSTATE},
+                             event=self._event(event, "error", message))
+
+    def _resume_if_left_paused(self, instance_uuid: str, state_before: str) -> None:
+        """After a failed migration the guest must run here as before: libvirt resumes it itself, but a
+        failure late in the switch-over can leave it paused (Nova's rollback resumes it too)."""
+        if state_before != RUNNING:
+            return
+        try:
+            if self.driver.get_info(instance_uuid) == PAUSED:
+                LOG.warning("live migration of %s failed and left it paused; resuming it", instance_uuid)
+                self.driver.unpause(instance_uuid)
+        except Exception as exc:
+            LOG.error("cannot resume %s after its failed live migration: %s", instance_uuid, exc)
+
+    def abort_live_migration(self, instance_uuid: str, migration_id: int) -> None:
+        """Abort the running live migration ``migration_id``: its task then reports "cancelled". None
+        running: a logged no-op (an abort that comes before its migration started cancels it)."""
+        if not self._checked_migration("abort_live_migration", instance_uuid, migration_id, report=False):
+            return
+        job = self._live_migrations.request_abort(migration_id, instance_uuid)
+        if job is None:
+            LOG.info("abort of live migration %s of %s: no such migration runs on host %s; nothing to "
+                     "abort (should it start within %.0f s, it is cancelled)", migration_id, instance_uuid,
+                     self.host, migration_jobs.EARLY_ABORT_TTL)
+            return
+        LOG.info("abort of live migration %s of %s requested", migration_id, instance_uuid)
+        self._send_abort(job)
+
+    def post_live_migration_at_destination(self, instance_uuid: str, migration_id: int,
+                                           spec: dict[str, Any]) -> None:
+        """On the destination after "migrated": the domain must run here; record its definition; report
+        "completed" with its power state (and libvirt's figures of the migration in the event)."""
+        step, event = "post_live_migration_at_destination", "compute_post_live_migration_at_destination"
+        if not self._checked_migration(step, instance_uuid, migration_id):
+            return
+        with self._instance_locks.hold(instance_uuid):
+            if self._migration_redelivered(step, instance_uuid, migration_id):
+                return
+            try:
+                self._checked_spec_for(instance_uuid, spec)
+                figures = self.driver.post_live_migration_at_destination(instance_uuid, spec)
+                power_state = self.driver.get_info(instance_uuid)
+            except Exception as exc:
+                message = (f"the live-migrated instance {instance_uuid} is not usable on host {self.host}: "
+                           f"{self._failure_message(exc)}")
+                LOG.error("%s", message, exc_info=not isinstance(exc, ComputeError | contract.SpecError))
+                self._migration_done(migration_id, step, contract.MIGRATION_ERROR, error=message,
+                                     values=self._migration_values(instance_uuid),
+                                     event=self._event(event, "error", message))
+                return
+            message = f"domain {contract.domain_name(instance_uuid)} is {power_state} on host {self.host}"
+            if "downtime_ms" in figures:
+                message += f"; libvirt: downtime {figures['downtime_ms']} ms"
+                if "elapsed_ms" in figures:
+                    message += f", migration {figures['elapsed_ms'] / 1000:.1f} s"
+                if "transferred_bytes" in figures:
+                    message += f", {figures['transferred_bytes'] / MiB:.1f} MiB transferred"
+            LOG.info("%s of %s (migration %s): %s", step, instance_uuid, migration_id, message)
+            self._migration_done(migration_id, step, contract.MIGRATION_COMPLETED,
+                                 values={"power_state": power_state},
+                                 event=self._event(event, "success", message))
+
+    def rollback_live_migration_at_destination(self, instance_uuid: str, migration_id: int,
+                                               shared_storage: bool) -> None:
+        """On the destination after a failed migration: remove any domain of the instance here that does
+        not run and, unless ``shared_storage``, the instance directory; report "rolled_back"."""
+        step = "rollback_live_migration_at_destination"
+        event = f"compute_{step}"
+        if not self._checked_migration(step, instance_uuid, migration_id):
+            return
+        with self._instance_locks.hold(instance_uuid):
+            if self._migration_redelivered(step, instance_uuid, migration_id):
+                return
+            try:
+                removed = self.driver.rollback_live_migration_at_destination(instance_uuid,
+                                                                             destroy_disks=not shared_storage)
+            except Exception as exc:
+                message = (f"cannot roll back the live migration of instance {instance_uuid} on host "
+                           f"{self.host}: {self._failure_message(exc)}")
+                LOG.error("%s", message, exc_info=not isinstance(exc, ComputeError))
+                self._migration_done(migration_id, step, contract.MIGRATION_ERROR, error=message,
+                                     values=self._migration_values(instance_uuid),
+                                     event=self._event(event, "error", message))
+                return
+            message = (f"host {self.host}: " + ("domain removed" if removed else "no domain was left")
+                       + ("; the instance directory is shared with the source and kept" if shared_storage
+                          else "; instance directory removed"))
+            LOG.info("%s of %s (migration %s): %s", step, instance_uuid, migration_id, message)
+            self._migration_done(migration_id, step, contract.MIGRATION_ROLLED_BACK,
+                                 event=self._event(event, "success", message))
+
+    def _migration_update(self, migration_id: int, status: str, *, error: str | None = None,
+                          values: dict[str, Any] | None = None, event: dict[str, Any] | None = None) -> None:
+        self.reporter.report(contract.CONDUCTOR_MIGRATION_UPDATE, migration_id=migration_id, host=self.host,
+                             status=status, error=error, values=values, event=event)
+
+    def _migration_done(self, migration_id: int, step: str, status: str, *, error: str | None = None,
+                        values: dict[str, Any] | None = None, event: dict[str, Any] | None = None) -> None:
+        """Journal the step's final ``status``, then report it."""
+        try:
+            self.migration_journal.record(migration_id, step, status)
+        except OSError as exc:  # the outcome must still be reported
+            LOG.error("cannot journal %s of migration %s (%s): a redelivery of it would run again", step,
+                      migration_id, exc)
+        self._migration_update(migration_id, status, error=error, values=values, event=event)
+
+    def _migration_redelivered(self, step: str, instance_uuid: str, migration_id: int) -> bool:
+        """Whether ``step`` of this migration already ended here; if so its status is reported again."""
+        try:
+            status = self.migration_journal.status(migration_id, step)
+        except OSError as exc:
+            LOG.error("cannot read the migration journal (%s): running %s of migration %s", exc, step,
+                      migration_id)
+            return False
+        if status is None:
+            return False
+        message = (f"{step} of migration {migration_id} already ended on host {self.host} with status "
+                   f"{status}; redelivered task ignored")
+        LOG.info("%s (instance %s)", message, instance_uuid)
+        failed = status in (contract.MIGRATION_ERROR, contract.MIGRATION_FAILED, contract.MIGRATION_CANCELLED)
+        values = None if step == "pre_live_migration" else self._migration_values(instance_uuid)
+        self._migration_update(migration_id, status, error=message if failed else None, values=values)
+        return True
+
+    def _checked_migration(self, step: str, instance_uuid: str, migration_id: Any, *,
+                           report: bool = True) -> bool:
+        """Whether the task's ids are usable; a bad instance uuid is reported as the step's failure, a
+        bad migration id (no record to report to) is only logged."""
+        if isinstance(migration_id, bool) or not isinstance(migration_id, int) or migration_id < 0:
+            LOG.error("%s of %r refused: invalid migration id %r", step, instance_uuid, migration_id)
+            return False
+        try:
+            checked_uuid(instance_uuid)
+        except InvalidInstanceUUID as exc:
+            LOG.error("%s of migration %s refused: %s", step, migration_id, exc)
+            if report:
+                status = contract.MIGRATION_FAILED if step == "live_migration" else contract.MIGRATION_ERROR
+                self._migration_update(migration_id, status,
+                                       error=f"{step} refused on host {self.host}: {exc}")
+            return False
+        return True
+
+    def _checked_spec_for(self, instance_uuid: str, spec: dict[str, Any]) -> None:
+        contract.validate_spec(spec)
+        if spec["instance_uuid"] != instance_uuid:
+            raise contract.SpecError(f"spec is for instance {spec['instance_uuid']}, not {instance_uuid}")
+
+    def _migration_values(self, instance_uuid: str) -> dict[str, Any]:
+        """``{"power_state"}`` read now: ``nostate`` when the domain is not here; empty when the
+        hypervisor cannot say (the conductor keeps what it has)."""
+        try:
+            return {"power_state": self.driver.get_info(instance_uuid)}
+        except InstanceNotFound:
+            return {"power_state": contract.POWER_NOSTATE}
+        except Exception as exc:
+            LOG.warning("cannot read the power state of %s: %s", instance_uuid, exc)
+            return {}
+
+    def _failure_message(self, exc: BaseException) -> str:
+        """What a user reads of a failure: our errors' own messages, anything else named as unexpected."""
+        if isinstance(exc, ComputeError | contract.SpecError):
+            return str(exc)
+        return f"unexpected error on host {self.host}: {type(exc).__name__}: {exc}"
+
+    def _completion_timeout(self, completion_timeout: Any) -> float:
+        """The task's ``completion_timeout``, capped so that the task ends within its time limit."""
+        longest = self.config.max_live_migration_timeout
+        if isinstance(completion_timeout, bool) or not isinstance(completion_timeout, int | float) or not (
+                completion_timeout > 0):
+            LOG.warning("invalid live migration completion timeout %r; using %g s", completion_timeout,
+                        longest)
+            return longest
+        if completion_timeout > longest:
+            LOG.warning("live migration completion timeout %g s capped at %g s (COMPUTE_LIVE_MIGRATION_SOFT_"
+                        "TIME_LIMIT - 30)", completion_timeout, longest)
+            return longest
+        return float(completion_timeout)
 
     # Host ------------------------------------------------------------------------------------------
 

@@ -138,3 +138,70 @@ def register_tasks(app: Celery, managers: ComputeManager | Managers) -> None:
                           upload_url: str, image_name: str = "") -> None:
         if manager := manager_for(self):
             manager.snapshot_instance(instance_uuid, action_id, image_id, upload_url, image_name)
+
+    # Live migration. The checks are synchronous calls (the control plane waits on the result backend
+    # with a timeout): they return their answer, like get_console_output. The steps report to the
+    # conductor; compute.abort_live_migration runs in another worker thread while compute.live_migration
+    # runs, and reaches it through the manager.
+
+    def no_host(task: Task) -> dict[str, Any]:
+        return {"ok": False, "check": "hypervisor",
+                "message": f"no host of this worker consumes the queue {_route(task.request)!r}"}
+
+    @app.task(name=contract.COMPUTE_CHECK_MIGRATE_DESTINATION, ignore_result=False, **common,
+              **limits[contract.COMPUTE_CHECK_MIGRATE_DESTINATION])
+    def check_can_migrate_destination(self: Task, instance_uuid: str, source_host: str,
+                                      source_cpu_info: dict[str, Any] | None, image: dict[str, Any] | None,
+                                      live: bool = True) -> dict[str, Any]:
+        if manager := manager_for(self):
+            return manager.check_can_migrate_destination(instance_uuid, source_host, source_cpu_info, image,
+                                                         live)
+        return no_host(self)
+
+    @app.task(name=contract.COMPUTE_CHECK_MIGRATE_SOURCE, ignore_result=False, **common,
+              **limits[contract.COMPUTE_CHECK_MIGRATE_SOURCE])
+    def check_can_migrate_source(self: Task, instance_uuid: str,
+                                 shared_marker: str | None = None) -> dict[str, Any]:
+        if manager := manager_for(self):
+            return manager.check_can_migrate_source(instance_uuid, shared_marker)
+        return {**no_host(self), "check": "source"}
+
+    migration_step = {"ignore_result": True, **common}
+
+    @app.task(name=contract.COMPUTE_PRE_LIVE_MIGRATION, **migration_step,
+              **limits[contract.COMPUTE_PRE_LIVE_MIGRATION])
+    def pre_live_migration(self: Task, instance_uuid: str, migration_id: int, spec: dict[str, Any],
+                           block_migration: bool, shared_storage: bool,
+                           shared_marker: str | None = None) -> None:
+        if manager := manager_for(self):
+            manager.pre_live_migration(instance_uuid, migration_id, spec, block_migration, shared_storage,
+                                       shared_marker)
+
+    @app.task(name=contract.COMPUTE_LIVE_MIGRATION, **migration_step,
+              **limits[contract.COMPUTE_LIVE_MIGRATION])
+    def live_migration(self: Task, instance_uuid: str, migration_id: int, dest_host: str, migration_uri: str,
+                       migration_data_uri: str | None, block_migration: bool, shared_storage: bool,
+                       completion_timeout: float | None = None) -> None:
+        if manager := manager_for(self):
+            manager.live_migration(instance_uuid, migration_id, dest_host, migration_uri, migration_data_uri,
+                                   block_migration, shared_storage, completion_timeout)
+
+    @app.task(name=contract.COMPUTE_ABORT_LIVE_MIGRATION, **migration_step,
+              **limits[contract.COMPUTE_ABORT_LIVE_MIGRATION])
+    def abort_live_migration(self: Task, instance_uuid: str, migration_id: int) -> None:
+        if manager := manager_for(self):
+            manager.abort_live_migration(instance_uuid, migration_id)
+
+    @app.task(name=contract.COMPUTE_POST_LIVE_MIGRATION_AT_DEST, **migration_step,
+              **limits[contract.COMPUTE_POST_LIVE_MIGRATION_AT_DEST])
+    def post_live_migration_at_destination(self: Task, instance_uuid: str, migration_id: int,
+                                           spec: dict[str, Any]) -> None:
+        if manager := manager_for(self):
+            manager.post_live_migration_at_destination(instance_uuid, migration_id, spec)
+
+    @app.task(name=contract.COMPUTE_ROLLBACK_LIVE_MIGRATION_AT_DEST, **migration_step,
+              **limits[contract.COMPUTE_ROLLBACK_LIVE_MIGRATION_AT_DEST])
+    def rollback_live_migration_at_destination(self: Task, instance_uuid: str, migration_id: int,
+                                               shared_storage: bool) -> None:
+        if manager := manager_for(self):
+            manager.rollback_live_migration_at_destination(instance_uuid, migration_id, shared_storage)

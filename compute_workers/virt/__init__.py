@@ -12,7 +12,7 @@ def load_driver(config: ComputeConfig) -> ComputeDriver:
         from compute_workers.virt.fake import FakeDriver
 
         return FakeDriver(vcpus=config.fake_vcpus, memory_mb=config.fake_memory_mb,
-                          disk_gb=config.fake_disk_gb)
+                          disk_gb=config.fake_disk_gb, migration_uri=config.migration_uri)
     if config.driver == "libvirt":
         # Imported here: hosts that only simulate (fake driver) need no libvirt-python.
         from compute_workers.virt.libvirt.driver import LibvirtDriver

@@ -221,9 +221,87 @@ class ComputeDriver(abc.ABC):
         disk, and ``target_path`` may be partial (the caller deletes it)."""
         raise NotImplementedError
 
+    # Live migration. The manager runs live_migration() in a thread of its own and meanwhile polls
+    # live_migration_progress() and may call abort_live_migration() from another thread: these two
+    # are the only calls made for an instance while another call for it runs.
+
+    def compare_cpu(self, cpu_info: Mapping[str, Any]) -> str:
+        """Whether this host's CPU can run guests live-migrated from a host whose CPU is ``cpu_info``
+        (a heartbeat ``cpu_info``: arch, model, vendor, features).
+
+        Returns "identical", "superset" (this CPU has everything the source's has, and more) or
+        "skipped" (this driver or hypervisor cannot compare, or ``cpu_info`` says too little to).
+        Raises CPUIncompatible with the hypervisor's reason, HypervisorError when it cannot answer."""
+        return "skipped"
+
+    def pre_live_migration(self, spec: dict[str, Any], base_image: Path | None, block_migration: bool,
+                           shared_storage: bool) -> None:
+        """Prepare this host (the destination) to receive the running instance of a validated ``spec``.
+
+        Unless ``shared_storage`` (the instance directory is then the source's: nothing is created),
+        afterwards the instance directory exists with an empty console log and, for
+        ``block_migration``, the disk as spawn would create it (an overlay of ``base_image``, the
+        cached image, when ``capabilities["needs_base_image"]``) for the migration to fill. A
+        directory left here by an earlier attempt is replaced. Raises InstanceExists if a domain of
+        the instance is defined here. On failure nothing it made is left."""
+        raise NotImplementedError
+
     def live_migration(self, instance_uuid: str, dest_uri: str, dest_migrate_uri: str | None = None,
-                       block_migration: bool = False) -> Any:
-        """Move the running domain to the hypervisor at ``dest_uri`` without stopping it (its disk
-        too with ``block_migration``, streamed to ``dest_migrate_uri``). Afterwards the domain runs
-        and is defined there and is gone here; on failure it keeps running here."""
+                       block_migration: bool = False, *, unsafe: bool = False,
+                       bandwidth_mib: int = 0) -> Any:
+        """Move the running (or paused) domain to the hypervisor at ``dest_uri`` without stopping it;
+        its memory (and its disk's top layer with ``block_migration``, the destination holding the
+        same base image) is streamed to ``dest_migrate_uri``. Blocks until the migration ends.
+
+        ``unsafe``: migrate although the hypervisor deems the disks unsafe to share (the caller knows
+        the storage is shared). ``bandwidth_mib``: cap of the stream in MiB/s, 0 for the default.
+
+        Afterwards the domain runs and is defined there and is gone here (its files here are left to
+        :meth:`post_live_migration_at_source`). Raises InstanceNotFound, InstanceInvalidState when the
+        domain is not active, MigrationAborted after :meth:`abort_live_migration`, HypervisorError
+        when the migration fails; the domain then keeps running here as before (a domain the
+        hypervisor left paused is the caller's to resume)."""
+        raise NotImplementedError
+
+    def live_migration_progress(self, instance_uuid: str) -> dict[str, int] | None:
+        """The counters of the instance's running migration job, ``contract.MIGRATION_PROGRESS_KEYS``
+        in bytes (0 for what the hypervisor does not say); None when no job runs (not yet, or no
+        more). Raises InstanceNotFound, HypervisorError."""
+        return None
+
+    def abort_live_migration(self, instance_uuid: str) -> bool:
+        """Abort the instance's running migration job: its :meth:`live_migration` call then raises
+        MigrationAborted, unless the job could not be stopped any more (it then ends as it would have).
+        Returns False when no job runs. Raises InstanceNotFound, HypervisorError when the hypervisor
+        refuses (e.g. a job past the point of no return)."""
+        return False
+
+    def post_live_migration_at_source(self, instance_uuid: str, shared_storage: bool) -> None:
+        """After a successful :meth:`live_migration`, on the source: afterwards no domain of the
+        instance is defined here and, unless ``shared_storage`` (then the directory is the
+        destination's and is never touched), its directory is gone. Raises InstanceInvalidState when
+        a domain of the instance still runs here (nothing is removed then), HypervisorError."""
+        raise NotImplementedError
+
+    def post_live_migration_at_destination(self, instance_uuid: str, spec: dict[str, Any]) -> dict[str, Any]:
+        """After a successful live migration, on the destination: check that the domain runs here and
+        record its definition from ``spec`` (``libvirt.xml``, as spawn writes it); the domain itself
+        is left as it is. Returns what the hypervisor says about the finished migration (``downtime_ms``,
+        ``elapsed_ms``, ``transferred_bytes``: those it knows). Raises InstanceNotFound,
+        InstanceInvalidState when the domain is not running."""
+        raise NotImplementedError
+
+    def rollback_live_migration_at_destination(self, instance_uuid: str, destroy_disks: bool) -> bool:
+        """After a failed live migration, on the destination: afterwards no domain of the instance is
+        defined here and, with ``destroy_disks``, its directory is gone (never asked on shared
+        storage: the directory is the source's). Returns whether a domain was removed. Raises
+        InstanceInvalidState when a domain of the instance runs here (the migration went through
+        after all: nothing is removed), HypervisorError."""
+        raise NotImplementedError
+
+    def instance_power_state_at(self, uri: str, instance_uuid: str) -> str | None:
+        """The power state of the instance's domain on the hypervisor of another host at ``uri`` (a
+        migration URI), None when it has none there: where a redelivered live migration whose domain
+        left this host learns whether it arrived. Raises HypervisorError when that hypervisor cannot
+        be asked."""
         raise NotImplementedError

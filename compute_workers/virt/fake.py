@@ -2,6 +2,10 @@
 
 It keeps the same contract as the libvirt driver (the same contract tests run against both) with
 configurable sizes and delays. Failures are injected by tiny subclasses, as Nova's fake driver does.
+
+Live migration works between fake drivers of one process (a fleet, a test): a driver given a
+``migration_uri`` is found at it by the others; the migration takes ``migration_delay`` seconds, its
+progress counts the flavor's memory, and it can be aborted until its last moment.
 """
 
 from __future__ import annotations
@@ -9,16 +13,19 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from compute_workers import contract
 from compute_workers.exception import (
+    CPUIncompatible,
     HypervisorError,
     InstanceExists,
     InstanceInvalidState,
     InstanceNotFound,
+    MigrationAborted,
 )
 from compute_workers.virt.driver import ComputeDriver, checked_uuid
 
@@ -31,6 +38,24 @@ class FakeInstance:
     boots: int = 1
 
 
+@dataclasses.dataclass
+class _FakeMigrationJob:
+    total: int
+    seconds: float
+    started: float = dataclasses.field(default_factory=time.monotonic)
+    aborted: threading.Event = dataclasses.field(default_factory=threading.Event)
+    committed: bool = False  # past the point where an abort can stop it
+
+    def processed(self) -> int:
+        done = 1.0 if self.seconds <= 0 else min(1.0, (time.monotonic() - self.started) / self.seconds)
+        return int(self.total * done)
+
+
+# migration URI -> the fake driver that answers there (in this process).
+_MIGRATION_PEERS: weakref.WeakValueDictionary[str, FakeDriver] = weakref.WeakValueDictionary()
+_PEERS_LOCK = threading.Lock()
+
+
 class FakeDriver(ComputeDriver):
     """Domains live in a dict; nothing touches the disk unless ``needs_base_image`` asks the manager
     to download images (to exercise the image cache without a hypervisor)."""
@@ -39,18 +64,24 @@ class FakeDriver(ComputeDriver):
 
     def __init__(self, *, vcpus: int = 16, memory_mb: int = 32768, disk_gb: int = 500,
                  spawn_delay: float = 0.0, destroy_delay: float = 0.0,
-                 needs_base_image: bool = False) -> None:
+                 needs_base_image: bool = False, migration_uri: str | None = None) -> None:
         super().__init__()
         self.capabilities = {**self.capabilities, "needs_base_image": needs_base_image,
                              "supports_reboot": True, "supports_power_ops": True,
                              "supports_pause": True, "supports_suspend": True,
-                             "supports_lifecycle_events": True, "supports_snapshot": True}
+                             "supports_lifecycle_events": True, "supports_snapshot": True,
+                             "supports_live_migration": True}
         self.vcpus, self.memory_mb, self.disk_gb = vcpus, memory_mb, disk_gb
         self.spawn_delay, self.destroy_delay = spawn_delay, destroy_delay
         self.snapshot_delay = 0.0
+        self.migration_delay = 0.0
         self.instances: dict[str, FakeInstance] = {}
         self._lock = threading.Lock()
         self._lifecycle_callback: Callable[[str], None] | None = None
+        self._migrations: dict[str, _FakeMigrationJob] = {}
+        if migration_uri is not None:
+            with _PEERS_LOCK:
+                _MIGRATION_PEERS[migration_uri] = self
 
     def init_host(self) -> None:
         pass
@@ -196,6 +227,124 @@ class FakeDriver(ComputeDriver):
         target_path.write_bytes(data)
         progress(len(data), len(data))
 
+    # Live migration ------------------------------------------------------------------------------------
+
+    def compare_cpu(self, cpu_info: Mapping[str, Any]) -> str:
+        own = self.get_available_resource()["cpu_info"]
+        if cpu_info.get("arch") and cpu_info.get("arch") != own["arch"]:
+            raise CPUIncompatible(f"host CPU architecture {own['arch']} differs from the source's "
+                                  f"{cpu_info.get('arch')}")
+        return "identical" if dict(cpu_info) == own else "skipped"
+
+    def pre_live_migration(self, spec: dict[str, Any], base_image: Path | None, block_migration: bool,
+                           shared_storage: bool) -> None:
+        instance_uuid = checked_uuid(spec["instance_uuid"])
+        with self._lock:
+            if instance_uuid in self.instances:
+                raise InstanceExists(f"instance {instance_uuid} already exists on this host")
+
+    def live_migration(self, instance_uuid: str, dest_uri: str, dest_migrate_uri: str | None = None,
+                       block_migration: bool = False, *, unsafe: bool = False,
+                       bandwidth_mib: int = 0) -> None:
+        instance = self._get(instance_uuid)
+        if instance.power_state not in (contract.POWER_RUNNING, contract.POWER_PAUSED):
+            raise InstanceInvalidState(f"instance {instance_uuid} is not running: nothing to live-migrate")
+        with _PEERS_LOCK:
+            peer = _MIGRATION_PEERS.get(dest_uri)
+        if peer is None or peer is self:
+            raise HypervisorError(f"live migration of instance {instance_uuid} to {dest_uri} failed: no "
+                                  "other fake hypervisor of this process answers there")
+        job = _FakeMigrationJob(total=int(instance.spec["flavor"]["memory_mb"]) * 1024 * 1024,
+                                seconds=self.migration_delay)
+        with self._lock:
+            self._migrations[instance_uuid] = job
+        aborted = MigrationAborted(f"live migration of instance {instance_uuid} aborted: canceled by client")
+        try:
+            if job.aborted.wait(self.migration_delay):
+                raise aborted
+            with self._lock:
+                if job.aborted.is_set():
+                    raise aborted
+                job.committed = True
+            with peer._lock:
+                if instance_uuid in peer.instances:
+                    raise HypervisorError(f"live migration of instance {instance_uuid} to {dest_uri} failed: "
+                                          "a domain of that instance already exists there")
+                peer.instances[instance_uuid] = dataclasses.replace(
+                    instance, console=[*instance.console, "cloudctl-fake: live-migrated here"])
+            with self._lock:
+                self.instances.pop(instance_uuid, None)
+        finally:
+            with self._lock:
+                self._migrations.pop(instance_uuid, None)
+        self._changed(instance_uuid)
+        peer._changed(instance_uuid)
+
+    def live_migration_progress(self, instance_uuid: str) -> dict[str, int] | None:
+        self._get(instance_uuid)
+        with self._lock:
+            job = self._migrations.get(instance_uuid)
+        if job is None:
+            return None
+        processed = job.processed()
+        return {"memory_total": job.total, "memory_processed": processed,
+                "memory_remaining": job.total - processed, "disk_total": 0, "disk_processed": 0,
+                "disk_remaining": 0}
+
+    def abort_live_migration(self, instance_uuid: str) -> bool:
+        self._get(instance_uuid)
+        with self._lock:
+            job = self._migrations.get(instance_uuid)
+            if job is None:
+                return False
+            if job.committed:
+                raise HypervisorError(f"cannot abort the migration of instance {instance_uuid}: it is "
+                                      "completing")
+            job.aborted.set()
+        return True
+
+    def post_live_migration_at_source(self, instance_uuid: str, shared_storage: bool) -> None:
+        with self._lock:
+            instance = self.instances.get(checked_uuid(instance_uuid))
+            if instance is not None and instance.power_state in (contract.POWER_RUNNING,
+                                                                 contract.POWER_PAUSED):
+                raise InstanceInvalidState(f"instance {instance_uuid} still runs on this host after its "
+                                           "migration")
+            self.instances.pop(instance_uuid, None)
+
+    def post_live_migration_at_destination(self, instance_uuid: str, spec: dict[str, Any]) -> dict[str, Any]:
+        with self._lock:
+            instance = self.instances.get(checked_uuid(instance_uuid))
+            if instance is None:
+                raise InstanceNotFound(f"instance {instance_uuid} not found on this host")
+            if instance.power_state not in (contract.POWER_RUNNING, contract.POWER_PAUSED):
+                raise InstanceInvalidState(f"the migrated domain of instance {instance_uuid} is not running "
+                                           "on this host")
+            instance.spec = spec
+        return {"downtime_ms": 0}
+
+    def rollback_live_migration_at_destination(self, instance_uuid: str, destroy_disks: bool) -> bool:
+        with self._lock:
+            instance = self.instances.get(checked_uuid(instance_uuid))
+            if instance is None:
+                return False
+            if instance.power_state in (contract.POWER_RUNNING, contract.POWER_PAUSED):
+                raise InstanceInvalidState(f"instance {instance_uuid} is {instance.power_state} on this "
+                                           "host: its migration went through; nothing rolled back")
+            del self.instances[instance_uuid]
+        self._changed(instance_uuid)
+        return True
+
+
+    def instance_power_state_at(self, uri: str, instance_uuid: str) -> str | None:
+        with _PEERS_LOCK:
+            peer = _MIGRATION_PEERS.get(uri)
+        if peer is None:
+            raise HypervisorError(f"cannot reach the hypervisor at {uri}: no fake hypervisor of this "
+                                  "process answers there")
+        with peer._lock:
+            instance = peer.instances.get(checked_uuid(instance_uuid))
+            return None if instance is None else instance.power_state
 
 class FakeACPIIgnoringDriver(FakeDriver):
     """Its guests ignore ACPI requests, as a guest without an ACPI daemon (or a hung one) does:

@@ -18,7 +18,7 @@ import shutil
 import threading
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +27,12 @@ import libvirt
 from compute_workers import contract, images
 from compute_workers.exception import (
     ConsoleUnavailable,
+    CPUIncompatible,
     HypervisorError,
     InstanceExists,
     InstanceInvalidState,
     InstanceNotFound,
+    MigrationAborted,
 )
 from compute_workers.virt.driver import (
     ComputeDriver,
@@ -170,7 +172,8 @@ class LibvirtDriver(ComputeDriver):
         self.capabilities = {**self.capabilities, "needs_base_image": not self.is_test,
                              "supports_reboot": True, "supports_power_ops": True,
                              "supports_pause": True, "supports_suspend": True,
-                             "supports_lifecycle_events": True, "supports_snapshot": True}
+                             "supports_lifecycle_events": True, "supports_snapshot": True,
+                             "supports_live_migration": not self.is_test}
         self.virt_type = "test" if self.is_test else virt_type
         self.disk_cache = "none"
         self._cpu_info: dict[str, Any] = {}
@@ -581,17 +584,163 @@ class LibvirtDriver(ComputeDriver):
 
     # Migration ----------------------------------------------------------------------------------------
 
+    def compare_cpu(self, cpu_info: Mapping[str, Any]) -> str:
+        xml = migration.cpu_xml(cpu_info) if isinstance(cpu_info, Mapping) else None
+        if xml is None:
+            LOG.info("source CPU %r names no model: CPU comparison skipped", cpu_info)
+            return "skipped"
+        try:
+            # FAIL_INCOMPATIBLE: an incompatible CPU is an error that says why.
+            result = self.conn.compareCPU(xml, libvirt.VIR_CONNECT_COMPARE_CPU_FAIL_INCOMPATIBLE)
+        except libvirt.libvirtError as exc:
+            code = _error_code(exc)
+            if code == libvirt.VIR_ERR_CPU_INCOMPATIBLE:
+                raise CPUIncompatible(exc.get_error_message() or str(exc)) from exc
+            if code == libvirt.VIR_ERR_NO_SUPPORT:  # test:// cannot compare
+                return "skipped"
+            raise HypervisorError(f"libvirt cannot compare the source's CPU with this host's: "
+                                  f"{exc.get_error_message() or exc}") from exc
+        if result == libvirt.VIR_CPU_COMPARE_IDENTICAL:
+            return "identical"
+        if result == libvirt.VIR_CPU_COMPARE_SUPERSET:
+            return "superset"
+        if result == libvirt.VIR_CPU_COMPARE_INCOMPATIBLE:
+            raise CPUIncompatible(f"the CPU of this host is incompatible with the source's "
+                                  f"{cpu_info.get('model')}")
+        raise HypervisorError(f"libvirt cannot compare the CPUs (compareCPU answered {result})")
+
+    def pre_live_migration(self, spec: dict[str, Any], base_image: Path | None, block_migration: bool,
+                           shared_storage: bool) -> None:
+        instance_uuid = checked_uuid(spec["instance_uuid"])
+        if self._lookup(instance_uuid) is not None:
+            raise InstanceExists(f"instance {instance_uuid} already exists on this host")
+        if shared_storage:
+            return
+        directory = self.instance_dir(instance_uuid)
+        try:
+            if directory.exists():  # left by an attempt that failed: no domain uses it
+                shutil.rmtree(directory)
+            directory.mkdir(mode=0o755, parents=True)
+            if block_migration and not self.is_test:
+                if base_image is None:
+                    raise HypervisorError("block migration needs the base image on the destination")
+                image = spec["image"]
+                # The overlay spawn creates, of the flavor's size: NON_SHARED_INC copies its contents.
+                images.create_overlay(base_image, image["disk_format"], directory / "disk",
+                                      spec["flavor"]["root_gb"], image.get("name") or image["id"])
+            (directory / "console.log").touch(mode=0o600)
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+
     def live_migration(self, instance_uuid: str, dest_uri: str, dest_migrate_uri: str | None = None,
-                       block_migration: bool = False) -> migration.MigrationResult:
-        """Peer-to-peer live migration to the daemon at ``dest_uri`` (memory, and the disk too with
-        ``block_migration``, streamed to ``dest_migrate_uri``). Afterwards the domain runs and is
-        defined there and is gone here; on failure it keeps running here."""
+                       block_migration: bool = False, *, unsafe: bool = False,
+                       bandwidth_mib: int = 0) -> migration.MigrationResult:
+        """Peer-to-peer live migration to the daemon at ``dest_uri`` (memory, and the disk's top layer
+        too with ``block_migration``, streamed to ``dest_migrate_uri``). Afterwards the domain runs
+        and is defined there and is gone here; on failure it keeps running here."""
         domain = self._domain(instance_uuid)
         with _hypervisor_errors(f"cannot live-migrate instance {instance_uuid} to {dest_uri}", instance_uuid):
             if domain.state()[0] not in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_PAUSED):
                 raise InstanceInvalidState(f"instance {instance_uuid} is not running: "
                                            "nothing to live-migrate")
-            return migration.live_migrate(domain, dest_uri, dest_migrate_uri, block_migration)
+        try:
+            return migration.live_migrate(domain, dest_uri, dest_migrate_uri, block_migration, unsafe=unsafe,
+                                          bandwidth_mib=bandwidth_mib)
+        except libvirt.libvirtError as exc:
+            message = exc.get_error_message() or str(exc)
+            if _error_code(exc) == libvirt.VIR_ERR_OPERATION_ABORTED:
+                raise MigrationAborted(f"live migration of instance {instance_uuid} aborted: "
+                                       f"{message}") from exc
+            if _error_code(exc) == libvirt.VIR_ERR_NO_DOMAIN:
+                raise InstanceNotFound(f"instance {instance_uuid} not found on this host") from exc
+            raise HypervisorError(f"live migration of instance {instance_uuid} to {dest_uri} failed: "
+                                  f"{message}") from exc
+
+    def live_migration_progress(self, instance_uuid: str) -> dict[str, int] | None:
+        domain = self._domain(instance_uuid)
+        with _hypervisor_errors(f"cannot read the migration job of instance {instance_uuid}", instance_uuid):
+            return migration.job_progress(domain)
+
+    def abort_live_migration(self, instance_uuid: str) -> bool:
+        domain = self._domain(instance_uuid)
+        with _hypervisor_errors(f"libvirt cannot abort the migration job of instance {instance_uuid}",
+                                instance_uuid):
+            return migration.abort_job(domain)
+
+    def post_live_migration_at_source(self, instance_uuid: str, shared_storage: bool) -> None:
+        domain = self._lookup(instance_uuid)
+        if domain is not None:
+            with _hypervisor_errors(f"cannot read the state of instance {instance_uuid}", instance_uuid):
+                if domain.isActive():
+                    raise InstanceInvalidState(f"instance {instance_uuid} still runs on this host after "
+                                               "its migration")
+            LOG.warning("instance %s migrated but its domain is still defined here; undefining it",
+                        instance_uuid)
+            self._undefine(domain)
+        if not shared_storage:
+            with contextlib.suppress(FileNotFoundError):
+                shutil.rmtree(self.instance_dir(instance_uuid))
+
+    def post_live_migration_at_destination(self, instance_uuid: str, spec: dict[str, Any]) -> dict[str, Any]:
+        domain = self._domain(instance_uuid)
+        with _hypervisor_errors(f"cannot read the migrated domain of instance {instance_uuid}",
+                                instance_uuid):
+            if not domain.isActive():
+                raise InstanceInvalidState(f"the migrated domain of instance {instance_uuid} is not running "
+                                           "on this host")
+            if not domain.isPersistent():  # PERSIST_DEST asked for it; a migration without it left none
+                LOG.warning("migrated domain of %s is transient here; defining it", instance_uuid)
+                self.conn.defineXML(domain.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE))
+            figures = migration.completed_job(domain)
+        directory = self.instance_dir(instance_uuid)
+        xml = build_domain_xml(spec, virt_type=self.virt_type, machine_type=self.machine_type,
+                               disk_path=directory / "disk", console_path=directory / "console.log",
+                               disk_cache=self.disk_cache)
+        (directory / "libvirt.xml").write_text(xml)
+        return figures
+
+    def rollback_live_migration_at_destination(self, instance_uuid: str, destroy_disks: bool) -> bool:
+        domain = self._lookup(instance_uuid)
+        removed = False
+        if domain is not None:
+            with _hypervisor_errors(f"cannot read the state of instance {instance_uuid}", instance_uuid):
+                state, reason = domain.state()
+                if state in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_BLOCKED) or (
+                        state == libvirt.VIR_DOMAIN_PAUSED and reason != libvirt.VIR_DOMAIN_PAUSED_MIGRATION):
+                    raise InstanceInvalidState(
+                        f"instance {instance_uuid} is {host.power_state(state)} on this host: its migration "
+                        "went through; nothing rolled back")
+            # Shut off, or paused waiting for an incoming migration that will never finish.
+            self._stop(domain)
+            domain = self._lookup(instance_uuid)  # a transient domain is gone once stopped
+            if domain is not None:
+                self._undefine(domain)
+            removed = True
+        if destroy_disks:
+            with contextlib.suppress(FileNotFoundError):
+                shutil.rmtree(self.instance_dir(instance_uuid))
+        return removed
+
+    def instance_power_state_at(self, uri: str, instance_uuid: str) -> str | None:
+        name = contract.domain_name(checked_uuid(instance_uuid))
+        try:
+            conn = libvirt.openReadOnly(uri)
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(f"cannot reach the hypervisor at {uri}: "
+                                  f"{exc.get_error_message() or exc}") from exc
+        try:
+            try:
+                domain = conn.lookupByName(name)
+            except libvirt.libvirtError as exc:
+                if _error_code(exc) == libvirt.VIR_ERR_NO_DOMAIN:
+                    return None
+                raise HypervisorError(f"cannot look up instance {instance_uuid} at {uri}: {exc}") from exc
+            with _hypervisor_errors(f"cannot read the state of instance {instance_uuid} at {uri}"):
+                return self._power_state(domain)
+        finally:
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.close()
 
     # Lifecycle events ---------------------------------------------------------------------------------
 

@@ -1,20 +1,34 @@
-"""Live migration of a running domain with libvirt peer-to-peer migration.
+"""Live migration of a running domain with libvirt peer-to-peer migration, and what goes with it:
+the job's progress, its abort, the completed job's figures, the CPU comparison of the pre-checks.
 
 The source daemon connects to the destination daemon itself (``dest_uri``, e.g.
 ``qemu+tcp://<dest>/system``) and QEMU streams memory (and, for block migration, the disk) to
 ``dest_migrate_uri`` (e.g. ``tcp://<dest>``). The domain is persisted on the destination and
 undefined here only when libvirt reports success; on failure it keeps running here.
 
-Block migration (``NON_SHARED_DISK``) needs the destination prepared first: the instance directory
-and an empty qcow2 of the same virtual size at the same path (the destination worker's job).
+Block migration is ``NON_SHARED_INC``: the destination holds the instance's qcow2 overlay over the
+same cached base image at the same path (the destination worker's ``pre_live_migration`` creates it as
+spawn does), and QEMU copies only the overlay, the layer the guest writes; the base image never
+travels. ``UNSAFE`` lets libvirt migrate disks it believes unshared although they are shared (a
+directory shared by bind mounts: libvirt only recognises network and cluster filesystems).
+
+``migrateToURI3`` blocks until the migration ends, so the compute manager calls it in a thread of its
+own and meanwhile reads :func:`job_progress` and may call :func:`abort_job`, from other threads: one
+libvirt connection serves them all (libvirt connections are thread-safe and a domain job allows
+queries and abort while it runs).
 """
 
 from __future__ import annotations
 
 import time
+import xml.etree.ElementTree as ET
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import libvirt
+
+from compute_workers import contract
 
 BASE_FLAGS = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_PERSIST_DEST
               | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE)
@@ -25,17 +39,103 @@ class MigrationResult:
     seconds: float  # wall-clock time of the migration call
 
 
-def migration_flags(block_migration: bool) -> int:
-    return BASE_FLAGS | (libvirt.VIR_MIGRATE_NON_SHARED_DISK if block_migration else 0)
+def migration_flags(block_migration: bool, unsafe: bool = False) -> int:
+    flags = BASE_FLAGS
+    if block_migration:
+        flags |= libvirt.VIR_MIGRATE_NON_SHARED_INC
+    if unsafe:
+        flags |= libvirt.VIR_MIGRATE_UNSAFE
+    return flags
 
 
-def migration_params(dest_migrate_uri: str | None) -> dict[str, str]:
-    return {} if not dest_migrate_uri else {libvirt.VIR_MIGRATE_PARAM_URI: dest_migrate_uri}
+def migration_params(dest_migrate_uri: str | None, bandwidth_mib: int = 0) -> dict[str, Any]:
+    """``migrateToURI3`` parameters; the bandwidth only when one is configured (without it libvirt uses
+    the domain's own migration speed, by default unlimited)."""
+    params: dict[str, Any] = {}
+    if dest_migrate_uri:
+        params[libvirt.VIR_MIGRATE_PARAM_URI] = dest_migrate_uri
+    if bandwidth_mib:
+        params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = int(bandwidth_mib)
+    return params
 
 
 def live_migrate(domain: libvirt.virDomain, dest_uri: str, dest_migrate_uri: str | None,
-                 block_migration: bool) -> MigrationResult:
+                 block_migration: bool, *, unsafe: bool = False, bandwidth_mib: int = 0) -> MigrationResult:
     """Migrate ``domain`` (running) to ``dest_uri``; raises libvirtError when libvirt refuses or fails."""
     started = time.monotonic()
-    domain.migrateToURI3(dest_uri, migration_params(dest_migrate_uri), migration_flags(block_migration))
+    domain.migrateToURI3(dest_uri, migration_params(dest_migrate_uri, bandwidth_mib),
+                         migration_flags(block_migration, unsafe))
     return MigrationResult(seconds=time.monotonic() - started)
+
+
+# jobInfo()'s list, for daemons without jobStats(): type, time elapsed, time remaining, data
+# total/processed/remaining, memory total/processed/remaining, file total/processed/remaining.
+_JOB_INFO_INDEX = {"memory_total": 6, "memory_processed": 7, "memory_remaining": 8,
+                   "disk_total": 9, "disk_processed": 10, "disk_remaining": 11}
+
+
+def job_progress(domain: libvirt.virDomain) -> dict[str, int] | None:
+    """The running job's counters (``contract.MIGRATION_PROGRESS_KEYS``, bytes), None when no job runs.
+
+    ``jobStats`` names them as the contract does; libvirt leaves out what it does not know yet (0)."""
+    try:
+        stats = domain.jobStats(0)
+    except libvirt.libvirtError as exc:
+        if int(exc.get_error_code() or 0) != libvirt.VIR_ERR_NO_SUPPORT:
+            raise
+        try:
+            info = domain.jobInfo()
+        except libvirt.libvirtError as fallback:
+            if int(fallback.get_error_code() or 0) == libvirt.VIR_ERR_NO_SUPPORT:  # test://: no jobs at all
+                return None
+            raise
+        if not info or info[0] == libvirt.VIR_DOMAIN_JOB_NONE:
+            return None
+        return {key: int(info[index]) for key, index in _JOB_INFO_INDEX.items()}
+    if stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE) == libvirt.VIR_DOMAIN_JOB_NONE:
+        return None
+    return {key: int(stats.get(key, 0)) for key in contract.MIGRATION_PROGRESS_KEYS}
+
+
+def abort_job(domain: libvirt.virDomain) -> bool:
+    """Abort the domain's running job; False when none runs. Raises libvirtError otherwise."""
+    try:
+        domain.abortJob()
+    except libvirt.libvirtError as exc:
+        if int(exc.get_error_code() or 0) == libvirt.VIR_ERR_OPERATION_INVALID:  # "no job is active"
+            return False
+        raise
+    return True
+
+
+def completed_job(domain: libvirt.virDomain) -> dict[str, int]:
+    """What libvirt says of the domain's last completed job (on the destination of a migration:
+    the migration): ``downtime_ms``, ``elapsed_ms``, ``transferred_bytes``, those it knows."""
+    try:
+        stats = domain.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+    except libvirt.libvirtError:
+        return {}
+    if stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE) == libvirt.VIR_DOMAIN_JOB_NONE:
+        return {}
+    figures = {"downtime_ms": stats.get("downtime"), "elapsed_ms": stats.get("time_elapsed"),
+               "transferred_bytes": stats.get("data_processed")}
+    return {key: int(value) for key, value in figures.items() if value is not None}
+
+
+def cpu_xml(cpu_info: Mapping[str, Any]) -> str | None:
+    """The ``<cpu>`` of a heartbeat's ``cpu_info`` (as Nova's ``_compare_cpu`` builds it: every
+    feature required), for ``compareCPU``; None when it names no model to compare."""
+    arch, model = cpu_info.get("arch"), cpu_info.get("model")
+    if not isinstance(model, str) or not model:
+        return None
+    cpu = ET.Element("cpu")
+    if isinstance(arch, str) and arch:
+        ET.SubElement(cpu, "arch").text = arch
+    ET.SubElement(cpu, "model").text = model
+    vendor = cpu_info.get("vendor")
+    if isinstance(vendor, str) and vendor:
+        ET.SubElement(cpu, "vendor").text = vendor
+    features = cpu_info.get("features") or []
+    for name in sorted({f for f in features if isinstance(f, str) and f}):
+        ET.SubElement(cpu, "feature", policy="require", name=name)
+    return ET.tostring(cpu, encoding="unicode")

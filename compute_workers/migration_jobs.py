@@ -1,0 +1,122 @@
+"""The live migrations running in this worker, so that an abort reaches its migration.
+
+``compute.abort_live_migration`` arrives on the host's queue while ``compute.live_migration`` runs in
+another worker thread (the pool has COMPUTE_CONCURRENCY threads): it finds the migration here by its
+``migration_id``, sets its abort flag and asks the hypervisor to abort the job; the thread monitoring
+the migration sees the flag (and retries the abort while the hypervisor has no job to abort yet) and
+reports "cancelled" once libvirt gave up.
+
+An abort that arrives before its migration started (its task still queued behind another) is kept for
+:data:`EARLY_ABORT_TTL` seconds: the migration, when it starts, finds it and is cancelled at once
+instead of running.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+
+EARLY_ABORT_TTL = 600.0
+# The monitor of a migration looks at its job this often (the first looks sooner: "running" is
+# reported when libvirt shows the job) and reports its progress at most every PROGRESS_INTERVAL, so at
+# least every PROGRESS_INTERVAL + POLL_INTERVAL (+ the time libvirt takes to answer) while it runs.
+POLL_INTERVAL = 0.2
+FIRST_POLL_INTERVAL = 0.05
+PROGRESS_INTERVAL = 0.6
+# An abort the hypervisor refuses (no job yet, a job past its point of no return) is retried this often;
+# a migration still running ABORT_GRACE seconds after its abort was asked for is given up on.
+ABORT_RETRY_INTERVAL = 1.0
+ABORT_GRACE = 60.0
+# The destination's check asks the image API whether it would serve an image it has not cached.
+IMAGE_CHECK_TIMEOUT = 10.0
+
+
+@dataclasses.dataclass
+class LiveMigrationJob:
+    migration_id: int
+    instance_uuid: str
+    abort_requested: threading.Event = dataclasses.field(default_factory=threading.Event)
+    started: float = dataclasses.field(default_factory=time.monotonic)
+    # Whether the hypervisor took an abort request (the monitor retries until it does).
+    abort_sent: bool = False
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+
+class LiveMigrationJobs:
+    """migration_id -> the running :class:`LiveMigrationJob` of this worker."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._jobs: dict[int, LiveMigrationJob] = {}
+        self._early_aborts: dict[int, tuple[str, float]] = {}  # migration_id -> (uuid, monotonic)
+
+    def start(self, migration_id: int, instance_uuid: str) -> LiveMigrationJob | None:
+        """Register a new job; None when this migration already runs here (a redelivered task while
+        the first still runs). The job's abort flag is already set when an abort came first."""
+        with self._lock:
+            if migration_id in self._jobs:
+                return None
+            job = LiveMigrationJob(migration_id, instance_uuid)
+            early = self._early_aborts.pop(migration_id, None)
+            if early is not None and early[0] == instance_uuid:
+                job.abort_requested.set()
+            self._jobs[migration_id] = job
+            return job
+
+    def finish(self, job: LiveMigrationJob) -> None:
+        with self._lock:
+            if self._jobs.get(job.migration_id) is job:
+                del self._jobs[job.migration_id]
+
+    def get(self, migration_id: int) -> LiveMigrationJob | None:
+        with self._lock:
+            return self._jobs.get(migration_id)
+
+    def request_abort(self, migration_id: int, instance_uuid: str) -> LiveMigrationJob | None:
+        """Set the abort flag of the running job of ``migration_id`` (if it is ``instance_uuid``'s) and
+        return it; None when none runs (the request is then kept for a migration about to start)."""
+        with self._lock:
+            now = time.monotonic()
+            for key, (_uuid, at) in list(self._early_aborts.items()):
+                if now - at > EARLY_ABORT_TTL:
+                    del self._early_aborts[key]
+            job = self._jobs.get(migration_id)
+            if job is None:
+                self._early_aborts[migration_id] = (instance_uuid, now)
+                return None
+            if job.instance_uuid != instance_uuid:
+                return None
+            job.abort_requested.set()
+            return job
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._jobs)
+
+
+class ProgressThrottle:
+    """Says when the next progress report is due: at most one per ``interval`` seconds."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._last: float | None = None
+
+    def due(self, now: float) -> bool:
+        if self._last is not None and now - self._last < self.interval:
+            return False
+        self._last = now
+        return True
+
+
+@dataclasses.dataclass
+class MigrationMonitor:
+    """What the monitor of one live migration saw and did."""
+
+    running_reported: bool = False
+    aborting: bool = False
+    timed_out: bool = False  # aborted because its completion timeout passed
+    why_aborted: str = ""
+    progress_reports: int = 0
+    progress_failed: bool = False
+    last_progress: dict[str, int] | None = None

@@ -1,0 +1,502 @@
+"""Live migration in the compute manager, between two fake hypervisors of this process (a real monitor
+thread, real progress, abort and timeouts; only the hypervisor is simulated) and on libvirt's
+test:///default: the checks' answers, the reports in order, abort, completion timeout, redeliveries,
+and what is left on each host. The settings, the journal, the markers and the job registry too."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery
+
+from compute_workers import contract, migration_jobs
+from compute_workers import shared_storage as markers
+from compute_workers.config import ComputeConfig, ConfigError
+from compute_workers.exception import HypervisorError
+from compute_workers.journal import MigrationJournal
+from compute_workers.manager import ComputeManager
+from compute_workers.migration_jobs import LiveMigrationJobs, ProgressThrottle
+from compute_workers.reporter import ListReporter
+from compute_workers.tasks import register_tasks
+from compute_workers.virt.fake import FakeDriver
+from compute_workers.virt.libvirt.driver import LibvirtDriver
+
+from .conftest import ImageServer, SpecFactory, make_manager
+
+Managed = tuple[ComputeManager, ListReporter]
+
+
+# Settings ---------------------------------------------------------------------------------------------
+
+def test_migration_settings_defaults_and_uris() -> None:
+    config = ComputeConfig.from_env(environ={"COMPUTE_HOST": "node1"})
+    assert (config.migration_uri, config.migration_data_uri) == ("qemu+tcp://node1/system", "tcp://node1")
+    assert (config.migration_unsafe, config.live_migration_bandwidth) == (False, 0)
+    assert (config.live_migration_soft_time_limit, config.live_migration_time_limit) == (3600, 3660)
+    assert config.max_live_migration_timeout == 3570
+    ssh = ComputeConfig.from_env(environ={"COMPUTE_HOST": "node1", "COMPUTE_MIGRATION_ADDRESS": "10.0.0.7",
+                                          "COMPUTE_MIGRATION_SCHEME": "ssh", "COMPUTE_MIGRATION_UNSAFE": "1",
+                                          "COMPUTE_LIVE_MIGRATION_BANDWIDTH": "200"})
+    assert (ssh.migration_uri, ssh.migration_data_uri) == ("qemu+ssh://10.0.0.7/system", "tcp://10.0.0.7")
+    assert (ssh.migration_unsafe, ssh.live_migration_bandwidth) == (True, 200)
+    v6 = ComputeConfig.from_env(environ={"COMPUTE_MIGRATION_ADDRESS": "fd00::2"})
+    assert (v6.migration_uri, v6.migration_data_uri) == ("qemu+tcp://[fd00::2]/system", "tcp://[fd00::2]")
+
+
+@pytest.mark.parametrize(("variable", "value"), [
+    ("COMPUTE_MIGRATION_SCHEME", "ftp"), ("COMPUTE_MIGRATION_UNSAFE", "yes"),
+    ("COMPUTE_MIGRATION_ADDRESS", "qemu+tcp://x/system"), ("COMPUTE_MIGRATION_ADDRESS", "[fd00::1]"),
+    ("COMPUTE_LIVE_MIGRATION_BANDWIDTH", "-1"), ("COMPUTE_LIVE_MIGRATION_SOFT_TIME_LIMIT", "4000"),
+])
+def test_malformed_migration_settings_name_the_variable(variable: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=variable):
+        ComputeConfig.from_env(environ={variable: value})
+
+
+def test_every_migration_task_has_time_limits_below_the_visibility_timeout() -> None:
+    config = ComputeConfig.from_env(environ={})
+    limits = {name: (soft, hard) for name, soft, hard in config.time_limits()}
+    for name in (contract.COMPUTE_CHECK_MIGRATE_DESTINATION, contract.COMPUTE_CHECK_MIGRATE_SOURCE,
+                 contract.COMPUTE_PRE_LIVE_MIGRATION, contract.COMPUTE_LIVE_MIGRATION,
+                 contract.COMPUTE_ABORT_LIVE_MIGRATION, contract.COMPUTE_POST_LIVE_MIGRATION_AT_DEST,
+                 contract.COMPUTE_ROLLBACK_LIVE_MIGRATION_AT_DEST):
+        soft, hard = limits[name]
+        assert soft < hard < config.visibility_timeout, name
+    assert limits[contract.COMPUTE_LIVE_MIGRATION] == (3600, 3660)
+
+
+# Journal, markers, job registry ------------------------------------------------------------------------
+
+def test_migration_journal_outlives_the_instance_directory_and_is_per_host(tmp_path: Path) -> None:
+    journal = MigrationJournal(tmp_path, "host-a")
+    assert journal.status(7, "live_migration") is None
+    journal.record(7, "live_migration", "migrated")
+    assert journal.status(7, "live_migration") == "migrated"
+    assert journal.status(7, "pre_live_migration") is None
+    assert MigrationJournal(tmp_path, "host-b").status(7, "live_migration") is None  # shared INSTANCES_PATH
+    journal.path(8).parent.mkdir(parents=True, exist_ok=True)
+    journal.path(8).write_text("live_migration migr")  # cut short by a crash: not done
+    assert journal.status(8, "live_migration") is None
+    journal.record(8, "live_migration", "failed")
+    assert journal.status(8, "live_migration") == "failed"
+    with pytest.raises(ValueError):
+        journal.path(True)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        journal.record(9, "live migration", "ok")
+    old = time.time() - 10_000
+    os.utime(journal.path(7), (old, old))
+    assert journal.prune(3600) == 1
+    assert journal.status(7, "live_migration") is None and journal.status(8, "live_migration") == "failed"
+
+
+def test_markers_are_made_seen_removed_and_only_of_their_own_shape(tmp_path: Path) -> None:
+    name = markers.create_marker(tmp_path)
+    assert name.startswith(".shared-") and markers.marker_visible(tmp_path, name)
+    assert not markers.marker_visible(tmp_path / "elsewhere", name)
+    for bad in ("../../etc/passwd", ".shared-xyz", "disk", ""):
+        with pytest.raises(markers.InvalidMarker):
+            markers.marker_visible(tmp_path, bad)
+        assert markers.remove_marker(tmp_path, bad) is False
+    assert markers.remove_marker(tmp_path, name) is True
+    assert markers.remove_marker(tmp_path, name) is False
+    stale = markers.create_marker(tmp_path)
+    old = time.time() - markers.MARKER_MAX_AGE - 5
+    os.utime(tmp_path / stale, (old, old))
+    fresh = markers.create_marker(tmp_path)  # removes the stale one
+    assert not (tmp_path / stale).exists() and (tmp_path / fresh).exists()
+
+
+def test_job_registry_aborts_reach_the_running_job_or_wait_for_it() -> None:
+    jobs = LiveMigrationJobs()
+    job = jobs.start(1, "u1")
+    assert job is not None and jobs.start(1, "u1") is None  # a redelivery while it runs
+    assert jobs.request_abort(1, "other-instance") is None and not job.abort_requested.is_set()
+    assert jobs.request_abort(1, "u1") is job and job.abort_requested.is_set()
+    jobs.finish(job)
+    assert len(jobs) == 0
+    assert jobs.request_abort(2, "u2") is None  # not started yet: remembered
+    early = jobs.start(2, "u2")
+    assert early is not None and early.abort_requested.is_set()
+    late = jobs.start(3, "u3")
+    assert late is not None and not late.abort_requested.is_set()
+
+
+def test_progress_throttle() -> None:
+    throttle = ProgressThrottle(0.6)
+    due = [throttle.due(t) for t in (0.0, 0.2, 0.59, 0.6, 1.0, 1.3)]
+    assert due == [True, False, False, True, False, True]
+
+
+# Two fake hosts ---------------------------------------------------------------------------------------
+
+class Host:
+    """A compute manager on a fake hypervisor that other fake hosts of this process migrate to."""
+
+    def __init__(self, root: Path, name: str, driver_class: type[FakeDriver] = FakeDriver,
+                 instances: Path | None = None, **overrides: str) -> None:
+        self.name = f"{name}-{secrets.token_hex(3)}"
+        self.instances = instances or root / self.name
+        config_uri = f"qemu+tcp://{self.name}/system"
+        self.driver = driver_class(migration_uri=config_uri)
+        self.manager, self.reporter = make_manager(self.driver, self.instances, COMPUTE_HOST=self.name,
+                                                   **overrides)
+        assert self.manager.config.migration_uri == config_uri
+
+    def updates(self, migration_id: int | None = None) -> list[dict[str, Any]]:
+        return [u for u in self.reporter.named(contract.CONDUCTOR_MIGRATION_UPDATE)
+                if migration_id is None or u["migration_id"] == migration_id]
+
+    def statuses(self, migration_id: int | None = None) -> list[str]:
+        return [u["status"] for u in self.updates(migration_id)]
+
+    def progress(self) -> list[dict[str, Any]]:
+        return [r["progress"] for r in self.reporter.named(contract.CONDUCTOR_MIGRATION_PROGRESS)]
+
+
+@pytest.fixture
+def hosts(tmp_path: Path) -> Iterator[tuple[Host, Host]]:
+    source, dest = Host(tmp_path, "src"), Host(tmp_path, "dst")
+    yield source, dest
+    source.manager.close()
+    dest.manager.close()
+
+
+def spawn_on(host: Host, make_spec: SpecFactory) -> dict[str, Any]:
+    spec = make_spec(host=host.name)
+    host.manager.spawn(spec)
+    host.reporter.reports.clear()
+    return spec
+
+
+def migrate(source: Host, dest: Host, spec: dict[str, Any], migration_id: int, *,
+            completion_timeout: float = 60) -> None:
+    config = dest.manager.config
+    source.manager.live_migration(spec["instance_uuid"], migration_id, dest.name, config.migration_uri,
+                                  config.migration_data_uri, True, False, completion_timeout)
+
+
+def test_checks_answer_the_contract(hosts: tuple[Host, Host], make_spec: SpecFactory) -> None:
+    source, dest = hosts
+    spec = spawn_on(source, make_spec)
+    instance_uuid = spec["instance_uuid"]
+    cpu_info = source.driver.get_available_resource()["cpu_info"]
+    answer = dest.manager.check_can_migrate_destination(instance_uuid, source.name, cpu_info, spec["image"],
+                                                        True)
+    assert answer == {"ok": True, "migration_uri": f"qemu+tcp://{dest.name}/system",
+                      "migration_data_uri": f"tcp://{dest.name}", "shared_marker": answer["shared_marker"],
+                      "disk_free_bytes": answer["disk_free_bytes"], "image_cached": False, "cpu": "identical"}
+    assert answer["disk_free_bytes"] > 0
+    assert (dest.instances / answer["shared_marker"]).exists()
+    assert source.manager.check_can_migrate_source(instance_uuid, answer["shared_marker"]) == {
+        "ok": True, "shared_storage": False, "power_state": "running", "disk_bytes": 0}
+    assert (dest.instances / answer["shared_marker"]).exists()  # not seen there: the destination removes it
+
+    refused = source.manager.check_can_migrate_destination(instance_uuid, dest.name, cpu_info, spec["image"],
+                                                           True)
+    assert refused["ok"] is False and refused["check"] == "instance_exists"
+    assert source.name in refused["message"]
+    arm = {**cpu_info, "arch": "aarch64"}
+    refused = dest.manager.check_can_migrate_destination(instance_uuid, source.name, arm, spec["image"], True)
+    assert refused["ok"] is False and refused["check"] == "cpu"
+    assert dest.name in refused["message"] and "aarch64" in refused["message"]
+    # Cold migration: no CPU comparison.
+    cold = dest.manager.check_can_migrate_destination(instance_uuid, source.name, arm, spec["image"], False)
+    assert cold["ok"] is True and cold["cpu"] == "skipped"
+    gone = dest.manager.check_can_migrate_source(instance_uuid, answer["shared_marker"])
+    assert gone == {"ok": False, "check": "source",
+                    "message": f"instance {instance_uuid} has no domain on host {dest.name}"}
+    bad = source.manager.check_can_migrate_source(instance_uuid, "../etc/passwd")
+    assert bad["ok"] is False and bad["check"] == "source"
+
+
+def test_shared_storage_is_detected_and_the_marker_removed(tmp_path: Path, make_spec: SpecFactory) -> None:
+    shared = tmp_path / "nfs"
+    source, dest = Host(tmp_path, "src", instances=shared), Host(tmp_path, "dst", instances=shared)
+    spec = spawn_on(source, make_spec)
+    disk = shared / spec["instance_uuid"] / "disk"
+    disk.parent.mkdir(parents=True)
+    disk.write_bytes(b"x" * 10000)
+    answer = dest.manager.check_can_migrate_destination(spec["instance_uuid"], source.name, {}, spec["image"],
+                                                        True)
+    assert answer["ok"] and answer["cpu"] == "skipped"  # nothing to compare with
+    checked = source.manager.check_can_migrate_source(spec["instance_uuid"], answer["shared_marker"])
+    assert checked["shared_storage"] is True and checked["disk_bytes"] == disk.stat().st_blocks * 512 > 0
+    assert not (shared / answer["shared_marker"]).exists()
+
+
+def test_destination_check_of_the_image(tmp_path: Path, make_spec: SpecFactory, image_server: ImageServer,
+                                        small_qcow2: bytes) -> None:
+    dest = Host(tmp_path, "dst")
+    dest.driver.capabilities = {**dest.driver.capabilities, "needs_base_image": True}
+    spec = make_spec(image=image_server.add("small", small_qcow2))
+
+    def check(image: dict[str, Any]) -> dict[str, Any]:
+        return dest.manager.check_can_migrate_destination(spec["instance_uuid"], "elsewhere", {}, image, True)
+
+    assert check(spec["image"])["image_cached"] is False  # fetchable
+    assert image_server.requests[-1] == "/images/small" and image_server.files  # asked, not downloaded
+    assert not (dest.instances / "_base" / "small").exists()
+    dest.manager.images.fetch(spec["image"])
+    assert check(spec["image"])["image_cached"] is True
+    missing = check(image_server.add("gone", b"") | {"url": f"{image_server.base_url}/images/nothing"})
+    assert missing["ok"] is False and missing["check"] == "image"
+    assert "HTTP 404" in missing["message"] and dest.name in missing["message"]
+    assert check({"id": "x"})["check"] == "image"
+
+
+def test_live_migration_reports_running_progress_then_migrated(hosts: tuple[Host, Host],
+                                                             make_spec: SpecFactory) -> None:
+    source, dest = hosts
+    spec = spawn_on(source, make_spec)
+    instance_uuid = spec["instance_uuid"]
+    source.driver.migration_delay = 2.5
+    answer = dest.manager.check_can_migrate_destination(instance_uuid, source.name, {}, spec["image"], True)
+    dest.manager.pre_live_migration(instance_uuid, 11, spec, True, False, answer["shared_marker"])
+    assert dest.statuses() == ["prepared"]
+    assert not (dest.instances / answer["shared_marker"]).exists()
+
+    started = time.monotonic()
+    migrate(source, dest, spec, 11)
+    seconds = time.monotonic() - started
+    assert 2.5 <= seconds < 4
+    assert source.statuses(11) == ["running", "migrated"]
+    running, migrated = source.updates(11)
+    assert running["event"]["result"] == "start" and running["host"] == source.name
+    assert migrated["values"] == {"power_state": "nostate"} and migrated["error"] is None
+    assert migrated["event"]["result"] == "success" and dest.name in migrated["event"]["message"]
+    progress = source.progress()
+    assert len(progress) >= 3
+    assert all(set(p) == {*contract.MIGRATION_PROGRESS_KEYS, "observed_at"} for p in progress)
+    gaps = [b["observed_at"] - a["observed_at"] for a, b in itertools.pairwise(progress)]
+    assert max(gaps) <= 1.0, gaps  # "at least every second"
+    assert progress[-1]["memory_processed"] > progress[0]["memory_processed"]
+    # Reports arrive in order: running before any progress, progress before migrated.
+    names = [name for name, kwargs in source.reporter.reports]
+    assert names[0] == names[-1] == contract.CONDUCTOR_MIGRATION_UPDATE
+    assert instance_uuid not in source.driver.list_instances()
+    assert dest.driver.list_instances() == {instance_uuid: "running"}
+
+    dest.manager.post_live_migration_at_destination(instance_uuid, 11, spec)
+    completed = dest.updates(11)[-1]
+    assert completed["status"] == "completed" and completed["values"] == {"power_state": "running"}
+    assert "downtime 0 ms" in completed["event"]["message"]
+
+    # Redeliveries do nothing but say again what happened.
+    source.reporter.reports.clear()
+    migrate(source, dest, spec, 11)
+    assert source.statuses() == ["migrated"] and source.progress() == []
+    dest.reporter.reports.clear()
+    dest.manager.pre_live_migration(instance_uuid, 11, spec, True, False, None)
+    dest.manager.post_live_migration_at_destination(instance_uuid, 11, spec)
+    assert dest.statuses() == ["prepared", "completed"]
+    assert dest.driver.list_instances() == {instance_uuid: "running"}
+
+
+def run_in_thread(target: Any, *args: Any) -> threading.Thread:
+    thread = threading.Thread(target=target, args=args)
+    thread.start()
+    return thread
+
+
+def wait_for_status(host: Host, status: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while status not in host.statuses():
+        assert time.monotonic() < deadline, host.statuses()
+        time.sleep(0.01)
+
+
+def test_abort_cancels_the_running_migration_and_the_guest_stays(hosts: tuple[Host, Host],
+                                                                 make_spec: SpecFactory) -> None:
+    source, dest = hosts
+    spec = spawn_on(source, make_spec)
+    source.driver.migration_delay = 30
+    started = time.monotonic()
+    thread = run_in_thread(migrate, source, dest, spec, 12)
+    wait_for_status(source, "running")
+    source.manager.abort_live_migration(spec["instance_uuid"], 12)
+    thread.join(10)
+    assert not thread.is_alive() and time.monotonic() - started < 5
+    assert source.statuses(12) == ["running", "cancelled"]
+    cancelled = source.updates(12)[-1]
+    assert cancelled["values"] == {"power_state": "running"}
+    assert "cancelled on request" in cancelled["error"] and dest.name in cancelled["error"]
+    assert cancelled["event"]["result"] == "cancelled"
+    assert source.driver.list_instances() == {spec["instance_uuid"]: "running"}
+    assert dest.driver.list_instances() == {}
+    # An abort with nothing running is a logged no-op.
+    source.manager.abort_live_migration(spec["instance_uuid"], 99)
+    assert source.statuses() == ["running", "cancelled"]
+
+
+def test_an_abort_that_comes_first_cancels_the_migration_before_it_starts(hosts: tuple[Host, Host],
+                                                                          make_spec: SpecFactory) -> None:
+    source, dest = hosts
+    spec = spawn_on(source, make_spec)
+    source.manager.abort_live_migration(spec["instance_uuid"], 13)
+    migrate(source, dest, spec, 13)
+    assert source.statuses(13) == ["cancelled"]
+    assert "before it started" in source.updates(13)[-1]["error"]
+    assert source.driver.list_instances() == {spec["instance_uuid"]: "running"}
+
+
+def test_completion_timeout_aborts_and_fails_naming_the_deadline(hosts: tuple[Host, Host],
+                                                                 make_spec: SpecFactory) -> None:
+    source, dest = hosts
+    spec = spawn_on(source, make_spec)
+    source.driver.migration_delay = 30
+    started = time.monotonic()
+    migrate(source, dest, spec, 14, completion_timeout=1.0)
+    assert 1.0 <= time.monotonic() - started < 3
+    assert source.statuses(14) == ["running", "failed"]
+    failed = source.updates(14)[-1]
+    assert "did not complete within its completion timeout of 1 s and was aborted" in failed["error"]
+    assert failed["values"] == {"power_state": "running"}
+    assert source.driver.list_instances() == {spec["instance_uuid"]: "running"}
+    # The redelivered task reports the journaled failure again, and does not migrate.
+    source.reporter.reports.clear()
+    migrate(source, dest, spec, 14)
+    assert source.statuses() == ["failed"] and dest.driver.list_instances() == {}
+
+
+def test_a_redelivery_whose_domain_left_asks_the_destination(hosts: tuple[Host, Host],
+                                                             make_spec: SpecFactory) -> None:
+    """The worker died mid-migration (libvirt finished it on its own) and lost nothing but the journal
+    entry: the domain is on the destination, so the migration is reported migrated, not failed."""
+    source, dest = hosts
+    spec = spawn_on(source, make_spec)
+    instance_uuid = spec["instance_uuid"]
+    source.driver.live_migration(instance_uuid, dest.manager.config.migration_uri)  # the first run's work
+    migrate(source, dest, spec, 15)
+    assert source.statuses(15) == ["migrated"]
+    assert "already runs on host" in source.updates(15)[-1]["event"]["message"]
+    # Nowhere at all: failed, naming both hosts.
+    dest.driver.destroy(instance_uuid)
+    migrate(source, dest, spec, 16)
+    failed = source.updates(16)[-1]
+    assert failed["status"] == "failed" and failed["values"] == {"power_state": "nostate"}
+    assert source.name in failed["error"] and dest.name in failed["error"]
+
+
+def test_a_concurrent_redelivery_of_a_running_migration_is_ignored(hosts: tuple[Host, Host],
+                                                                   make_spec: SpecFactory) -> None:
+    source, dest = hosts
+    spec = spawn_on(source, make_spec)
+    source.driver.migration_delay = 1.0
+    thread = run_in_thread(migrate, source, dest, spec, 17)
+    wait_for_status(source, "running")
+    migrate(source, dest, spec, 17)  # returns at once
+    thread.join(10)
+    assert source.statuses(17) == ["running", "migrated"]
+
+
+def test_failures_are_reported_with_libvirts_message(tmp_path: Path, make_spec: SpecFactory) -> None:
+    """On test:///default migrateToURI3 is unsupported: a real libvirt error, reported as failed with
+    the host names and libvirt's words; the domain still runs here."""
+    manager, reporter = make_manager(LibvirtDriver("test:///default", tmp_path / "i"), tmp_path / "i",
+                                     COMPUTE_LIBVIRT_URI="test:///default")
+    spec = make_spec()
+    manager.spawn(spec)
+    manager.live_migration(spec["instance_uuid"], 21, "host-b", "qemu+tcp://host-b/system", "tcp://host-b",
+                           True, False, 60)
+    update = reporter.named(contract.CONDUCTOR_MIGRATION_UPDATE)[-1]
+    assert update["status"] == "failed" and update["values"] == {"power_state": "running"}
+    assert "from host test-host to host host-b failed" in update["error"]
+    assert "not supported" in update["error"]
+    manager.driver.destroy(spec["instance_uuid"])
+    manager.close()
+
+
+def test_a_guest_left_paused_by_a_failed_migration_runs_again(hosts: tuple[Host, Host],
+                                                             make_spec: SpecFactory) -> None:
+    class PausingFailure(FakeDriver):
+        def live_migration(self, instance_uuid: str, *args: Any, **kwargs: Any) -> None:
+            self.pause(instance_uuid)
+            raise HypervisorError("migration failed in its switch-over")
+
+    source, dest = Host(hosts[0].instances.parent, "src", PausingFailure), hosts[1]
+    spec = spawn_on(source, make_spec)
+    migrate(source, dest, spec, 22)
+    failed = source.updates(22)[-1]
+    assert failed["status"] == "failed" and failed["values"] == {"power_state": "running"}
+    assert "migration failed in its switch-over" in failed["error"]
+
+
+def test_a_stopped_instance_is_not_live_migrated(hosts: tuple[Host, Host], make_spec: SpecFactory) -> None:
+    source, dest = hosts
+    spec = spawn_on(source, make_spec)
+    source.driver.power_off(spec["instance_uuid"], 0)
+    migrate(source, dest, spec, 23)
+    failed = source.updates(23)[-1]
+    assert failed["status"] == "failed" and "is shutdown there" in failed["error"]
+    assert failed["values"] == {"power_state": "shutdown"}
+
+
+def test_pre_live_migration_errors_and_rollback(tmp_path: Path, make_spec: SpecFactory) -> None:
+    manager, reporter = make_manager(LibvirtDriver("test:///default", tmp_path / "i"), tmp_path / "i",
+                                     COMPUTE_LIBVIRT_URI="test:///default")
+    spec = make_spec()
+    instance_uuid = spec["instance_uuid"]
+    directory = tmp_path / "i" / instance_uuid
+    marker = markers.create_marker(tmp_path / "i")
+    manager.pre_live_migration(instance_uuid, 31, spec, False, False, marker)
+    update = reporter.named(contract.CONDUCTOR_MIGRATION_UPDATE)[-1]
+    assert update["status"] == "error" and "test-host" in update["error"]
+    assert "is no block migration" in update["error"]
+    assert not (tmp_path / "i" / marker).exists() and not directory.exists()
+
+    manager.pre_live_migration(instance_uuid, 32, spec, True, False, None)
+    assert reporter.named(contract.CONDUCTOR_MIGRATION_UPDATE)[-1]["status"] == "prepared"
+    assert (directory / "console.log").exists()
+    manager.rollback_live_migration_at_destination(instance_uuid, 32, False)
+    rolled = reporter.named(contract.CONDUCTOR_MIGRATION_UPDATE)[-1]
+    assert rolled["status"] == "rolled_back" and not directory.exists()
+
+    # A domain that runs here is never rolled back.
+    manager.spawn(spec)
+    manager.rollback_live_migration_at_destination(instance_uuid, 33, False)
+    refused = reporter.named(contract.CONDUCTOR_MIGRATION_UPDATE)[-1]
+    assert refused["status"] == "error" and refused["values"] == {"power_state": "running"}
+    assert directory.exists()
+    # post_live_migration_at_destination: a bad spec is an error, a running domain completes.
+    manager.post_live_migration_at_destination(instance_uuid, 34, {**spec, "instance_uuid": "x"})
+    assert reporter.named(contract.CONDUCTOR_MIGRATION_UPDATE)[-1]["status"] == "error"
+    manager.post_live_migration_at_destination(instance_uuid, 35, spec)
+    assert reporter.named(contract.CONDUCTOR_MIGRATION_UPDATE)[-1]["values"] == {"power_state": "running"}
+    manager.driver.destroy(instance_uuid)
+    manager.close()
+
+
+def test_tasks_are_registered_and_checks_return_their_answer(hosts: tuple[Host, Host],
+                                                             make_spec: SpecFactory) -> None:
+    source, dest = hosts
+    app = Celery("test", set_as_current=False, fixups=[])
+    register_tasks(app, dest.manager)
+    spec = spawn_on(source, make_spec)
+    check = app.tasks[contract.COMPUTE_CHECK_MIGRATE_DESTINATION]
+    assert check.ignore_result is False and check.time_limit == 30
+    answer = check.run(instance_uuid=spec["instance_uuid"], source_host=source.name, source_cpu_info={},
+                       image=spec["image"], live=True)
+    assert answer["ok"] is True
+    assert app.tasks[contract.COMPUTE_CHECK_MIGRATE_SOURCE].ignore_result is False
+    live = app.tasks[contract.COMPUTE_LIVE_MIGRATION]
+    assert live.ignore_result is True and (live.soft_time_limit, live.time_limit) == (3600, 3660)
+    for name, kwargs in ((contract.COMPUTE_PRE_LIVE_MIGRATION,
+                          {"spec": spec, "block_migration": True, "shared_storage": False,
+                           "shared_marker": answer["shared_marker"]}),
+                         (contract.COMPUTE_ABORT_LIVE_MIGRATION, {}),
+                         (contract.COMPUTE_ROLLBACK_LIVE_MIGRATION_AT_DEST, {"shared_storage": False})):
+        app.tasks[name].run(instance_uuid=spec["instance_uuid"], migration_id=41, **kwargs)
+    assert dest.statuses(41) == ["prepared", "rolled_back"]
+
+
+def test_monitor_intervals_keep_progress_at_least_every_second() -> None:
+    worst = migration_jobs.PROGRESS_INTERVAL + migration_jobs.POLL_INTERVAL
+    assert worst <= 0.85  # leaves 150 ms for libvirt to answer jobStats
