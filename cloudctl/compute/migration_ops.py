@@ -432,7 +432,7 @@ def migration_progress(*, migration_id: int, host: str, progress: dict[str, Any]
     values = {key: int(progress[key]) for key in contract.MIGRATION_PROGRESS_KEYS
               if isinstance(progress.get(key), int | float)}
     return bool(Migration.objects.filter(pk=migration_id, source_host__name=host,
-                                         status__in=(S.QUEUED, S.RUNNING, S.CANCELLING))
+                                         status__in=(S.QUEUED, S.RUNNING, S.CANCELLING, S.MIGRATING))
                 .update(progress_updated=timezone.now(), updated=timezone.now(), **values))
 
 
