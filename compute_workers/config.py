@@ -30,7 +30,7 @@ A malformed value fails at start with :class:`ConfigError` naming the variable.
 | `COMPUTE_LIFECYCLE_TIME_LIMIT` | `360` | Hard time limit of each lifecycle task. |
 | `COMPUTE_SNAPSHOT_SOFT_TIME_LIMIT` | `1800` | Soft time limit of `compute.snapshot_instance` (copy, convert and upload). |
 | `COMPUTE_SNAPSHOT_TIME_LIMIT` | `1860` | Hard time limit of `compute.snapshot_instance`. |
-| `COMPUTE_RESIZE_SOFT_TIME_LIMIT` | `1800` | Soft time limit of `compute.resize_instance` (power off, then the disk copy to the destination); the copy must end 60 s before it, or it is abandoned and the instance put back. |
+| `COMPUTE_RESIZE_SOFT_TIME_LIMIT` | `1800` | Soft time limit of `compute.resize_instance` (power off, then the disk copy to the destination); the copy must end 60 s before it (counting the clean-shutdown wait), or it is abandoned and the instance put back. |
 | `COMPUTE_RESIZE_TIME_LIMIT` | `1860` | Hard time limit of `compute.resize_instance`. |
 | `COMPUTE_RESIZE_STEP_SOFT_TIME_LIMIT` | `600` | Soft time limit of the other cold migration and resize tasks (`compute.prep_resize`, which may download the image, `finish_resize`, `confirm_resize`, `revert_resize`, `finish_revert_resize`). |
 | `COMPUTE_RESIZE_STEP_TIME_LIMIT` | `660` | Hard time limit of those tasks. |
