@@ -2,33 +2,29 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
-import threading
-import time
-import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
-from kombu import Connection
 
-from compute_workers import contract
 from compute_workers.config import ComputeConfig
 from compute_workers.manager import ComputeManager
 from compute_workers.reporter import ListReporter
 from compute_workers.virt.driver import ComputeDriver
 
-HOST = "test-host"
-TOKEN = "test-service-token"
-
-SpecFactory = Callable[..., dict[str, Any]]
+# The helpers live in tests/compute_support.py (tests/multihost uses them too); the names stay
+# importable from here.
+from tests.compute_support import HOST as HOST
+from tests.compute_support import TOKEN as TOKEN
+from tests.compute_support import ConductorQueue as ConductorQueue
+from tests.compute_support import ImageServer as ImageServer
+from tests.compute_support import SpecFactory as SpecFactory
+from tests.compute_support import forget_queues as forget_queues
+from tests.compute_support import new_spec, serve_images
 
 
 @pytest.fixture(autouse=True)
@@ -53,25 +49,7 @@ def require_libvirtd(request: pytest.FixtureRequest) -> None:
 
 @pytest.fixture
 def make_spec() -> SpecFactory:
-    def make(**changes: Any) -> dict[str, Any]:
-        spec: dict[str, Any] = {
-            "version": contract.SPEC_VERSION,
-            "instance_uuid": str(uuid.uuid4()),
-            "name": "web <1> & \"friends\"",
-            "host": HOST,
-            "request_id": "req-" + uuid.uuid4().hex,
-            "flavor": {"name": "m1.nano", "vcpus": 1, "memory_mb": 128, "root_gb": 1},
-            "image": {"id": "img-" + uuid.uuid4().hex[:8], "name": "tiny", "url": "http://127.0.0.1:9/none",
-                      "sha256": "0" * 64, "size": None, "disk_format": "qcow2", "properties": {}},
-            "networks": [], "key_data": None, "user_data": None,
-        }
-        for key, value in changes.items():
-            if isinstance(value, dict) and isinstance(spec.get(key), dict):
-                spec[key] = {**spec[key], **value}
-            else:
-                spec[key] = value
-        return spec
-    return make
+    return new_spec
 
 
 def make_config(instances_path: Path, **overrides: str) -> ComputeConfig:
@@ -88,97 +66,10 @@ def make_manager(driver: ComputeDriver, instances_path: Path, **overrides: str) 
     return manager, reporter
 
 
-@dataclass
-class ImageServer:
-    """A local image API: serves registered bytes at /images/<name>, only with the service token."""
-
-    base_url: str
-    files: dict[str, bytes] = field(default_factory=dict)
-    requests: list[str] = field(default_factory=list)
-    # PUT /uploads/<name> (the image service's upload API): what was stored, and the answer to give
-    # instead of storing, e.g. (413, '{"detail": "too large"}').
-    uploads: dict[str, bytes] = field(default_factory=dict)
-    upload_answer: tuple[int, str] | None = None
-
-    def upload_url(self, name: str) -> str:
-        return f"{self.base_url}/uploads/{name}"
-
-    def add(self, name: str, data: bytes, disk_format: str = "qcow2", **image: Any) -> dict[str, Any]:
-        """Serve ``data`` and return the spec's image dict for it (checksum and size true)."""
-        self.files[name] = data
-        return {"id": name, "name": name, "url": f"{self.base_url}/images/{name}",
-                "sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "disk_format": disk_format,
-                "properties": {}, **image}
-
-
 @pytest.fixture
 def image_server() -> Iterator[ImageServer]:
-    server_state: dict[str, ImageServer] = {}
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            state = server_state["server"]
-            state.requests.append(self.path)
-            if self.headers.get("Authorization") != f"Token {TOKEN}":
-                self.send_error(401, "missing or wrong service token")
-                return
-            data = state.files.get(self.path.removeprefix("/images/"))
-            if data is None:
-                self.send_error(404)
-                return
-            self.send_response(200)
-            self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_PUT(self) -> None:
-            state = server_state["server"]
-            state.requests.append(f"PUT {self.path}")
-            if self.headers.get("Authorization") != f"Token {TOKEN}":
-                self._answer(401, '{"detail": "missing or wrong service token"}')
-                return
-            if self.headers.get("Content-Type") != "application/octet-stream":
-                self._answer(415, '{"detail": "expected application/octet-stream"}')
-                return
-            body = self._read_body()
-            if state.upload_answer is not None:
-                self._answer(*state.upload_answer)
-                return
-            state.uploads[self.path.removeprefix("/uploads/")] = body
-            self._answer(204, "")
-
-        def _read_body(self) -> bytes:
-            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                chunks = []
-                while size := int(self.rfile.readline().split(b";")[0], 16):
-                    chunks.append(self.rfile.read(size))
-                    self.rfile.readline()
-                self.rfile.readline()
-                return b"".join(chunks)
-            return self.rfile.read(int(self.headers.get("Content-Length", "0")))
-
-        def _answer(self, status: int, body: str) -> None:
-            data = body.encode()
-            self.send_response(status)
-            if data:
-                self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server_state["server"] = ImageServer(f"http://127.0.0.1:{httpd.server_address[1]}")
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield server_state["server"]
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with serve_images(TOKEN) as server:
+        yield server
 
 
 def qemu_img(*args: str) -> None:
@@ -191,58 +82,6 @@ def small_qcow2(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     path = tmp_path_factory.mktemp("images") / "small.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", str(path), "16M")
     return path.read_bytes()
-
-
-class ConductorQueue:
-    """Reads what workers send to the conductor's queues (``conductor`` and ``conductor.status``)
-    of the test broker; each message is returned by at most one wait_for."""
-
-    def __init__(self, broker: str) -> None:
-        self.connection = Connection(broker)
-        self.queues = [self.connection.SimpleQueue(name)
-                       for name in (contract.CONDUCTOR_QUEUE, contract.CONDUCTOR_STATUS_QUEUE)]
-        for queue in self.queues:
-            queue.clear()
-        self.unclaimed: list[tuple[str, dict[str, Any]]] = []
-
-    def wait_for(self, task_name: str, timeout: float = 20.0, **match: Any) -> dict[str, Any]:
-        def matches(name: str, kwargs: dict[str, Any]) -> bool:
-            return name == task_name and all(kwargs.get(k) == v for k, v in match.items())
-
-        for index, (name, kwargs) in enumerate(self.unclaimed):
-            if matches(name, kwargs):
-                del self.unclaimed[index]
-                return kwargs
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            message = self._next(timeout=0.25)
-            if message is None:
-                continue
-            message.ack()
-            _args, kwargs, _embed = message.decode()
-            if matches(message.headers["task"], kwargs):
-                return dict(kwargs)
-            self.unclaimed.append((message.headers["task"], dict(kwargs)))
-        raise AssertionError(f"no {task_name} {match} within {timeout} s; seen: {self.unclaimed}")
-
-    def _next(self, timeout: float) -> Any:
-        for queue in self.queues:
-            try:
-                return queue.get(block=True, timeout=timeout / len(self.queues))
-            except queue.Empty:
-                continue
-        return None
-
-    def close(self) -> None:
-        for queue in self.queues:
-            queue.close()
-        self.connection.release()
-
-
-def forget_queues(client: redis.Redis, queues: list[str]) -> None:
-    """Delete what consuming ``queues`` left in the broker: their lists and kombu's binding tables."""
-    client.delete(*queues, *(f"_kombu.binding.{q}" for q in queues),
-                  *(f"_kombu.binding_permanent.{q}" for q in queues))
 
 
 def spawned(manager: Any, reporter: Any, spec: dict[str, Any]) -> str:

@@ -10,9 +10,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager, ExitStack, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse, urlunparse
@@ -39,6 +39,8 @@ class Stack:
     env: dict[str, str]
     log_path: Path
     token: str = ""
+    # Logs of processes run beside honcho's (say compute workers on harness hosts), tailed with its own.
+    extra_logs: list[Path] = field(default_factory=list)
 
     def api(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         headers = kwargs.pop("headers", {})
@@ -47,8 +49,13 @@ class Stack:
         return requests.request(method, f"{self.url}{path}", headers=headers, timeout=30, **kwargs)
 
     def log_tail(self, lines: int = 80) -> str:
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
+        def tail(path: Path) -> str:
+            text = path.read_text(errors="replace") if path.exists() else ""
+            return "\n".join(text.splitlines()[-lines:])
+
+        if not self.extra_logs:
+            return tail(self.log_path)
+        return "\n".join(f"--- {path.name} ---\n{tail(path)}" for path in (self.log_path, *self.extra_logs))
 
     def wait_for(self, what: str, check: Any, timeout: float, interval: float = 0.25) -> Any:
         deadline = time.monotonic() + timeout
@@ -82,12 +89,32 @@ def _postgres_database(base_url: str, name: str) -> tuple[str, Any]:
     return urlunparse(parsed._replace(path=f"/{name}")), drop
 
 
+def procfile_processes(without: Iterable[str] = (), procfile: Path = REPO / "Procfile") -> dict[str, str]:
+    """The processes (name -> command) of the real Procfile, less those named in ``without``."""
+    processes = {}
+    for line in procfile.read_text().splitlines():
+        name, sep, command = line.partition(":")
+        if sep and not line.startswith("#") and name.strip() not in without:
+            processes[name.strip()] = command.strip()
+    return processes
+
+
 @contextmanager
-def run_stack(tiny_image_path: Path, state: Path, *, procfile: Path, hosts: list[str],
-              redis_dbs: tuple[int, int], extra_env: dict[str, str] | None = None
+def run_stack(tiny_image_path: Path, state: Path, *, procfile: Path | Mapping[str, str], hosts: list[str],
+              redis_dbs: tuple[int, int], extra_env: dict[str, str] | None = None,
+              companions: Callable[[Stack], AbstractContextManager[object]] | None = None
               ) -> Iterator[Stack]:
-    """Start the processes of ``procfile`` with honcho on a database and Redis DBs of their own,
-    and yield once the API answers and every host in ``hosts`` heartbeats."""
+    """Start the processes of ``procfile`` (a file, or name -> command, written to ``state/Procfile``)
+    with honcho on a database and Redis DBs of their own, and yield once the API answers and every host
+    in ``hosts`` heartbeats.
+
+    ``companions(stack)`` runs processes beside honcho's, e.g. compute workers that a test may SIGKILL
+    (honcho stops every process when one dies): entered once honcho runs, before the wait for the
+    hosts; exited before honcho stops. They read what they need (broker, token) from ``stack.env``."""
+    if isinstance(procfile, Mapping):
+        lines = [f"{name}: {command}" for name, command in procfile.items()]
+        procfile = state / "Procfile"
+        procfile.write_text("\n".join(lines) + "\n")
     tag = secrets.token_hex(3)
     # QEMU runs as libvirt-qemu: instance files must live where it can traverse.
     instances = Path("/var/lib/cloudctl-test") / f"e2e-{tag}"
@@ -142,7 +169,11 @@ def run_stack(tiny_image_path: Path, state: Path, *, procfile: Path, hosts: list
                                   start_new_session=True)
     stack = Stack(url=f"http://127.0.0.1:{port}", flower_url=f"http://127.0.0.1:{flower_port}",
                   host=hosts[0], instances_path=instances, env=env, log_path=log_path)
+    beside = ExitStack()
     try:
+        if companions is not None:
+            beside.enter_context(companions(stack))
+
         def token() -> str:
             try:
                 answer = requests.post(f"{stack.url}/api/v1/auth/token/", timeout=5,
@@ -161,16 +192,19 @@ def run_stack(tiny_image_path: Path, state: Path, *, procfile: Path, hosts: list
         stack.wait_for(f"{len(hosts)} host(s) heartbeat", all_up, 90)
         yield stack
     finally:
-        honcho.send_signal(signal.SIGTERM)
         try:
-            honcho.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(honcho.pid, signal.SIGKILL)
-            honcho.wait()
-        _remove_leftover_domains(instances)
-        shutil.rmtree(instances, ignore_errors=True)
-        if drop_database is not None:
-            drop_database()
+            beside.close()  # companions stop first: workers report host_stopping to a live conductor
+        finally:
+            honcho.send_signal(signal.SIGTERM)
+            try:
+                honcho.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(honcho.pid, signal.SIGKILL)
+                honcho.wait()
+            _remove_leftover_domains(instances)
+            shutil.rmtree(instances, ignore_errors=True)
+            if drop_database is not None:
+                drop_database()
 
 
 @pytest.fixture(scope="session")

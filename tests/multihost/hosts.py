@@ -4,26 +4,40 @@ Each host is a libvirtd (qemu driver) in its own network namespace (``ip netns a
 mount, PID and UTS namespaces (``unshare``), with ``tini`` as PID 1 (prompt reaping), private bind
 mounts over the libvirt directories and a private instances directory mounted at the same path on
 every host (so a guest's disk and console keep their path when it migrates, yet are different files).
-The hosts reach each other over veth pairs into a bridge that lives in a namespace of its own; the
-addresses never leave these namespaces. The test process talks to each daemon over its unix socket.
-Tear-down kills each PID 1 (the kernel ends the daemon and its guests) and deletes the namespaces.
+Hosts of a shared-storage group (``shared=``) bind-mount one and the same directory there instead, as
+an NFS export mounted on each of them would be.
+The hosts reach each other over veth pairs into a bridge that lives in a namespace of its own. One
+more veth joins the root network namespace to that bridge (address ``<subnet>.254``), so that processes
+of the test (compute workers, ``virsh -c qemu+tcp://...``) reach every daemon over TCP. Each run takes
+a /24 of 10.253.0.0/16 that no other run on this machine holds (see :func:`_claim_subnet`): the root
+namespace is shared by every test run, so two runs must never route the same addresses. The test
+process talks to each daemon over its unix socket. Tear-down kills each PID 1 (the kernel ends the
+daemon and its guests), removes the root veth and deletes the namespaces.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import ipaddress
 import os
 import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import uuid
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path("/var/lib/cloudctl-test/multihost")
+REPO = Path(__file__).resolve().parents[2]
+NSEXEC = Path(__file__).with_name("nsexec.py")
 LIBVIRT_DIRS = ("/etc/libvirt", "/run/libvirt", "/var/lib/libvirt", "/var/cache/libvirt", "/var/log/libvirt")
-SUBNET = "10.253.0"  # only ever inside this harness's own namespaces
+NETWORK = ipaddress.ip_network("10.253.0.0/16")  # each run takes a /24 of it (_claim_subnet)
+ROOT_HOST_PART = 254  # the root namespace's address in a run's /24
 CAP_NET_ADMIN = 12
 CAP_SYS_ADMIN = 21
 
@@ -31,12 +45,16 @@ CAP_SYS_ADMIN = 21
 @dataclass
 class NamespaceHost:
     name: str
-    ip: str
+    ip: str  # on the hosts' bridge (and reachable from the root namespace); set by NamespaceHosts.start()
     netns: str
     directory: Path  # this host's private state, as the test process sees it
     instances_path: Path  # where the daemon (and QEMU) see this host's instances
     host_uuid: str
-    process: subprocess.Popen[bytes] | None = None
+    # This host's instances directory as the test process sees it; hosts of one shared-storage group
+    # have the same one.
+    local_instances: Path
+    process: subprocess.Popen[bytes] | None = None  # `unshare`, the parent of the namespaces' PID 1
+    init_pid: int = 0  # the namespaces' PID 1 (tini) as the root PID namespace numbers it
     log_path: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -60,10 +78,104 @@ class NamespaceHost:
     def migrate_uri(self) -> str:
         return f"tcp://{self.ip}"
 
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def command(self, *argv: str, env: Mapping[str, str] | None = None, wd: Path = REPO) -> list[str]:
+        """The argv that runs ``argv`` on this host: in its mount, UTS and PID namespaces (its
+        ``/run/libvirt``, instances directory, hostname; it dies with the host) but in the caller's
+        network namespace. Signals to the process it starts reach ``argv``, which it exits as
+        (see nsexec.py). ``env`` is set on top of the environment the process gets."""
+        setenv = [f"--setenv={name}={value}" for name, value in (env or {}).items()]
+        return [sys.executable, str(NSEXEC), "--target", str(self.init_pid), "--wd", str(wd), *setenv,
+                "--", *argv]
+
+    def worker_env(self) -> dict[str, str]:
+        """The settings that make a compute worker this host's (broker, backend and service token are
+        the caller's to add)."""
+        return {"COMPUTE_HOST": self.name, "COMPUTE_LIBVIRT_URI": "qemu:///system",
+                "INSTANCES_PATH": str(self.instances_path), "COMPUTE_VIRT_TYPE": "qemu",
+                "COMPUTE_MIGRATION_ADDRESS": self.ip}
+
+    def worker_command(self, env: Mapping[str, str] | None = None) -> list[str]:
+        """``python -m compute_workers`` as this host's worker: :meth:`worker_env` plus ``env`` set on
+        top; a ready Procfile line is ``shlex.join(host.worker_command())``."""
+        return self.command(sys.executable, "-m", "compute_workers", "--host", self.name,
+                            env={**self.worker_env(), **(env or {})})
+
+
+class HostWorker:
+    """The compute worker process of one harness host, outside any process manager, so that a test
+    can SIGKILL it (say mid-migration) and start it again while the rest of the cloud runs."""
+
+    def __init__(self, host: NamespaceHost, env: Mapping[str, str], log_path: Path) -> None:
+        self.host, self.env, self.log_path = host, dict(env), log_path
+        self.process: subprocess.Popen[bytes] | None = None  # nsexec, which stands in for the worker
+
+    def start(self) -> None:
+        if self.running:
+            raise RuntimeError(f"the worker of {self.host.name} runs already")
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(self.host.worker_command(), env=self.env, cwd=REPO,
+                                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+
     @property
-    def local_instances(self) -> Path:
-        """This host's instances directory as the test process sees it."""
-        return self.directory / "instances"
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    @property
+    def pid(self) -> int:
+        """The worker process itself (root PID numbering), not nsexec. Waits for it to be forked."""
+        assert self.process is not None, "not started"
+        deadline = time.monotonic() + 10
+        while not (children := _children(self.process.pid)):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the worker of {self.host.name} is not running:\n{self.log()[-3000:]}")
+            time.sleep(0.01)
+        return children[0]
+
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` to the worker itself (SIGSTOP/SIGCONT too, which nsexec does not forward)."""
+        os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        """SIGKILL the worker, as a crash would: no warm shutdown, no ``host_stopping``."""
+        if self.running:
+            self.signal(signal.SIGKILL)
+            assert self.process is not None
+            self.process.wait(10)
+
+    def terminate(self) -> None:
+        """SIGTERM, without waiting: a warm shutdown (running tasks finish, ``host_stopping`` is sent)."""
+        if self.running:
+            assert self.process is not None
+            with contextlib.suppress(ProcessLookupError, RuntimeError):  # it may be exiting already
+                os.kill(self.pid, signal.SIGCONT)  # a stopped worker could not shut down
+            self.process.terminate()  # nsexec forwards it to the worker
+
+    def wait(self, timeout: float = 30) -> int | None:
+        """The exit status (negative: the signal), after a SIGKILL if the worker has not exited within
+        ``timeout`` seconds; None if never started."""
+        if self.process is None:
+            return None
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()  # nsexec's death kills the worker (PR_SET_PDEATHSIG)
+            self.process.wait(10)
+        return self.process.returncode
+
+    def stop(self, timeout: float = 30) -> int | None:
+        """:meth:`terminate` and :meth:`wait`."""
+        self.terminate()
+        return self.wait(timeout)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
 
     def log(self) -> str:
         try:
@@ -132,7 +244,7 @@ for target in {libvirt_dirs}; do
   mkdir -p "$target"
   mount --bind "$d/$(echo "$target" | tr / _)" "$target"
 done
-mount --bind "$d/instances" {instances_path}
+mount --bind {local_instances} {instances_path}
 hostname {hostname}
 ip link set lo up
 exec libvirtd --listen --pid-file /run/libvirt/libvirtd.pid
@@ -140,20 +252,52 @@ exec libvirtd --listen --pid-file /run/libvirt/libvirtd.pid
 
 
 class NamespaceHosts:
-    """N libvirt hosts on one machine. ``start()`` brings them up, ``stop()`` removes every trace."""
+    """N libvirt hosts on one machine. ``start()`` brings them up, ``stop()`` removes every trace.
 
-    def __init__(self, count: int = 2) -> None:
+    ``shared`` lists groups of host names (``host-a``, ``host-b``, ... in order) that share their
+    instances directory, e.g. ``NamespaceHosts(3, shared=(("host-b", "host-c"),))``: a file one of them
+    writes under ``instances_path`` the others see at once; every other host has a private one."""
+
+    def __init__(self, count: int = 2, shared: Sequence[Sequence[str]] = ()) -> None:
         self.run_id = secrets.token_hex(3)
         self.directory = ROOT / self.run_id
         self.instances_path = self.directory / "instances"  # the path every host's daemon sees
         self.bridge_ns = f"cch-{self.run_id}-br"
+        # The root namespace's end of its veth into the bridge: unique per run (15 characters at most).
+        self.root_link = f"cch-{self.run_id}-r"
+        self.root_ip = ""  # <subnet>.254, known once start() has claimed a subnet
         names = [f"host-{chr(ord('a') + i)}" for i in range(count)]
+        local_instances = {name: self.directory / name / "instances" for name in names}
+        for group in shared:
+            unknown = [name for name in group if name not in names]
+            if unknown:
+                raise ValueError(f"shared storage group {list(group)}: no host {', '.join(unknown)} "
+                                 f"(hosts: {', '.join(names)})")
+            directory = self.directory / ("shared-" + "+".join(group))
+            for name in group:
+                if local_instances[name] != self.directory / name / "instances":
+                    raise ValueError(f"{name} is in more than one shared storage group")
+                local_instances[name] = directory
         self.hosts = [
-            NamespaceHost(name=name, ip=f"{SUBNET}.{i + 1}", netns=f"cch-{self.run_id}-{i}",
+            NamespaceHost(name=name, ip="", netns=f"cch-{self.run_id}-{i}",
                           directory=self.directory / name, instances_path=self.instances_path,
-                          host_uuid=str(uuid.uuid4()))
+                          host_uuid=str(uuid.uuid4()), local_instances=local_instances[name])
             for i, name in enumerate(names)]
         self._netns: list[str] = []
+        self._root_link_added = False
+        self.workers: list[HostWorker] = []
+
+    def host(self, name: str) -> NamespaceHost:
+        return next(host for host in self.hosts if host.name == name)
+
+    def start_worker(self, host: NamespaceHost, env: Mapping[str, str], log_path: Path) -> HostWorker:
+        """Start ``host``'s compute worker (see :class:`HostWorker`) with ``env`` (the whole environment:
+        broker, backend, service token, ...; the host's own settings are added on top); stop() ends it
+        if the test has not."""
+        worker = HostWorker(host, env, log_path)
+        worker.start()
+        self.workers.append(worker)
+        return worker
 
     def start(self, timeout: float = 30) -> list[NamespaceHost]:
         started = time.monotonic()
@@ -163,7 +307,9 @@ class NamespaceHosts:
         self._add_netns(self.bridge_ns)
         _run("ip", "-n", self.bridge_ns, "link", "add", "br0", "type", "bridge")
         _run("ip", "-n", self.bridge_ns, "link", "set", "br0", "up")
+        subnet = self._connect_root_namespace()
         for index, host in enumerate(self.hosts):
+            host.ip = str(subnet[index + 1])
             self._add_netns(host.netns)
             port = f"p{index}"
             _run("ip", "-n", host.netns, "link", "add", "eth0", "type", "veth", "peer", "name", port,
@@ -175,22 +321,43 @@ class NamespaceHosts:
             self._start_daemon(host)
         for host in self.hosts:
             self._wait_for_socket(host, started + timeout)
+            # The daemon answers, so unshare has long forked the namespaces' PID 1.
+            host.init_pid = _init_pid(host)
         return self.hosts
 
     def _add_netns(self, name: str) -> None:
         _run("ip", "netns", "add", name)
         self._netns.append(name)
 
+    def _connect_root_namespace(self) -> ipaddress.IPv4Network:
+        """Claim a free /24 and put the root namespace on the bridge at its .254; return the subnet.
+
+        A plain veth endpoint in the root namespace, not a bridge there: the root's br_netfilter hook
+        (``net.bridge.bridge-nf-call-iptables``) filters what a bridge forwards, whereas traffic to
+        and from a local address only meets the root's ordinary INPUT/OUTPUT chains."""
+        with _subnet_lock():
+            subnet = _claim_subnet()
+            _run("ip", "link", "add", self.root_link, "type", "veth", "peer", "name", "root",
+                 "netns", self.bridge_ns)
+            self._root_link_added = True
+            self.root_ip = str(subnet[ROOT_HOST_PART])
+            # Address before the lock is released: it is what marks the subnet taken for other runs.
+            _run("ip", "addr", "add", f"{self.root_ip}/{subnet.prefixlen}", "dev", self.root_link)
+        _run("ip", "link", "set", self.root_link, "up")
+        _run("ip", "-n", self.bridge_ns, "link", "set", "root", "master", "br0", "up")
+        return subnet
+
     def _start_daemon(self, host: NamespaceHost) -> None:
         host.directory.mkdir(mode=0o755)
         for target in LIBVIRT_DIRS:
             (host.directory / target.replace("/", "_")).mkdir(mode=0o755)
-        (host.directory / "instances").mkdir(mode=0o755)
+        host.local_instances.mkdir(mode=0o755, exist_ok=True)  # a shared one: by its first host
         etc = host.directory / "_etc_libvirt"
         (etc / "libvirtd.conf").write_text(LIBVIRTD_CONF.format(host_uuid=host.host_uuid))
         (etc / "qemu.conf").write_text(QEMU_CONF.format(ip=host.ip))
         script = START_SCRIPT.format(directory=host.directory, libvirt_dirs=" ".join(LIBVIRT_DIRS),
-                                     instances_path=self.instances_path, hostname=f"cloudctl-{host.name}")
+                                     local_instances=host.local_instances, instances_path=self.instances_path,
+                                     hostname=f"cloudctl-{host.name}")
         with host.log_path.open("ab") as log:
             # --kill-child: if unshare (our child) dies, the namespace's PID 1 is killed with it.
             host.process = subprocess.Popen(
@@ -219,6 +386,11 @@ class NamespaceHosts:
     def stop(self) -> None:
         """Kill every namespace's PID 1 (ending its daemon and guests), delete the namespaces and files."""
         errors: list[str] = []
+        for worker in self.workers:  # they would die with their host's PID 1; reap them first
+            if worker.process is not None and worker.process.poll() is None:
+                worker.process.kill()
+                worker.process.wait(10)
+        self.workers.clear()
         for host in self.hosts:
             if host.process is None:
                 continue
@@ -229,6 +401,12 @@ class NamespaceHosts:
                 host.process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 errors.append(f"{host.name}: unshare did not exit")
+        if self._root_link_added:
+            # Deleting the bridge namespace would take the veth pair with it; say it explicitly anyway.
+            result = subprocess.run(["ip", "link", "del", self.root_link], capture_output=True, text=True)
+            if result.returncode != 0 and "Cannot find device" not in result.stderr:
+                errors.append(f"ip link del {self.root_link}: {result.stderr.strip()}")
+            self._root_link_added = False
         for name in self._netns:
             deadline = time.monotonic() + 10
             while True:  # nothing may outlive the test in these namespaces
@@ -249,6 +427,40 @@ class NamespaceHosts:
         shutil.rmtree(self.directory, ignore_errors=True)
         if errors:
             raise RuntimeError("multi-host tear-down incomplete: " + "; ".join(errors))
+
+
+@contextlib.contextmanager
+def _subnet_lock() -> Iterator[None]:
+    """Serialise subnet claims of concurrent test runs on this machine (each a pytest process)."""
+    ROOT.mkdir(mode=0o755, parents=True, exist_ok=True)
+    with open(ROOT / ".subnets.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _claim_subnet() -> ipaddress.IPv4Network:
+    """The first /24 of NETWORK that no address of the root namespace lies in. Called under
+    :func:`_subnet_lock`; the caller adds its address before releasing the lock, which is the claim.
+    A run that died without tear-down keeps its veth (and so its subnet) until the namespaces go."""
+    listing = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True,
+                             check=True, timeout=10).stdout
+    used = {ipaddress.ip_interface(field).ip for line in listing.splitlines()
+            for field in line.split()[3:4]}
+    for subnet in NETWORK.subnets(new_prefix=24):
+        if not any(address in subnet for address in used):
+            return subnet
+    raise RuntimeError(f"no free /24 left in {NETWORK} for the multi-host harness")
+
+
+def _init_pid(host: NamespaceHost) -> int:
+    """The PID (in the root PID namespace) of ``host``'s PID 1: the one child of its ``unshare``."""
+    children = _children(host.process.pid) if host.process is not None else []
+    if len(children) != 1:
+        raise RuntimeError(f"{host.name}: expected one child of unshare (tini), found {children}")
+    return children[0]
 
 
 def _children(pid: int) -> list[int]:

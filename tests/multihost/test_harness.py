@@ -42,6 +42,18 @@ def test_two_independent_hosts(libvirt_hosts: list[NamespaceHost]) -> None:
     assert result.stdout.strip() == f"cloudctl-{dest.name}", result.stderr
 
 
+def test_the_root_namespace_reaches_every_daemon_over_tcp(libvirt_hosts: list[NamespaceHost]) -> None:
+    """What a compute worker in the root network namespace needs: every host's libvirtd at
+    ``qemu+tcp://<host.ip>/system``, through the root's veth into the hosts' bridge."""
+    for host in libvirt_hosts:
+        result = subprocess.run(["virsh", "-c", host.peer_uri, "hostname"], capture_output=True, text=True,
+                                timeout=30)
+        assert result.stdout.strip() == f"cloudctl-{host.name}", result.stderr
+        result = subprocess.run(["virsh", "-c", host.peer_uri, "list"], capture_output=True, text=True,
+                                timeout=30)
+        assert result.returncode == 0, result.stderr
+
+
 def test_live_block_migration_of_a_running_guest(libvirt_hosts: list[NamespaceHost],
                                                  tiny_image_path: Path) -> None:
     source, dest = libvirt_hosts

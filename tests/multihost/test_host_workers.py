@@ -1,0 +1,147 @@
+"""What tests of migrations need from the harness beyond the daemons: storage shared by some hosts
+(as NFS would give) and private to others, and real compute worker processes running on a host."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import libvirt
+import pytest
+import redis
+from celery import Celery
+
+from compute_workers import contract
+from tests.compute_support import TOKEN, ConductorQueue, new_spec, serve_images
+
+from .guests import READY, read, wait_for
+from .hosts import NamespaceHost, NamespaceHosts
+
+pytestmark = pytest.mark.libvirt
+
+
+def in_mount_namespace(host: NamespaceHost, *command: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["nsenter", "--target", str(host.init_pid), "--mount", "--", *command],
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_shared_storage_groups(shared_hosts: NamespaceHosts) -> None:
+    host_a, host_b, host_c = shared_hosts.hosts
+    assert host_b.local_instances == host_c.local_instances != host_a.local_instances
+    assert len({host.instances_path for host in shared_hosts.hosts}) == 1
+    marker = f"marker-{secrets.token_hex(4)}"
+    # Written where host-b's daemon sees its instances; host-c sees it, host-a does not.
+    written = in_mount_namespace(host_b, "sh", "-c", f"echo from-b > {host_b.instances_path}/{marker}")
+    assert written.returncode == 0, written.stderr
+    assert in_mount_namespace(host_c, "cat", f"{host_c.instances_path}/{marker}").stdout == "from-b\n"
+    assert in_mount_namespace(host_a, "cat", f"{host_a.instances_path}/{marker}").returncode != 0
+    assert (host_c.local_instances / marker).read_text() == "from-b\n"
+    assert not (host_a.local_instances / marker).exists()
+    # Nor does the test process see any host's files at instances_path itself.
+    assert not (shared_hosts.instances_path / marker).exists()
+
+
+def test_a_shared_storage_group_names_known_hosts() -> None:
+    with pytest.raises(ValueError, match="no host host-z"):
+        NamespaceHosts(2, shared=(("host-a", "host-z"),))
+    with pytest.raises(ValueError, match="more than one shared storage group"):
+        NamespaceHosts(3, shared=(("host-a", "host-b"), ("host-b", "host-c")))
+
+
+BROKER = "redis://127.0.0.1:6379/5"  # Redis DBs of this module alone (other suites use others at once)
+BACKEND = "redis://127.0.0.1:6379/4"
+ACTIVE = {"vm_state": "active", "task_state": None, "power_state": "running"}
+
+
+@pytest.fixture
+def conductor() -> Iterator[ConductorQueue]:
+    for url in (BROKER, BACKEND):
+        redis.Redis.from_url(url).flushdb()
+    queue = ConductorQueue(BROKER)
+    try:
+        yield queue
+    finally:
+        queue.close()
+
+
+def worker_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COMPUTE_", "CELERY_"))}
+    return {**env, "CELERY_BROKER_URL": BROKER, "CELERY_RPC_BACKEND": BACKEND,
+            "CLOUDCTL_SERVICE_TOKEN": TOKEN, "COMPUTE_HEARTBEAT_INTERVAL": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def namespace(pid: int, kind: str) -> str:
+    return os.readlink(f"/proc/{pid}/ns/{kind}")
+
+
+def domain_on(host: NamespaceHost, name: str) -> int | None:
+    """The state of domain ``name`` on ``host``'s daemon (asked over its unix socket), None if absent."""
+    conn = libvirt.open(host.uri)
+    try:
+        return conn.lookupByName(name).state()[0]
+    except libvirt.libvirtError:
+        return None
+    finally:
+        conn.close()
+
+
+def test_a_real_worker_on_a_harness_host(shared_hosts: NamespaceHosts, conductor: ConductorQueue,
+                                         tiny_image_path: Path, tmp_path: Path) -> None:
+    """The worker of host-a, in host-a's namespaces but the root network namespace: it spawns the demo
+    guest on host-a's daemon (nowhere else), survives a SIGKILL and restart (finding its guest again),
+    terminates the guest, and stops cleanly on SIGTERM."""
+    host_a, host_b, host_c = shared_hosts.hosts
+    started = time.monotonic()
+    worker = shared_hosts.start_worker(host_a, worker_env(), tmp_path / "worker-a.log")
+    init = conductor.wait_for(contract.CONDUCTOR_HOST_INIT, timeout=60, host="host-a")
+    print(f"\nworker of host-a: host_init after {time.monotonic() - started:.2f} s")
+    assert init["resources"]["virt_type"] == "qemu" and init["resources"]["instances"] == {}
+    assert namespace(worker.pid, "pid") == namespace(host_a.init_pid, "pid")
+    assert namespace(worker.pid, "mnt") == namespace(host_a.init_pid, "mnt")
+    assert namespace(worker.pid, "net") == namespace(os.getpid(), "net") != namespace(host_a.init_pid, "net")
+
+    client = Celery("multihost-test", broker=BROKER, backend=BACKEND, fixups=[])
+    client.conf.update(task_serializer="json", accept_content=["json"], result_serializer="json")
+    queue = contract.compute_queue(host_a.name)
+    with serve_images(TOKEN) as images:
+        spec = new_spec(host=host_a.name, name="on host-a",
+                        image=images.add("tiny", tiny_image_path.read_bytes()))
+        instance_uuid = spec["instance_uuid"]
+        name = contract.domain_name(instance_uuid)
+        spawning = time.monotonic()
+        client.send_task(contract.COMPUTE_SPAWN, kwargs={"spec": spec}, queue=queue)
+        update = conductor.wait_for(contract.CONDUCTOR_INSTANCE_UPDATE, timeout=120,
+                                    instance_uuid=instance_uuid, values=ACTIVE)
+    assert update["host"] == host_a.name and update["expected_task_state"] == "spawning"
+    assert domain_on(host_a, name) == libvirt.VIR_DOMAIN_RUNNING
+    assert domain_on(host_b, name) is None and domain_on(host_c, name) is None
+    console = host_a.local_instances / instance_uuid / "console.log"
+    boot = wait_for(lambda: READY in read(console), 120, lambda: read(console)[-2000:])
+    print(f"spawn on host-a: ACTIVE and guest ready after {time.monotonic() - spawning:.2f} s "
+          f"(boot {boot:.1f} s)")
+    assert not (host_b.local_instances / instance_uuid).exists()
+
+    # A crash (SIGKILL) and a restart: the new worker finds the running guest on its host.
+    worker.kill()
+    assert worker.process is not None and worker.process.returncode == -signal.SIGKILL
+    assert domain_on(host_a, name) == libvirt.VIR_DOMAIN_RUNNING
+    worker.start()
+    init = conductor.wait_for(contract.CONDUCTOR_HOST_INIT, timeout=60, host="host-a")
+    assert init["resources"]["instances"] == {instance_uuid: "running"}
+
+    client.send_task(contract.COMPUTE_TERMINATE, kwargs={"instance_uuid": instance_uuid}, queue=queue)
+    conductor.wait_for(contract.CONDUCTOR_INSTANCE_DESTROYED, timeout=60, instance_uuid=instance_uuid)
+    assert domain_on(host_a, name) is None
+    assert not (host_a.local_instances / instance_uuid).exists()
+
+    # SIGTERM to what start_worker started reaches the worker: a warm shutdown, host_stopping sent.
+    stopping = time.monotonic()
+    assert worker.stop() == 0, worker.log()[-3000:]
+    print(f"worker of host-a: stopped on SIGTERM in {time.monotonic() - stopping:.2f} s")
+    conductor.wait_for(contract.CONDUCTOR_HOST_STOPPING, timeout=10, host="host-a")
+    assert "Warm shutdown" in worker.log()
