@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from compute_workers import contract
+from compute_workers import manager as manager_module
 from compute_workers.app import create_app
 from compute_workers.config import ComputeConfig, ConfigError
 from compute_workers.journal import MigrationJournal
@@ -338,6 +339,21 @@ def test_resize_tasks_are_registered_with_their_limits(tmp_path: Path, make_spec
     app.tasks[contract.COMPUTE_CONFIRM_RESIZE].run(instance_uuid=uuid, migration_id=2)
     assert [u["status"] for u in migration_updates(reporter)] == [
         "prepared", "migrated", "finished", "reverted_dest", "reverted", "migrated", "confirmed"]
+
+
+def test_the_copy_reports_its_progress(tmp_path: Path, make_spec: SpecFactory,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(manager_module, "MIGRATION_PROGRESS_INTERVAL", 0.0)
+    manager, reporter = make_manager(FakeDriver(), tmp_path / "instances")
+    uuid = spawned(manager, reporter, make_spec())
+    manager.resize_instance(uuid, 60, HOST, "fake://", 5)
+    progress = reporter.named(contract.CONDUCTOR_MIGRATION_PROGRESS)
+    assert [(p["migration_id"], p["host"]) for p in progress] == [(60, HOST), (60, HOST)]
+    assert set(progress[0]["progress"]) == {*contract.MIGRATION_PROGRESS_KEYS, "observed_at"}
+    size = 20 * 1024 * 1024
+    assert [(p["progress"]["disk_processed"], p["progress"]["disk_remaining"]) for p in progress] == [
+        (0, size), (size, 0)]
+    assert progress[0]["progress"]["memory_total"] == 0 and progress[0]["progress"]["disk_total"] == size
 
 
 def test_resize_time_limits_are_checked() -> None:

@@ -255,3 +255,35 @@ def test_volume_stream_copy_keeps_holes_reports_progress_and_times_out(
     finally:
         conn.close()
         subprocess.run(["rm", "-rf", str(root)], check=False)
+
+
+def test_an_interrupted_resize_is_resumed(guest: Guest, monkeypatch: pytest.MonkeyPatch,
+                                          record_property: Callable[[str, object], None]) -> None:
+    """The worker dies mid-copy (guest off, domain undefined, files moved, a partial copy written):
+    the redelivered resize_instance finds that state and finishes the copy."""
+    demo = guest
+    real_copy = volumes.copy_file
+
+    def dies_mid_copy(*args: Any, **kwargs: Any) -> volumes.VolumeCopy:
+        (demo.directory).mkdir()
+        (demo.directory / "disk").write_bytes(b"partial")
+        raise SystemExit("worker killed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(volumes, "copy_file", dies_mid_copy)
+        patch.setattr(LibvirtDriver, "_put_back_resize", lambda *args: "")  # a dead process puts nothing back
+        with pytest.raises(SystemExit):
+            demo.driver.migrate_disk_and_power_off(demo.uuid, URI, 30, lambda d, t: None, 60)
+    assert not demo.defined() and demo.resize_dir.exists()
+    assert (demo.directory / "disk").read_bytes() == b"partial"
+    assert volumes.copy_file is real_copy
+
+    update = demo.timed("resumed_resize", lambda: demo.manager.resize_instance(demo.uuid, 5, HOST, URI, 30))
+    assert update["status"] == "migrated", update
+    assert update["event"]["message"].startswith("resumed a resize that was interrupted after the power off")
+    assert sha256(demo.directory / "disk") == sha256(demo.resize_dir / "disk")
+    new_spec = {**demo.spec, "flavor": BIGGER}
+    update = demo.timed("finish_resize", lambda: demo.manager.finish_resize(demo.uuid, 5, new_spec, True))
+    assert update["status"] == "finished", update
+    demo.booted(2, "finish_to_ready")
+    demo.report(record_property, "interrupted resize resumed")
