@@ -639,6 +639,9 @@ class LibvirtDriver(ComputeDriver):
         try:
             if resize_dir.exists():
                 if directory.exists():  # the destination's copy, on this host or on shared storage
+                    if not copy_started:  # not known to be ours: it may be a domain's disk there
+                        raise InstanceInvalidState(f"{directory} exists beside {resize_dir}; both left as "
+                                                   "they are")
                     shutil.rmtree(directory)
                 os.rename(resize_dir, directory)
             domain = self._lookup(instance_uuid)
