@@ -30,6 +30,10 @@ A malformed value fails at start with :class:`ConfigError` naming the variable.
 | `COMPUTE_LIFECYCLE_TIME_LIMIT` | `360` | Hard time limit of each lifecycle task. |
 | `COMPUTE_SNAPSHOT_SOFT_TIME_LIMIT` | `1800` | Soft time limit of `compute.snapshot_instance` (copy, convert and upload). |
 | `COMPUTE_SNAPSHOT_TIME_LIMIT` | `1860` | Hard time limit of `compute.snapshot_instance`. |
+| `COMPUTE_RESIZE_SOFT_TIME_LIMIT` | `1800` | Soft time limit of `compute.resize_instance` (power off, then the disk copy to the destination); the copy must end 60 s before it (counting the clean-shutdown wait), or it is abandoned and the instance put back. |
+| `COMPUTE_RESIZE_TIME_LIMIT` | `1860` | Hard time limit of `compute.resize_instance`. |
+| `COMPUTE_RESIZE_STEP_SOFT_TIME_LIMIT` | `600` | Soft time limit of the other cold migration and resize tasks (`compute.prep_resize`, which may download the image, `finish_resize`, `confirm_resize`, `revert_resize`, `finish_revert_resize`). |
+| `COMPUTE_RESIZE_STEP_TIME_LIMIT` | `660` | Hard time limit of those tasks. |
 | `COMPUTE_MAX_CONCURRENT_SNAPSHOTS` | `2` | Snapshots run at once on this host; the others wait for a slot. Temporary files go to `INSTANCES_PATH/snapshots/`. |
 | `COMPUTE_IMAGE_UPLOAD_TIMEOUT` | `600` | Seconds a snapshot upload may wait for the image service (connect, and each read of its answer). |
 | `COMPUTE_IMAGE_CACHE_MAX_AGE` | `86400` | A cached base image (`_base/<image-id>`) that no instance disk of this host uses and no spawn used for this many seconds is removed. |
@@ -77,6 +81,13 @@ MIGRATION_CHECK_TASKS = (contract.COMPUTE_CHECK_MIGRATE_DESTINATION, contract.CO
 LIVE_MIGRATION_STEP_TASKS = (contract.COMPUTE_ABORT_LIVE_MIGRATION,
                              contract.COMPUTE_POST_LIVE_MIGRATION_AT_DEST,
                              contract.COMPUTE_ROLLBACK_LIVE_MIGRATION_AT_DEST)
+# The cold migration and resize tasks other than compute.resize_instance (which copies the disk).
+RESIZE_STEP_TASKS = (contract.COMPUTE_PREP_RESIZE, contract.COMPUTE_FINISH_RESIZE,
+                     contract.COMPUTE_CONFIRM_RESIZE, contract.COMPUTE_REVERT_RESIZE,
+                     contract.COMPUTE_FINISH_REVERT_RESIZE)
+# Seconds compute.resize_instance keeps, below its soft time limit, to put the instance back and report
+# after a copy that took too long.
+RESIZE_MARGIN = 60
 
 
 class ConfigError(ValueError):
@@ -179,6 +190,10 @@ class ComputeConfig:
     lifecycle_time_limit: int = _env("COMPUTE_LIFECYCLE_TIME_LIMIT", 360, _positive_int)
     snapshot_soft_time_limit: int = _env("COMPUTE_SNAPSHOT_SOFT_TIME_LIMIT", 1800, _positive_int)
     snapshot_time_limit: int = _env("COMPUTE_SNAPSHOT_TIME_LIMIT", 1860, _positive_int)
+    resize_soft_time_limit: int = _env("COMPUTE_RESIZE_SOFT_TIME_LIMIT", 1800, _positive_int)
+    resize_time_limit: int = _env("COMPUTE_RESIZE_TIME_LIMIT", 1860, _positive_int)
+    resize_step_soft_time_limit: int = _env("COMPUTE_RESIZE_STEP_SOFT_TIME_LIMIT", 600, _positive_int)
+    resize_step_time_limit: int = _env("COMPUTE_RESIZE_STEP_TIME_LIMIT", 660, _positive_int)
     max_concurrent_snapshots: int = _env("COMPUTE_MAX_CONCURRENT_SNAPSHOTS", 2, _positive_int)
     image_upload_timeout: float = _env("COMPUTE_IMAGE_UPLOAD_TIMEOUT", 600.0, _positive_float)
     image_cache_max_age: float = _env("COMPUTE_IMAGE_CACHE_MAX_AGE", 86400.0, _non_negative_float)
@@ -196,7 +211,8 @@ class ComputeConfig:
     fake_disk_gb: int = _env("COMPUTE_FAKE_DISK_GB", 500, _positive_int)
 
     def __post_init__(self) -> None:
-        for kind in ("spawn", "terminate", "console", "lifecycle", "snapshot", "live_migration"):
+        for kind in ("spawn", "terminate", "console", "lifecycle", "snapshot", "live_migration", "resize",
+                     "resize_step"):
             soft_var = f"COMPUTE_{kind.upper()}_SOFT_TIME_LIMIT"
             hard_var = f"COMPUTE_{kind.upper()}_TIME_LIMIT"
             soft, hard = getattr(self, f"{kind}_soft_time_limit"), getattr(self, f"{kind}_time_limit")
@@ -224,6 +240,9 @@ class ComputeConfig:
             (contract.COMPUTE_TERMINATE, self.terminate_soft_time_limit, self.terminate_time_limit),
             (contract.COMPUTE_CONSOLE_OUTPUT, self.console_soft_time_limit, self.console_time_limit),
             (contract.COMPUTE_SNAPSHOT, self.snapshot_soft_time_limit, self.snapshot_time_limit),
+            (contract.COMPUTE_RESIZE_INSTANCE, self.resize_soft_time_limit, self.resize_time_limit),
+            *((name, self.resize_step_soft_time_limit, self.resize_step_time_limit)
+              for name in RESIZE_STEP_TASKS),
             *((name, self.lifecycle_soft_time_limit, self.lifecycle_time_limit) for name in LIFECYCLE_TASKS),
             (contract.COMPUTE_LIVE_MIGRATION, self.live_migration_soft_time_limit,
              self.live_migration_time_limit),
@@ -233,6 +252,12 @@ class ComputeConfig:
             *((name, self.lifecycle_soft_time_limit, self.lifecycle_time_limit)
               for name in LIVE_MIGRATION_STEP_TASKS),
         )
+
+    def resize_copy_timeout(self, shutdown_wait: float) -> float:
+        """The longest a resize's disk copy may take: what the task's soft time limit leaves after a
+        clean shutdown wait of ``shutdown_wait`` seconds and the time to put the instance back and
+        report (at least a minute)."""
+        return float(max(self.resize_soft_time_limit - shutdown_wait - RESIZE_MARGIN, 60))
 
     @property
     def max_live_migration_timeout(self) -> float:

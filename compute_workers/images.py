@@ -118,6 +118,19 @@ def create_overlay(base: Path, base_format: str, disk: Path, root_gb: int, image
         raise HypervisorError(f"qemu-img create failed: {result.stderr.strip()}")
 
 
+def grow_disk(disk: Path, size: int) -> bool:
+    """Grow the qcow2 ``disk`` to a virtual size of ``size`` bytes (``qemu-img resize``); returns
+    False, changing nothing, when it is already that large. Never shrinks: that would cut the guest's
+    filesystem short."""
+    current = int(qemu_img_info(disk, "qcow2")["virtual-size"])
+    if size <= current:
+        return False
+    result = _run(["qemu-img", "resize", "-q", "-f", "qcow2", str(disk), str(size)], "growing the disk")
+    if result.returncode != 0:
+        raise HypervisorError(f"qemu-img resize failed: {result.stderr.strip()}")
+    return True
+
+
 def create_delta(backing: Path | None, backing_format: str, delta: Path, virtual_size: int) -> None:
     """Create ``delta``, an empty qcow2 of ``virtual_size`` bytes backed by ``backing`` (None: none):
     the destination of a shallow block copy."""

@@ -22,10 +22,13 @@ migrated) and on shared storage it is the destination's too. Their files are
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from compute_workers.virt.driver import checked_uuid
 
@@ -133,3 +136,70 @@ class MigrationJournal:
             except FileNotFoundError:
                 continue
         return removed
+
+
+STEP_RECORDS_DIR = ".migrations"
+# A migration step's record is kept this long: far beyond any redelivery (COMPUTE_VISIBILITY_TIMEOUT).
+MIGRATION_RECORD_MAX_AGE = 30 * 86400.0
+
+
+class MigrationStepRecords:
+    """The cold-migration and resize steps completed here, each with what a later step must know:
+    ``INSTANCES_PATH/.migrations/migration-<id>-<step>`` (:class:`MigrationJournal` records only a
+    status per step; a resize's steps also pass details on, such as the destination host).
+
+    Not in the instance's directory, as :class:`ActionJournal` is: a cold migration renames and removes
+    that directory, and a same-host resize runs the source's and the destination's steps in one.
+    Same rule: written durably (a complete file renamed into place, fsync'd) before the outcome is
+    reported, so a redelivered step finds it and does nothing. A record is a small JSON object
+    (``instance_uuid``, ``result``, ``at``, plus what the step wants a later step to know, such as the
+    destination host); records older than 30 days are removed when a new one is written.
+    """
+
+    def __init__(self, instances_path: Path) -> None:
+        self.directory = instances_path / STEP_RECORDS_DIR
+
+    def path(self, migration_id: int, step: str) -> Path:
+        if not step.isidentifier():
+            raise ValueError(f"invalid migration step {step!r}")
+        return self.directory / f"migration-{int(migration_id)}-{step}"
+
+    def done(self, migration_id: int, step: str) -> dict[str, Any] | None:
+        """The record of that step, None when this host has not completed it."""
+        try:
+            record = json.loads(self.path(migration_id, step).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except ValueError:  # cannot be written half (renamed whole); count it as done all the same
+            return {"result": "error"}
+        return record if isinstance(record, dict) else {"result": "error"}
+
+    def record(self, migration_id: int, step: str, instance_uuid: str, result: str, **details: Any) -> None:
+        if result not in RESULTS:
+            raise ValueError(f"result must be one of {RESULTS}")
+        path = self.path(migration_id, step)
+        self.directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+        temporary = self.directory / f".{path.name}.{os.getpid()}.{threading.get_ident()}"
+        data = {"instance_uuid": instance_uuid, "result": result, "at": time.time(), **details}
+        with open(temporary, "w", encoding="utf-8") as out:
+            json.dump(data, out)
+            out.flush()
+            os.fsync(out.fileno())
+        temporary.rename(path)
+        directory = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+        self._prune()
+
+    def _prune(self) -> None:
+        cutoff = time.time() - MIGRATION_RECORD_MAX_AGE
+        with os.scandir(self.directory) as entries:
+            for entry in entries:
+                if entry.name.startswith("migration-"):
+                    try:
+                        if entry.stat().st_mtime < cutoff:
+                            os.unlink(entry.path)
+                    except FileNotFoundError:
+                        pass

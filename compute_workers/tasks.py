@@ -92,6 +92,44 @@ def register_tasks(app: Celery, managers: ComputeManager | Managers) -> None:
         return {"error": "ConsoleUnavailable",
                 "message": f"no host of this worker consumes the queue {_route(self.request)!r}"}
 
+    # Cold migration and resize: fire-and-forget; each step reports conductor.migration_update.
+    resize = {"ignore_result": True, **common}
+
+    @app.task(name=contract.COMPUTE_PREP_RESIZE, **resize, **limits[contract.COMPUTE_PREP_RESIZE])
+    def prep_resize(self: Task, instance_uuid: str, migration_id: int, spec: dict[str, Any],
+                    shared_marker: str | None = None) -> None:
+        if manager := manager_for(self):
+            manager.prep_resize(instance_uuid, migration_id, spec, shared_marker)
+
+    @app.task(name=contract.COMPUTE_RESIZE_INSTANCE, **resize, **limits[contract.COMPUTE_RESIZE_INSTANCE])
+    def resize_instance(self: Task, instance_uuid: str, migration_id: int, dest_host: str, migration_uri: str,
+                        timeout: float | None = None) -> None:
+        if manager := manager_for(self):
+            manager.resize_instance(instance_uuid, migration_id, dest_host, migration_uri, timeout)
+
+    @app.task(name=contract.COMPUTE_FINISH_RESIZE, **resize, **limits[contract.COMPUTE_FINISH_RESIZE])
+    def finish_resize(self: Task, instance_uuid: str, migration_id: int, spec: dict[str, Any],
+                      power_on: bool = True) -> None:
+        if manager := manager_for(self):
+            manager.finish_resize(instance_uuid, migration_id, spec, power_on)
+
+    @app.task(name=contract.COMPUTE_CONFIRM_RESIZE, **resize, **limits[contract.COMPUTE_CONFIRM_RESIZE])
+    def confirm_resize(self: Task, instance_uuid: str, migration_id: int) -> None:
+        if manager := manager_for(self):
+            manager.confirm_resize(instance_uuid, migration_id)
+
+    @app.task(name=contract.COMPUTE_REVERT_RESIZE, **resize, **limits[contract.COMPUTE_REVERT_RESIZE])
+    def revert_resize(self: Task, instance_uuid: str, migration_id: int) -> None:
+        if manager := manager_for(self):
+            manager.revert_resize(instance_uuid, migration_id)
+
+    @app.task(name=contract.COMPUTE_FINISH_REVERT_RESIZE, **resize,
+              **limits[contract.COMPUTE_FINISH_REVERT_RESIZE])
+    def finish_revert_resize(self: Task, instance_uuid: str, migration_id: int, spec: dict[str, Any],
+                             power_on: bool = True) -> None:
+        if manager := manager_for(self):
+            manager.finish_revert_resize(instance_uuid, migration_id, spec, power_on)
+
     # Lifecycle: fire-and-forget like spawn; the outcome goes to the conductor.
     lifecycle = {"ignore_result": True, **common}
 

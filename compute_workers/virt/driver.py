@@ -13,6 +13,7 @@ Instances are named by their uuid; the domain is ``contract.domain_name(uuid)`` 
 from __future__ import annotations
 
 import abc
+import dataclasses
 import uuid as uuid_lib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -62,6 +63,18 @@ def instance_uuid_of(domain_name: str) -> str | None:
         return checked_uuid(domain_name[len(prefix):])
     except InvalidInstanceUUID:
         return None
+
+
+@dataclasses.dataclass(frozen=True)
+class DiskMigration:
+    """What :meth:`ComputeDriver.migrate_disk_and_power_off` did, for the report."""
+
+    power_state: str             # the instance's power state before (what a revert returns to)
+    clean_shutdown: bool | None  # None: it was already shut off
+    disk_bytes: int              # size of the disk file copied (holes included)
+    sent_bytes: int              # bytes that travelled as data
+    copy_seconds: float
+    resumed: bool = False        # an earlier run had powered off and moved the files already
 
 
 class ComputeDriver(abc.ABC):
@@ -202,6 +215,63 @@ class ComputeDriver(abc.ABC):
     def resume(self, instance_uuid: str) -> None:
         """Restore a suspended domain from its saved memory. Afterwards it runs; already running is
         success. Raises InstanceNotFound, InstanceInvalidState when there is no saved state."""
+        raise NotImplementedError
+
+    # Cold migration and resize, as Nova's migrate_disk_and_power_off / finish_migration /
+    # confirm_migration / finish_revert_migration. The source keeps the instance's original files in
+    # ``INSTANCES_PATH/<uuid>_resize/`` until the move is confirmed or reverted; the destination's copy
+    # is ``INSTANCES_PATH/<uuid>/`` (on a same-host resize both are on this host). Reverting on the
+    # destination is :meth:`destroy` (it never touches ``<uuid>_resize``).
+
+    def migrate_disk_and_power_off(self, instance_uuid: str, dest_uri: str, shutdown_timeout: float,
+                                   progress: Callable[[int, int], None],
+                                   copy_timeout: float) -> DiskMigration:
+        """Power the instance off (clean shutdown for up to ``shutdown_timeout`` seconds, 0: none, then
+        forced), undefine its domain (files kept), rename ``<uuid>`` to ``<uuid>_resize`` and copy its
+        root disk to ``<uuid>/disk`` on the hypervisor at ``dest_uri`` (this one's own URI, or another
+        way to reach it, for a same-host resize). The copy is the same file: a qcow2 overlay keeps its
+        backing file reference, which the destination must have cached. ``progress(copied, total)`` is
+        called while copying (often; the caller throttles); the copy must end within ``copy_timeout``.
+
+        A run that died after undefining the domain is resumed where it stopped (the definition and
+        power state saved before undefining are in the directory).
+
+        Afterwards no domain of the instance is defined here and the destination has the disk. On
+        failure everything is put back as it was (directory, definition, running again if it ran), a
+        partial destination copy is removed, and the error propagates: InstanceNotFound,
+        InstanceInvalidState (a ``<uuid>_resize`` of an earlier resize is still here), HypervisorError
+        (its message says what failed and whether putting it back did)."""
+        raise NotImplementedError
+
+    def finish_migration(self, spec: dict[str, Any], power_on: bool) -> None:
+        """On the destination, after :meth:`migrate_disk_and_power_off` copied the disk here: grow the
+        disk to ``spec``'s root_gb when that is larger (never shrinks), create the console log, define
+        the domain from ``spec`` (the new flavor) and start it when ``power_on``.
+
+        Afterwards the domain is defined (running if ``power_on``). Running it again converges. On
+        failure no domain of the instance is left defined here (the files are kept: reverting removes
+        them) and the error propagates (HypervisorError; InstanceNotFound when the disk is not here)."""
+        raise NotImplementedError
+
+    def confirm_migration(self, instance_uuid: str, instance_moved: bool | None) -> None:
+        """On the source, once the move is confirmed: remove ``<uuid>_resize``. ``instance_moved``:
+        True when the instance now runs on another host (a domain of it still defined here is a
+        leftover: stopped and undefined), False when it runs here (same-host resize: its domain is left
+        alone), None when unknown (a domain is a leftover only when ``<uuid>`` is not here).
+
+        Afterwards nothing of the old instance is left here. Running it again does nothing. Raises
+        HypervisorError when a removal fails (a second call finishes the job)."""
+        raise NotImplementedError
+
+    def finish_revert_migration(self, spec: dict[str, Any], power_on: bool) -> None:
+        """On the source, after the destination's copy was removed (:meth:`destroy` there): rename
+        ``<uuid>_resize`` back to ``<uuid>``, define the domain from ``spec`` (the old flavor) and start
+        it when ``power_on``: the instance as it was before, on its original disk.
+
+        Afterwards the domain is defined (running if ``power_on``); running it again converges. Raises
+        InstanceInvalidState when ``<uuid>`` still exists beside ``<uuid>_resize`` (the destination's
+        copy, on the same host or shared storage, was not removed: nothing is changed),
+        InstanceNotFound when neither is here, HypervisorError."""
         raise NotImplementedError
 
     def snapshot(self, instance_uuid: str, target_path: Path,

@@ -27,7 +27,13 @@ from compute_workers.exception import (
     InstanceNotFound,
     MigrationAborted,
 )
-from compute_workers.virt.driver import ComputeDriver, checked_uuid
+from compute_workers.virt.driver import ComputeDriver, DiskMigration, checked_uuid
+
+# The disks "copied" by fake cold migrations, by instance uuid: the boot count each one carries.
+# Shared by every FakeDriver of the process, as a network is: fake hosts of one fleet migrate to each
+# other, and a same-host resize works as it does on one libvirt host.
+_COPIED_DISKS: dict[str, int] = {}
+_COPIED_DISKS_LOCK = threading.Lock()
 
 
 @dataclasses.dataclass
@@ -76,6 +82,8 @@ class FakeDriver(ComputeDriver):
         self.snapshot_delay = 0.0
         self.migration_delay = 0.0
         self.instances: dict[str, FakeInstance] = {}
+        # What a resize's source keeps until confirmed or reverted (libvirt: <uuid>_resize/).
+        self.resize_sources: dict[str, FakeInstance] = {}
         self._lock = threading.Lock()
         self._lifecycle_callback: Callable[[str], None] | None = None
         self._migrations: dict[str, _FakeMigrationJob] = {}
@@ -216,6 +224,101 @@ class FakeDriver(ComputeDriver):
 
     def resume(self, instance_uuid: str) -> None:
         self._set_state(instance_uuid, (contract.POWER_SUSPENDED,), contract.POWER_RUNNING)
+
+    # Cold migration and resize --------------------------------------------------------------------------
+
+    def migrate_disk_and_power_off(self, instance_uuid: str, dest_uri: str, shutdown_timeout: float,
+                                   progress: Callable[[int, int], None],
+                                   copy_timeout: float) -> DiskMigration:
+        checked_uuid(instance_uuid)
+        with self._lock:
+            instance = self.instances.get(instance_uuid)
+            resumed = instance is None and instance_uuid in self.resize_sources
+            if instance is not None and instance_uuid in self.resize_sources:
+                raise InstanceInvalidState(f"cannot resize instance {instance_uuid}: the files of an earlier "
+                                           "resize are still on this host")
+        if instance is None and not resumed:
+            raise InstanceNotFound(f"instance {instance_uuid} not found on this host")
+        clean: bool | None = None
+        if instance is not None:
+            power_state = instance.power_state
+            if power_state != contract.POWER_SHUTDOWN:
+                clean = self.power_off(instance_uuid, shutdown_timeout)
+            with self._lock:
+                self.resize_sources[instance_uuid] = self.instances.pop(instance_uuid)
+                self.resize_sources[instance_uuid].power_state = power_state  # what a revert returns to
+            self._changed(instance_uuid)
+        source = self.resize_sources[instance_uuid]
+        started = time.monotonic()
+        size = 20 * 1024 * 1024
+        try:
+            self._copy_disk(instance_uuid, source, dest_uri, progress, size)
+        except BaseException:
+            with self._lock:
+                restored = self.resize_sources.pop(instance_uuid)
+                before, restored.power_state = restored.power_state, contract.POWER_SHUTDOWN
+                self.instances[instance_uuid] = restored
+            if before in (contract.POWER_RUNNING, contract.POWER_PAUSED):
+                self.power_on(instance_uuid)
+            else:
+                self._changed(instance_uuid)
+            raise
+        return DiskMigration(power_state=source.power_state, clean_shutdown=clean, disk_bytes=size,
+                             sent_bytes=size, copy_seconds=time.monotonic() - started, resumed=resumed)
+
+    def _copy_disk(self, instance_uuid: str, source: FakeInstance, dest_uri: str,
+                   progress: Callable[[int, int], None], size: int) -> None:
+        progress(0, size)
+        with _COPIED_DISKS_LOCK:
+            _COPIED_DISKS[instance_uuid] = source.boots
+        progress(size, size)
+
+    def finish_migration(self, spec: dict[str, Any], power_on: bool) -> None:
+        instance_uuid = checked_uuid(spec["instance_uuid"])
+        with _COPIED_DISKS_LOCK:
+            boots = _COPIED_DISKS.get(instance_uuid)
+        with self._lock:
+            existing = self.instances.get(instance_uuid)
+            if existing is None:
+                if boots is None:
+                    raise InstanceNotFound(f"the disk of instance {instance_uuid} is not on this host: it "
+                                           "was not copied here")
+                name = contract.domain_name(instance_uuid)
+                console = [f"cloudctl-fake: {name} defined from a migrated disk"]
+                self.instances[instance_uuid] = FakeInstance(spec, contract.POWER_SHUTDOWN, console, boots)
+            else:
+                existing.spec = spec
+        self._changed(instance_uuid)
+        if power_on:
+            self.power_on(instance_uuid)
+
+    def confirm_migration(self, instance_uuid: str, instance_moved: bool | None) -> None:
+        checked_uuid(instance_uuid)
+        with self._lock:
+            self.resize_sources.pop(instance_uuid, None)
+            leftover = self.instances.pop(instance_uuid, None) if instance_moved else None
+        with _COPIED_DISKS_LOCK:
+            _COPIED_DISKS.pop(instance_uuid, None)
+        if leftover is not None:
+            self._changed(instance_uuid)
+
+    def finish_revert_migration(self, spec: dict[str, Any], power_on: bool) -> None:
+        instance_uuid = checked_uuid(spec["instance_uuid"])
+        with self._lock:
+            original = self.resize_sources.get(instance_uuid)
+            if original is not None:
+                if instance_uuid in self.instances:
+                    raise InstanceInvalidState(f"cannot revert the resize of instance {instance_uuid}: the "
+                                               "resized copy is still on this host")
+                original.spec, original.power_state = spec, contract.POWER_SHUTDOWN
+                self.instances[instance_uuid] = self.resize_sources.pop(instance_uuid)
+            elif instance_uuid not in self.instances:
+                raise InstanceNotFound(f"instance {instance_uuid} has nothing to revert to on this host")
+        with _COPIED_DISKS_LOCK:
+            _COPIED_DISKS.pop(instance_uuid, None)
+        self._changed(instance_uuid)
+        if power_on:
+            self.power_on(instance_uuid, spec)
 
     def snapshot(self, instance_uuid: str, target_path: Path,
                  progress: Callable[[int, int], None]) -> None:
@@ -367,3 +470,13 @@ class FakeBuildAbortDriver(FakeDriver):
         with self._lock:
             self.instances[spec["instance_uuid"]] = FakeInstance(spec, contract.POWER_SHUTDOWN, [])
         raise HypervisorError("fake hypervisor refused to start the domain")
+
+
+class FakeMigrationCopyFailsDriver(FakeDriver):
+    """The destination refuses the disk half-way through every cold migration's copy: the instance
+    must be put back as it was."""
+
+    def _copy_disk(self, instance_uuid: str, source: FakeInstance, dest_uri: str,
+                   progress: Callable[[int, int], None], size: int) -> None:
+        progress(size // 2, size)
+        raise HypervisorError(f"fake destination {dest_uri} refused the disk half-way")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import mmap
 import os
@@ -26,6 +27,7 @@ import libvirt
 
 from compute_workers import contract, images
 from compute_workers.exception import (
+    ComputeError,
     ConsoleUnavailable,
     CPUIncompatible,
     HypervisorError,
@@ -36,10 +38,11 @@ from compute_workers.exception import (
 )
 from compute_workers.virt.driver import (
     ComputeDriver,
+    DiskMigration,
     checked_uuid,
     instance_uuid_of,
 )
-from compute_workers.virt.libvirt import host, migration
+from compute_workers.virt.libvirt import host, migration, volumes
 from compute_workers.virt.libvirt.domain import build_domain_xml
 
 LOG = logging.getLogger(__name__)
@@ -64,6 +67,9 @@ _UNDEFINE_FLAGS = (libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN
                    | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
 _UNDEFINE_FLAGS_MINIMAL = (libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
                            | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+# A resize's source saves here, before undefining the domain, what putting it back needs: the
+# definition and the power state. It travels with the directory to <uuid>_resize.
+RESIZE_STATE_FILE = "resize-source.json"
 
 
 def _ignore_libvirt_errors(_ctx: object, _error: object) -> None:
@@ -120,6 +126,13 @@ def _hypervisor_errors(what: str, instance_uuid: str | None = None) -> Iterator[
         if instance_uuid and _error_code(exc) == libvirt.VIR_ERR_NO_DOMAIN:
             raise InstanceNotFound(f"instance {instance_uuid} not found on this host") from exc
         raise HypervisorError(f"{what}: {exc.get_error_message() or exc}") from exc
+
+
+def _cause(exc: BaseException) -> str:
+    """An error's message for a user: ours as they are, anything else with its type."""
+    if isinstance(exc, ComputeError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _xml_escape(text: str) -> str:
@@ -505,6 +518,226 @@ class LibvirtDriver(ComputeDriver):
                 raise InstanceInvalidState(f"instance {instance_uuid} has no saved memory state to "
                                            "resume from")
             domain.create()  # restores the managed save image, and removes it
+
+    # Cold migration and resize ------------------------------------------------------------------------
+
+    def resize_dir(self, instance_uuid: str) -> Path:
+        """Where a resize's source keeps the instance's original files until confirmed or reverted."""
+        return self.instances_path / (checked_uuid(instance_uuid) + contract.RESIZE_DIR_SUFFIX)
+
+    def migrate_disk_and_power_off(self, instance_uuid: str, dest_uri: str, shutdown_timeout: float,
+                                   progress: Callable[[int, int], None],
+                                   copy_timeout: float) -> DiskMigration:
+        directory, resize_dir = self.instance_dir(instance_uuid), self.resize_dir(instance_uuid)
+        domain = self._lookup(instance_uuid)
+        if domain is not None:
+            if resize_dir.exists():
+                raise InstanceInvalidState(
+                    f"cannot resize instance {instance_uuid}: {resize_dir} of an earlier resize is still on "
+                    "this host (that resize was neither confirmed nor reverted)")
+            if not directory.is_dir():
+                raise HypervisorError(f"the files of instance {instance_uuid} are not on this host "
+                                      f"({directory} is missing)")
+        elif not (resize_dir / RESIZE_STATE_FILE).exists() and not (directory / RESIZE_STATE_FILE).exists():
+            raise InstanceNotFound(f"instance {instance_uuid} not found on this host")
+        resumed = domain is None
+        if resumed:
+            LOG.warning("resize of %s: its domain is already undefined and its files saved; resuming the "
+                        "interrupted copy", instance_uuid)
+        dest_conn: libvirt.virConnect | None = None
+        if not resumed:
+            # Reach the destination first: a wrong URI fails before the guest is stopped.
+            try:
+                dest_conn = self._open_destination(dest_uri)
+            except HypervisorError as exc:
+                raise HypervisorError(f"{exc}; nothing was changed on this host") from exc
+        copy_started = False
+        power_state = clean = None
+        try:
+            if dest_conn is None:
+                dest_conn = self._open_destination(dest_uri)
+            if domain is not None:
+                with _hypervisor_errors(f"cannot power off instance {instance_uuid}", instance_uuid):
+                    power_state = self._power_state(domain)
+                clean = None if power_state == contract.POWER_SHUTDOWN else self.power_off(instance_uuid,
+                                                                                            shutdown_timeout)
+                self._save_resize_state(directory, domain, power_state)
+                self._undefine(domain)
+            if not resize_dir.exists():
+                os.rename(directory, resize_dir)
+            power_state = power_state or self._load_resize_state(resize_dir)["power_state"]
+            self._refuse_domain_at(dest_conn, instance_uuid, dest_uri)
+            copy_started = True
+            if self.is_test:  # no disk: the destination's directory is all the copy there is
+                directory.mkdir(mode=0o755, exist_ok=True)
+                copied = volumes.VolumeCopy(size=0, sent=0, seconds=0.0, sparse=False)
+            else:
+                copied = volumes.copy_file(self.conn, resize_dir, dest_conn, directory, "disk", progress,
+                                           copy_timeout, source_label=f"this host ({self.uri})",
+                                           dest_label=dest_uri)
+        except BaseException as exc:
+            outcome = self._put_back_resize(instance_uuid, dest_conn, dest_uri, copy_started, power_state)
+            if not isinstance(exc, Exception):
+                raise
+            raise HypervisorError(f"{_cause(exc)}; {outcome}") from exc
+        finally:
+            if dest_conn is not None and dest_conn is not self._conn:
+                with contextlib.suppress(libvirt.libvirtError):
+                    dest_conn.close()
+        LOG.info("resize of %s: disk copied to %s (%d bytes, %d sent as data%s) in %.2f s", instance_uuid,
+                 dest_uri, copied.size, copied.sent, ", sparse" if copied.sparse else "", copied.seconds)
+        return DiskMigration(power_state=power_state, clean_shutdown=clean, disk_bytes=copied.size,
+                             sent_bytes=copied.sent, copy_seconds=copied.seconds, resumed=resumed)
+
+    def _open_destination(self, dest_uri: str) -> libvirt.virConnect:
+        if dest_uri == self.uri:
+            return self.conn
+        with _hypervisor_errors(f"cannot connect to the destination hypervisor at {dest_uri}"):
+            return libvirt.open(dest_uri)
+
+    @staticmethod
+    def _refuse_domain_at(dest_conn: libvirt.virConnect, instance_uuid: str, dest_uri: str) -> None:
+        """The copy must never overwrite the disk of a domain the destination already has (this domain
+        is undefined by now, so on a same-host resize there is none)."""
+        try:
+            dest_conn.lookupByName(contract.domain_name(instance_uuid))
+        except libvirt.libvirtError as exc:
+            if _error_code(exc) == libvirt.VIR_ERR_NO_DOMAIN:
+                return
+            raise HypervisorError(f"cannot look up instance {instance_uuid} at {dest_uri}: {exc}") from exc
+        raise InstanceExists(f"a domain of instance {instance_uuid} already exists at {dest_uri}: its disk "
+                             "is not overwritten")
+
+    @staticmethod
+    def _save_resize_state(directory: Path, domain: libvirt.virDomain, power_state: str) -> None:
+        with _hypervisor_errors(f"cannot read the definition of {domain.name()}"):
+            xml = domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+        path = directory / RESIZE_STATE_FILE
+        temporary = path.with_name(path.name + ".tmp")
+        with open(temporary, "w", encoding="utf-8") as out:
+            json.dump({"power_state": power_state, "xml": xml}, out)
+            out.flush()
+            os.fsync(out.fileno())
+        temporary.rename(path)
+
+    @staticmethod
+    def _load_resize_state(directory: Path) -> dict[str, Any]:
+        try:
+            state: dict[str, Any] = json.loads((directory / RESIZE_STATE_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise HypervisorError(f"cannot read {directory / RESIZE_STATE_FILE}: {exc}") from exc
+        return state
+
+    def _put_back_resize(self, instance_uuid: str, dest_conn: libvirt.virConnect | None, dest_uri: str,
+                         copy_started: bool, power_state: str | None) -> str:
+        """Undo a failed migrate_disk_and_power_off (``power_state``: the one it found, if it got that
+        far); says what it did, or could not do, for the error message."""
+        directory, resize_dir = self.instance_dir(instance_uuid), self.resize_dir(instance_uuid)
+        problems = []
+        if copy_started and dest_conn is not None and not self.is_test:
+            try:
+                volumes.remove_copy(dest_conn, directory, "disk", where=dest_uri)
+            except Exception as exc:
+                problems.append(f"the partial copy at {dest_uri} was not removed ({_cause(exc)})")
+        try:
+            if resize_dir.exists():
+                if directory.exists():  # the destination's copy, on this host or on shared storage
+                    if not copy_started:  # not known to be ours: it may be a domain's disk there
+                        raise InstanceInvalidState(f"{directory} exists beside {resize_dir}; both left as "
+                                                   "they are")
+                    shutil.rmtree(directory)
+                os.rename(resize_dir, directory)
+            domain = self._lookup(instance_uuid)
+            state_file = directory / RESIZE_STATE_FILE
+            if state_file.exists():
+                state = self._load_resize_state(directory)
+                power_state = state["power_state"]
+                if domain is None:
+                    with _hypervisor_errors(f"libvirt cannot define instance {instance_uuid} again"):
+                        domain = self.conn.defineXML(state["xml"])
+            if domain is None:
+                raise InstanceNotFound(f"instance {instance_uuid} has no domain and no saved definition")
+            with _hypervisor_errors(f"cannot start instance {instance_uuid} again", instance_uuid):
+                if power_state in (contract.POWER_RUNNING, contract.POWER_PAUSED) and not domain.isActive():
+                    domain.create()
+                running = bool(domain.isActive())
+            state_file.unlink(missing_ok=True)
+            outcome = ("everything was put back: the instance runs on this host" if running
+                       else "everything was put back: the instance is shut off on this host, as it was")
+        except Exception as exc:
+            LOG.exception("putting instance %s back after its failed resize failed", instance_uuid)
+            problems.insert(0, f"putting the instance back failed: {_cause(exc)}")
+            outcome = ""
+        return "; ".join(filter(None, [outcome, *problems]))
+
+    def finish_migration(self, spec: dict[str, Any], power_on: bool) -> None:
+        instance_uuid = checked_uuid(spec["instance_uuid"])
+        directory = self.instance_dir(instance_uuid)
+        if self.is_test:
+            directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+        else:
+            disk = directory / "disk"
+            if not disk.exists():
+                raise InstanceNotFound(f"the disk of instance {instance_uuid} is not on this host ({disk}): "
+                                       "it was not copied here")
+            root_gb = spec["flavor"]["root_gb"]
+            if root_gb and images.grow_disk(disk, root_gb * GiB):
+                LOG.info("finish resize of %s: disk grown to %d GiB", instance_uuid, root_gb)
+        (directory / "console.log").touch(mode=0o600, exist_ok=True)
+        try:
+            domain = self._define(instance_uuid, spec)
+            if power_on:
+                with _hypervisor_errors(f"libvirt cannot start the domain of instance {instance_uuid}",
+                                        instance_uuid):
+                    if not domain.isActive():
+                        domain.create()
+        except BaseException:
+            LOG.warning("finish resize of %s failed; undefining its domain here", instance_uuid)
+            domain = self._lookup(instance_uuid)
+            if domain is not None:
+                with contextlib.suppress(Exception):
+                    self._stop(domain)
+                    self._undefine(domain)
+            raise
+
+    def confirm_migration(self, instance_uuid: str, instance_moved: bool | None) -> None:
+        domain = self._lookup(instance_uuid)
+        if domain is not None:
+            leftover = (instance_moved if instance_moved is not None
+                        else not self.instance_dir(instance_uuid).exists())
+            if leftover:
+                LOG.warning("confirm resize of %s: a definition of it was left on this host; removing it",
+                            instance_uuid)
+                self._stop(domain)
+                self._undefine(domain)
+        resize_dir = self.resize_dir(instance_uuid)
+        try:
+            shutil.rmtree(resize_dir)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise HypervisorError(f"cannot remove {resize_dir}: {exc}") from exc
+
+    def finish_revert_migration(self, spec: dict[str, Any], power_on: bool) -> None:
+        instance_uuid = checked_uuid(spec["instance_uuid"])
+        directory, resize_dir = self.instance_dir(instance_uuid), self.resize_dir(instance_uuid)
+        if resize_dir.exists():
+            if directory.exists():
+                raise InstanceInvalidState(
+                    f"cannot revert the resize of instance {instance_uuid}: {directory} (the resized copy) "
+                    f"is still on this host beside {resize_dir}; the destination's revert must remove it "
+                    "first")
+            os.rename(resize_dir, directory)
+        elif not directory.exists():
+            raise InstanceNotFound(f"instance {instance_uuid} has neither {resize_dir.name} nor "
+                                   f"{directory.name} on this host: nothing to revert to")
+        (directory / RESIZE_STATE_FILE).unlink(missing_ok=True)
+        domain = self._define(instance_uuid, spec)
+        if power_on:
+            with _hypervisor_errors(f"libvirt cannot start the domain of instance {instance_uuid}",
+                                    instance_uuid):
+                if not domain.isActive():
+                    domain.create()
 
     # Snapshot -------------------------------------------------------------------------------------------
 
