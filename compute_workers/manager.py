@@ -767,7 +767,7 @@ class ComputeManager:
             return refused(f"the hypervisor of host {self.host} does not answer: {exc}")
         try:
             shared = bool(shared_marker) and markers.marker_visible(self.config.instances_path,
-                                                                          str(shared_marker))
+                                                                    str(shared_marker))
         except markers.InvalidMarker as exc:
             return refused(str(exc))
         if shared:
@@ -881,6 +881,30 @@ class ComputeManager:
                                            f"there; only a running or paused instance can be live-migrated",
                 "error")
             return
+        if self._running_job(instance_uuid):
+            # libvirt still runs the migration of an earlier attempt whose worker died (a peer-to-peer
+            # migration goes on without its caller): follow it to its end rather than fail beside it.
+            LOG.warning("live migration %s: a migration job of %s already runs on host %s; following it",
+                        migration_id, instance_uuid, self.host)
+            monitor = self._monitor_live_migration(job, self._job_waiter(instance_uuid),
+                                                   time.monotonic() + timeout, route)
+            try:
+                state = self.driver.get_info(instance_uuid)
+            except InstanceNotFound:
+                self._live_migration_domain_gone(job, dest_host, migration_uri, shared, followed=True)
+                return
+            except Exception as exc:
+                end(contract.MIGRATION_FAILED, f"live migration of {route} failed: the hypervisor of host "
+                                               f"{self.host} does not answer: {exc}", "error")
+                return
+            if monitor.aborting or state not in (RUNNING, PAUSED):
+                status = (contract.MIGRATION_CANCELLED if job.abort_requested.is_set()
+                          and not monitor.timed_out else contract.MIGRATION_FAILED)
+                end(status, f"live migration of {route}: the migration job an earlier attempt left ended "
+                            f"({monitor.why_aborted or 'it failed'}); the instance is {state} there",
+                    "cancelled" if status == contract.MIGRATION_CANCELLED else "error")
+                return
+            LOG.info("live migration %s: the earlier attempt's job failed; migrating again", migration_id)
         unsafe = shared and self.config.migration_unsafe
         outcome: dict[str, Any] = {}
 
@@ -898,9 +922,14 @@ class ComputeManager:
         started = time.monotonic()
         thread = threading.Thread(target=migrate, name=f"live-migration-{migration_id}", daemon=True)
         thread.start()
-        monitor = self._monitor_live_migration(job, thread, started + timeout, route)
+
+        def ended(wait: float) -> bool:
+            thread.join(wait)
+            return not thread.is_alive()
+
+        monitor = self._monitor_live_migration(job, ended, started + timeout, route)
         seconds = time.monotonic() - started
-        if thread.is_alive():
+        if not monitor.ended:
             end(contract.MIGRATION_FAILED, f"live migration of {route} did not end within "
                                            f"{migration_jobs.ABORT_GRACE:g} s after libvirt was asked to "
                                            f"abort it ({monitor.why_aborted}); its outcome is unknown",
@@ -922,19 +951,39 @@ class ComputeManager:
             end(contract.MIGRATION_FAILED, f"live migration of {route} failed after {seconds:.1f} s: "
                                            f"{self._failure_message(error)}", "error")
 
-    def _monitor_live_migration(self, job: LiveMigrationJob, thread: threading.Thread, deadline: float,
-                                route: str) -> MigrationMonitor:
-        """Until ``thread`` (the migration) ends: report "running" once libvirt shows the job, then its
-        progress at least every second; abort it when asked or when ``deadline`` (monotonic) passed."""
+    def _running_job(self, instance_uuid: str) -> bool:
+        try:
+            return self.driver.live_migration_progress(instance_uuid) is not None
+        except Exception:
+            return False
+
+    def _job_waiter(self, instance_uuid: str) -> Callable[[float], bool]:
+        """For a job this worker did not start: waits ``wait`` seconds, then whether the job ended."""
+        def ended(wait: float) -> bool:
+            time.sleep(wait)
+            try:
+                return self.driver.live_migration_progress(instance_uuid) is None
+            except InstanceNotFound:
+                return True
+            except Exception:
+                return False
+        return ended
+
+    def _monitor_live_migration(self, job: LiveMigrationJob, ended: Callable[[float], bool],
+                                deadline: float, route: str) -> MigrationMonitor:
+        """Until the migration ended (``ended(wait)`` waits at most ``wait`` seconds for it): report
+        "running" once libvirt shows the job, then its progress at least every second; abort it when
+        asked or when ``deadline`` (monotonic) passed, and give up on it ABORT_GRACE seconds later
+        (``monitor.ended`` False)."""
         monitor = MigrationMonitor()
         throttle = ProgressThrottle(migration_jobs.PROGRESS_INTERVAL)
         instance_uuid, migration_id = job.instance_uuid, job.migration_id
         abort_deadline: float | None = None
         next_abort_attempt = 0.0
         while True:
-            thread.join(migration_jobs.POLL_INTERVAL if monitor.running_reported
-                        else migration_jobs.FIRST_POLL_INTERVAL)
-            if not thread.is_alive():
+            if ended(migration_jobs.POLL_INTERVAL if monitor.running_reported
+                     else migration_jobs.FIRST_POLL_INTERVAL):
+                monitor.ended = True
                 break
             now = time.monotonic()
             if not monitor.aborting and (job.abort_requested.is_set() or now >= deadline):
@@ -1019,15 +1068,16 @@ class ComputeManager:
                       migration_id, instance_uuid, self.host, exc)
             left = f"the cleanup of its files here failed: {exc}"
         memory = (monitor.last_progress or {}).get("memory_total", 0)
-        message = (f"live migration of {route} completed in {seconds:.1f} s ({monitor.progress_reports} "
-                   f"progress reports; memory {memory / MiB:.0f} MiB); {left}")
+        seen = f"{monitor.progress_reports} progress reports" + (f"; memory {memory / MiB:.0f} MiB" if memory
+                                                                 else "")
+        message = f"live migration of {route} completed in {seconds:.1f} s ({seen}); {left}"
         self._migration_done(migration_id, "live_migration", contract.MIGRATION_MIGRATED,
                              values=self._migration_values(instance_uuid),
                              event=self._event(event, "success", message))
         LOG.info("live migration %s: %s", migration_id, message)
 
     def _live_migration_domain_gone(self, job: LiveMigrationJob, dest_host: str, migration_uri: str,
-                                    shared: bool) -> None:
+                                    shared: bool, *, followed: bool = False) -> None:
         """The domain is not here and no outcome was journaled: a redelivered task whose first run
         died while libvirt went on (a peer-to-peer migration does not need its caller), or a wrong
         host. Ask the destination rather than guess."""
@@ -1044,8 +1094,9 @@ class ComputeManager:
         if there in (RUNNING, PAUSED):
             with contextlib.suppress(Exception):
                 self.driver.post_live_migration_at_source(instance_uuid, shared)
-            message = (f"live migration of {route}: the domain already runs on host {dest_host} (an earlier "
-                       "attempt completed it)")
+            how = ("the migration job an earlier attempt left running completed" if followed
+                   else "an earlier attempt completed it")
+            message = f"live migration of {route}: the domain runs on host {dest_host} ({how})"
             self._migration_done(migration_id, step, contract.MIGRATION_MIGRATED,
                                  values={"power_state": contract.POWER_NOSTATE},
                                  event=self._event(event, "success", message))

@@ -113,6 +113,7 @@ class ProgressThrottle:
 class MigrationMonitor:
     """What the monitor of one live migration saw and did."""
 
+    ended: bool = False  # False: given up on ABORT_GRACE after the abort, outcome unknown
     running_reported: bool = False
     aborting: bool = False
     timed_out: bool = False  # aborted because its completion timeout passed

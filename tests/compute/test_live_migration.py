@@ -376,7 +376,7 @@ def test_a_redelivery_whose_domain_left_asks_the_destination(hosts: tuple[Host, 
     source.driver.live_migration(instance_uuid, dest.manager.config.migration_uri)  # the first run's work
     migrate(source, dest, spec, 15)
     assert source.statuses(15) == ["migrated"]
-    assert "already runs on host" in source.updates(15)[-1]["event"]["message"]
+    assert "an earlier attempt completed it" in source.updates(15)[-1]["event"]["message"]
     # Nowhere at all: failed, naming both hosts.
     dest.driver.destroy(instance_uuid)
     migrate(source, dest, spec, 16)
@@ -500,3 +500,51 @@ def test_tasks_are_registered_and_checks_return_their_answer(hosts: tuple[Host, 
 def test_monitor_intervals_keep_progress_at_least_every_second() -> None:
     worst = migration_jobs.PROGRESS_INTERVAL + migration_jobs.POLL_INTERVAL
     assert worst <= 0.85  # leaves 150 ms for libvirt to answer jobStats
+
+
+def test_a_redelivery_follows_the_job_an_earlier_attempt_left_running(hosts: tuple[Host, Host],
+                                                                     make_spec: SpecFactory) -> None:
+    """The first worker died mid-migration but libvirt goes on (peer to peer): the redelivered task
+    finds the job, follows it (progress included) and reports where the domain ended up."""
+    source, dest = hosts
+    spec = spawn_on(source, make_spec)
+    source.driver.migration_delay = 1.5
+    orphan = run_in_thread(source.driver.live_migration, spec["instance_uuid"],
+                           dest.manager.config.migration_uri)
+    deadline = time.monotonic() + 5
+    while source.driver.live_migration_progress(spec["instance_uuid"]) is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    migrate(source, dest, spec, 51)
+    orphan.join(5)
+    assert source.statuses(51) == ["running", "migrated"]
+    assert "left running completed" in source.updates(51)[-1]["event"]["message"]
+    assert len(source.progress()) >= 2
+    assert dest.driver.list_instances() == {spec["instance_uuid"]: "running"}
+
+
+def test_a_migration_that_ignores_its_abort_is_given_up_on(hosts: tuple[Host, Host], make_spec: SpecFactory,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    release, migrating = threading.Event(), threading.Event()
+
+    class Stuck(FakeDriver):
+        def live_migration(self, instance_uuid: str, *args: Any, **kwargs: Any) -> None:
+            migrating.set()
+            release.wait(30)
+
+        def live_migration_progress(self, instance_uuid: str) -> dict[str, int] | None:
+            return dict.fromkeys(contract.MIGRATION_PROGRESS_KEYS, 0) if migrating.is_set() else None
+
+        def abort_live_migration(self, instance_uuid: str) -> bool:
+            raise HypervisorError("cannot abort migration in post-copy mode")
+
+    monkeypatch.setattr(migration_jobs, "ABORT_GRACE", 0.5)
+    source, dest = Host(hosts[0].instances.parent, "src", Stuck), hosts[1]
+    spec = spawn_on(source, make_spec)
+    started = time.monotonic()
+    migrate(source, dest, spec, 52, completion_timeout=0.5)
+    release.set()
+    assert time.monotonic() - started < 3
+    failed = source.updates(52)[-1]
+    assert failed["status"] == "failed" and "its outcome is unknown" in failed["error"]
+    assert "completion timeout passed" in failed["error"]

@@ -352,6 +352,57 @@ def test_abort_and_completion_timeout_leave_the_guest_running_on_the_source(clou
     terminate(cloud, spec, source)
 
 
+def migration_job(host: NamespaceHost, instance_uuid: str) -> dict[str, Any] | None:
+    """libvirt's job stats of the domain on ``host`` (over its unix socket); None: no domain, no job."""
+    conn = libvirt.open(host.uri)
+    try:
+        stats = conn.lookupByName(contract.domain_name(instance_uuid)).jobStats(0)
+    except libvirt.libvirtError:
+        return None
+    finally:
+        conn.close()
+    return None if stats.get("type", 0) == libvirt.VIR_DOMAIN_JOB_NONE else stats
+
+
+def test_a_source_worker_killed_mid_migration(cloud: Cloud) -> None:
+    """SIGKILL of the source's worker while libvirt migrates: the peer-to-peer migration goes on in
+    libvirtd without its caller. The restarted worker gets the task again (as Redis redelivers an
+    unacknowledged one) and reports what is true: it follows the job still running, or finds the
+    domain on the destination, and says migrated; never failed."""
+    source, dest = cloud.host("host-a"), cloud.host("host-b")
+    spec = spawn(cloud, source)
+    instance_uuid = spec["instance_uuid"]
+    throttle(source, instance_uuid, 8)  # about 16 s for the demo guest's 128 MiB
+    checked = checks(cloud, spec, source, dest)
+    migration_id = next(cloud.next_id)
+    prepare(cloud, spec, dest, migration_id, checked)
+    start_migration(cloud, spec, source, dest, migration_id, checked)
+    assert cloud.update(migration_id)["status"] == "running"
+    time.sleep(1.5)
+    worker = cloud.workers[source.name]
+    worker.kill()
+    killed_at = time.monotonic()
+    job_after_kill = migration_job(source, instance_uuid)
+    worker.start()
+    cloud.conductor.wait_for(contract.CONDUCTOR_HOST_INIT, timeout=60, host=source.name)
+    start_migration(cloud, spec, source, dest, migration_id, checked)  # the redelivery
+    final = cloud.update(migration_id, timeout=120)
+    while final["status"] == "running":  # the restarted worker's own, when it follows the job
+        final = cloud.update(migration_id, timeout=120)
+    print(f"\nsource worker SIGKILLed mid-migration: libvirt's job "
+          f"{'went on' if job_after_kill else 'was gone'} right after the kill; the redelivered task "
+          f"reported {final['status']} {time.monotonic() - killed_at:.1f} s after the kill: "
+          f"{final['event']['message'] if final.get('event') else final.get('error')}")
+    assert final["status"] == "migrated", final
+    assert domain_state(dest, instance_uuid) == libvirt.VIR_DOMAIN_RUNNING
+    assert domain_state(source, instance_uuid) is None
+    assert not (source.local_instances / instance_uuid).exists()
+    cloud.send(dest.name, contract.COMPUTE_POST_LIVE_MIGRATION_AT_DEST, instance_uuid=instance_uuid,
+               migration_id=migration_id, spec={**spec, "host": dest.name})
+    assert cloud.update(migration_id)["status"] == "completed"
+    terminate(cloud, spec, dest)
+
+
 def test_live_migration_on_shared_storage_keeps_the_directory(cloud: Cloud) -> None:
     source, dest = cloud.host("host-b"), cloud.host("host-c")
     spec = spawn(cloud, source)
