@@ -113,6 +113,7 @@ class ComputeManager:
         self.journal = ActionJournal(config.instances_path)
         self.migration_journal = MigrationJournal(config.instances_path, config.host)
         self._live_migrations = LiveMigrationJobs()
+        self._next_migration_journal_prune = 0.0  # monotonic
         self._power_events: PowerStateEvents | None = None
         self._owns_power_events = False
         self._snapshot_slots = threading.BoundedSemaphore(config.max_concurrent_snapshots)
@@ -1214,6 +1215,23 @@ class ComputeManager:
             LOG.error("cannot journal %s of migration %s (%s): a redelivery of it would run again", step,
                       migration_id, exc)
         self._migration_update(migration_id, status, error=error, values=values, event=event)
+        self._prune_migration_journal()
+
+    def _prune_migration_journal(self) -> None:
+        """Forget migrations long finished, at most once an hour: Redis redelivers a task within
+        COMPUTE_VISIBILITY_TIMEOUT, so a journal entry much older than that is never asked for."""
+        now = time.monotonic()
+        if now < self._next_migration_journal_prune:
+            return
+        self._next_migration_journal_prune = now + 3600
+        max_age = max(migration_jobs.JOURNAL_MAX_AGE, 2.0 * self.config.visibility_timeout)
+        try:
+            removed = self.migration_journal.prune(max_age)
+        except OSError as exc:
+            LOG.warning("cannot prune the migration journal: %s", exc)
+            return
+        if removed:
+            LOG.info("migration journal: forgot %d migration(s) older than %.0f s", removed, max_age)
 
     def _migration_redelivered(self, step: str, instance_uuid: str, migration_id: int) -> bool:
         """Whether ``step`` of this migration already ended here; if so its status is reported again."""

@@ -28,6 +28,8 @@ PROGRESS_INTERVAL = 0.6
 # a migration still running ABORT_GRACE seconds after its abort was asked for is given up on.
 ABORT_RETRY_INTERVAL = 1.0
 ABORT_GRACE = 60.0
+# Journal entries of migration steps are kept this long (or twice COMPUTE_VISIBILITY_TIMEOUT if longer).
+JOURNAL_MAX_AGE = 7 * 86400.0
 # The destination's check asks the image API whether it would serve an image it has not cached.
 IMAGE_CHECK_TIMEOUT = 10.0
 
