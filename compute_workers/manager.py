@@ -45,6 +45,7 @@ from compute_workers.migration_jobs import (
     LiveMigrationJob,
     LiveMigrationJobs,
     MigrationMonitor,
+    ProgressSampler,
     ProgressThrottle,
 )
 from compute_workers.power_events import PowerStateEvents
@@ -887,8 +888,7 @@ class ComputeManager:
             # migration goes on without its caller): follow it to its end rather than fail beside it.
             LOG.warning("live migration %s: a migration job of %s already runs on host %s; following it",
                         migration_id, instance_uuid, self.host)
-            monitor = self._monitor_live_migration(job, self._job_waiter(instance_uuid),
-                                                   time.monotonic() + timeout, route)
+            monitor = self._monitor_live_migration(job, None, time.monotonic() + timeout, route)
             try:
                 state = self.driver.get_info(instance_uuid)
             except InstanceNotFound:
@@ -958,72 +958,67 @@ class ComputeManager:
         except Exception:
             return False
 
-    def _job_waiter(self, instance_uuid: str) -> Callable[[float], bool]:
-        """For a job this worker did not start: waits ``wait`` seconds, then whether the job ended."""
-        def ended(wait: float) -> bool:
-            time.sleep(wait)
-            try:
-                return self.driver.live_migration_progress(instance_uuid) is None
-            except InstanceNotFound:
-                return True
-            except Exception:
-                return False
-        return ended
-
-    def _monitor_live_migration(self, job: LiveMigrationJob, ended: Callable[[float], bool],
+    def _monitor_live_migration(self, job: LiveMigrationJob, ended: Callable[[float], bool] | None,
                                 deadline: float, route: str) -> MigrationMonitor:
-        """Until the migration ended (``ended(wait)`` waits at most ``wait`` seconds for it): report
-        "running" once libvirt shows the job, then its progress at least every second; abort it when
-        asked or when ``deadline`` (monotonic) passed, and give up on it ABORT_GRACE seconds later
-        (``monitor.ended`` False)."""
+        """Until the migration ended (``ended(wait)`` waits at most ``wait`` seconds for it; None: a job
+        this worker did not start, which ended when libvirt shows it no more): report "running" once
+        libvirt shows the job, then its progress at least every second; abort it when asked or when
+        ``deadline`` (monotonic) passed, and give up on it ABORT_GRACE seconds later
+        (``monitor.ended`` False). libvirt is read by a :class:`ProgressSampler`: its slow answers
+        delay neither the reports nor the abort."""
         monitor = MigrationMonitor()
         throttle = ProgressThrottle(migration_jobs.PROGRESS_INTERVAL)
         instance_uuid, migration_id = job.instance_uuid, job.migration_id
+        sampler = ProgressSampler(lambda: self.driver.live_migration_progress(instance_uuid),
+                                  migration_jobs.POLL_INTERVAL, f"live-migration-{migration_id}-progress")
+
+        def job_ended(wait: float) -> bool:
+            time.sleep(wait)
+            sample = sampler.latest()
+            return sample is not None and (sample.gone or sample.progress is None)
+
+        wait_for_end = ended or job_ended
         abort_deadline: float | None = None
         next_abort_attempt = 0.0
-        while True:
-            if ended(migration_jobs.POLL_INTERVAL if monitor.running_reported
-                     else migration_jobs.FIRST_POLL_INTERVAL):
-                monitor.ended = True
-                break
-            now = time.monotonic()
-            if not monitor.aborting and (job.abort_requested.is_set() or now >= deadline):
-                monitor.aborting = True
-                monitor.timed_out = not job.abort_requested.is_set()
-                monitor.why_aborted = ("completion timeout passed" if monitor.timed_out
-                                       else "cancelled on request")
-                abort_deadline = now + migration_jobs.ABORT_GRACE
-                if monitor.timed_out:
-                    LOG.warning("live migration %s of %s: completion timeout passed; aborting it",
-                                migration_id, route)
-            if monitor.aborting:
-                if abort_deadline is not None and now >= abort_deadline:
-                    LOG.error("live migration %s: still running %g s after its abort; giving up on it",
-                              migration_id, migration_jobs.ABORT_GRACE)
+        sampler.start()
+        try:
+            while True:
+                if wait_for_end(migration_jobs.POLL_INTERVAL if monitor.running_reported
+                                else migration_jobs.FIRST_POLL_INTERVAL):
+                    monitor.ended = True
                     break
-                if now >= next_abort_attempt:
-                    next_abort_attempt = now + migration_jobs.ABORT_RETRY_INTERVAL
-                    self._send_abort(job)
-            try:
-                progress = self.driver.live_migration_progress(instance_uuid)
-                observed_at = time.time()
-            except InstanceNotFound:
-                progress = None  # gone from here: it just completed
-            except Exception as exc:
-                if not monitor.progress_failed:
-                    LOG.warning("live migration %s: cannot read its progress: %s", migration_id, exc)
-                monitor.progress_failed = True
-                progress = None
-            if progress is None:
-                continue
-            if not monitor.running_reported:
-                self._report_running(job, route)
-                monitor.running_reported = True
-            if throttle.due(time.monotonic()):
-                monitor.progress_reports += 1
-                monitor.last_progress = progress
-                self.reporter.report(contract.CONDUCTOR_MIGRATION_PROGRESS, migration_id=migration_id,
-                                     host=self.host, progress={**progress, "observed_at": observed_at})
+                now = time.monotonic()
+                if not monitor.aborting and (job.abort_requested.is_set() or now >= deadline):
+                    monitor.aborting = True
+                    monitor.timed_out = not job.abort_requested.is_set()
+                    monitor.why_aborted = ("completion timeout passed" if monitor.timed_out
+                                           else "cancelled on request")
+                    abort_deadline = now + migration_jobs.ABORT_GRACE
+                    if monitor.timed_out:
+                        LOG.warning("live migration %s of %s: completion timeout passed; aborting it",
+                                    migration_id, route)
+                if monitor.aborting:
+                    if abort_deadline is not None and now >= abort_deadline:
+                        LOG.error("live migration %s: still running %g s after its abort; giving up on it",
+                                  migration_id, migration_jobs.ABORT_GRACE)
+                        break
+                    if now >= next_abort_attempt:
+                        next_abort_attempt = now + migration_jobs.ABORT_RETRY_INTERVAL
+                        self._send_abort(job)
+                sample = sampler.latest()
+                if sample is None or sample.progress is None:
+                    continue
+                if not monitor.running_reported:
+                    self._report_running(job, route)
+                    monitor.running_reported = True
+                if throttle.due(time.monotonic()):
+                    monitor.progress_reports += 1
+                    monitor.last_progress = sample.progress
+                    self.reporter.report(contract.CONDUCTOR_MIGRATION_PROGRESS, migration_id=migration_id,
+                                         host=self.host,
+                                         progress={**sample.progress, "observed_at": sample.observed_at})
+        finally:
+            sampler.stop()
         return monitor
 
     def _report_running(self, job: LiveMigrationJob, route: str) -> None:

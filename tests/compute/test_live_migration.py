@@ -548,3 +548,32 @@ def test_a_migration_that_ignores_its_abort_is_given_up_on(hosts: tuple[Host, Ho
     failed = source.updates(52)[-1]
     assert failed["status"] == "failed" and "its outcome is unknown" in failed["error"]
     assert "completion timeout passed" in failed["error"]
+
+
+def test_a_hypervisor_slow_to_tell_the_progress_delays_neither_reports_nor_the_deadline(
+        hosts: tuple[Host, Host], make_spec: SpecFactory) -> None:
+    """libvirt 9.0 took up to 5 s to answer jobStats while a migration was setting up: the reports go
+    on every second meanwhile (repeating the last answer, its observed_at unchanged) and the
+    completion timeout still aborts on time."""
+    class SlowToTell(FakeDriver):
+        calls = 0
+
+        def live_migration_progress(self, instance_uuid: str) -> dict[str, int] | None:
+            progress = super().live_migration_progress(instance_uuid)
+            SlowToTell.calls += 1
+            if SlowToTell.calls == 3:
+                time.sleep(3)
+            return progress
+
+    source, dest = Host(hosts[0].instances.parent, "src", SlowToTell), hosts[1]
+    source.driver.migration_delay = 30
+    spec = spawn_on(source, make_spec)
+    started = time.monotonic()
+    migrate(source, dest, spec, 61, completion_timeout=4)
+    assert 4 <= time.monotonic() - started < 6
+    assert source.statuses(61) == ["running", "failed"]
+    progress = source.progress()
+    assert len(progress) >= 6  # one per 0.6 s for 4 s, although libvirt was mute for 3 of them
+    observed = [p["observed_at"] for p in progress]
+    assert len(set(observed)) < len(observed)  # the same answer again while waiting for the next
+    assert observed == sorted(observed)
