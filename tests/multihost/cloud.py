@@ -18,7 +18,9 @@ CONTROL_PLANE = ("web", "scheduler", "conductor", "beat")
 @dataclass
 class Cloud:
     """What the ``cloud`` fixture yields. ``stack.api(...)`` talks to the REST API as the admin;
-    ``workers[name]`` is the compute worker of host ``name`` (kill(), start(), stop(), signal())."""
+    ``workers[name]`` is the compute worker of host ``name`` (kill(), start(), stop(), signal()).
+    A host's files are at ``host(name).local_instances``; ``stack.instances_path`` and ``stack.host``
+    belong to run_stack's single-host default and mean nothing here."""
 
     harness: NamespaceHosts
     stack: Stack

@@ -31,6 +31,7 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path("/var/lib/cloudctl-test/multihost")
 REPO = Path(__file__).resolve().parents[2]
@@ -107,6 +108,19 @@ class NamespaceHost:
                             env={**self.worker_env(), **(env or {})})
 
 
+def command_pid(process: subprocess.Popen[Any], timeout: float = 10) -> int:
+    """The PID (root numbering) of the command a :meth:`NamespaceHost.command` process runs, once it
+    runs on the host."""
+    deadline = time.monotonic() + timeout
+    while not (children := _children(process.pid)):
+        if process.poll() is not None:
+            raise RuntimeError(f"exited ({process.returncode}) before its command ran")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"its command did not start within {timeout} s")
+        time.sleep(0.01)
+    return children[0]
+
+
 class HostWorker:
     """The compute worker process of one harness host, outside any process manager, so that a test
     can SIGKILL it (say mid-migration) and start it again while the rest of the cloud runs."""
@@ -130,12 +144,10 @@ class HostWorker:
     def pid(self) -> int:
         """The worker process itself (root PID numbering), not nsexec. Waits for it to be forked."""
         assert self.process is not None, "not started"
-        deadline = time.monotonic() + 10
-        while not (children := _children(self.process.pid)):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the worker of {self.host.name} is not running:\n{self.log()[-3000:]}")
-            time.sleep(0.01)
-        return children[0]
+        try:
+            return command_pid(self.process)
+        except RuntimeError as exc:
+            raise RuntimeError(f"the worker of {self.host.name}: {exc}\n{self.log()[-3000:]}") from None
 
     def signal(self, signum: int) -> None:
         """Send ``signum`` to the worker itself (SIGSTOP/SIGCONT too, which nsexec does not forward)."""

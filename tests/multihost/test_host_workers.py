@@ -20,8 +20,9 @@ from celery import Celery
 from compute_workers import contract
 from tests.compute_support import TOKEN, ConductorQueue, new_spec, serve_images
 
+from .conftest import running_hosts
 from .guests import READY, domain_xml, read, wait_for
-from .hosts import NamespaceHost, NamespaceHosts
+from .hosts import NamespaceHost, NamespaceHosts, command_pid
 
 pytestmark = pytest.mark.libvirt
 
@@ -83,6 +84,34 @@ def test_live_migration_on_shared_storage(shared_hosts: NamespaceHosts, tiny_ima
                         domain.destroy()
                     domain.undefine()
             conn.close()
+
+
+def test_a_process_on_a_host_gets_signals_and_dies_with_the_host() -> None:
+    """What start_worker relies on: the process it starts gets SIGTERM through to the command and
+    exits as the command did; a command outlives neither that process nor its host."""
+    with running_hosts(1) as harness:
+        host = harness.hosts[0]
+        trapping = subprocess.Popen(host.command("sh", "-c", "trap 'exit 3' TERM; echo up; "
+                                                 "while :; do sleep 0.05; done"), stdout=subprocess.PIPE)
+        assert trapping.stdout is not None and trapping.stdout.readline() == b"up\n"
+        trapping.terminate()
+        assert trapping.wait(10) == 3
+        trapping.stdout.close()
+        orphan = subprocess.Popen(host.command("sleep", "600"))
+        command = command_pid(orphan)
+        orphan.kill()  # the stand-in dies: the command with it
+        orphan.wait(10)
+        wait_for(lambda: _state(command) in ("Z", "gone"), 10, lambda: f"pid {command} still runs")
+        sleeper = subprocess.Popen(host.command("sleep", "600"))
+        command_pid(sleeper)
+    assert sleeper.wait(10) == -signal.SIGKILL  # the host went: so did what ran on it
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
 
 
 def test_a_shared_storage_group_names_known_hosts() -> None:
