@@ -112,13 +112,12 @@ class ComputeManager:
                                  timeout=config.image_download_timeout)
         self._instance_locks = KeyedLock()
         self.journal = ActionJournal(config.instances_path)
-        self.migration_journal = MigrationJournal(config.instances_path, config.host)
-        self._live_migrations = LiveMigrationJobs()
-        self._next_migration_journal_prune = 0.0  # monotonic
+        self.migration_journal = MigrationJournal(config.instances_path)
         self._power_events: PowerStateEvents | None = None
         self._owns_power_events = False
         self._snapshot_slots = threading.BoundedSemaphore(config.max_concurrent_snapshots)
         self._next_cache_cleanup = 0.0  # monotonic; the first heartbeat cleans up
+        self._live_migrations = LiveMigrationJobs()  # the running ones, for their abort
 
     def init_host(self) -> None:
         """Connect the driver and log what the host runs; raises if the hypervisor is unusable."""
@@ -671,8 +670,9 @@ class ComputeManager:
     # Live migration ---------------------------------------------------------------------------------
     #
     # Each step reports conductor.migration_update (never instance_update). Its outcome is journaled
-    # (MigrationJournal, outside the instance directory, which leaves the source with the migration)
-    # before it is reported, and a redelivered step does nothing but report the journaled status again:
+    # (MigrationJournal, outside the instance directory, which leaves the source with the migration;
+    # the record keeps the status reported) before it is reported, and a redelivered step does nothing
+    # but report the journaled status again:
     # the conductor drops what it already applied, so this only makes up for a report lost between the
     # journal and the send. Failures are reported with a message naming the host and what the
     # hypervisor said; nothing escapes as an exception.
@@ -808,7 +808,8 @@ class ComputeManager:
                 message = (f"cannot prepare host {self.host} for the live migration of instance "
                            f"{instance_uuid}: {self._failure_message(exc)}")
                 LOG.error("%s", message, exc_info=not isinstance(exc, ComputeError | contract.SpecError))
-                self._migration_done(migration_id, step, contract.MIGRATION_ERROR, error=message,
+                self._migration_done(migration_id, instance_uuid, step, contract.MIGRATION_ERROR,
+                                     error=message,
                                      event=self._event(event, "error", message))
                 return
             made = ("nothing to create: the instance directory is shared with the source" if shared_storage
@@ -816,7 +817,7 @@ class ComputeManager:
                     else "instance directory created")
             message = f"host {self.host} prepared in {time.monotonic() - started:.1f} s: {made}"
             LOG.info("%s of %s (migration %s): %s", step, instance_uuid, migration_id, message)
-            self._migration_done(migration_id, step, contract.MIGRATION_PREPARED,
+            self._migration_done(migration_id, instance_uuid, step, contract.MIGRATION_PREPARED,
                                  event=self._event(event, "success", message))
 
     def live_migration(self, instance_uuid: str, migration_id: int, dest_host: str, migration_uri: str,
@@ -845,7 +846,7 @@ class ComputeManager:
         except Exception as exc:  # a bug: still report, and truthfully
             message = f"live migration of instance {instance_uuid} on host {self.host} failed: {exc}"
             LOG.exception("%s", message)
-            self._migration_done(migration_id, step, contract.MIGRATION_FAILED, error=message,
+            self._migration_done(migration_id, instance_uuid, step, contract.MIGRATION_FAILED, error=message,
                                  values=self._migration_values(instance_uuid),
                                  event=self._event("compute_live_migration", "error", message))
         finally:
@@ -860,7 +861,7 @@ class ComputeManager:
 
         def end(status: str, message: str, result: str) -> None:
             LOG.warning("live migration %s: %s", migration_id, message)
-            self._migration_done(migration_id, step, status,
+            self._migration_done(migration_id, instance_uuid, step, status,
                                  error=None if status == contract.MIGRATION_MIGRATED else message,
                                  values=self._migration_values(instance_uuid),
                                  event=self._event(event, result, message))
@@ -1055,7 +1056,8 @@ class ComputeManager:
             message = (f"libvirt reported the live migration of {route} complete, but the domain still "
                        f"runs on host {self.host}: {exc}")
             LOG.error("%s", message)
-            self._migration_done(migration_id, "live_migration", contract.MIGRATION_FAILED, error=message,
+            self._migration_done(migration_id, instance_uuid, "live_migration", contract.MIGRATION_FAILED,
+                                 error=message,
                                  values=self._migration_values(instance_uuid),
                                  event=self._event(event, "error", message))
             return
@@ -1067,7 +1069,7 @@ class ComputeManager:
         seen = f"{monitor.progress_reports} progress reports" + (f"; memory {memory / MiB:.0f} MiB" if memory
                                                                  else "")
         message = f"live migration of {route} completed in {seconds:.1f} s ({seen}); {left}"
-        self._migration_done(migration_id, "live_migration", contract.MIGRATION_MIGRATED,
+        self._migration_done(migration_id, instance_uuid, "live_migration", contract.MIGRATION_MIGRATED,
                              values=self._migration_values(instance_uuid),
                              event=self._event(event, "success", message))
         LOG.info("live migration %s: %s", migration_id, message)
@@ -1093,7 +1095,7 @@ class ComputeManager:
             how = ("the migration job an earlier attempt left running completed" if followed
                    else "an earlier attempt completed it")
             message = f"live migration of {route}: the domain runs on host {dest_host} ({how})"
-            self._migration_done(migration_id, step, contract.MIGRATION_MIGRATED,
+            self._migration_done(migration_id, instance_uuid, step, contract.MIGRATION_MIGRATED,
                                  values={"power_state": contract.POWER_NOSTATE},
                                  event=self._event(event, "success", message))
             LOG.warning("live migration %s: %s", migration_id, message)
@@ -1103,7 +1105,7 @@ class ComputeManager:
         message = (f"live migration of {route} failed: the domain of the instance is not on host {self.host} "
                    f"{asked}")
         LOG.error("live migration %s: %s", migration_id, message)
-        self._migration_done(migration_id, step, contract.MIGRATION_FAILED, error=message,
+        self._migration_done(migration_id, instance_uuid, step, contract.MIGRATION_FAILED, error=message,
                              values={"power_state": contract.POWER_NOSTATE},
                              event=self._event(event, "error", message))
 
@@ -1151,7 +1153,8 @@ class ComputeManager:
                 message = (f"the live-migrated instance {instance_uuid} is not usable on host {self.host}: "
                            f"{self._failure_message(exc)}")
                 LOG.error("%s", message, exc_info=not isinstance(exc, ComputeError | contract.SpecError))
-                self._migration_done(migration_id, step, contract.MIGRATION_ERROR, error=message,
+                self._migration_done(migration_id, instance_uuid, step, contract.MIGRATION_ERROR,
+                                     error=message,
                                      values=self._migration_values(instance_uuid),
                                      event=self._event(event, "error", message))
                 return
@@ -1163,7 +1166,7 @@ class ComputeManager:
                 if "transferred_bytes" in figures:
                     message += f", {figures['transferred_bytes'] / MiB:.1f} MiB transferred"
             LOG.info("%s of %s (migration %s): %s", step, instance_uuid, migration_id, message)
-            self._migration_done(migration_id, step, contract.MIGRATION_COMPLETED,
+            self._migration_done(migration_id, instance_uuid, step, contract.MIGRATION_COMPLETED,
                                  values={"power_state": power_state},
                                  event=self._event(event, "success", message))
 
@@ -1185,7 +1188,8 @@ class ComputeManager:
                 message = (f"cannot roll back the live migration of instance {instance_uuid} on host "
                            f"{self.host}: {self._failure_message(exc)}")
                 LOG.error("%s", message, exc_info=not isinstance(exc, ComputeError))
-                self._migration_done(migration_id, step, contract.MIGRATION_ERROR, error=message,
+                self._migration_done(migration_id, instance_uuid, step, contract.MIGRATION_ERROR,
+                                     error=message,
                                      values=self._migration_values(instance_uuid),
                                      event=self._event(event, "error", message))
                 return
@@ -1193,7 +1197,7 @@ class ComputeManager:
                        + ("; the instance directory is shared with the source and kept" if shared_storage
                           else "; instance directory removed"))
             LOG.info("%s of %s (migration %s): %s", step, instance_uuid, migration_id, message)
-            self._migration_done(migration_id, step, contract.MIGRATION_ROLLED_BACK,
+            self._migration_done(migration_id, instance_uuid, step, contract.MIGRATION_ROLLED_BACK,
                                  event=self._event(event, "success", message))
 
     def _migration_update(self, migration_id: int, status: str, *, error: str | None = None,
@@ -1201,47 +1205,34 @@ class ComputeManager:
         self.reporter.report(contract.CONDUCTOR_MIGRATION_UPDATE, migration_id=migration_id, host=self.host,
                              status=status, error=error, values=values, event=event)
 
-    def _migration_done(self, migration_id: int, step: str, status: str, *, error: str | None = None,
-                        values: dict[str, Any] | None = None, event: dict[str, Any] | None = None) -> None:
+    def _migration_done(self, migration_id: int, instance_uuid: str, step: str, status: str, *,
+                        error: str | None = None, values: dict[str, Any] | None = None,
+                        event: dict[str, Any] | None = None) -> None:
         """Journal the step's final ``status``, then report it."""
+        result = "error" if status in migration_jobs.FAILED_STATUSES else "success"
         try:
-            self.migration_journal.record(migration_id, step, status)
+            self.migration_journal.record(migration_id, step, instance_uuid, result, status=status)
         except OSError as exc:  # the outcome must still be reported
             LOG.error("cannot journal %s of migration %s (%s): a redelivery of it would run again", step,
                       migration_id, exc)
         self._migration_update(migration_id, status, error=error, values=values, event=event)
-        self._prune_migration_journal()
-
-    def _prune_migration_journal(self) -> None:
-        """Forget migrations long finished, at most once an hour: Redis redelivers a task within
-        COMPUTE_VISIBILITY_TIMEOUT, so a journal entry much older than that is never asked for."""
-        now = time.monotonic()
-        if now < self._next_migration_journal_prune:
-            return
-        self._next_migration_journal_prune = now + 3600
-        max_age = max(migration_jobs.JOURNAL_MAX_AGE, 2.0 * self.config.visibility_timeout)
-        try:
-            removed = self.migration_journal.prune(max_age)
-        except OSError as exc:
-            LOG.warning("cannot prune the migration journal: %s", exc)
-            return
-        if removed:
-            LOG.info("migration journal: forgot %d migration(s) older than %.0f s", removed, max_age)
 
     def _migration_redelivered(self, step: str, instance_uuid: str, migration_id: int) -> bool:
         """Whether ``step`` of this migration already ended here; if so its status is reported again."""
         try:
-            status = self.migration_journal.status(migration_id, step)
+            record = self.migration_journal.done(migration_id, step)
         except OSError as exc:
             LOG.error("cannot read the migration journal (%s): running %s of migration %s", exc, step,
                       migration_id)
             return False
-        if status is None:
+        if record is None:
             return False
+        status = str(record.get("status") or (contract.MIGRATION_ERROR if record.get("result") == "error"
+                                              else "done"))
         message = (f"{step} of migration {migration_id} already ended on host {self.host} with status "
                    f"{status}; redelivered task ignored")
         LOG.info("%s (instance %s)", message, instance_uuid)
-        failed = status in (contract.MIGRATION_ERROR, contract.MIGRATION_FAILED, contract.MIGRATION_CANCELLED)
+        failed = status in migration_jobs.FAILED_STATUSES
         values = None if step == "pre_live_migration" else self._migration_values(instance_uuid)
         self._migration_update(migration_id, status, error=message if failed else None, values=values)
         return True

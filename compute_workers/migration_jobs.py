@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from compute_workers import contract
 from compute_workers.exception import InstanceNotFound
 
 LOG = logging.getLogger(__name__)
@@ -37,8 +38,8 @@ SLOW_ANSWER = 0.5
 # a migration still running ABORT_GRACE seconds after its abort was asked for is given up on.
 ABORT_RETRY_INTERVAL = 1.0
 ABORT_GRACE = 60.0
-# Journal entries of migration steps are kept this long (or twice COMPUTE_VISIBILITY_TIMEOUT if longer).
-JOURNAL_MAX_AGE = 7 * 86400.0
+# The statuses of a step that did not do what it was asked (journaled with result "error").
+FAILED_STATUSES = (contract.MIGRATION_ERROR, contract.MIGRATION_FAILED, contract.MIGRATION_CANCELLED)
 # The destination's check asks the image API whether it would serve an image it has not cached.
 IMAGE_CHECK_TIMEOUT = 10.0
 

@@ -21,7 +21,6 @@ from compute_workers import contract, migration_jobs
 from compute_workers import shared_storage as markers
 from compute_workers.config import ComputeConfig, ConfigError
 from compute_workers.exception import HypervisorError
-from compute_workers.journal import MigrationJournal
 from compute_workers.manager import ComputeManager
 from compute_workers.migration_jobs import LiveMigrationJobs, ProgressThrottle
 from compute_workers.reporter import ListReporter
@@ -75,26 +74,25 @@ def test_every_migration_task_has_time_limits_below_the_visibility_timeout() -> 
 
 # Journal, markers, job registry ------------------------------------------------------------------------
 
-def test_migration_journal_outlives_the_instance_directory_and_is_per_host(tmp_path: Path) -> None:
-    journal = MigrationJournal(tmp_path, "host-a")
-    assert journal.status(7, "live_migration") is None
-    journal.record(7, "live_migration", "migrated")
-    assert journal.status(7, "live_migration") == "migrated"
-    assert journal.status(7, "pre_live_migration") is None
-    assert MigrationJournal(tmp_path, "host-b").status(7, "live_migration") is None  # shared INSTANCES_PATH
-    journal.path(8).parent.mkdir(parents=True, exist_ok=True)
-    journal.path(8).write_text("live_migration migr")  # cut short by a crash: not done
-    assert journal.status(8, "live_migration") is None
-    journal.record(8, "live_migration", "failed")
-    assert journal.status(8, "live_migration") == "failed"
-    with pytest.raises(ValueError):
-        journal.path(True)  # type: ignore[arg-type]
-    with pytest.raises(ValueError):
-        journal.record(9, "live migration", "ok")
-    old = time.time() - 10_000
-    os.utime(journal.path(7), (old, old))
-    assert journal.prune(3600) == 1
-    assert journal.status(7, "live_migration") is None and journal.status(8, "live_migration") == "failed"
+def test_live_migration_steps_are_journaled_with_their_status(hosts: tuple[Host, Host],
+                                                               make_spec: SpecFactory) -> None:
+    """The journal (outside the instance directory, which leaves the source) keeps the status each
+    step reported: a redelivery reports that status again, whatever the instance's files became."""
+    source, dest = hosts
+    spec = spawn_on(source, make_spec)
+    source.manager.abort_live_migration(spec["instance_uuid"], 71)
+    migrate(source, dest, spec, 71)
+    record = source.manager.migration_journal.done(71, "live_migration")
+    assert record is not None
+    assert (record["status"], record["result"], record["instance_uuid"]) == ("cancelled", "error",
+                                                                             spec["instance_uuid"])
+    assert not str(source.manager.migration_journal.path(71, "live_migration")).startswith(
+        str(source.instances / spec["instance_uuid"]))
+    source.reporter.reports.clear()
+    migrate(source, dest, spec, 71)
+    again = source.updates(71)
+    assert [u["status"] for u in again] == ["cancelled"] and "redelivered" in again[0]["error"]
+    assert source.driver.list_instances() == {spec["instance_uuid"]: "running"}
 
 
 def test_markers_are_made_seen_removed_and_only_of_their_own_shape(tmp_path: Path) -> None:
