@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import secrets
+import shutil
 import threading
 import time
 import traceback
@@ -716,13 +716,13 @@ class ComputeManager:
             return refused("image", str(exc))
         try:
             marker = markers.create_marker(self.config.instances_path)
-            fs = os.statvfs(self.config.instances_path)
+            free = shutil.disk_usage(self.config.instances_path).free
         except OSError as exc:
             return refused("hypervisor", f"cannot write in INSTANCES_PATH {self.config.instances_path} on "
                                          f"host {self.host}: {exc}")
         return {"ok": True, "migration_uri": self.config.migration_uri,
                 "migration_data_uri": self.config.migration_data_uri, "shared_marker": marker,
-                "disk_free_bytes": fs.f_bavail * fs.f_frsize, "image_cached": image_cached, "cpu": cpu}
+                "disk_free_bytes": free, "image_cached": image_cached, "cpu": cpu}
 
     def _check_migration_image(self, image: Mapping[str, Any] | None) -> bool:
         """Whether the base image is cached here; raises (with a message for users) when it is not
