@@ -74,13 +74,6 @@ LIFECYCLE_TASKS = (contract.COMPUTE_REBOOT, contract.COMPUTE_POWER_OFF, contract
                    contract.COMPUTE_RESUME)
 # Seconds a lifecycle task keeps, below its soft time limit, to force a guest off and report.
 SHUTDOWN_MARGIN = 30
-# Seconds compute.live_migration keeps, below its soft time limit, to abort the job and report.
-LIVE_MIGRATION_MARGIN = 30
-# The migration tasks other than compute.live_migration, by the time limits they share.
-MIGRATION_CHECK_TASKS = (contract.COMPUTE_CHECK_MIGRATE_DESTINATION, contract.COMPUTE_CHECK_MIGRATE_SOURCE)
-LIVE_MIGRATION_STEP_TASKS = (contract.COMPUTE_ABORT_LIVE_MIGRATION,
-                             contract.COMPUTE_POST_LIVE_MIGRATION_AT_DEST,
-                             contract.COMPUTE_ROLLBACK_LIVE_MIGRATION_AT_DEST)
 # The cold migration and resize tasks other than compute.resize_instance (which copies the disk).
 RESIZE_STEP_TASKS = (contract.COMPUTE_PREP_RESIZE, contract.COMPUTE_FINISH_RESIZE,
                      contract.COMPUTE_CONFIRM_RESIZE, contract.COMPUTE_REVERT_RESIZE,
@@ -159,6 +152,15 @@ def _non_empty(text: str) -> str:
     if not text.strip():
         raise ValueError("must not be empty")
     return text
+
+
+# Seconds compute.live_migration keeps, below its soft time limit, to abort the job and report.
+LIVE_MIGRATION_MARGIN = 30
+# The migration tasks other than compute.live_migration, by the time limits they share.
+MIGRATION_CHECK_TASKS = (contract.COMPUTE_CHECK_MIGRATE_DESTINATION, contract.COMPUTE_CHECK_MIGRATE_SOURCE)
+LIVE_MIGRATION_STEP_TASKS = (contract.COMPUTE_ABORT_LIVE_MIGRATION,
+                             contract.COMPUTE_POST_LIVE_MIGRATION_AT_DEST,
+                             contract.COMPUTE_ROLLBACK_LIVE_MIGRATION_AT_DEST)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,19 +12,12 @@ handling and reaper end the operation truthfully) instead of running the operati
 The file lives and dies with the instance's directory (terminate deletes it). One line per action,
 ``<id> <result>`` (result ``success`` or ``error``: the journal also tells an admin what happened); a
 line cut short by a crash is never read as a completed action.
-
-Migration steps are journaled by :class:`MigrationJournal` instead (contract key
-``migration-<id>-<step>``): the instance directory is no place for them, since it leaves the source
-when a live migration succeeds (a redelivered ``compute.live_migration`` must still learn it
-migrated) and on shared storage it is the destination's too. Their files are
-``INSTANCES_PATH/_migrations/<host>/migration-<id>``, one line ``<step> <status>`` per completed step.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import threading
 import time
 from pathlib import Path
@@ -44,109 +37,48 @@ class ActionJournal:
         return self.instances_path / checked_uuid(instance_uuid) / FILENAME
 
     def done(self, instance_uuid: str, action_id: int) -> bool:
+        try:
+            text = self.path(instance_uuid).read_text(encoding="ascii", errors="replace")
+        except FileNotFoundError:
+            return False
         wanted = str(action_id)
-        return any(len(fields) == 2 and fields[0] == wanted and fields[1] in RESULTS
-                   for fields in _complete_lines(self.path(instance_uuid)))
+        for line in text.split("\n")[:-1]:  # the last piece is "" or a line cut short
+            fields = line.split()
+            if len(fields) == 2 and fields[0] == wanted and fields[1] in RESULTS:
+                return True
+        return False
 
     def record(self, instance_uuid: str, action_id: int, result: str) -> None:
         """Append ``action_id`` and its ``result`` durably (file and, when new, its directory entry
         fsync'd)."""
         if result not in RESULTS:
             raise ValueError(f"result must be one of {RESULTS}")
-        _append_line(self.path(instance_uuid), f"{int(action_id)} {result}")
-
-
-def _append_line(path: Path, line: str) -> None:
-    """Append ``line`` durably: the file and, when new, its directory entry fsync'd; a line a crash
-    cut short is ended first, so that it never runs into this one."""
-    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        size = os.fstat(fd).st_size
-        cut = size > 0 and os.pread(fd, 1, size - 1) != b"\n"
-        data = f"{line}\n".encode("ascii")
-        os.write(fd, b"\n" + data if cut else data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if size == 0:
-        directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        path = self.path(instance_uuid)
+        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            os.fsync(directory)
+            size = os.fstat(fd).st_size
+            cut = size > 0 and os.pread(fd, 1, size - 1) != b"\n"  # end the line a crash cut
+            line = f"{int(action_id)} {result}\n".encode("ascii")
+            os.write(fd, b"\n" + line if cut else line)
+            os.fsync(fd)
         finally:
-            os.close(directory)
-
-
-def _complete_lines(path: Path) -> list[list[str]]:
-    """The fields of every complete line of ``path`` (none when it does not exist)."""
-    try:
-        text = path.read_text(encoding="ascii", errors="replace")
-    except FileNotFoundError:
-        return []
-    return [line.split() for line in text.split("\n")[:-1]]  # the last piece is "" or a line cut short
-
-
-MIGRATIONS_DIR = "_migrations"
-_WORD = re.compile(r"[a-z_]{1,64}")
-
-
-class MigrationJournal:
-    """Which steps of which migrations this host completed, and with which status.
-
-    ``host`` names this host's own directory: on shared storage several hosts share INSTANCES_PATH,
-    and each step runs on one host only.
-    """
-
-    def __init__(self, instances_path: Path, host: str) -> None:
-        self.directory = instances_path / MIGRATIONS_DIR / re.sub(r"[^A-Za-z0-9._-]", "_", host)
-
-    def path(self, migration_id: int) -> Path:
-        if isinstance(migration_id, bool) or not isinstance(migration_id, int) or migration_id < 0:
-            raise ValueError(f"invalid migration id {migration_id!r}")
-        return self.directory / f"migration-{migration_id}"
-
-    def status(self, migration_id: int, step: str) -> str | None:
-        """The status ``step`` of the migration ended with here, None when it did not end here."""
-        found = None
-        for fields in _complete_lines(self.path(migration_id)):
-            if len(fields) == 2 and fields[0] == step:
-                found = fields[1]
-        return found
-
-    def record(self, migration_id: int, step: str, status: str) -> None:
-        """Append that ``step`` ended with ``status``, durably (before it is reported)."""
-        if not _WORD.fullmatch(step) or not _WORD.fullmatch(status):
-            raise ValueError(f"invalid step or status {step!r} {status!r}")
-        _append_line(self.path(migration_id), f"{step} {status}")
-
-    def prune(self, max_age: float) -> int:
-        """Remove the files of migrations untouched for ``max_age`` seconds; returns how many.
-        Redis redelivers within COMPUTE_VISIBILITY_TIMEOUT: anything much older is history."""
-        removed = 0
-        try:
-            entries = list(self.directory.iterdir())
-        except FileNotFoundError:
-            return 0
-        now = time.time()
-        for entry in entries:
+            os.close(fd)
+        if size == 0:
+            directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
-                if entry.name.startswith("migration-") and now - entry.stat().st_mtime > max_age:
-                    entry.unlink()
-                    removed += 1
-            except FileNotFoundError:
-                continue
-        return removed
+                os.fsync(directory)
+            finally:
+                os.close(directory)
 
 
-STEP_RECORDS_DIR = ".migrations"
+MIGRATIONS_DIR = ".migrations"
 # A migration step's record is kept this long: far beyond any redelivery (COMPUTE_VISIBILITY_TIMEOUT).
 MIGRATION_RECORD_MAX_AGE = 30 * 86400.0
 
 
-class MigrationStepRecords:
-    """The cold-migration and resize steps completed here, each with what a later step must know:
-    ``INSTANCES_PATH/.migrations/migration-<id>-<step>`` (:class:`MigrationJournal` records only a
-    status per step; a resize's steps also pass details on, such as the destination host).
+class MigrationJournal:
+    """The migration steps this host completed: ``INSTANCES_PATH/.migrations/migration-<id>-<step>``.
 
     Not in the instance's directory, as :class:`ActionJournal` is: a cold migration renames and removes
     that directory, and a same-host resize runs the source's and the destination's steps in one.
@@ -157,7 +89,7 @@ class MigrationStepRecords:
     """
 
     def __init__(self, instances_path: Path) -> None:
-        self.directory = instances_path / STEP_RECORDS_DIR
+        self.directory = instances_path / MIGRATIONS_DIR
 
     def path(self, migration_id: int, step: str) -> Path:
         if not step.isidentifier():

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
 import secrets
+import shutil
 import threading
 import time
 import traceback
@@ -40,12 +40,13 @@ from compute_workers.exception import (
     InvalidInstanceUUID,
 )
 from compute_workers.images import ImageCache, qcow2_backing_file
-from compute_workers.journal import ActionJournal, MigrationJournal, MigrationStepRecords
+from compute_workers.journal import ActionJournal, MigrationJournal
 from compute_workers.locks import KeyedLock
 from compute_workers.migration_jobs import (
     LiveMigrationJob,
     LiveMigrationJobs,
     MigrationMonitor,
+    ProgressSampler,
     ProgressThrottle,
 )
 from compute_workers.power_events import PowerStateEvents
@@ -116,13 +117,12 @@ class ComputeManager:
                                  timeout=config.image_download_timeout)
         self._instance_locks = KeyedLock()
         self.journal = ActionJournal(config.instances_path)
-        self.migration_journal = MigrationJournal(config.instances_path, config.host)
-        self.step_records = MigrationStepRecords(config.instances_path)
-        self._live_migrations = LiveMigrationJobs()
+        self.migration_journal = MigrationJournal(config.instances_path)
         self._power_events: PowerStateEvents | None = None
         self._owns_power_events = False
         self._snapshot_slots = threading.BoundedSemaphore(config.max_concurrent_snapshots)
         self._next_cache_cleanup = 0.0  # monotonic; the first heartbeat cleans up
+        self._live_migrations = LiveMigrationJobs()  # the running ones, for their abort
 
     def init_host(self) -> None:
         """Connect the driver and log what the host runs; raises if the hypervisor is unusable."""
@@ -609,7 +609,7 @@ class ComputeManager:
         "confirmed"."""
 
         def run() -> tuple[str, dict[str, Any] | None]:
-            record = self.step_records.done(migration_id, "resize_instance") or {}
+            record = self.migration_journal.done(migration_id, "resize_instance") or {}
             dest_host = record.get("dest_host")
             moved = dest_host != self.host if isinstance(dest_host, str) else None
             self.driver.confirm_migration(instance_uuid, moved)
@@ -662,7 +662,7 @@ class ComputeManager:
                                    event=self._event(event, "error", str(exc)))
             return
         with self._instance_locks.hold(instance_uuid):
-            if self.step_records.done(migration_id, step) is not None:
+            if self.migration_journal.done(migration_id, step) is not None:
                 LOG.info("%s of migration %s already done on this host; redelivered task ignored (%s)", step,
                          migration_id, instance_uuid)
                 return
@@ -692,7 +692,7 @@ class ComputeManager:
     def _journal_migration(self, migration_id: int, step: str, instance_uuid: str, result: str,
                            details: dict[str, Any] | None) -> None:
         try:
-            self.step_records.record(migration_id, step, instance_uuid, result, **(details or {}))
+            self.migration_journal.record(migration_id, step, instance_uuid, result, **(details or {}))
         except OSError as exc:  # the outcome must still be reported
             LOG.error("cannot journal step %s of migration %s (%s): a redelivery of it would run again", step,
                       migration_id, exc)
@@ -898,8 +898,9 @@ class ComputeManager:
     # Live migration ---------------------------------------------------------------------------------
     #
     # Each step reports conductor.migration_update (never instance_update). Its outcome is journaled
-    # (MigrationJournal, outside the instance directory, which leaves the source with the migration)
-    # before it is reported, and a redelivered step does nothing but report the journaled status again:
+    # (MigrationJournal, outside the instance directory, which leaves the source with the migration;
+    # the record keeps the status reported) before it is reported, and a redelivered step does nothing
+    # but report the journaled status again:
     # the conductor drops what it already applied, so this only makes up for a report lost between the
     # journal and the send. Failures are reported with a message naming the host and what the
     # hypervisor said; nothing escapes as an exception.
@@ -943,13 +944,13 @@ class ComputeManager:
             return refused("image", str(exc))
         try:
             marker = markers.create_marker(self.config.instances_path)
-            fs = os.statvfs(self.config.instances_path)
+            free = shutil.disk_usage(self.config.instances_path).free
         except OSError as exc:
             return refused("hypervisor", f"cannot write in INSTANCES_PATH {self.config.instances_path} on "
                                          f"host {self.host}: {exc}")
         return {"ok": True, "migration_uri": self.config.migration_uri,
                 "migration_data_uri": self.config.migration_data_uri, "shared_marker": marker,
-                "disk_free_bytes": fs.f_bavail * fs.f_frsize, "image_cached": image_cached, "cpu": cpu}
+                "disk_free_bytes": free, "image_cached": image_cached, "cpu": cpu}
 
     def _check_migration_image(self, image: Mapping[str, Any] | None) -> bool:
         """Whether the base image is cached here; raises (with a message for users) when it is not
@@ -996,7 +997,7 @@ class ComputeManager:
             return refused(f"the hypervisor of host {self.host} does not answer: {exc}")
         try:
             shared = bool(shared_marker) and markers.marker_visible(self.config.instances_path,
-                                                                          str(shared_marker))
+                                                                    str(shared_marker))
         except markers.InvalidMarker as exc:
             return refused(str(exc))
         if shared:
@@ -1035,7 +1036,8 @@ class ComputeManager:
                 message = (f"cannot prepare host {self.host} for the live migration of instance "
                            f"{instance_uuid}: {self._failure_message(exc)}")
                 LOG.error("%s", message, exc_info=not isinstance(exc, ComputeError | contract.SpecError))
-                self._migration_done(migration_id, step, contract.MIGRATION_ERROR, error=message,
+                self._migration_done(migration_id, instance_uuid, step, contract.MIGRATION_ERROR,
+                                     error=message,
                                      event=self._event(event, "error", message))
                 return
             made = ("nothing to create: the instance directory is shared with the source" if shared_storage
@@ -1043,7 +1045,7 @@ class ComputeManager:
                     else "instance directory created")
             message = f"host {self.host} prepared in {time.monotonic() - started:.1f} s: {made}"
             LOG.info("%s of %s (migration %s): %s", step, instance_uuid, migration_id, message)
-            self._migration_done(migration_id, step, contract.MIGRATION_PREPARED,
+            self._migration_done(migration_id, instance_uuid, step, contract.MIGRATION_PREPARED,
                                  event=self._event(event, "success", message))
 
     def live_migration(self, instance_uuid: str, migration_id: int, dest_host: str, migration_uri: str,
@@ -1072,7 +1074,7 @@ class ComputeManager:
         except Exception as exc:  # a bug: still report, and truthfully
             message = f"live migration of instance {instance_uuid} on host {self.host} failed: {exc}"
             LOG.exception("%s", message)
-            self._migration_done(migration_id, step, contract.MIGRATION_FAILED, error=message,
+            self._migration_done(migration_id, instance_uuid, step, contract.MIGRATION_FAILED, error=message,
                                  values=self._migration_values(instance_uuid),
                                  event=self._event("compute_live_migration", "error", message))
         finally:
@@ -1087,7 +1089,7 @@ class ComputeManager:
 
         def end(status: str, message: str, result: str) -> None:
             LOG.warning("live migration %s: %s", migration_id, message)
-            self._migration_done(migration_id, step, status,
+            self._migration_done(migration_id, instance_uuid, step, status,
                                  error=None if status == contract.MIGRATION_MIGRATED else message,
                                  values=self._migration_values(instance_uuid),
                                  event=self._event(event, result, message))
@@ -1110,6 +1112,29 @@ class ComputeManager:
                                            f"there; only a running or paused instance can be live-migrated",
                 "error")
             return
+        if self._running_job(instance_uuid):
+            # libvirt still runs the migration of an earlier attempt whose worker died (a peer-to-peer
+            # migration goes on without its caller): follow it to its end rather than fail beside it.
+            LOG.warning("live migration %s: a migration job of %s already runs on host %s; following it",
+                        migration_id, instance_uuid, self.host)
+            monitor = self._monitor_live_migration(job, None, time.monotonic() + timeout, route)
+            try:
+                state = self.driver.get_info(instance_uuid)
+            except InstanceNotFound:
+                self._live_migration_domain_gone(job, dest_host, migration_uri, shared, followed=True)
+                return
+            except Exception as exc:
+                end(contract.MIGRATION_FAILED, f"live migration of {route} failed: the hypervisor of host "
+                                               f"{self.host} does not answer: {exc}", "error")
+                return
+            if monitor.aborting or state not in (RUNNING, PAUSED):
+                status = (contract.MIGRATION_CANCELLED if job.abort_requested.is_set()
+                          and not monitor.timed_out else contract.MIGRATION_FAILED)
+                end(status, f"live migration of {route}: the migration job an earlier attempt left ended "
+                            f"({monitor.why_aborted or 'it failed'}); the instance is {state} there",
+                    "cancelled" if status == contract.MIGRATION_CANCELLED else "error")
+                return
+            LOG.info("live migration %s: the earlier attempt's job failed; migrating again", migration_id)
         unsafe = shared and self.config.migration_unsafe
         outcome: dict[str, Any] = {}
 
@@ -1127,9 +1152,14 @@ class ComputeManager:
         started = time.monotonic()
         thread = threading.Thread(target=migrate, name=f"live-migration-{migration_id}", daemon=True)
         thread.start()
-        monitor = self._monitor_live_migration(job, thread, started + timeout, route)
+
+        def ended(wait: float) -> bool:
+            thread.join(wait)
+            return not thread.is_alive()
+
+        monitor = self._monitor_live_migration(job, ended, started + timeout, route)
         seconds = time.monotonic() - started
-        if thread.is_alive():
+        if not monitor.ended:
             end(contract.MIGRATION_FAILED, f"live migration of {route} did not end within "
                                            f"{migration_jobs.ABORT_GRACE:g} s after libvirt was asked to "
                                            f"abort it ({monitor.why_aborted}); its outcome is unknown",
@@ -1151,58 +1181,73 @@ class ComputeManager:
             end(contract.MIGRATION_FAILED, f"live migration of {route} failed after {seconds:.1f} s: "
                                            f"{self._failure_message(error)}", "error")
 
-    def _monitor_live_migration(self, job: LiveMigrationJob, thread: threading.Thread, deadline: float,
-                                route: str) -> MigrationMonitor:
-        """Until ``thread`` (the migration) ends: report "running" once libvirt shows the job, then its
-        progress at least every second; abort it when asked or when ``deadline`` (monotonic) passed."""
+    def _running_job(self, instance_uuid: str) -> bool:
+        try:
+            return self.driver.live_migration_progress(instance_uuid) is not None
+        except Exception:
+            return False
+
+    def _monitor_live_migration(self, job: LiveMigrationJob, ended: Callable[[float], bool] | None,
+                                deadline: float, route: str) -> MigrationMonitor:
+        """Until the migration ended (``ended(wait)`` waits at most ``wait`` seconds for it; None: a job
+        this worker did not start, which ended when libvirt shows it no more): report "running" once
+        libvirt shows the job, then its progress at least every second; abort it when asked or when
+        ``deadline`` (monotonic) passed, and give up on it ABORT_GRACE seconds later
+        (``monitor.ended`` False). libvirt is read by a :class:`ProgressSampler`: its slow answers
+        delay neither the reports nor the abort."""
         monitor = MigrationMonitor()
         throttle = ProgressThrottle(migration_jobs.PROGRESS_INTERVAL)
         instance_uuid, migration_id = job.instance_uuid, job.migration_id
+        sampler = ProgressSampler(lambda: self.driver.live_migration_progress(instance_uuid),
+                                  migration_jobs.POLL_INTERVAL, f"live-migration-{migration_id}-progress")
+
+        def job_ended(wait: float) -> bool:
+            time.sleep(wait)
+            sample = sampler.latest()
+            return sample is not None and (sample.gone or sample.progress is None)
+
+        wait_for_end = ended or job_ended
         abort_deadline: float | None = None
         next_abort_attempt = 0.0
-        while True:
-            thread.join(migration_jobs.POLL_INTERVAL if monitor.running_reported
-                        else migration_jobs.FIRST_POLL_INTERVAL)
-            if not thread.is_alive():
-                break
-            now = time.monotonic()
-            if not monitor.aborting and (job.abort_requested.is_set() or now >= deadline):
-                monitor.aborting = True
-                monitor.timed_out = not job.abort_requested.is_set()
-                monitor.why_aborted = ("completion timeout passed" if monitor.timed_out
-                                       else "cancelled on request")
-                abort_deadline = now + migration_jobs.ABORT_GRACE
-                if monitor.timed_out:
-                    LOG.warning("live migration %s of %s: completion timeout passed; aborting it",
-                                migration_id, route)
-            if monitor.aborting:
-                if abort_deadline is not None and now >= abort_deadline:
-                    LOG.error("live migration %s: still running %g s after its abort; giving up on it",
-                              migration_id, migration_jobs.ABORT_GRACE)
+        sampler.start()
+        try:
+            while True:
+                if wait_for_end(migration_jobs.POLL_INTERVAL if monitor.running_reported
+                                else migration_jobs.FIRST_POLL_INTERVAL):
+                    monitor.ended = True
                     break
-                if now >= next_abort_attempt:
-                    next_abort_attempt = now + migration_jobs.ABORT_RETRY_INTERVAL
-                    self._send_abort(job)
-            try:
-                progress = self.driver.live_migration_progress(instance_uuid)
-                observed_at = time.time()
-            except InstanceNotFound:
-                progress = None  # gone from here: it just completed
-            except Exception as exc:
-                if not monitor.progress_failed:
-                    LOG.warning("live migration %s: cannot read its progress: %s", migration_id, exc)
-                monitor.progress_failed = True
-                progress = None
-            if progress is None:
-                continue
-            if not monitor.running_reported:
-                self._report_running(job, route)
-                monitor.running_reported = True
-            if throttle.due(time.monotonic()):
-                monitor.progress_reports += 1
-                monitor.last_progress = progress
-                self.reporter.report(contract.CONDUCTOR_MIGRATION_PROGRESS, migration_id=migration_id,
-                                     host=self.host, progress={**progress, "observed_at": observed_at})
+                now = time.monotonic()
+                if not monitor.aborting and (job.abort_requested.is_set() or now >= deadline):
+                    monitor.aborting = True
+                    monitor.timed_out = not job.abort_requested.is_set()
+                    monitor.why_aborted = ("completion timeout passed" if monitor.timed_out
+                                           else "cancelled on request")
+                    abort_deadline = now + migration_jobs.ABORT_GRACE
+                    if monitor.timed_out:
+                        LOG.warning("live migration %s of %s: completion timeout passed; aborting it",
+                                    migration_id, route)
+                if monitor.aborting:
+                    if abort_deadline is not None and now >= abort_deadline:
+                        LOG.error("live migration %s: still running %g s after its abort; giving up on it",
+                                  migration_id, migration_jobs.ABORT_GRACE)
+                        break
+                    if now >= next_abort_attempt:
+                        next_abort_attempt = now + migration_jobs.ABORT_RETRY_INTERVAL
+                        self._send_abort(job)
+                sample = sampler.latest()
+                if sample is None or sample.progress is None:
+                    continue
+                if not monitor.running_reported:
+                    self._report_running(job, route)
+                    monitor.running_reported = True
+                if throttle.due(time.monotonic()):
+                    monitor.progress_reports += 1
+                    monitor.last_progress = sample.progress
+                    self.reporter.report(contract.CONDUCTOR_MIGRATION_PROGRESS, migration_id=migration_id,
+                                         host=self.host,
+                                         progress={**sample.progress, "observed_at": sample.observed_at})
+        finally:
+            sampler.stop()
         return monitor
 
     def _report_running(self, job: LiveMigrationJob, route: str) -> None:
@@ -1239,7 +1284,8 @@ class ComputeManager:
             message = (f"libvirt reported the live migration of {route} complete, but the domain still "
                        f"runs on host {self.host}: {exc}")
             LOG.error("%s", message)
-            self._migration_done(migration_id, "live_migration", contract.MIGRATION_FAILED, error=message,
+            self._migration_done(migration_id, instance_uuid, "live_migration", contract.MIGRATION_FAILED,
+                                 error=message,
                                  values=self._migration_values(instance_uuid),
                                  event=self._event(event, "error", message))
             return
@@ -1248,15 +1294,16 @@ class ComputeManager:
                       migration_id, instance_uuid, self.host, exc)
             left = f"the cleanup of its files here failed: {exc}"
         memory = (monitor.last_progress or {}).get("memory_total", 0)
-        message = (f"live migration of {route} completed in {seconds:.1f} s ({monitor.progress_reports} "
-                   f"progress reports; memory {memory / MiB:.0f} MiB); {left}")
-        self._migration_done(migration_id, "live_migration", contract.MIGRATION_MIGRATED,
+        seen = f"{monitor.progress_reports} progress reports" + (f"; memory {memory / MiB:.0f} MiB" if memory
+                                                                 else "")
+        message = f"live migration of {route} completed in {seconds:.1f} s ({seen}); {left}"
+        self._migration_done(migration_id, instance_uuid, "live_migration", contract.MIGRATION_MIGRATED,
                              values=self._migration_values(instance_uuid),
                              event=self._event(event, "success", message))
         LOG.info("live migration %s: %s", migration_id, message)
 
     def _live_migration_domain_gone(self, job: LiveMigrationJob, dest_host: str, migration_uri: str,
-                                    shared: bool) -> None:
+                                    shared: bool, *, followed: bool = False) -> None:
         """The domain is not here and no outcome was journaled: a redelivered task whose first run
         died while libvirt went on (a peer-to-peer migration does not need its caller), or a wrong
         host. Ask the destination rather than guess."""
@@ -1273,9 +1320,10 @@ class ComputeManager:
         if there in (RUNNING, PAUSED):
             with contextlib.suppress(Exception):
                 self.driver.post_live_migration_at_source(instance_uuid, shared)
-            message = (f"live migration of {route}: the domain already runs on host {dest_host} (an earlier "
-                       "attempt completed it)")
-            self._migration_done(migration_id, step, contract.MIGRATION_MIGRATED,
+            how = ("the migration job an earlier attempt left running completed" if followed
+                   else "an earlier attempt completed it")
+            message = f"live migration of {route}: the domain runs on host {dest_host} ({how})"
+            self._migration_done(migration_id, instance_uuid, step, contract.MIGRATION_MIGRATED,
                                  values={"power_state": contract.POWER_NOSTATE},
                                  event=self._event(event, "success", message))
             LOG.warning("live migration %s: %s", migration_id, message)
@@ -1285,7 +1333,7 @@ class ComputeManager:
         message = (f"live migration of {route} failed: the domain of the instance is not on host {self.host} "
                    f"{asked}")
         LOG.error("live migration %s: %s", migration_id, message)
-        self._migration_done(migration_id, step, contract.MIGRATION_FAILED, error=message,
+        self._migration_done(migration_id, instance_uuid, step, contract.MIGRATION_FAILED, error=message,
                              values={"power_state": contract.POWER_NOSTATE},
                              event=self._event(event, "error", message))
 
@@ -1333,7 +1381,8 @@ class ComputeManager:
                 message = (f"the live-migrated instance {instance_uuid} is not usable on host {self.host}: "
                            f"{self._failure_message(exc)}")
                 LOG.error("%s", message, exc_info=not isinstance(exc, ComputeError | contract.SpecError))
-                self._migration_done(migration_id, step, contract.MIGRATION_ERROR, error=message,
+                self._migration_done(migration_id, instance_uuid, step, contract.MIGRATION_ERROR,
+                                     error=message,
                                      values=self._migration_values(instance_uuid),
                                      event=self._event(event, "error", message))
                 return
@@ -1345,7 +1394,7 @@ class ComputeManager:
                 if "transferred_bytes" in figures:
                     message += f", {figures['transferred_bytes'] / MiB:.1f} MiB transferred"
             LOG.info("%s of %s (migration %s): %s", step, instance_uuid, migration_id, message)
-            self._migration_done(migration_id, step, contract.MIGRATION_COMPLETED,
+            self._migration_done(migration_id, instance_uuid, step, contract.MIGRATION_COMPLETED,
                                  values={"power_state": power_state},
                                  event=self._event(event, "success", message))
 
@@ -1367,7 +1416,8 @@ class ComputeManager:
                 message = (f"cannot roll back the live migration of instance {instance_uuid} on host "
                            f"{self.host}: {self._failure_message(exc)}")
                 LOG.error("%s", message, exc_info=not isinstance(exc, ComputeError))
-                self._migration_done(migration_id, step, contract.MIGRATION_ERROR, error=message,
+                self._migration_done(migration_id, instance_uuid, step, contract.MIGRATION_ERROR,
+                                     error=message,
                                      values=self._migration_values(instance_uuid),
                                      event=self._event(event, "error", message))
                 return
@@ -1375,19 +1425,16 @@ class ComputeManager:
                        + ("; the instance directory is shared with the source and kept" if shared_storage
                           else "; instance directory removed"))
             LOG.info("%s of %s (migration %s): %s", step, instance_uuid, migration_id, message)
-            self._migration_done(migration_id, step, contract.MIGRATION_ROLLED_BACK,
+            self._migration_done(migration_id, instance_uuid, step, contract.MIGRATION_ROLLED_BACK,
                                  event=self._event(event, "success", message))
 
-    def _migration_update(self, migration_id: int, status: str, *, error: str | None = None,
-                          values: dict[str, Any] | None = None, event: dict[str, Any] | None = None) -> None:
-        self.reporter.report(contract.CONDUCTOR_MIGRATION_UPDATE, migration_id=migration_id, host=self.host,
-                             status=status, error=error, values=values, event=event)
-
-    def _migration_done(self, migration_id: int, step: str, status: str, *, error: str | None = None,
-                        values: dict[str, Any] | None = None, event: dict[str, Any] | None = None) -> None:
+    def _migration_done(self, migration_id: int, instance_uuid: str, step: str, status: str, *,
+                        error: str | None = None, values: dict[str, Any] | None = None,
+                        event: dict[str, Any] | None = None) -> None:
         """Journal the step's final ``status``, then report it."""
+        result = "error" if status in migration_jobs.FAILED_STATUSES else "success"
         try:
-            self.migration_journal.record(migration_id, step, status)
+            self.migration_journal.record(migration_id, step, instance_uuid, result, status=status)
         except OSError as exc:  # the outcome must still be reported
             LOG.error("cannot journal %s of migration %s (%s): a redelivery of it would run again", step,
                       migration_id, exc)
@@ -1396,17 +1443,19 @@ class ComputeManager:
     def _migration_redelivered(self, step: str, instance_uuid: str, migration_id: int) -> bool:
         """Whether ``step`` of this migration already ended here; if so its status is reported again."""
         try:
-            status = self.migration_journal.status(migration_id, step)
+            record = self.migration_journal.done(migration_id, step)
         except OSError as exc:
             LOG.error("cannot read the migration journal (%s): running %s of migration %s", exc, step,
                       migration_id)
             return False
-        if status is None:
+        if record is None:
             return False
+        status = str(record.get("status") or (contract.MIGRATION_ERROR if record.get("result") == "error"
+                                              else "done"))
         message = (f"{step} of migration {migration_id} already ended on host {self.host} with status "
                    f"{status}; redelivered task ignored")
         LOG.info("%s (instance %s)", message, instance_uuid)
-        failed = status in (contract.MIGRATION_ERROR, contract.MIGRATION_FAILED, contract.MIGRATION_CANCELLED)
+        failed = status in migration_jobs.FAILED_STATUSES
         values = None if step == "pre_live_migration" else self._migration_values(instance_uuid)
         self._migration_update(migration_id, status, error=message if failed else None, values=values)
         return True

@@ -14,8 +14,15 @@ instead of running.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 import time
+from collections.abc import Callable
+
+from compute_workers import contract
+from compute_workers.exception import InstanceNotFound
+
+LOG = logging.getLogger(__name__)
 
 EARLY_ABORT_TTL = 600.0
 # The monitor of a migration looks at its job this often (the first looks sooner: "running" is
@@ -24,10 +31,15 @@ EARLY_ABORT_TTL = 600.0
 POLL_INTERVAL = 0.2
 FIRST_POLL_INTERVAL = 0.05
 PROGRESS_INTERVAL = 0.6
+# A progress read slower than this is logged (libvirt 9.0 took up to 5 s to answer jobStats while a
+# migration was setting up); the reports go on meanwhile, repeating the last answer with its time.
+SLOW_ANSWER = 0.5
 # An abort the hypervisor refuses (no job yet, a job past its point of no return) is retried this often;
 # a migration still running ABORT_GRACE seconds after its abort was asked for is given up on.
 ABORT_RETRY_INTERVAL = 1.0
 ABORT_GRACE = 60.0
+# The statuses of a step that did not do what it was asked (journaled with result "error").
+FAILED_STATUSES = (contract.MIGRATION_ERROR, contract.MIGRATION_FAILED, contract.MIGRATION_CANCELLED)
 # The destination's check asks the image API whether it would serve an image it has not cached.
 IMAGE_CHECK_TIMEOUT = 10.0
 
@@ -113,10 +125,69 @@ class ProgressThrottle:
 class MigrationMonitor:
     """What the monitor of one live migration saw and did."""
 
+    ended: bool = False  # False: given up on ABORT_GRACE after the abort, outcome unknown
     running_reported: bool = False
     aborting: bool = False
     timed_out: bool = False  # aborted because its completion timeout passed
     why_aborted: str = ""
     progress_reports: int = 0
-    progress_failed: bool = False
     last_progress: dict[str, int] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """The last answer of the hypervisor about a migration job."""
+
+    progress: dict[str, int] | None  # None: no job (not yet, or no more)
+    observed_at: float  # time.time() of the answer
+    gone: bool  # the domain is not on this host (any more)
+    reads: int  # answers so far
+
+
+class ProgressSampler(threading.Thread):
+    """Reads a migration job's progress every ``interval`` seconds in a thread of its own, so that a
+    hypervisor slow to answer delays neither the progress reports nor an abort: the monitor reports
+    the latest :class:`Sample` (its ``observed_at`` says how old it is) and goes on without waiting.
+
+    ``read`` returns the job's counters, None without a job, and raises InstanceNotFound when the
+    domain left. Other errors are logged (once) and leave the latest sample as it was.
+    """
+
+    def __init__(self, read: Callable[[], dict[str, int] | None], interval: float, name: str) -> None:
+        super().__init__(name=name, daemon=True)
+        self._read = read
+        self.interval = interval
+        self._stopped = threading.Event()
+        self._lock = threading.Lock()
+        self._sample: Sample | None = None
+        self.failed = False
+
+    def run(self) -> None:
+        reads = 0
+        while not self._stopped.is_set():
+            asked = time.monotonic()
+            try:
+                progress, gone = self._read(), False
+            except InstanceNotFound:
+                progress, gone = None, True
+            except Exception as exc:
+                if not self.failed:
+                    LOG.warning("%s: cannot read the migration's progress: %s", self.name, exc)
+                self.failed = True
+                self._stopped.wait(self.interval)
+                continue
+            answered = time.monotonic() - asked
+            if answered > SLOW_ANSWER:
+                LOG.warning("%s: the hypervisor took %.1f s to tell the migration's progress", self.name,
+                            answered)
+            reads += 1
+            with self._lock:
+                self._sample = Sample(progress, time.time(), gone, reads)
+            self._stopped.wait(self.interval)
+
+    def latest(self) -> Sample | None:
+        with self._lock:
+            return self._sample
+
+    def stop(self) -> None:
+        self._stopped.set()

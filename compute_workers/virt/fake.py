@@ -355,13 +355,13 @@ class FakeDriver(ComputeDriver):
         with _PEERS_LOCK:
             peer = _MIGRATION_PEERS.get(dest_uri)
         if peer is None or peer is self:
-            raise HypervisorError(f"live migration of instance {instance_uuid} to {dest_uri} failed: no "
-                                  "other fake hypervisor of this process answers there")
+            raise HypervisorError(f"the fake hypervisor could not migrate it to {dest_uri}: no other fake "
+                                  "hypervisor of this process answers there")
         job = _FakeMigrationJob(total=int(instance.spec["flavor"]["memory_mb"]) * 1024 * 1024,
                                 seconds=self.migration_delay)
         with self._lock:
             self._migrations[instance_uuid] = job
-        aborted = MigrationAborted(f"live migration of instance {instance_uuid} aborted: canceled by client")
+        aborted = MigrationAborted("the fake hypervisor aborted the migration job: canceled by client")
         try:
             if job.aborted.wait(self.migration_delay):
                 raise aborted
@@ -371,8 +371,8 @@ class FakeDriver(ComputeDriver):
                 job.committed = True
             with peer._lock:
                 if instance_uuid in peer.instances:
-                    raise HypervisorError(f"live migration of instance {instance_uuid} to {dest_uri} failed: "
-                                          "a domain of that instance already exists there")
+                    raise HypervisorError(f"the fake hypervisor could not migrate it to {dest_uri}: a domain "
+                                          "of that instance already exists there")
                 peer.instances[instance_uuid] = dataclasses.replace(
                     instance, console=[*instance.console, "cloudctl-fake: live-migrated here"])
             with self._lock:

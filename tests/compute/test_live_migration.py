@@ -21,7 +21,6 @@ from compute_workers import contract, migration_jobs
 from compute_workers import shared_storage as markers
 from compute_workers.config import ComputeConfig, ConfigError
 from compute_workers.exception import HypervisorError
-from compute_workers.journal import MigrationJournal
 from compute_workers.manager import ComputeManager
 from compute_workers.migration_jobs import LiveMigrationJobs, ProgressThrottle
 from compute_workers.reporter import ListReporter
@@ -75,26 +74,25 @@ def test_every_migration_task_has_time_limits_below_the_visibility_timeout() -> 
 
 # Journal, markers, job registry ------------------------------------------------------------------------
 
-def test_migration_journal_outlives_the_instance_directory_and_is_per_host(tmp_path: Path) -> None:
-    journal = MigrationJournal(tmp_path, "host-a")
-    assert journal.status(7, "live_migration") is None
-    journal.record(7, "live_migration", "migrated")
-    assert journal.status(7, "live_migration") == "migrated"
-    assert journal.status(7, "pre_live_migration") is None
-    assert MigrationJournal(tmp_path, "host-b").status(7, "live_migration") is None  # shared INSTANCES_PATH
-    journal.path(8).parent.mkdir(parents=True, exist_ok=True)
-    journal.path(8).write_text("live_migration migr")  # cut short by a crash: not done
-    assert journal.status(8, "live_migration") is None
-    journal.record(8, "live_migration", "failed")
-    assert journal.status(8, "live_migration") == "failed"
-    with pytest.raises(ValueError):
-        journal.path(True)  # type: ignore[arg-type]
-    with pytest.raises(ValueError):
-        journal.record(9, "live migration", "ok")
-    old = time.time() - 10_000
-    os.utime(journal.path(7), (old, old))
-    assert journal.prune(3600) == 1
-    assert journal.status(7, "live_migration") is None and journal.status(8, "live_migration") == "failed"
+def test_live_migration_steps_are_journaled_with_their_status(hosts: tuple[Host, Host],
+                                                               make_spec: SpecFactory) -> None:
+    """The journal (outside the instance directory, which leaves the source) keeps the status each
+    step reported: a redelivery reports that status again, whatever the instance's files became."""
+    source, dest = hosts
+    spec = spawn_on(source, make_spec)
+    source.manager.abort_live_migration(spec["instance_uuid"], 71)
+    migrate(source, dest, spec, 71)
+    record = source.manager.migration_journal.done(71, "live_migration")
+    assert record is not None
+    assert (record["status"], record["result"], record["instance_uuid"]) == ("cancelled", "error",
+                                                                             spec["instance_uuid"])
+    assert not str(source.manager.migration_journal.path(71, "live_migration")).startswith(
+        str(source.instances / spec["instance_uuid"]))
+    source.reporter.reports.clear()
+    migrate(source, dest, spec, 71)
+    again = source.updates(71)
+    assert [u["status"] for u in again] == ["cancelled"] and "redelivered" in again[0]["error"]
+    assert source.driver.list_instances() == {spec["instance_uuid"]: "running"}
 
 
 def test_markers_are_made_seen_removed_and_only_of_their_own_shape(tmp_path: Path) -> None:
@@ -376,7 +374,7 @@ def test_a_redelivery_whose_domain_left_asks_the_destination(hosts: tuple[Host, 
     source.driver.live_migration(instance_uuid, dest.manager.config.migration_uri)  # the first run's work
     migrate(source, dest, spec, 15)
     assert source.statuses(15) == ["migrated"]
-    assert "already runs on host" in source.updates(15)[-1]["event"]["message"]
+    assert "an earlier attempt completed it" in source.updates(15)[-1]["event"]["message"]
     # Nowhere at all: failed, naming both hosts.
     dest.driver.destroy(instance_uuid)
     migrate(source, dest, spec, 16)
@@ -500,3 +498,80 @@ def test_tasks_are_registered_and_checks_return_their_answer(hosts: tuple[Host, 
 def test_monitor_intervals_keep_progress_at_least_every_second() -> None:
     worst = migration_jobs.PROGRESS_INTERVAL + migration_jobs.POLL_INTERVAL
     assert worst <= 0.85  # leaves 150 ms for libvirt to answer jobStats
+
+
+def test_a_redelivery_follows_the_job_an_earlier_attempt_left_running(hosts: tuple[Host, Host],
+                                                                     make_spec: SpecFactory) -> None:
+    """The first worker died mid-migration but libvirt goes on (peer to peer): the redelivered task
+    finds the job, follows it (progress included) and reports where the domain ended up."""
+    source, dest = hosts
+    spec = spawn_on(source, make_spec)
+    source.driver.migration_delay = 1.5
+    orphan = run_in_thread(source.driver.live_migration, spec["instance_uuid"],
+                           dest.manager.config.migration_uri)
+    deadline = time.monotonic() + 5
+    while source.driver.live_migration_progress(spec["instance_uuid"]) is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    migrate(source, dest, spec, 51)
+    orphan.join(5)
+    assert source.statuses(51) == ["running", "migrated"]
+    assert "left running completed" in source.updates(51)[-1]["event"]["message"]
+    assert len(source.progress()) >= 2
+    assert dest.driver.list_instances() == {spec["instance_uuid"]: "running"}
+
+
+def test_a_migration_that_ignores_its_abort_is_given_up_on(hosts: tuple[Host, Host], make_spec: SpecFactory,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    release, migrating = threading.Event(), threading.Event()
+
+    class Stuck(FakeDriver):
+        def live_migration(self, instance_uuid: str, *args: Any, **kwargs: Any) -> None:
+            migrating.set()
+            release.wait(30)
+
+        def live_migration_progress(self, instance_uuid: str) -> dict[str, int] | None:
+            return dict.fromkeys(contract.MIGRATION_PROGRESS_KEYS, 0) if migrating.is_set() else None
+
+        def abort_live_migration(self, instance_uuid: str) -> bool:
+            raise HypervisorError("cannot abort migration in post-copy mode")
+
+    monkeypatch.setattr(migration_jobs, "ABORT_GRACE", 0.5)
+    source, dest = Host(hosts[0].instances.parent, "src", Stuck), hosts[1]
+    spec = spawn_on(source, make_spec)
+    started = time.monotonic()
+    migrate(source, dest, spec, 52, completion_timeout=0.5)
+    release.set()
+    assert time.monotonic() - started < 3
+    failed = source.updates(52)[-1]
+    assert failed["status"] == "failed" and "its outcome is unknown" in failed["error"]
+    assert "completion timeout passed" in failed["error"]
+
+
+def test_a_hypervisor_slow_to_tell_the_progress_delays_neither_reports_nor_the_deadline(
+        hosts: tuple[Host, Host], make_spec: SpecFactory) -> None:
+    """libvirt 9.0 took up to 5 s to answer jobStats while a migration was setting up: the reports go
+    on every second meanwhile (repeating the last answer, its observed_at unchanged) and the
+    completion timeout still aborts on time."""
+    class SlowToTell(FakeDriver):
+        calls = 0
+
+        def live_migration_progress(self, instance_uuid: str) -> dict[str, int] | None:
+            progress = super().live_migration_progress(instance_uuid)
+            SlowToTell.calls += 1
+            if SlowToTell.calls == 3:
+                time.sleep(3)
+            return progress
+
+    source, dest = Host(hosts[0].instances.parent, "src", SlowToTell), hosts[1]
+    source.driver.migration_delay = 30
+    spec = spawn_on(source, make_spec)
+    started = time.monotonic()
+    migrate(source, dest, spec, 61, completion_timeout=4)
+    assert 4 <= time.monotonic() - started < 6
+    assert source.statuses(61) == ["running", "failed"]
+    progress = source.progress()
+    assert len(progress) >= 6  # one per 0.6 s for 4 s, although libvirt was mute for 3 of them
+    observed = [p["observed_at"] for p in progress]
+    assert len(set(observed)) < len(observed)  # the same answer again while waiting for the next
+    assert observed == sorted(observed)

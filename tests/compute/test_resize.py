@@ -14,7 +14,7 @@ from compute_workers import contract
 from compute_workers import manager as manager_module
 from compute_workers.app import create_app
 from compute_workers.config import ComputeConfig, ConfigError
-from compute_workers.journal import MigrationStepRecords
+from compute_workers.journal import MigrationJournal
 from compute_workers.manager import ComputeManager
 from compute_workers.reporter import ListReporter
 from compute_workers.tasks import register_tasks
@@ -166,7 +166,7 @@ def test_every_step_redelivered_is_a_logged_no_op(managed: Managed, make_spec: S
     manager.finish_resize(uuid, 11, new_spec, True)
     assert reporter.reports == []
     assert manager.driver.get_info(uuid) == "running" and flavor_of(manager, uuid) == (1, 128)
-    journal = MigrationStepRecords(manager.config.instances_path)
+    journal = MigrationJournal(manager.config.instances_path)
     record = journal.done(11, "resize_instance")
     assert record is not None
     assert record["result"] == "success" and record["dest_host"] == HOST and record["instance_uuid"] == uuid
@@ -213,7 +213,7 @@ def test_a_failed_copy_puts_everything_back(tmp_path: Path, make_spec: SpecFacto
     assert manager.driver.get_info(uuid) == "running"
     assert "cloudctl-guest: boot-count 2" in manager.get_console_output(uuid, None)["output"]
     assert not resize_files(manager, uuid)
-    assert MigrationStepRecords(manager.config.instances_path).done(4, "resize_instance")["result"] == "error"
+    assert MigrationJournal(manager.config.instances_path).done(4, "resize_instance")["result"] == "error"
 
 
 def test_an_unreachable_destination_changes_nothing(tmp_path: Path, make_spec: SpecFactory) -> None:

@@ -54,20 +54,25 @@ def virtual_size(image: Path) -> int:
 
 
 def prepare_block_migration(source: NamespaceHost, dest: NamespaceHost, instance_uuid: str,
-                            image: Path) -> tuple[Path, Path]:
-    """A qcow2 overlay of ``image`` on the source and an empty qcow2 of the same virtual size at the
-    same path on the destination (a different file: each daemon sees its own instances directory at
-    ``instances_path``). Returns the disk and console paths as the daemons see them."""
-    (source.local_instances / "_base").mkdir(mode=0o755, exist_ok=True)
-    shutil.copyfile(image, source.local_instances / "_base" / "tiny.qcow2")
+                            image: Path, *, incremental: bool = False) -> tuple[Path, Path]:
+    """A qcow2 overlay of ``image`` on the source and, at the same path on the destination (a
+    different file: each daemon sees its own instances directory at ``instances_path``), an empty
+    qcow2 of the same virtual size for a full block migration (``NON_SHARED_DISK``), or with
+    ``incremental`` an empty overlay of the destination's own copy of the base, as the destination
+    worker's pre_live_migration makes it (``NON_SHARED_INC`` copies only the top layer). Returns the
+    disk and console paths as the daemons see them."""
     base = source.instances_path / "_base" / "tiny.qcow2"
+    for host in (source, dest) if incremental else (source,):
+        (host.local_instances / "_base").mkdir(mode=0o755, exist_ok=True)
+        shutil.copyfile(image, host.local_instances / "_base" / "tiny.qcow2")
     size = virtual_size(image)
     for host in (source, dest):
         (host.local_instances / instance_uuid).mkdir(mode=0o755)
-    # -u: the backing path is the one the source daemon sees, not visible from the test process.
+    # -u: the backing path is the one the daemons see, not visible from the test process.
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-u", "-b", str(base),
                     str(source.local_instances / instance_uuid / "disk"), str(size)], check=True)
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2",
+    backing = ["-F", "qcow2", "-u", "-b", str(base)] if incremental else []
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", *backing,
                     str(dest.local_instances / instance_uuid / "disk"), str(size)], check=True)
     directory = source.instances_path / instance_uuid
     return directory / "disk", directory / "console.log"

@@ -1,5 +1,6 @@
-"""LibvirtDriver.live_migration between two harness hosts: the running demo guest moves (block
-migration) and keeps running; a stopped instance is refused and stays where it is."""
+"""LibvirtDriver.live_migration between two harness hosts: the running demo guest moves (incremental
+block migration: only its overlay travels, the destination has the base image) and keeps running; a
+stopped instance is refused and stays where it is."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def test_live_migration_moves_the_running_guest(libvirt_hosts: list[NamespaceHos
                                                 source_driver: LibvirtDriver) -> None:
     source, dest = libvirt_hosts
     instance_uuid = str(uuid.uuid4())
-    disk, console = prepare_block_migration(source, dest, instance_uuid, tiny_image_path)
+    disk, console = prepare_block_migration(source, dest, instance_uuid, tiny_image_path, incremental=True)
     source_console = source.local_instances / instance_uuid / "console.log"
     dest_console = dest.local_instances / instance_uuid / "console.log"
     name = contract.domain_name(instance_uuid)

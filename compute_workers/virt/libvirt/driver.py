@@ -883,12 +883,10 @@ class LibvirtDriver(ComputeDriver):
         except libvirt.libvirtError as exc:
             message = exc.get_error_message() or str(exc)
             if _error_code(exc) == libvirt.VIR_ERR_OPERATION_ABORTED:
-                raise MigrationAborted(f"live migration of instance {instance_uuid} aborted: "
-                                       f"{message}") from exc
+                raise MigrationAborted(f"libvirt aborted the migration job: {message}") from exc
             if _error_code(exc) == libvirt.VIR_ERR_NO_DOMAIN:
                 raise InstanceNotFound(f"instance {instance_uuid} not found on this host") from exc
-            raise HypervisorError(f"live migration of instance {instance_uuid} to {dest_uri} failed: "
-                                  f"{message}") from exc
+            raise HypervisorError(f"libvirt could not migrate it to {dest_uri}: {message}") from exc
 
     def live_migration_progress(self, instance_uuid: str) -> dict[str, int] | None:
         domain = self._domain(instance_uuid)
