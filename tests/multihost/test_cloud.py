@@ -21,7 +21,14 @@ def domains(host: NamespaceHost) -> dict[str, int]:
     """Domain name -> state on ``host``'s daemon, asked over its unix socket."""
     conn = libvirt.open(host.uri)
     try:
-        return {domain.name(): domain.state()[0] for domain in conn.listAllDomains()}
+        found = {}
+        for domain in conn.listAllDomains():
+            try:
+                found[domain.name()] = domain.state()[0]
+            except libvirt.libvirtError as exc:  # went away while listed (an incoming migration undone)
+                if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                    raise
+        return found
     finally:
         conn.close()
 

@@ -266,10 +266,15 @@ def test_worker_killed_mid_migration_ends_truthfully(cloud: Cloud, guest: list[s
     worker.start()
     done = migration_ends(cloud, server_id, migration_id, 90)
     body = settle(cloud, server_id, "ACTIVE", 90)
-    # Wherever the domain is, the record says so, and the claims follow it.
-    where = {host: on_daemon(cloud, host, server_id) for host in ("host-a", "host-b")}
-    running = [host for host, state in where.items() if state == libvirt.VIR_DOMAIN_RUNNING]
-    assert running == [body["host"]], (where, body, done)
+    # Wherever the domain is, the record says so, and the claims follow it (the destination may still
+    # be undoing the incoming domain for a moment).
+    def running_on() -> list[str]:
+        where = {host: on_daemon(cloud, host, server_id) for host in ("host-a", "host-b")}
+        return [host for host, state in where.items() if state is not None]
+
+    cloud.stack.wait_for("one domain left", lambda: len(running_on()) == 1, 30, 0.2)
+    assert running_on() == [body["host"]], (body, done)
+    assert on_daemon(cloud, body["host"], server_id) == libvirt.VIR_DOMAIN_RUNNING
     print(f"\nworker killed mid-migration: migration {done['status']}, server on {body['host']}: "
           f"{done['error']}")
     assert claims(cloud)[{"host-a": "host-b", "host-b": "host-a"}[body["host"]]] == 0
