@@ -272,10 +272,8 @@ class AggregateAdmin(admin.ModelAdmin):
             services.aggregate_zone_sync(host)
 
 
-@admin.register(Allocation)
-class AllocationAdmin(admin.ModelAdmin):
-    list_display = ("instance", "host", "vcpus", "memory_mb", "disk_gb", "created")
-    list_filter = ("host",)
+class SystemOwnedAdmin(admin.ModelAdmin):
+    """Rows only the system writes (claims, migrations): shown, never edited, added or deleted here."""
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
@@ -285,6 +283,12 @@ class AllocationAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+
+@admin.register(Allocation)
+class AllocationAdmin(SystemOwnedAdmin):
+    list_display = ("instance", "host", "migration", "vcpus", "memory_mb", "disk_gb", "created")
+    list_filter = ("host",)
 
 
 @admin.register(InstanceActionEvent)
@@ -300,7 +304,7 @@ class InstanceActionEventAdmin(admin.ModelAdmin):
 
 
 @admin.register(Migration)
-class MigrationAdmin(admin.ModelAdmin):
+class MigrationAdmin(SystemOwnedAdmin):
     """Read-only: a migration's state belongs to the system; abort it from the API or let its
     deadline do it."""
 
@@ -316,12 +320,3 @@ class MigrationAdmin(admin.ModelAdmin):
         if not total:
             return ""
         return f"{100 * (total - remaining) / total:.0f}% ({remaining / 2**20:.1f} MiB left)"
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False

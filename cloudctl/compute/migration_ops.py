@@ -360,42 +360,45 @@ def _resize_migration(instance: Instance) -> Migration:
 
 def server_confirm_resize(*, instance: Instance, user: Any, request_id: str | None = None) -> Migration:
     """Keep the new flavor: the source's copy and resources are freed."""
-    migration = _resize_migration(instance)
-    if migration.source_host is None:
-        raise HostUnavailable(instance, f"the source host of migration {migration.pk} is gone")
-    with transaction.atomic():
-        transition(instance, states.CONFIRM_RESIZE)
-        action = action_start(instance=instance, action=states.CONFIRM_RESIZE.action, user=user,
-                              request_id=request_id or new_request_id())
-        _confirm(migration, action)
-    return migration
-
-
-def _confirm(migration: Migration, action: InstanceAction | None) -> None:
-    Migration.objects.filter(pk=migration.pk).update(status=S.CONFIRMING, updated=timezone.now(),
-                                                      **({"action": action} if action else {}))
-    _cast(migration.source_host, contract.COMPUTE_CONFIRM_RESIZE, **_ids(migration))
+    return _resize_decision(instance, user, states.CONFIRM_RESIZE, request_id, _confirm, "source")
 
 
 def server_revert_resize(*, instance: Instance, user: Any, request_id: str | None = None) -> Migration:
     """Go back to the old flavor on the old host, with the disk as it was before the resize."""
+    return _resize_decision(instance, user, states.REVERT_RESIZE, request_id, _revert, "dest")
+
+
+def _resize_decision(instance: Instance, user: Any, rule: states.Transition, request_id: str | None,
+                     send: Any, end: str) -> Migration:
+    """Confirm or revert: the host that acts first (the source removes its copy; the destination
+    undoes the new domain) must be up; one transition, an action, the step sent."""
     migration = _resize_migration(instance)
-    host = migration.dest_host
+    host = migration.source_host if end == "source" else migration.dest_host
     if host is None or not host.is_up:
-        raise HostUnavailable(instance, f"cannot revert the resize of server {instance.uuid}: host "
-                                        f"{host.name if host else '?'} is down")
+        raise HostUnavailable(instance, f"cannot {rule.action} server {instance.uuid}: its {end} host "
+                                        f"{host.name if host else '(gone)'} is down")
     with transaction.atomic():
-        transition(instance, states.REVERT_RESIZE)
-        action = action_start(instance=instance, action=states.REVERT_RESIZE.action, user=user,
+        transition(instance, rule)
+        action = action_start(instance=instance, action=rule.action, user=user,
                               request_id=request_id or new_request_id())
-        _revert(migration, action)
+        send(migration, action)
     return migration
 
 
+def _confirm(migration: Migration, action: InstanceAction | None) -> None:
+    _next_step(migration, action, S.CONFIRMING, migration.source_host, contract.COMPUTE_CONFIRM_RESIZE)
+
+
 def _revert(migration: Migration, action: InstanceAction | None) -> None:
-    Migration.objects.filter(pk=migration.pk).update(status=S.REVERTING, updated=timezone.now(),
+    _next_step(migration, action, S.REVERTING, migration.dest_host, contract.COMPUTE_REVERT_RESIZE)
+
+
+def _next_step(migration: Migration, action: InstanceAction | None, status: str, host: Host | None,
+               task: str) -> None:
+    """Move the migration to ``status`` (under ``action`` when a request started it) and send ``task``."""
+    Migration.objects.filter(pk=migration.pk).update(status=status, updated=timezone.now(),
                                                       **({"action": action} if action else {}))
-    _cast(migration.dest_host, contract.COMPUTE_REVERT_RESIZE, **_ids(migration))
+    _cast(host, task, **_ids(migration))
 
 
 def confirm_expired_resizes() -> int:
