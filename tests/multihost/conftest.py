@@ -16,9 +16,10 @@ from .cloud import Cloud, host_workers
 from .hosts import HostWorker, NamespaceHost, NamespaceHosts, missing_capabilities
 
 # host-b and host-c share their instances directory through bind mounts, which libvirt cannot tell
-# from local storage; a live migration whose deadline is short enough to test (10 s for the 128 MiB
-# demo guest; an unthrottled one takes ~2 s); migration steps reaped quickly.
-CLOUD_ENV = {"COMPUTE_MIGRATION_UNSAFE": "1", "LIVE_MIGRATION_COMPLETION_TIMEOUT": "80",
+# from local storage; a live migration whose deadline is short enough to test (20 s for the 128 MiB
+# demo guest: an unthrottled migration takes ~2 s, one throttled to 1 MiB/s streams ~94 MiB);
+# migration steps reaped quickly.
+CLOUD_ENV = {"COMPUTE_MIGRATION_UNSAFE": "1", "LIVE_MIGRATION_COMPLETION_TIMEOUT": "160",
              "MIGRATION_STEP_TIMEOUT": "60", "COMPUTE_CONCURRENCY": "4"}
 CLOUD_REDIS_DBS = (3, 2)  # broker, RPC backend: this fixture's alone (other suites use others at once)
 
