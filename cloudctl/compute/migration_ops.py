@@ -445,7 +445,7 @@ def migration_update(*, migration_id: int, host: str, status: str, error: str | 
     (a redelivery, a late report, the wrong host) is dropped and logged."""
     values = values or {}
     with transaction.atomic():
-        migration = (Migration.objects.select_for_update().select_related(
+        migration = (Migration.objects.select_for_update(of=("self",)).select_related(
             "instance", "source_host", "dest_host", "old_flavor", "new_flavor")
             .filter(pk=migration_id).first())
         if migration is None:
@@ -848,7 +848,7 @@ def recover_after_restart(host: Host, reported: dict[str, str]) -> int:
 
 
 def _locked(pk: int, statuses: tuple[str, ...]) -> Migration | None:
-    return (Migration.objects.select_for_update()
+    return (Migration.objects.select_for_update(of=("self",))
             .select_related("instance", "source_host", "dest_host", "old_flavor", "new_flavor")
             .filter(pk=pk, status__in=statuses).first())
 
