@@ -313,10 +313,3 @@ class MigrationAdmin(SystemOwnedAdmin):
     list_filter = ("migration_type", "status", "source_host", "dest_host")
     search_fields = ("instance__name", "instance__uuid")
 
-    @admin.display(description="progress")
-    def progress(self, migration: Migration) -> str:
-        total = (migration.memory_total or 0) + (migration.disk_total or 0)
-        remaining = (migration.memory_remaining or 0) + (migration.disk_remaining or 0)
-        if not total:
-            return ""
-        return f"{100 * (total - remaining) / total:.0f}% ({remaining / 2**20:.1f} MiB left)"

@@ -1,4 +1,5 @@
-"""The capacity dashboard: hosts, zones, servers per status, trouble, last scheduling failures.
+"""The capacity dashboard: hosts, zones, servers per status, trouble, migrations in progress, last
+scheduling failures.
 
 Server-side rendered from the same selectors as the API; the page refreshes itself."""
 
@@ -13,7 +14,7 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.utils import timezone
 
-from cloudctl.compute.models import Host, Instance, InstanceActionEvent
+from cloudctl.compute.models import MIGRATION_IN_PROGRESS, Host, Instance, InstanceActionEvent, Migration
 from cloudctl.compute.services import hosts_with_usage
 from cloudctl.compute.states import VmState
 
@@ -74,8 +75,10 @@ def capacity_dashboard(request: HttpRequest) -> HttpResponse:
                              "late": bool(server.task_state) and age > deadline})
     failures = (InstanceActionEvent.objects.filter(event="schedule", result="Error")
                 .select_related("action__instance").order_by("-start_time")[:10])
+    migrations = (Migration.objects.filter(status__in=[str(s) for s in MIGRATION_IN_PROGRESS])
+                  .select_related("instance", "source_host", "dest_host").order_by("created"))
     return render(request, "dashboard.html", {
-        "title": "Capacity", "hosts": rows, "zones": zone_rows(rows),
+        "title": "Capacity", "hosts": rows, "zones": zone_rows(rows), "migrations": migrations,
         "status_counts": sorted(Counter(s.status for s in live).items()),
         "troubled": troubled, "failures": failures, "refresh": REFRESH_SECONDS,
         "generated": now,

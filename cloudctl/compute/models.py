@@ -274,6 +274,15 @@ class Migration(models.Model):
     def in_progress(self) -> bool:
         return self.status in MIGRATION_IN_PROGRESS
 
+    @property
+    def progress(self) -> str:
+        """"42% (12.5 MiB left)" of memory and disk together, from the last job info; "" before any."""
+        total = (self.memory_total or 0) + (self.disk_total or 0)
+        remaining = (self.memory_remaining or 0) + (self.disk_remaining or 0)
+        if not total:
+            return ""
+        return f"{100 * (total - remaining) / total:.0f}% ({remaining / 2**20:.1f} MiB left)"
+
 
 class Allocation(models.Model):
     """Resources an instance holds on a host. A host's usage is the sum of its allocations.

@@ -122,3 +122,6 @@ def test_live_migrate_from_the_admin_reports_each_server(staff, running, outbox,
     assert outbox.compute[-1][:2] == ("hv2", contract.COMPUTE_PRE_LIVE_MIGRATION)
     listed = staff.get(reverse("admin:compute_migration_changelist")).content.decode()
     assert "live-migration" in listed and "preparing" in listed
+    dashboard = staff.get("/admin/dashboard/").content.decode()
+    row = dashboard.split('id="migration-', 1)[1].split("</tr>", 1)[0]
+    assert all(text in row for text in ("web", "live-migration", "hv1", "hv2", "preparing"))
