@@ -103,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ComputeError, OSError) as exc:
         LOG.error("cannot start the compute worker of host %s: %s", config.host, exc)
         return 1
+    if config.concurrency < 2:
+        LOG.warning("COMPUTE_CONCURRENCY=%d: a running live migration holds the only thread, so an abort "
+                    "(and every other task of this host) waits until it ends; use 2 or more",
+                    config.concurrency)
     register_tasks(app, manager)
     # Events first: a change between the host_init snapshot and the registration would be missed.
     manager.watch_power_states()
