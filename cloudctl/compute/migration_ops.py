@@ -15,6 +15,7 @@ move fails or is reverted).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import timedelta
 from typing import Any
@@ -229,7 +230,9 @@ def _candidates(instance: Instance, flavor: Flavor, host: str | None, same_host:
 
 
 def _begin(*, instance: Instance, user: Any, rule: states.Transition, kind: str, host: str | None,
-           flavor: Flavor, checks: Any, start: Any, request_id: str | None, same_host: bool) -> Migration:
+           flavor: Flavor, checks: Callable[[Host], dict[str, Any]],
+           start: Callable[[Migration, Host, dict[str, Any]], None], request_id: str | None,
+           same_host: bool) -> Migration:
     """Pick a destination whose checks pass, then in one transaction: the state transition, the
     migration record, the claim on the destination, and the first step sent when it commits."""
     failures: list[str] = []
@@ -369,7 +372,7 @@ def server_revert_resize(*, instance: Instance, user: Any, request_id: str | Non
 
 
 def _resize_decision(instance: Instance, user: Any, rule: states.Transition, request_id: str | None,
-                     send: Any, end: str) -> Migration:
+                     send: Callable[[Migration, InstanceAction | None], None], end: str) -> Migration:
     """Confirm or revert: the host that acts first (the source removes its copy; the destination
     undoes the new domain) must be up; one transition, an action, the step sent."""
     migration = _resize_migration(instance)
