@@ -15,6 +15,8 @@ from compute_workers.config import ComputeConfig
 from compute_workers.manager import ComputeManager
 from compute_workers.reporter import ListReporter
 from compute_workers.virt.driver import ComputeDriver
+from compute_workers.virt.fake import FakeDriver
+from compute_workers.virt.libvirt.driver import LibvirtDriver
 
 # The helpers live in tests/compute_support.py (tests/multihost uses them too); the names stay
 # importable from here.
@@ -64,6 +66,25 @@ def make_manager(driver: ComputeDriver, instances_path: Path, **overrides: str) 
     manager = ComputeManager(make_config(instances_path, **overrides), driver, reporter)
     manager.init_host()
     return manager, reporter
+
+
+Managed = tuple[ComputeManager, ListReporter]
+
+
+@pytest.fixture(params=["fake", "libvirt-test"])
+def managed(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Managed]:
+    """A manager on the fake driver, then on libvirt's test:///default: one test, both drivers."""
+    instances = tmp_path / "instances"
+    if request.param == "fake":
+        manager, reporter = make_manager(FakeDriver(), instances, COMPUTE_CLEAN_SHUTDOWN_TIMEOUT="5")
+    else:
+        manager, reporter = make_manager(LibvirtDriver("test:///default", instances), instances,
+                                         COMPUTE_LIBVIRT_URI="test:///default",
+                                         COMPUTE_CLEAN_SHUTDOWN_TIMEOUT="5")
+    yield manager, reporter
+    for instance_uuid in manager.driver.list_instances():
+        manager.driver.destroy(instance_uuid)
+    manager.close()
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from compute_workers.reporter import ListReporter
 from compute_workers.virt.fake import FakeACPIIgnoringDriver, FakeDriver
 from compute_workers.virt.libvirt.driver import LibvirtDriver
 
-from .conftest import HOST, SpecFactory, make_manager, spawned
+from .conftest import HOST, Managed, SpecFactory, make_manager, spawned
 
 ACTIVE = {"vm_state": "active", "task_state": None, "power_state": "running"}
 STOPPED = {"vm_state": "stopped", "task_state": None, "power_state": "shutdown"}
@@ -29,7 +29,6 @@ PAUSED = {"vm_state": "paused", "task_state": None, "power_state": "paused"}
 SUSPENDED = {"vm_state": "suspended", "task_state": None, "power_state": "suspended"}
 NO_DOMAIN = {"vm_state": "error", "task_state": None, "power_state": "nostate"}
 
-Managed = tuple[ComputeManager, ListReporter]
 
 # operation -> (event, expected task_state, success values, how to call it)
 OPERATIONS: dict[str, tuple[str, str, dict[str, Any], Callable[..., None]]] = {
@@ -60,20 +59,6 @@ PREPARE: dict[str, Callable[[ComputeManager, str], object]] = {
     "resume": lambda m, u: m.driver.suspend(u),
 }
 
-
-@pytest.fixture(params=["fake", "libvirt-test"])
-def managed(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Managed]:
-    instances = tmp_path / "instances"
-    if request.param == "fake":
-        manager, reporter = make_manager(FakeDriver(), instances, COMPUTE_CLEAN_SHUTDOWN_TIMEOUT="5")
-    else:
-        manager, reporter = make_manager(LibvirtDriver("test:///default", instances), instances,
-                                         COMPUTE_LIBVIRT_URI="test:///default",
-                                         COMPUTE_CLEAN_SHUTDOWN_TIMEOUT="5")
-    yield manager, reporter
-    for instance_uuid in manager.driver.list_instances():
-        manager.driver.destroy(instance_uuid)
-    manager.close()
 
 
 def updates(reporter: ListReporter) -> list[dict[str, Any]]:

@@ -4,7 +4,6 @@ LibvirtDriver(test:///default); the real disk copy is in test_resize_real_qemu.p
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,25 +20,10 @@ from compute_workers.tasks import register_tasks
 from compute_workers.virt.fake import FakeDriver, FakeMigrationCopyFailsDriver
 from compute_workers.virt.libvirt.driver import LibvirtDriver
 
-from .conftest import HOST, SpecFactory, make_manager, spawned
+from .conftest import HOST, Managed, SpecFactory, make_manager, spawned
 
-Managed = tuple[ComputeManager, ListReporter]
 BIGGER = {"name": "m1.micro", "vcpus": 2, "memory_mb": 256, "root_gb": 2}
 
-
-@pytest.fixture(params=["fake", "libvirt-test"])
-def managed(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Managed]:
-    instances = tmp_path / "instances"
-    if request.param == "fake":
-        manager, reporter = make_manager(FakeDriver(), instances, COMPUTE_CLEAN_SHUTDOWN_TIMEOUT="5")
-    else:
-        manager, reporter = make_manager(LibvirtDriver("test:///default", instances), instances,
-                                         COMPUTE_LIBVIRT_URI="test:///default",
-                                         COMPUTE_CLEAN_SHUTDOWN_TIMEOUT="5")
-    yield manager, reporter
-    for instance_uuid in manager.driver.list_instances():
-        manager.driver.destroy(instance_uuid)
-    manager.close()
 
 
 def local_uri(manager: ComputeManager) -> str:
