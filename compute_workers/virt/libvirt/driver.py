@@ -685,12 +685,7 @@ class LibvirtDriver(ComputeDriver):
                 LOG.info("finish resize of %s: disk grown to %d GiB", instance_uuid, root_gb)
         (directory / "console.log").touch(mode=0o600, exist_ok=True)
         try:
-            domain = self._define(instance_uuid, spec)
-            if power_on:
-                with _hypervisor_errors(f"libvirt cannot start the domain of instance {instance_uuid}",
-                                        instance_uuid):
-                    if not domain.isActive():
-                        domain.create()
+            self._define_and_start(instance_uuid, spec, power_on)
         except BaseException:
             LOG.warning("finish resize of %s failed; undefining its domain here", instance_uuid)
             domain = self._lookup(instance_uuid)
@@ -732,6 +727,11 @@ class LibvirtDriver(ComputeDriver):
             raise InstanceNotFound(f"instance {instance_uuid} has neither {resize_dir.name} nor "
                                    f"{directory.name} on this host: nothing to revert to")
         (directory / RESIZE_STATE_FILE).unlink(missing_ok=True)
+        self._define_and_start(instance_uuid, spec, power_on)
+
+    def _define_and_start(self, instance_uuid: str, spec: dict[str, Any], power_on: bool) -> None:
+        """Define the domain from ``spec`` (the flavor the resize ends with) and, when ``power_on``,
+        start it unless it already runs."""
         domain = self._define(instance_uuid, spec)
         if power_on:
             with _hypervisor_errors(f"libvirt cannot start the domain of instance {instance_uuid}",
