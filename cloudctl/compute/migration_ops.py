@@ -52,6 +52,7 @@ from cloudctl.compute.specs import spawn_spec
 from cloudctl.compute.states import PowerState, TaskState, VmState
 from cloudctl.identity.services import is_admin, project_id_of
 from compute_workers import contract
+from scheduler.host_state import RequestSpec
 from scheduler.manager import (
     claim_move,
     enabled_filters,
@@ -205,10 +206,12 @@ def _require_idle(instance: Instance, rule: states.Transition) -> None:
         raise InstanceInvalidState(instance, rule.action)
 
 
-def _candidates(instance: Instance, flavor: Flavor, host: str | None, same_host: bool) -> list[str]:
-    """Destination hosts to try, best first: the scheduler's filters and weighers over every host
-    (a host an admin named is still filtered). Raises InvalidRequest for a named host that does not
-    pass, MigrationCheckFailed when no host does."""
+def _candidates(instance: Instance, flavor: Flavor, host: str | None,
+                same_host: bool) -> tuple[list[str], RequestSpec]:
+    """Destination hosts to try, best first, and the request they were chosen for (the claim
+    re-checks it): the scheduler's filters and weighers over every host (a host an admin named is
+    still filtered). Raises InvalidRequest for a named host that does not pass, MigrationCheckFailed
+    when no host does."""
     source = instance.host
     assert source is not None
     if host:
@@ -226,7 +229,7 @@ def _candidates(instance: Instance, flavor: Flavor, host: str | None, same_host:
         if host:
             raise InvalidRequest("host", no_host.message) from None
         raise MigrationCheckFailed(instance, "scheduler", no_host.message) from None
-    return [h.name for h in chosen][: settings.MIGRATION_MAX_ATTEMPTS]
+    return [h.name for h in chosen][: settings.MIGRATION_MAX_ATTEMPTS], spec
 
 
 def _begin(*, instance: Instance, user: Any, rule: states.Transition, kind: str, host: str | None,
@@ -237,7 +240,8 @@ def _begin(*, instance: Instance, user: Any, rule: states.Transition, kind: str,
     migration record, the claim on the destination, and the first step sent when it commits."""
     failures: list[str] = []
     last: Exception | None = None
-    for name in _candidates(instance, flavor, host, same_host):
+    names, spec = _candidates(instance, flavor, host, same_host)
+    for name in names:
         dest = Host.objects.get(name=name)
         try:
             answer = checks(dest)
@@ -253,8 +257,6 @@ def _begin(*, instance: Instance, user: Any, rule: states.Transition, kind: str,
                 instance=instance, migration_type=kind, source_host=instance.host, dest_host=dest,
                 old_flavor=instance.flavor, new_flavor=flavor, action=action,
                 user=user if getattr(user, "pk", None) else None)
-            spec = replace(request_spec_of(instance), vcpus=flavor.vcpus, memory_mb=flavor.memory_mb,
-                           root_gb=flavor.root_gb)
             if not claim_move(str(instance.uuid), dest.name, spec, migration.pk):
                 failed = MigrationCheckFailed(instance, "resources",
                                               f"host {dest.name} no longer has room for flavor "
@@ -524,6 +526,25 @@ def _vm_state_of(power_state: str, fallback: str) -> str:
     return fallback
 
 
+def _settled(power_state: str | None, fallback: str) -> dict[str, Any]:
+    """The instance's values when its task ends: the power state a host reported and the vm_state it
+    means; only the task when the host could not say."""
+    changes: dict[str, Any] = {"task_state": None}
+    if power_state:
+        changes.update(power_state=power_state, vm_state=_vm_state_of(power_state, fallback))
+    return changes
+
+
+def _landed(host: Host, power_state: str, fallback: str) -> dict[str, Any]:
+    """:func:`_settled`, on ``host`` (and in its zone) from now on."""
+    return {"host": host, "availability_zone": host.zone, **_settled(power_state, fallback)}
+
+
+def _reported_or_expected(migration: Migration, values: dict[str, Any]) -> str:
+    """The power state a cold-migration step reported, else what it was asked for."""
+    return values.get("power_state") or (PowerState.RUNNING if migration.power_on else PowerState.SHUTDOWN)
+
+
 def _instance(migration: Migration, expected_task: str) -> QuerySet[Instance]:
     return Instance.objects.filter(uuid=migration.instance_id, task_state=expected_task)
 
@@ -575,9 +596,7 @@ def _live_migrated(migration: Migration, **_: Any) -> None:
 def _live_completed(migration: Migration, *, values: dict[str, Any], **_: Any) -> None:
     power_state = values.get("power_state") or PowerState.RUNNING
     instance = migration.instance
-    changes = {"host": migration.dest_host, "task_state": None, "power_state": power_state,
-               "vm_state": _vm_state_of(power_state, instance.vm_state),
-               "availability_zone": migration.dest_host.zone}
+    changes = _landed(migration.dest_host, power_state, instance.vm_state)
     if not _instance(migration, TaskState.MIGRATING).filter(host=migration.source_host).change(**changes):
         log.warning("live migration %s completed but %s is no longer migrating", migration.pk, instance.uuid)
     _release_source(migration)
@@ -595,13 +614,11 @@ def _live_failed(migration: Migration, *, status: str = S.FAILED, error: str = "
     could not prepare): the server is where it was, in the state its domain is in."""
     instance = migration.instance
     power_state = values.get("power_state")
-    changes: dict[str, Any] = {"task_state": None}
-    if power_state:
-        changes.update(power_state=power_state, vm_state=_vm_state_of(power_state, instance.vm_state))
-        if power_state == PowerState.NOSTATE:
-            changes["fault"] = {"message": f"live migration {migration.pk} failed and the domain no "
-                                           f"longer exists on {migration.source_host.name}: {error}",
-                                "code": 500, "details": ""}
+    changes = _settled(power_state, instance.vm_state)
+    if power_state == PowerState.NOSTATE:
+        changes["fault"] = {"message": f"live migration {migration.pk} failed and the domain no "
+                                       f"longer exists on {migration.source_host.name}: {error}",
+                            "code": 500, "details": ""}
     _instance(migration, TaskState.MIGRATING).change(**changes)
     _release_destination(migration)
     message = error or status
@@ -633,8 +650,7 @@ def _live_dest_error(migration: Migration, *, error: str, values: dict[str, Any]
     instance = migration.instance
     if power_state != PowerState.NOSTATE:
         _instance(migration, TaskState.MIGRATING).change(
-            host=migration.dest_host, task_state=None, power_state=power_state,
-            vm_state=_vm_state_of(power_state, instance.vm_state), availability_zone=migration.dest_host.zone)
+            **_landed(migration.dest_host, power_state, instance.vm_state))
         _release_source(migration)
     else:
         _instance(migration, TaskState.MIGRATING).change(
@@ -678,12 +694,9 @@ def _cold_failed(migration: Migration, *, error: str, values: dict[str, Any], ho
                  **_: Any) -> None:
     """Preparing or copying failed; the source put everything back: the server is where it was."""
     instance = migration.instance
-    power_state = values.get("power_state")
-    changes: dict[str, Any] = {"task_state": None}
-    if power_state:
-        changes.update(power_state=power_state, vm_state=_vm_state_of(power_state, instance.vm_state))
     Instance.objects.filter(uuid=instance.uuid, task_state__in=(
-        TaskState.RESIZE_PREP, TaskState.RESIZE_MIGRATING)).change(**changes)
+        TaskState.RESIZE_PREP, TaskState.RESIZE_MIGRATING)).change(
+        **_settled(values.get("power_state"), instance.vm_state))
     _release_destination(migration)
     _set(migration, status=S.ERROR, error=error, finished_at=timezone.now())
     _event(migration, f"{migration.migration_type}", "Error", error, host=host)
@@ -703,14 +716,12 @@ def _apply_flavor(flavor: Flavor) -> dict[str, Any]:
 
 
 def _cold_finished(migration: Migration, *, values: dict[str, Any], **_: Any) -> None:
-    power_state = values.get("power_state") or (PowerState.RUNNING if migration.power_on
-                                                else PowerState.SHUTDOWN)
     dest = migration.dest_host
-    truth = _vm_state_of(power_state, VmState.ACTIVE)
     resize = migration.migration_type == MigrationType.RESIZE
-    _instance(migration, TaskState.RESIZE_FINISH).change(
-        host=dest, availability_zone=dest.zone, task_state=None, power_state=power_state,
-        vm_state=VmState.RESIZED if resize else truth, **_apply_flavor(migration.new_flavor))
+    changes = _landed(dest, _reported_or_expected(migration, values), VmState.ACTIVE)
+    if resize:
+        changes["vm_state"] = VmState.RESIZED
+    _instance(migration, TaskState.RESIZE_FINISH).change(**changes, **_apply_flavor(migration.new_flavor))
     now = timezone.now()
     seconds = (now - (migration.started_at or migration.created)).total_seconds()
     where = f"{migration.source_host.name} -> {dest.name}"
@@ -764,12 +775,10 @@ def _reverted_dest(migration: Migration, **_: Any) -> None:
 
 
 def _reverted(migration: Migration, *, values: dict[str, Any], **_: Any) -> None:
-    power_state = values.get("power_state") or (PowerState.RUNNING if migration.power_on
-                                                else PowerState.SHUTDOWN)
     source = migration.source_host
     _instance(migration, TaskState.RESIZE_REVERTING).change(
-        host=source, availability_zone=source.zone, task_state=None, power_state=power_state,
-        vm_state=_vm_state_of(power_state, VmState.ACTIVE), **_apply_flavor(migration.old_flavor))
+        **_landed(source, _reported_or_expected(migration, values), VmState.ACTIVE),
+        **_apply_flavor(migration.old_flavor))
     _release_destination(migration)
     failed = bool(migration.error)
     _set(migration, status=S.ERROR if failed else S.REVERTED, finished_at=timezone.now())
