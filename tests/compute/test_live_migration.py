@@ -264,7 +264,7 @@ def test_live_migration_reports_running_progress_then_migrated(hosts: tuple[Host
     started = time.monotonic()
     migrate(source, dest, spec, 11)
     seconds = time.monotonic() - started
-    assert 2.5 <= seconds < 4
+    assert 2.5 <= seconds < 10  # it waited for the migration, not for anything else (loose: CI is noisy)
     assert source.statuses(11) == ["running", "migrated"]
     running, migrated = source.updates(11)
     assert running["event"]["result"] == "start" and running["host"] == source.name
@@ -321,7 +321,7 @@ def test_abort_cancels_the_running_migration_and_the_guest_stays(hosts: tuple[Ho
     wait_for_status(source, "running")
     source.manager.abort_live_migration(spec["instance_uuid"], 12)
     thread.join(10)
-    assert not thread.is_alive() and time.monotonic() - started < 5
+    assert not thread.is_alive() and time.monotonic() - started < 15  # not the 30 s migration
     assert source.statuses(12) == ["running", "cancelled"]
     cancelled = source.updates(12)[-1]
     assert cancelled["values"] == {"power_state": "running"}
@@ -352,7 +352,7 @@ def test_completion_timeout_aborts_and_fails_naming_the_deadline(hosts: tuple[Ho
     source.driver.migration_delay = 30
     started = time.monotonic()
     migrate(source, dest, spec, 14, completion_timeout=1.0)
-    assert 1.0 <= time.monotonic() - started < 3
+    assert 1.0 <= time.monotonic() - started < 10  # aborted at 1 s, long before the 30 s migration
     assert source.statuses(14) == ["running", "failed"]
     failed = source.updates(14)[-1]
     assert "did not complete within its completion timeout of 1 s and was aborted" in failed["error"]
@@ -542,7 +542,7 @@ def test_a_migration_that_ignores_its_abort_is_given_up_on(hosts: tuple[Host, Ho
     started = time.monotonic()
     migrate(source, dest, spec, 52, completion_timeout=0.5)
     release.set()
-    assert time.monotonic() - started < 3
+    assert time.monotonic() - started < 10  # gave up after the grace, did not wait for the release
     failed = source.updates(52)[-1]
     assert failed["status"] == "failed" and "its outcome is unknown" in failed["error"]
     assert "completion timeout passed" in failed["error"]
@@ -568,7 +568,7 @@ def test_a_hypervisor_slow_to_tell_the_progress_delays_neither_reports_nor_the_d
     spec = spawn_on(source, make_spec)
     started = time.monotonic()
     migrate(source, dest, spec, 61, completion_timeout=4)
-    assert 4 <= time.monotonic() - started < 6
+    assert 4 <= time.monotonic() - started < 12  # on time, not after the 30 s migration
     assert source.statuses(61) == ["running", "failed"]
     progress = source.progress()
     assert len(progress) >= 6  # one per 0.6 s for 4 s, although libvirt was mute for 3 of them
