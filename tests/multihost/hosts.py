@@ -39,6 +39,7 @@ NSEXEC = Path(__file__).with_name("nsexec.py")
 LIBVIRT_DIRS = ("/etc/libvirt", "/run/libvirt", "/var/lib/libvirt", "/var/cache/libvirt", "/var/log/libvirt")
 NETWORK = ipaddress.ip_network("10.253.0.0/16")  # each run takes a /24 of it (_claim_subnet)
 ROOT_HOST_PART = 254  # the root namespace's address in a run's /24
+OWNER_FILE = "owner"  # the pid of the test process that started a run (remove_stale_runs)
 CAP_NET_ADMIN = 12
 CAP_SYS_ADMIN = 21
 
@@ -318,9 +319,11 @@ class NamespaceHosts:
 
     def start(self, timeout: float = 30) -> list[NamespaceHost]:
         started = time.monotonic()
+        remove_stale_runs()
         for path in (ROOT.parent, ROOT, self.directory, self.instances_path):
             path.mkdir(mode=0o755, exist_ok=True)
             path.chmod(0o755)
+        (self.directory / OWNER_FILE).write_text(str(os.getpid()))
         self._add_netns(self.bridge_ns)
         _run("ip", "-n", self.bridge_ns, "link", "add", "br0", "type", "bridge")
         _run("ip", "-n", self.bridge_ns, "link", "set", "br0", "up")
@@ -444,6 +447,34 @@ class NamespaceHosts:
         shutil.rmtree(self.directory, ignore_errors=True)
         if errors:
             raise RuntimeError("multi-host tear-down incomplete: " + "; ".join(errors))
+
+
+def remove_stale_runs() -> list[str]:
+    """Tear down what runs whose test process died without :meth:`NamespaceHosts.stop` left behind (a
+    killed pytest): their namespaces with every process in them, their veth, their files. A run is
+    stale when the process that started it (``owner`` in its directory) is gone. Returns their ids."""
+    removed = []
+    for directory in sorted(ROOT.iterdir()) if ROOT.is_dir() else []:
+        if not directory.is_dir():
+            continue
+        try:
+            owner = int((directory / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue  # being set up right now, or not a run
+        if Path(f"/proc/{owner}").exists():
+            continue
+        run_id = directory.name
+        namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
+                                    timeout=10).stdout.split()
+        for name in (name for name in namespaces if name.startswith(f"cch-{run_id}-")):
+            for pid in subprocess.run(["ip", "netns", "pids", name], capture_output=True,
+                                      text=True, timeout=10).stdout.split():
+                _kill(int(pid))
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)
+        subprocess.run(["ip", "link", "del", f"cch-{run_id}-r"], capture_output=True, timeout=10)
+        shutil.rmtree(directory, ignore_errors=True)
+        removed.append(run_id)
+    return removed
 
 
 @contextlib.contextmanager

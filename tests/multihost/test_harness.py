@@ -4,6 +4,7 @@ guest live-migrated (block migration) from one to the other while it keeps runni
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
 import uuid
 import xml.etree.ElementTree as ET
@@ -13,7 +14,7 @@ import libvirt
 import pytest
 
 from .guests import READY, domain_xml, prepare_block_migration, read, wait_for
-from .hosts import NamespaceHost
+from .hosts import REPO, ROOT, NamespaceHost, remove_stale_runs
 
 pytestmark = pytest.mark.libvirt
 
@@ -104,3 +105,29 @@ def test_live_block_migration_of_a_running_guest(libvirt_hosts: list[NamespaceHo
                         dom.destroy()
                     dom.undefine()
             conn.close()
+
+
+def test_a_killed_test_run_leaves_nothing_the_next_run_does_not_remove(
+        libvirt_hosts: list[NamespaceHost]) -> None:
+    """A pytest killed mid-run never calls stop(): its hosts (daemons, namespaces, veth, files) stay
+    until the next harness start finds their owner gone and removes them."""
+    script = ("import sys, time; from tests.multihost.hosts import NamespaceHosts; "
+              "hosts = NamespaceHosts(1); hosts.start(); print(hosts.run_id, flush=True); time.sleep(600)")
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        run_id = process.stdout.readline().strip() if process.stdout else ""
+        assert run_id, "the harness did not start in the child process"
+    finally:
+        process.kill()
+        process.wait(10)
+    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert f"cch-{run_id}-0" in namespaces and (ROOT / run_id).is_dir()  # left behind
+
+    assert run_id in remove_stale_runs()
+    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert f"cch-{run_id}-" not in namespaces
+    assert not (ROOT / run_id).exists()
+    links = subprocess.run(["ip", "link", "show"], capture_output=True, text=True).stdout
+    assert f"cch-{run_id}-r" not in links
+    remove_stale_runs()
+    assert all(host.directory.is_dir() for host in libvirt_hosts)  # a live run is left alone
