@@ -255,7 +255,10 @@ security_driver = "none"
 remember_owner = 0
 """
 
-# Runs as tini's child inside the new namespaces: private mounts, hostname, then the daemon.
+# Runs as tini's child inside the new namespaces: private mounts, hostname, then the daemon. The host's
+# own /etc/hosts names it: libvirt resolves its hostname while it sets up every migration, and without
+# an entry glibc asks the machine's DNS server, which these namespaces cannot reach: each migration
+# stalled 5 s in getaddrinfo ("Temporary failure in name resolution") with the domain's job locked.
 START_SCRIPT = """set -e
 d={directory}
 for target in {libvirt_dirs}; do
@@ -263,6 +266,7 @@ for target in {libvirt_dirs}; do
   mount --bind "$d/$(echo "$target" | tr / _)" "$target"
 done
 mount --bind {local_instances} {instances_path}
+mount --bind $d/hosts /etc/hosts
 hostname {hostname}
 ip link set lo up
 exec libvirtd --listen --pid-file /run/libvirt/libvirtd.pid
@@ -375,6 +379,7 @@ class NamespaceHosts:
         etc = host.directory / "_etc_libvirt"
         (etc / "libvirtd.conf").write_text(LIBVIRTD_CONF.format(host_uuid=host.host_uuid))
         (etc / "qemu.conf").write_text(QEMU_CONF.format(ip=host.ip))
+        (host.directory / "hosts").write_text(f"127.0.0.1 localhost\n{host.ip} cloudctl-{host.name}\n")
         script = START_SCRIPT.format(directory=host.directory, libvirt_dirs=" ".join(LIBVIRT_DIRS),
                                      local_instances=host.local_instances, instances_path=self.instances_path,
                                      hostname=f"cloudctl-{host.name}")
