@@ -97,9 +97,26 @@ block_migration, shared_storage, completion_timeout)`` (source)
     domain runs here as before), "failed" (libvirt failed, or ``completion_timeout`` seconds passed
     and the job was aborted; ``error`` says which; the domain runs here), with ``values`` =
     ``{"power_state": ...}`` read afterwards (``nostate`` if the domain is not here).
+    Converging: with ``COMPUTE_LIVE_MIGRATION_PERMIT_POST_COPY`` the job is started with
+    ``VIR_MIGRATE_POSTCOPY`` (else, with ``COMPUTE_LIVE_MIGRATION_PERMIT_AUTO_CONVERGE``,
+    ``VIR_MIGRATE_AUTO_CONVERGE``: QEMU throttles the guest's vCPUs). A switch-over (asked for with
+    ``compute.live_migration_force_complete``, or when ``completion_timeout`` passes and
+    ``COMPUTE_LIVE_MIGRATION_TIMEOUT_ACTION`` is ``force_complete``) switches a post-copy job to
+    post-copy (libvirt ``migrateStartPostCopy``: the guest runs on the destination from then on,
+    fetching the pages not yet copied) and reports status "running (post-copy)"; otherwise it pauses
+    the guest (its memory stops changing, so the copy converges; libvirt resumes it on the
+    destination) and reports "running" again. Both reports carry the event
+    ``compute_live_migration_force_complete`` ("success", or "error" when libvirt refused: the job
+    goes on as before, status "running"). In post-copy the job can no longer be aborted (abort requests
+    and the completion timeout are logged and ignored); if it fails, the guest is lost on both hosts:
+    "failed" with ``values`` ``{"power_state"}`` read on the source (typically ``paused``) and an
+    ``error`` saying the migration failed in post-copy.
 ``compute.abort_live_migration(instance_uuid, migration_id)`` (source)
     Abort the running migration job of that migration (libvirt ``abortJob``); the running
     ``compute.live_migration`` then reports "cancelled". No job running: a logged no-op.
+``compute.live_migration_force_complete(instance_uuid, migration_id)`` (source)
+    Ask the running ``compute.live_migration`` of that migration to switch over now (above). No such
+    job running, or already switched: a logged no-op.
 ``compute.post_live_migration_at_destination(instance_uuid, migration_id, spec)`` (destination)
     The domain must exist and run here (libvirt says so): writes ``libvirt.xml`` from ``spec`` and
     reports "completed" with ``values`` ``{"power_state"}``; else "error" with ``error``.
@@ -223,6 +240,7 @@ COMPUTE_CHECK_MIGRATE_SOURCE = "compute.check_can_migrate_source"
 COMPUTE_PRE_LIVE_MIGRATION = "compute.pre_live_migration"
 COMPUTE_LIVE_MIGRATION = "compute.live_migration"
 COMPUTE_ABORT_LIVE_MIGRATION = "compute.abort_live_migration"
+COMPUTE_LIVE_MIGRATION_FORCE_COMPLETE = "compute.live_migration_force_complete"
 COMPUTE_POST_LIVE_MIGRATION_AT_DEST = "compute.post_live_migration_at_destination"
 COMPUTE_ROLLBACK_LIVE_MIGRATION_AT_DEST = "compute.rollback_live_migration_at_destination"
 COMPUTE_PREP_RESIZE = "compute.prep_resize"
@@ -235,6 +253,7 @@ COMPUTE_FINISH_REVERT_RESIZE = "compute.finish_revert_resize"
 # Statuses a compute worker reports with conductor.migration_update.
 MIGRATION_PREPARED = "prepared"
 MIGRATION_RUNNING = "running"
+MIGRATION_RUNNING_POSTCOPY = "running (post-copy)"  # Nova's name: switched over, no abort possible
 MIGRATION_MIGRATED = "migrated"
 MIGRATION_COMPLETED = "completed"
 MIGRATION_CANCELLED = "cancelled"
