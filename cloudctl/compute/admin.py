@@ -303,13 +303,33 @@ class InstanceActionEventAdmin(admin.ModelAdmin):
         return False
 
 
+def _migration_action(verb: str, call: Callable[..., Migration]) -> Any:
+    """An admin action calling a migration service on each selected migration, telling per migration
+    whether it was accepted (a refusal says the state that blocked it, as the API's 409)."""
+    def run(modeladmin: admin.ModelAdmin, request: HttpRequest, queryset: QuerySet[Migration]) -> None:
+        for migration in queryset.select_related("instance"):
+            label = f"migration {migration.pk} of {migration.instance.name}"
+            try:
+                call(migration=migration, user=request.user)
+            except (migration_ops.MigrationInvalidState, rpc.ComputeUnavailable) as refused:
+                modeladmin.message_user(request, f"{label}: {verb} refused: {refused}",
+                                        level=messages.WARNING)
+            else:
+                modeladmin.message_user(request, f"{label}: {verb} accepted", level=messages.SUCCESS)
+
+    run.__name__ = verb.replace(" ", "_").replace("-", "_")
+    return admin.action(description=f"{verb.capitalize()} selected live migrations")(run)
+
+
 @admin.register(Migration)
 class MigrationAdmin(SystemOwnedAdmin):
-    """Read-only: a migration's state belongs to the system; abort it from the API or let its
-    deadline do it."""
+    """Read-only: a migration's state belongs to the system. A running live migration can be aborted
+    or forced to complete (the API's services)."""
 
     list_display = ("id", "instance", "migration_type", "status", "source_host", "dest_host", "progress",
                     "created", "finished_at")
     list_filter = ("migration_type", "status", "source_host", "dest_host")
     search_fields = ("instance__name", "instance__uuid")
+    actions = [_migration_action("abort", migration_ops.migration_abort),
+               _migration_action("force-complete", migration_ops.migration_force_complete)]
 

@@ -505,6 +505,22 @@ class ServerViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.G
         migration = migration_ops.migration_abort(migration=self._migration(migration_id), user=request.user)
         return self._migration_accepted(migration)
 
+    @extend_schema(summary="Force a running live migration to complete (admin): switch to post-copy where "
+                           "the source host permits it, else pause the guest until the copy converges",
+                   parameters=[SERVER_ID, MIGRATION_ID], request=None,
+                   responses={202: MigrationSerializer,
+                              409: OpenApiResponse(CodedErrorSerializer,
+                                                   description="The migration is not a running live "
+                                                               "migration"),
+                              **error_responses(401, 403, 404)})
+    @action(detail=True, methods=["post"], url_path=r"migrations/(?P<migration_id>[0-9]+)/force-complete",
+            permission_classes=[IsAdminUser])
+    def force_complete_migration(self, request: Request, pk: str | None = None,
+                                 migration_id: str | None = None) -> Response:
+        migration = migration_ops.migration_force_complete(migration=self._migration(migration_id),
+                                                           user=request.user)
+        return self._migration_accepted(migration)
+
     def _migration(self, migration_id: str | None) -> Migration:
         instance = self.get_object()
         found = migration_ops.migrations_visible_to(self.request.user).filter(

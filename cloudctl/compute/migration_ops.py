@@ -337,6 +337,11 @@ def migration_abort(*, migration: Migration, user: Any) -> Migration:
         if locked.migration_type != MigrationType.LIVE:
             raise MigrationInvalidState(locked, f"migration {locked.pk} is a {locked.migration_type}: only "
                                                 "live migrations can be aborted")
+        if locked.status == S.RUNNING_POSTCOPY:
+            raise MigrationInvalidState(locked, f"migration {locked.pk} is {locked.status}: the guest "
+                                                f"already runs on {locked.dest_host.name} and fetches "
+                                                "the rest of its memory from the source; it can no "
+                                                "longer be aborted")
         if locked.status not in (S.PREPARING, S.QUEUED, S.RUNNING):
             raise MigrationInvalidState(locked, f"migration {locked.pk} is {locked.status}: it can be "
                                                 "aborted while preparing, queued or running")
@@ -347,6 +352,28 @@ def migration_abort(*, migration: Migration, user: Any) -> Migration:
                      message=f"abort requested by {getattr(user, 'username', '') or 'the system'}",
                      action_id=locked.action_id)
         _cast_abort(locked)
+    return locked
+
+
+def migration_force_complete(*, migration: Migration, user: Any) -> Migration:
+    """Nova's force-complete: ask the source to switch a running live migration over now (to
+    post-copy where the source host permits it, else by pausing the guest until the copy converges).
+    The outcome comes back as the migration's status ("running (post-copy)") and events."""
+    with transaction.atomic():
+        locked = Migration.objects.select_for_update(of=("self",)).select_related("source_host").get(
+            pk=migration.pk)
+        if locked.migration_type != MigrationType.LIVE:
+            raise MigrationInvalidState(locked, f"migration {locked.pk} is a {locked.migration_type}: only "
+                                                "live migrations can be forced to complete")
+        if locked.status != S.RUNNING:
+            raise MigrationInvalidState(locked, f"migration {locked.pk} is {locked.status}: it can be "
+                                                "forced to complete only while running")
+        # Opened under the name the source's report closes it with: one row from request to switch-over.
+        record_event(str(locked.instance_id), event="compute_live_migration_force_complete", result="Start",
+                     host=locked.source_host.name if locked.source_host else "",
+                     message=f"requested by {getattr(user, 'username', '') or 'the system'}",
+                     action_id=locked.action_id)
+        _cast(locked.source_host, contract.COMPUTE_LIVE_MIGRATION_FORCE_COMPLETE, **_ids(locked))
     return locked
 
 
@@ -440,7 +467,8 @@ def migration_progress(*, migration_id: int, host: str, progress: dict[str, Any]
     values = {key: int(progress[key]) for key in contract.MIGRATION_PROGRESS_KEYS
               if isinstance(progress.get(key), int | float)}
     return bool(Migration.objects.filter(pk=migration_id, source_host__name=host,
-                                         status__in=(S.QUEUED, S.RUNNING, S.CANCELLING, S.MIGRATING))
+                                         status__in=(S.QUEUED, S.RUNNING, S.RUNNING_POSTCOPY, S.CANCELLING,
+                                                     S.MIGRATING))
                 .update(progress_updated=timezone.now(), updated=timezone.now(), **values))
 
 
@@ -485,7 +513,8 @@ def _role(migration: Migration, host: str, status: str) -> str | None:
     return None
 
 
-_SAME_HOST_ROLE = {contract.MIGRATION_RUNNING: "source", contract.MIGRATION_MIGRATED: "source",
+_SAME_HOST_ROLE = {contract.MIGRATION_RUNNING: "source", contract.MIGRATION_RUNNING_POSTCOPY: "source",
+                   contract.MIGRATION_MIGRATED: "source",
                    contract.MIGRATION_CANCELLED: "source", contract.MIGRATION_FAILED: "source",
                    contract.MIGRATION_CONFIRMED: "source", contract.MIGRATION_REVERTED: "source"}
 
@@ -579,11 +608,22 @@ def _live_prepared(migration: Migration, **_: Any) -> None:
 
 
 def _live_running(migration: Migration, **_: Any) -> None:
+    """The job runs (reported once when it starts, and again with the event of a switch-over that
+    paused the guest or that libvirt refused)."""
+    started_at = migration.started_at or timezone.now()
     if migration.status == S.CANCELLING:
-        _set(migration, started_at=timezone.now())
+        _set(migration, started_at=started_at)
         _cast_abort(migration)  # the first abort may have arrived before the job started
         return
-    _set(migration, status=S.RUNNING, started_at=timezone.now())
+    if migration.status == S.RUNNING_POSTCOPY:  # a late report: post-copy cannot go back
+        return
+    _set(migration, status=S.RUNNING, started_at=started_at)
+
+
+def _live_postcopy(migration: Migration, **_: Any) -> None:
+    """Switched to post-copy: the guest runs on the destination now and can no longer be aborted (an
+    abort asked for meanwhile has lost the race)."""
+    _set(migration, status=S.RUNNING_POSTCOPY, started_at=migration.started_at or timezone.now())
 
 
 def _live_migrated(migration: Migration, **_: Any) -> None:
@@ -615,7 +655,16 @@ def _live_failed(migration: Migration, *, status: str = S.FAILED, error: str = "
     instance = migration.instance
     power_state = values.get("power_state")
     changes = _settled(power_state, instance.vm_state)
-    if power_state == PowerState.NOSTATE:
+    if migration.status == S.RUNNING_POSTCOPY:
+        # The guest ran on the destination with part of its memory still on the source: neither copy
+        # can go on. The destination's is removed (rollback); the source's disk is the one to boot.
+        changes.update(vm_state=VmState.ERROR, fault={
+            "message": f"live migration {migration.pk} failed in post-copy: the guest's memory was "
+                       f"split between {migration.source_host.name} and {migration.dest_host.name} and "
+                       f"it cannot continue ({error}). A hard reboot starts it again on "
+                       f"{migration.source_host.name} from its disk there; what it wrote after the "
+                       "switch-over may be lost", "code": 500, "details": ""})
+    elif power_state == PowerState.NOSTATE:
         changes["fault"] = {"message": f"live migration {migration.pk} failed and the domain no "
                                        f"longer exists on {migration.source_host.name}: {error}",
                             "code": 500, "details": ""}
@@ -670,10 +719,11 @@ def _rolled_back(migration: Migration, *, host: str, **_: Any) -> None:
 _ACTIVE_LIVE = (S.QUEUED, S.RUNNING, S.CANCELLING)
 _LIVE_STEPS: dict[str, tuple[tuple[str, ...], str, Any]] = {
     contract.MIGRATION_PREPARED: ((S.PREPARING, S.CANCELLING), "dest", _live_prepared),
-    contract.MIGRATION_RUNNING: (_ACTIVE_LIVE, "source", _live_running),
-    contract.MIGRATION_MIGRATED: (_ACTIVE_LIVE, "source", _live_migrated),
+    contract.MIGRATION_RUNNING: ((*_ACTIVE_LIVE, S.RUNNING_POSTCOPY), "source", _live_running),
+    contract.MIGRATION_RUNNING_POSTCOPY: (_ACTIVE_LIVE, "source", _live_postcopy),
+    contract.MIGRATION_MIGRATED: ((*_ACTIVE_LIVE, S.RUNNING_POSTCOPY), "source", _live_migrated),
     contract.MIGRATION_CANCELLED: (_ACTIVE_LIVE, "source", _live_cancelled),
-    contract.MIGRATION_FAILED: (_ACTIVE_LIVE, "source", _live_source_failed),
+    contract.MIGRATION_FAILED: ((*_ACTIVE_LIVE, S.RUNNING_POSTCOPY), "source", _live_source_failed),
     contract.MIGRATION_COMPLETED: ((S.POST_MIGRATING,), "dest", _live_completed),
     contract.MIGRATION_ERROR: ((S.PREPARING, S.CANCELLING, S.POST_MIGRATING), "dest", _live_dest_error),
     contract.MIGRATION_ROLLED_BACK: ((S.FAILED, S.CANCELLED, S.ERROR), "dest", _rolled_back),
@@ -830,14 +880,22 @@ def recover_after_restart(host: Host, reported: dict[str, str]) -> int:
     """
     recovered = 0
     reason = f"interrupted by a restart of the compute worker on {host.name}"
+    live_statuses = (S.QUEUED, S.RUNNING, S.RUNNING_POSTCOPY, S.CANCELLING)
     live = Migration.objects.filter(source_host=host, migration_type=MigrationType.LIVE,
-                                    status__in=(S.QUEUED, S.RUNNING, S.CANCELLING))
+                                    status__in=live_statuses)
     for pk in live.values_list("pk", flat=True):
         with transaction.atomic():
-            migration = _locked(pk, (S.QUEUED, S.RUNNING, S.CANCELLING))
+            migration = _locked(pk, live_statuses)
             if migration is None:
                 continue
             uuid = str(migration.instance_id)
+            if uuid in reported and migration.status == S.RUNNING_POSTCOPY:
+                # Past the point of no return: libvirt finishes the job without the worker. The
+                # domain leaving (a later report) or the step timeout settles it.
+                _event(migration, "init_instance", "Success", f"{reason}; the migration is in post-copy "
+                                                              "and cannot be aborted: libvirt finishes it",
+                       host=host.name)
+                continue
             if uuid in reported:
                 _cast_abort(migration)
                 _live_failed(migration, status=S.FAILED, values={"power_state": reported[uuid]},
@@ -885,11 +943,11 @@ def reap_stuck_migrations() -> int:
     now = timezone.now()
     step = timedelta(seconds=settings.MIGRATION_STEP_TIMEOUT)
     reaped = 0
-    stuck = Migration.objects.filter(status__in=(S.PREPARING, S.QUEUED, S.RUNNING, S.CANCELLING,
-                                                 S.MIGRATING, S.POST_MIGRATING, S.CONFIRMING,
+    stuck = Migration.objects.filter(status__in=(S.PREPARING, S.QUEUED, S.RUNNING, S.RUNNING_POSTCOPY,
+                                                 S.CANCELLING, S.MIGRATING, S.POST_MIGRATING, S.CONFIRMING,
                                                  S.REVERTING), updated__lt=now - step)
     for migration in stuck.select_related("source_host", "dest_host"):
-        if migration.status in (S.RUNNING, S.CANCELLING) and migration.started_at and \
+        if migration.status in (S.RUNNING, S.RUNNING_POSTCOPY, S.CANCELLING) and migration.started_at and \
                 migration.started_at + timedelta(seconds=migration.completion_timeout or 0) + step > now:
             continue
         with transaction.atomic():

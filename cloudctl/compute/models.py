@@ -202,6 +202,7 @@ class MigrationStatus(models.TextChoices):
     PREPARING = "preparing"          # the destination prepares (pre_live_migration, prep_resize)
     QUEUED = "queued"                # live: prepared, the source was asked to start
     RUNNING = "running"              # live: libvirt's job runs (progress is reported)
+    RUNNING_POSTCOPY = "running (post-copy)"  # live: switched over; the guest runs on the destination
     CANCELLING = "cancelling"        # live: abort requested
     MIGRATING = "migrating"          # cold/resize: the source powers off and copies the disk
     POST_MIGRATING = "post-migrating"  # the destination finishes (post_live_migration, finish)
@@ -217,7 +218,8 @@ class MigrationStatus(models.TextChoices):
 
 
 MIGRATION_IN_PROGRESS = (MigrationStatus.ACCEPTED, MigrationStatus.PREPARING, MigrationStatus.QUEUED,
-                         MigrationStatus.RUNNING, MigrationStatus.CANCELLING, MigrationStatus.MIGRATING,
+                         MigrationStatus.RUNNING, MigrationStatus.RUNNING_POSTCOPY,
+                         MigrationStatus.CANCELLING, MigrationStatus.MIGRATING,
                          MigrationStatus.POST_MIGRATING, MigrationStatus.FINISHED,
                          MigrationStatus.CONFIRMING, MigrationStatus.REVERTING)
 
@@ -232,7 +234,7 @@ class Migration(models.Model):
 
     instance = models.ForeignKey(Instance, on_delete=models.CASCADE, related_name="migrations")
     migration_type = models.CharField(max_length=16, choices=MigrationType.choices)
-    status = models.CharField(max_length=16, choices=MigrationStatus.choices,
+    status = models.CharField(max_length=24, choices=MigrationStatus.choices,
                               default=MigrationStatus.ACCEPTED)
     source_host = models.ForeignKey(Host, null=True, on_delete=models.SET_NULL, related_name="+")
     dest_host = models.ForeignKey(Host, null=True, on_delete=models.SET_NULL, related_name="+")

@@ -125,3 +125,36 @@ def test_live_migrate_from_the_admin_reports_each_server(staff, running, outbox,
     dashboard = staff.get("/admin/dashboard/").content.decode()
     row = dashboard.split('id="migration-', 1)[1].split("</tr>", 1)[0]
     assert all(text in row for text in ("web", "live-migration", "hv1", "hv2", "preparing"))
+
+
+def test_a_running_live_migration_can_be_forced_or_aborted_from_the_admin(
+        staff, running, outbox, django_capture_on_commit_callbacks):
+    from cloudctl.compute import migration_ops
+    from cloudctl.compute.models import Migration
+
+    heartbeat("hv2")
+    outbox.calls[contract.COMPUTE_CHECK_MIGRATE_DESTINATION] = {
+        "ok": True, "migration_uri": "qemu+tcp://10.0.0.2/system", "migration_data_uri": "tcp://10.0.0.2",
+        "shared_marker": ".shared-x", "disk_free_bytes": 2**40, "image_cached": True, "cpu": "identical"}
+    outbox.calls[contract.COMPUTE_CHECK_MIGRATE_SOURCE] = {"ok": True, "shared_storage": False,
+                                                           "power_state": "running", "disk_bytes": 1}
+    with django_capture_on_commit_callbacks(execute=True):
+        act(staff, "live-migrate", running)
+    migration = Migration.objects.get(instance=running)
+    url = reverse("admin:compute_migration_changelist")
+
+    def act_on_migration(action: str) -> str:
+        with django_capture_on_commit_callbacks(execute=True):
+            return staff.post(url, {"action": action, "_selected_action": [migration.pk]},
+                              follow=True).content.decode()
+
+    page = act_on_migration("force_complete")  # still preparing
+    assert f"Migration {migration.pk} of web: force-complete refused" in page and "preparing" in page
+    for host, status in (("hv2", contract.MIGRATION_PREPARED), ("hv1", contract.MIGRATION_RUNNING)):
+        assert migration_ops.migration_update(migration_id=migration.pk, host=host, status=status)
+    assert f"Migration {migration.pk} of web: force-complete accepted" in act_on_migration("force_complete")
+    assert outbox.compute[-1][:2] == ("hv1", contract.COMPUTE_LIVE_MIGRATION_FORCE_COMPLETE)
+    assert f"Migration {migration.pk} of web: abort accepted" in act_on_migration("abort")
+    assert outbox.compute[-1][:2] == ("hv1", contract.COMPUTE_ABORT_LIVE_MIGRATION)
+    migration.refresh_from_db()
+    assert migration.status == "cancelling"

@@ -261,6 +261,116 @@ def test_abort_before_the_job_starts_is_not_lost(
     assert allocations(server) == [("hv1", 128, False)]
 
 
+def force_complete(client: APIClient, server: Instance, migration: Migration) -> Any:
+    return client.post(f"/api/v1/servers/{server.uuid}/migrations/{migration.pk}/force-complete/")
+
+
+def test_force_complete_switches_to_post_copy_which_cannot_be_aborted(
+        api: APIClient, admin_api: APIClient, checks: Outbox, flavors: dict[str, Flavor], image: Any) -> None:
+    server, migration = started_live_migration(api, admin_api, checks)
+    assert force_complete(api, server, migration).status_code == 403
+    answer = force_complete(admin_api, server, migration)
+    assert answer.status_code == 202 and answer.json()["status"] == "running"
+    assert checks.compute == [("hv1", contract.COMPUTE_LIVE_MIGRATION_FORCE_COMPLETE,
+                               {"instance_uuid": str(server.uuid), "migration_id": migration.pk})]
+    switched = {"name": "compute_live_migration_force_complete", "result": "success",
+                "message": "switched to post-copy on hv1 after 3.2 s"}
+    assert report(migration, "hv1", contract.MIGRATION_RUNNING_POSTCOPY, event=switched)
+    shown = admin_api.get(f"/api/v1/servers/{server.uuid}/migrations/{migration.pk}/").json()
+    assert shown["status"] == "running (post-copy)"
+    assert migration_ops.migration_progress(migration_id=migration.pk, host="hv1", progress={
+        "memory_total": 100, "memory_processed": 90, "memory_remaining": 10, "disk_total": 0,
+        "disk_processed": 0, "disk_remaining": 0, "observed_at": 2.0}), "progress goes on in post-copy"
+    report(migration, "hv1", contract.MIGRATION_RUNNING)  # a late report: no way back
+    migration.refresh_from_db()
+    assert migration.status == "running (post-copy)"
+
+    abort = admin_api.post(f"/api/v1/servers/{server.uuid}/migrations/{migration.pk}/abort/")
+    assert abort.status_code == 409 and abort.json()["status"] == "running (post-copy)"
+    assert "can no longer be aborted" in abort.json()["detail"]
+    again = force_complete(admin_api, server, migration)
+    assert again.status_code == 409 and "only while running" in again.json()["detail"]
+
+    assert report(migration, "hv1", contract.MIGRATION_MIGRATED)
+    assert report(migration, "hv2", contract.MIGRATION_COMPLETED, values={"power_state": "running"})
+    server.refresh_from_db()
+    assert (server.status, server.host.name) == ("ACTIVE", "hv2")
+    assert allocations(server) == [("hv2", 128, False)]
+    [event] = InstanceAction.objects.get(pk=migration.action_id).events.filter(
+        event="compute_live_migration_force_complete")  # opened by the request, closed by the report
+    assert (event.result, event.message) == ("Success", switched["message"])
+    assert event.finish_time is not None and event.start_time <= event.finish_time
+
+
+def test_force_complete_by_pausing_is_an_event_of_the_running_migration(
+        api: APIClient, admin_api: APIClient, checks: Outbox, flavors: dict[str, Flavor], image: Any) -> None:
+    server, migration = started_live_migration(api, admin_api, checks)
+    assert force_complete(admin_api, server, migration).status_code == 202
+    paused = {"name": "compute_live_migration_force_complete", "result": "success",
+              "message": "paused the guest on hv1 so that the migration converges"}
+    assert report(migration, "hv1", contract.MIGRATION_RUNNING, event=paused)
+    migration.refresh_from_db()
+    assert migration.status == "running" and migration.started_at is not None
+    action = InstanceAction.objects.get(pk=migration.action_id)
+    assert action.events.filter(event="compute_live_migration_force_complete", result="Success").exists()
+    assert report(migration, "hv1", contract.MIGRATION_MIGRATED)
+    assert report(migration, "hv2", contract.MIGRATION_COMPLETED, values={"power_state": "running"})
+    server.refresh_from_db()
+    assert (server.status, server.host.name) == ("ACTIVE", "hv2")
+
+
+def test_force_complete_is_refused_unless_a_live_migration_runs(
+        api: APIClient, admin_api: APIClient, checks: Outbox, flavors: dict[str, Flavor], image: Any) -> None:
+    server = active_server(api, checks)
+    heartbeat("hv2")
+    migration = Migration.objects.get(pk=live_migrate(admin_api, server, host="hv2").json()["id"])
+    checks.compute.clear()
+    answer = force_complete(admin_api, server, migration)  # still preparing
+    assert answer.status_code == 409 and answer.json()["status"] == "preparing"
+    assert checks.compute == []
+    report(migration, "hv2", contract.MIGRATION_ERROR, error="cannot prepare")
+    Instance.objects.filter(uuid=server.uuid).update(task_state=None)
+    moved = cold(admin_api, server, host="hv2")
+    assert moved.status_code == 202, moved.json()
+    cold_migration = Migration.objects.get(pk=moved.json()["id"])
+    answer = force_complete(admin_api, server, cold_migration)
+    assert answer.status_code == 409 and "only live migrations" in answer.json()["detail"]
+    missing = admin_api.post(f"/api/v1/servers/{server.uuid}/migrations/999999/force-complete/")
+    assert missing.status_code == 404
+
+
+def test_a_failure_in_post_copy_leaves_the_server_in_error_with_what_to_do(
+        api: APIClient, admin_api: APIClient, checks: Outbox, flavors: dict[str, Flavor], image: Any) -> None:
+    server, migration = started_live_migration(api, admin_api, checks)
+    assert report(migration, "hv1", contract.MIGRATION_RUNNING_POSTCOPY)
+    error = "live migration of ... failed in post-copy: Unable to read from socket"
+    assert report(migration, "hv1", contract.MIGRATION_FAILED, error=error, values={"power_state": "paused"})
+    server.refresh_from_db()
+    migration.refresh_from_db()
+    assert (server.status, server.host.name, server.task_state) == ("ERROR", "hv1", None)
+    assert "failed in post-copy" in server.fault["message"] and "hard reboot" in server.fault["message"]
+    assert migration.status == "failed" and allocations(server) == [("hv1", 128, False)]
+    [rollback] = checks.compute_tasks(contract.COMPUTE_ROLLBACK_LIVE_MIGRATION_AT_DEST)
+    assert checks.compute[-1][0] == "hv2" and rollback["migration_id"] == migration.pk
+
+
+def test_a_source_restart_in_post_copy_does_not_abort(
+        api: APIClient, admin_api: APIClient, checks: Outbox, flavors: dict[str, Flavor], image: Any) -> None:
+    from cloudctl.compute import sync
+
+    server, migration = started_live_migration(api, admin_api, checks)
+    assert report(migration, "hv1", contract.MIGRATION_RUNNING_POSTCOPY)
+    sync.host_init(host="hv1", reported={str(server.uuid): "paused"})
+    assert checks.compute_tasks(contract.COMPUTE_ABORT_LIVE_MIGRATION) == []
+    migration.refresh_from_db()
+    assert migration.status == "running (post-copy)"
+    sync.host_init(host="hv1", reported={})  # libvirt finished it meanwhile: ask the destination
+    assert checks.compute[-1][:2] == ("hv2", contract.COMPUTE_POST_LIVE_MIGRATION_AT_DEST)
+    assert report(migration, "hv2", contract.MIGRATION_COMPLETED, values={"power_state": "running"})
+    server.refresh_from_db()
+    assert (server.status, server.host.name) == ("ACTIVE", "hv2")
+
+
 def test_a_migration_past_its_deadline_fails_truthfully(
         api: APIClient, admin_api: APIClient, checks: Outbox, flavors: dict[str, Flavor], image: Any) -> None:
     server, migration = started_live_migration(api, admin_api, checks)
