@@ -20,7 +20,8 @@ from .hosts import HostWorker, NamespaceHost, NamespaceHosts, missing_capabiliti
 # demo guest: an unthrottled migration takes ~2 s, one throttled to 1 MiB/s streams ~94 MiB);
 # migration steps reaped quickly.
 CLOUD_ENV = {"COMPUTE_MIGRATION_UNSAFE": "1", "LIVE_MIGRATION_COMPLETION_TIMEOUT": "160",
-             "MIGRATION_STEP_TIMEOUT": "60", "COMPUTE_CONCURRENCY": "4"}
+             "MIGRATION_STEP_TIMEOUT": "60", "COMPUTE_CONCURRENCY": "4",
+             "COMPUTE_LIVE_MIGRATION_PERMIT_POST_COPY": "1"}
 CLOUD_REDIS_DBS = (3, 2)  # broker, RPC backend: this fixture's alone (other suites use others at once)
 
 

@@ -214,6 +214,15 @@ def test_a_failed_preflight_check_leaves_the_server_untouched(cloud: Cloud, gues
     assert on_daemon(cloud, "host-a", server_id) == libvirt.VIR_DOMAIN_RUNNING
 
 
+def progressing(cloud: Cloud, server_id: str, migration_id: int) -> dict[str, Any]:
+    """The migration once it runs and libvirt's counters moved."""
+    def moving() -> dict[str, Any] | None:
+        body = migration_of(cloud, server_id, migration_id)
+        return body if body["status"] == "running" and body["memory_processed"] else None
+
+    return cloud.stack.wait_for("progress reported", moving, 30, 0.1)
+
+
 def test_abort_mid_migration_keeps_the_guest_on_its_source(cloud: Cloud, guest: list[str]) -> None:
     server_id = boot(cloud, guest, "abort-me", "host-a")
     throttle(cloud, "host-a", server_id)
@@ -221,11 +230,7 @@ def test_abort_mid_migration_keeps_the_guest_on_its_source(cloud: Cloud, guest: 
     assert answer.status_code == 202, answer.text
     migration_id = answer.json()["id"]
 
-    def progressing() -> dict[str, Any] | None:
-        body = migration_of(cloud, server_id, migration_id)
-        return body if body["status"] == "running" and body["memory_processed"] else None
-
-    seen = cloud.stack.wait_for("progress reported", progressing, 30, 0.1)
+    seen = progressing(cloud, server_id, migration_id)
     print(f"\nprogress: {seen['memory_processed']} of {seen['memory_total']} bytes")
     aborted = api(cloud, "POST", f"/servers/{server_id}/migrations/{migration_id}/abort/")
     assert aborted.status_code == 202, aborted.text
@@ -237,6 +242,34 @@ def test_abort_mid_migration_keeps_the_guest_on_its_source(cloud: Cloud, guest: 
     assert on_daemon(cloud, "host-b", server_id) is None
     assert claims(cloud)["host-b"] == 0
     soft_reboot_shows_the_same_disk(cloud, "host-a", server_id, 2)
+
+
+def test_force_complete_switches_a_crawling_migration_to_post_copy(cloud: Cloud, guest: list[str]) -> None:
+    """At 1 MiB/s the demo guest's 128 MiB would take two minutes; force-complete switches to post-copy
+    (the cloud's hosts permit it): the guest runs on host-b at once and the migration ends in seconds."""
+    server_id = boot(cloud, guest, "crawler", "host-a")
+    throttle(cloud, "host-a", server_id)
+    answer = live_migrate(cloud, server_id, host="host-b")
+    assert answer.status_code == 202, answer.text
+    migration_id = answer.json()["id"]
+    progressing(cloud, server_id, migration_id)
+    sent = time.monotonic()
+    forced = api(cloud, "POST", f"/servers/{server_id}/migrations/{migration_id}/force-complete/")
+    assert forced.status_code == 202, forced.text
+    done = migration_ends(cloud, server_id, migration_id, 60)
+    took = time.monotonic() - sent
+    assert done["status"] == "completed", done
+    print(f"\nforce-complete (post-copy) of a migration throttled to 1 MiB/s: POST -> completed {took:.2f} s")
+    body = settle(cloud, server_id, "ACTIVE")
+    assert body["host"] == "host-b"
+    assert on_daemon(cloud, "host-b", server_id) == libvirt.VIR_DOMAIN_RUNNING
+    assert on_daemon(cloud, "host-a", server_id) is None
+    assert claims(cloud)["host-a"] == 0
+    [action] = [a for a in api(cloud, "GET", f"/servers/{server_id}/actions/").json()
+                if a["action"] == "live-migration"]
+    [event] = [e for e in action["events"] if e["event"] == "compute_live_migration_force_complete"]
+    assert event["result"] == "Success" and "post-copy" in event["message"], event
+    soft_reboot_shows_the_same_disk(cloud, "host-b", server_id, 2)
 
 
 def test_a_migration_past_its_deadline_is_aborted(cloud: Cloud, guest: list[str]) -> None:
