@@ -42,7 +42,10 @@ A malformed value fails at start with :class:`ConfigError` naming the variable.
 | `COMPUTE_MIGRATION_SCHEME` | `tcp` | `tcp`, `tls` or `ssh`: the transport of the libvirt migration URI (`qemu+tcp://`, `qemu+tls://`, `qemu+ssh://`); libvirtd must listen on it (`tcp`: `listen_tcp`, `tls`: `listen_tls`, `ssh`: root's key trusted by every host). |
 | `COMPUTE_MIGRATION_UNSAFE` | `0` | `1`: add `VIR_MIGRATE_UNSAFE` to live migrations on shared storage, for an `INSTANCES_PATH` shared in a way libvirt cannot recognise (a local directory shared by bind mounts); libvirt 9.0 refuses such a migration otherwise ("Migration without shared storage is unsafe"). Never on real NFS/cluster filesystems: libvirt recognises them. |
 | `COMPUTE_LIVE_MIGRATION_BANDWIDTH` | `0` | Maximum bandwidth of a live migration's stream, MiB/s; `0`: libvirt's default (unlimited, or what `virsh migrate-setspeed` set on the domain). |
-| `COMPUTE_LIVE_MIGRATION_SOFT_TIME_LIMIT` | `3600` | Soft time limit of `compute.live_migration`; a migration's `completion_timeout` is capped 30 s below it, so that an aborted migration is still reported. The other migration tasks use the limits of their kind: the checks those of `compute.get_console_output`, `compute.pre_live_migration` those of `compute.spawn` (it may download an image), post/rollback/abort those of the lifecycle tasks. |
+| `COMPUTE_LIVE_MIGRATION_PERMIT_POST_COPY` | `0` | `1`: start live migrations with `VIR_MIGRATE_POSTCOPY`, so that a switch-over (`compute.live_migration_force_complete`, or the completion timeout with `COMPUTE_LIVE_MIGRATION_TIMEOUT_ACTION=force_complete`) moves the guest to the destination at once, which then fetches the pages not yet copied; a failure after that loses the guest on both hosts. The destination's QEMU needs userfaultfd: on Debian 12 (QEMU 7.2, run as `libvirt-qemu`) set `sysctl vm.unprivileged_userfaultfd=1` on every host that receives migrations (or run QEMU as root); otherwise libvirt fails every migration at once with "Postcopy is not supported". |
+| `COMPUTE_LIVE_MIGRATION_PERMIT_AUTO_CONVERGE` | `0` | `1`: start live migrations with `VIR_MIGRATE_AUTO_CONVERGE` (QEMU throttles the guest's vCPUs while the copy does not converge); as in Nova, only when post-copy is not permitted. |
+| `COMPUTE_LIVE_MIGRATION_TIMEOUT_ACTION` | `abort` | What a live migration does when its `completion_timeout` passes: `abort` it (reported failed), or `force_complete`: switch it over (post-copy when permitted, else pause the guest until the copy converges) and never abort it. |
+| `COMPUTE_LIVE_MIGRATION_SOFT_TIME_LIMIT` | `3600` | Soft time limit of `compute.live_migration`; a migration's `completion_timeout` is capped 30 s below it, so that an aborted migration is still reported. The other migration tasks use the limits of their kind: the checks those of `compute.get_console_output`, `compute.pre_live_migration` those of `compute.spawn` (it may download an image), post/rollback/abort/force-complete those of the lifecycle tasks. |
 | `COMPUTE_LIVE_MIGRATION_TIME_LIMIT` | `3660` | Hard time limit of `compute.live_migration`. |
 | `COMPUTE_VISIBILITY_TIMEOUT` | `7200` | Redis `visibility_timeout`: an unacknowledged task is delivered again after it. Must exceed every hard time limit. |
 | `COMPUTE_FAKE_VCPUS` | `16` | vCPUs the fake driver reports (`--vcpus`). |
@@ -68,6 +71,7 @@ from compute_workers import contract
 DRIVERS = ("libvirt", "fake")
 VIRT_TYPES = ("auto", "kvm", "qemu")
 MIGRATION_SCHEMES = ("tcp", "tls", "ssh")
+LIVE_MIGRATION_TIMEOUT_ACTIONS = ("abort", "force_complete")
 DEFAULT_INSTANCES_PATH = Path("/var/lib/cloudctl/instances")
 LIFECYCLE_TASKS = (contract.COMPUTE_REBOOT, contract.COMPUTE_POWER_OFF, contract.COMPUTE_POWER_ON,
                    contract.COMPUTE_PAUSE, contract.COMPUTE_UNPAUSE, contract.COMPUTE_SUSPEND,
@@ -159,6 +163,7 @@ LIVE_MIGRATION_MARGIN = 30
 # The migration tasks other than compute.live_migration, by the time limits they share.
 MIGRATION_CHECK_TASKS = (contract.COMPUTE_CHECK_MIGRATE_DESTINATION, contract.COMPUTE_CHECK_MIGRATE_SOURCE)
 LIVE_MIGRATION_STEP_TASKS = (contract.COMPUTE_ABORT_LIVE_MIGRATION,
+                             contract.COMPUTE_LIVE_MIGRATION_FORCE_COMPLETE,
                              contract.COMPUTE_POST_LIVE_MIGRATION_AT_DEST,
                              contract.COMPUTE_ROLLBACK_LIVE_MIGRATION_AT_DEST)
 
@@ -205,6 +210,11 @@ class ComputeConfig:
     migration_scheme: str = _env("COMPUTE_MIGRATION_SCHEME", "tcp", _choice(MIGRATION_SCHEMES))
     migration_unsafe: bool = _env("COMPUTE_MIGRATION_UNSAFE", False, _flag)
     live_migration_bandwidth: int = _env("COMPUTE_LIVE_MIGRATION_BANDWIDTH", 0, _non_negative_int)
+    live_migration_permit_post_copy: bool = _env("COMPUTE_LIVE_MIGRATION_PERMIT_POST_COPY", False, _flag)
+    live_migration_permit_auto_converge: bool = _env("COMPUTE_LIVE_MIGRATION_PERMIT_AUTO_CONVERGE", False,
+                                                     _flag)
+    live_migration_timeout_action: str = _env("COMPUTE_LIVE_MIGRATION_TIMEOUT_ACTION", "abort",
+                                              _choice(LIVE_MIGRATION_TIMEOUT_ACTIONS))
     live_migration_soft_time_limit: int = _env("COMPUTE_LIVE_MIGRATION_SOFT_TIME_LIMIT", 3600, _positive_int)
     live_migration_time_limit: int = _env("COMPUTE_LIVE_MIGRATION_TIME_LIMIT", 3660, _positive_int)
     visibility_timeout: int = _env("COMPUTE_VISIBILITY_TIMEOUT", 7200, _positive_int)

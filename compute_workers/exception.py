@@ -82,3 +82,8 @@ class CPUIncompatible(ComputeError):
 
 class MigrationAborted(HypervisorError):
     """libvirt ended a live migration because its job was aborted (abortJob); the domain stays here."""
+
+
+class PostCopyUnsupported(HypervisorError):
+    """A live migration started with post-copy permitted failed at once: the destination's QEMU cannot
+    do post-copy (it needs userfaultfd: ``vm.unprivileged_userfaultfd=1``, or QEMU running as root)."""

@@ -38,6 +38,7 @@ from compute_workers.exception import (
     InstanceInvalidState,
     InstanceNotFound,
     InvalidInstanceUUID,
+    PostCopyUnsupported,
 )
 from compute_workers.images import ImageCache, qcow2_backing_file
 from compute_workers.journal import ActionJournal, MigrationJournal
@@ -67,6 +68,7 @@ MIGRATION_PROGRESS_INTERVAL = 2.0
 # The name of the check task's shared-storage marker file in INSTANCES_PATH: never trust it as a path.
 SHARED_MARKER = re.compile(r"\.shared-[A-Za-z0-9_-]{1,64}")
 MAX_CONSOLE_LINES = 10_000
+FORCE_COMPLETE_EVENT = "compute_live_migration_force_complete"
 
 RUNNING, PAUSED, SUSPENDED = contract.POWER_RUNNING, contract.POWER_PAUSED, contract.POWER_SUSPENDED
 SHUTDOWN = contract.POWER_SHUTDOWN
@@ -1053,7 +1055,8 @@ class ComputeManager:
                        completion_timeout: float | None) -> None:
         """On the source: live-migrate the domain to ``dest_host`` while reporting its progress; report
         "running", then "migrated", "cancelled" or "failed" (see the contract). Runs as long as the
-        migration does; :meth:`abort_live_migration` (another thread) can stop it."""
+        migration does; :meth:`abort_live_migration` (another thread) can stop it, and
+        :meth:`live_migration_force_complete` have it switched over."""
         step = "live_migration"
         if not self._checked_migration(step, instance_uuid, migration_id):
             return
@@ -1127,6 +1130,10 @@ class ComputeManager:
                 end(contract.MIGRATION_FAILED, f"live migration of {route} failed: the hypervisor of host "
                                                f"{self.host} does not answer: {exc}", "error")
                 return
+            if job.in_post_copy:
+                failure = "the migration job an earlier attempt left running failed"
+                end(contract.MIGRATION_FAILED, self._post_copy_failure(route, dest_host, failure), "error")
+                return
             if monitor.aborting or state not in (RUNNING, PAUSED):
                 status = (contract.MIGRATION_CANCELLED if job.abort_requested.is_set()
                           and not monitor.timed_out else contract.MIGRATION_FAILED)
@@ -1136,19 +1143,23 @@ class ComputeManager:
                 return
             LOG.info("live migration %s: the earlier attempt's job failed; migrating again", migration_id)
         unsafe = shared and self.config.migration_unsafe
+        post_copy = self.config.live_migration_permit_post_copy
+        auto_converge = self.config.live_migration_permit_auto_converge and not post_copy  # as Nova
         outcome: dict[str, Any] = {}
 
         def migrate() -> None:
             try:
                 self.driver.live_migration(instance_uuid, migration_uri, migration_data_uri, block_migration,
-                                           unsafe=unsafe, bandwidth_mib=self.config.live_migration_bandwidth)
+                                           unsafe=unsafe, bandwidth_mib=self.config.live_migration_bandwidth,
+                                           post_copy=post_copy, auto_converge=auto_converge)
             except BaseException as exc:
                 outcome["error"] = exc
 
         LOG.info("live migration %s: %s to %s (data %s; block migration %s, shared storage %s, unsafe %s, "
-                 "bandwidth %s MiB/s, completion timeout %g s)", migration_id, route, migration_uri,
-                 migration_data_uri, block_migration, shared, unsafe,
-                 self.config.live_migration_bandwidth or "default", timeout)
+                 "bandwidth %s MiB/s, post-copy %s, auto-converge %s, completion timeout %g s, then %s)",
+                 migration_id, route, migration_uri, migration_data_uri, block_migration, shared, unsafe,
+                 self.config.live_migration_bandwidth or "default", post_copy, auto_converge, timeout,
+                 self.config.live_migration_timeout_action)
         started = time.monotonic()
         thread = threading.Thread(target=migrate, name=f"live-migration-{migration_id}", daemon=True)
         thread.start()
@@ -1169,6 +1180,10 @@ class ComputeManager:
         if error is None:
             self._live_migration_succeeded(job, dest_host, shared, seconds, monitor)
             return
+        if job.in_post_copy:  # never resume the guest here: part of its memory is only on the destination
+            failure = f"it failed after {seconds:.1f} s: {error}"
+            end(contract.MIGRATION_FAILED, self._post_copy_failure(route, dest_host, failure), "error")
+            return
         self._resume_if_left_paused(instance_uuid, state)
         if job.abort_requested.is_set() and not monitor.timed_out:
             end(contract.MIGRATION_CANCELLED, f"live migration of {route} cancelled on request after "
@@ -1177,9 +1192,25 @@ class ComputeManager:
             end(contract.MIGRATION_FAILED, f"live migration of {route} did not complete within its "
                                            f"completion timeout of {timeout:g} s and was aborted: {error}",
                 "error")
+        elif isinstance(error, PostCopyUnsupported):
+            end(contract.MIGRATION_FAILED, self._post_copy_unsupported(route, dest_host, error), "error")
         else:
             end(contract.MIGRATION_FAILED, f"live migration of {route} failed after {seconds:.1f} s: "
                                            f"{self._failure_message(error)}", "error")
+
+    def _post_copy_failure(self, route: str, dest_host: str, what: str) -> str:
+        return (f"live migration of {route} failed in post-copy ({what}): the guest's memory is split "
+                f"between host {self.host} and host {dest_host}, so it can run on neither; its domain here "
+                "is left as libvirt left it (restore the instance from a snapshot, or rebuild it)")
+
+    def _post_copy_unsupported(self, route: str, dest_host: str, error: BaseException) -> str:
+        """What to do when the destination's QEMU cannot do post-copy (it fails every migration)."""
+        return (f"live migration of {route} failed as it started: {error}. Post-copy is permitted on host "
+                f"{self.host} (COMPUTE_LIVE_MIGRATION_PERMIT_POST_COPY=1) but the QEMU of host {dest_host} "
+                f"cannot do it without userfaultfd: run `sysctl vm.unprivileged_userfaultfd=1` on host "
+                f"{dest_host} and every other host that receives migrations (and keep it in /etc/sysctl.d/), "
+                "or run QEMU as root there, or set COMPUTE_LIVE_MIGRATION_PERMIT_POST_COPY=0 on the hosts "
+                "that send them")
 
     def _running_job(self, instance_uuid: str) -> bool:
         try:
@@ -1193,9 +1224,12 @@ class ComputeManager:
         this worker did not start, which ended when libvirt shows it no more): report "running" once
         libvirt shows the job, then its progress at least every second; abort it when asked or when
         ``deadline`` (monotonic) passed, and give up on it ABORT_GRACE seconds later
-        (``monitor.ended`` False). libvirt is read by a :class:`ProgressSampler`: its slow answers
-        delay neither the reports nor the abort."""
+        (``monitor.ended`` False). Switch it over once libvirt shows it when asked, or at ``deadline``
+        with COMPUTE_LIVE_MIGRATION_TIMEOUT_ACTION=force_complete (instead of the abort); in post-copy,
+        aborts and the deadline are logged and ignored. libvirt is read by a :class:`ProgressSampler`:
+        its slow answers delay neither the reports nor the abort nor the switch-over."""
         monitor = MigrationMonitor()
+        started = time.monotonic()
         throttle = ProgressThrottle(migration_jobs.PROGRESS_INTERVAL)
         instance_uuid, migration_id = job.instance_uuid, job.migration_id
         sampler = ProgressSampler(lambda: self.driver.live_migration_progress(instance_uuid),
@@ -1208,7 +1242,7 @@ class ComputeManager:
 
         wait_for_end = ended or job_ended
         abort_deadline: float | None = None
-        next_abort_attempt = 0.0
+        next_abort_attempt = next_switch_attempt = 0.0
         sampler.start()
         try:
             while True:
@@ -1218,14 +1252,16 @@ class ComputeManager:
                     break
                 now = time.monotonic()
                 if not monitor.aborting and (job.abort_requested.is_set() or now >= deadline):
-                    monitor.aborting = True
-                    monitor.timed_out = not job.abort_requested.is_set()
-                    monitor.why_aborted = ("completion timeout passed" if monitor.timed_out
-                                           else "cancelled on request")
-                    abort_deadline = now + migration_jobs.ABORT_GRACE
-                    if monitor.timed_out:
-                        LOG.warning("live migration %s of %s: completion timeout passed; aborting it",
-                                    migration_id, route)
+                    requested = job.abort_requested.is_set()
+                    if self._abort_due(job, monitor, route, requested):
+                        monitor.aborting = True
+                        monitor.timed_out = not requested
+                        monitor.why_aborted = ("completion timeout passed" if monitor.timed_out
+                                               else "cancelled on request")
+                        abort_deadline = now + migration_jobs.ABORT_GRACE
+                        if monitor.timed_out:
+                            LOG.warning("live migration %s of %s: completion timeout passed; aborting it",
+                                        migration_id, route)
                 if monitor.aborting:
                     if abort_deadline is not None and now >= abort_deadline:
                         LOG.error("live migration %s: still running %g s after its abort; giving up on it",
@@ -1236,10 +1272,21 @@ class ComputeManager:
                         self._send_abort(job)
                 sample = sampler.latest()
                 if sample is None or sample.progress is None:
-                    continue
+                    continue  # no job yet: nothing to report, nor to switch over (a pause would last)
                 if not monitor.running_reported:
                     self._report_running(job, route)
                     monitor.running_reported = True
+                if job.force_complete_requested.is_set():
+                    job.force_complete_requested.clear()
+                    if monitor.aborting:
+                        LOG.info("live migration %s: switch-over requested while it is being aborted; "
+                                 "ignored", migration_id)
+                    elif job.switched is None:
+                        self._switch_over(job, monitor, route, "as requested", started)
+                if (monitor.switch_over_on_timeout and not monitor.aborting and job.switched is None
+                        and now >= next_switch_attempt):
+                    next_switch_attempt = now + migration_jobs.SWITCH_OVER_RETRY_INTERVAL
+                    self._switch_over(job, monitor, route, "its completion timeout passed", started)
                 if throttle.due(time.monotonic()):
                     monitor.progress_reports += 1
                     monitor.last_progress = sample.progress
@@ -1254,10 +1301,77 @@ class ComputeManager:
         self._migration_update(job.migration_id, contract.MIGRATION_RUNNING, event=self._event(
             "compute_live_migration", "start", f"live migration of {route} started"))
 
+    def _abort_due(self, job: LiveMigrationJob, monitor: MigrationMonitor, route: str,
+                   requested: bool) -> bool:
+        """An abort was ``requested``, or else the completion timeout passed: whether to abort the job.
+        Not in post-copy (logged once), nor on a timeout whose action is a switch-over (noted in
+        ``monitor.switch_over_on_timeout``, which the monitor acts on)."""
+        if job.in_post_copy:
+            if not monitor.abort_ignored:
+                monitor.abort_ignored = True
+                LOG.warning("live migration %s of %s: %s in post-copy, where it can no longer be aborted; "
+                            "ignored, it goes on to its end", job.migration_id, route,
+                            "abort requested" if requested else "completion timeout passed")
+            return False
+        if requested or self.config.live_migration_timeout_action != "force_complete":
+            return True
+        if not monitor.switch_over_on_timeout:
+            monitor.switch_over_on_timeout = True
+            LOG.warning("live migration %s of %s: completion timeout passed; switching it over instead of "
+                        "aborting it (COMPUTE_LIVE_MIGRATION_TIMEOUT_ACTION=force_complete)",
+                        job.migration_id, route)
+        return False
+
+    def _switch_over(self, job: LiveMigrationJob, monitor: MigrationMonitor, route: str, why: str,
+                     started: float) -> None:
+        """Switch the job over (post-copy when permitted, else pause the guest) and report it: status
+        "running (post-copy)" or "running" with the event; "running" with the event in error when
+        libvirt refuses (the job goes on as before; a retry on the timeout reports no second error)."""
+        post_copy = self.config.live_migration_permit_post_copy
+        seconds = time.monotonic() - started
+        refusal: Exception | None = None
+        with job.lock:
+            if job.abort_sent:  # the abort task's thread was first
+                return
+            try:
+                job.switched = self.driver.live_migration_force_complete(job.instance_uuid, post_copy)
+            except InstanceNotFound:  # the migration completed meanwhile
+                return
+            except Exception as exc:
+                refusal = exc
+        if refusal is not None:
+            monitor.switch_refusals += 1
+            message = (f"cannot {'switch to post-copy' if post_copy else 'pause the guest'} on {self.host} "
+                       f"after {seconds:.1f} s ({why}): {self._failure_message(refusal)}; the migration "
+                       "goes on as before")
+            LOG.warning("live migration %s of %s: %s", job.migration_id, route, message)
+            if monitor.switch_refusals == 1 or not monitor.switch_over_on_timeout:
+                self._migration_update(job.migration_id, contract.MIGRATION_RUNNING,
+                                       event=self._event(FORCE_COMPLETE_EVENT, "error", message))
+            return
+        monitor.switched_after = seconds
+        if job.in_post_copy:
+            status = contract.MIGRATION_RUNNING_POSTCOPY
+            message = (f"switched to post-copy on {self.host} after {seconds:.1f} s ({why}): the guest "
+                       "runs on the destination now, which fetches the memory not copied yet; the migration "
+                       "can no longer be aborted")
+        else:
+            status = contract.MIGRATION_RUNNING
+            message = (f"paused the guest on {self.host} after {seconds:.1f} s ({why}) so that the migration "
+                       "converges; libvirt resumes it on the destination")
+        LOG.info("live migration %s of %s: %s", job.migration_id, route, message)
+        self._migration_update(job.migration_id, status,
+                               event=self._event(FORCE_COMPLETE_EVENT, "success", message))
+
     def _send_abort(self, job: LiveMigrationJob) -> None:
-        """Ask the hypervisor to abort the job, once it took the request; logged, never raised."""
+        """Ask the hypervisor to abort the job, once it took the request; logged, never raised. Never
+        in post-copy (libvirt would refuse it anyway)."""
         with job.lock:
             if job.abort_sent:
+                return
+            if job.in_post_copy:
+                LOG.warning("live migration %s of %s is in post-copy: it can no longer be aborted; abort "
+                            "ignored", job.migration_id, job.instance_uuid)
                 return
             try:
                 job.abort_sent = self.driver.abort_live_migration(job.instance_uuid)
@@ -1296,6 +1410,10 @@ class ComputeManager:
         memory = (monitor.last_progress or {}).get("memory_total", 0)
         seen = f"{monitor.progress_reports} progress reports" + (f"; memory {memory / MiB:.0f} MiB" if memory
                                                                  else "")
+        if job.switched is not None and monitor.switched_after is not None:
+            how = ("switched to post-copy" if job.in_post_copy
+                   else "the guest paused so that it converged")
+            seen += f"; {how} after {monitor.switched_after:.1f} s"
         message = f"live migration of {route} completed in {seconds:.1f} s ({seen}); {left}"
         self._migration_done(migration_id, instance_uuid, "live_migration", contract.MIGRATION_MIGRATED,
                              values=self._migration_values(instance_uuid),
@@ -1362,6 +1480,23 @@ class ComputeManager:
             return
         LOG.info("abort of live migration %s of %s requested", migration_id, instance_uuid)
         self._send_abort(job)
+
+    def live_migration_force_complete(self, instance_uuid: str, migration_id: int) -> None:
+        """Have the running live migration ``migration_id`` switched over: its monitor does it (in its
+        own thread, once libvirt shows the job, so that "running" is reported first) and reports it.
+        None running, or already switched over: a logged no-op."""
+        if not self._checked_migration("live_migration_force_complete", instance_uuid, migration_id,
+                                       report=False):
+            return
+        job = self._live_migrations.request_force_complete(migration_id, instance_uuid)
+        if job is None:
+            LOG.info("force-complete of live migration %s of %s: no such migration runs on host %s; nothing "
+                     "to switch over", migration_id, instance_uuid, self.host)
+        elif job.switched is not None:
+            LOG.info("force-complete of live migration %s of %s: already switched over (%s); nothing to do",
+                     migration_id, instance_uuid, job.switched)
+        else:
+            LOG.info("force-complete of live migration %s of %s requested", migration_id, instance_uuid)
 
     def post_live_migration_at_destination(self, instance_uuid: str, migration_id: int,
                                            spec: dict[str, Any]) -> None:

@@ -1,4 +1,4 @@
-"""The live migrations running in this worker, so that an abort reaches its migration.
+"""The live migrations running in this worker, so that an abort or a switch-over reaches its migration.
 
 ``compute.abort_live_migration`` arrives on the host's queue while ``compute.live_migration`` runs in
 another worker thread (the pool has COMPUTE_CONCURRENCY threads): it finds the migration here by its
@@ -9,6 +9,10 @@ reports "cancelled" once libvirt gave up.
 An abort that arrives before its migration started (its task still queued behind another) is kept for
 :data:`EARLY_ABORT_TTL` seconds: the migration, when it starts, finds it and is cancelled at once
 instead of running.
+
+``compute.live_migration_force_complete`` sets the job's switch-over flag in the same way; the monitor
+switches the job over (post-copy, or pausing the guest) once libvirt shows it. One that finds no job
+is only logged: switching over a migration that has not started means nothing.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from collections.abc import Callable
 
 from compute_workers import contract
 from compute_workers.exception import InstanceNotFound
+from compute_workers.virt.driver import SWITCHED_TO_POST_COPY
 
 LOG = logging.getLogger(__name__)
 
@@ -38,6 +43,9 @@ SLOW_ANSWER = 0.5
 # a migration still running ABORT_GRACE seconds after its abort was asked for is given up on.
 ABORT_RETRY_INTERVAL = 1.0
 ABORT_GRACE = 60.0
+# A switch-over the completion timeout asked for (COMPUTE_LIVE_MIGRATION_TIMEOUT_ACTION=force_complete)
+# that libvirt refused is tried again this often (one asked for by a task is tried once, as in Nova).
+SWITCH_OVER_RETRY_INTERVAL = 1.0
 # The statuses of a step that did not do what it was asked (journaled with result "error").
 FAILED_STATUSES = (contract.MIGRATION_ERROR, contract.MIGRATION_FAILED, contract.MIGRATION_CANCELLED)
 # The destination's check asks the image API whether it would serve an image it has not cached.
@@ -52,7 +60,16 @@ class LiveMigrationJob:
     started: float = dataclasses.field(default_factory=time.monotonic)
     # Whether the hypervisor took an abort request (the monitor retries until it does).
     abort_sent: bool = False
+    # compute.live_migration_force_complete asked for a switch-over the monitor has not tried yet.
+    force_complete_requested: threading.Event = dataclasses.field(default_factory=threading.Event)
+    # How the job was switched over, once it was: "post-copy" (no abort possible any more) or "paused".
+    switched: str | None = None
+    # Guards abort_sent and switched: an abort and a switch-over never both reach the hypervisor.
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    @property
+    def in_post_copy(self) -> bool:
+        return self.switched == SWITCHED_TO_POST_COPY
 
 
 class LiveMigrationJobs:
@@ -102,6 +119,18 @@ class LiveMigrationJobs:
             job.abort_requested.set()
             return job
 
+    def request_force_complete(self, migration_id: int, instance_uuid: str) -> LiveMigrationJob | None:
+        """Ask the running job of ``migration_id`` (if it is ``instance_uuid``'s) to switch over and
+        return it; None when none runs (nothing is kept for later). A job already switched over is
+        returned with nothing asked of it."""
+        with self._lock:
+            job = self._jobs.get(migration_id)
+            if job is None or job.instance_uuid != instance_uuid:
+                return None
+            if job.switched is None:
+                job.force_complete_requested.set()
+            return job
+
     def __len__(self) -> int:
         with self._lock:
             return len(self._jobs)
@@ -130,6 +159,12 @@ class MigrationMonitor:
     aborting: bool = False
     timed_out: bool = False  # aborted because its completion timeout passed
     why_aborted: str = ""
+    # The completion timeout passed with COMPUTE_LIVE_MIGRATION_TIMEOUT_ACTION=force_complete: the job
+    # is switched over (retried until libvirt takes it) instead of aborted.
+    switch_over_on_timeout: bool = False
+    switched_after: float | None = None  # seconds from the start of the monitor to the switch-over
+    abort_ignored: bool = False  # an abort (request or timeout) came in post-copy and was logged
+    switch_refusals: int = 0  # switch-overs libvirt refused
     progress_reports: int = 0
     last_progress: dict[str, int] | None = None
 

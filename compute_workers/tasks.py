@@ -230,6 +230,12 @@ def register_tasks(app: Celery, managers: ComputeManager | Managers) -> None:
         if manager := manager_for(self):
             manager.abort_live_migration(instance_uuid, migration_id)
 
+    @app.task(name=contract.COMPUTE_LIVE_MIGRATION_FORCE_COMPLETE, **migration_step,
+              **limits[contract.COMPUTE_LIVE_MIGRATION_FORCE_COMPLETE])
+    def live_migration_force_complete(self: Task, instance_uuid: str, migration_id: int) -> None:
+        if manager := manager_for(self):
+            manager.live_migration_force_complete(instance_uuid, migration_id)
+
     @app.task(name=contract.COMPUTE_POST_LIVE_MIGRATION_AT_DEST, **migration_step,
               **limits[contract.COMPUTE_POST_LIVE_MIGRATION_AT_DEST])
     def post_live_migration_at_destination(self: Task, instance_uuid: str, migration_id: int,

@@ -39,6 +39,10 @@ CAPABILITY_NAMES = (
     "supports_live_migration",
 )
 
+# What live_migration_force_complete() did to make a migration converge.
+SWITCHED_TO_POST_COPY = "post-copy"
+SWITCHED_BY_PAUSING = "paused"
+
 
 def checked_uuid(instance_uuid: str) -> str:
     """Return ``instance_uuid`` if it is a canonical lower-case UUID, else raise InvalidInstanceUUID.
@@ -292,8 +296,9 @@ class ComputeDriver(abc.ABC):
         raise NotImplementedError
 
     # Live migration. The manager runs live_migration() in a thread of its own and meanwhile polls
-    # live_migration_progress() and may call abort_live_migration() from another thread: these two
-    # are the only calls made for an instance while another call for it runs.
+    # live_migration_progress() and may call abort_live_migration() or live_migration_force_complete()
+    # from other threads: these three are the only calls made for an instance while another call for
+    # it runs.
 
     def compare_cpu(self, cpu_info: Mapping[str, Any]) -> str:
         """Whether this host's CPU can run guests live-migrated from a host whose CPU is ``cpu_info``
@@ -317,14 +322,17 @@ class ComputeDriver(abc.ABC):
         raise NotImplementedError
 
     def live_migration(self, instance_uuid: str, dest_uri: str, dest_migrate_uri: str | None = None,
-                       block_migration: bool = False, *, unsafe: bool = False,
-                       bandwidth_mib: int = 0) -> Any:
+                       block_migration: bool = False, *, unsafe: bool = False, bandwidth_mib: int = 0,
+                       post_copy: bool = False, auto_converge: bool = False) -> Any:
         """Move the running (or paused) domain to the hypervisor at ``dest_uri`` without stopping it;
         its memory (and its disk's top layer with ``block_migration``, the destination holding the
         same base image) is streamed to ``dest_migrate_uri``. Blocks until the migration ends.
 
         ``unsafe``: migrate although the hypervisor deems the disks unsafe to share (the caller knows
         the storage is shared). ``bandwidth_mib``: cap of the stream in MiB/s, 0 for the default.
+        ``post_copy``: the migration may be switched to post-copy (:meth:`live_migration_force_complete`);
+        raises PostCopyUnsupported when the destination cannot do it. ``auto_converge``: the hypervisor
+        slows the guest's vCPUs down while the copy does not converge.
 
         Afterwards the domain runs and is defined there and is gone here (its files here are left to
         :meth:`post_live_migration_at_source`). Raises InstanceNotFound, InstanceInvalidState when the
@@ -345,6 +353,17 @@ class ComputeDriver(abc.ABC):
         Returns False when no job runs. Raises InstanceNotFound, HypervisorError when the hypervisor
         refuses (e.g. a job past the point of no return)."""
         return False
+
+    def live_migration_force_complete(self, instance_uuid: str, post_copy: bool) -> str:
+        """Make the instance's running migration job converge now. With ``post_copy`` (the job was
+        started with it) switch it to post-copy and return :data:`SWITCHED_TO_POST_COPY`: the guest
+        runs on the destination from then on, the job can no longer be aborted, and if it fails the
+        guest is lost (its memory is split between the hosts; the domain here stays paused). Else
+        pause the guest (its memory stops changing) and return :data:`SWITCHED_BY_PAUSING`: the
+        hypervisor resumes it on the destination; if the migration fails, the caller resumes it here.
+        Raises InstanceNotFound, HypervisorError with the hypervisor's reason when it refuses (no job,
+        or not in the memory copy yet); nothing changed then."""
+        raise NotImplementedError
 
     def post_live_migration_at_source(self, instance_uuid: str, shared_storage: bool) -> None:
         """After a successful :meth:`live_migration`, on the source: afterwards no domain of the

@@ -5,7 +5,10 @@ configurable sizes and delays. Failures are injected by tiny subclasses, as Nova
 
 Live migration works between fake drivers of one process (a fleet, a test): a driver given a
 ``migration_uri`` is found at it by the others; the migration takes ``migration_delay`` seconds, its
-progress counts the flavor's memory, and it can be aborted until its last moment.
+progress counts the flavor's memory, and it can be aborted until its last moment. A switch-over (to
+post-copy, or pausing the guest) ends it ``switch_over_delay`` seconds later, unless it would end
+sooner; in post-copy it can no longer be aborted, and with ``post_copy_failure`` set it then fails as
+libvirt's does, leaving the guest paused here and nowhere else.
 """
 
 from __future__ import annotations
@@ -27,7 +30,13 @@ from compute_workers.exception import (
     InstanceNotFound,
     MigrationAborted,
 )
-from compute_workers.virt.driver import ComputeDriver, DiskMigration, checked_uuid
+from compute_workers.virt.driver import (
+    SWITCHED_BY_PAUSING,
+    SWITCHED_TO_POST_COPY,
+    ComputeDriver,
+    DiskMigration,
+    checked_uuid,
+)
 
 # The disks "copied" by fake cold migrations, by instance uuid: the boot count each one carries.
 # Shared by every FakeDriver of the process, as a network is: fake hosts of one fleet migrate to each
@@ -48,12 +57,20 @@ class FakeInstance:
 class _FakeMigrationJob:
     total: int
     seconds: float
+    post_copy: bool = False  # started with post-copy permitted
     started: float = dataclasses.field(default_factory=time.monotonic)
     aborted: threading.Event = dataclasses.field(default_factory=threading.Event)
-    committed: bool = False  # past the point where an abort can stop it
+    changed: threading.Event = dataclasses.field(default_factory=threading.Event)  # abort or switch-over
+    committed: bool = False  # past the point where an abort can stop it (completing, or in post-copy)
+    switched: str | None = None  # SWITCHED_TO_POST_COPY or SWITCHED_BY_PAUSING
+    ends_at: float = 0.0  # monotonic
+
+    def __post_init__(self) -> None:
+        self.ends_at = self.started + self.seconds
 
     def processed(self) -> int:
-        done = 1.0 if self.seconds <= 0 else min(1.0, (time.monotonic() - self.started) / self.seconds)
+        span = self.ends_at - self.started
+        done = 1.0 if span <= 0 else min(1.0, (time.monotonic() - self.started) / span)
         return int(self.total * done)
 
 
@@ -81,6 +98,12 @@ class FakeDriver(ComputeDriver):
         self.spawn_delay, self.destroy_delay = spawn_delay, destroy_delay
         self.snapshot_delay = 0.0
         self.migration_delay = 0.0
+        # What a migration still takes after its switch-over (post-copy, or the guest paused).
+        self.switch_over_delay = 0.2
+        # Set: a migration switched to post-copy fails with this message (the network broke, say).
+        self.post_copy_failure: str | None = None
+        # The flags the last live_migration() was called with, as a test reads them.
+        self.last_migration_flags: dict[str, bool] = {}
         self.instances: dict[str, FakeInstance] = {}
         # What a resize's source keeps until confirmed or reverted (libvirt: <uuid>_resize/).
         self.resize_sources: dict[str, FakeInstance] = {}
@@ -347,9 +370,11 @@ class FakeDriver(ComputeDriver):
                 raise InstanceExists(f"instance {instance_uuid} already exists on this host")
 
     def live_migration(self, instance_uuid: str, dest_uri: str, dest_migrate_uri: str | None = None,
-                       block_migration: bool = False, *, unsafe: bool = False,
-                       bandwidth_mib: int = 0) -> None:
+                       block_migration: bool = False, *, unsafe: bool = False, bandwidth_mib: int = 0,
+                       post_copy: bool = False, auto_converge: bool = False) -> None:
         instance = self._get(instance_uuid)
+        self.last_migration_flags = {"block_migration": block_migration, "unsafe": unsafe,
+                                     "post_copy": post_copy, "auto_converge": auto_converge}
         if instance.power_state not in (contract.POWER_RUNNING, contract.POWER_PAUSED):
             raise InstanceInvalidState(f"instance {instance_uuid} is not running: nothing to live-migrate")
         with _PEERS_LOCK:
@@ -358,23 +383,32 @@ class FakeDriver(ComputeDriver):
             raise HypervisorError(f"the fake hypervisor could not migrate it to {dest_uri}: no other fake "
                                   "hypervisor of this process answers there")
         job = _FakeMigrationJob(total=int(instance.spec["flavor"]["memory_mb"]) * 1024 * 1024,
-                                seconds=self.migration_delay)
+                                seconds=self.migration_delay, post_copy=post_copy)
+        running_before = instance.power_state  # what the destination resumes a guest paused for it to
         with self._lock:
             self._migrations[instance_uuid] = job
         aborted = MigrationAborted("the fake hypervisor aborted the migration job: canceled by client")
         try:
-            if job.aborted.wait(self.migration_delay):
-                raise aborted
-            with self._lock:
-                if job.aborted.is_set():
-                    raise aborted
-                job.committed = True
+            while True:
+                with self._lock:
+                    if job.aborted.is_set():
+                        raise aborted
+                    remaining = job.ends_at - time.monotonic()
+                    if remaining <= 0:
+                        job.committed = True
+                        break
+                    job.changed.clear()
+                job.changed.wait(remaining)
+            if job.switched == SWITCHED_TO_POST_COPY and self.post_copy_failure is not None:
+                raise HypervisorError(f"the fake hypervisor's migration failed in post-copy: "
+                                      f"{self.post_copy_failure}")
             with peer._lock:
                 if instance_uuid in peer.instances:
                     raise HypervisorError(f"the fake hypervisor could not migrate it to {dest_uri}: a domain "
                                           "of that instance already exists there")
                 peer.instances[instance_uuid] = dataclasses.replace(
-                    instance, console=[*instance.console, "cloudctl-fake: live-migrated here"])
+                    instance, power_state=running_before,
+                    console=[*instance.console, "cloudctl-fake: live-migrated here"])
             with self._lock:
                 self.instances.pop(instance_uuid, None)
         finally:
@@ -400,11 +434,34 @@ class FakeDriver(ComputeDriver):
             job = self._migrations.get(instance_uuid)
             if job is None:
                 return False
+            if job.switched == SWITCHED_TO_POST_COPY:
+                raise HypervisorError(f"cannot abort the migration of instance {instance_uuid}: it is in "
+                                      "post-copy mode")
             if job.committed:
                 raise HypervisorError(f"cannot abort the migration of instance {instance_uuid}: it is "
                                       "completing")
             job.aborted.set()
+            job.changed.set()
         return True
+
+    def live_migration_force_complete(self, instance_uuid: str, post_copy: bool) -> str:
+        instance = self._get(instance_uuid)
+        with self._lock:
+            job = self._migrations.get(instance_uuid)
+            if job is None or job.committed or job.aborted.is_set():
+                raise HypervisorError(f"cannot switch the migration of instance {instance_uuid} over: no "
+                                      "migration job is active")
+            if post_copy and not job.post_copy:
+                raise HypervisorError("switching to post-copy requires migration to be started with the "
+                                      "post-copy flag")
+            # Either way the guest stops here: it runs on the destination (post-copy) or is paused.
+            job.switched = SWITCHED_TO_POST_COPY if post_copy else SWITCHED_BY_PAUSING
+            job.committed = post_copy
+            job.ends_at = min(job.ends_at, time.monotonic() + self.switch_over_delay)
+            instance.power_state = contract.POWER_PAUSED
+            job.changed.set()
+        self._changed(instance_uuid)
+        return job.switched
 
     def post_live_migration_at_source(self, instance_uuid: str, shared_storage: bool) -> None:
         with self._lock:

@@ -45,10 +45,23 @@ def test_environment_and_overrides() -> None:
     ("COMPUTE_DRIVER", "xen"), ("COMPUTE_VIRT_TYPE", "hvf"), ("COMPUTE_HOST", "two words"),
     ("COMPUTE_RESERVED_HOST_MEMORY_MB", "-5"), ("CELERY_BROKER_URL", " "),
     ("COMPUTE_CLEAN_SHUTDOWN_TIMEOUT", "-1"), ("COMPUTE_CLEAN_SHUTDOWN_TIMEOUT", "nan"),
+    ("COMPUTE_LIVE_MIGRATION_PERMIT_POST_COPY", "yes"), ("COMPUTE_LIVE_MIGRATION_PERMIT_AUTO_CONVERGE", "2"),
+    ("COMPUTE_LIVE_MIGRATION_TIMEOUT_ACTION", "pause"), ("COMPUTE_LIVE_MIGRATION_TIMEOUT_ACTION", ""),
 ])
 def test_malformed_values_name_the_variable(variable: str, value: str) -> None:
     with pytest.raises(ConfigError, match=variable):
         ComputeConfig.from_env(environ={variable: value})
+
+
+def test_live_migration_switch_over_settings() -> None:
+    default = ComputeConfig.from_env(environ={})
+    assert (default.live_migration_permit_post_copy, default.live_migration_permit_auto_converge,
+            default.live_migration_timeout_action) == (False, False, "abort")
+    config = ComputeConfig.from_env(environ={"COMPUTE_LIVE_MIGRATION_PERMIT_POST_COPY": "1",
+                                             "COMPUTE_LIVE_MIGRATION_PERMIT_AUTO_CONVERGE": "1",
+                                             "COMPUTE_LIVE_MIGRATION_TIMEOUT_ACTION": "force_complete"})
+    assert (config.live_migration_permit_post_copy, config.live_migration_permit_auto_converge,
+            config.live_migration_timeout_action) == (True, True, "force_complete")
 
 
 def test_time_limits_must_stay_below_the_visibility_timeout() -> None:

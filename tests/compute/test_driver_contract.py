@@ -10,6 +10,7 @@ import pytest
 
 from compute_workers import contract
 from compute_workers.exception import (
+    HypervisorError,
     InstanceExists,
     InstanceInvalidState,
     InstanceNotFound,
@@ -207,6 +208,17 @@ class TestDriverContract:
             assert heard == []
         finally:
             driver.close()
+
+    @pytest.mark.parametrize("post_copy", [True, False])
+    def test_a_switch_over_without_a_migration_is_refused_and_changes_nothing(
+            self, driver: ComputeDriver, make_spec: SpecFactory, post_copy: bool) -> None:
+        spec = make_spec()
+        driver.spawn(spec, None)
+        with pytest.raises(HypervisorError):
+            driver.live_migration_force_complete(spec["instance_uuid"], post_copy)
+        assert driver.get_info(spec["instance_uuid"]) == contract.POWER_RUNNING  # not paused for nothing
+        with pytest.raises(InstanceNotFound):
+            driver.live_migration_force_complete(make_spec()["instance_uuid"], post_copy)
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:

@@ -14,7 +14,13 @@ import libvirt
 import pytest
 
 from compute_workers import contract
-from compute_workers.exception import CPUIncompatible, HypervisorError, InstanceExists, InstanceInvalidState
+from compute_workers.exception import (
+    CPUIncompatible,
+    HypervisorError,
+    InstanceExists,
+    InstanceInvalidState,
+    PostCopyUnsupported,
+)
 from compute_workers.virt.libvirt import migration
 from compute_workers.virt.libvirt.driver import LibvirtDriver
 
@@ -37,6 +43,8 @@ def test_flags_incremental_block_migration_and_unsafe_only_when_asked() -> None:
     assert migration.migration_flags(True) == BASE | libvirt.VIR_MIGRATE_NON_SHARED_INC
     assert not migration.migration_flags(True) & libvirt.VIR_MIGRATE_NON_SHARED_DISK  # never the full chain
     assert migration.migration_flags(False, unsafe=True) == BASE | libvirt.VIR_MIGRATE_UNSAFE
+    assert migration.migration_flags(False, post_copy=True) == BASE | libvirt.VIR_MIGRATE_POSTCOPY
+    assert migration.migration_flags(False, auto_converge=True) == BASE | libvirt.VIR_MIGRATE_AUTO_CONVERGE
 
 
 def test_params_carry_the_data_uri_and_a_bandwidth_only_when_configured() -> None:
@@ -65,6 +73,7 @@ class StubDomain:
         self.stats = stats or {"type": libvirt.VIR_DOMAIN_JOB_NONE}
         self.abort_error, self.job_stats_error, self.job_info = abort_error, job_stats_error, job_info
         self.aborts = 0
+        self.calls: list[str] = []
 
     @staticmethod
     def _error(code: int) -> libvirt.libvirtError:
@@ -84,6 +93,14 @@ class StubDomain:
         self.aborts += 1
         if self.abort_error is not None:
             raise self._error(self.abort_error)
+
+    def migrateStartPostCopy(self, flags: int = 0) -> None:
+        self.calls.append("migrateStartPostCopy")
+        if self.stats.get("type") == libvirt.VIR_DOMAIN_JOB_NONE:
+            raise self._error(libvirt.VIR_ERR_OPERATION_INVALID)
+
+    def suspend(self) -> None:
+        self.calls.append("suspend")
 
 
 def test_job_progress_reads_the_contract_counters_and_none_without_a_job() -> None:
@@ -107,6 +124,44 @@ def test_abort_job_is_false_when_no_job_runs() -> None:
     assert migration.abort_job(StubDomain(abort_error=libvirt.VIR_ERR_OPERATION_INVALID)) is False
     with pytest.raises(libvirt.libvirtError):
         migration.abort_job(StubDomain(abort_error=libvirt.VIR_ERR_INTERNAL_ERROR))
+
+
+def test_switch_over_starts_post_copy_or_pauses_only_a_migrating_guest() -> None:
+    migrating = StubDomain({"type": libvirt.VIR_DOMAIN_JOB_UNBOUNDED})
+    assert migration.switch_over(migrating, post_copy=True) == "post-copy"
+    assert migration.switch_over(migrating, post_copy=False) == "paused"
+    assert migrating.calls == ["migrateStartPostCopy", "suspend"]
+    idle = StubDomain()
+    assert migration.switch_over(idle, post_copy=False) is None  # never pauses a guest no job migrates
+    with pytest.raises(libvirt.libvirtError):
+        migration.switch_over(idle, post_copy=True)
+    assert idle.calls == ["migrateStartPostCopy"]
+
+
+def test_the_driver_reports_a_refused_switch_over_and_a_destination_without_post_copy(
+        driver: LibvirtDriver, make_spec: SpecFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = make_spec()
+    driver.spawn(spec, None)
+    instance_uuid = spec["instance_uuid"]
+    with pytest.raises(HypervisorError, match=r"cannot pause the guest .*: no migration job runs"):
+        driver.live_migration_force_complete(instance_uuid, post_copy=False)
+    assert driver.get_info(instance_uuid) == contract.POWER_RUNNING
+    with pytest.raises(HypervisorError, match="libvirt cannot switch to post-copy in the migration of"):
+        driver.live_migration_force_complete(instance_uuid, post_copy=True)  # test:// has no jobs
+
+    def no_userfaultfd(*args: Any, **kwargs: Any) -> None:
+        error = libvirt.libvirtError("stub")
+        error.err = (libvirt.VIR_ERR_OPERATION_FAILED, 0, "operation failed: job 'migration out' failed: "
+                     "Postcopy is not supported", 0, "", None, None, 0, 0)
+        raise error
+
+    monkeypatch.setattr(migration, "live_migrate", no_userfaultfd)
+    with pytest.raises(PostCopyUnsupported, match="Postcopy is not supported"):
+        driver.live_migration(instance_uuid, "qemu+tcp://b/system", "tcp://b", True, post_copy=True)
+    with pytest.raises(HypervisorError) as raised:  # the same words without post-copy asked: not ours
+        driver.live_migration(instance_uuid, "qemu+tcp://b/system", "tcp://b", True)
+    assert not isinstance(raised.value, PostCopyUnsupported)
+    driver.destroy(instance_uuid)
 
 
 def test_completed_job_figures() -> None:

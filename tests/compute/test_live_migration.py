@@ -20,7 +20,7 @@ from celery import Celery
 from compute_workers import contract, migration_jobs
 from compute_workers import shared_storage as markers
 from compute_workers.config import ComputeConfig, ConfigError
-from compute_workers.exception import HypervisorError
+from compute_workers.exception import HypervisorError, PostCopyUnsupported
 from compute_workers.manager import ComputeManager
 from compute_workers.migration_jobs import LiveMigrationJobs, ProgressThrottle
 from compute_workers.reporter import ListReporter
@@ -65,7 +65,8 @@ def test_every_migration_task_has_time_limits_below_the_visibility_timeout() -> 
     limits = {name: (soft, hard) for name, soft, hard in config.time_limits()}
     for name in (contract.COMPUTE_CHECK_MIGRATE_DESTINATION, contract.COMPUTE_CHECK_MIGRATE_SOURCE,
                  contract.COMPUTE_PRE_LIVE_MIGRATION, contract.COMPUTE_LIVE_MIGRATION,
-                 contract.COMPUTE_ABORT_LIVE_MIGRATION, contract.COMPUTE_POST_LIVE_MIGRATION_AT_DEST,
+                 contract.COMPUTE_ABORT_LIVE_MIGRATION, contract.COMPUTE_LIVE_MIGRATION_FORCE_COMPLETE,
+                 contract.COMPUTE_POST_LIVE_MIGRATION_AT_DEST,
                  contract.COMPUTE_ROLLBACK_LIVE_MIGRATION_AT_DEST):
         soft, hard = limits[name]
         assert soft < hard < config.visibility_timeout, name
@@ -125,6 +126,18 @@ def test_job_registry_aborts_reach_the_running_job_or_wait_for_it() -> None:
     assert early is not None and early.abort_requested.is_set()
     late = jobs.start(3, "u3")
     assert late is not None and not late.abort_requested.is_set()
+
+
+def test_job_registry_switch_over_requests_reach_only_a_running_job() -> None:
+    jobs = LiveMigrationJobs()
+    assert jobs.request_force_complete(1, "u1") is None  # nothing running: not kept for later
+    job = jobs.start(1, "u1")
+    assert job is not None and not job.force_complete_requested.is_set()
+    assert jobs.request_force_complete(1, "other-instance") is None
+    assert jobs.request_force_complete(1, "u1") is job and job.force_complete_requested.is_set()
+    job.force_complete_requested.clear()
+    job.switched = "paused"
+    assert jobs.request_force_complete(1, "u1") is job and not job.force_complete_requested.is_set()
 
 
 def test_progress_throttle() -> None:
@@ -490,6 +503,7 @@ def test_tasks_are_registered_and_checks_return_their_answer(hosts: tuple[Host, 
                           {"spec": spec, "block_migration": True, "shared_storage": False,
                            "shared_marker": answer["shared_marker"]}),
                          (contract.COMPUTE_ABORT_LIVE_MIGRATION, {}),
+                         (contract.COMPUTE_LIVE_MIGRATION_FORCE_COMPLETE, {}),
                          (contract.COMPUTE_ROLLBACK_LIVE_MIGRATION_AT_DEST, {"shared_storage": False})):
         app.tasks[name].run(instance_uuid=spec["instance_uuid"], migration_id=41, **kwargs)
     assert dest.statuses(41) == ["prepared", "rolled_back"]
@@ -575,3 +589,189 @@ def test_a_hypervisor_slow_to_tell_the_progress_delays_neither_reports_nor_the_d
     observed = [p["observed_at"] for p in progress]
     assert len(set(observed)) < len(observed)  # the same answer again while waiting for the next
     assert observed == sorted(observed)
+
+
+# Switch-over (force-complete, post-copy, auto-converge) ------------------------------------------------
+
+POST_COPY = {"COMPUTE_LIVE_MIGRATION_PERMIT_POST_COPY": "1"}
+
+
+def two_hosts(tmp_path: Path, driver_class: type[FakeDriver] = FakeDriver,
+              **overrides: str) -> tuple[Host, Host]:
+    """A source configured with ``overrides`` and a plain destination."""
+    return Host(tmp_path, "src", driver_class, **overrides), Host(tmp_path, "dst")
+
+
+def force_complete_event(update: dict[str, Any]) -> dict[str, Any]:
+    assert update["event"]["name"] == "compute_live_migration_force_complete", update
+    return update["event"]
+
+
+@pytest.mark.parametrize(("overrides", "flags"), [
+    ({}, {"post_copy": False, "auto_converge": False}),
+    ({"COMPUTE_LIVE_MIGRATION_PERMIT_AUTO_CONVERGE": "1"}, {"post_copy": False, "auto_converge": True}),
+    # As in Nova: auto-converge only when post-copy is not permitted.
+    ({**POST_COPY, "COMPUTE_LIVE_MIGRATION_PERMIT_AUTO_CONVERGE": "1"},
+     {"post_copy": True, "auto_converge": False}),
+])
+def test_the_migration_is_started_with_the_configured_flags(tmp_path: Path, make_spec: SpecFactory,
+                                                            overrides: dict[str, str],
+                                                            flags: dict[str, bool]) -> None:
+    source, dest = two_hosts(tmp_path, **overrides)
+    spec = spawn_on(source, make_spec)
+    migrate(source, dest, spec, 81)
+    assert source.statuses(81) == ["running", "migrated"]
+    assert source.driver.last_migration_flags == {"block_migration": True, "unsafe": False, **flags}
+
+
+def test_force_complete_switches_to_post_copy(tmp_path: Path, make_spec: SpecFactory) -> None:
+    source, dest = two_hosts(tmp_path, **POST_COPY)
+    spec = spawn_on(source, make_spec)
+    source.driver.migration_delay = 30
+    started = time.monotonic()
+    thread = run_in_thread(migrate, source, dest, spec, 82)
+    wait_for_status(source, "running")
+    source.manager.live_migration_force_complete(spec["instance_uuid"], 82)
+    thread.join(10)
+    assert not thread.is_alive() and time.monotonic() - started < 15  # not the 30 s migration
+    assert source.statuses(82) == ["running", "running (post-copy)", "migrated"]
+    _, post_copy, migrated = source.updates(82)
+    event = force_complete_event(post_copy)
+    assert event["result"] == "success" and post_copy["error"] is None
+    assert event["message"].startswith(f"switched to post-copy on {source.name} after ")
+    assert migrated["event"]["name"] == "compute_live_migration" and migrated["error"] is None
+    assert "switched to post-copy after" in migrated["event"]["message"]
+    assert source.driver.list_instances() == {}
+    assert dest.driver.list_instances() == {spec["instance_uuid"]: "running"}
+    # Once it ended, a force-complete (a late or redelivered task) is a logged no-op.
+    source.manager.live_migration_force_complete(spec["instance_uuid"], 82)
+    assert source.statuses(82) == ["running", "running (post-copy)", "migrated"]
+
+
+def test_force_complete_without_post_copy_pauses_the_guest_until_it_converges(
+        tmp_path: Path, make_spec: SpecFactory) -> None:
+    source, dest = two_hosts(tmp_path)
+    spec = spawn_on(source, make_spec)
+    source.driver.migration_delay = 30
+    thread = run_in_thread(migrate, source, dest, spec, 83)
+    wait_for_status(source, "running")
+    source.manager.live_migration_force_complete(spec["instance_uuid"], 83)
+    thread.join(10)
+    assert not thread.is_alive()
+    assert source.statuses(83) == ["running", "running", "migrated"]
+    paused = source.updates(83)[1]
+    event = force_complete_event(paused)
+    assert event["result"] == "success"
+    assert event["message"].startswith(f"paused the guest on {source.name} after ")
+    assert "so that the migration converges" in event["message"]
+    assert "the guest paused so that it converged" in source.updates(83)[-1]["event"]["message"]
+    # The destination resumed it (libvirt does so after a migration of a guest paused for it).
+    assert dest.driver.list_instances() == {spec["instance_uuid"]: "running"}
+
+
+def test_force_complete_without_a_migration_is_a_no_op(hosts: tuple[Host, Host],
+                                                      make_spec: SpecFactory) -> None:
+    source, dest = hosts
+    spec = spawn_on(source, make_spec)
+    source.manager.live_migration_force_complete(spec["instance_uuid"], 84)
+    assert source.reporter.reports == []
+    assert source.driver.list_instances() == {spec["instance_uuid"]: "running"}  # not paused
+    # Nor is it remembered for a migration that starts later: that one runs as usual.
+    migrate(source, dest, spec, 84)
+    assert source.statuses(84) == ["running", "migrated"]
+
+
+def test_a_refused_switch_over_is_reported_and_the_migration_goes_on(tmp_path: Path,
+                                                                     make_spec: SpecFactory) -> None:
+    class NotYet(FakeDriver):
+        def live_migration_force_complete(self, instance_uuid: str, post_copy: bool) -> str:
+            raise HypervisorError("post-copy can only be started while outgoing migration is in progress")
+
+    source, dest = two_hosts(tmp_path, NotYet, **POST_COPY)
+    spec = spawn_on(source, make_spec)
+    source.driver.migration_delay = 1.5
+    thread = run_in_thread(migrate, source, dest, spec, 85)
+    wait_for_status(source, "running")
+    source.manager.live_migration_force_complete(spec["instance_uuid"], 85)
+    thread.join(10)
+    assert source.statuses(85) == ["running", "running", "migrated"]
+    event = force_complete_event(source.updates(85)[1])
+    assert event["result"] == "error"
+    assert "post-copy can only be started while outgoing migration is in progress" in event["message"]
+    assert "goes on as before" in event["message"]
+    assert "switched" not in source.updates(85)[-1]["event"]["message"]
+
+
+def test_in_post_copy_aborts_and_the_completion_timeout_are_ignored(tmp_path: Path,
+                                                                     make_spec: SpecFactory) -> None:
+    source, dest = two_hosts(tmp_path, **POST_COPY)
+    spec = spawn_on(source, make_spec)
+    source.driver.migration_delay = 30
+    source.driver.switch_over_delay = 2.0  # post-copy still fetching pages when the abort comes
+    thread = run_in_thread(lambda: migrate(source, dest, spec, 86, completion_timeout=1.0))
+    wait_for_status(source, "running")
+    source.manager.live_migration_force_complete(spec["instance_uuid"], 86)
+    wait_for_status(source, "running (post-copy)")
+    source.manager.abort_live_migration(spec["instance_uuid"], 86)
+    thread.join(15)  # meanwhile the 1 s completion timeout passed too
+    assert not thread.is_alive()
+    assert source.statuses(86) == ["running", "running (post-copy)", "migrated"]
+    assert dest.driver.list_instances() == {spec["instance_uuid"]: "running"}
+
+
+def test_a_failure_in_post_copy_says_the_guest_is_split_between_the_hosts(tmp_path: Path,
+                                                                          make_spec: SpecFactory) -> None:
+    source, dest = two_hosts(tmp_path, **POST_COPY)
+    spec = spawn_on(source, make_spec)
+    source.driver.migration_delay = 30
+    source.driver.post_copy_failure = "connection reset by peer"
+    thread = run_in_thread(migrate, source, dest, spec, 87)
+    wait_for_status(source, "running")
+    source.manager.live_migration_force_complete(spec["instance_uuid"], 87)
+    thread.join(10)
+    assert source.statuses(87) == ["running", "running (post-copy)", "failed"]
+    failed = source.updates(87)[-1]
+    assert "failed in post-copy" in failed["error"] and "connection reset by peer" in failed["error"]
+    assert f"memory is split between host {source.name} and host {dest.name}" in failed["error"]
+    assert failed["event"]["result"] == "error" and failed["event"]["message"] == failed["error"]
+    # Read on the source, and left as it is: resuming it there would run a guest missing its memory.
+    assert failed["values"] == {"power_state": "paused"}
+    assert source.driver.list_instances() == {spec["instance_uuid"]: "paused"}
+    assert dest.driver.list_instances() == {}
+
+
+@pytest.mark.parametrize(("overrides", "status", "done"), [
+    ({}, "running", "paused the guest on"),
+    (POST_COPY, "running (post-copy)", "switched to post-copy on"),
+])
+def test_timeout_action_force_complete_switches_over_instead_of_aborting(
+        tmp_path: Path, make_spec: SpecFactory, overrides: dict[str, str], status: str, done: str) -> None:
+    source, dest = two_hosts(tmp_path, COMPUTE_LIVE_MIGRATION_TIMEOUT_ACTION="force_complete", **overrides)
+    spec = spawn_on(source, make_spec)
+    source.driver.migration_delay = 30
+    started = time.monotonic()
+    migrate(source, dest, spec, 88, completion_timeout=1.0)
+    assert 1.0 <= time.monotonic() - started < 15  # switched over at 1 s, not after the 30 s migration
+    assert source.statuses(88) == ["running", status, "migrated"]
+    event = force_complete_event(source.updates(88)[1])
+    assert event["result"] == "success" and done in event["message"]
+    assert "(its completion timeout passed)" in event["message"]
+    assert dest.driver.list_instances() == {spec["instance_uuid"]: "running"}
+
+
+def test_post_copy_unsupported_by_the_destination_says_what_to_do(tmp_path: Path,
+                                                                  make_spec: SpecFactory) -> None:
+    class NoUserfaultfd(FakeDriver):
+        def live_migration(self, instance_uuid: str, *args: Any, **kwargs: Any) -> None:
+            raise PostCopyUnsupported("libvirt could not migrate it to qemu+tcp://dst/system: internal "
+                                      "error: unable to execute QEMU command 'migrate-set-capabilities': "
+                                      "Postcopy is not supported")
+
+    source, dest = two_hosts(tmp_path, NoUserfaultfd, **POST_COPY)
+    spec = spawn_on(source, make_spec)
+    migrate(source, dest, spec, 89)
+    failed = source.updates(89)[-1]
+    assert failed["status"] == "failed" and failed["values"] == {"power_state": "running"}
+    assert "Postcopy is not supported" in failed["error"]
+    assert f"sysctl vm.unprivileged_userfaultfd=1` on host {dest.name}" in failed["error"]
+    assert "COMPUTE_LIVE_MIGRATION_PERMIT_POST_COPY=0" in failed["error"]

@@ -248,11 +248,18 @@ log_outputs = "3:stderr"
 # destination of a migration on shared storage then reads as "in use" and refuses the console file
 # ("Setting different DAC user or group ... already in use"); NFS, what shared storage stands for
 # here, usually has no such xattrs.
+# user/group root: post-copy live migration needs userfaultfd in the destination's QEMU, which the
+# kernel allows an unprivileged process (QEMU as libvirt-qemu) only with vm.unprivileged_userfaultfd=1,
+# a machine-wide setting that a test must not change; without either, libvirt fails such a migration
+# at once ("Postcopy is not supported"). The system libvirtd the other tests use still runs QEMU as
+# libvirt-qemu.
 QEMU_CONF = """migration_host = "{ip}"
 stdio_handler = "file"
 cgroup_controllers = [ ]
 security_driver = "none"
 remember_owner = 0
+user = "root"
+group = "root"
 """
 
 # Runs as tini's child inside the new namespaces: private mounts, hostname, then the daemon. The host's

@@ -35,6 +35,7 @@ from compute_workers.exception import (
     InstanceInvalidState,
     InstanceNotFound,
     MigrationAborted,
+    PostCopyUnsupported,
 )
 from compute_workers.virt.driver import (
     ComputeDriver,
@@ -867,8 +868,8 @@ class LibvirtDriver(ComputeDriver):
             raise
 
     def live_migration(self, instance_uuid: str, dest_uri: str, dest_migrate_uri: str | None = None,
-                       block_migration: bool = False, *, unsafe: bool = False,
-                       bandwidth_mib: int = 0) -> migration.MigrationResult:
+                       block_migration: bool = False, *, unsafe: bool = False, bandwidth_mib: int = 0,
+                       post_copy: bool = False, auto_converge: bool = False) -> migration.MigrationResult:
         """Peer-to-peer live migration to the daemon at ``dest_uri`` (memory, and the disk's top layer
         too with ``block_migration``, streamed to ``dest_migrate_uri``). Afterwards the domain runs
         and is defined there and is gone here; on failure it keeps running here."""
@@ -879,13 +880,16 @@ class LibvirtDriver(ComputeDriver):
                                            "nothing to live-migrate")
         try:
             return migration.live_migrate(domain, dest_uri, dest_migrate_uri, block_migration, unsafe=unsafe,
-                                          bandwidth_mib=bandwidth_mib)
+                                          bandwidth_mib=bandwidth_mib, post_copy=post_copy,
+                                          auto_converge=auto_converge)
         except libvirt.libvirtError as exc:
             message = exc.get_error_message() or str(exc)
             if _error_code(exc) == libvirt.VIR_ERR_OPERATION_ABORTED:
                 raise MigrationAborted(f"libvirt aborted the migration job: {message}") from exc
             if _error_code(exc) == libvirt.VIR_ERR_NO_DOMAIN:
                 raise InstanceNotFound(f"instance {instance_uuid} not found on this host") from exc
+            if post_copy and migration.POST_COPY_UNSUPPORTED in message:
+                raise PostCopyUnsupported(f"libvirt could not migrate it to {dest_uri}: {message}") from exc
             raise HypervisorError(f"libvirt could not migrate it to {dest_uri}: {message}") from exc
 
     def live_migration_progress(self, instance_uuid: str) -> dict[str, int] | None:
@@ -898,6 +902,17 @@ class LibvirtDriver(ComputeDriver):
         with _hypervisor_errors(f"libvirt cannot abort the migration job of instance {instance_uuid}",
                                 instance_uuid):
             return migration.abort_job(domain)
+
+    def live_migration_force_complete(self, instance_uuid: str, post_copy: bool) -> str:
+        domain = self._domain(instance_uuid)
+        how = "switch to post-copy" if post_copy else "pause the guest"
+        with _hypervisor_errors(f"libvirt cannot {how} in the migration of instance {instance_uuid}",
+                                instance_uuid):
+            switched = migration.switch_over(domain, post_copy)
+        if switched is None:
+            raise HypervisorError(f"cannot {how} in the migration of instance {instance_uuid}: no migration "
+                                  "job runs")
+        return switched
 
     def post_live_migration_at_source(self, instance_uuid: str, shared_storage: bool) -> None:
         domain = self._lookup(instance_uuid)

@@ -1,5 +1,6 @@
 """Live migration of a running domain with libvirt peer-to-peer migration, and what goes with it:
-the job's progress, its abort, the completed job's figures, the CPU comparison of the pre-checks.
+the job's progress, its abort and switch-over, the completed job's figures, the CPU comparison of the
+pre-checks.
 
 The source daemon connects to the destination daemon itself (``dest_uri``, e.g.
 ``qemu+tcp://<dest>/system``) and QEMU streams memory (and, for block migration, the disk) to
@@ -13,9 +14,18 @@ travels. ``UNSAFE`` lets libvirt migrate disks it believes unshared although the
 directory shared by bind mounts: libvirt only recognises network and cluster filesystems).
 
 ``migrateToURI3`` blocks until the migration ends, so the compute manager calls it in a thread of its
-own and meanwhile reads :func:`job_progress` and may call :func:`abort_job`, from other threads: one
-libvirt connection serves them all (libvirt connections are thread-safe and a domain job allows
-queries and abort while it runs).
+own and meanwhile reads :func:`job_progress` and may call :func:`abort_job` or :func:`switch_over`,
+from other threads: one libvirt connection serves them all (libvirt connections are thread-safe and a
+domain's migration job allows queries, abort, suspend and the start of post-copy while it runs).
+
+Converging (Nova's ``live_migration_permit_post_copy`` / ``_auto_converge``): a job started with
+``POSTCOPY`` can be switched to post-copy (``migrateStartPostCopy``): the guest then runs on the
+destination, which fetches the pages not copied yet from the source; from then on the job cannot be
+aborted, and if it fails the guest's memory is split between the hosts. The destination's QEMU needs
+userfaultfd for it (``vm.unprivileged_userfaultfd=1`` for a QEMU that does not run as root), else libvirt
+fails the migration as it starts ("Postcopy is not supported"). Without post-copy, pausing the guest
+(``suspend``) stops its memory changing so that the copy converges; libvirt resumes it on the
+destination. ``AUTO_CONVERGE`` has QEMU throttle the vCPUs of a guest whose copy does not converge.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ from typing import Any
 import libvirt
 
 from compute_workers import contract
+from compute_workers.virt.driver import SWITCHED_BY_PAUSING, SWITCHED_TO_POST_COPY
 
 BASE_FLAGS = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_PERSIST_DEST
               | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE)
@@ -39,12 +50,21 @@ class MigrationResult:
     seconds: float  # wall-clock time of the migration call
 
 
-def migration_flags(block_migration: bool, unsafe: bool = False) -> int:
+# Where libvirt relays the destination QEMU's refusal of a job started with POSTCOPY (no userfaultfd).
+POST_COPY_UNSUPPORTED = "Postcopy is not supported"
+
+
+def migration_flags(block_migration: bool, unsafe: bool = False, *, post_copy: bool = False,
+                    auto_converge: bool = False) -> int:
     flags = BASE_FLAGS
     if block_migration:
         flags |= libvirt.VIR_MIGRATE_NON_SHARED_INC
     if unsafe:
         flags |= libvirt.VIR_MIGRATE_UNSAFE
+    if post_copy:
+        flags |= libvirt.VIR_MIGRATE_POSTCOPY
+    if auto_converge:
+        flags |= libvirt.VIR_MIGRATE_AUTO_CONVERGE
     return flags
 
 
@@ -60,11 +80,13 @@ def migration_params(dest_migrate_uri: str | None, bandwidth_mib: int = 0) -> di
 
 
 def live_migrate(domain: libvirt.virDomain, dest_uri: str, dest_migrate_uri: str | None,
-                 block_migration: bool, *, unsafe: bool = False, bandwidth_mib: int = 0) -> MigrationResult:
+                 block_migration: bool, *, unsafe: bool = False, bandwidth_mib: int = 0,
+                 post_copy: bool = False, auto_converge: bool = False) -> MigrationResult:
     """Migrate ``domain`` (running) to ``dest_uri``; raises libvirtError when libvirt refuses or fails."""
     started = time.monotonic()
     domain.migrateToURI3(dest_uri, migration_params(dest_migrate_uri, bandwidth_mib),
-                         migration_flags(block_migration, unsafe))
+                         migration_flags(block_migration, unsafe, post_copy=post_copy,
+                                         auto_converge=auto_converge))
     return MigrationResult(seconds=time.monotonic() - started)
 
 
@@ -106,6 +128,25 @@ def abort_job(domain: libvirt.virDomain) -> bool:
             return False
         raise
     return True
+
+
+def switch_over(domain: libvirt.virDomain, post_copy: bool) -> str | None:
+    """Make the domain's running migration job converge: switch it to post-copy (a job started with
+    ``POSTCOPY``), else pause the guest. Returns :data:`SWITCHED_TO_POST_COPY` or
+    :data:`SWITCHED_BY_PAUSING`; None when no job runs to pause the guest for. Raises libvirtError
+    when libvirt refuses (no job; a job still copying the disk: "post-copy can only be started while
+    outgoing migration is in progress").
+
+    ``suspend`` would pause a guest that no job migrates, for good: the job is checked first (one that
+    ends in between leaves the guest running on the destination, libvirt resumes it there, or paused
+    here after a failure, which the caller resumes as after any failed migration)."""
+    if post_copy:
+        domain.migrateStartPostCopy(0)  # libvirt refuses it without a job
+        return SWITCHED_TO_POST_COPY
+    if job_progress(domain) is None:
+        return None
+    domain.suspend()
+    return SWITCHED_BY_PAUSING
 
 
 def completed_job(domain: libvirt.virDomain) -> dict[str, int]:
