@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,6 +103,18 @@ class Cloud:
                                     if not (n == contract.CONDUCTOR_MIGRATION_PROGRESS
                                             and k["migration_id"] == migration_id)]
         return sorted((p["progress"] for p in found), key=lambda p: p["observed_at"])
+
+    def progress_until(self, migration_id: int, enough: Callable[[list[dict[str, Any]]], bool],
+                       timeout: float) -> list[dict[str, Any]]:
+        """Every progress report of ``migration_id``, read until ``enough(reports)`` holds or
+        ``timeout`` seconds passed (libvirt may report zeros for seconds while a job sets up)."""
+        progress: list[dict[str, Any]] = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            progress = sorted(progress + self.progress(migration_id), key=lambda p: p["observed_at"])
+            if enough(progress):
+                break
+        return progress
 
 
 @pytest.fixture(scope="module")
@@ -317,13 +329,14 @@ def test_abort_and_completion_timeout_leave_the_guest_running_on_the_source(clou
     # 1 MiB/s: the overlay (disk) is copied first, then memory; either counter moves, neither ends.
     # libvirt may report zeros for a few seconds while the job sets up (seen on a loaded CI machine:
     # three reports of zeros in 3 s), so read until the counters have moved, within a deadline.
-    progress: list[dict[str, Any]] = []
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        progress = sorted(progress + cloud.progress(migration_id), key=lambda p: p["observed_at"])
-        moved = [p["disk_processed"] + p["memory_processed"] for p in progress]
-        if len(progress) >= 3 and moved[-1] > moved[0]:
-            break
+    def moved_of(found: list[dict[str, Any]]) -> list[int]:
+        return [p["disk_processed"] + p["memory_processed"] for p in found]
+
+    def counters_moved(found: list[dict[str, Any]]) -> bool:
+        return len(found) >= 3 and moved_of(found)[-1] > moved_of(found)[0]
+
+    progress = cloud.progress_until(migration_id, counters_moved, 30)
+    moved = moved_of(progress)
     assert len(progress) >= 3, progress
     assert moved == sorted(moved) and moved[-1] > moved[0], progress
     assert progress[-1]["disk_total"] + progress[-1]["memory_total"] > moved[-1]
@@ -469,12 +482,10 @@ def test_force_complete_switches_a_throttled_migration_to_post_copy(cloud: Cloud
     assert cloud.update(migration_id)["status"] == "running"
     # libvirt refuses post-copy until QEMU copies memory (the disk's overlay goes first): read the
     # progress until the memory counter moves.
-    progress: list[dict[str, Any]] = []
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        progress = sorted(progress + cloud.progress(migration_id), key=lambda p: p["observed_at"])
-        if len(progress) >= 2 and progress[-1]["memory_processed"] > progress[0]["memory_processed"]:
-            break
+    def memory_moved(found: list[dict[str, Any]]) -> bool:
+        return len(found) >= 2 and found[-1]["memory_processed"] > found[0]["memory_processed"]
+
+    progress = cloud.progress_until(migration_id, memory_moved, 60)
     assert len(progress) >= 2 and progress[-1]["memory_processed"] > progress[0]["memory_processed"], progress
     remaining = progress[-1]["memory_remaining"]
     assert remaining > 16 * 2**20, progress[-1]  # 16 s and more still to copy at 1 MiB/s
