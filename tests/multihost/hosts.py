@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import ipaddress
+import logging
 import os
 import secrets
 import shutil
@@ -40,6 +41,7 @@ LIBVIRT_DIRS = ("/etc/libvirt", "/run/libvirt", "/var/lib/libvirt", "/var/cache/
 NETWORK = ipaddress.ip_network("10.253.0.0/16")  # each run takes a /24 of it (_claim_subnet)
 ROOT_HOST_PART = 254  # the root namespace's address in a run's /24
 OWNER_FILE = "owner"  # the pid of the test process that started a run (remove_stale_runs)
+LOG = logging.getLogger(__name__)
 CAP_NET_ADMIN = 12
 CAP_SYS_ADMIN = 21
 
@@ -440,21 +442,7 @@ class NamespaceHosts:
                 errors.append(f"ip link del {self.root_link}: {result.stderr.strip()}")
             self._root_link_added = False
         for name in self._netns:
-            deadline = time.monotonic() + 10
-            while True:  # nothing may outlive the test in these namespaces
-                pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True,
-                                      text=True).stdout.split()
-                if not pids:
-                    break
-                for pid in pids:
-                    _kill(int(pid))
-                if time.monotonic() > deadline:
-                    errors.append(f"processes left in {name}: {pids}")
-                    break
-                time.sleep(0.05)
-            result = subprocess.run(["ip", "netns", "del", name], capture_output=True, text=True)
-            if result.returncode != 0:
-                errors.append(f"ip netns del {name}: {result.stderr.strip()}")
+            errors += _delete_netns(name)
         self._netns.clear()
         shutil.rmtree(self.directory, ignore_errors=True)
         if errors:
@@ -479,14 +467,33 @@ def remove_stale_runs() -> list[str]:
         namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
                                     timeout=10).stdout.split()
         for name in (name for name in namespaces if name.startswith(f"cch-{run_id}-")):
-            for pid in subprocess.run(["ip", "netns", "pids", name], capture_output=True,
-                                      text=True, timeout=10).stdout.split():
-                _kill(int(pid))
-            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)
+            for error in _delete_netns(name):
+                LOG.warning("removing stale run %s: %s", run_id, error)
         subprocess.run(["ip", "link", "del", f"cch-{run_id}-r"], capture_output=True, timeout=10)
         shutil.rmtree(directory, ignore_errors=True)
         removed.append(run_id)
     return removed
+
+
+def _delete_netns(name: str) -> list[str]:
+    """Kill every process in network namespace ``name`` (nothing may outlive a run there), then
+    delete it; what could not be done, as messages."""
+    errors = []
+    deadline = time.monotonic() + 10
+    while True:
+        pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
+        if not pids:
+            break
+        for pid in pids:
+            _kill(int(pid))
+        if time.monotonic() > deadline:
+            errors.append(f"processes left in {name}: {pids}")
+            break
+        time.sleep(0.05)
+    result = subprocess.run(["ip", "netns", "del", name], capture_output=True, text=True)
+    if result.returncode != 0:
+        errors.append(f"ip netns del {name}: {result.stderr.strip()}")
+    return errors
 
 
 @contextlib.contextmanager
