@@ -220,13 +220,11 @@ def _remove_leftover_domains(instances: Path) -> None:
     """A failed test must not leave guests running: destroy domains whose files live here."""
     import libvirt
 
+    from tests.libvirt_support import remove_domains
+
     conn = libvirt.open("qemu:///system")
     try:
-        for domain in conn.listAllDomains():
-            if str(instances) in domain.XMLDesc():
-                if domain.isActive():
-                    domain.destroy()
-                domain.undefine()
+        remove_domains(conn, lambda domain: str(instances) in domain.XMLDesc())
     finally:
         conn.close()
 

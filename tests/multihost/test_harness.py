@@ -13,6 +13,8 @@ from pathlib import Path
 import libvirt
 import pytest
 
+from tests.libvirt_support import remove_domains
+
 from .guests import READY, domain_xml, prepare_block_migration, read, wait_for
 from .hosts import REPO, ROOT, NamespaceHost, remove_stale_runs
 
@@ -99,11 +101,7 @@ def test_live_block_migration_of_a_running_guest(libvirt_hosts: list[NamespaceHo
         assert POWEROFF not in read(source_console)
     finally:
         for conn in (src, dst):
-            for dom in conn.listAllDomains():
-                if dom.UUIDString() == instance_uuid:
-                    if dom.isActive():
-                        dom.destroy()
-                    dom.undefine()
+            remove_domains(conn, lambda domain: domain.UUIDString() == instance_uuid)
             conn.close()
 
 

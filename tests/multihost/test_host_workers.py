@@ -19,6 +19,7 @@ from celery import Celery
 
 from compute_workers import contract
 from tests.compute_support import TOKEN, ConductorQueue, new_spec, serve_images
+from tests.libvirt_support import remove_domains
 
 from .conftest import running_hosts
 from .guests import READY, domain_xml, read, wait_for
@@ -76,13 +77,10 @@ def test_live_migration_on_shared_storage(shared_hosts: NamespaceHosts, tiny_ima
         wait_for(lambda: READY in read(console), 120, lambda: read(console)[-2000:])
         migrated.shutdown()
         wait_for(lambda: POWEROFF in read(console), 60, lambda: read(console)[-2000:])
+        wait_for(lambda: migrated.state()[0] == libvirt.VIR_DOMAIN_SHUTOFF, 30, lambda: str(migrated.state()))
     finally:
         for conn in (src, dst):
-            for domain in conn.listAllDomains():
-                if domain.UUIDString() == instance_uuid:
-                    if domain.isActive():
-                        domain.destroy()
-                    domain.undefine()
+            remove_domains(conn, lambda domain: domain.UUIDString() == instance_uuid)
             conn.close()
 
 

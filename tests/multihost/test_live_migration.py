@@ -14,6 +14,7 @@ import pytest
 from compute_workers import contract
 from compute_workers.exception import InstanceInvalidState
 from compute_workers.virt.libvirt.driver import LibvirtDriver
+from tests.libvirt_support import remove_domains
 
 from .guests import READY, domain_xml, prepare_block_migration, read, wait_for
 from .hosts import NamespaceHost
@@ -56,12 +57,9 @@ def test_live_migration_moves_the_running_guest(libvirt_hosts: list[NamespaceHos
         assert migrated.state()[0] == libvirt.VIR_DOMAIN_RUNNING and migrated.isPersistent()
         migrated.shutdown()  # the guest runs there: it powers off cleanly on request
         wait_for(lambda: POWEROFF in read(dest_console), 60, lambda: read(dest_console)[-2000:])
+        wait_for(lambda: migrated.state()[0] == libvirt.VIR_DOMAIN_SHUTOFF, 30, lambda: str(migrated.state()))
     finally:
-        for domain in dst.listAllDomains():
-            if domain.name() == name:
-                if domain.isActive():
-                    domain.destroy()
-                domain.undefine()
+        remove_domains(dst, lambda domain: domain.name() == name)
         dst.close()
 
 
