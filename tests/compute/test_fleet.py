@@ -127,7 +127,9 @@ def test_heartbeats_are_spread_over_the_interval() -> None:
 
     heartbeat = SpreadHeartbeat([lambda i=i: beat(i) for i in range(4)], interval=0.4)
     heartbeat.start()
-    time.sleep(0.75)
+    deadline = time.monotonic() + 10  # eight beats take 0.7 s; a busy machine may need longer
+    while len(calls) < 8 and time.monotonic() < deadline:
+        time.sleep(0.01)
     heartbeat.stop()
     assert not heartbeat.is_alive()
     indices = [index for index, _ in calls]
@@ -135,7 +137,7 @@ def test_heartbeats_are_spread_over_the_interval() -> None:
     # Beat k is due 0.1 s after beat k - 1 (never before: not all at once), whatever the load.
     first = calls[0][1]
     offsets = [when - first for _, when in calls[:8]]
-    assert all(k * 0.1 - 0.05 <= offset <= k * 0.1 + 0.3 for k, offset in enumerate(offsets)), offsets
+    assert all(k * 0.1 - 0.05 <= offset <= k * 0.1 + 1.0 for k, offset in enumerate(offsets)), offsets
 
 
 def test_a_prefix_no_queue_can_be_named_after_stops_the_fleet_at_start() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -199,11 +198,17 @@ def test_failed_terminate_reports_error_with_fault(tmp_path: Path, make_spec: Sp
 
 
 def test_terminate_during_spawn_waits_for_it(tmp_path: Path, make_spec: SpecFactory) -> None:
-    manager, reporter = make_manager(FakeDriver(spawn_delay=0.3), tmp_path)
+    class SpawnSignallingDriver(FakeDriver):
+        def spawn(self, spec: dict[str, Any], base_image: Path | None) -> None:
+            spawning.set()
+            super().spawn(spec, base_image)
+
+    spawning = threading.Event()
+    manager, reporter = make_manager(SpawnSignallingDriver(spawn_delay=0.3), tmp_path)
     spec = make_spec()
     spawn = threading.Thread(target=manager.spawn, args=(spec,))
     spawn.start()
-    time.sleep(0.05)
+    assert spawning.wait(10)  # the spawn holds the instance's lock: the delete must wait for it
     manager.terminate(spec["instance_uuid"])
     spawn.join()
     assert names(reporter) == [contract.CONDUCTOR_INSTANCE_UPDATE, contract.CONDUCTOR_INSTANCE_DESTROYED]
