@@ -187,6 +187,8 @@ action_id=None)``
     ``compute.terminate`` finished: the domain and its files are gone.
 ``conductor.migration_update(migration_id, host, status, error=None, values=None, event=None)``
     A step of a migration ended on ``host`` (statuses above). ``values`` may hold ``power_state``;
+    a live migration's ``completed`` may add ``progress`` (the final figures, keys as in
+    ``migration_progress``) and ``downtime_ms`` (how long the guest was paused for the switch-over);
     ``event`` is ``{"name", "result", "message"}`` for the migration's action. The conductor applies a
     status only in the order it expects (a redelivered or late report is dropped) and sends the next
     step.

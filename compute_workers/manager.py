@@ -1501,7 +1501,8 @@ class ComputeManager:
     def post_live_migration_at_destination(self, instance_uuid: str, migration_id: int,
                                            spec: dict[str, Any]) -> None:
         """On the destination after "migrated": the domain must run here; record its definition; report
-        "completed" with its power state (and libvirt's figures of the migration in the event)."""
+        "completed" with its power state and libvirt's figures of the finished job (final counters and
+        downtime in ``values``, a summary in the event)."""
         step, event = "post_live_migration_at_destination", "compute_post_live_migration_at_destination"
         if not self._checked_migration(step, instance_uuid, migration_id):
             return
@@ -1529,8 +1530,19 @@ class ComputeManager:
                 if "transferred_bytes" in figures:
                     message += f", {figures['transferred_bytes'] / MiB:.1f} MiB transferred"
             LOG.info("%s of %s (migration %s): %s", step, instance_uuid, migration_id, message)
+            values: dict[str, Any] = {"power_state": power_state}
+            final = {key: figures[key] for key in contract.MIGRATION_PROGRESS_KEYS if key in figures}
+            if not final.get("disk_total"):
+                # The destination's libvirt does not count a block migration's disk copy (a mirror job of
+                # its own): the source's progress reports keep theirs.
+                for key in ("disk_total", "disk_processed", "disk_remaining"):
+                    final.pop(key, None)
+            if final:
+                values["progress"] = final
+            if "downtime_ms" in figures:
+                values["downtime_ms"] = figures["downtime_ms"]
             self._migration_done(migration_id, instance_uuid, step, contract.MIGRATION_COMPLETED,
-                                 values={"power_state": power_state},
+                                 values=values,
                                  event=self._event(event, "success", message))
 
     def rollback_live_migration_at_destination(self, instance_uuid: str, migration_id: int,

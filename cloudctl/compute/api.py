@@ -305,8 +305,8 @@ class MigrationSerializer(serializers.ModelSerializer):
         fields = ("id", "server", "migration_type", "status", "source_host", "dest_host", "old_flavor",
                   "new_flavor", "block_migration", "shared_storage", "completion_timeout",
                   "memory_total", "memory_processed", "memory_remaining", "disk_total", "disk_processed",
-                  "disk_remaining", "progress_updated", "error", "action_id", "created", "updated",
-                  "started_at", "finished_at")
+                  "disk_remaining", "downtime_ms", "progress_updated", "error", "action_id", "created",
+                  "updated", "started_at", "finished_at")
         read_only_fields = fields
 
 

@@ -463,9 +463,16 @@ def confirm_expired_resizes() -> int:
 
 # --- Reports from the hosts ------------------------------------------------------------------------
 
+def _progress_values(progress: Any) -> dict[str, int]:
+    """The byte counters of a host's progress report that are numbers (bool is no count)."""
+    if not isinstance(progress, dict):
+        return {}
+    return {key: int(progress[key]) for key in contract.MIGRATION_PROGRESS_KEYS
+            if isinstance(progress.get(key), int | float) and not isinstance(progress[key], bool)}
+
+
 def migration_progress(*, migration_id: int, host: str, progress: dict[str, Any]) -> bool:
-    values = {key: int(progress[key]) for key in contract.MIGRATION_PROGRESS_KEYS
-              if isinstance(progress.get(key), int | float)}
+    values = _progress_values(progress)
     return bool(Migration.objects.filter(pk=migration_id, source_host__name=host,
                                          status__in=(S.QUEUED, S.RUNNING, S.RUNNING_POSTCOPY, S.CANCELLING,
                                                      S.MIGRATING))
@@ -640,8 +647,15 @@ def _live_completed(migration: Migration, *, values: dict[str, Any], **_: Any) -
     if not _instance(migration, TaskState.MIGRATING).filter(host=migration.source_host).change(**changes):
         log.warning("live migration %s completed but %s is no longer migrating", migration.pk, instance.uuid)
     _release_source(migration)
-    _set(migration, status=S.COMPLETED, finished_at=timezone.now(), memory_remaining=0,
-         disk_remaining=0 if migration.block_migration else migration.disk_remaining)
+    # The destination's final figures (libvirt's completed job) fill in what progress reports missed:
+    # a quick migration may end before the first one.
+    figures: dict[str, Any] = {"memory_remaining": 0,
+                               "disk_remaining": 0 if migration.block_migration else migration.disk_remaining,
+                               **_progress_values(values.get("progress"))}
+    downtime = values.get("downtime_ms")
+    if type(downtime) is int and downtime >= 0:
+        figures["downtime_ms"] = downtime
+    _set(migration, status=S.COMPLETED, finished_at=timezone.now(), **figures)
     seconds = (timezone.now() - (migration.started_at or migration.created)).total_seconds()
     _event(migration, "live_migration", "Success",
            f"{migration.source_host.name} -> {migration.dest_host.name} in {seconds:.1f} s", host="")

@@ -255,6 +255,9 @@ class Migration(models.Model):
     disk_total = models.BigIntegerField(null=True, blank=True)
     disk_processed = models.BigIntegerField(null=True, blank=True)
     disk_remaining = models.BigIntegerField(null=True, blank=True)
+    downtime_ms = models.PositiveIntegerField(
+        null=True, blank=True, help_text="live migration: how long the guest was paused for the switch-over "
+                                         "(libvirt's figure, from the destination)")
     progress_updated = models.DateTimeField(null=True, blank=True)
     error = models.TextField(blank=True)
     action = models.ForeignKey("InstanceAction", null=True, on_delete=models.SET_NULL, related_name="+")

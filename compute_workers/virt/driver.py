@@ -376,7 +376,8 @@ class ComputeDriver(abc.ABC):
         """After a successful live migration, on the destination: check that the domain runs here and
         record its definition from ``spec`` (``libvirt.xml``, as spawn writes it); the domain itself
         is left as it is. Returns what the hypervisor says about the finished migration (``downtime_ms``,
-        ``elapsed_ms``, ``transferred_bytes``: those it knows). Raises InstanceNotFound,
+        ``elapsed_ms``, ``transferred_bytes`` and the final ``contract.MIGRATION_PROGRESS_KEYS``: those
+        it knows). Raises InstanceNotFound,
         InstanceInvalidState when the domain is not running."""
         raise NotImplementedError
 

@@ -481,7 +481,8 @@ class FakeDriver(ComputeDriver):
                 raise InstanceInvalidState(f"the migrated domain of instance {instance_uuid} is not running "
                                            "on this host")
             instance.spec = spec
-        return {"downtime_ms": 0}
+        memory = int(spec["flavor"]["memory_mb"]) * 2**20  # all of it copied, nothing left
+        return {"downtime_ms": 0, "memory_total": memory, "memory_processed": memory, "memory_remaining": 0}
 
     def rollback_live_migration_at_destination(self, instance_uuid: str, destroy_disks: bool) -> bool:
         with self._lock:

@@ -166,9 +166,11 @@ def test_the_driver_reports_a_refused_switch_over_and_a_destination_without_post
 
 def test_completed_job_figures() -> None:
     done = StubDomain({"type": libvirt.VIR_DOMAIN_JOB_COMPLETED, "downtime": 196, "time_elapsed": 1380,
-                       "data_processed": 5 << 20})
+                       "data_processed": 5 << 20, "memory_total": 128 << 20, "memory_processed": 4 << 20,
+                       "memory_remaining": 0, "setup_time": 3})
     assert migration.completed_job(done) == {
-        "downtime_ms": 196, "elapsed_ms": 1380, "transferred_bytes": 5 << 20}
+        "downtime_ms": 196, "elapsed_ms": 1380, "transferred_bytes": 5 << 20, "memory_total": 128 << 20,
+        "memory_processed": 4 << 20, "memory_remaining": 0}
     assert migration.completed_job(StubDomain()) == {}
 
 

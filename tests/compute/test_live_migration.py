@@ -297,7 +297,10 @@ def test_live_migration_reports_running_progress_then_migrated(hosts: tuple[Host
 
     dest.manager.post_live_migration_at_destination(instance_uuid, 11, spec)
     completed = dest.updates(11)[-1]
-    assert completed["status"] == "completed" and completed["values"] == {"power_state": "running"}
+    assert completed["status"] == "completed"
+    memory = spec["flavor"]["memory_mb"] << 20  # the destination's final figures of the migration
+    assert completed["values"] == {"power_state": "running", "downtime_ms": 0, "progress": {
+        "memory_total": memory, "memory_processed": memory, "memory_remaining": 0}}
     assert "downtime 0 ms" in completed["event"]["message"]
 
     # Redeliveries do nothing but say again what happened.

@@ -223,6 +223,37 @@ def started_live_migration(api: APIClient, admin_api: APIClient,
     return server, migration
 
 
+def test_a_completed_live_migration_records_the_destinations_final_figures(
+        api: APIClient, admin_api: APIClient, checks: Outbox, flavors: dict[str, Flavor], image: Any) -> None:
+    """A migration that ended before its first progress report still shows what was copied and how long
+    the guest was paused: the destination's completed-job figures come with its report."""
+    server, migration = started_live_migration(api, admin_api, checks)
+    assert report(migration, "hv1", contract.MIGRATION_MIGRATED)
+    final = {"memory_total": 134217728, "memory_processed": 3 << 20, "memory_remaining": 0, "disk_total": 0,
+             "disk_processed": 0, "disk_remaining": 0, "not_a_counter": 5, "memory_processed_ms": "x"}
+    assert report(migration, "hv2", contract.MIGRATION_COMPLETED,
+                  values={"power_state": "running", "progress": final, "downtime_ms": 42})
+    shown = admin_api.get(f"/api/v1/servers/{server.uuid}/migrations/{migration.pk}/").json()
+    assert shown["status"] == "completed"
+    assert (shown["memory_total"], shown["memory_processed"], shown["memory_remaining"]) == (134217728,
+                                                                                           3 << 20, 0)
+    assert shown["downtime_ms"] == 42
+    assert Migration.objects.get(pk=migration.pk).progress == "100% (0.0 MiB left)"
+
+
+def test_a_completed_report_without_figures_keeps_the_last_progress(
+        api: APIClient, admin_api: APIClient, checks: Outbox, flavors: dict[str, Flavor], image: Any) -> None:
+    _server, migration = started_live_migration(api, admin_api, checks)
+    assert migration_ops.migration_progress(migration_id=migration.pk, host="hv1", progress={
+        "memory_total": 1000, "memory_processed": 900, "memory_remaining": 100})
+    assert report(migration, "hv1", contract.MIGRATION_MIGRATED)
+    assert report(migration, "hv2", contract.MIGRATION_COMPLETED,
+                  values={"power_state": "running", "progress": "garbage", "downtime_ms": True})
+    migration.refresh_from_db()
+    assert (migration.memory_total, migration.memory_processed, migration.memory_remaining) == (1000, 900, 0)
+    assert migration.downtime_ms is None
+
+
 def test_abort_keeps_the_server_on_its_source(
         api: APIClient, admin_api: APIClient, checks: Outbox, flavors: dict[str, Flavor], image: Any) -> None:
     server, migration = started_live_migration(api, admin_api, checks)

@@ -16,10 +16,11 @@ Migration time, libvirt's downtime and the progress reports are printed (``-s``)
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -272,7 +273,14 @@ def test_live_block_migration_between_private_hosts(cloud: Cloud) -> None:
                migration_id=migration_id, spec={**spec, "host": dest.name})
     completed = cloud.update(migration_id)
     assert (completed["status"], completed["host"]) == ("completed", dest.name), completed
-    assert completed["values"] == {"power_state": "running"}
+    values = completed["values"]
+    assert values["power_state"] == "running"
+    # libvirt's completed job on the destination (the source sends its statistics along): all memory
+    # copied. It does not count the disk's copy (a mirror job of its own): the progress reports do.
+    final = values["progress"]
+    assert final["memory_total"] >= 64 << 20 and final["memory_remaining"] == 0, values
+    assert "disk_total" not in final, values
+    assert isinstance(values["downtime_ms"], int) and values["downtime_ms"] >= 0
     print(f"\nlive block migration host-a -> host-b by the workers: task sent to migrated "
           f"{migrated_at - sent:.2f} s (running to migrated {migrated_at - running_at:.2f} s); "
           f"{len(progress)} progress reports; "
@@ -455,7 +463,9 @@ def test_live_migration_on_shared_storage_keeps_the_directory(cloud: Cloud) -> N
     cloud.send(dest.name, contract.COMPUTE_POST_LIVE_MIGRATION_AT_DEST, instance_uuid=instance_uuid,
                migration_id=migration_id, spec={**spec, "host": dest.name})
     completed = cloud.update(migration_id)
-    assert completed["status"] == "completed" and completed["values"] == {"power_state": "running"}
+    assert completed["status"] == "completed" and completed["values"]["power_state"] == "running"
+    final = completed["values"]["progress"]
+    assert final["memory_total"] >= 64 << 20 and final["memory_remaining"] == 0, final
     print(f"\nlive migration on shared storage host-b -> host-c: {seconds:.2f} s from task to migrated, "
           f"{len(progress)} progress reports; destination: {completed['event']['message']}")
 
@@ -511,6 +521,7 @@ def test_force_complete_switches_a_throttled_migration_to_post_copy(cloud: Cloud
                migration_id=migration_id, spec={**spec, "host": dest.name})
     completed = cloud.update(migration_id)
     assert (completed["status"], completed["host"]) == ("completed", dest.name), completed
+    # libvirt keeps no completed-job statistics of a post-copy migration on the destination.
     assert completed["values"] == {"power_state": "running"}
     print(f"\nforce-complete (post-copy) of a live block migration throttled to 1 MiB/s, "
           f"{remaining / 2**20:.0f} MiB of memory still to copy: task sent to 'running (post-copy)' "
@@ -523,3 +534,69 @@ def test_force_complete_switches_a_throttled_migration_to_post_copy(cloud: Cloud
     assert not (source.local_instances / instance_uuid).exists()
     soft_reboot_shows_boot(cloud, spec, dest, action_id=4, boot=2)
     terminate(cloud, spec, dest)
+
+
+@contextlib.contextmanager
+def worker_with(cloud: Cloud, host: NamespaceHost, **env: str) -> Iterator[None]:
+    """``host``'s worker restarted with ``env`` changed, and again as before afterwards."""
+    worker = cloud.workers[host.name]
+    before = {key: worker.env.get(key) for key in env}
+
+    def restart(changes: Mapping[str, str | None]) -> None:
+        worker.terminate()
+        assert worker.wait() == 0, worker.log()[-3000:]
+        for key, value in changes.items():
+            if value is None:
+                worker.env.pop(key, None)
+            else:
+                worker.env[key] = value
+        worker.start()
+        cloud.conductor.wait_for(contract.CONDUCTOR_HOST_INIT, timeout=60, host=host.name)
+
+    restart(env)
+    try:
+        yield
+    finally:
+        restart(before)
+
+
+def test_force_complete_without_post_copy_pauses_the_guest_until_it_lands(cloud: Cloud) -> None:
+    """Without COMPUTE_LIVE_MIGRATION_PERMIT_POST_COPY a force-complete pauses the guest on the source
+    (Nova's way): its memory stops changing so the copy can finish, and libvirt resumes it on the
+    destination. The pause does not beat a slow link, so the test lifts the throttle after it."""
+    source, dest = cloud.host("host-a"), cloud.host("host-b")
+    with worker_with(cloud, source, COMPUTE_LIVE_MIGRATION_PERMIT_POST_COPY="0"):
+        spec = spawn(cloud, source)
+        instance_uuid = spec["instance_uuid"]
+        throttle(source, instance_uuid, 1)
+        checked = checks(cloud, spec, source, dest)
+        migration_id = next(cloud.next_id)
+        prepare(cloud, spec, dest, migration_id, checked)
+        start_migration(cloud, spec, source, dest, migration_id, checked)
+        assert cloud.update(migration_id)["status"] == "running"
+        progress = cloud.progress_until(
+            migration_id, lambda found: len(found) >= 2 and found[-1]["memory_processed"] > 0, 60)
+        assert progress[-1]["memory_remaining"] > 16 * 2**20, progress[-1]  # far from converging
+
+        cloud.send(source.name, contract.COMPUTE_LIVE_MIGRATION_FORCE_COMPLETE, instance_uuid=instance_uuid,
+                   migration_id=migration_id)
+        paused = cloud.update(migration_id)
+        assert (paused["status"], paused["host"]) == ("running", source.name), paused  # not post-copy
+        assert (paused["event"]["name"], paused["event"]["result"]) == (
+            "compute_live_migration_force_complete", "success"), paused
+        assert paused["event"]["message"].startswith("paused the guest on host-a after "), paused
+        assert domain_state(source, instance_uuid) == libvirt.VIR_DOMAIN_PAUSED
+
+        throttle(source, instance_uuid, 8192)  # libvirt applies a new speed to the running job
+        migrated = cloud.update(migration_id, timeout=120)
+        assert migrated["status"] == "migrated", migrated
+        assert "the guest paused so that it converged" in migrated["event"]["message"], migrated
+        cloud.send(dest.name, contract.COMPUTE_POST_LIVE_MIGRATION_AT_DEST, instance_uuid=instance_uuid,
+                   migration_id=migration_id, spec={**spec, "host": dest.name})
+        completed = cloud.update(migration_id)
+        assert (completed["status"], completed["host"]) == ("completed", dest.name), completed
+        assert completed["values"]["power_state"] == "running", completed  # resumed there
+        assert domain_state(dest, instance_uuid) == libvirt.VIR_DOMAIN_RUNNING
+        print(f"\nforce-complete by pausing: {paused['event']['message']}; {migrated['event']['message']}")
+        soft_reboot_shows_boot(cloud, spec, dest, action_id=5, boot=2)
+        terminate(cloud, spec, dest)

@@ -151,7 +151,8 @@ def switch_over(domain: libvirt.virDomain, post_copy: bool) -> str | None:
 
 def completed_job(domain: libvirt.virDomain) -> dict[str, int]:
     """What libvirt says of the domain's last completed job (on the destination of a migration:
-    the migration): ``downtime_ms``, ``elapsed_ms``, ``transferred_bytes``, those it knows."""
+    the migration, whose statistics the source sends with it): ``downtime_ms``, ``elapsed_ms``,
+    ``transferred_bytes`` and the final ``contract.MIGRATION_PROGRESS_KEYS``, those it knows."""
     try:
         stats = domain.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
     except libvirt.libvirtError:
@@ -160,6 +161,7 @@ def completed_job(domain: libvirt.virDomain) -> dict[str, int]:
         return {}
     figures = {"downtime_ms": stats.get("downtime"), "elapsed_ms": stats.get("time_elapsed"),
                "transferred_bytes": stats.get("data_processed")}
+    figures.update({key: stats.get(key) for key in contract.MIGRATION_PROGRESS_KEYS})
     return {key: int(value) for key, value in figures.items() if value is not None}
 
 
