@@ -106,11 +106,13 @@ block_migration, shared_storage, completion_timeout)`` (source)
     fetching the pages not yet copied) and reports status "running (post-copy)"; otherwise it pauses
     the guest (its memory stops changing, so the copy converges; libvirt resumes it on the
     destination) and reports "running" again. Both reports carry the event
-    ``compute_live_migration_force_complete`` ("success", or "error" when libvirt refused: the job
-    goes on as before, status "running"). In post-copy the job can no longer be aborted (abort requests
-    and the completion timeout are logged and ignored); if it fails, the guest is lost on both hosts:
-    "failed" with ``values`` ``{"power_state"}`` read on the source (typically ``paused``) and an
-    ``error`` saying the migration failed in post-copy.
+    ``compute_live_migration_force_complete`` ("success"). When libvirt refuses (post-copy while a block
+    migration still copies the disk) the job goes on and the switch-over is retried every second until
+    libvirt takes it or the job ends; the first refusal is reported as "running" with that event,
+    "progress" for a request, "error" for the timeout's. In post-copy the job can no longer be aborted
+    (abort requests and the completion timeout are logged and ignored); if it fails, the guest is lost
+    on both hosts: "failed" with ``values`` ``{"power_state"}`` read on the source (typically
+    ``paused``) and an ``error`` saying the migration failed in post-copy.
 ``compute.abort_live_migration(instance_uuid, migration_id)`` (source)
     Abort the running migration job of that migration (libvirt ``abortJob``); the running
     ``compute.live_migration`` then reports "cancelled". No job running: a logged no-op.
@@ -266,6 +268,8 @@ MIGRATION_FINISHED = "finished"
 MIGRATION_CONFIRMED = "confirmed"
 MIGRATION_REVERTED_DEST = "reverted_dest"
 MIGRATION_REVERTED = "reverted"
+# The event of a switch-over (its request opens it; the source's report, or the migration's end, closes it).
+FORCE_COMPLETE_EVENT = "compute_live_migration_force_complete"
 MIGRATION_PROGRESS_KEYS = ("memory_total", "memory_processed", "memory_remaining", "disk_total",
                            "disk_processed", "disk_remaining")
 RESIZE_DIR_SUFFIX = "_resize"

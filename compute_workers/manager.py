@@ -68,7 +68,6 @@ MIGRATION_PROGRESS_INTERVAL = 2.0
 # The name of the check task's shared-storage marker file in INSTANCES_PATH: never trust it as a path.
 SHARED_MARKER = re.compile(r"\.shared-[A-Za-z0-9_-]{1,64}")
 MAX_CONSOLE_LINES = 10_000
-FORCE_COMPLETE_EVENT = "compute_live_migration_force_complete"
 
 RUNNING, PAUSED, SUSPENDED = contract.POWER_RUNNING, contract.POWER_PAUSED, contract.POWER_SUSPENDED
 SHUTDOWN = contract.POWER_SHUTDOWN
@@ -1281,12 +1280,16 @@ class ComputeManager:
                     if monitor.aborting:
                         LOG.info("live migration %s: switch-over requested while it is being aborted; "
                                  "ignored", migration_id)
-                    elif job.switched is None:
-                        self._switch_over(job, monitor, route, "as requested", started)
-                if (monitor.switch_over_on_timeout and not monitor.aborting and job.switched is None
-                        and now >= next_switch_attempt):
+                    elif job.switched is None and not monitor.switch_over_requested:
+                        monitor.switch_over_requested = True
+                        next_switch_attempt = now
+                # Retried until libvirt takes it: it refuses post-copy while a block migration copies
+                # the disk, and takes it once memory is being copied.
+                if ((monitor.switch_over_requested or monitor.switch_over_on_timeout) and not monitor.aborting
+                        and job.switched is None and now >= next_switch_attempt):
                     next_switch_attempt = now + migration_jobs.SWITCH_OVER_RETRY_INTERVAL
-                    self._switch_over(job, monitor, route, "its completion timeout passed", started)
+                    why = "as requested" if monitor.switch_over_requested else "its completion timeout passed"
+                    self._switch_over(job, monitor, route, why, started)
                 if throttle.due(time.monotonic()):
                     monitor.progress_reports += 1
                     monitor.last_progress = sample.progress
@@ -1325,8 +1328,9 @@ class ComputeManager:
     def _switch_over(self, job: LiveMigrationJob, monitor: MigrationMonitor, route: str, why: str,
                      started: float) -> None:
         """Switch the job over (post-copy when permitted, else pause the guest) and report it: status
-        "running (post-copy)" or "running" with the event; "running" with the event in error when
-        libvirt refuses (the job goes on as before; a retry on the timeout reports no second error)."""
+        "running (post-copy)" or "running" with the event. When libvirt refuses, the job goes on and
+        the monitor retries; the first refusal is reported ("running" with the event: "progress" for a
+        request, whose event stays open until the switch-over; "error" for the timeout's)."""
         post_copy = self.config.live_migration_permit_post_copy
         seconds = time.monotonic() - started
         refusal: Exception | None = None
@@ -1342,12 +1346,14 @@ class ComputeManager:
         if refusal is not None:
             monitor.switch_refusals += 1
             message = (f"cannot {'switch to post-copy' if post_copy else 'pause the guest'} on {self.host} "
-                       f"after {seconds:.1f} s ({why}): {self._failure_message(refusal)}; the migration "
-                       "goes on as before")
-            LOG.warning("live migration %s of %s: %s", job.migration_id, route, message)
-            if monitor.switch_refusals == 1 or not monitor.switch_over_on_timeout:
+                       f"yet after {seconds:.1f} s ({why}): {self._failure_message(refusal)}; the migration "
+                       f"goes on and the switch-over is retried every "
+                       f"{migration_jobs.SWITCH_OVER_RETRY_INTERVAL:g} s until libvirt takes it")
+            if monitor.switch_refusals == 1:
+                LOG.warning("live migration %s of %s: %s", job.migration_id, route, message)
+                result = "progress" if monitor.switch_over_requested else "error"
                 self._migration_update(job.migration_id, contract.MIGRATION_RUNNING,
-                                       event=self._event(FORCE_COMPLETE_EVENT, "error", message))
+                                       event=self._event(contract.FORCE_COMPLETE_EVENT, result, message))
             return
         monitor.switched_after = seconds
         if job.in_post_copy:
@@ -1361,7 +1367,7 @@ class ComputeManager:
                        "converges; libvirt resumes it on the destination")
         LOG.info("live migration %s of %s: %s", job.migration_id, route, message)
         self._migration_update(job.migration_id, status,
-                               event=self._event(FORCE_COMPLETE_EVENT, "success", message))
+                               event=self._event(contract.FORCE_COMPLETE_EVENT, "success", message))
 
     def _send_abort(self, job: LiveMigrationJob) -> None:
         """Ask the hypervisor to abort the job, once it took the request; logged, never raised. Never

@@ -162,6 +162,8 @@ class MigrationMonitor:
     # The completion timeout passed with COMPUTE_LIVE_MIGRATION_TIMEOUT_ACTION=force_complete: the job
     # is switched over (retried until libvirt takes it) instead of aborted.
     switch_over_on_timeout: bool = False
+    # A force-complete came: the job is switched over, retried until libvirt takes it.
+    switch_over_requested: bool = False
     switched_after: float | None = None  # seconds from the start of the monitor to the switch-over
     abort_ignored: bool = False  # an abort (request or timeout) came in post-copy and was logged
     switch_refusals: int = 0  # switch-overs libvirt refused

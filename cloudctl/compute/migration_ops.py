@@ -33,6 +33,7 @@ from cloudctl.compute.models import (
     Host,
     Instance,
     InstanceAction,
+    InstanceActionEvent,
     Migration,
     MigrationStatus,
     MigrationType,
@@ -369,7 +370,7 @@ def migration_force_complete(*, migration: Migration, user: Any) -> Migration:
             raise MigrationInvalidState(locked, f"migration {locked.pk} is {locked.status}: it can be "
                                                 "forced to complete only while running")
         # Opened under the name the source's report closes it with: one row from request to switch-over.
-        record_event(str(locked.instance_id), event="compute_live_migration_force_complete", result="Start",
+        record_event(str(locked.instance_id), event=contract.FORCE_COMPLETE_EVENT, result="Start",
                      host=locked.source_host.name if locked.source_host else "",
                      message=f"requested by {getattr(user, 'username', '') or 'the system'}",
                      action_id=locked.action_id)
@@ -633,7 +634,19 @@ def _live_postcopy(migration: Migration, **_: Any) -> None:
     _set(migration, status=S.RUNNING_POSTCOPY, started_at=migration.started_at or timezone.now())
 
 
+def _close_force_complete(migration: Migration, result: str, outcome: str) -> None:
+    """A force-complete still waiting when the migration ends (libvirt refused the switch-over so far,
+    or the source never got the request) ends with it: its event must not stay open."""
+    waiting = InstanceActionEvent.objects.filter(
+        action_id=migration.action_id, event=contract.FORCE_COMPLETE_EVENT, finish_time__isnull=True)
+    for event in waiting:
+        event.finish_time, event.result = timezone.now(), result
+        event.message = "; ".join(part for part in (event.message, f"not switched over: {outcome}") if part)
+        event.save(update_fields=["finish_time", "result", "message"])
+
+
 def _live_migrated(migration: Migration, **_: Any) -> None:
+    _close_force_complete(migration, "Success", "the migration completed first")
     _set(migration, status=S.POST_MIGRATING)
     instance = migration.instance
     _cast(migration.dest_host, contract.COMPUTE_POST_LIVE_MIGRATION_AT_DEST, **_ids(migration),
@@ -687,6 +700,7 @@ def _live_failed(migration: Migration, *, status: str = S.FAILED, error: str = "
     message = error or status
     _set(migration, status=status, error=message, finished_at=timezone.now())
     label = "cancelled" if status == S.CANCELLED else "failed"
+    _close_force_complete(migration, "Error", f"the migration {label}")
     _event(migration, "live_migration", "Error", f"live migration {label}: {message}")
     if status == S.CANCELLED:
         _event(migration, "abort_live_migration", "Success", message)

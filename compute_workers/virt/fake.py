@@ -8,7 +8,8 @@ Live migration works between fake drivers of one process (a fleet, a test): a dr
 progress counts the flavor's memory, and it can be aborted until its last moment. A switch-over (to
 post-copy, or pausing the guest) ends it ``switch_over_delay`` seconds later, unless it would end
 sooner; in post-copy it can no longer be aborted, and with ``post_copy_failure`` set it then fails as
-libvirt's does, leaving the guest paused here and nowhere else.
+libvirt's does, leaving the guest paused here and nowhere else. ``post_copy_refusals`` switches to
+post-copy are refused first, as libvirt refuses them while a block migration copies the disk.
 """
 
 from __future__ import annotations
@@ -102,6 +103,9 @@ class FakeDriver(ComputeDriver):
         self.switch_over_delay = 0.2
         # Set: a migration switched to post-copy fails with this message (the network broke, say).
         self.post_copy_failure: str | None = None
+        # How many switches to post-copy libvirt refuses first, as it does while a block migration
+        # still copies the disk.
+        self.post_copy_refusals = 0
         # The flags the last live_migration() was called with, as a test reads them.
         self.last_migration_flags: dict[str, bool] = {}
         self.instances: dict[str, FakeInstance] = {}
@@ -454,6 +458,10 @@ class FakeDriver(ComputeDriver):
             if post_copy and not job.post_copy:
                 raise HypervisorError("switching to post-copy requires migration to be started with the "
                                       "post-copy flag")
+            if post_copy and self.post_copy_refusals > 0:
+                self.post_copy_refusals -= 1
+                raise HypervisorError("Requested operation is not valid: post-copy can only be started while "
+                                      "outgoing migration is in progress")
             # Either way the guest stops here: it runs on the destination (post-copy) or is paused.
             job.switched = SWITCHED_TO_POST_COPY if post_copy else SWITCHED_BY_PAUSING
             job.committed = post_copy

@@ -684,25 +684,50 @@ def test_force_complete_without_a_migration_is_a_no_op(hosts: tuple[Host, Host],
     assert source.statuses(84) == ["running", "migrated"]
 
 
-def test_a_refused_switch_over_is_reported_and_the_migration_goes_on(tmp_path: Path,
-                                                                     make_spec: SpecFactory) -> None:
+def test_a_refused_switch_over_is_reported_once_and_the_migration_goes_on(tmp_path: Path,
+                                                                          make_spec: SpecFactory) -> None:
     class NotYet(FakeDriver):
         def live_migration_force_complete(self, instance_uuid: str, post_copy: bool) -> str:
+            self.attempts = getattr(self, "attempts", 0) + 1
             raise HypervisorError("post-copy can only be started while outgoing migration is in progress")
 
     source, dest = two_hosts(tmp_path, NotYet, **POST_COPY)
     spec = spawn_on(source, make_spec)
-    source.driver.migration_delay = 1.5
+    source.driver.migration_delay = 3.5
     thread = run_in_thread(migrate, source, dest, spec, 85)
     wait_for_status(source, "running")
     source.manager.live_migration_force_complete(spec["instance_uuid"], 85)
     thread.join(10)
     assert source.statuses(85) == ["running", "running", "migrated"]
     event = force_complete_event(source.updates(85)[1])
-    assert event["result"] == "error"
+    # "progress": the request's event stays open (the conductor closes it when the migration ends).
+    assert event["result"] == "progress"
     assert "post-copy can only be started while outgoing migration is in progress" in event["message"]
-    assert "goes on as before" in event["message"]
+    assert "retried every 1 s" in event["message"]
+    assert source.driver.attempts >= 2  # type: ignore[attr-defined]  # retried, reported once
     assert "switched" not in source.updates(85)[-1]["event"]["message"]
+
+
+def test_a_switch_over_refused_during_the_disk_copy_happens_once_libvirt_takes_it(
+        tmp_path: Path, make_spec: SpecFactory) -> None:
+    """libvirt refuses post-copy while a block migration copies the disk: the request is not lost, the
+    switch-over happens as soon as libvirt takes it."""
+    source, dest = two_hosts(tmp_path, **POST_COPY)
+    spec = spawn_on(source, make_spec)
+    source.driver.migration_delay = 30
+    source.driver.post_copy_refusals = 2
+    started = time.monotonic()
+    thread = run_in_thread(migrate, source, dest, spec, 89)
+    wait_for_status(source, "running")
+    source.manager.live_migration_force_complete(spec["instance_uuid"], 89)
+    thread.join(20)
+    assert not thread.is_alive() and time.monotonic() - started < 15  # not the 30 s migration
+    assert source.statuses(89) == ["running", "running", "running (post-copy)", "migrated"]
+    refused, switched = (force_complete_event(update) for update in source.updates(89)[1:3])
+    assert refused["result"] == "progress" and "post-copy can only be started" in refused["message"]
+    assert switched["result"] == "success" and "switched to post-copy on src" in switched["message"]
+    assert source.driver.post_copy_refusals == 0
+    assert dest.driver.list_instances() == {spec["instance_uuid"]: "running"}
 
 
 def test_in_post_copy_aborts_and_the_completion_timeout_are_ignored(tmp_path: Path,

@@ -350,6 +350,34 @@ def test_force_complete_by_pausing_is_an_event_of_the_running_migration(
     assert (server.status, server.host.name) == ("ACTIVE", "hv2")
 
 
+@pytest.mark.parametrize(("end", "result", "outcome"), [
+    (contract.MIGRATION_MIGRATED, "Success", "not switched over: the migration completed first"),
+    (contract.MIGRATION_CANCELLED, "Error", "not switched over: the migration cancelled"),
+    (contract.MIGRATION_FAILED, "Error", "not switched over: the migration failed"),
+])
+def test_a_force_complete_still_waiting_ends_with_the_migration(
+        api: APIClient, admin_api: APIClient, checks: Outbox, flavors: dict[str, Flavor], image: Any,
+        end: str, result: str, outcome: str) -> None:
+    """libvirt refused the switch-over so far (the source retries it): the request's event stays open
+    with the reason, and the migration's end closes it; nothing is left open."""
+    server, migration = started_live_migration(api, admin_api, checks)
+    assert force_complete(admin_api, server, migration).status_code == 202
+    refused = {"name": contract.FORCE_COMPLETE_EVENT, "result": "progress",
+               "message": "cannot switch to post-copy on hv1 yet after 0.2 s (as requested): post-copy can "
+                          "only be started while outgoing migration is in progress; the migration goes on"}
+    assert report(migration, "hv1", contract.MIGRATION_RUNNING, event=refused)
+    action = InstanceAction.objects.get(pk=migration.action_id)
+    [waiting] = action.events.filter(event=contract.FORCE_COMPLETE_EVENT)
+    assert waiting.finish_time is None and waiting.message == refused["message"]
+
+    assert report(migration, "hv1", end, error=None if end == contract.MIGRATION_MIGRATED else "aborted")
+    waiting.refresh_from_db()
+    assert waiting.finish_time is not None and waiting.result == result
+    assert waiting.message == f"{refused['message']}; {outcome}"
+    server.refresh_from_db()
+    assert server.status == ("MIGRATING" if end == contract.MIGRATION_MIGRATED else "ACTIVE")
+
+
 def test_force_complete_is_refused_unless_a_live_migration_runs(
         api: APIClient, admin_api: APIClient, checks: Outbox, flavors: dict[str, Flavor], image: Any) -> None:
     server = active_server(api, checks)
