@@ -563,9 +563,11 @@ def worker_with(cloud: Cloud, host: NamespaceHost, **env: str) -> Iterator[None]
 def test_force_complete_without_post_copy_pauses_the_guest_until_it_lands(cloud: Cloud) -> None:
     """Without COMPUTE_LIVE_MIGRATION_PERMIT_POST_COPY a force-complete pauses the guest on the source
     (Nova's way): its memory stops changing so the copy can finish, and libvirt resumes it on the
-    destination. The pause does not beat a slow link, so the test lifts the throttle after it."""
+    destination. The pause does not beat a slow link, so the test lifts the throttle after it. The job
+    runs with VIR_MIGRATE_AUTO_CONVERGE (permitted, and post-copy is not): libvirt takes it."""
     source, dest = cloud.host("host-a"), cloud.host("host-b")
-    with worker_with(cloud, source, COMPUTE_LIVE_MIGRATION_PERMIT_POST_COPY="0"):
+    with worker_with(cloud, source, COMPUTE_LIVE_MIGRATION_PERMIT_POST_COPY="0",
+                     COMPUTE_LIVE_MIGRATION_PERMIT_AUTO_CONVERGE="1"):
         spec = spawn(cloud, source)
         instance_uuid = spec["instance_uuid"]
         throttle(source, instance_uuid, 1)
@@ -574,6 +576,8 @@ def test_force_complete_without_post_copy_pauses_the_guest_until_it_lands(cloud:
         prepare(cloud, spec, dest, migration_id, checked)
         start_migration(cloud, spec, source, dest, migration_id, checked)
         assert cloud.update(migration_id)["status"] == "running"
+        assert f"live migration {migration_id}: " in cloud.workers[source.name].log()
+        assert "post-copy False, auto-converge True" in cloud.workers[source.name].log()
         progress = cloud.progress_until(
             migration_id, lambda found: len(found) >= 2 and found[-1]["memory_processed"] > 0, 60)
         assert progress[-1]["memory_remaining"] > 16 * 2**20, progress[-1]  # far from converging
