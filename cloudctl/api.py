@@ -75,15 +75,25 @@ class ValidationErrorSchema(OpenApiSerializerExtension):
     target_class = ValidationErrorSerializer
 
     def map_serializer(self, auto_schema: Any, direction: Any) -> dict[str, Any]:
-        return {
-            "type": "object",
-            "description": "field name -> messages; a nested object for nested fields",
-            "additionalProperties": {"oneOf": [
-                {"type": "array", "items": {"type": "string"}},
-                {"type": "object", "additionalProperties": {}},
-            ]},
-            "example": {"name": ["This field is required."]},
-        }
+        return {"oneOf": [
+            {
+                "type": "object",
+                "description": "field name -> messages; a nested object for nested fields",
+                "additionalProperties": {"oneOf": [
+                    {"type": "array", "items": {"type": "string"}},
+                    {"type": "object", "additionalProperties": {}},
+                ]},
+                "example": {"name": ["This field is required."]},
+            },
+            {
+                "type": "object",
+                "description": "a body that is not JSON at all, or a query that is not understood",
+                "properties": {"detail": {"type": "string"}},
+                "required": ["detail"],
+                "additionalProperties": False,
+                "example": {"detail": "JSON parse error - Expecting value: line 1 column 1 (char 0)"},
+            },
+        ]}
 
 
 class CodedErrorSerializer(ErrorSerializer):
@@ -126,6 +136,21 @@ def error_responses(*codes: int) -> dict[int, OpenApiResponse]:
                              description="The server's compute worker did not answer in time"),
     }
     return {code: known[code] for code in codes}
+
+
+def document_unsupported_media_type(result: dict[str, Any], **_: Any) -> dict[str, Any]:
+    """Schema postprocessing hook: every operation that takes a body answers 415 to a body of another
+    media type (DRF's parsers: JSON, or the raw bytes of an image upload)."""
+    error = {"$ref": "#/components/schemas/Error"}
+    for operations in result.get("paths", {}).values():
+        for operation in operations.values():
+            if isinstance(operation, dict) and "requestBody" in operation:
+                accepted = ", ".join(sorted(operation["requestBody"].get("content", {})))
+                operation.setdefault("responses", {}).setdefault("415", {
+                    "description": f"The body is not {accepted}",
+                    "content": {"application/json": {"schema": error}},
+                })
+    return result
 
 
 class TokenScheme(OpenApiAuthenticationExtension):

@@ -159,6 +159,9 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    # Enum names as usual, then the 415 answer of every operation that takes a body.
+    "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums",
+                             "cloudctl.api.document_unsupported_media_type"],
     # Security schemes come from the authentication classes: tokenAuth (`Authorization: Token
     # <key>`, described in cloudctl/api.py) and cookieAuth (the admin's session).
 }

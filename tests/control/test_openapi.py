@@ -100,6 +100,32 @@ def test_server_create_documents_202_and_400(schema: dict[str, Any]) -> None:
     assert body.endswith("/ServerCreateRequest")
 
 
+def test_a_body_of_another_media_type_is_documented_as_415(schema: dict[str, Any]) -> None:
+    create = schema["paths"]["/api/v1/servers/"]["post"]["responses"]["415"]
+    assert create["description"] == "The body is not application/json"
+    assert create["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
+    assert "detail" in schema["components"]["schemas"]["Error"]["properties"]
+    upload = schema["paths"]["/api/v1/images/{id}/file/"]["put"]["responses"]["415"]
+    assert upload["description"] == "The body is not application/octet-stream"
+    assert "415" not in schema["paths"]["/api/v1/servers/"]["get"]["responses"]  # no body, no 415
+
+
+def test_a_json_parse_error_matches_the_documented_400(schema: dict[str, Any]) -> None:
+    [by_field, parse_error] = schema["components"]["schemas"]["ValidationError"]["oneOf"]
+    assert parse_error["required"] == ["detail"] and by_field["additionalProperties"]["oneOf"]
+
+
+@pytest.mark.django_db
+def test_the_documented_error_answers_are_what_the_api_says(client: Any, django_user_model: Any) -> None:
+    user = django_user_model.objects.create_user("media", password="x")
+    client.force_login(user)
+    form = client.post("/api/v1/servers/", {"name": "x"})  # a form, not JSON
+    assert form.status_code == 415 and "detail" in form.json()
+    broken = client.post("/api/v1/servers/", "{not json", content_type="application/json")
+    assert broken.status_code == 400 and list(broken.json()) == ["detail"]
+    assert broken.json()["detail"].startswith("JSON parse error")
+
+
 def test_image_data_is_binary(schema: dict[str, Any]) -> None:
     file = schema["paths"]["/api/v1/images/{id}/file/"]
     assert "application/octet-stream" in file["put"]["requestBody"]["content"]
