@@ -39,8 +39,7 @@ def _run_on_each(modeladmin: admin.ModelAdmin, request: HttpRequest, queryset: Q
     for instance in queryset.select_related("host"):
         try:
             operation(instance)
-        except (services.InstanceInvalidState, services.HostUnavailable, services.InvalidRequest,
-                rpc.ComputeUnavailable, migration_ops.MigrationCheckFailed) as refused:
+        except migration_ops.REFUSED as refused:
             modeladmin.message_user(request, f"{instance.name}: {verb} refused: {refused}",
                                     level=messages.WARNING)
         else:
@@ -195,6 +194,23 @@ def enable_hosts(modeladmin: admin.ModelAdmin, request: HttpRequest,
     modeladmin.message_user(request, f"enabled {queryset.count()} host(s)")
 
 
+@admin.action(description="Live-migrate all servers away from selected hosts (disables them)")
+def live_migrate_servers_away(modeladmin: admin.ModelAdmin, request: HttpRequest,
+                              queryset: QuerySet[Host]) -> None:
+    for host in queryset:
+        results = migration_ops.host_live_migrate_servers(host=host, user=request.user)
+        if not results:
+            modeladmin.message_user(request, f"host {host.name}: disabled; no servers to move")
+        for result in results:
+            name = f"{result.server.name} (on {host.name})"
+            if result.migration is None:
+                modeladmin.message_user(request, f"{name}: refused: {result.refused}", level=messages.WARNING)
+                continue
+            dest = result.migration.dest_host.name if result.migration.dest_host else "?"
+            modeladmin.message_user(request, f"{name}: live migration to {dest} accepted",
+                                    level=messages.SUCCESS)
+
+
 @admin.register(Host)
 class HostAdmin(admin.ModelAdmin):
     list_display = ("name", "state", "enabled", "disabled_reason", "zone", "vcpu_usage",
@@ -205,7 +221,7 @@ class HostAdmin(admin.ModelAdmin):
                        "last_heartbeat", "vcpus", "memory_mb", "memory_mb_reserved", "disk_gb",
                        "disk_gb_reserved", "hypervisor_type", "hypervisor_version", "cpu_info",
                        "reported_instances", "servers")
-    actions = [disable_hosts, enable_hosts]
+    actions = [disable_hosts, enable_hosts, live_migrate_servers_away]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Host]:
         return services.hosts_with_usage()

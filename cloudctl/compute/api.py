@@ -632,6 +632,29 @@ class DisableSerializer(serializers.Serializer):
     reason = serializers.CharField(max_length=255, required=False, default="", allow_blank=True)
 
 
+class HostLiveMigrateServersSerializer(serializers.Serializer):
+    block_migration = BlockMigrationField(required=False, default="auto")
+
+
+class EvacuationSerializer(serializers.Serializer):
+    """One server of a host evacuation: accepted with its migration, or refused with the reason."""
+
+    server = serializers.UUIDField(source="server.uuid")
+    name = serializers.CharField(source="server.name")
+    accepted = serializers.SerializerMethodField()
+    migration_id = serializers.IntegerField(source="migration.pk", default=None, allow_null=True)
+    dest_host = serializers.CharField(source="migration.dest_host.name", default=None, allow_null=True)
+    refused = serializers.CharField(help_text="why the server stays (empty when accepted)")
+
+    def get_accepted(self, evacuation: Any) -> bool:
+        return evacuation.migration is not None
+
+
+class HostEvacuationSerializer(serializers.Serializer):
+    host = HostSerializer()
+    servers = EvacuationSerializer(many=True)
+
+
 HOST_NAME = OpenApiParameter("name", OpenApiTypes.STR, OpenApiParameter.PATH,
                              description="the host's name")
 _ADMIN_ERRORS = error_responses(401, 403)
@@ -664,6 +687,26 @@ class HostViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
         body.is_valid(raise_exception=True)
         return self._shown(services.host_set_enabled(host=self.get_object(), enabled=False,
                                                      reason=body.validated_data["reason"]))
+
+    @extend_schema(summary="Live-migrate every server away from a host (administrators; Nova's "
+                           "host-evacuate-live)",
+                   description="Disables the host (no new servers land on it; an existing disable reason "
+                               "is kept), then live-migrates each of its servers to a host the scheduler "
+                               "picks, each with the pre-flight checks of live-migrate. Per server: "
+                               "accepted with its migration (follow it in GET /migrations/), or refused "
+                               "with the reason (a stopped server must be cold-migrated).",
+                   parameters=[HOST_NAME], request=HostLiveMigrateServersSerializer,
+                   responses={202: HostEvacuationSerializer, **error_responses(400, 401, 403, 404)})
+    @action(detail=True, methods=["post"], url_path="live-migrate-servers")
+    def live_migrate_servers(self, request: Request, name: str | None = None) -> Response:
+        body = HostLiveMigrateServersSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        host = self.get_object()
+        results = migration_ops.host_live_migrate_servers(
+            host=host, user=request.user, block_migration=body.validated_data["block_migration"])
+        shown = self.get_serializer(self.get_queryset().get(pk=host.pk)).data
+        return Response({"host": shown, "servers": EvacuationSerializer(results, many=True).data},
+                        status=status.HTTP_202_ACCEPTED)
 
     @extend_schema(summary="Enable a host again", parameters=[HOST_NAME], request=None,
                    responses={200: HostSerializer, **error_responses(401, 403, 404)})

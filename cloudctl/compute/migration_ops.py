@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
@@ -46,6 +46,7 @@ from cloudctl.compute.services import (
     _require_host_up,
     action_start,
     finish_action,
+    host_set_enabled,
     new_request_id,
     transition,
 )
@@ -83,6 +84,21 @@ class MigrationInvalidState(Exception):
     def __init__(self, migration: Migration, message: str) -> None:
         self.migration = migration
         super().__init__(message)
+
+
+# A request refused with its reason, nothing changed: a batch (admin action, host evacuation) reports it
+# for that server and goes on with the next.
+REFUSED = (InstanceInvalidState, HostUnavailable, InvalidRequest, rpc.ComputeUnavailable,
+           MigrationCheckFailed)
+
+
+@dataclass(frozen=True)
+class Evacuation:
+    """One server of :func:`host_live_migrate_servers`: its migration, or why it stays."""
+
+    server: Instance
+    migration: Migration | None
+    refused: str = ""
 
 
 def migrations_visible_to(user: Any) -> QuerySet[Migration]:
@@ -145,6 +161,32 @@ def server_live_migrate(*, instance: Instance, user: Any, host: str | None = Non
     return _begin(instance=instance, user=user, rule=states.LIVE_MIGRATE, kind=MigrationType.LIVE,
                   host=host, flavor=instance.flavor, checks=checks, start=start, request_id=request_id,
                   same_host=False)
+
+
+def host_live_migrate_servers(*, host: Host, user: Any,
+                              block_migration: bool | str = "auto") -> list[Evacuation]:
+    """Empty a host for maintenance (Nova's host-evacuate-live): disable it first, so that nothing is
+    scheduled onto it meanwhile (an operator's reason is kept), then live-migrate each of its servers to
+    a host the scheduler picks, each through :func:`server_live_migrate` with its checks. A server
+    refused (stopped: cold-migrate it; no destination fits; in a task) is reported with the reason and
+    the others go on. One pre-flight call per server: the request takes as long as they do."""
+    if block_migration not in ("auto", True, False):
+        raise InvalidRequest("block_migration", 'must be "auto", true or false')
+    if host.enabled:
+        host_set_enabled(host=host, enabled=False, reason=f"live-migrating its servers away (requested by "
+                                                          f"{getattr(user, 'username', '') or 'the system'})")
+    results = []
+    servers = (Instance.objects.filter(host=host).exclude(vm_state=VmState.DELETED)
+               .select_related("host").order_by("created"))
+    for server in servers:
+        try:
+            migration = server_live_migrate(instance=server, user=user, host=None,
+                                            block_migration=block_migration)
+        except REFUSED as refused:
+            results.append(Evacuation(server, None, str(refused)))
+        else:
+            results.append(Evacuation(server, migration))
+    return results
 
 
 def server_migrate(*, instance: Instance, user: Any, host: str | None = None,

@@ -41,12 +41,16 @@ GIB = 1024**3
 class InstanceInvalidState(Exception):
     """The instance is not in a state the action may start from (HTTP 409)."""
 
+    # Action records carry Nova's names; the message says what the user asked to do.
+    VERBS = {"live-migration": "live-migrate", "confirmResize": "confirm the resize of",
+             "revertResize": "revert the resize of"}
+
     def __init__(self, instance: Instance, action: str) -> None:
         self.instance = instance
         self.action = action
         super().__init__(
-            f"cannot {action} server {instance.uuid} while vm_state={instance.vm_state} "
-            f"task_state={instance.task_state}"
+            f"cannot {self.VERBS.get(action, action)} server {instance.uuid} while "
+            f"vm_state={instance.vm_state} task_state={instance.task_state}"
         )
 
 

@@ -8,7 +8,7 @@ from django.contrib import admin
 from django.test import Client
 from django.urls import reverse
 
-from cloudctl.compute.models import Instance, InstanceAction
+from cloudctl.compute.models import Host, Instance, InstanceAction
 from compute_workers import contract
 from tests.control.conftest import active_server, heartbeat
 
@@ -125,6 +125,26 @@ def test_live_migrate_from_the_admin_reports_each_server(staff, running, outbox,
     dashboard = staff.get("/admin/dashboard/").content.decode()
     row = dashboard.split('id="migration-', 1)[1].split("</tr>", 1)[0]
     assert all(text in row for text in ("web", "live-migration", "hv1", "hv2", "preparing"))
+
+
+def test_a_host_is_emptied_from_the_admin(staff, running, outbox, api, django_capture_on_commit_callbacks):
+    heartbeat("hv2")
+    heartbeat("hv3")
+    outbox.calls[contract.COMPUTE_CHECK_MIGRATE_DESTINATION] = {
+        "ok": True, "migration_uri": "qemu+tcp://10.0.0.2/system", "migration_data_uri": "tcp://10.0.0.2",
+        "shared_marker": ".shared-x", "disk_free_bytes": 2**40, "image_cached": True, "cpu": "identical"}
+    outbox.calls[contract.COMPUTE_CHECK_MIGRATE_SOURCE] = {"ok": True, "shared_storage": False,
+                                                           "power_state": "running", "disk_bytes": 1}
+    hv1, hv3 = Host.objects.get(name="hv1"), Host.objects.get(name="hv3")
+    with django_capture_on_commit_callbacks(execute=True):
+        page = staff.post(reverse("admin:compute_host_changelist"),
+                          {"action": "live_migrate_servers_away", "_selected_action": [hv1.pk, hv3.pk]},
+                          follow=True).content.decode()
+    assert "Web (on hv1): live migration to hv2 accepted" in page
+    assert "Host hv3: disabled; no servers to move" in page
+    running.refresh_from_db()
+    assert running.status == "MIGRATING"
+    assert not Host.objects.get(name="hv1").enabled
 
 
 def test_a_running_live_migration_can_be_forced_or_aborted_from_the_admin(

@@ -118,6 +118,42 @@ def test_live_migration_runs_step_by_step_and_moves_the_claim_last(
     assert not report(migration, "hv2", contract.MIGRATION_COMPLETED)  # a redelivery changes nothing
 
 
+def test_a_host_is_emptied_for_maintenance_server_by_server(
+        api: APIClient, admin_api: APIClient, checks: Outbox, flavors: dict[str, Flavor], image: Any) -> None:
+    """Nova's host-evacuate-live: the host is disabled first, each server that can move live goes (the
+    scheduler picks hv2), a stopped one is refused with the reason, and nothing stops at the first."""
+    web = active_server(api, checks, name="web")
+    db = active_server(api, checks, name="db")
+    stopped = active_server(api, checks, name="batch")
+    Instance.objects.filter(uuid=stopped.uuid).update(vm_state="stopped", power_state="shutdown")
+    heartbeat("hv2")
+    url = "/api/v1/hosts/hv1/live-migrate-servers/"
+    assert api.post(url, {}, format="json").status_code == 403
+    bad = admin_api.post(url, {"block_migration": "sometimes"}, format="json")
+    assert bad.status_code == 400 and "block_migration" in bad.json()
+    assert Instance.objects.get(uuid=web.uuid).status == "ACTIVE"  # a rejected request changed nothing
+
+    answer = admin_api.post(url, {}, format="json")
+    assert answer.status_code == 202, answer.json()
+    body = answer.json()
+    assert body["host"]["enabled"] is False
+    assert body["host"]["disabled_reason"] == "live-migrating its servers away (requested by root)"
+    by_name = {entry["name"]: entry for entry in body["servers"]}
+    assert set(by_name) == {"web", "db", "batch"}
+    for name in ("web", "db"):
+        assert by_name[name]["accepted"] is True and by_name[name]["dest_host"] == "hv2", by_name[name]
+        assert Migration.objects.get(pk=by_name[name]["migration_id"]).migration_type == "live-migration"
+    assert by_name["batch"]["accepted"] is False and by_name["batch"]["migration_id"] is None
+    assert f"cannot live-migrate server {stopped.uuid} while vm_state=stopped" in by_name["batch"]["refused"]
+    statuses = {s.name: s.status for s in Instance.objects.filter(uuid__in=[web.uuid, db.uuid, stopped.uuid])}
+    assert statuses == {"web": "MIGRATING", "db": "MIGRATING", "batch": "SHUTOFF"}
+    # Again while they migrate: each is refused (a task runs), the operator's reason is kept.
+    again = admin_api.post(url, {}, format="json").json()
+    assert [entry["accepted"] for entry in again["servers"]] == [False, False, False]
+    assert again["host"]["disabled_reason"] == body["host"]["disabled_reason"]
+    assert admin_api.post("/api/v1/hosts/nowhere/live-migrate-servers/", {}, format="json").status_code == 404
+
+
 def test_a_failed_preflight_check_leaves_the_server_untouched(
         api: APIClient, admin_api: APIClient, checks: Outbox, flavors: dict[str, Flavor], image: Any) -> None:
     server = active_server(api, checks)
