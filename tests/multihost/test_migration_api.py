@@ -193,6 +193,35 @@ def test_the_scheduler_picks_a_destination_honouring_anti_affinity(cloud: Cloud,
     assert settle(cloud, ids[0], "ACTIVE")["host"] == "host-c"
 
 
+def test_a_host_is_emptied_for_maintenance(cloud: Cloud, guest: list[str]) -> None:
+    """POST /hosts/host-c/live-migrate-servers/: host-c is disabled, its running guest moves to a host the
+    scheduler picks (host-b shares host-c's storage, host-a does not: either works), a stopped one is
+    refused and stays; host-c is enabled again afterwards for the other tests."""
+    running = boot(cloud, guest, "evacuee", "host-c")
+    stopped = boot(cloud, guest, "sleeper", "host-c")
+    assert api(cloud, "POST", f"/servers/{stopped}/stop/").status_code == 202
+    settle(cloud, stopped, "SHUTOFF")
+    try:
+        answer = api(cloud, "POST", "/hosts/host-c/live-migrate-servers/", json={})
+        assert answer.status_code == 202, answer.text
+        body = answer.json()
+        assert body["host"]["enabled"] is False and "live-migrating its servers away" in \
+            body["host"]["disabled_reason"]
+        by_id = {entry["server"]: entry for entry in body["servers"]}
+        assert by_id[running]["accepted"] is True and by_id[running]["dest_host"] in ("host-a", "host-b")
+        assert by_id[stopped]["accepted"] is False and "vm_state=stopped" in by_id[stopped]["refused"]
+        done = migration_ends(cloud, running, by_id[running]["migration_id"])
+        assert done["status"] == "completed", done
+        dest = by_id[running]["dest_host"]
+        assert settle(cloud, running, "ACTIVE")["host"] == dest
+        assert on_daemon(cloud, dest, running) == libvirt.VIR_DOMAIN_RUNNING
+        assert on_daemon(cloud, "host-c", running) is None
+        assert server(cloud, stopped)["host"] == "host-c"  # cold-migrate it, as the refusal says
+        soft_reboot_shows_the_same_disk(cloud, dest, running, 2)
+    finally:
+        assert api(cloud, "POST", "/hosts/host-c/enable/").status_code == 200
+
+
 def test_a_failed_preflight_check_leaves_the_server_untouched(cloud: Cloud, guest: list[str]) -> None:
     """The image the server was booted from is deleted: host-a has it cached, host-b cannot fetch it."""
     upload = api(cloud, "POST", "/images/", json={"name": "doomed", "disk_format": "qcow2"})
