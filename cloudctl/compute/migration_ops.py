@@ -411,6 +411,16 @@ def migration_force_complete(*, migration: Migration, user: Any) -> Migration:
         if locked.status != S.RUNNING:
             raise MigrationInvalidState(locked, f"migration {locked.pk} is {locked.status}: it can be "
                                                 "forced to complete only while running")
+        # The source acts on one switch-over per migration: a second request would wait for nothing.
+        earlier = (InstanceActionEvent.objects.filter(action_id=locked.action_id,
+                                                      event=contract.FORCE_COMPLETE_EVENT)
+                   .exclude(result="Error").order_by("-id").first())
+        if earlier is not None:
+            state = ("switched over" if earlier.result == "Success"
+                     else "already waiting for libvirt to take its switch-over")
+            raise MigrationInvalidState(locked, f"migration {locked.pk} is {state} (force-complete requested "
+                                                f"at {earlier.start_time:%H:%M:%S} UTC): "
+                                                f"{earlier.message or 'sent to the source'}")
         # Opened under the name the source's report closes it with: one row from request to switch-over.
         record_event(str(locked.instance_id), event=contract.FORCE_COMPLETE_EVENT, result="Start",
                      host=locked.source_host.name if locked.source_host else "",

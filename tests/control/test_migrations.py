@@ -380,6 +380,11 @@ def test_force_complete_by_pausing_is_an_event_of_the_running_migration(
     assert migration.status == "running" and migration.started_at is not None
     action = InstanceAction.objects.get(pk=migration.action_id)
     assert action.events.filter(event="compute_live_migration_force_complete", result="Success").exists()
+    checks.compute.clear()
+    again = force_complete(admin_api, server, migration)  # the guest is paused already: nothing to do
+    assert again.status_code == 409 and again.json()["status"] == "running", again.json()
+    assert f"migration {migration.pk} is switched over" in again.json()["detail"]
+    assert "paused the guest on hv1" in again.json()["detail"] and checks.compute == []
     assert report(migration, "hv1", contract.MIGRATION_MIGRATED)
     assert report(migration, "hv2", contract.MIGRATION_COMPLETED, values={"power_state": "running"})
     server.refresh_from_db()
@@ -405,6 +410,10 @@ def test_a_force_complete_still_waiting_ends_with_the_migration(
     action = InstanceAction.objects.get(pk=migration.action_id)
     [waiting] = action.events.filter(event=contract.FORCE_COMPLETE_EVENT)
     assert waiting.finish_time is None and waiting.message == refused["message"]
+    checks.compute.clear()
+    again = force_complete(admin_api, server, migration)  # the source retries the first one already
+    assert again.status_code == 409 and "already waiting for libvirt" in again.json()["detail"]
+    assert refused["message"] in again.json()["detail"] and checks.compute == []
 
     assert report(migration, "hv1", end, error=None if end == contract.MIGRATION_MIGRATED else "aborted")
     waiting.refresh_from_db()
