@@ -127,14 +127,19 @@ def test_live_migrate_from_the_admin_reports_each_server(staff, running, outbox,
     assert all(text in row for text in ("web", "live-migration", "hv1", "hv2", "preparing"))
 
 
-def test_a_host_is_emptied_from_the_admin(staff, running, outbox, api, django_capture_on_commit_callbacks):
-    heartbeat("hv2")
-    heartbeat("hv3")
+def checks_pass_for_hv2(outbox) -> None:
+    """The hosts' answers to a live migration's pre-flight checks: hv2 takes it, hv1 sends it."""
     outbox.calls[contract.COMPUTE_CHECK_MIGRATE_DESTINATION] = {
         "ok": True, "migration_uri": "qemu+tcp://10.0.0.2/system", "migration_data_uri": "tcp://10.0.0.2",
         "shared_marker": ".shared-x", "disk_free_bytes": 2**40, "image_cached": True, "cpu": "identical"}
     outbox.calls[contract.COMPUTE_CHECK_MIGRATE_SOURCE] = {"ok": True, "shared_storage": False,
                                                            "power_state": "running", "disk_bytes": 1}
+
+
+def test_a_host_is_emptied_from_the_admin(staff, running, outbox, api, django_capture_on_commit_callbacks):
+    heartbeat("hv2")
+    heartbeat("hv3")
+    checks_pass_for_hv2(outbox)
     hv1, hv3 = Host.objects.get(name="hv1"), Host.objects.get(name="hv3")
     with django_capture_on_commit_callbacks(execute=True):
         page = staff.post(reverse("admin:compute_host_changelist"),
@@ -153,11 +158,7 @@ def test_a_running_live_migration_can_be_forced_or_aborted_from_the_admin(
     from cloudctl.compute.models import Migration
 
     heartbeat("hv2")
-    outbox.calls[contract.COMPUTE_CHECK_MIGRATE_DESTINATION] = {
-        "ok": True, "migration_uri": "qemu+tcp://10.0.0.2/system", "migration_data_uri": "tcp://10.0.0.2",
-        "shared_marker": ".shared-x", "disk_free_bytes": 2**40, "image_cached": True, "cpu": "identical"}
-    outbox.calls[contract.COMPUTE_CHECK_MIGRATE_SOURCE] = {"ok": True, "shared_storage": False,
-                                                           "power_state": "running", "disk_bytes": 1}
+    checks_pass_for_hv2(outbox)
     with django_capture_on_commit_callbacks(execute=True):
         act(staff, "live-migrate", running)
     migration = Migration.objects.get(instance=running)

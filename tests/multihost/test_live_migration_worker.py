@@ -211,6 +211,18 @@ def start_migration(cloud: Cloud, spec: dict[str, Any], source: NamespaceHost, d
                shared_storage=shared, completion_timeout=completion_timeout)
 
 
+def running_migration(cloud: Cloud, spec: dict[str, Any], source: NamespaceHost,
+                      dest: NamespaceHost) -> tuple[int, dict[str, Any]]:
+    """Checks, prepare and start, as the conductor drives them, until the source reports "running";
+    returns the migration's id and what the checks answered."""
+    checked = checks(cloud, spec, source, dest)
+    migration_id = next(cloud.next_id)
+    prepare(cloud, spec, dest, migration_id, checked)
+    start_migration(cloud, spec, source, dest, migration_id, checked)
+    assert cloud.update(migration_id)["status"] == "running"
+    return migration_id, checked
+
+
 def libvirt_gap(progress: list[dict[str, Any]]) -> float:
     """The longest time between two answers of libvirt in the progress reports, seconds (a report
     repeats the last answer, and its observed_at, while libvirt is slow to give the next)."""
@@ -329,11 +341,7 @@ def test_abort_and_completion_timeout_leave_the_guest_running_on_the_source(clou
     throttle(source, instance_uuid, 1)
 
     # Abort on request, once the migration runs and reports progress.
-    checked = checks(cloud, spec, source, dest)
-    migration_id = next(cloud.next_id)
-    prepare(cloud, spec, dest, migration_id, checked)
-    start_migration(cloud, spec, source, dest, migration_id, checked)
-    assert cloud.update(migration_id)["status"] == "running"
+    migration_id, checked = running_migration(cloud, spec, source, dest)
     # 1 MiB/s: the overlay (disk) is copied first, then memory; either counter moves, neither ends.
     # libvirt may report zeros for a few seconds while the job sets up (seen on a loaded CI machine:
     # three reports of zeros in 3 s), so read until the counters have moved, within a deadline.
@@ -410,11 +418,7 @@ def test_a_source_worker_killed_mid_migration(cloud: Cloud) -> None:
     spec = spawn(cloud, source)
     instance_uuid = spec["instance_uuid"]
     throttle(source, instance_uuid, 8)  # about 16 s for the demo guest's 128 MiB
-    checked = checks(cloud, spec, source, dest)
-    migration_id = next(cloud.next_id)
-    prepare(cloud, spec, dest, migration_id, checked)
-    start_migration(cloud, spec, source, dest, migration_id, checked)
-    assert cloud.update(migration_id)["status"] == "running"
+    migration_id, checked = running_migration(cloud, spec, source, dest)
     time.sleep(1.5)
     worker = cloud.workers[source.name]
     worker.kill()
@@ -485,11 +489,7 @@ def test_force_complete_switches_a_throttled_migration_to_post_copy(cloud: Cloud
     spec = spawn(cloud, source)
     instance_uuid = spec["instance_uuid"]
     throttle(source, instance_uuid, 1)
-    checked = checks(cloud, spec, source, dest)
-    migration_id = next(cloud.next_id)
-    prepare(cloud, spec, dest, migration_id, checked)
-    start_migration(cloud, spec, source, dest, migration_id, checked)
-    assert cloud.update(migration_id)["status"] == "running"
+    migration_id, _checked = running_migration(cloud, spec, source, dest)
     # libvirt refuses post-copy until QEMU copies memory (the disk's overlay goes first): read the
     # progress until the memory counter moves.
     def memory_moved(found: list[dict[str, Any]]) -> bool:
@@ -571,11 +571,7 @@ def test_force_complete_without_post_copy_pauses_the_guest_until_it_lands(cloud:
         spec = spawn(cloud, source)
         instance_uuid = spec["instance_uuid"]
         throttle(source, instance_uuid, 1)
-        checked = checks(cloud, spec, source, dest)
-        migration_id = next(cloud.next_id)
-        prepare(cloud, spec, dest, migration_id, checked)
-        start_migration(cloud, spec, source, dest, migration_id, checked)
-        assert cloud.update(migration_id)["status"] == "running"
+        migration_id, _checked = running_migration(cloud, spec, source, dest)
         assert f"live migration {migration_id}: " in cloud.workers[source.name].log()
         assert "post-copy False, auto-converge True" in cloud.workers[source.name].log()
         progress = cloud.progress_until(
@@ -615,11 +611,7 @@ def test_force_complete_sent_as_the_migration_starts_switches_it_over(cloud: Clo
     spec = spawn(cloud, source)
     instance_uuid = spec["instance_uuid"]
     throttle(source, instance_uuid, 1)  # the memory alone would take over two minutes
-    checked = checks(cloud, spec, source, dest)
-    migration_id = next(cloud.next_id)
-    prepare(cloud, spec, dest, migration_id, checked)
-    start_migration(cloud, spec, source, dest, migration_id, checked)
-    assert cloud.update(migration_id)["status"] == "running"
+    migration_id, _checked = running_migration(cloud, spec, source, dest)
     sent = time.monotonic()
     cloud.send(source.name, contract.COMPUTE_LIVE_MIGRATION_FORCE_COMPLETE, instance_uuid=instance_uuid,
                migration_id=migration_id)
