@@ -43,8 +43,9 @@ SLOW_ANSWER = 0.5
 # a migration still running ABORT_GRACE seconds after its abort was asked for is given up on.
 ABORT_RETRY_INTERVAL = 1.0
 ABORT_GRACE = 60.0
-# A switch-over the completion timeout asked for (COMPUTE_LIVE_MIGRATION_TIMEOUT_ACTION=force_complete)
-# that libvirt refused is tried again this often (one asked for by a task is tried once, as in Nova).
+# A switch-over libvirt refused (asked for by compute.live_migration_force_complete, or by the completion
+# timeout with COMPUTE_LIVE_MIGRATION_TIMEOUT_ACTION=force_complete) is tried again this often: QEMU
+# refuses post-copy while a block migration still copies the disk.
 SWITCH_OVER_RETRY_INTERVAL = 1.0
 # The statuses of a step that did not do what it was asked (journaled with result "error").
 FAILED_STATUSES = (contract.MIGRATION_ERROR, contract.MIGRATION_FAILED, contract.MIGRATION_CANCELLED)

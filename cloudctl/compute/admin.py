@@ -203,7 +203,7 @@ def live_migrate_servers_away(modeladmin: admin.ModelAdmin, request: HttpRequest
             modeladmin.message_user(request, f"host {host.name}: disabled; no servers to move")
         for result in results:
             name = f"{result.server.name} (on {host.name})"
-            if result.migration is None:
+            if not result.accepted:
                 modeladmin.message_user(request, f"{name}: refused: {result.refused}", level=messages.WARNING)
                 continue
             dest = result.migration.dest_host.name if result.migration.dest_host else "?"

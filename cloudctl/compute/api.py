@@ -641,13 +641,10 @@ class EvacuationSerializer(serializers.Serializer):
 
     server = serializers.UUIDField(source="server.uuid")
     name = serializers.CharField(source="server.name")
-    accepted = serializers.SerializerMethodField()
+    accepted = serializers.BooleanField()
     migration_id = serializers.IntegerField(source="migration.pk", default=None, allow_null=True)
     dest_host = serializers.CharField(source="migration.dest_host.name", default=None, allow_null=True)
     refused = serializers.CharField(help_text="why the server stays (empty when accepted)")
-
-    def get_accepted(self, evacuation: Any) -> bool:
-        return evacuation.migration is not None
 
 
 class HostEvacuationSerializer(serializers.Serializer):
@@ -676,7 +673,11 @@ class HostViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
         return services.hosts_with_usage()
 
     def _shown(self, host: Host) -> Response:
-        return Response(self.get_serializer(self.get_queryset().get(pk=host.pk)).data)
+        return Response(self._host_data(host))
+
+    def _host_data(self, host: Host) -> Any:
+        """The host as listed: with its usage (the queryset annotates it)."""
+        return self.get_serializer(self.get_queryset().get(pk=host.pk)).data
 
     @extend_schema(summary="Disable a host: the scheduler places no new server on it",
                    parameters=[HOST_NAME], request=DisableSerializer,
@@ -704,8 +705,8 @@ class HostViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
         host = self.get_object()
         results = migration_ops.host_live_migrate_servers(
             host=host, user=request.user, block_migration=body.validated_data["block_migration"])
-        shown = self.get_serializer(self.get_queryset().get(pk=host.pk)).data
-        return Response({"host": shown, "servers": EvacuationSerializer(results, many=True).data},
+        return Response({"host": self._host_data(host),
+                         "servers": EvacuationSerializer(results, many=True).data},
                         status=status.HTTP_202_ACCEPTED)
 
     @extend_schema(summary="Enable a host again", parameters=[HOST_NAME], request=None,

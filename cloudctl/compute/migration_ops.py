@@ -100,6 +100,20 @@ class Evacuation:
     migration: Migration | None
     refused: str = ""
 
+    @property
+    def accepted(self) -> bool:
+        return self.migration is not None
+
+
+def _requester(user: Any) -> str:
+    """Who asked, for an event's or a disable reason's text."""
+    return getattr(user, "username", "") or "the system"
+
+
+def _check_block_migration(block_migration: Any) -> None:
+    if block_migration not in ("auto", True, False):
+        raise InvalidRequest("block_migration", 'must be "auto", true or false')
+
 
 def migrations_visible_to(user: Any) -> QuerySet[Migration]:
     migrations = Migration.objects.select_related("instance", "source_host", "dest_host", "old_flavor",
@@ -119,8 +133,7 @@ def server_live_migrate(*, instance: Instance, user: Any, host: str | None = Non
     ``block_migration`` "auto" copies the disk only when the two hosts do not share the instance
     storage (detected by the hosts, never assumed); True insists on copying it, False on sharing.
     """
-    if block_migration not in ("auto", True, False):
-        raise InvalidRequest("block_migration", 'must be "auto", true or false')
+    _check_block_migration(block_migration)
     source = _require_host_up(instance, "live-migrate")
     _require_idle(instance, states.LIVE_MIGRATE)
 
@@ -170,11 +183,10 @@ def host_live_migrate_servers(*, host: Host, user: Any,
     a host the scheduler picks, each through :func:`server_live_migrate` with its checks. A server
     refused (stopped: cold-migrate it; no destination fits; in a task) is reported with the reason and
     the others go on. One pre-flight call per server: the request takes as long as they do."""
-    if block_migration not in ("auto", True, False):
-        raise InvalidRequest("block_migration", 'must be "auto", true or false')
+    _check_block_migration(block_migration)
     if host.enabled:
         host_set_enabled(host=host, enabled=False, reason=f"live-migrating its servers away (requested by "
-                                                          f"{getattr(user, 'username', '') or 'the system'})")
+                                                          f"{_requester(user)})")
     results = []
     servers = (Instance.objects.filter(host=host).exclude(vm_state=VmState.DELETED)
                .select_related("host").order_by("created"))
@@ -392,7 +404,7 @@ def migration_abort(*, migration: Migration, user: Any) -> Migration:
         locked.save(update_fields=["status", "updated"])
         record_event(str(locked.instance_id), event="abort_live_migration", result="Start",
                      host=locked.source_host.name if locked.source_host else "",
-                     message=f"abort requested by {getattr(user, 'username', '') or 'the system'}",
+                     message=f"abort requested by {_requester(user)}",
                      action_id=locked.action_id)
         _cast_abort(locked)
     return locked
@@ -424,7 +436,7 @@ def migration_force_complete(*, migration: Migration, user: Any) -> Migration:
         # Opened under the name the source's report closes it with: one row from request to switch-over.
         record_event(str(locked.instance_id), event=contract.FORCE_COMPLETE_EVENT, result="Start",
                      host=locked.source_host.name if locked.source_host else "",
-                     message=f"requested by {getattr(user, 'username', '') or 'the system'}",
+                     message=f"requested by {_requester(user)}",
                      action_id=locked.action_id)
         _cast(locked.source_host, contract.COMPUTE_LIVE_MIGRATION_FORCE_COMPLETE, **_ids(locked))
     return locked
@@ -527,8 +539,7 @@ def _progress_values(progress: Any) -> dict[str, int]:
 def migration_progress(*, migration_id: int, host: str, progress: dict[str, Any]) -> bool:
     values = _progress_values(progress)
     return bool(Migration.objects.filter(pk=migration_id, source_host__name=host,
-                                         status__in=(S.QUEUED, S.RUNNING, S.RUNNING_POSTCOPY, S.CANCELLING,
-                                                     S.MIGRATING))
+                                         status__in=(*_LIVE_JOB, S.MIGRATING))
                 .update(progress_updated=timezone.now(), updated=timezone.now(), **values))
 
 
@@ -797,13 +808,15 @@ def _rolled_back(migration: Migration, *, host: str, **_: Any) -> None:
 
 
 _ACTIVE_LIVE = (S.QUEUED, S.RUNNING, S.CANCELLING)
+# A libvirt job may run on the source: also once switched to post-copy (it can no longer be aborted).
+_LIVE_JOB = (*_ACTIVE_LIVE, S.RUNNING_POSTCOPY)
 _LIVE_STEPS: dict[str, tuple[tuple[str, ...], str, Any]] = {
     contract.MIGRATION_PREPARED: ((S.PREPARING, S.CANCELLING), "dest", _live_prepared),
-    contract.MIGRATION_RUNNING: ((*_ACTIVE_LIVE, S.RUNNING_POSTCOPY), "source", _live_running),
+    contract.MIGRATION_RUNNING: (_LIVE_JOB, "source", _live_running),
     contract.MIGRATION_RUNNING_POSTCOPY: (_ACTIVE_LIVE, "source", _live_postcopy),
-    contract.MIGRATION_MIGRATED: ((*_ACTIVE_LIVE, S.RUNNING_POSTCOPY), "source", _live_migrated),
+    contract.MIGRATION_MIGRATED: (_LIVE_JOB, "source", _live_migrated),
     contract.MIGRATION_CANCELLED: (_ACTIVE_LIVE, "source", _live_cancelled),
-    contract.MIGRATION_FAILED: ((*_ACTIVE_LIVE, S.RUNNING_POSTCOPY), "source", _live_source_failed),
+    contract.MIGRATION_FAILED: (_LIVE_JOB, "source", _live_source_failed),
     contract.MIGRATION_COMPLETED: ((S.POST_MIGRATING,), "dest", _live_completed),
     contract.MIGRATION_ERROR: ((S.PREPARING, S.CANCELLING, S.POST_MIGRATING), "dest", _live_dest_error),
     contract.MIGRATION_ROLLED_BACK: ((S.FAILED, S.CANCELLED, S.ERROR), "dest", _rolled_back),
@@ -960,12 +973,11 @@ def recover_after_restart(host: Host, reported: dict[str, str]) -> int:
     """
     recovered = 0
     reason = f"interrupted by a restart of the compute worker on {host.name}"
-    live_statuses = (S.QUEUED, S.RUNNING, S.RUNNING_POSTCOPY, S.CANCELLING)
     live = Migration.objects.filter(source_host=host, migration_type=MigrationType.LIVE,
-                                    status__in=live_statuses)
+                                    status__in=_LIVE_JOB)
     for pk in live.values_list("pk", flat=True):
         with transaction.atomic():
-            migration = _locked(pk, live_statuses)
+            migration = _locked(pk, _LIVE_JOB)
             if migration is None:
                 continue
             uuid = str(migration.instance_id)
