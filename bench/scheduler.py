@@ -6,7 +6,7 @@ named ``cloudctl_bench`` is created next to the one DATABASE_URL names):
     .venv/bin/python bench/scheduler.py [--hosts 1000] [--decisions 300] [--placements 600]
 
 Prints p50/p95/p99 of one scheduling decision (load host states + filters + weighers + claim, as
-``scheduler.manager.schedule_instance`` does it) and sustained placements per second with 1, 2
+``cloudctl.compute.scheduling.schedule_instance`` does it) and sustained placements per second with 1, 2
 and 4 scheduler processes working the same queue of servers, with the ratio to one process.
 Compute messages are not sent (the hosts are rows, not workers): this measures the scheduler.
 """
@@ -108,7 +108,7 @@ def _pending(count: int) -> list[str]:
 
 def _work(uuids: list[str], results: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
     _setup_django()
-    from scheduler.manager import schedule_instance
+    from cloudctl.compute.scheduling import schedule_instance
 
     placed = sum(1 for uuid in uuids if schedule_instance(uuid))
     results.put(placed)
@@ -142,7 +142,7 @@ def main() -> None:
     _seed(args.hosts)
     from django.db import connection
 
-    from scheduler.manager import schedule_instance
+    from cloudctl.compute.scheduling import schedule_instance
 
     print(f"database: {connection.vendor}; hosts: {args.hosts}")
     timings = []

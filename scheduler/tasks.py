@@ -1,17 +1,24 @@
-"""Scheduler tasks (queue ``scheduler``): thin wrappers over scheduler.manager."""
+"""The scheduler's Celery entry point (queue ``scheduler``): the tasks, by their stable names.
+
+The rest of ``scheduler/`` is pure (host_state, filters, weighers, selection: snapshots in, a
+choice out). Reading hosts, claiming and reporting are the control plane's
+(:mod:`cloudctl.compute.placement`, :mod:`cloudctl.compute.scheduling`); this thin module is the
+only one of ``scheduler/`` that imports ``cloudctl`` (the import-linter contract says so), and
+nothing in ``cloudctl`` imports it: the control plane sends its tasks by name.
+"""
 
 from __future__ import annotations
 
 from celery import shared_task
 
+from cloudctl.compute import placement, scheduling
 from compute_workers import contract
-from scheduler import manager
 
 # Fail at worker start, not at the first request, when the settings name an unknown plugin.
-manager.enabled_filters()
-manager.enabled_weighers()
+placement.enabled_filters()
+placement.enabled_weighers()
 
 
 @shared_task(name=contract.SCHEDULE_INSTANCE)
 def schedule_instance(instance_uuid: str) -> str | None:
-    return manager.schedule_instance(instance_uuid)
+    return scheduling.schedule_instance(instance_uuid)

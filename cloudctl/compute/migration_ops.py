@@ -25,7 +25,7 @@ from django.db import transaction
 from django.db.models import QuerySet
 from django.utils import timezone
 
-from cloudctl.compute import rpc, states
+from cloudctl.compute import placement, rpc, states
 from cloudctl.compute.conductor import record_event
 from cloudctl.compute.models import (
     Allocation,
@@ -55,14 +55,7 @@ from cloudctl.compute.states import PowerState, TaskState, VmState
 from cloudctl.identity.services import is_admin, project_id_of
 from compute_workers import contract
 from scheduler.host_state import RequestSpec
-from scheduler.manager import (
-    claim_move,
-    enabled_filters,
-    enabled_weighers,
-    load_host_states,
-    request_spec_of,
-)
-from scheduler.selection import NoValidHost, select_hosts
+from scheduler.selection import NoValidHost
 
 log = logging.getLogger(__name__)
 
@@ -274,12 +267,11 @@ def _candidates(instance: Instance, flavor: Flavor, host: str | None,
             raise InvalidRequest("host", f"no host {host!r}")
         if host == source.name and not same_host:
             raise InvalidRequest("host", f"the server already runs on host {host}")
-    spec = replace(request_spec_of(instance), vcpus=flavor.vcpus, memory_mb=flavor.memory_mb,
+    spec = replace(placement.request_spec_of(instance), vcpus=flavor.vcpus, memory_mb=flavor.memory_mb,
                    root_gb=flavor.root_gb, flavor_extra_specs=dict(flavor.extra_specs),
                    ignore_hosts=() if same_host else (source.name,), force_host=host or "")
     try:
-        chosen = select_hosts(load_host_states(), spec, enabled_filters(), enabled_weighers(),
-                              subset_size=1)
+        chosen = placement.candidate_hosts(spec, subset_size=1)
     except NoValidHost as no_host:
         if host:
             raise InvalidRequest("host", no_host.message) from None
@@ -312,7 +304,7 @@ def _begin(*, instance: Instance, user: Any, rule: states.Transition, kind: str,
                 instance=instance, migration_type=kind, source_host=instance.host, dest_host=dest,
                 old_flavor=instance.flavor, new_flavor=flavor, action=action,
                 user=user if getattr(user, "pk", None) else None)
-            if not claim_move(str(instance.uuid), dest.name, spec, migration.pk):
+            if not placement.claim_move(str(instance.uuid), dest.name, spec, migration.pk):
                 failed = MigrationCheckFailed(instance, "resources",
                                               f"host {dest.name} no longer has room for flavor "
                                               f"{flavor.name} (claimed concurrently)")

@@ -141,7 +141,7 @@ def host(db: None) -> Host:
 def active_server(api: APIClient, outbox: Outbox, name: str = "s") -> Any:
     """A server of ``api``'s user, placed on host hv1 and reported ACTIVE by its compute worker."""
     from cloudctl.compute.models import Instance
-    from scheduler.manager import schedule_instance
+    from cloudctl.compute.scheduling import schedule_instance
 
     heartbeat("hv1")
     body = api.post("/api/v1/servers/", {"name": name, "flavor": "m1.nano", "image": "tiny"},

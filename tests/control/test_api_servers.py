@@ -8,9 +8,9 @@ import pytest
 from rest_framework.test import APIClient
 
 from cloudctl.compute.models import Allocation, Instance, InstanceAction
+from cloudctl.compute.scheduling import schedule_instance
 from cloudctl.compute.states import VmState
 from compute_workers import contract
-from scheduler.manager import schedule_instance
 from tests.control.conftest import Outbox, client_for, make_user
 
 pytestmark = pytest.mark.django_db

@@ -12,9 +12,9 @@ from django.utils import timezone
 
 from cloudctl.compute import conductor, sync
 from cloudctl.compute.models import Host, Instance, InstanceAction
+from cloudctl.compute.scheduling import schedule_instance
 from cloudctl.compute.states import TaskState, VmState
 from compute_workers import contract
-from scheduler.manager import schedule_instance
 from tests.control.conftest import active_server, heartbeat
 
 pytestmark = pytest.mark.django_db

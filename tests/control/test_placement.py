@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from cloudctl.compute.models import Flavor, Instance
-from scheduler.manager import schedule_instance
+from cloudctl.compute.scheduling import schedule_instance
 from tests.control.conftest import heartbeat
 
 pytestmark = pytest.mark.django_db

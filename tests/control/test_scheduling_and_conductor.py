@@ -9,10 +9,11 @@ from django.utils import timezone
 
 from cloudctl.compute import conductor, sync
 from cloudctl.compute.models import Allocation, Host, Instance, InstanceAction
+from cloudctl.compute.placement import claim, request_spec_of
+from cloudctl.compute.scheduling import schedule_instance
 from cloudctl.compute.services import server_create
 from cloudctl.compute.states import TaskState, VmState
 from compute_workers import contract
-from scheduler.manager import claim, request_spec_of, schedule_instance
 from tests.control.conftest import heartbeat, run_concurrently
 
 pytestmark = pytest.mark.django_db

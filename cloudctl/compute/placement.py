@@ -1,14 +1,18 @@
-"""Pick a host for an instance and claim its resources atomically.
+"""Placement: the database side of choosing a host, one path for new servers and migrations alike.
 
-``select_hosts`` is pure (filters then weighers on snapshots). ``claim`` re-reads the chosen host's
-usage under a row lock (``SELECT ... FOR UPDATE`` on PostgreSQL; SQLite serialises writers with
-``BEGIN IMMEDIATE``), re-checks capacity, inserts the Allocation and moves the instance from
-``scheduling`` to ``spawning`` in the same transaction. A lost race moves on to the next host.
+``scheduler/`` judges plain snapshots (filters, weighers, selection) and imports no Django. This
+module feeds it: it reads the hosts as HostStates and an instance as a RequestSpec, runs the
+enabled filters and weighers from the settings (:func:`candidate_hosts`), and claims the chosen
+host's resources atomically (:func:`claim` for a new server, :func:`claim_move` for a migration).
+
+A claim re-reads the chosen host's usage under a row lock (``SELECT ... FOR UPDATE`` on
+PostgreSQL; SQLite serialises writers with ``BEGIN IMMEDIATE``) and re-checks capacity before it
+inserts the Allocation, so two concurrent decisions never overcommit a host: the loser moves on to
+its next candidate.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -18,19 +22,12 @@ from django.db import transaction
 from django.db.models import Count, F, Sum
 from django.utils import timezone
 
-from cloudctl.compute import rpc
-from cloudctl.compute.conductor import current_action, record_event
 from cloudctl.compute.models import Aggregate, Allocation, Host, Instance, ServerGroup
-from cloudctl.compute.services import finish_action
-from cloudctl.compute.specs import spawn_spec
 from cloudctl.compute.states import TaskState, VmState
-from compute_workers import contract
 from scheduler.filters import CLAIM_FILTERS, BaseHostFilter, load_filters
 from scheduler.host_state import HostState, RequestSpec
-from scheduler.selection import NoValidHost, select_hosts
+from scheduler.selection import select_hosts
 from scheduler.weighers import BaseWeigher, load_weighers
-
-log = logging.getLogger(__name__)
 
 
 def enabled_filters() -> list[BaseHostFilter]:
@@ -132,6 +129,13 @@ def request_spec_of(instance: Instance) -> RequestSpec:
     )
 
 
+def candidate_hosts(spec: RequestSpec, *, subset_size: int) -> list[HostState]:
+    """Every host through the enabled filters then weighers: the candidates, best first.
+    Raises :class:`scheduler.selection.NoValidHost` with the per-filter breakdown."""
+    return select_hosts(load_host_states(), spec, enabled_filters(), enabled_weighers(),
+                        subset_size=subset_size)
+
+
 class InstanceGone(Exception):
     """The instance left ``scheduling`` (deleted meanwhile): stop, claim nothing."""
 
@@ -171,7 +175,9 @@ def claim_move(instance_uuid: str, host_name: str, spec: RequestSpec, migration_
 
 
 def claim(instance_uuid: str, host_name: str, spec: RequestSpec) -> bool:
-    """Claim ``spec``'s resources on ``host_name`` for the instance. False if they are gone."""
+    """Claim ``spec``'s resources on ``host_name`` for the instance being scheduled, and move it
+    from ``scheduling`` to ``spawning``, in one transaction. False if the resources are gone;
+    :class:`InstanceGone` if the instance left ``scheduling``."""
     with transaction.atomic():
         host = _locked_host_if_it_fits(instance_uuid, host_name, spec)
         if host is None:
@@ -184,49 +190,3 @@ def claim(instance_uuid: str, host_name: str, spec: RequestSpec) -> bool:
         Allocation.objects.create(instance_id=instance_uuid, host=host, vcpus=spec.vcpus,
                                   memory_mb=spec.memory_mb, disk_gb=spec.root_gb)
     return True
-
-
-def schedule_instance(instance_uuid: str) -> str | None:
-    """Place one instance: returns the host name, or None when it ended in ERROR or is gone."""
-    instance = (Instance.objects.select_related("flavor", "image", "server_group")
-                .filter(uuid=instance_uuid).first())
-    if instance is None or instance.task_state != TaskState.SCHEDULING:
-        log.info("not scheduling %s: it is no longer waiting for a host", instance_uuid)
-        return None
-    spec = request_spec_of(instance)
-    try:
-        candidates = select_hosts(load_host_states(), spec, enabled_filters(), enabled_weighers(),
-                                  subset_size=settings.SCHEDULER_HOST_SUBSET_SIZE)
-        for candidate in candidates:
-            if claim(instance_uuid, candidate.name, spec):
-                break
-            log.info("lost the race for %s on %s; trying the next host", instance_uuid,
-                     candidate.name)
-        else:
-            raise NoValidHost(total_hosts=len(candidates))
-    except InstanceGone:
-        log.info("%s left scheduling while being placed; nothing claimed", instance_uuid)
-        return None
-    except NoValidHost as no_host:
-        _fail_no_valid_host(instance, no_host)
-        return None
-    record_event(instance_uuid, event="schedule", result="Success", host=candidate.name,
-                 message=f"attempt {len(spec.ignore_hosts) + 1}")
-    instance.refresh_from_db()
-    rpc.cast(candidate.name, contract.COMPUTE_SPAWN, spec=spawn_spec(instance, candidate.name))
-    return candidate.name
-
-
-def _fail_no_valid_host(instance: Instance, no_host: NoValidHost) -> None:
-    fault = no_host.as_fault()
-    with transaction.atomic():
-        updated = Instance.objects.filter(
-            uuid=instance.uuid, task_state=TaskState.SCHEDULING).change(
-            vm_state=VmState.ERROR, task_state=None, fault=fault)
-        if not updated:
-            return
-        record_event(str(instance.uuid), event="schedule", result="Error",
-                     message=fault["message"])
-        action = current_action(str(instance.uuid))
-        if action is not None:
-            finish_action(action, result="Error", message=fault["message"])
