@@ -12,7 +12,7 @@ from rest_framework import serializers, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
-from cloudctl.compute.migration_ops import MigrationCheckFailed, MigrationInvalidState
+from cloudctl.compute.migration_requests import MigrationCheckFailed, MigrationInvalidState
 from cloudctl.compute.rpc import ComputeUnavailable
 from cloudctl.compute.services import (
     ConsoleUnavailable,

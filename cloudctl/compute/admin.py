@@ -15,7 +15,7 @@ from django.template.response import TemplateResponse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
-from cloudctl.compute import migration_ops, rpc, services
+from cloudctl.compute import migration_requests, rpc, services
 from cloudctl.compute.dashboard import usage_bars
 from cloudctl.compute.models import (
     Aggregate,
@@ -39,7 +39,7 @@ def _run_on_each(modeladmin: admin.ModelAdmin, request: HttpRequest, queryset: Q
     for instance in queryset.select_related("host"):
         try:
             operation(instance)
-        except migration_ops.REFUSED as refused:
+        except migration_requests.REFUSED as refused:
             modeladmin.message_user(request, f"{instance.name}: {verb} refused: {refused}",
                                     level=messages.WARNING)
         else:
@@ -65,12 +65,12 @@ def _snapshot(instance: Instance, user: Any) -> Any:
 
 def _live_migrate(instance: Instance, user: Any) -> Any:
     """The scheduler picks the destination; the disk is copied only if the hosts share no storage."""
-    return migration_ops.server_live_migrate(instance=instance, user=user, host=None,
-                                             block_migration="auto")
+    return migration_requests.server_live_migrate(instance=instance, user=user, host=None,
+                                                  block_migration="auto")
 
 
 def _cold_migrate(instance: Instance, user: Any) -> Any:
-    return migration_ops.server_migrate(instance=instance, user=user, host=None)
+    return migration_requests.server_migrate(instance=instance, user=user, host=None)
 
 
 def _delete(instance: Instance, user: Any) -> Any:
@@ -198,7 +198,7 @@ def enable_hosts(modeladmin: admin.ModelAdmin, request: HttpRequest,
 def live_migrate_servers_away(modeladmin: admin.ModelAdmin, request: HttpRequest,
                               queryset: QuerySet[Host]) -> None:
     for host in queryset:
-        results = migration_ops.host_live_migrate_servers(host=host, user=request.user)
+        results = migration_requests.host_live_migrate_servers(host=host, user=request.user)
         if not results:
             modeladmin.message_user(request, f"host {host.name}: disabled; no servers to move")
         for result in results:
@@ -327,7 +327,7 @@ def _migration_action(verb: str, call: Callable[..., Migration]) -> Any:
             label = f"migration {migration.pk} of {migration.instance.name}"
             try:
                 call(migration=migration, user=request.user)
-            except (migration_ops.MigrationInvalidState, rpc.ComputeUnavailable) as refused:
+            except (migration_requests.MigrationInvalidState, rpc.ComputeUnavailable) as refused:
                 modeladmin.message_user(request, f"{label}: {verb} refused: {refused}",
                                         level=messages.WARNING)
             else:
@@ -346,6 +346,6 @@ class MigrationAdmin(SystemOwnedAdmin):
                     "created", "finished_at")
     list_filter = ("migration_type", "status", "source_host", "dest_host")
     search_fields = ("instance__name", "instance__uuid")
-    actions = [_migration_action("abort", migration_ops.migration_abort),
-               _migration_action("force-complete", migration_ops.migration_force_complete)]
+    actions = [_migration_action("abort", migration_requests.migration_abort),
+               _migration_action("force-complete", migration_requests.migration_force_complete)]
 

@@ -22,7 +22,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from cloudctl.api import CodedErrorSerializer, error_responses
-from cloudctl.compute import migration_ops, services
+from cloudctl.compute import migration_requests, selectors, services
 from cloudctl.compute.models import (
     MIGRATION_IN_PROGRESS,
     Aggregate,
@@ -433,7 +433,7 @@ class ServerViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.G
         return self._accepted(record)
 
     def _migration_accepted(self, migration: Migration) -> Response:
-        migration = migration_ops.migrations_visible_to(self.request.user).get(pk=migration.pk)
+        migration = selectors.migrations_visible_to(self.request.user).get(pk=migration.pk)
         return Response(MigrationSerializer(migration).data, status=status.HTTP_202_ACCEPTED)
 
     @_migration_action("Live-migrate a running server to another host (admin); checked before it "
@@ -442,7 +442,7 @@ class ServerViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.G
     def live_migrate(self, request: Request, pk: str | None = None) -> Response:
         body = LiveMigrateSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        return self._migration_accepted(migration_ops.server_live_migrate(
+        return self._migration_accepted(migration_requests.server_live_migrate(
             instance=self.get_object(), user=request.user, host=body.validated_data["host"],
             block_migration=body.validated_data["block_migration"]))
 
@@ -452,7 +452,7 @@ class ServerViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.G
     def migrate(self, request: Request, pk: str | None = None) -> Response:
         body = MigrateSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        return self._migration_accepted(migration_ops.server_migrate(
+        return self._migration_accepted(migration_requests.server_migrate(
             instance=self.get_object(), user=request.user, host=body.validated_data["host"]))
 
     @_migration_action("Resize a server to a bigger flavor: ends in VERIFY_RESIZE, then confirm or "
@@ -461,20 +461,20 @@ class ServerViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.G
     def resize(self, request: Request, pk: str | None = None) -> Response:
         body = ResizeSerializer(data=request.data, context={"request": request})
         body.is_valid(raise_exception=True)
-        return self._migration_accepted(migration_ops.server_resize(
+        return self._migration_accepted(migration_requests.server_resize(
             instance=self.get_object(), user=request.user, flavor=body.validated_data["flavor"]))
 
     @_migration_action("Confirm a resize: the old copy and its resources on the source are freed")
     @action(detail=True, methods=["post"], url_path="confirm-resize")
     def confirm_resize(self, request: Request, pk: str | None = None) -> Response:
-        return self._migration_accepted(migration_ops.server_confirm_resize(instance=self.get_object(),
-                                                                         user=request.user))
+        return self._migration_accepted(migration_requests.server_confirm_resize(
+            instance=self.get_object(), user=request.user))
 
     @_migration_action("Revert a resize: back to the old host and flavor, with the disk as it was")
     @action(detail=True, methods=["post"], url_path="revert-resize")
     def revert_resize(self, request: Request, pk: str | None = None) -> Response:
-        return self._migration_accepted(migration_ops.server_revert_resize(instance=self.get_object(),
-                                                                        user=request.user))
+        return self._migration_accepted(migration_requests.server_revert_resize(
+            instance=self.get_object(), user=request.user))
 
     @extend_schema(summary="The server's migrations and resizes, newest first, with their progress",
                    parameters=[SERVER_ID],
@@ -482,7 +482,7 @@ class ServerViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.G
     @action(detail=True, methods=["get"], url_path="migrations")
     def server_migrations(self, request: Request, pk: str | None = None) -> Response:
         instance = self.get_object()
-        found = migration_ops.migrations_visible_to(request.user).filter(instance=instance)
+        found = selectors.migrations_visible_to(request.user).filter(instance=instance)
         return Response(MigrationSerializer(found, many=True).data)
 
     @extend_schema(summary="One migration of the server", parameters=[SERVER_ID, MIGRATION_ID],
@@ -502,7 +502,8 @@ class ServerViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.G
             permission_classes=[IsAdminUser])
     def abort_migration(self, request: Request, pk: str | None = None,
                         migration_id: str | None = None) -> Response:
-        migration = migration_ops.migration_abort(migration=self._migration(migration_id), user=request.user)
+        migration = migration_requests.migration_abort(migration=self._migration(migration_id),
+                                                       user=request.user)
         return self._migration_accepted(migration)
 
     @extend_schema(summary="Force a running live migration to complete (admin): switch to post-copy where "
@@ -517,13 +518,13 @@ class ServerViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.G
             permission_classes=[IsAdminUser])
     def force_complete_migration(self, request: Request, pk: str | None = None,
                                  migration_id: str | None = None) -> Response:
-        migration = migration_ops.migration_force_complete(migration=self._migration(migration_id),
-                                                           user=request.user)
+        migration = migration_requests.migration_force_complete(migration=self._migration(migration_id),
+                                                                user=request.user)
         return self._migration_accepted(migration)
 
     def _migration(self, migration_id: str | None) -> Migration:
         instance = self.get_object()
-        found = migration_ops.migrations_visible_to(self.request.user).filter(
+        found = selectors.migrations_visible_to(self.request.user).filter(
             instance=instance, pk=int(migration_id or 0)).first()
         if found is None:
             raise NotFound(f"server {instance.uuid} has no migration {migration_id}")
@@ -703,7 +704,7 @@ class HostViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
         body = HostLiveMigrateServersSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         host = self.get_object()
-        results = migration_ops.host_live_migrate_servers(
+        results = migration_requests.host_live_migrate_servers(
             host=host, user=request.user, block_migration=body.validated_data["block_migration"])
         return Response({"host": self._host_data(host),
                          "servers": EvacuationSerializer(results, many=True).data},
@@ -893,7 +894,7 @@ class MigrationViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewset
     permission_classes = [IsAdminUser]
 
     def get_queryset(self) -> QuerySet[Migration]:
-        found = migration_ops.migrations_visible_to(self.request.user)
+        found = selectors.migrations_visible_to(self.request.user)
         query = self.request.query_params
         if getattr(self, "action", None) != "list":
             return found

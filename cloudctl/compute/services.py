@@ -224,7 +224,7 @@ def host_status(instance: Instance) -> str:
     return "UP" if instance.host.enabled else "MAINTENANCE"
 
 
-def _require_host_up(instance: Instance, action: str) -> Host:
+def require_host_up(instance: Instance, action: str) -> Host:
     if instance.host is None:
         raise HostUnavailable(instance, f"cannot {action} server {instance.uuid}: it is on no host")
     if not instance.host.is_up:
@@ -238,7 +238,7 @@ def _server_operation(*, instance: Instance, user: Any, rule: Transition, task_n
                       request_id: str | None, **task_kwargs: Any) -> InstanceAction:
     """The one path of every lifecycle action: host check, compare-and-swap into the task state,
     an action record, and the compute task sent when the transaction commits."""
-    host = _require_host_up(instance, rule.action)
+    host = require_host_up(instance, rule.action)
     with transaction.atomic():
         transition(instance, rule)
         action = action_start(instance=instance, action=rule.action, user=user,
@@ -334,7 +334,7 @@ def server_snapshot(*, instance: Instance, user: Any, name: str,
     queued now, saving while the compute worker uploads, active when the upload passes the image
     service's inspection; killed if anything fails.
     """
-    host = _require_host_up(instance, "snapshot")
+    host = require_host_up(instance, "snapshot")
     with transaction.atomic():
         transition(instance, states.SNAPSHOT)
         base = instance.image

@@ -6,7 +6,7 @@ from typing import Any
 
 from celery import shared_task
 
-from cloudctl.compute import conductor, migration_ops, sync
+from cloudctl.compute import conductor, migration_reports, recovery, sync
 from compute_workers import contract
 
 
@@ -44,7 +44,7 @@ def host_stopping(host: str) -> None:
 @shared_task(name=contract.CONDUCTOR_HOST_INIT)
 def host_init(host: str, resources: dict[str, Any]) -> None:
     conductor.host_heartbeat(host=host, resources=resources)
-    sync.host_init(host=host, reported=resources.get("instances", {}))
+    recovery.host_init(host=host, reported=resources.get("instances", {}))
 
 
 @shared_task(name=contract.CONDUCTOR_POWER_STATE_UPDATE, ignore_result=True)
@@ -56,22 +56,22 @@ def power_state_update(host: str, instance_uuid: str, power_state: str,
 
 @shared_task(name="conductor.reap_expired_tasks")
 def reap_expired_tasks() -> int:
-    return sync.reap_expired_tasks()
+    return recovery.reap_expired_tasks()
 
 
 @shared_task(name=contract.CONDUCTOR_MIGRATION_UPDATE)
 def migration_update(migration_id: int, host: str, status: str, error: str | None = None,
                      values: dict[str, Any] | None = None, event: dict[str, Any] | None = None) -> bool:
-    return migration_ops.migration_update(migration_id=migration_id, host=host, status=status, error=error,
-                                       values=values, event=event)
+    return migration_reports.migration_update(migration_id=migration_id, host=host, status=status,
+                                             error=error, values=values, event=event)
 
 
 @shared_task(name=contract.CONDUCTOR_MIGRATION_PROGRESS, ignore_result=True)
 def migration_progress(migration_id: int, host: str, progress: dict[str, Any]) -> bool:
-    return migration_ops.migration_progress(migration_id=migration_id, host=host, progress=progress)
+    return migration_reports.migration_progress(migration_id=migration_id, host=host, progress=progress)
 
 
 @shared_task(name="conductor.confirm_expired_resizes")
 def confirm_expired_resizes() -> int:
     """Periodic (beat): unconfirmed resizes past RESIZE_CONFIRM_WINDOW, and stuck migrations."""
-    return migration_ops.confirm_expired_resizes() + migration_ops.reap_stuck_migrations()
+    return recovery.confirm_expired_resizes() + recovery.reap_stuck_migrations()

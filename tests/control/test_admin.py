@@ -154,7 +154,7 @@ def test_a_host_is_emptied_from_the_admin(staff, running, outbox, api, django_ca
 
 def test_a_running_live_migration_can_be_forced_or_aborted_from_the_admin(
         staff, running, outbox, django_capture_on_commit_callbacks):
-    from cloudctl.compute import migration_ops
+    from cloudctl.compute import migration_reports
     from cloudctl.compute.models import Migration
 
     heartbeat("hv2")
@@ -172,7 +172,7 @@ def test_a_running_live_migration_can_be_forced_or_aborted_from_the_admin(
     page = act_on_migration("force_complete")  # still preparing
     assert f"Migration {migration.pk} of web: force-complete refused" in page and "preparing" in page
     for host, status in (("hv2", contract.MIGRATION_PREPARED), ("hv1", contract.MIGRATION_RUNNING)):
-        assert migration_ops.migration_update(migration_id=migration.pk, host=host, status=status)
+        assert migration_reports.migration_update(migration_id=migration.pk, host=host, status=status)
     assert f"Migration {migration.pk} of web: force-complete accepted" in act_on_migration("force_complete")
     assert outbox.compute[-1][:2] == ("hv1", contract.COMPUTE_LIVE_MIGRATION_FORCE_COMPLETE)
     assert f"Migration {migration.pk} of web: abort accepted" in act_on_migration("abort")

@@ -10,7 +10,7 @@ import pytest
 from django.db import connection
 from django.utils import timezone
 
-from cloudctl.compute import conductor, sync
+from cloudctl.compute import conductor, recovery, sync
 from cloudctl.compute.models import Host, Instance, InstanceAction
 from cloudctl.compute.scheduling import schedule_instance
 from cloudctl.compute.states import TaskState, VmState
@@ -275,7 +275,7 @@ def test_worker_restart_table(api, server, member, project, flavors, image, outb
     outbox.compute.clear()
     reported = {str(s.uuid): "running" for s in (server, building, deleting, rebooting, pausing)}
     with django_capture_on_commit_callbacks(execute=True):
-        sync.host_init(host="hv1", reported=reported)
+        recovery.host_init(host="hv1", reported=reported)
     states = {s.name: (s.vm_state, s.task_state)
               for s in Instance.objects.filter(uuid__in=list(reported))}
     assert states["b"] == ("error", None)
@@ -297,7 +297,7 @@ def test_reaper_ends_an_expired_task_truthfully(api, server):
     Instance.objects.filter(uuid=server.uuid).update(
         task_state_since=timezone.now() - timedelta(seconds=301))
     heartbeat("hv1", instances={str(server.uuid): "running"})
-    assert sync.reap_expired_tasks() == 1
+    assert recovery.reap_expired_tasks() == 1
     shown = api.get(f"/api/v1/servers/{server.uuid}/").json()
     assert (shown["status"], shown["task_state"]) == ("ACTIVE", None)
     [reboot, _] = api.get(f"/api/v1/servers/{server.uuid}/actions/").json()
@@ -312,7 +312,7 @@ def test_reaper_with_the_host_down_ends_in_error(api, server):
     Instance.objects.filter(uuid=server.uuid).update(
         task_state_since=timezone.now() - timedelta(seconds=181))
     Host.objects.filter(name="hv1").update(last_heartbeat=timezone.now() - timedelta(hours=1))
-    assert sync.reap_expired_tasks() == 1
+    assert recovery.reap_expired_tasks() == 1
     server.refresh_from_db()
     assert server.vm_state == VmState.ERROR and server.task_state is None
     assert server.fault["message"] == ("powering_off did not finish within 180 s on host hv1 and "
@@ -342,7 +342,7 @@ def test_reaper_falls_back_to_the_last_known_state(api, server, settings):
     # The host is up, but its last heartbeat predates the task and the domain (a wedged worker).
     Host.objects.filter(name="hv1").update(last_heartbeat=now - timedelta(seconds=20),
                                            reported_instances={})
-    assert sync.reap_expired_tasks() == 1
+    assert recovery.reap_expired_tasks() == 1
     server.refresh_from_db()
     assert (server.vm_state, server.task_state) == ("active", None)
     pause = InstanceAction.objects.get(instance=server, action="pause")

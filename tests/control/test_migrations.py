@@ -14,7 +14,7 @@ import pytest
 from django.utils import timezone
 from rest_framework.test import APIClient
 
-from cloudctl.compute import migration_ops
+from cloudctl.compute import migration_reports, recovery
 from cloudctl.compute.models import Allocation, Flavor, Instance, InstanceAction, Migration, ServerGroup
 from compute_workers import contract
 
@@ -60,7 +60,7 @@ def allocations(instance: Instance) -> list[tuple[str, int, bool]]:
 
 def report(migration: Migration | int, host: str, status: str, **kw: Any) -> bool:
     pk = migration if isinstance(migration, int) else migration.pk
-    return migration_ops.migration_update(migration_id=pk, host=host, status=status, **kw)
+    return migration_reports.migration_update(migration_id=pk, host=host, status=status, **kw)
 
 
 def live_migrate(admin_api: APIClient, server: Instance, **body: Any) -> Any:
@@ -93,7 +93,7 @@ def test_live_migration_runs_step_by_step_and_moves_the_claim_last(
     assert start["migration_uri"] == "qemu+tcp://10.0.0.2/system"
     assert start["migration_data_uri"] == "tcp://10.0.0.2" and start["dest_host"] == "hv2"
     assert report(migration, "hv1", contract.MIGRATION_RUNNING)
-    assert migration_ops.migration_progress(migration_id=migration.pk, host="hv1", progress={
+    assert migration_reports.migration_progress(migration_id=migration.pk, host="hv1", progress={
         "memory_total": 134217728, "memory_processed": 1000, "memory_remaining": 134216728,
         "disk_total": 0, "disk_processed": 0, "disk_remaining": 0, "observed_at": 1.0})
     shown = admin_api.get(f"/api/v1/servers/{server.uuid}/migrations/{migration.pk}/").json()
@@ -280,7 +280,7 @@ def test_a_completed_live_migration_records_the_destinations_final_figures(
 def test_a_completed_report_without_figures_keeps_the_last_progress(
         api: APIClient, admin_api: APIClient, checks: Outbox, flavors: dict[str, Flavor], image: Any) -> None:
     _server, migration = started_live_migration(api, admin_api, checks)
-    assert migration_ops.migration_progress(migration_id=migration.pk, host="hv1", progress={
+    assert migration_reports.migration_progress(migration_id=migration.pk, host="hv1", progress={
         "memory_total": 1000, "memory_processed": 900, "memory_remaining": 100})
     assert report(migration, "hv1", contract.MIGRATION_MIGRATED)
     assert report(migration, "hv2", contract.MIGRATION_COMPLETED,
@@ -345,7 +345,7 @@ def test_force_complete_switches_to_post_copy_which_cannot_be_aborted(
     assert report(migration, "hv1", contract.MIGRATION_RUNNING_POSTCOPY, event=switched)
     shown = admin_api.get(f"/api/v1/servers/{server.uuid}/migrations/{migration.pk}/").json()
     assert shown["status"] == "running (post-copy)"
-    assert migration_ops.migration_progress(migration_id=migration.pk, host="hv1", progress={
+    assert migration_reports.migration_progress(migration_id=migration.pk, host="hv1", progress={
         "memory_total": 100, "memory_processed": 90, "memory_remaining": 10, "disk_total": 0,
         "disk_processed": 0, "disk_remaining": 0, "observed_at": 2.0}), "progress goes on in post-copy"
     report(migration, "hv1", contract.MIGRATION_RUNNING)  # a late report: no way back
@@ -460,15 +460,14 @@ def test_a_failure_in_post_copy_leaves_the_server_in_error_with_what_to_do(
 
 def test_a_source_restart_in_post_copy_does_not_abort(
         api: APIClient, admin_api: APIClient, checks: Outbox, flavors: dict[str, Flavor], image: Any) -> None:
-    from cloudctl.compute import sync
 
     server, migration = started_live_migration(api, admin_api, checks)
     assert report(migration, "hv1", contract.MIGRATION_RUNNING_POSTCOPY)
-    sync.host_init(host="hv1", reported={str(server.uuid): "paused"})
+    recovery.host_init(host="hv1", reported={str(server.uuid): "paused"})
     assert checks.compute_tasks(contract.COMPUTE_ABORT_LIVE_MIGRATION) == []
     migration.refresh_from_db()
     assert migration.status == "running (post-copy)"
-    sync.host_init(host="hv1", reported={})  # libvirt finished it meanwhile: ask the destination
+    recovery.host_init(host="hv1", reported={})  # libvirt finished it meanwhile: ask the destination
     assert checks.compute[-1][:2] == ("hv2", contract.COMPUTE_POST_LIVE_MIGRATION_AT_DEST)
     assert report(migration, "hv2", contract.MIGRATION_COMPLETED, values={"power_state": "running"})
     server.refresh_from_db()
@@ -623,9 +622,9 @@ def test_an_unconfirmed_resize_is_confirmed_after_the_window(
         api: APIClient, checks: Outbox, flavors: dict[str, Flavor], image: Any, settings: Any) -> None:
     server, migration = resized(api, checks)
     settings.RESIZE_CONFIRM_WINDOW = 60
-    assert migration_ops.confirm_expired_resizes() == 0
+    assert recovery.confirm_expired_resizes() == 0
     Migration.objects.filter(pk=migration.pk).update(finished_at=timezone.now() - timedelta(seconds=61))
-    assert migration_ops.confirm_expired_resizes() == 1
+    assert recovery.confirm_expired_resizes() == 1
     assert checks.compute[-1][:2] == ("hv1", contract.COMPUTE_CONFIRM_RESIZE)
     report(migration, "hv1", contract.MIGRATION_CONFIRMED)
     server.refresh_from_db()
@@ -672,10 +671,9 @@ def test_a_finish_that_fails_reverts_to_the_source(
 def test_a_source_worker_restart_mid_migration_ends_truthfully(
         api: APIClient, admin_api: APIClient, checks: Outbox, flavors: dict[str, Flavor], image: Any) -> None:
     """Nova's _init_instance for migrations: where the domain is after the restart decides."""
-    from cloudctl.compute import sync
 
     server, migration = started_live_migration(api, admin_api, checks)
-    sync.host_init(host="hv1", reported={str(server.uuid): "running"})  # still here: aborted, failed
+    recovery.host_init(host="hv1", reported={str(server.uuid): "running"})  # still here: aborted, failed
     assert checks.compute[0][:2] == ("hv1", contract.COMPUTE_ABORT_LIVE_MIGRATION)
     server.refresh_from_db()
     migration.refresh_from_db()
@@ -688,7 +686,7 @@ def test_a_source_worker_restart_mid_migration_ends_truthfully(
     second = Migration.objects.get(pk=live_migrate(admin_api, server, host="hv2").json()["id"])
     report(second, "hv2", contract.MIGRATION_PREPARED)
     report(second, "hv1", contract.MIGRATION_RUNNING)
-    sync.host_init(host="hv1", reported={})  # the domain left: ask the destination
+    recovery.host_init(host="hv1", reported={})  # the domain left: ask the destination
     assert checks.compute[-1][:2] == ("hv2", contract.COMPUTE_POST_LIVE_MIGRATION_AT_DEST)
     assert report(second, "hv2", contract.MIGRATION_COMPLETED, values={"power_state": "running"})
     server.refresh_from_db()
@@ -718,10 +716,10 @@ def test_stuck_migrations_are_reaped_from_what_the_hosts_report(
     report(migration, "hv2", contract.MIGRATION_PREPARED)
     report(migration, "hv1", contract.MIGRATION_MIGRATED)  # and then the destination never answers
     settings.MIGRATION_STEP_TIMEOUT = 5
-    assert migration_ops.reap_stuck_migrations() == 0
+    assert recovery.reap_stuck_migrations() == 0
     Migration.objects.filter(pk=migration.pk).update(updated=timezone.now() - timedelta(seconds=6))
     heartbeat("hv2", instances={str(server.uuid): "running"})
-    assert migration_ops.reap_stuck_migrations() == 1
+    assert recovery.reap_stuck_migrations() == 1
     server.refresh_from_db()
     migration.refresh_from_db()
     assert (server.status, server.host.name, migration.status) == ("ACTIVE", "hv2", "completed")

@@ -7,7 +7,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from cloudctl.compute import conductor, sync
+from cloudctl.compute import conductor, recovery
 from cloudctl.compute.models import Allocation, Host, Instance, InstanceAction
 from cloudctl.compute.placement import claim, request_spec_of
 from cloudctl.compute.scheduling import schedule_instance
@@ -193,7 +193,7 @@ def test_reaper_errors_builds_past_their_deadline(new_server, outbox, settings):
     fresh = new_server(name="fresh")
     Instance.objects.filter(uuid=server.uuid).update(
         task_state_since=timezone.now() - timedelta(seconds=settings.INSTANCE_BUILD_TIMEOUT + 5))
-    assert sync.reap_expired_tasks() == 1
+    assert recovery.reap_expired_tasks() == 1
     server.refresh_from_db()
     assert server.status == "ERROR"
     assert server.fault["message"] == (
