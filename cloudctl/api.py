@@ -12,7 +12,7 @@ from rest_framework import serializers, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
-from cloudctl.compute.migration_requests import MigrationCheckFailed, MigrationInvalidState
+from cloudctl.compute.migration_requests import MigrationInvalidState
 from cloudctl.compute.rpc import ComputeUnavailable
 from cloudctl.compute.services import (
     ConsoleUnavailable,
@@ -35,11 +35,6 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
         return Response({"detail": str(exc), "code": "host_unavailable", "status": instance.status,
                          "vm_state": instance.vm_state, "task_state": instance.task_state},
                         status=status.HTTP_409_CONFLICT)
-    if isinstance(exc, MigrationCheckFailed):
-        instance = exc.instance
-        return Response({"detail": str(exc), "code": "preflight_failed", "check": exc.check,
-                         "status": instance.status, "vm_state": instance.vm_state,
-                         "task_state": instance.task_state}, status=status.HTTP_409_CONFLICT)
     if isinstance(exc, MigrationInvalidState):
         return Response({"detail": str(exc), "code": "conflict", "status": exc.migration.status},
                         status=status.HTTP_409_CONFLICT)
@@ -107,13 +102,10 @@ class ConflictSerializer(ErrorSerializer):
     """409: the server's state forbids the action (``conflict``) or its host is down or missing
     (``host_unavailable``)."""
 
-    code = serializers.ChoiceField(choices=["conflict", "host_unavailable", "preflight_failed"])
+    code = serializers.ChoiceField(choices=["conflict", "host_unavailable"])
     status = serializers.CharField()
     vm_state = serializers.CharField()
     task_state = serializers.CharField(allow_null=True)
-    check = serializers.CharField(required=False, help_text="preflight_failed: the check that refused "
-                                  "(scheduler, destination, source, cpu, image, disk, resources, "
-                                  "shared_storage, instance_exists, hypervisor)")
 
 
 class ImageConflictSerializer(ErrorSerializer):

@@ -210,10 +210,13 @@ CLEAN_SHUTDOWN_TIMEOUT = env_int("CLEAN_SHUTDOWN_TIMEOUT", 60, minimum=0)
 # A live migration is aborted when it runs longer than this many seconds per GiB of guest RAM (plus
 # the disk's GiB for a block migration), as Nova's live_migration_completion_timeout.
 LIVE_MIGRATION_COMPLETION_TIMEOUT = env_int("LIVE_MIGRATION_COMPLETION_TIMEOUT", 800, minimum=1)
-# Seconds the API waits for each pre-flight check answer of a compute worker.
+# Seconds the pre-flight task (scheduler worker) waits for each check answer of a compute worker.
 MIGRATION_PRECHECK_TIMEOUT = env_float("MIGRATION_PRECHECK_TIMEOUT", 30.0, minimum=0.1)
 # Destinations tried (pre-flight checks) when the scheduler picks one, before giving up.
 MIGRATION_MAX_ATTEMPTS = env_int("MIGRATION_MAX_ATTEMPTS", 3, minimum=1)
+# A host evacuation (live-migrate-servers) sends at most this many of its migrations to the
+# pre-flight checks and the hosts at once; the others wait (status "accepted") for one to end.
+EVACUATION_MAX_SERVERS = env_int("EVACUATION_MAX_SERVERS", 2, minimum=1)
 # A resize may stay on its host (the scheduler may pick it).
 ALLOW_RESIZE_TO_SAME_HOST = env_bool("ALLOW_RESIZE_TO_SAME_HOST", True)
 # Seconds after which an unconfirmed resize (VERIFY_RESIZE) is confirmed automatically; 0: never.

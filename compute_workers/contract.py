@@ -217,6 +217,8 @@ COMPUTE_QUEUE_PREFIX = "compute."
 
 # Stable task names. Never rename one without keeping the old name registered.
 SCHEDULE_INSTANCE = "scheduler.schedule_instance"
+# The pre-flight checks of a requested migration (status "checking"), off the API's request thread.
+MIGRATION_PREFLIGHT = "scheduler.migration_preflight"
 
 CONDUCTOR_INSTANCE_UPDATE = "conductor.instance_update"
 CONDUCTOR_BUILD_FAILED = "conductor.build_failed"

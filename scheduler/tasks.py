@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from celery import shared_task
 
+from cloudctl.compute import migration_preflight as preflight
 from cloudctl.compute import placement, scheduling
 from compute_workers import contract
 
@@ -22,3 +23,11 @@ placement.enabled_weighers()
 @shared_task(name=contract.SCHEDULE_INSTANCE)
 def schedule_instance(instance_uuid: str) -> str | None:
     return scheduling.schedule_instance(instance_uuid)
+
+
+@shared_task(name=contract.MIGRATION_PREFLIGHT)
+def migration_preflight(migration_id: int) -> str:
+    """The pre-flight checks of a requested migration (blocking calls to two compute workers, up to
+    MIGRATION_PRECHECK_TIMEOUT each per candidate): here, never on the conductor's queue, which must
+    stay free for the hosts' reports."""
+    return preflight.migration_preflight(migration_id)

@@ -26,6 +26,7 @@ from cloudctl.compute.models import (
     InstanceAction,
     InstanceActionEvent,
     Migration,
+    MigrationStatus,
     ServerGroup,
 )
 from cloudctl.compute.states import VmState
@@ -35,15 +36,19 @@ from cloudctl.compute.states import VmState
 
 def _run_on_each(modeladmin: admin.ModelAdmin, request: HttpRequest, queryset: QuerySet[Instance],
                  verb: str, operation: Callable[[Instance], Any]) -> None:
-    """Apply one service call per server and tell, per server, whether it was accepted."""
+    """Apply one service call per server and tell, per server, whether it was accepted. A migration
+    is accepted "(checking)": its pre-flight checks run next, and a refusal then shows in the
+    migration list and in the server's action history."""
     for instance in queryset.select_related("host"):
         try:
-            operation(instance)
+            outcome = operation(instance)
         except migration_requests.REFUSED as refused:
             modeladmin.message_user(request, f"{instance.name}: {verb} refused: {refused}",
                                     level=messages.WARNING)
         else:
-            modeladmin.message_user(request, f"{instance.name}: {verb} accepted",
+            checking = isinstance(outcome, Migration) and outcome.status == MigrationStatus.CHECKING
+            modeladmin.message_user(request, f"{instance.name}: {verb} accepted"
+                                             f"{' (checking)' if checking else ''}",
                                     level=messages.SUCCESS)
 
 
@@ -198,17 +203,18 @@ def enable_hosts(modeladmin: admin.ModelAdmin, request: HttpRequest,
 def live_migrate_servers_away(modeladmin: admin.ModelAdmin, request: HttpRequest,
                               queryset: QuerySet[Host]) -> None:
     for host in queryset:
-        results = migration_requests.host_live_migrate_servers(host=host, user=request.user)
-        if not results:
+        evacuation = migration_requests.host_live_migrate_servers(host=host, user=request.user)
+        if not evacuation.servers:
             modeladmin.message_user(request, f"host {host.name}: disabled; no servers to move")
-        for result in results:
+        for result in evacuation.servers:
             name = f"{result.server.name} (on {host.name})"
-            if not result.accepted:
+            if result.migration is None:
                 modeladmin.message_user(request, f"{name}: refused: {result.refused}", level=messages.WARNING)
                 continue
-            dest = result.migration.dest_host.name if result.migration.dest_host else "?"
-            modeladmin.message_user(request, f"{name}: live migration to {dest} accepted",
-                                    level=messages.SUCCESS)
+            when = ("checking" if result.migration.status == MigrationStatus.CHECKING
+                    else f"waiting: {evacuation.max_servers} at a time")
+            modeladmin.message_user(request, f"{name}: live migration {result.migration.pk} accepted "
+                                             f"({when})", level=messages.SUCCESS)
 
 
 @admin.register(Host)
@@ -342,8 +348,8 @@ class MigrationAdmin(SystemOwnedAdmin):
     """Read-only: a migration's state belongs to the system. A running live migration can be aborted
     or forced to complete (the API's services)."""
 
-    list_display = ("id", "instance", "migration_type", "status", "source_host", "dest_host", "progress",
-                    "created", "finished_at")
+    list_display = ("id", "instance", "migration_type", "status", "failed_check", "source_host", "dest_host",
+                    "progress", "created", "finished_at")
     list_filter = ("migration_type", "status", "source_host", "dest_host")
     search_fields = ("instance__name", "instance__uuid")
     actions = [_migration_action("abort", migration_requests.migration_abort),

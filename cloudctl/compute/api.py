@@ -305,8 +305,8 @@ class MigrationSerializer(serializers.ModelSerializer):
         fields = ("id", "server", "migration_type", "status", "source_host", "dest_host", "old_flavor",
                   "new_flavor", "block_migration", "shared_storage", "completion_timeout",
                   "memory_total", "memory_processed", "memory_remaining", "disk_total", "disk_processed",
-                  "disk_remaining", "downtime_ms", "progress_updated", "error", "action_id", "created",
-                  "updated", "started_at", "finished_at")
+                  "disk_remaining", "downtime_ms", "progress_updated", "error", "failed_check", "batch",
+                  "action_id", "created", "updated", "started_at", "finished_at")
         read_only_fields = fields
 
 
@@ -320,12 +320,22 @@ MIGRATION_ID = OpenApiParameter("migration_id", OpenApiTypes.INT, OpenApiParamet
                                 description="the migration's id")
 
 
-def _migration_action(summary: str, request: Any = None) -> Any:
-    """extend_schema of a migration request: 202 with the migration record; 409 when the state, the
-    host or a pre-flight check (``code`` ``preflight_failed``, ``check`` naming it) forbids it."""
-    return extend_schema(summary=summary, parameters=[SERVER_ID], request=request,
-                         responses={202: MigrationSerializer,
-                                    **error_responses(400, 401, 403, 404, 409, 503)})
+_CHECKED_LATER = ("Answered at once, without asking any host: 202 with the migration in status "
+                  "`checking` (the server shows its task state already). The pre-flight checks run "
+                  "next on the scheduler's worker: the migration then goes on (`preparing`, with its "
+                  "`dest_host`) or ends `refused` with the reason in `error` and the check in "
+                  "`failed_check`, the server exactly as before. 409 only when the server's state or "
+                  "its host forbids the request now.")
+
+
+def _migration_action(summary: str, request: Any = None, *, checked_later: bool = False) -> Any:
+    """extend_schema of a migration request: 202 with the migration record; 409 when the state or
+    the host forbids it. ``checked_later``: a new migration, whose pre-flight checks run after the
+    answer (no host is asked during the request)."""
+    codes = (400, 401, 403, 404, 409) if checked_later else (400, 401, 403, 404, 409, 503)
+    return extend_schema(summary=summary, description=_CHECKED_LATER if checked_later else None,
+                         parameters=[SERVER_ID], request=request,
+                         responses={202: MigrationSerializer, **error_responses(*codes)})
 
 
 def _server_action(summary: str, request: Any = None, *, bad_request: bool = False) -> Any:
@@ -436,8 +446,8 @@ class ServerViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.G
         migration = selectors.migrations_visible_to(self.request.user).get(pk=migration.pk)
         return Response(MigrationSerializer(migration).data, status=status.HTTP_202_ACCEPTED)
 
-    @_migration_action("Live-migrate a running server to another host (admin); checked before it "
-                       "starts, then followed in GET .../migrations/", LiveMigrateSerializer)
+    @_migration_action("Live-migrate a running server to another host (admin); checked next, then "
+                       "followed in GET .../migrations/", LiveMigrateSerializer, checked_later=True)
     @action(detail=True, methods=["post"], url_path="live-migrate", permission_classes=[IsAdminUser])
     def live_migrate(self, request: Request, pk: str | None = None) -> Response:
         body = LiveMigrateSerializer(data=request.data)
@@ -447,7 +457,7 @@ class ServerViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.G
             block_migration=body.validated_data["block_migration"]))
 
     @_migration_action("Cold-migrate a server to another host (admin): stopped, moved, started "
-                       "there if it ran", MigrateSerializer)
+                       "there if it ran; checked next", MigrateSerializer, checked_later=True)
     @action(detail=True, methods=["post"], permission_classes=[IsAdminUser])
     def migrate(self, request: Request, pk: str | None = None) -> Response:
         body = MigrateSerializer(data=request.data)
@@ -456,7 +466,8 @@ class ServerViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.G
             instance=self.get_object(), user=request.user, host=body.validated_data["host"]))
 
     @_migration_action("Resize a server to a bigger flavor: ends in VERIFY_RESIZE, then confirm or "
-                       "revert (confirmed automatically after RESIZE_CONFIRM_WINDOW)", ResizeSerializer)
+                       "revert (confirmed automatically after RESIZE_CONFIRM_WINDOW); checked next",
+                       ResizeSerializer, checked_later=True)
     @action(detail=True, methods=["post"])
     def resize(self, request: Request, pk: str | None = None) -> Response:
         body = ResizeSerializer(data=request.data, context={"request": request})
@@ -492,7 +503,11 @@ class ServerViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.G
                          migration_id: str | None = None) -> Response:
         return Response(MigrationSerializer(self._migration(migration_id)).data)
 
-    @extend_schema(summary="Abort a live migration (admin): the server stays on its source, running",
+    @extend_schema(summary="Abort a migration (admin): the server stays on its source, running",
+                   description="A migration not started yet (`accepted`, `checking`; any kind) ends "
+                               "`cancelled` at once, the server idle as before. A live migration "
+                               "preparing, queued or running goes to `cancelling`: the source aborts "
+                               "libvirt's job and reports.",
                    parameters=[SERVER_ID, MIGRATION_ID], request=None,
                    responses={202: MigrationSerializer,
                               409: OpenApiResponse(CodedErrorSerializer,
@@ -635,6 +650,10 @@ class DisableSerializer(serializers.Serializer):
 
 class HostLiveMigrateServersSerializer(serializers.Serializer):
     block_migration = BlockMigrationField(required=False, default="auto")
+    max_servers = serializers.IntegerField(
+        required=False, allow_null=True, default=None, min_value=1, max_value=32767,
+        help_text="how many of the host's migrations are checked and moved at once (the others wait "
+                  "in status accepted); null: EVACUATION_MAX_SERVERS")
 
 
 class EvacuationSerializer(serializers.Serializer):
@@ -644,12 +663,15 @@ class EvacuationSerializer(serializers.Serializer):
     name = serializers.CharField(source="server.name")
     accepted = serializers.BooleanField()
     migration_id = serializers.IntegerField(source="migration.pk", default=None, allow_null=True)
-    dest_host = serializers.CharField(source="migration.dest_host.name", default=None, allow_null=True)
+    dest_host = serializers.CharField(source="migration.dest_host.name", default=None, allow_null=True,
+                                      help_text="null until the pre-flight checks chose it")
     refused = serializers.CharField(help_text="why the server stays (empty when accepted)")
 
 
 class HostEvacuationSerializer(serializers.Serializer):
     host = HostSerializer()
+    batch = serializers.CharField(help_text="the migrations' batch (GET /migrations/ shows it)")
+    max_servers = serializers.IntegerField(help_text="at most this many checked and moving at once")
     servers = EvacuationSerializer(many=True)
 
 
@@ -693,10 +715,14 @@ class HostViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
     @extend_schema(summary="Live-migrate every server away from a host (administrators; Nova's "
                            "host-evacuate-live)",
                    description="Disables the host (no new servers land on it; an existing disable reason "
-                               "is kept), then live-migrates each of its servers to a host the scheduler "
-                               "picks, each with the pre-flight checks of live-migrate. Per server: "
-                               "accepted with its migration (follow it in GET /migrations/), or refused "
-                               "with the reason (a stopped server must be cold-migrated).",
+                               "is kept), then accepts a live migration of each of its servers to a host "
+                               "the scheduler picks, each with the pre-flight checks of live-migrate, "
+                               "throttled: `max_servers` of them are checked and moved at once, the "
+                               "others wait in status `accepted` and start as earlier ones end. Per "
+                               "server: accepted with its migration (follow it in GET /migrations/; "
+                               "`dest_host` is null until checked, a later refusal shows there), or "
+                               "refused at once with the reason (a stopped server must be "
+                               "cold-migrated).",
                    parameters=[HOST_NAME], request=HostLiveMigrateServersSerializer,
                    responses={202: HostEvacuationSerializer, **error_responses(400, 401, 403, 404)})
     @action(detail=True, methods=["post"], url_path="live-migrate-servers")
@@ -704,10 +730,12 @@ class HostViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
         body = HostLiveMigrateServersSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         host = self.get_object()
-        results = migration_requests.host_live_migrate_servers(
-            host=host, user=request.user, block_migration=body.validated_data["block_migration"])
-        return Response({"host": self._host_data(host),
-                         "servers": EvacuationSerializer(results, many=True).data},
+        evacuation = migration_requests.host_live_migrate_servers(
+            host=host, user=request.user, block_migration=body.validated_data["block_migration"],
+            max_servers=body.validated_data["max_servers"])
+        return Response({"host": self._host_data(host), "batch": evacuation.batch,
+                         "max_servers": evacuation.max_servers,
+                         "servers": EvacuationSerializer(evacuation.servers, many=True).data},
                         status=status.HTTP_202_ACCEPTED)
 
     @extend_schema(summary="Enable a host again", parameters=[HOST_NAME], request=None,

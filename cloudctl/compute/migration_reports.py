@@ -21,6 +21,7 @@ from django.utils import timezone
 
 from cloudctl.compute import states
 from cloudctl.compute.conductor import record_event
+from cloudctl.compute.migration_batches import migration_locked
 from cloudctl.compute.migration_steps import (
     ACTIVE_LIVE,
     LIVE_JOB,
@@ -91,9 +92,7 @@ def migration_update(*, migration_id: int, host: str, status: str, error: str | 
     (a redelivery, a late report, the wrong host) is dropped and logged."""
     values = values or {}
     with transaction.atomic():
-        migration = (Migration.objects.select_for_update(of=("self",)).select_related(
-            "instance", "source_host", "dest_host", "old_flavor", "new_flavor")
-            .filter(pk=migration_id).first())
+        migration = migration_locked(migration_id)
         if migration is None:
             log.warning("dropped migration report %s from %s: no migration %s", status, host, migration_id)
             return False

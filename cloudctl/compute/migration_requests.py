@@ -2,12 +2,14 @@
 (owner), confirm or revert a resize, abort or force-complete a live migration, empty a host.
 
 The control plane orchestrates, the hosts do the work (see the migration part of
-``compute_workers/contract.py``). A request is checked up front, before anything changes: the
-scheduler's filters (through :mod:`cloudctl.compute.placement`, as a new server's placement), the
-destination's and the source's pre-flight checks (CPU, image, storage, disk space), and the claim on
-the destination. Only then does the server enter its task state and the first step go to a host;
-each step's report then sends the next (:mod:`cloudctl.compute.migration_reports`). The record
-points at the destination only once the destination says the domain runs there.
+``compute_workers/contract.py``). A request is answered at once, without asking any host: what can
+be judged here is (the input, the source host up, the server idle: 400 or 409), then in one
+transaction the server enters its task state and the migration is recorded ``checking``. The
+pre-flight checks (the scheduler's filters, the destination's and the source's checks, the claim)
+run in the scheduler's worker (:mod:`cloudctl.compute.migration_preflight`), which starts the
+migration or ends it ``refused`` with the server as it was; each step's report then sends the next
+(:mod:`cloudctl.compute.migration_reports`). The record points at the destination only once the
+destination says the domain runs there.
 
 While a migration runs, the server holds resources on both hosts: its source allocation belongs to
 the migration until the move is confirmed (or the allocation is given back to the server when the
@@ -16,17 +18,30 @@ move fails or is reverted).
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from cloudctl.compute import placement, rpc, states
+from cloudctl.compute import rpc, states
 from cloudctl.compute.conductor import record_event
-from cloudctl.compute.migration_steps import abort_send, confirm_send, revert_send, step_ids, step_send
+from cloudctl.compute.migration_batches import batch_advance, migration_locked, preflight_send
+from cloudctl.compute.migration_preflight import RULES
+from cloudctl.compute.migration_steps import (
+    abort_send,
+    confirm_send,
+    instance_in_task,
+    migration_event,
+    migration_finish,
+    migration_save,
+    revert_send,
+    step_ids,
+    step_send,
+)
 from cloudctl.compute.models import (
     Flavor,
     Host,
@@ -38,7 +53,6 @@ from cloudctl.compute.models import (
 )
 from cloudctl.compute.models import MigrationStatus as S
 from cloudctl.compute.services import (
-    GIB,
     HostUnavailable,
     InstanceInvalidState,
     InvalidRequest,
@@ -48,20 +62,8 @@ from cloudctl.compute.services import (
     require_host_up,
     transition,
 )
-from cloudctl.compute.specs import spawn_spec
 from cloudctl.compute.states import VmState
 from compute_workers import contract
-from scheduler.host_state import RequestSpec
-from scheduler.selection import NoValidHost
-
-
-class MigrationCheckFailed(Exception):
-    """A pre-flight check refused the migration (HTTP 409); the server was not touched."""
-
-    def __init__(self, instance: Instance, check: str, message: str) -> None:
-        self.instance = instance
-        self.check = check
-        super().__init__(message)
 
 
 class MigrationInvalidState(Exception):
@@ -74,8 +76,15 @@ class MigrationInvalidState(Exception):
 
 # A request refused with its reason, nothing changed: a batch (admin action, host evacuation) reports it
 # for that server and goes on with the next.
-REFUSED = (InstanceInvalidState, HostUnavailable, InvalidRequest, rpc.ComputeUnavailable,
-           MigrationCheckFailed)
+REFUSED = (InstanceInvalidState, HostUnavailable, InvalidRequest, rpc.ComputeUnavailable)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The migrations of one host evacuation: at most ``limit`` of them checked and moving at once."""
+
+    id: str
+    limit: int
 
 
 @dataclass(frozen=True)
@@ -91,6 +100,15 @@ class Evacuation:
         return self.migration is not None
 
 
+@dataclass(frozen=True)
+class HostEvacuation:
+    """What :func:`host_live_migrate_servers` accepted: per server, in one throttled batch."""
+
+    batch: str
+    max_servers: int
+    servers: list[Evacuation]
+
+
 def _requester(user: Any) -> str:
     """Who asked, for an event's or a disable reason's text."""
     return getattr(user, "username", "") or "the system"
@@ -102,79 +120,59 @@ def _check_block_migration(block_migration: Any) -> None:
 
 
 def server_live_migrate(*, instance: Instance, user: Any, host: str | None = None,
-                        block_migration: bool | str = "auto",
-                        request_id: str | None = None) -> Migration:
+                        block_migration: bool | str = "auto", request_id: str | None = None,
+                        batch: Batch | None = None) -> Migration:
     """Live-migrate a running (or paused) server to ``host`` or to a host the scheduler picks.
 
     ``block_migration`` "auto" copies the disk only when the two hosts do not share the instance
     storage (detected by the hosts, never assumed); True insists on copying it, False on sharing.
+    Accepted at once (``checking``, or ``accepted`` waiting in an evacuation's ``batch``); the
+    pre-flight checks decide the destination or refuse it later.
     """
     _check_block_migration(block_migration)
-    source = require_host_up(instance, "live-migrate")
+    require_host_up(instance, "live-migrate")
     _require_idle(instance, states.LIVE_MIGRATE)
-
-    def checks(dest: Host) -> dict[str, Any]:
-        answer = _preflight(instance, dest, live=True)
-        shared = bool(answer["shared_storage"])
-        if block_migration is True and shared:
-            raise InvalidRequest("block_migration", f"hosts {source.name} and {dest.name} share the "
-                                                    "instance storage: a block migration would copy "
-                                                    "the disk onto itself; use false or auto")
-        if block_migration is False and not shared:
-            raise MigrationCheckFailed(instance, "shared_storage",
-                                       f"hosts {source.name} and {dest.name} do not share the instance "
-                                       "storage: the disk must be copied (block_migration true or auto)")
-        answer["block_migration"] = not shared
-        if not shared:
-            _check_disk_space(instance, dest, answer)
-        return answer
-
-    def start(migration: Migration, dest: Host, answer: dict[str, Any]) -> None:
-        data_gib = instance.memory_mb / 1024 + (answer["disk_bytes"] / GIB if answer["block_migration"]
-                                                else 0)
-        migration.block_migration = answer["block_migration"]
-        migration.shared_storage = bool(answer["shared_storage"])
-        migration.migration_uri = answer["migration_uri"]
-        migration.migration_data_uri = answer.get("migration_data_uri") or ""
-        migration.completion_timeout = max(1, round(settings.LIVE_MIGRATION_COMPLETION_TIMEOUT
-                                                    * max(data_gib, 1 / 1024)))
-        migration.status = S.PREPARING
-        migration.save()
-        kwargs = {"instance_uuid": str(instance.uuid), "migration_id": migration.pk,
-                  "spec": spawn_spec(instance, dest.name),
-                  "block_migration": migration.block_migration,
-                  "shared_storage": migration.shared_storage,
-                  "shared_marker": answer.get("shared_marker") or ""}
-        transaction.on_commit(lambda: rpc.cast(dest.name, contract.COMPUTE_PRE_LIVE_MIGRATION, **kwargs))
-
     return _begin(instance=instance, user=user, rule=states.LIVE_MIGRATE, kind=MigrationType.LIVE,
-                  host=host, flavor=instance.flavor, checks=checks, start=start, request_id=request_id,
-                  same_host=False)
+                  host=host, flavor=instance.flavor, request_id=request_id, same_host=False,
+                  block_migration=None if block_migration == "auto" else bool(block_migration), batch=batch)
 
 
-def host_live_migrate_servers(*, host: Host, user: Any,
-                              block_migration: bool | str = "auto") -> list[Evacuation]:
+def host_live_migrate_servers(*, host: Host, user: Any, block_migration: bool | str = "auto",
+                              max_servers: int | None = None) -> HostEvacuation:
     """Empty a host for maintenance (Nova's host-evacuate-live): disable it first, so that nothing is
-    scheduled onto it meanwhile (an operator's reason is kept), then live-migrate each of its servers to
-    a host the scheduler picks, each through :func:`server_live_migrate` with its checks. A server
-    refused (stopped: cold-migrate it; no destination fits; in a task) is reported with the reason and
-    the others go on. One pre-flight call per server: the request takes as long as they do."""
+    scheduled onto it meanwhile (an operator's reason is kept), then accept a live migration of each of
+    its servers to a host the scheduler picks, each through :func:`server_live_migrate`. A server
+    refused at once (stopped: cold-migrate it; in a task) is reported with the reason and the others
+    go on. Throttled: only ``max_servers`` (default EVACUATION_MAX_SERVERS) of the batch are checked
+    and moved at once; the others wait in ``accepted`` until one ends."""
     _check_block_migration(block_migration)
+    if max_servers is None:
+        max_servers = settings.EVACUATION_MAX_SERVERS
+    if isinstance(max_servers, bool) or not isinstance(max_servers, int) or max_servers < 1:
+        raise InvalidRequest("max_servers", "must be a positive integer")
     if host.enabled:
         host_set_enabled(host=host, enabled=False, reason=f"live-migrating its servers away (requested by "
                                                           f"{_requester(user)})")
+    batch = Batch(str(uuid.uuid4()), max_servers)
     results = []
     servers = (Instance.objects.filter(host=host).exclude(vm_state=VmState.DELETED)
                .select_related("host").order_by("created"))
     for server in servers:
         try:
             migration = server_live_migrate(instance=server, user=user, host=None,
-                                            block_migration=block_migration)
+                                            block_migration=block_migration, batch=batch)
         except REFUSED as refused:
             results.append(Evacuation(server, None, str(refused)))
         else:
             results.append(Evacuation(server, migration))
-    return results
+    # Every migration of the batch exists before the first checks run: an early end finds the
+    # waiting ones it must start.
+    with transaction.atomic():
+        started = set(batch_advance(batch.id))
+    for result in results:
+        if result.migration is not None and result.migration.pk in started:
+            result.migration.status = S.CHECKING
+    return HostEvacuation(batch.id, max_servers, results)
 
 
 def server_migrate(*, instance: Instance, user: Any, host: str | None = None,
@@ -182,8 +180,8 @@ def server_migrate(*, instance: Instance, user: Any, host: str | None = None,
     """Cold-migrate a server: stop it, copy its disk to another host, start it there (if it ran)."""
     require_host_up(instance, "migrate")
     _require_idle(instance, states.COLD_MIGRATE)
-    return _begin_cold(instance=instance, user=user, rule=states.COLD_MIGRATE, kind=MigrationType.COLD,
-                       host=host, flavor=instance.flavor, request_id=request_id, same_host=False)
+    return _begin(instance=instance, user=user, rule=states.COLD_MIGRATE, kind=MigrationType.COLD,
+                  host=host, flavor=instance.flavor, request_id=request_id, same_host=False)
 
 
 def server_resize(*, instance: Instance, user: Any, flavor: Flavor,
@@ -203,170 +201,65 @@ def server_resize(*, instance: Instance, user: Any, flavor: Flavor,
     if image is not None and flavor.memory_mb < image.min_ram:
         raise InvalidRequest("flavor", f"flavor {flavor.name} has {flavor.memory_mb} MiB RAM; image "
                                        f"{image.name} needs at least {image.min_ram} MiB")
-    return _begin_cold(instance=instance, user=user, rule=states.RESIZE, kind=MigrationType.RESIZE,
-                       host=None, flavor=flavor, request_id=request_id,
-                       same_host=settings.ALLOW_RESIZE_TO_SAME_HOST)
-
-
-def _begin_cold(*, instance: Instance, user: Any, rule: states.Transition, kind: str, host: str | None,
-                flavor: Flavor, request_id: str | None, same_host: bool) -> Migration:
-    def checks(dest: Host) -> dict[str, Any]:
-        answer = _preflight(instance, dest, live=False)
-        if not answer["shared_storage"] and dest.pk != instance.host_id:
-            _check_disk_space(instance, dest, answer)
-        return answer
-
-    def start(migration: Migration, dest: Host, answer: dict[str, Any]) -> None:
-        migration.shared_storage = bool(answer["shared_storage"]) or dest.pk == instance.host_id
-        migration.migration_uri = answer["migration_uri"]
-        migration.power_on = instance.vm_state == VmState.ACTIVE
-        migration.status = S.PREPARING
-        migration.save()
-        kwargs = {"instance_uuid": str(instance.uuid), "migration_id": migration.pk,
-                  "spec": spawn_spec(instance, dest.name, flavor),
-                  "shared_marker": answer.get("shared_marker") or ""}
-        transaction.on_commit(lambda: rpc.cast(dest.name, contract.COMPUTE_PREP_RESIZE, **kwargs))
-
-    return _begin(instance=instance, user=user, rule=rule, kind=kind, host=host, flavor=flavor,
-                  checks=checks, start=start, request_id=request_id, same_host=same_host)
+    return _begin(instance=instance, user=user, rule=states.RESIZE, kind=MigrationType.RESIZE,
+                  host=None, flavor=flavor, request_id=request_id,
+                  same_host=settings.ALLOW_RESIZE_TO_SAME_HOST)
 
 
 def _require_idle(instance: Instance, rule: states.Transition) -> None:
-    """Refuse early (409) what the transition would refuse, before asking any host anything."""
+    """Refuse early (409) what the transition would refuse."""
     if instance.vm_state not in rule.from_vm_states or instance.task_state not in rule.from_task_states:
         raise InstanceInvalidState(instance, rule.action)
 
 
-def _candidates(instance: Instance, flavor: Flavor, host: str | None,
-                same_host: bool) -> tuple[list[str], RequestSpec]:
-    """Destination hosts to try, best first, and the request they were chosen for (the claim
-    re-checks it): the scheduler's filters and weighers over every host (a host an admin named is
-    still filtered). Raises InvalidRequest for a named host that does not pass, MigrationCheckFailed
-    when no host does."""
-    source = instance.host
-    assert source is not None
-    if host:
-        if not Host.objects.filter(name=host).exists():
-            raise InvalidRequest("host", f"no host {host!r}")
-        if host == source.name and not same_host:
-            raise InvalidRequest("host", f"the server already runs on host {host}")
-    spec = replace(placement.request_spec_of(instance), vcpus=flavor.vcpus, memory_mb=flavor.memory_mb,
-                   root_gb=flavor.root_gb, flavor_extra_specs=dict(flavor.extra_specs),
-                   ignore_hosts=() if same_host else (source.name,), force_host=host or "")
-    try:
-        chosen = placement.candidate_hosts(spec, subset_size=1)
-    except NoValidHost as no_host:
-        if host:
-            raise InvalidRequest("host", no_host.message) from None
-        raise MigrationCheckFailed(instance, "scheduler", no_host.message) from None
-    return [h.name for h in chosen][: settings.MIGRATION_MAX_ATTEMPTS], spec
+def _named_host(instance: Instance, host: str | None, same_host: bool) -> Host | None:
+    """The destination an admin named (400 if there is none or it is the source when that is not
+    allowed); the scheduler's filters still judge it in the pre-flight checks."""
+    if not host:
+        return None
+    found = Host.objects.filter(name=host).first()
+    if found is None:
+        raise InvalidRequest("host", f"no host {host!r}")
+    if found.pk == instance.host_id and not same_host:
+        raise InvalidRequest("host", f"the server already runs on host {host}")
+    return found
 
 
 def _begin(*, instance: Instance, user: Any, rule: states.Transition, kind: str, host: str | None,
-           flavor: Flavor, checks: Callable[[Host], dict[str, Any]],
-           start: Callable[[Migration, Host, dict[str, Any]], None], request_id: str | None,
-           same_host: bool) -> Migration:
-    """Pick a destination whose checks pass, then in one transaction: the state transition, the
-    migration record, the claim on the destination, and the first step sent when it commits."""
-    failures: list[str] = []
-    last: Exception | None = None
-    names, spec = _candidates(instance, flavor, host, same_host)
-    for name in names:
-        dest = Host.objects.get(name=name)
-        try:
-            answer = checks(dest)
-        except MigrationCheckFailed as failed:
-            failures.append(str(failed))
-            last = failed
-            continue
-        with transaction.atomic():
-            transition(instance, rule)
-            action = action_start(instance=instance, action=rule.action, user=user,
-                                  request_id=request_id or new_request_id())
-            migration = Migration.objects.create(
-                instance=instance, migration_type=kind, source_host=instance.host, dest_host=dest,
-                old_flavor=instance.flavor, new_flavor=flavor, action=action,
-                user=user if getattr(user, "pk", None) else None)
-            if not placement.claim_move(str(instance.uuid), dest.name, spec, migration.pk):
-                failed = MigrationCheckFailed(instance, "resources",
-                                              f"host {dest.name} no longer has room for flavor "
-                                              f"{flavor.name} (claimed concurrently)")
-                transaction.set_rollback(True)
-                failures.append(str(failed))
-                last = failed
-                instance.refresh_from_db()
-                continue
-            now = timezone.now()
-            action.events.create(event="preflight_checks", result="Success", host=dest.name,
-                                 start_time=now, finish_time=now, message=_checks_message(answer))
-            start(migration, dest, answer)
-        instance.refresh_from_db()
-        return migration
-    if isinstance(last, MigrationCheckFailed):
-        if len(failures) > 1:
-            raise MigrationCheckFailed(instance, last.check, "; ".join(failures))
-        raise last
-    raise MigrationCheckFailed(instance, "scheduler", "No valid host was found for the migration.")
-
-
-def _checks_message(answer: dict[str, Any]) -> str:
-    parts = [f"cpu {answer.get('cpu', 'skipped')}",
-             "shared storage" if answer.get("shared_storage") else "no shared storage",
-             f"image {'cached' if answer.get('image_cached') else 'fetchable'}"]
-    if "block_migration" in answer:
-        parts.append("block migration" if answer["block_migration"] else "memory only")
-    return "pre-flight checks passed: " + ", ".join(parts)
-
-
-def _preflight(instance: Instance, dest: Host, *, live: bool) -> dict[str, Any]:
-    """The destination's then the source's checks (synchronous calls). Raises MigrationCheckFailed."""
-    source = instance.host
-    assert source is not None
-    if not dest.is_up:
-        raise MigrationCheckFailed(instance, "destination", f"host {dest.name} is down")
-    if dest.pk == source.pk:  # a resize on its own host: the disk stays where it is
-        return {"ok": True, "migration_uri": "", "shared_storage": True, "image_cached": True,
-                "disk_bytes": 0, "disk_free_bytes": 0, "cpu": "skipped"}
-    timeout = settings.MIGRATION_PRECHECK_TIMEOUT
-    try:
-        answer = rpc.call(dest.name, contract.COMPUTE_CHECK_MIGRATE_DESTINATION, timeout=timeout,
-                          instance_uuid=str(instance.uuid), source_host=source.name,
-                          source_cpu_info=source.cpu_info or {},
-                          image=spawn_spec(instance, dest.name)["image"], live=live)
-    except rpc.ComputeUnavailable as exc:
-        raise MigrationCheckFailed(instance, "destination", str(exc)) from None
-    if not answer.get("ok"):
-        raise MigrationCheckFailed(instance, str(answer.get("check") or "destination"),
-                                   f"destination {dest.name}: {answer.get('message', 'refused')}")
-    try:
-        source_answer = rpc.call(source.name, contract.COMPUTE_CHECK_MIGRATE_SOURCE, timeout=timeout,
-                                 instance_uuid=str(instance.uuid),
-                                 shared_marker=answer.get("shared_marker") or "")
-    except rpc.ComputeUnavailable as exc:
-        raise MigrationCheckFailed(instance, "source", str(exc)) from None
-    if not source_answer.get("ok"):
-        raise MigrationCheckFailed(instance, str(source_answer.get("check") or "source"),
-                                   f"source {source.name}: {source_answer.get('message', 'refused')}")
-    return {**answer, **source_answer}
-
-
-def _check_disk_space(instance: Instance, dest: Host, answer: dict[str, Any]) -> None:
-    image_bytes = 0 if answer.get("image_cached") or instance.image is None else (instance.image.size or 0)
-    needed = int(answer.get("disk_bytes") or 0) + image_bytes
-    free = int(answer.get("disk_free_bytes") or 0)
-    if needed > free:
-        raise MigrationCheckFailed(instance, "disk",
-                                   f"host {dest.name} has {free / GIB:.2f} GiB free for instances; the "
-                                   f"disk to copy needs {needed / GIB:.2f} GiB")
+           flavor: Flavor, request_id: str | None, same_host: bool, block_migration: bool | None = None,
+           batch: Batch | None = None) -> Migration:
+    """In one transaction: the state transition (the loser of a race gets 409), the action, the
+    migration record (``checking``, its checks sent on commit; or ``accepted`` in an evacuation's
+    batch, which sends the checks in turn). Nothing is claimed or asked of any host yet."""
+    dest = _named_host(instance, host, same_host)
+    with transaction.atomic():
+        transition(instance, rule)
+        action = action_start(instance=instance, action=rule.action, user=user,
+                              request_id=request_id or new_request_id())
+        migration = Migration.objects.create(
+            instance=instance, migration_type=kind, source_host=instance.host, dest_host=dest,
+            old_flavor=instance.flavor, new_flavor=flavor, action=action,
+            user=user if getattr(user, "pk", None) else None, block_migration=block_migration,
+            status=S.ACCEPTED if batch else S.CHECKING, batch=batch.id if batch else "",
+            batch_limit=batch.limit if batch else None)
+        if batch is None:
+            preflight_send(migration.pk)
+    return migration
 
 
 def migration_abort(*, migration: Migration, user: Any) -> Migration:
-    """Abort a live migration in progress; the server stays on its source, running."""
+    """Abort a migration not started yet (waiting in its batch, or being checked: it ends cancelled
+    at once, the server idle as it was), or a live migration in progress (the server stays on its
+    source, running)."""
     with transaction.atomic():
-        locked = Migration.objects.select_for_update().get(pk=migration.pk)
+        locked = migration_locked(migration.pk)
+        assert locked is not None
+        if locked.status in (S.ACCEPTED, S.CHECKING):
+            _cancel_unstarted(locked, user)
+            return locked
         if locked.migration_type != MigrationType.LIVE:
             raise MigrationInvalidState(locked, f"migration {locked.pk} is a {locked.migration_type}: only "
-                                                "live migrations can be aborted")
+                                                "live migrations can be aborted once started")
         if locked.status == S.RUNNING_POSTCOPY:
             raise MigrationInvalidState(locked, f"migration {locked.pk} is {locked.status}: the guest "
                                                 f"already runs on {locked.dest_host.name} and fetches "
@@ -374,7 +267,8 @@ def migration_abort(*, migration: Migration, user: Any) -> Migration:
                                                 "longer be aborted")
         if locked.status not in (S.PREPARING, S.QUEUED, S.RUNNING):
             raise MigrationInvalidState(locked, f"migration {locked.pk} is {locked.status}: it can be "
-                                                "aborted while preparing, queued or running")
+                                                "aborted while accepted, checking, preparing, queued or "
+                                                "running")
         locked.status = S.CANCELLING
         locked.save(update_fields=["status", "updated"])
         record_event(str(locked.instance_id), event="abort_live_migration", result="Start",
@@ -383,6 +277,17 @@ def migration_abort(*, migration: Migration, user: Any) -> Migration:
                      action_id=locked.action_id)
         abort_send(locked)
     return locked
+
+
+def _cancel_unstarted(migration: Migration, user: Any) -> None:
+    """Nothing was claimed or sent to a host: the migration ends cancelled, the server goes back to
+    idle (its vm_state never changed). A pre-flight task still running finds it no longer checking."""
+    message = f"aborted on request by {_requester(user)} while {migration.status}, before it started"
+    task = RULES[migration.migration_type].to_task_state
+    instance_in_task(migration, task).filter(host_id=migration.source_host_id).change(task_state=None)
+    migration_save(migration, status=S.CANCELLED, error=message, finished_at=timezone.now())
+    migration_event(migration, "abort_migration", "Success", message)
+    migration_finish(migration, "Error", f"{migration.migration_type} cancelled: {message}")
 
 
 def migration_force_complete(*, migration: Migration, user: Any) -> Migration:

@@ -18,6 +18,7 @@ from django.utils import timezone
 
 from cloudctl.compute import rpc
 from cloudctl.compute.conductor import record_event
+from cloudctl.compute.migration_batches import ENDED, batch_advance
 from cloudctl.compute.models import Allocation, Host, Instance, InstanceAction, Migration
 from cloudctl.compute.models import MigrationStatus as S
 from cloudctl.compute.services import finish_action
@@ -29,11 +30,17 @@ LIVE_JOB = (*ACTIVE_LIVE, S.RUNNING_POSTCOPY)
 
 
 def migration_save(migration: Migration, **values: Any) -> None:
-    """Write ``values`` to the row (``updated`` too: the reaper measures silence from it) and the object."""
+    """Write ``values`` to the row (``updated`` too: the reaper measures silence from it) and the object.
+
+    Every end of a migration is written here: the end of one of a host evacuation's migrations
+    starts the next waiting one of its batch (the caller locked the row with
+    :func:`cloudctl.compute.migration_batches.migration_locked`)."""
     values.setdefault("updated", timezone.now())
     Migration.objects.filter(pk=migration.pk).update(**values)
     for key, value in values.items():
         setattr(migration, key, value)
+    if migration.batch and values.get("status") in ENDED:
+        batch_advance(migration.batch)
 
 
 def migration_event(migration: Migration, name: str, result: str, message: str, host: str = "") -> None:

@@ -198,7 +198,8 @@ class MigrationType(models.TextChoices):
 class MigrationStatus(models.TextChoices):
     """Nova's migration statuses, in the order a migration goes through them."""
 
-    ACCEPTED = "accepted"
+    ACCEPTED = "accepted"            # host evacuation: waits for its batch's turn (batch_limit)
+    CHECKING = "checking"            # the scheduler's worker runs the pre-flight checks
     PREPARING = "preparing"          # the destination prepares (pre_live_migration, prep_resize)
     QUEUED = "queued"                # live: prepared, the source was asked to start
     RUNNING = "running"              # live: libvirt's job runs (progress is reported)
@@ -215,9 +216,11 @@ class MigrationStatus(models.TextChoices):
     CANCELLED = "cancelled"
     FAILED = "failed"
     ERROR = "error"
+    REFUSED = "refused"              # a pre-flight check refused it: nothing changed (see failed_check)
 
 
-MIGRATION_IN_PROGRESS = (MigrationStatus.ACCEPTED, MigrationStatus.PREPARING, MigrationStatus.QUEUED,
+MIGRATION_IN_PROGRESS = (MigrationStatus.ACCEPTED, MigrationStatus.CHECKING, MigrationStatus.PREPARING,
+                         MigrationStatus.QUEUED,
                          MigrationStatus.RUNNING, MigrationStatus.RUNNING_POSTCOPY,
                          MigrationStatus.CANCELLING, MigrationStatus.MIGRATING,
                          MigrationStatus.POST_MIGRATING, MigrationStatus.FINISHED,
@@ -240,6 +243,7 @@ class Migration(models.Model):
     dest_host = models.ForeignKey(Host, null=True, on_delete=models.SET_NULL, related_name="+")
     old_flavor = models.ForeignKey(Flavor, on_delete=models.PROTECT, related_name="+")
     new_flavor = models.ForeignKey(Flavor, on_delete=models.PROTECT, related_name="+")
+    # Requested (null: "auto") until the pre-flight checks decide; then what the migration does.
     block_migration = models.BooleanField(null=True, blank=True)
     shared_storage = models.BooleanField(null=True, blank=True)
     # Live migration: what the destination asked the source to connect to.
@@ -260,6 +264,13 @@ class Migration(models.Model):
                                          "(libvirt's figure, from the destination)")
     progress_updated = models.DateTimeField(null=True, blank=True)
     error = models.TextField(blank=True)
+    # The pre-flight check that refused the migration (status "refused"); not "check", which is
+    # Django's Model.check.
+    failed_check = models.CharField(max_length=32, blank=True)
+    # A host evacuation: its migrations share a batch id, and at most batch_limit of them are past
+    # "accepted" and in progress at once (the others wait, status "accepted").
+    batch = models.CharField(max_length=36, blank=True, db_index=True)
+    batch_limit = models.PositiveSmallIntegerField(null=True, blank=True)
     action = models.ForeignKey("InstanceAction", null=True, on_delete=models.SET_NULL, related_name="+")
     user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL,
                              related_name="+")

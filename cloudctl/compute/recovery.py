@@ -14,7 +14,7 @@ Every outcome is said on the server's action, so an operator can read what happe
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
@@ -23,6 +23,8 @@ from django.utils import timezone
 
 from cloudctl.compute import rpc, states
 from cloudctl.compute.conductor import current_action, record_event
+from cloudctl.compute.migration_batches import batch_advance, migration_locked, waiting_batches
+from cloudctl.compute.migration_preflight import RULES
 from cloudctl.compute.migration_reports import confirm_failed, live_completed, live_failed, live_migrated
 from cloudctl.compute.migration_steps import (
     LIVE_JOB,
@@ -202,9 +204,7 @@ def migrations_recover(*, host: Host, reported: dict[str, str]) -> int:
 
 
 def _locked(pk: int, statuses: tuple[str, ...]) -> Migration | None:
-    return (Migration.objects.select_for_update(of=("self",))
-            .select_related("instance", "source_host", "dest_host", "old_flavor", "new_flavor")
-            .filter(pk=pk, status__in=statuses).first())
+    return migration_locked(pk, statuses)
 
 
 def _cold_interrupted(migration: Migration, reason: str) -> None:
@@ -297,12 +297,26 @@ def _reap(instance: Instance, task: str, seconds: int) -> int:
     return 1
 
 
+def checking_deadline() -> int:
+    """Seconds a migration may stay ``checking``: every candidate's two pre-flight calls, and a step
+    timeout's margin for the scheduler's worker to pick the task up."""
+    return int(settings.MIGRATION_PRECHECK_TIMEOUT * 2 * settings.MIGRATION_MAX_ATTEMPTS
+               + settings.MIGRATION_STEP_TIMEOUT)
+
+
 def reap_stuck_migrations() -> int:
     """End migrations whose step did not report within MIGRATION_STEP_TIMEOUT (a running live
-    migration: within its completion timeout plus that), from what the hosts last reported."""
+    migration: within its completion timeout plus that), from what the hosts last reported; and
+    migrations whose pre-flight checks never ended (:func:`checking_deadline`: the scheduler's worker
+    was down, say). A host evacuation's batch with room and migrations waiting (an end that did not
+    start the next, which should not happen) is moved on: a waiting migration is never reaped."""
     now = timezone.now()
     step = timedelta(seconds=settings.MIGRATION_STEP_TIMEOUT)
-    reaped = 0
+    reaped = _reap_checking(now)
+    for batch in waiting_batches():
+        with transaction.atomic():
+            if batch_advance(batch):
+                log.warning("host evacuation batch %s had room and migrations waiting: moved on", batch)
     stuck = Migration.objects.filter(status__in=(S.PREPARING, S.QUEUED, S.RUNNING, S.RUNNING_POSTCOPY,
                                                  S.CANCELLING, S.MIGRATING, S.POST_MIGRATING, S.CONFIRMING,
                                                  S.REVERTING), updated__lt=now - step)
@@ -316,6 +330,27 @@ def reap_stuck_migrations() -> int:
                 continue
             _reap_migration(locked, f"{locked.migration_type} {locked.pk} got no report for "
                                     f"{settings.MIGRATION_STEP_TIMEOUT} s while {locked.status}")
+            reaped += 1
+    return reaped
+
+
+def _reap_checking(now: datetime) -> int:
+    deadline = checking_deadline()
+    reaped = 0
+    stuck = Migration.objects.filter(status=S.CHECKING, updated__lt=now - timedelta(seconds=deadline))
+    for pk in stuck.values_list("pk", flat=True):
+        with transaction.atomic():
+            migration = _locked(pk, (S.CHECKING,))
+            if migration is None or migration.updated >= now - timedelta(seconds=deadline):
+                continue
+            message = (f"{migration.migration_type} {migration.pk}: the pre-flight checks did not end within "
+                       f"{deadline} s (is the scheduler's worker running?); nothing was changed, the "
+                       "server is as it was")
+            task = RULES[migration.migration_type].to_task_state
+            instance_in_task(migration, task).filter(host_id=migration.source_host_id).change(task_state=None)
+            migration_save(migration, status=S.ERROR, error=message, finished_at=now)
+            migration_event(migration, "preflight_checks", "Error", message)
+            migration_finish(migration, "Error", message)
             reaped += 1
     return reaped
 

@@ -49,7 +49,10 @@ def call(host: str, task_name: str, *, timeout: float, **kwargs: Any) -> Any:
                          expires=timeout)
     result = AsyncResult(sent.id, backend=_rpc_backend(), app=app)
     try:
-        return result.get(timeout=timeout, propagate=True, interval=0.05)
+        # Called from the scheduler's worker too (a migration's pre-flight checks): Celery refuses a
+        # get() inside a task unless told, because a task waiting for a task of its own queue can
+        # deadlock the pool. This one waits for a compute worker's queue, never its own.
+        return result.get(timeout=timeout, propagate=True, interval=0.05, disable_sync_subtasks=False)
     except CeleryTimeoutError:
         raise ComputeUnavailable(
             f"the compute worker of host {host} did not answer within {timeout:g} s"

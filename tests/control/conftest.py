@@ -155,6 +155,22 @@ def active_server(api: APIClient, outbox: Outbox, name: str = "s") -> Any:
     return Instance.objects.get(uuid=body["id"])
 
 
+def run_preflights(outbox: Outbox) -> list[str]:
+    """Run the pre-flight checks the control plane sent to the scheduler's queue, as its worker runs
+    them (``scheduler.migration_preflight``), until none is left (an ending batch member sends the
+    next). Returns each run's outcome ("preparing", "refused", or "" when it did nothing)."""
+    from cloudctl.compute.migration_preflight import migration_preflight
+
+    outcomes: list[str] = []
+    while True:
+        sent = [kwargs for name, kwargs in outbox.scheduler if name == contract.MIGRATION_PREFLIGHT]
+        if not sent:
+            return outcomes
+        outbox.scheduler[:] = [(name, kwargs) for name, kwargs in outbox.scheduler
+                               if name != contract.MIGRATION_PREFLIGHT]
+        outcomes.extend(migration_preflight(kwargs["migration_id"]) for kwargs in sent)
+
+
 def run_concurrently(work: Callable[[Any], Any], items: list[Any], timeout: float = 60) -> list[Any]:
     """Run ``work(item)`` for every item in its own thread, all released at once; the results in
     completion order. Each thread closes its database connection."""

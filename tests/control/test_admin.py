@@ -8,9 +8,9 @@ from django.contrib import admin
 from django.test import Client
 from django.urls import reverse
 
-from cloudctl.compute.models import Host, Instance, InstanceAction
+from cloudctl.compute.models import Host, Instance, InstanceAction, Migration
 from compute_workers import contract
-from tests.control.conftest import active_server, heartbeat
+from tests.control.conftest import active_server, heartbeat, run_preflights
 
 pytestmark = pytest.mark.django_db
 
@@ -114,14 +114,20 @@ def test_live_migrate_from_the_admin_reports_each_server(staff, running, outbox,
                                                            "power_state": "running", "disk_bytes": 1}
     with django_capture_on_commit_callbacks(execute=True):
         page = act(staff, "live-migrate", running, other).content.decode()
-    assert "Web: live-migrate accepted" in page
-    assert "Db: live-migrate refused: destination hv2: host CPU lacks avx2" in page
+    # Both accepted at once; the checks run next (the scheduler's worker) and refuse db later.
+    assert "Web: live-migrate accepted (checking)" in page
+    assert "Db: live-migrate accepted (checking)" in page
+    with django_capture_on_commit_callbacks(execute=True):
+        assert sorted(run_preflights(outbox)) == ["preparing", "refused"]
     running.refresh_from_db()
     other.refresh_from_db()
-    assert (running.status, other.status) == ("MIGRATING", "ACTIVE")
+    assert (running.status, other.status, other.task_state) == ("MIGRATING", "ACTIVE", None)
     assert outbox.compute[-1][:2] == ("hv2", contract.COMPUTE_PRE_LIVE_MIGRATION)
     listed = staff.get(reverse("admin:compute_migration_changelist")).content.decode()
     assert "live-migration" in listed and "preparing" in listed
+    assert "refused" in listed and "cpu" in listed  # the later refusal, with the check
+    refusal = InstanceAction.objects.get(instance=other, action="live-migration")
+    assert refusal.result == "Error" and refusal.message == "destination hv2: host CPU lacks avx2"
     dashboard = staff.get("/admin/dashboard/").content.decode()
     row = dashboard.split('id="migration-', 1)[1].split("</tr>", 1)[0]
     assert all(text in row for text in ("web", "live-migration", "hv1", "hv2", "preparing"))
@@ -145,22 +151,28 @@ def test_a_host_is_emptied_from_the_admin(staff, running, outbox, api, django_ca
         page = staff.post(reverse("admin:compute_host_changelist"),
                           {"action": "live_migrate_servers_away", "_selected_action": [hv1.pk, hv3.pk]},
                           follow=True).content.decode()
-    assert "Web (on hv1): live migration to hv2 accepted" in page
+    migration = Migration.objects.get(instance=running)
+    assert f"Web (on hv1): live migration {migration.pk} accepted (checking)" in page
     assert "Host hv3: disabled; no servers to move" in page
+    assert migration.batch_limit == 2  # the admin passes no max_servers: EVACUATION_MAX_SERVERS
+    with django_capture_on_commit_callbacks(execute=True):
+        assert run_preflights(outbox) == ["preparing"]
     running.refresh_from_db()
     assert running.status == "MIGRATING"
+    assert Migration.objects.get(instance=running).dest_host.name == "hv2"
     assert not Host.objects.get(name="hv1").enabled
 
 
 def test_a_running_live_migration_can_be_forced_or_aborted_from_the_admin(
         staff, running, outbox, django_capture_on_commit_callbacks):
     from cloudctl.compute import migration_reports
-    from cloudctl.compute.models import Migration
 
     heartbeat("hv2")
     checks_pass_for_hv2(outbox)
     with django_capture_on_commit_callbacks(execute=True):
         act(staff, "live-migrate", running)
+    with django_capture_on_commit_callbacks(execute=True):
+        assert run_preflights(outbox) == ["preparing"]
     migration = Migration.objects.get(instance=running)
     url = reverse("admin:compute_migration_changelist")
 

@@ -18,7 +18,7 @@ from cloudctl.compute import migration_reports, recovery
 from cloudctl.compute.models import Allocation, Flavor, Instance, InstanceAction, Migration, ServerGroup
 from compute_workers import contract
 
-from .conftest import Outbox, active_server, heartbeat
+from .conftest import Outbox, active_server, heartbeat, run_preflights
 
 pytestmark = pytest.mark.django_db
 
@@ -63,6 +63,23 @@ def report(migration: Migration | int, host: str, status: str, **kw: Any) -> boo
     return migration_reports.migration_update(migration_id=pk, host=host, status=status, **kw)
 
 
+def started(outbox: Outbox, answer: Any) -> Migration:
+    """The migration a request accepted (202, ``checking``, nothing claimed or sent to a host yet),
+    once its pre-flight checks passed on the scheduler's worker (``preparing``)."""
+    assert answer.status_code == 202, answer.json()
+    assert answer.json()["status"] == "checking", answer.json()
+    assert run_preflights(outbox) == ["preparing"]
+    return Migration.objects.get(pk=answer.json()["id"])
+
+
+def refused(outbox: Outbox, answer: Any) -> Migration:
+    """The migration a request accepted (202, ``checking``), once its pre-flight checks refused it."""
+    assert answer.status_code == 202, answer.json()
+    assert answer.json()["status"] == "checking", answer.json()
+    assert run_preflights(outbox) == ["refused"]
+    return Migration.objects.get(pk=answer.json()["id"])
+
+
 def live_migrate(admin_api: APIClient, server: Instance, **body: Any) -> Any:
     return admin_api.post(f"/api/v1/servers/{server.uuid}/live-migrate/", body, format="json")
 
@@ -74,6 +91,16 @@ def test_live_migration_runs_step_by_step_and_moves_the_claim_last(
     answer = live_migrate(admin_api, server, host="hv2")
     assert answer.status_code == 202, answer.json()
     body = answer.json()
+    # Accepted at once, no host asked: the checks run next on the scheduler's worker.
+    assert (body["status"], body["dest_host"], body["block_migration"]) == ("checking", "hv2", None)
+    assert checks.scheduler[-1] == (contract.MIGRATION_PREFLIGHT, {"migration_id": body["id"]})
+    assert checks.compute == []
+    server.refresh_from_db()
+    assert (server.status, server.task_state) == ("MIGRATING", "migrating")
+    assert allocations(server) == [("hv1", 128, False)], "nothing claimed before the checks"
+    assert run_preflights(checks) == ["preparing"]
+    assert run_preflights(checks) == [], "sent once"
+    body = admin_api.get(f"/api/v1/servers/{server.uuid}/migrations/{body['id']}/").json()
     assert body["status"] == "preparing" and body["migration_type"] == "live-migration"
     assert (body["source_host"], body["dest_host"], body["block_migration"]) == ("hv1", "hv2", True)
     # 128 MiB of RAM and 20 MiB of disk at 800 s per GiB
@@ -138,11 +165,17 @@ def test_a_host_is_emptied_for_maintenance_server_by_server(
     body = answer.json()
     assert body["host"]["enabled"] is False
     assert body["host"]["disabled_reason"] == "live-migrating its servers away (requested by root)"
+    assert body["max_servers"] == 2 and body["batch"]  # EVACUATION_MAX_SERVERS
     by_name = {entry["name"]: entry for entry in body["servers"]}
     assert set(by_name) == {"web", "db", "batch"}
     for name in ("web", "db"):
-        assert by_name[name]["accepted"] is True and by_name[name]["dest_host"] == "hv2", by_name[name]
-        assert Migration.objects.get(pk=by_name[name]["migration_id"]).migration_type == "live-migration"
+        assert by_name[name]["accepted"] is True and by_name[name]["dest_host"] is None, by_name[name]
+        migration = Migration.objects.get(pk=by_name[name]["migration_id"])
+        assert (migration.migration_type, migration.status, migration.batch) == (
+            "live-migration", "checking", body["batch"])
+    assert run_preflights(checks) == ["preparing", "preparing"]
+    for name in ("web", "db"):
+        assert Migration.objects.get(pk=by_name[name]["migration_id"]).dest_host.name == "hv2"
     assert by_name["batch"]["accepted"] is False and by_name["batch"]["migration_id"] is None
     assert f"cannot live-migrate server {stopped.uuid} while vm_state=stopped" in by_name["batch"]["refused"]
     statuses = {s.name: s.status for s in Instance.objects.filter(uuid__in=[web.uuid, db.uuid, stopped.uuid])}
@@ -160,37 +193,57 @@ def test_a_failed_preflight_check_leaves_the_server_untouched(
     heartbeat("hv2")
     checks.calls[contract.COMPUTE_CHECK_MIGRATE_DESTINATION] = {
         "ok": False, "check": "cpu", "message": "the CPU of hv1 is incompatible with this host: lacks avx2"}
+    before = Instance.objects.get(uuid=server.uuid)
     answer = live_migrate(admin_api, server, host="hv2")
-    assert answer.status_code == 409
-    assert answer.json()["code"] == "preflight_failed" and answer.json()["check"] == "cpu"
-    assert "avx2" in answer.json()["detail"] and "hv2" in answer.json()["detail"]
+    assert answer.status_code == 202 and answer.json()["status"] == "checking", answer.json()
+    migration = refused(checks, answer)
+    assert (migration.status, migration.failed_check) == ("refused", "cpu")
+    assert "avx2" in migration.error and "hv2" in migration.error and migration.finished_at is not None
+    shown = admin_api.get(f"/api/v1/servers/{server.uuid}/migrations/{migration.pk}/").json()
+    assert (shown["status"], shown["failed_check"], shown["error"]) == ("refused", "cpu", migration.error)
     server.refresh_from_db()
-    assert (server.status, server.task_state, server.host.name) == ("ACTIVE", None, "hv1")
+    assert (server.status, server.vm_state, server.task_state, server.host.name) == (
+        "ACTIVE", before.vm_state, None, "hv1")
+    assert server.power_state == before.power_state and server.fault is None
     assert allocations(server) == [("hv1", 128, False)]
-    assert not Migration.objects.exists() and checks.compute == []
+    assert checks.compute == [], "nothing was sent to a host"
+    action = InstanceAction.objects.get(pk=migration.action_id)
+    assert (action.action, action.result, action.message) == ("live-migration", "Error", migration.error)
+    [event] = action.events.filter(event="preflight_checks")
+    assert (event.result, event.message) == ("Error", migration.error)
+    # The server is idle again: a new request is accepted.
+    assert live_migrate(admin_api, server, host="hv2").status_code == 202
 
 
 def test_the_disk_space_check_and_the_block_migration_choice(
         api: APIClient, admin_api: APIClient, checks: Outbox, flavors: dict[str, Flavor], image: Any) -> None:
     server = active_server(api, checks)
     heartbeat("hv2")
+
+    def untouched() -> None:
+        server.refresh_from_db()
+        assert (server.status, server.task_state) == ("ACTIVE", None)
+        assert allocations(server) == [("hv1", 128, False)]
+
     checks.calls[contract.COMPUTE_CHECK_MIGRATE_SOURCE] = source_answer(disk_bytes=80 * GIB)
-    answer = live_migrate(admin_api, server, host="hv2")
-    assert answer.status_code == 409 and answer.json()["check"] == "disk", answer.json()
-    assert "hv2 has 50.00 GiB free" in answer.json()["detail"]
+    migration = refused(checks, live_migrate(admin_api, server, host="hv2"))
+    assert migration.failed_check == "disk" and "hv2 has 50.00 GiB free" in migration.error
+    untouched()
 
     checks.calls[contract.COMPUTE_CHECK_MIGRATE_SOURCE] = source_answer()
-    answer = live_migrate(admin_api, server, host="hv2", block_migration=False)
-    assert answer.status_code == 409 and answer.json()["check"] == "shared_storage"
+    migration = refused(checks, live_migrate(admin_api, server, host="hv2", block_migration=False))
+    assert migration.failed_check == "shared_storage" and migration.block_migration is False
+    untouched()
 
     checks.calls[contract.COMPUTE_CHECK_MIGRATE_SOURCE] = source_answer(shared=True)
-    answer = live_migrate(admin_api, server, host="hv2", block_migration=True)
-    assert answer.status_code == 400 and "share the instance storage" in answer.json()["block_migration"][0]
-    answer = live_migrate(admin_api, server, host="hv2")
-    assert answer.status_code == 202
-    assert (answer.json()["block_migration"], answer.json()["shared_storage"]) == (False, True)
+    # Whether the hosts share the storage is known only once they answered: a refusal, no longer a 400.
+    migration = refused(checks, live_migrate(admin_api, server, host="hv2", block_migration=True))
+    assert migration.failed_check == "block_migration" and "share the instance storage" in migration.error
+    untouched()
+    migration = started(checks, live_migrate(admin_api, server, host="hv2"))
+    assert (migration.block_migration, migration.shared_storage) == (False, True)
     # memory only: 128 MiB at 800 s per GiB
-    assert answer.json()["completion_timeout"] == 100
+    assert migration.completion_timeout == 100
 
 
 @pytest.mark.parametrize(("body", "field"), [
@@ -211,7 +264,7 @@ def test_only_admins_migrate_and_members_see_their_servers_migrations(
     heartbeat("hv2")
     assert api.post(f"/api/v1/servers/{server.uuid}/live-migrate/", {}, format="json").status_code == 403
     assert api.post(f"/api/v1/servers/{server.uuid}/migrate/", {}, format="json").status_code == 403
-    assert live_migrate(admin_api, server).status_code == 202  # the scheduler picks hv2
+    started(checks, live_migrate(admin_api, server))  # the scheduler picks hv2
     assert Migration.objects.get().dest_host.name == "hv2"
     mine = api.get(f"/api/v1/servers/{server.uuid}/migrations/").json()
     assert [m["dest_host"] for m in mine] == ["hv2"]
@@ -232,9 +285,8 @@ def test_the_scheduler_picks_a_destination_that_honours_anti_affinity(
     second = active_server(api, checks, name="second")
     Instance.objects.filter(uuid=second.uuid).update(host=second.host.__class__.objects.get(name="hv2"))
     Instance.objects.filter(uuid__in=[first.uuid, second.uuid]).update(server_group=group)
-    answer = live_migrate(admin_api, first)
-    assert answer.status_code == 202, answer.json()
-    assert answer.json()["dest_host"] == "hv3", "hv2 runs another member of the anti-affinity group"
+    migration = started(checks, live_migrate(admin_api, first))
+    assert migration.dest_host.name == "hv3", "hv2 runs another member of the anti-affinity group"
     # with hv3 gone too, no host is left: refused before anything changes
     Instance.objects.filter(uuid=first.uuid).update(task_state=None)
     Migration.objects.all().delete()
@@ -243,16 +295,18 @@ def test_the_scheduler_picks_a_destination_that_honours_anti_affinity(
     heartbeat("hv3")
     from cloudctl.compute.services import host_set_enabled
     host_set_enabled(host=first.host.__class__.objects.get(name="hv3"), enabled=False, reason="maintenance")
-    answer = live_migrate(admin_api, first)
-    assert answer.status_code == 409 and answer.json()["check"] == "scheduler", answer.json()
-    assert "No valid host" in answer.json()["detail"]
+    migration = refused(checks, live_migrate(admin_api, first))
+    assert migration.failed_check == "scheduler" and "No valid host" in migration.error
+    assert migration.dest_host is None
+    first.refresh_from_db()
+    assert (first.status, first.task_state, first.host.name) == ("ACTIVE", None, "hv1")
 
 
 def started_live_migration(api: APIClient, admin_api: APIClient,
                            checks: Outbox) -> tuple[Instance, Migration]:
     server = active_server(api, checks)
     heartbeat("hv2")
-    migration = Migration.objects.get(pk=live_migrate(admin_api, server, host="hv2").json()["id"])
+    migration = started(checks, live_migrate(admin_api, server, host="hv2"))
     report(migration, "hv2", contract.MIGRATION_PREPARED)
     report(migration, "hv1", contract.MIGRATION_RUNNING)
     checks.compute.clear()
@@ -316,7 +370,7 @@ def test_abort_before_the_job_starts_is_not_lost(
         api: APIClient, admin_api: APIClient, checks: Outbox, flavors: dict[str, Flavor], image: Any) -> None:
     server = active_server(api, checks)
     heartbeat("hv2")
-    migration = Migration.objects.get(pk=live_migrate(admin_api, server, host="hv2").json()["id"])
+    migration = started(checks, live_migrate(admin_api, server, host="hv2"))
     abort = admin_api.post(f"/api/v1/servers/{server.uuid}/migrations/{migration.pk}/abort/")
     assert abort.status_code == 202
     checks.compute.clear()
@@ -427,7 +481,7 @@ def test_force_complete_is_refused_unless_a_live_migration_runs(
         api: APIClient, admin_api: APIClient, checks: Outbox, flavors: dict[str, Flavor], image: Any) -> None:
     server = active_server(api, checks)
     heartbeat("hv2")
-    migration = Migration.objects.get(pk=live_migrate(admin_api, server, host="hv2").json()["id"])
+    migration = started(checks, live_migrate(admin_api, server, host="hv2"))
     checks.compute.clear()
     answer = force_complete(admin_api, server, migration)  # still preparing
     assert answer.status_code == 409 and answer.json()["status"] == "preparing"
@@ -491,7 +545,7 @@ def test_a_destination_that_cannot_prepare_ends_the_migration(
         api: APIClient, admin_api: APIClient, checks: Outbox, flavors: dict[str, Flavor], image: Any) -> None:
     server = active_server(api, checks)
     heartbeat("hv2")
-    migration = Migration.objects.get(pk=live_migrate(admin_api, server, host="hv2").json()["id"])
+    migration = started(checks, live_migrate(admin_api, server, host="hv2"))
     assert report(migration, "hv2", contract.MIGRATION_ERROR, error="cannot download image tiny: HTTP 404")
     server.refresh_from_db()
     migration.refresh_from_db()
@@ -508,8 +562,9 @@ def test_cold_migration_moves_the_server_and_confirms_itself(
     server = active_server(api, checks)
     heartbeat("hv2")
     answer = cold(admin_api, server)
-    assert answer.status_code == 202, answer.json()
-    migration = Migration.objects.get(pk=answer.json()["id"])
+    server.refresh_from_db()
+    assert (server.status, server.task_state) == ("RESIZE", "resize_prep"), "at once, before the checks"
+    migration = started(checks, answer)
     assert migration.dest_host.name == "hv2" and migration.power_on
     assert checks.compute[-1][:2] == ("hv2", contract.COMPUTE_PREP_RESIZE)
     server.refresh_from_db()
@@ -536,7 +591,7 @@ def test_cold_migration_of_a_stopped_server_leaves_it_stopped(
     server = active_server(api, checks)
     Instance.objects.filter(uuid=server.uuid).update(vm_state="stopped", power_state="shutdown")
     heartbeat("hv2")
-    migration = Migration.objects.get(pk=cold(admin_api, server, host="hv2").json()["id"])
+    migration = started(checks, cold(admin_api, server, host="hv2"))
     assert migration.power_on is False
     report(migration, "hv2", contract.MIGRATION_PREPARED)
     report(migration, "hv1", contract.MIGRATION_MIGRATED)
@@ -550,7 +605,7 @@ def test_a_failed_copy_leaves_the_server_where_it_was(
         api: APIClient, admin_api: APIClient, checks: Outbox, flavors: dict[str, Flavor], image: Any) -> None:
     server = active_server(api, checks)
     heartbeat("hv2")
-    migration = Migration.objects.get(pk=cold(admin_api, server).json()["id"])
+    migration = started(checks, cold(admin_api, server))
     report(migration, "hv2", contract.MIGRATION_PREPARED)
     assert report(migration, "hv1", contract.MIGRATION_ERROR, error="cannot reach qemu+tcp://10.0.0.2/system",
                   values={"power_state": "running"})
@@ -567,9 +622,7 @@ def resize(api: APIClient, server: Instance, flavor: str) -> Any:
 def resized(api: APIClient, checks: Outbox) -> tuple[Instance, Migration]:
     """A server resized from m1.nano to m1.tiny on its own host, waiting in VERIFY_RESIZE."""
     server = active_server(api, checks)
-    answer = resize(api, server, "m1.tiny")
-    assert answer.status_code == 202, answer.json()
-    migration = Migration.objects.get(pk=answer.json()["id"])
+    migration = started(checks, resize(api, server, "m1.tiny"))
     assert (migration.source_host.name, migration.dest_host.name) == ("hv1", "hv1")
     server.refresh_from_db()
     assert allocations(server) == [("hv1", 128, True), ("hv1", 512, False)], "both flavors held"
@@ -654,7 +707,7 @@ def test_a_finish_that_fails_reverts_to_the_source(
         api: APIClient, admin_api: APIClient, checks: Outbox, flavors: dict[str, Flavor], image: Any) -> None:
     server = active_server(api, checks)
     heartbeat("hv2")
-    migration = Migration.objects.get(pk=cold(admin_api, server).json()["id"])
+    migration = started(checks, cold(admin_api, server))
     report(migration, "hv2", contract.MIGRATION_PREPARED)
     report(migration, "hv1", contract.MIGRATION_MIGRATED)
     assert report(migration, "hv2", contract.MIGRATION_ERROR, error="libvirt cannot define the domain")
@@ -683,7 +736,7 @@ def test_a_source_worker_restart_mid_migration_ends_truthfully(
 
     Instance.objects.filter(uuid=server.uuid).update(task_state=None)
     checks.compute.clear()
-    second = Migration.objects.get(pk=live_migrate(admin_api, server, host="hv2").json()["id"])
+    second = started(checks, live_migrate(admin_api, server, host="hv2"))
     report(second, "hv2", contract.MIGRATION_PREPARED)
     report(second, "hv1", contract.MIGRATION_RUNNING)
     recovery.host_init(host="hv1", reported={})  # the domain left: ask the destination
@@ -712,7 +765,7 @@ def test_stuck_migrations_are_reaped_from_what_the_hosts_report(
         settings: Any) -> None:
     server = active_server(api, checks)
     heartbeat("hv2")
-    migration = Migration.objects.get(pk=live_migrate(admin_api, server, host="hv2").json()["id"])
+    migration = started(checks, live_migrate(admin_api, server, host="hv2"))
     report(migration, "hv2", contract.MIGRATION_PREPARED)
     report(migration, "hv1", contract.MIGRATION_MIGRATED)  # and then the destination never answers
     settings.MIGRATION_STEP_TIMEOUT = 5
