@@ -142,3 +142,30 @@ def test_schema_and_docs_need_no_token(client: Any) -> None:
     assert docs.status_code == 200
     assert "swagger" in docs.content.decode().lower()
     assert client.get("/api/v1/servers/").status_code == 401  # the API itself still needs one
+
+
+def test_migration_requests_document_202_checking_and_no_preflight_409(schema: dict[str, Any]) -> None:
+    """The checks run after the answer: 202 with the migration (status checking), 409 only for the
+    server's state or host; the migration shows the refusal's check; an evacuation takes max_servers."""
+    for path in ("live-migrate", "migrate", "resize"):
+        operation = schema["paths"][f"/api/v1/servers/{{id}}/{path}/"]["post"]
+        assert {"202", "409"} <= set(operation["responses"]) and "503" not in operation["responses"]
+        assert "`checking`" in operation["description"] and "`refused`" in operation["description"]
+    conflict = schema["components"]["schemas"]["Conflict"]["properties"]
+    assert "preflight_failed" not in json.dumps(conflict) and "check" not in conflict
+    migration = schema["components"]["schemas"]["Migration"]["properties"]
+    assert {"failed_check", "batch"} <= set(migration)
+    assert {"checking", "refused"} <= set(_status_enum(schema))
+    evacuate = schema["paths"]["/api/v1/hosts/{name}/live-migrate-servers/"]["post"]
+    body = evacuate["requestBody"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
+    assert schema["components"]["schemas"][body]["properties"]["max_servers"]["minimum"] == 1
+    answer = evacuate["responses"]["202"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
+    shown = schema["components"]["schemas"][answer]["properties"]
+    assert {"host", "batch", "max_servers", "servers"} <= set(shown)
+
+
+def _status_enum(schema: dict[str, Any]) -> list[str]:
+    """The enumeration of the migration's status, whatever name drf-spectacular gave it."""
+    ref = schema["components"]["schemas"]["Migration"]["properties"]["status"]
+    ref = ref.get("$ref") or ref["allOf"][0]["$ref"]
+    return list(schema["components"]["schemas"][ref.rsplit("/", 1)[1]]["enum"])

@@ -69,9 +69,30 @@ def migration_ends(cloud: Cloud, server_id: str, migration_id: int, timeout: flo
     def ended() -> dict[str, Any] | None:
         body = migration_of(cloud, server_id, migration_id)
         return body if body["status"] in ("completed", "confirmed", "finished", "reverted", "cancelled",
-                                          "failed", "error") else None
+                                          "failed", "error", "refused") else None
 
     return dict(cloud.stack.wait_for(f"migration {migration_id} ends", ended, timeout, 0.1))
+
+
+# Statuses of a migration still under way once its pre-flight checks passed.
+UNDER_WAY = ("preparing", "queued", "running", "running (post-copy)", "cancelling", "migrating",
+             "post-migrating", "confirming", "reverting")
+
+
+def checked(cloud: Cloud, server_id: str, answer: Any, timeout: float = 60) -> dict[str, Any]:
+    """A migration request's 202 (status ``checking``: the pre-flight checks run next, on the
+    scheduler's worker), then the migration once they are over: with its destination and what the
+    checks found (or ``refused`` with the reason)."""
+    assert answer.status_code == 202, answer.text
+    accepted = answer.json()
+    assert accepted["status"] == "checking", accepted
+    migration_id = accepted["id"]
+
+    def decided() -> dict[str, Any] | None:
+        body = migration_of(cloud, server_id, migration_id)
+        return body if body["status"] not in ("accepted", "checking") else None
+
+    return dict(cloud.stack.wait_for(f"migration {migration_id} checked", decided, timeout, 0.05))
 
 
 def claims(cloud: Cloud) -> dict[str, int]:
@@ -133,12 +154,13 @@ def test_live_block_migration_moves_the_running_guest(cloud: Cloud, guest: list[
     before = claims(cloud)
     started = time.monotonic()
     answer = live_migrate(cloud, server_id, host="host-b", block_migration="auto")
-    assert answer.status_code == 202, answer.text
-    migration = answer.json()
-    assert (migration["block_migration"], migration["shared_storage"]) == (True, False)
-    assert server(cloud, server_id)["status"] == "MIGRATING"
+    assert server(cloud, server_id)["status"] == "MIGRATING"  # at once, before the checks
+    migration = checked(cloud, server_id, answer)
+    assert (migration["block_migration"], migration["shared_storage"]) == (True, False), migration
     during = claims(cloud)
-    assert during["host-a"] == before["host-a"] and during["host-b"] == before["host-b"] + 128
+    # Claims on both hosts while it runs (read before the status: if it still runs after, it ran then).
+    if migration_of(cloud, server_id, migration["id"])["status"] in UNDER_WAY:
+        assert during["host-a"] == before["host-a"] and during["host-b"] == before["host-b"] + 128
     done = migration_ends(cloud, server_id, migration["id"])
     seconds = time.monotonic() - started
     assert done["status"] == "completed", done
@@ -163,8 +185,8 @@ def test_live_block_migration_moves_the_running_guest(cloud: Cloud, guest: list[
 def test_live_migration_on_shared_storage_copies_no_disk(cloud: Cloud, guest: list[str]) -> None:
     server_id = boot(cloud, guest, "live-shared", "host-b")
     answer = live_migrate(cloud, server_id, host="host-c")
-    assert answer.status_code == 202, answer.text
-    assert (answer.json()["block_migration"], answer.json()["shared_storage"]) == (False, True)
+    migration = checked(cloud, server_id, answer)
+    assert (migration["block_migration"], migration["shared_storage"]) == (False, True), migration
     done = migration_ends(cloud, server_id, answer.json()["id"])
     assert done["status"] == "completed", done
     assert settle(cloud, server_id, "ACTIVE")["host"] == "host-c"
@@ -187,8 +209,8 @@ def test_the_scheduler_picks_a_destination_honouring_anti_affinity(cloud: Cloud,
         ids.append(str(created.json()["id"]))
         active(cloud, ids[-1])
     answer = live_migrate(cloud, ids[0])
-    assert answer.status_code == 202, answer.text
-    assert answer.json()["dest_host"] == "host-c", "host-b runs the other member of the group"
+    chosen = checked(cloud, ids[0], answer)["dest_host"]
+    assert chosen == "host-c", "host-b runs the other member of the group"
     assert migration_ends(cloud, ids[0], answer.json()["id"])["status"] == "completed"
     assert settle(cloud, ids[0], "ACTIVE")["host"] == "host-c"
 
@@ -207,12 +229,14 @@ def test_a_host_is_emptied_for_maintenance(cloud: Cloud, guest: list[str]) -> No
         body = answer.json()
         assert body["host"]["enabled"] is False and "live-migrating its servers away" in \
             body["host"]["disabled_reason"]
+        assert body["max_servers"] >= 1 and body["batch"]
         by_id = {entry["server"]: entry for entry in body["servers"]}
-        assert by_id[running]["accepted"] is True and by_id[running]["dest_host"] in ("host-a", "host-b")
+        assert by_id[running]["accepted"] is True and by_id[running]["dest_host"] is None  # checked next
         assert by_id[stopped]["accepted"] is False and "vm_state=stopped" in by_id[stopped]["refused"]
         done = migration_ends(cloud, running, by_id[running]["migration_id"])
         assert done["status"] == "completed", done
-        dest = by_id[running]["dest_host"]
+        dest = done["dest_host"]
+        assert dest in ("host-a", "host-b"), done
         assert settle(cloud, running, "ACTIVE")["host"] == dest
         assert on_daemon(cloud, dest, running) == libvirt.VIR_DOMAIN_RUNNING
         assert on_daemon(cloud, "host-c", running) is None
@@ -240,12 +264,17 @@ def test_a_failed_preflight_check_leaves_the_server_untouched(cloud: Cloud, gues
     assert api(cloud, "DELETE", f"/images/{image_id}/").status_code == 204
     before = (server(cloud, server_id), claims(cloud))
     answer = live_migrate(cloud, server_id, host="host-b")
-    assert answer.status_code == 409, answer.text
-    assert answer.json()["code"] == "preflight_failed" and answer.json()["check"] == "image"
-    assert "host-b" in answer.json()["detail"]
+    refused = checked(cloud, server_id, answer)
+    assert refused["status"] == "refused" and refused["failed_check"] == "image", refused
+    assert "host-b" in refused["error"]
     after = (server(cloud, server_id), claims(cloud))
-    assert after[0]["status"] == "ACTIVE" and after[0]["host"] == "host-a"
-    assert after[1] == before[1] and api(cloud, "GET", f"/servers/{server_id}/migrations/").json() == []
+    assert after[0]["status"] == "ACTIVE" and after[0]["host"] == "host-a" and after[0]["task_state"] is None
+    assert after[1] == before[1]
+    listed = api(cloud, "GET", f"/servers/{server_id}/migrations/").json()
+    assert [(m["id"], m["status"]) for m in listed] == [(refused["id"], "refused")]
+    [action] = [a for a in api(cloud, "GET", f"/servers/{server_id}/actions/").json()
+                if a["action"] == "live-migration"]
+    assert action["result"] == "Error" and "host-b" in action["message"], action
     assert on_daemon(cloud, "host-a", server_id) == libvirt.VIR_DOMAIN_RUNNING
 
 
@@ -311,8 +340,8 @@ def test_a_migration_past_its_deadline_is_aborted(cloud: Cloud, guest: list[str]
     server_id = boot(cloud, guest, "too-slow", "host-a")
     throttle(cloud, "host-a", server_id)
     answer = live_migrate(cloud, server_id, host="host-b")
-    assert answer.status_code == 202, answer.text
-    deadline = answer.json()["completion_timeout"]
+    deadline = checked(cloud, server_id, answer)["completion_timeout"]
+    assert deadline, "set once the checks found what the migration copies"
     done = migration_ends(cloud, server_id, answer.json()["id"], deadline + 60)
     assert done["status"] == "failed" and str(deadline) in done["error"], done
     assert settle(cloud, server_id, "ACTIVE")["host"] == "host-a"
@@ -369,9 +398,11 @@ def test_cold_migration_moves_the_disk_and_starts_the_guest_there(cloud: Cloud, 
 
 
 def resize_to(cloud: Cloud, server_id: str, flavor: str) -> dict[str, Any]:
+    """The resize once its pre-flight checks chose the destination (``dest_host``)."""
     answer = api(cloud, "POST", f"/servers/{server_id}/resize/", json={"flavor": flavor})
-    assert answer.status_code == 202, answer.text
-    return dict(answer.json())
+    migration = checked(cloud, server_id, answer)
+    assert migration["dest_host"], migration
+    return migration
 
 
 def test_resize_then_confirm(cloud: Cloud, guest: list[str]) -> None:
