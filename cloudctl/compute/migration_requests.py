@@ -253,7 +253,8 @@ def migration_abort(*, migration: Migration, user: Any) -> Migration:
     source, running)."""
     with transaction.atomic():
         locked = migration_locked(migration.pk)
-        assert locked is not None
+        if locked is None:
+            raise Migration.DoesNotExist(f"migration {migration.pk} is gone")
         if locked.status in (S.ACCEPTED, S.CHECKING):
             _cancel_unstarted(locked, user)
             return locked

@@ -67,6 +67,34 @@ def test_the_preflight_task_runs_on_the_scheduler_queue() -> None:
     assert settings.CELERY_TASK_ROUTES["scheduler.*"] == {"queue": contract.SCHEDULER_QUEUE}
 
 
+def test_a_call_from_the_preflight_task_may_wait_for_a_compute_worker(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a prefork worker Celery refuses result.get() inside a task unless told otherwise; the
+    pre-flight task waits for a compute worker's queue (never its own), so rpc.call tells it."""
+    from types import SimpleNamespace
+
+    from celery import _state
+    from celery.result import AsyncResult
+
+    from cloudctl.compute import rpc
+
+    seen: dict[str, Any] = {}
+
+    def get(self: AsyncResult, **kwargs: Any) -> Any:
+        seen.update(kwargs)
+        if kwargs.get("disable_sync_subtasks", True):
+            from celery.result import assert_will_not_block
+            assert_will_not_block()
+        return {"ok": True}
+
+    monkeypatch.setattr(rpc.app, "send_task", lambda *args, **kwargs: SimpleNamespace(id="task-1"))
+    monkeypatch.setattr(AsyncResult, "get", get)
+    monkeypatch.setattr(AsyncResult, "forget", lambda self: None)
+    monkeypatch.setattr(_state, "_task_join_will_block", True)  # as in the scheduler's prefork worker
+    assert rpc.call("hv2", contract.COMPUTE_CHECK_MIGRATE_DESTINATION, timeout=1) == {"ok": True}
+    assert seen["disable_sync_subtasks"] is False
+
+
 def test_a_redelivered_preflight_task_does_nothing(
         api: APIClient, admin_api: APIClient, checks: Outbox, flavors: dict[str, Flavor], image: Any) -> None:
     server = active_server(api, checks)
