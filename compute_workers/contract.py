@@ -62,7 +62,8 @@ whose step this host already completed for that migration is a logged no-op (a r
 key ``migration-<id>-<step>``). Paths are the same on every host: ``INSTANCES_PATH/<uuid>/disk``.
 
 ``compute.check_can_migrate_destination(instance_uuid, source_host, source_cpu_info, image, live)``
-    Synchronous call to the destination, before anything changes. Checks: no domain of the instance
+    Synchronous call to the destination from the pre-flight task (scheduler's worker, migration
+    "checking"), before anything is claimed or moved. Checks: no domain of the instance
     here (check "instance_exists"), the hypervisor answers ("hypervisor"), for ``live`` the source's
     CPU (``source_cpu_info``, a heartbeat ``cpu_info`` dict) with libvirt ``compareCPU`` ("cpu",
     skipped by drivers that cannot compare), the base ``image`` (spec v1 image dict) cached here or

@@ -1,5 +1,6 @@
-"""Live migration, cold migration and resize in the control plane: checks before any change, the
-steps driven by the hosts' reports, claims on both hosts at every step, abort, confirm and revert.
+"""Live migration, cold migration and resize in the control plane: checks before anything moves (run
+as the scheduler's worker runs them, after the 202), the steps driven by the hosts' reports, claims
+on both hosts at every step, abort, confirm and revert.
 
 The hosts' answers are played by the test (the ``outbox`` captures casts and answers calls); real
 migrations between real libvirt hosts are in tests/multihost/.
@@ -287,7 +288,7 @@ def test_the_scheduler_picks_a_destination_that_honours_anti_affinity(
     Instance.objects.filter(uuid__in=[first.uuid, second.uuid]).update(server_group=group)
     migration = started(checks, live_migrate(admin_api, first))
     assert migration.dest_host.name == "hv3", "hv2 runs another member of the anti-affinity group"
-    # with hv3 gone too, no host is left: refused before anything changes
+    # with hv3 gone too, no host is left: refused by the checks, the server as it was
     Instance.objects.filter(uuid=first.uuid).update(task_state=None)
     Migration.objects.all().delete()
     Allocation.objects.filter(instance=first).delete()
