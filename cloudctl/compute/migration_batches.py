@@ -23,7 +23,7 @@ from cloudctl.compute.models import MigrationStatus as S
 from compute_workers import contract
 
 # Statuses a migration can no longer leave: its batch's next one may start.
-ENDED = tuple(status for status in S if status not in MIGRATION_IN_PROGRESS)
+ENDED: tuple[str, ...] = tuple(status for status in S.values if status not in MIGRATION_IN_PROGRESS)
 
 
 def migration_locked(pk: int, statuses: tuple[str, ...] | None = None) -> Migration | None:
