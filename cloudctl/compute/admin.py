@@ -15,7 +15,7 @@ from django.template.response import TemplateResponse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
-from cloudctl.compute import migration_requests, rpc, services
+from cloudctl.compute import migration_requests, rpc, selectors, services
 from cloudctl.compute.dashboard import usage_bars
 from cloudctl.compute.models import (
     Aggregate,
@@ -224,7 +224,7 @@ class HostAdmin(admin.ModelAdmin):
     actions = [disable_hosts, enable_hosts, live_migrate_servers_away]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Host]:
-        return services.hosts_with_usage()
+        return selectors.hosts_with_usage()
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # hosts register themselves with their first heartbeat
@@ -257,7 +257,7 @@ class HostAdmin(admin.ModelAdmin):
 
     @admin.display(description="servers on this host")
     def servers(self, host: Host) -> str:
-        live = host.instances.exclude(vm_state=VmState.DELETED)
+        live = selectors.servers_on_host(host=host)
         return format_html_join(", ", "{} ({})", ((s.name, s.status) for s in live)) or "none"
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from django.db.models import Q, QuerySet
+from django.db.models import QuerySet
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import (
     OpenApiParameter,
@@ -24,7 +24,6 @@ from rest_framework.response import Response
 from cloudctl.api import CodedErrorSerializer, error_responses
 from cloudctl.compute import migration_requests, selectors, services
 from cloudctl.compute.models import (
-    MIGRATION_IN_PROGRESS,
     Aggregate,
     Flavor,
     Host,
@@ -115,7 +114,7 @@ class ServerCreateSerializer(serializers.Serializer):
 
     def validate_scheduler_hints(self, hints: dict[str, Any]) -> dict[str, Any]:
         user = self.context["request"].user
-        visible = services.servers_visible_to(user)
+        visible = selectors.servers_visible_to(user)
         for key in ("same_host", "different_host"):
             ids = hints.get(key) or []
             found = set(visible.filter(uuid__in=ids).values_list("uuid", flat=True))
@@ -123,7 +122,7 @@ class ServerCreateSerializer(serializers.Serializer):
             if missing:
                 raise serializers.ValidationError(f"{key}: no server {', '.join(missing)}")
         if "group" in hints:
-            group = services.server_groups_visible_to(user).filter(pk=hints["group"]).first()
+            group = selectors.server_groups_visible_to(user).filter(pk=hints["group"]).first()
             if group is None:
                 raise serializers.ValidationError(f"group: no server group {hints['group']}")
             hints["group"] = group
@@ -137,7 +136,7 @@ class ServerCreateSerializer(serializers.Serializer):
 
     def validate_flavor(self, ref: str) -> Flavor:
         user = self.context["request"].user
-        return _lookup(services.flavors_visible_to(user), ref, kind="flavor", id_kind=int)
+        return _lookup(selectors.flavors_visible_to(user), ref, kind="flavor", id_kind=int)
 
     def validate_image(self, ref: str) -> Image:
         user = self.context["request"].user
@@ -199,7 +198,7 @@ class ServerSerializer(serializers.ModelSerializer):
         return {"id": str(instance.image.id), "name": instance.image.name}
 
     def get_host_status(self, instance: Instance) -> str:
-        return services.host_status(instance)
+        return selectors.host_status(instance)
 
     @extend_schema_field(ServerFaultSerializer(allow_null=True))
     def get_fault(self, instance: Instance) -> dict[str, Any] | None:
@@ -288,7 +287,7 @@ class ResizeSerializer(serializers.Serializer):
     flavor = IdOrNameField(help_text="the new flavor (id or name)")
 
     def validate_flavor(self, ref: str) -> Flavor:
-        return _lookup(services.flavors_visible_to(self.context["request"].user), ref, kind="flavor",
+        return _lookup(selectors.flavors_visible_to(self.context["request"].user), ref, kind="flavor",
                        id_kind=int)
 
 
@@ -358,7 +357,7 @@ class ServerViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.G
     lookup_value_regex = "[0-9a-fA-F-]{36}"
 
     def get_queryset(self) -> QuerySet[Instance]:
-        return services.servers_visible_to(self.request.user)
+        return selectors.servers_visible_to(self.request.user)
 
     def create(self, request: Request) -> Response:
         body = ServerCreateSerializer(data=request.data, context={"request": request})
@@ -376,8 +375,7 @@ class ServerViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.G
         return Response(self.get_serializer(instance).data, status=status.HTTP_202_ACCEPTED)
 
     def _accepted(self, action_record: InstanceAction) -> Response:
-        action_record = (InstanceAction.objects.select_related("user", "project")
-                         .prefetch_related("events").get(pk=action_record.pk))
+        action_record = selectors.server_actions(instance=action_record.instance).get(pk=action_record.pk)
         return Response(ActionSerializer(action_record, context={"request": self.request}).data,
                         status=status.HTTP_202_ACCEPTED)
 
@@ -536,8 +534,7 @@ class ServerViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.G
     @action(detail=True, methods=["get"])
     def actions(self, request: Request, pk: str | None = None) -> Response:
         instance = self.get_object()
-        records = (InstanceAction.objects.filter(instance=instance)
-                   .select_related("user", "project").prefetch_related("events"))
+        records = selectors.server_actions(instance=instance)
         return Response(ActionSerializer(records, many=True, context={"request": request}).data)
 
     @extend_schema(
@@ -601,7 +598,7 @@ class FlavorViewSet(mixins.CreateModelMixin, mixins.ListModelMixin, mixins.Retri
     permission_classes = [IsAdminOrReadOnly]
 
     def get_queryset(self) -> QuerySet[Flavor]:
-        return services.flavors_visible_to(self.request.user)
+        return selectors.flavors_visible_to(self.request.user)
 
     def perform_destroy(self, instance: Flavor) -> None:
         services.flavor_delete(flavor=instance)
@@ -671,7 +668,7 @@ class HostViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
     lookup_value_regex = "[^/]+"
 
     def get_queryset(self) -> QuerySet[Host]:
-        return services.hosts_with_usage()
+        return selectors.hosts_with_usage()
 
     def _shown(self, host: Host) -> Response:
         return Response(self._host_data(host))
@@ -730,7 +727,7 @@ class ServerGroupSerializer(serializers.ModelSerializer):
     def get_members(self, group: ServerGroup) -> list[dict[str, Any]]:
         return [{"id": str(m.uuid), "name": m.name, "status": m.status,
                  "host": m.host.name if m.host else None}
-                for m in group.members.exclude(vm_state="deleted").select_related("host")]
+                for m in selectors.server_group_members(group=group)]
 
 
 SERVER_GROUP_ID = OpenApiParameter("id", OpenApiTypes.UUID, OpenApiParameter.PATH,
@@ -759,7 +756,7 @@ class ServerGroupViewSet(mixins.CreateModelMixin, mixins.ListModelMixin,
     serializer_class = ServerGroupSerializer
 
     def get_queryset(self) -> QuerySet[ServerGroup]:
-        return services.server_groups_visible_to(self.request.user)
+        return selectors.server_groups_visible_to(self.request.user)
 
     def perform_create(self, serializer: ServerGroupSerializer) -> None:
         serializer.instance = services.server_group_create(
@@ -783,7 +780,7 @@ class AvailabilityZoneView(viewsets.ViewSet):
                    responses={200: AvailabilityZoneSerializer(many=True),
                               **error_responses(401, 403)})
     def list(self, request: Request) -> Response:
-        zones = services.availability_zones()
+        zones = selectors.availability_zones()
         admin = is_admin(request.user)
         return Response([
             {"name": name, "available": any(h.is_up and h.enabled for h in hosts),
@@ -894,26 +891,29 @@ class MigrationViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewset
     permission_classes = [IsAdminUser]
 
     def get_queryset(self) -> QuerySet[Migration]:
-        found = selectors.migrations_visible_to(self.request.user)
-        query = self.request.query_params
         if getattr(self, "action", None) != "list":
-            return found
+            return selectors.migrations_visible_to(self.request.user)
+        return selectors.migrations_list(user=self.request.user, **self._filters())
+
+    def _filters(self) -> dict[str, Any]:
+        """The list's query parameters, checked (400 naming the parameter)."""
+        query = self.request.query_params
+        filters: dict[str, Any] = {}
         if "status" in query:
             if query["status"] not in MigrationStatus.values:
                 raise serializers.ValidationError({"status": [f"one of {', '.join(MigrationStatus.values)}"]})
-            found = found.filter(status=query["status"])
+            filters["status"] = query["status"]
         if "migration_type" in query:
             if query["migration_type"] not in MigrationType.values:
                 raise serializers.ValidationError(
                     {"migration_type": [f"one of {', '.join(MigrationType.values)}"]})
-            found = found.filter(migration_type=query["migration_type"])
+            filters["migration_type"] = query["migration_type"]
         if "host" in query:
-            found = found.filter(Q(source_host__name=query["host"]) | Q(dest_host__name=query["host"]))
+            filters["host"] = query["host"]
         if "server" in query:
             try:
-                found = found.filter(instance_id=uuid.UUID(query["server"]))
+                filters["server"] = uuid.UUID(query["server"])
             except ValueError:
                 raise serializers.ValidationError({"server": ["must be a server id (uuid)"]}) from None
-        if query.get("in_progress") in ("1", "true", "True"):
-            found = found.filter(status__in=[str(s) for s in MIGRATION_IN_PROGRESS])
-        return found
+        filters["in_progress"] = query.get("in_progress") in ("1", "true", "True")
+        return filters

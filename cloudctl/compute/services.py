@@ -12,10 +12,10 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Count, Q, QuerySet, Sum
+from django.db.models import Q
 from django.utils import timezone
 
-from cloudctl.compute import rpc, states
+from cloudctl.compute import rpc, selectors, states
 from cloudctl.compute.models import (
     Aggregate,
     Allocation,
@@ -28,7 +28,6 @@ from cloudctl.compute.models import (
 from cloudctl.compute.specs import spawn_spec
 from cloudctl.compute.states import DELETE, PowerState, TaskState, Transition, VmState
 from cloudctl.identity.models import Project
-from cloudctl.identity.services import is_admin, project_id_of
 from cloudctl.images.models import Image, ImageStatus
 from cloudctl.images.services import image_create, image_kill
 from compute_workers import contract
@@ -79,20 +78,6 @@ def new_request_id() -> str:
     return f"req-{uuid.uuid4()}"
 
 
-def servers_visible_to(user: Any) -> QuerySet[Instance]:
-    """Live (not deleted) servers: all for admins, the user's project's for members."""
-    servers = Instance.objects.exclude(vm_state=VmState.DELETED).select_related(
-        "flavor", "image", "host", "project")
-    if is_admin(user):
-        return servers
-    return servers.filter(project_id=project_id_of(user))
-
-
-def flavors_visible_to(user: Any) -> QuerySet[Flavor]:
-    flavors = Flavor.objects.filter(disabled=False)
-    return flavors if is_admin(user) else flavors.filter(is_public=True)
-
-
 def action_start(*, instance: Instance, action: str, user: Any, request_id: str,
                  project: Project | None = None) -> InstanceAction:
     return InstanceAction.objects.create(
@@ -133,24 +118,13 @@ def _check_boot_fit(flavor: Flavor, image: Image) -> None:
                                        f"larger than flavor {flavor.name}'s {flavor.root_gb} GiB disk")
 
 
-def availability_zones() -> dict[str, list[Host]]:
-    """Every zone with its hosts; the default zone is listed even before any host is in it."""
-    zones: dict[str, list[Host]] = {settings.DEFAULT_AVAILABILITY_ZONE: []}
-    for zone in Aggregate.objects.exclude(availability_zone="").values_list(
-            "availability_zone", flat=True):
-        zones.setdefault(zone, [])
-    for host in Host.objects.all():
-        zones.setdefault(host.zone, []).append(host)
-    return zones
-
-
 def server_create(*, user: Any, project: Project, name: str, flavor: Flavor, image: Image,
                   availability_zone: str = "", server_group: ServerGroup | None = None,
                   same_host: list[str] | None = None, different_host: list[str] | None = None,
                   host: str = "", request_id: str | None = None) -> Instance:
     """Record a new server (BUILD/scheduling) and ask the scheduler to place it."""
     _check_boot_fit(flavor, image)
-    if availability_zone and availability_zone not in availability_zones():
+    if availability_zone and availability_zone not in selectors.availability_zones():
         raise InvalidRequest("availability_zone", f"no availability zone {availability_zone!r}")
     if host and not Host.objects.filter(name=host).exists():
         raise InvalidRequest("host", f"no host {host!r}")
@@ -213,15 +187,6 @@ def mark_deleted(instance: Instance) -> None:
         vm_state=VmState.DELETED, task_state=None, power_state=PowerState.NOSTATE,
         deleted_at=timezone.now())
     instance.refresh_from_db()
-
-
-def host_status(instance: Instance) -> str:
-    """Nova's host_status: UP, DOWN, MAINTENANCE (host disabled), or "" for a server on no host."""
-    if instance.host is None:
-        return ""
-    if not instance.host.is_up:
-        return "DOWN"
-    return "UP" if instance.host.enabled else "MAINTENANCE"
 
 
 def require_host_up(instance: Instance, action: str) -> Host:
@@ -371,15 +336,6 @@ def server_console_output(*, instance: Instance, lines: int | None) -> str:
     return str(answer["output"])
 
 
-def hosts_with_usage() -> QuerySet[Host]:
-    return Host.objects.annotate(
-        vcpus_used=Sum("allocations__vcpus", default=0),
-        memory_mb_used=Sum("allocations__memory_mb", default=0),
-        disk_gb_used=Sum("allocations__disk_gb", default=0),
-        instance_count=Count("allocations", distinct=True),
-    )
-
-
 def host_set_enabled(*, host: Host, enabled: bool, reason: str = "") -> Host:
     """Disable a host (it keeps its servers, receives no new ones) or enable it again."""
     Host.objects.filter(pk=host.pk).update(enabled=enabled, disabled_reason="" if enabled else reason)
@@ -390,11 +346,6 @@ def host_set_enabled(*, host: Host, enabled: bool, reason: str = "") -> Host:
 def server_group_create(*, user: Any, project: Project, name: str, policy: str) -> ServerGroup:
     return ServerGroup.objects.create(name=name, policy=policy, project=project,
                                       user=user if getattr(user, "pk", None) else None)
-
-
-def server_groups_visible_to(user: Any) -> QuerySet[ServerGroup]:
-    groups = ServerGroup.objects.select_related("project")
-    return groups if is_admin(user) else groups.filter(project_id=project_id_of(user))
 
 
 def aggregate_zone_sync(host: Host) -> None:
