@@ -60,7 +60,3 @@ def call(host: str, task_name: str, *, timeout: float, **kwargs: Any) -> Any:
 
 def send_to_scheduler(task_name: str, **kwargs: Any) -> None:
     app.send_task(task_name, kwargs=kwargs, queue=contract.SCHEDULER_QUEUE)
-
-
-def send_to_conductor(task_name: str, **kwargs: Any) -> None:
-    app.send_task(task_name, kwargs=kwargs, queue=contract.CONDUCTOR_QUEUE)
