@@ -15,8 +15,9 @@ from django.template.response import TemplateResponse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
-from cloudctl.compute import migration_requests, rpc, selectors, services
+from cloudctl.compute import migration_requests, selectors, services
 from cloudctl.compute.dashboard import usage_bars
+from cloudctl.compute.errors import ComputeUnavailable, MigrationInvalidState, ServerConsoleUnavailable
 from cloudctl.compute.models import (
     Aggregate,
     Allocation,
@@ -165,7 +166,7 @@ class InstanceAdmin(admin.ModelAdmin):
     def console_tail(self, instance: Instance) -> str:
         try:
             output = services.server_console_output(instance=instance, lines=20)
-        except (services.ConsoleUnavailable, rpc.ComputeUnavailable) as unavailable:
+        except (ServerConsoleUnavailable, ComputeUnavailable) as unavailable:
             return f"({unavailable})"
         return format_html("<pre style='max-height:20em;overflow:auto'>{}</pre>", output)
 
@@ -327,7 +328,7 @@ def _migration_action(verb: str, call: Callable[..., Migration]) -> Any:
             label = f"migration {migration.pk} of {migration.instance.name}"
             try:
                 call(migration=migration, user=request.user)
-            except (migration_requests.MigrationInvalidState, rpc.ComputeUnavailable) as refused:
+            except (MigrationInvalidState, ComputeUnavailable) as refused:
                 modeladmin.message_user(request, f"{label}: {verb} refused: {refused}",
                                         level=messages.WARNING)
             else:

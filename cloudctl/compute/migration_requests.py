@@ -26,6 +26,14 @@ from django.utils import timezone
 
 from cloudctl.compute import placement, rpc, states
 from cloudctl.compute.conductor import record_event
+from cloudctl.compute.errors import (
+    ComputeUnavailable,
+    HostUnavailable,
+    InvalidRequest,
+    MigrationCheckFailed,
+    MigrationInvalidState,
+    ServerInvalidState,
+)
 from cloudctl.compute.migration_steps import abort_send, confirm_send, revert_send, step_ids, step_send
 from cloudctl.compute.models import (
     Flavor,
@@ -39,9 +47,6 @@ from cloudctl.compute.models import (
 from cloudctl.compute.models import MigrationStatus as S
 from cloudctl.compute.services import (
     GIB,
-    HostUnavailable,
-    InstanceInvalidState,
-    InvalidRequest,
     action_start,
     host_set_enabled,
     new_request_id,
@@ -54,27 +59,9 @@ from compute_workers import contract
 from scheduler.host_state import RequestSpec
 from scheduler.selection import NoValidHost
 
-
-class MigrationCheckFailed(Exception):
-    """A pre-flight check refused the migration (HTTP 409); the server was not touched."""
-
-    def __init__(self, instance: Instance, check: str, message: str) -> None:
-        self.instance = instance
-        self.check = check
-        super().__init__(message)
-
-
-class MigrationInvalidState(Exception):
-    """The migration is not in a state the request applies to (HTTP 409)."""
-
-    def __init__(self, migration: Migration, message: str) -> None:
-        self.migration = migration
-        super().__init__(message)
-
-
 # A request refused with its reason, nothing changed: a batch (admin action, host evacuation) reports it
 # for that server and goes on with the next.
-REFUSED = (InstanceInvalidState, HostUnavailable, InvalidRequest, rpc.ComputeUnavailable,
+REFUSED = (ServerInvalidState, HostUnavailable, InvalidRequest, ComputeUnavailable,
            MigrationCheckFailed)
 
 
@@ -234,7 +221,7 @@ def _begin_cold(*, instance: Instance, user: Any, rule: states.Transition, kind:
 def _require_idle(instance: Instance, rule: states.Transition) -> None:
     """Refuse early (409) what the transition would refuse, before asking any host anything."""
     if instance.vm_state not in rule.from_vm_states or instance.task_state not in rule.from_task_states:
-        raise InstanceInvalidState(instance, rule.action)
+        raise ServerInvalidState(instance, rule.action)
 
 
 def _candidates(instance: Instance, flavor: Flavor, host: str | None,
@@ -333,7 +320,7 @@ def _preflight(instance: Instance, dest: Host, *, live: bool) -> dict[str, Any]:
                           instance_uuid=str(instance.uuid), source_host=source.name,
                           source_cpu_info=source.cpu_info or {},
                           image=spawn_spec(instance, dest.name)["image"], live=live)
-    except rpc.ComputeUnavailable as exc:
+    except ComputeUnavailable as exc:
         raise MigrationCheckFailed(instance, "destination", str(exc)) from None
     if not answer.get("ok"):
         raise MigrationCheckFailed(instance, str(answer.get("check") or "destination"),
@@ -342,7 +329,7 @@ def _preflight(instance: Instance, dest: Host, *, live: bool) -> dict[str, Any]:
         source_answer = rpc.call(source.name, contract.COMPUTE_CHECK_MIGRATE_SOURCE, timeout=timeout,
                                  instance_uuid=str(instance.uuid),
                                  shared_marker=answer.get("shared_marker") or "")
-    except rpc.ComputeUnavailable as exc:
+    except ComputeUnavailable as exc:
         raise MigrationCheckFailed(instance, "source", str(exc)) from None
     if not source_answer.get("ok"):
         raise MigrationCheckFailed(instance, str(source_answer.get("check") or "source"),
@@ -422,7 +409,7 @@ def _resize_migration(instance: Instance) -> Migration:
                                           migration_type=MigrationType.RESIZE)
                  .select_related("source_host", "dest_host", "old_flavor", "new_flavor").first())
     if migration is None:
-        raise InstanceInvalidState(instance, "confirm or revert the resize of")
+        raise ServerInvalidState(instance, "confirm or revert the resize of")
     return migration
 
 

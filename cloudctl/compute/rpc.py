@@ -17,13 +17,10 @@ from celery.result import AsyncResult
 from django.conf import settings
 
 from cloudctl.celery import app
+from cloudctl.compute.errors import ComputeUnavailable
 from compute_workers import contract
 
 log = logging.getLogger(__name__)
-
-
-class ComputeUnavailable(Exception):
-    """The host's compute worker did not answer in time."""
 
 
 @functools.cache

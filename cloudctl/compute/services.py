@@ -1,7 +1,8 @@
 """Server operations requested by users: one function per operation, called by every interface.
 
 Each operation is: validate, one compare-and-swap state transition (the loser of a race gets
-:class:`InstanceInvalidState`, i.e. 409), an InstanceAction row, and a task sent on commit.
+:class:`~cloudctl.compute.errors.ServerInvalidState`, i.e. 409), an InstanceAction row, and a task
+sent on commit.
 """
 
 from __future__ import annotations
@@ -16,6 +17,12 @@ from django.db.models import Q
 from django.utils import timezone
 
 from cloudctl.compute import rpc, selectors, states
+from cloudctl.compute.errors import (
+    HostUnavailable,
+    InvalidRequest,
+    ServerConsoleUnavailable,
+    ServerInvalidState,
+)
 from cloudctl.compute.models import (
     Aggregate,
     Allocation,
@@ -37,43 +44,6 @@ log = logging.getLogger(__name__)
 GIB = 1024**3
 
 
-class InstanceInvalidState(Exception):
-    """The instance is not in a state the action may start from (HTTP 409)."""
-
-    # Action records carry Nova's names; the message says what the user asked to do.
-    VERBS = {"live-migration": "live-migrate", "confirmResize": "confirm the resize of",
-             "revertResize": "revert the resize of"}
-
-    def __init__(self, instance: Instance, action: str) -> None:
-        self.instance = instance
-        self.action = action
-        super().__init__(
-            f"cannot {self.VERBS.get(action, action)} server {instance.uuid} while "
-            f"vm_state={instance.vm_state} task_state={instance.task_state}"
-        )
-
-
-class InvalidRequest(Exception):
-    """A request that is well-formed but cannot be served (HTTP 400), naming the field."""
-
-    def __init__(self, field: str, message: str) -> None:
-        self.field = field
-        self.message = message
-        super().__init__(f"{field}: {message}")
-
-
-class ConsoleUnavailable(Exception):
-    """The console cannot be read now (HTTP 409): the server does not run on a host."""
-
-
-class HostUnavailable(Exception):
-    """The server's host cannot act now (HTTP 409): it is down, or the server has no host."""
-
-    def __init__(self, instance: Instance, message: str) -> None:
-        self.instance = instance
-        super().__init__(message)
-
-
 def new_request_id() -> str:
     return f"req-{uuid.uuid4()}"
 
@@ -88,7 +58,7 @@ def action_start(*, instance: Instance, action: str, user: Any, request_id: str,
 
 
 def transition(instance: Instance, rule: Transition, **values: Any) -> Instance:
-    """Compare-and-swap the instance into ``rule.to_task_state`` or raise InstanceInvalidState.
+    """Compare-and-swap the instance into ``rule.to_task_state`` or raise ServerInvalidState.
 
     One conditional UPDATE: of two concurrent requests exactly one matches the row.
     """
@@ -100,7 +70,7 @@ def transition(instance: Instance, rule: Transition, **values: Any) -> Instance:
                .change(task_state=rule.to_task_state, **values))
     instance.refresh_from_db()
     if updated != 1:
-        raise InstanceInvalidState(instance, rule.action)
+        raise ServerInvalidState(instance, rule.action)
     return instance
 
 
@@ -274,7 +244,7 @@ def server_reset_state(*, instance: Instance, user: Any, state: str, reason: str
     if state not in (VmState.ACTIVE, VmState.ERROR):
         raise InvalidRequest("state", "reset state goes to active or error")
     if instance.vm_state == VmState.DELETED:
-        raise InstanceInvalidState(instance, "reset the state of")
+        raise ServerInvalidState(instance, "reset the state of")
     before = f"vm_state={instance.vm_state} task_state={instance.task_state}"
     with transaction.atomic():
         Instance.objects.filter(uuid=instance.uuid).change(vm_state=state, task_state=None)
@@ -325,14 +295,14 @@ def server_console_output(*, instance: Instance, lines: int | None) -> str:
     """The tail of the guest's serial console, read on its host by a short synchronous call."""
     if instance.host is None or instance.vm_state in (VmState.BUILDING, VmState.DELETED) \
             or instance.task_state == TaskState.DELETING:
-        raise ConsoleUnavailable(
+        raise ServerConsoleUnavailable(
             f"server {instance.uuid} is not running on a host "
             f"(vm_state={instance.vm_state}, task_state={instance.task_state})")
     answer = rpc.call(instance.host.name, contract.COMPUTE_CONSOLE_OUTPUT,
                       timeout=settings.CONSOLE_OUTPUT_TIMEOUT,
                       instance_uuid=str(instance.uuid), lines=lines)
     if "error" in answer:
-        raise ConsoleUnavailable(answer.get("message") or answer["error"])
+        raise ServerConsoleUnavailable(answer.get("message") or answer["error"])
     return str(answer["output"])
 
 
