@@ -179,7 +179,7 @@ def run_stack(tiny_image_path: Path, state: Path, *, procfile: Path | Mapping[st
             try:
                 answer = requests.post(f"{stack.url}/api/v1/auth/token/", timeout=5,
                                        json={"username": "admin", "password": "e2e-password"})
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not listening yet, or still starting
                 return ""
             return answer.json().get("token", "") if answer.status_code == 200 else ""
 
