@@ -1,10 +1,12 @@
-"""The libvirt driver: QEMU guests (KVM or TCG) on ``qemu:///system``, or libvirt's ``test:///default``.
+"""The libvirt driver: QEMU guests (KVM or TCG) on ``qemu:///system`` or another real hypervisor.
 
 One libvirt connection is shared by every worker thread (libvirt connections are thread-safe and
 libvirt-python releases the GIL during calls); it is reopened if libvirtd went away.
 
-On ``test://`` URIs domains are of type ``test``: nothing runs and there are no real disks, so no image
-is needed and ``qemu-img`` is not called; everything else (XML, lifecycle, files) is the same code.
+libvirt's ``test:`` URIs (``test:///default``) are driven by
+:class:`~compute_workers.virt.libvirt.testdriver.LibvirtTestDriver`, a subclass that overrides the
+disk and host hooks of this class (``_prepare_host``, ``_create_disk``, ...): test domains have no
+disks. This class refuses ``test:`` URIs, so nothing here ever fakes an image or skips real work.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import libvirt
@@ -71,6 +74,13 @@ _UNDEFINE_FLAGS_MINIMAL = (libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
 # A resize's source saves here, before undefining the domain, what putting it back needs: the
 # definition and the power state. It travels with the directory to <uuid>_resize.
 RESIZE_STATE_FILE = "resize-source.json"
+# libvirt's test driver: in-memory domains that never run, driven by LibvirtTestDriver only.
+TEST_URI_SCHEME = "test:"
+
+
+def is_test_uri(uri: str) -> bool:
+    """Whether ``uri`` names libvirt's test driver (``test:///default``): no QEMU, no disks."""
+    return uri.startswith(TEST_URI_SCHEME)
 
 
 def _ignore_libvirt_errors(_ctx: object, _error: object) -> None:
@@ -173,22 +183,29 @@ def _cpu_info(capabilities_xml: str) -> dict[str, Any]:
 
 
 class LibvirtDriver(ComputeDriver):
+    """A real hypervisor through libvirt. Subclasses for hypervisors without disks
+    (:class:`~compute_workers.virt.libvirt.testdriver.LibvirtTestDriver`) override the hooks: the
+    URI check, ``_prepare_host``, ``_create_disk``, ``_recreatable``, ``_copy_disk``,
+    ``_remove_disk_copy``, ``_prepare_migrated_disk``, ``_snapshot_disk`` and ``_job_progress``, and
+    declare their own :attr:`CAPABILITIES`."""
+
     name = "libvirt"
+    #: What this driver supports, as data (Nova's drivers declare theirs so); names not given are False.
+    CAPABILITIES: Mapping[str, bool] = MappingProxyType({
+        "needs_base_image": True, "supports_reboot": True, "supports_power_ops": True,
+        "supports_pause": True, "supports_suspend": True, "supports_lifecycle_events": True,
+        "supports_snapshot": True, "supports_live_migration": True})
 
     def __init__(self, uri: str, instances_path: Path, virt_type: str = "auto",
                  machine_type: str = "pc") -> None:
         super().__init__()
+        self._check_uri(uri)
         self.uri = uri
         self.instances_path = instances_path
         self.requested_virt_type = virt_type
         self.machine_type = machine_type
-        self.is_test = uri.startswith("test:")
-        self.capabilities = {**self.capabilities, "needs_base_image": not self.is_test,
-                             "supports_reboot": True, "supports_power_ops": True,
-                             "supports_pause": True, "supports_suspend": True,
-                             "supports_lifecycle_events": True, "supports_snapshot": True,
-                             "supports_live_migration": not self.is_test}
-        self.virt_type = "test" if self.is_test else virt_type
+        self.capabilities = {**self.capabilities, **self.CAPABILITIES}
+        self.virt_type = virt_type
         self.disk_cache = "none"
         self._cpu_info: dict[str, Any] = {}
         self._conn: libvirt.virConnect | None = None
@@ -196,6 +213,15 @@ class LibvirtDriver(ComputeDriver):
         self._lifecycle_callback: Callable[[str], None] | None = None
         self._events_conn: libvirt.virConnect | None = None
         self._event_callback_id = -1
+
+    @classmethod
+    def _check_uri(cls, uri: str) -> None:
+        """Refuse a URI this class must not drive: libvirt's test driver has no disks, and a real
+        driver that silently skipped the disk work for it would fake what it reports."""
+        if is_test_uri(uri):
+            raise ValueError(f"{uri} is libvirt's test driver, which has no disks: use "
+                             "compute_workers.virt.libvirt.testdriver.LibvirtTestDriver (load_driver "
+                             "picks it for test: URIs)")
 
     # Connection and host --------------------------------------------------------------------------
 
@@ -227,14 +253,18 @@ class LibvirtDriver(ComputeDriver):
         start_event_loop()  # before the connection: its events are dispatched by this loop
         conn = self.conn
         self.instances_path.mkdir(mode=0o755, parents=True, exist_ok=True)
-        if not self.is_test:
-            self.virt_type = host.resolve_virt_type(self.requested_virt_type)
-            self.disk_cache = "none" if supports_direct_io(self.instances_path) else "writeback"
-            LOG.info("disk cache mode %s (O_DIRECT %s in %s)", self.disk_cache,
-                     "works" if self.disk_cache == "none" else "unsupported", self.instances_path)
-            self._warn_if_not_traversable()
+        self._prepare_host()
         with _hypervisor_errors("cannot read the host capabilities"):
             self._cpu_info = _cpu_info(conn.getCapabilities())
+
+    def _prepare_host(self) -> None:
+        """Hook of init_host: the virt type guests really get, the disk cache mode the instances'
+        filesystem allows, and a warning if QEMU cannot reach the disks."""
+        self.virt_type = host.resolve_virt_type(self.requested_virt_type)
+        self.disk_cache = "none" if supports_direct_io(self.instances_path) else "writeback"
+        LOG.info("disk cache mode %s (O_DIRECT %s in %s)", self.disk_cache,
+                 "works" if self.disk_cache == "none" else "unsupported", self.instances_path)
+        self._warn_if_not_traversable()
 
     def _warn_if_not_traversable(self) -> None:
         for directory in (self.instances_path, *self.instances_path.parents):
@@ -303,12 +333,7 @@ class LibvirtDriver(ComputeDriver):
             if directory.exists():  # left by an attempt that died before cleaning up: no domain uses it
                 shutil.rmtree(directory)
             directory.mkdir(mode=0o755, parents=True)
-            if not self.is_test:
-                if base_image is None:
-                    raise HypervisorError("spawn needs the base image")
-                image = spec["image"]
-                images.create_overlay(base_image, image["disk_format"], disk, spec["flavor"]["root_gb"],
-                                      image.get("name") or image["id"])
+            self._create_disk(spec, base_image, disk, missing_base="spawn needs the base image")
             console.touch(mode=0o600)
             xml = build_domain_xml(spec, virt_type=self.virt_type, machine_type=self.machine_type,
                                    disk_path=disk, console_path=console, disk_cache=self.disk_cache)
@@ -323,6 +348,17 @@ class LibvirtDriver(ComputeDriver):
                 self.destroy(instance_uuid)
             shutil.rmtree(directory, ignore_errors=True)
             raise
+
+    def _create_disk(self, spec: dict[str, Any], base_image: Path | None, disk: Path, *,
+                     missing_base: str) -> None:
+        """Hook: the instance's disk, a qcow2 overlay of the cached base image of the flavor's size
+        (what spawn boots; what a block migration's NON_SHARED_INC fills). ``missing_base`` is the
+        error when there is no base image."""
+        if base_image is None:
+            raise HypervisorError(missing_base)
+        image = spec["image"]
+        images.create_overlay(base_image, image["disk_format"], disk, spec["flavor"]["root_gb"],
+                              image.get("name") or image["id"])
 
     def destroy(self, instance_uuid: str) -> None:
         domain = self._lookup(instance_uuid)
@@ -435,9 +471,8 @@ class LibvirtDriver(ComputeDriver):
             return clean
 
     def _recreatable(self, instance_uuid: str) -> bool:
-        """Whether the instance's files are here to define its domain again (what spawn made)."""
-        directory = self.instance_dir(instance_uuid)
-        return (directory / ("libvirt.xml" if self.is_test else "disk")).exists()
+        """Hook: whether the instance's files are here to define its domain again (its disk)."""
+        return (self.instance_dir(instance_uuid) / "disk").exists()
 
     def _define(self, instance_uuid: str, spec: dict[str, Any]) -> libvirt.virDomain:
         """(Re)define the domain from ``spec``: the one definition spawn would write today."""
@@ -569,13 +604,7 @@ class LibvirtDriver(ComputeDriver):
             power_state = power_state or self._load_resize_state(resize_dir)["power_state"]
             self._refuse_domain_at(dest_conn, instance_uuid, dest_uri)
             copy_started = True
-            if self.is_test:  # no disk: the destination's directory is all the copy there is
-                directory.mkdir(mode=0o755, exist_ok=True)
-                copied = volumes.VolumeCopy(size=0, sent=0, seconds=0.0, sparse=False)
-            else:
-                copied = volumes.copy_file(self.conn, resize_dir, dest_conn, directory, "disk", progress,
-                                           copy_timeout, source_label=f"this host ({self.uri})",
-                                           dest_label=dest_uri)
+            copied = self._copy_disk(resize_dir, dest_conn, directory, dest_uri, progress, copy_timeout)
         except BaseException as exc:
             outcome = self._put_back_resize(instance_uuid, dest_conn, dest_uri, copy_started, power_state)
             if not isinstance(exc, Exception):
@@ -589,6 +618,17 @@ class LibvirtDriver(ComputeDriver):
                  dest_uri, copied.size, copied.sent, ", sparse" if copied.sparse else "", copied.seconds)
         return DiskMigration(power_state=power_state, clean_shutdown=clean, disk_bytes=copied.size,
                              sent_bytes=copied.sent, copy_seconds=copied.seconds, resumed=resumed)
+
+    def _copy_disk(self, resize_dir: Path, dest_conn: libvirt.virConnect, directory: Path, dest_uri: str,
+                   progress: Callable[[int, int], None], copy_timeout: float) -> volumes.VolumeCopy:
+        """Hook: copy the disk in ``resize_dir`` to ``directory`` at the destination, through libvirt
+        (the destination's daemon writes it: no shared filesystem or ssh needed)."""
+        return volumes.copy_file(self.conn, resize_dir, dest_conn, directory, "disk", progress,
+                                 copy_timeout, source_label=f"this host ({self.uri})", dest_label=dest_uri)
+
+    def _remove_disk_copy(self, dest_conn: libvirt.virConnect, directory: Path, dest_uri: str) -> None:
+        """Hook: remove what a failed :meth:`_copy_disk` left at the destination."""
+        volumes.remove_copy(dest_conn, directory, "disk", where=dest_uri)
 
     def _open_destination(self, dest_uri: str) -> libvirt.virConnect:
         if dest_uri == self.uri:
@@ -635,9 +675,9 @@ class LibvirtDriver(ComputeDriver):
         far); says what it did, or could not do, for the error message."""
         directory, resize_dir = self.instance_dir(instance_uuid), self.resize_dir(instance_uuid)
         problems = []
-        if copy_started and dest_conn is not None and not self.is_test:
+        if copy_started and dest_conn is not None:
             try:
-                volumes.remove_copy(dest_conn, directory, "disk", where=dest_uri)
+                self._remove_disk_copy(dest_conn, directory, dest_uri)
             except Exception as exc:
                 problems.append(f"the partial copy at {dest_uri} was not removed ({_cause(exc)})")
         try:
@@ -674,16 +714,7 @@ class LibvirtDriver(ComputeDriver):
     def finish_migration(self, spec: dict[str, Any], power_on: bool) -> None:
         instance_uuid = checked_uuid(spec["instance_uuid"])
         directory = self.instance_dir(instance_uuid)
-        if self.is_test:
-            directory.mkdir(mode=0o755, parents=True, exist_ok=True)
-        else:
-            disk = directory / "disk"
-            if not disk.exists():
-                raise InstanceNotFound(f"the disk of instance {instance_uuid} is not on this host ({disk}): "
-                                       "it was not copied here")
-            root_gb = spec["flavor"]["root_gb"]
-            if root_gb and images.grow_disk(disk, root_gb * GiB):
-                LOG.info("finish resize of %s: disk grown to %d GiB", instance_uuid, root_gb)
+        self._prepare_migrated_disk(instance_uuid, directory, spec["flavor"]["root_gb"])
         (directory / "console.log").touch(mode=0o600, exist_ok=True)
         try:
             self._define_and_start(instance_uuid, spec, power_on)
@@ -695,6 +726,15 @@ class LibvirtDriver(ComputeDriver):
                     self._stop(domain)
                     self._undefine(domain)
             raise
+
+    def _prepare_migrated_disk(self, instance_uuid: str, directory: Path, root_gb: int) -> None:
+        """Hook of finish_migration: the copied disk must be here; it grows to the new flavor's size."""
+        disk = directory / "disk"
+        if not disk.exists():
+            raise InstanceNotFound(f"the disk of instance {instance_uuid} is not on this host ({disk}): "
+                                   "it was not copied here")
+        if root_gb and images.grow_disk(disk, root_gb * GiB):
+            LOG.info("finish resize of %s: disk grown to %d GiB", instance_uuid, root_gb)
 
     def confirm_migration(self, instance_uuid: str, instance_moved: bool | None) -> None:
         domain = self._lookup(instance_uuid)
@@ -747,12 +787,12 @@ class LibvirtDriver(ComputeDriver):
         domain = self._domain(instance_uuid)
         with _hypervisor_errors(f"cannot snapshot instance {instance_uuid}", instance_uuid):
             active = bool(domain.isActive())
-        if self.is_test:
-            # test:// has no disks: the "image" says what it is a snapshot of.
-            data = f"cloudctl test:// snapshot of {instance_uuid} ({'live' if active else 'cold'})\n"
-            target_path.write_bytes(data.encode())
-            progress(len(data), len(data))
-            return
+        self._snapshot_disk(domain, instance_uuid, active, target_path, progress)
+
+    def _snapshot_disk(self, domain: libvirt.virDomain, instance_uuid: str, active: bool, target_path: Path,
+                       progress: Callable[[int, int], None]) -> None:
+        """Hook: the instance's disk as one standalone qcow2 image at ``target_path``; of a running
+        guest through a live block copy."""
         disk = self.instance_dir(instance_uuid) / "disk"
         if not active:
             size = disk.stat().st_size
@@ -830,8 +870,6 @@ class LibvirtDriver(ComputeDriver):
             code = _error_code(exc)
             if code == libvirt.VIR_ERR_CPU_INCOMPATIBLE:
                 raise CPUIncompatible(exc.get_error_message() or str(exc)) from exc
-            if code == libvirt.VIR_ERR_NO_SUPPORT:  # test:// cannot compare
-                return "skipped"
             raise HypervisorError(f"libvirt cannot compare the source's CPU with this host's: "
                                   f"{exc.get_error_message() or exc}") from exc
         if result == libvirt.VIR_CPU_COMPARE_IDENTICAL:
@@ -855,13 +893,9 @@ class LibvirtDriver(ComputeDriver):
             if directory.exists():  # left by an attempt that failed: no domain uses it
                 shutil.rmtree(directory)
             directory.mkdir(mode=0o755, parents=True)
-            if block_migration and not self.is_test:
-                if base_image is None:
-                    raise HypervisorError("block migration needs the base image on the destination")
-                image = spec["image"]
-                # The overlay spawn creates, of the flavor's size: NON_SHARED_INC copies its contents.
-                images.create_overlay(base_image, image["disk_format"], directory / "disk",
-                                      spec["flavor"]["root_gb"], image.get("name") or image["id"])
+            if block_migration:  # the overlay spawn creates: NON_SHARED_INC copies its contents into it
+                self._create_disk(spec, base_image, directory / "disk",
+                                  missing_base="block migration needs the base image on the destination")
             (directory / "console.log").touch(mode=0o600)
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)
@@ -895,7 +929,11 @@ class LibvirtDriver(ComputeDriver):
     def live_migration_progress(self, instance_uuid: str) -> dict[str, int] | None:
         domain = self._domain(instance_uuid)
         with _hypervisor_errors(f"cannot read the migration job of instance {instance_uuid}", instance_uuid):
-            return migration.job_progress(domain)
+            return self._job_progress(domain)
+
+    def _job_progress(self, domain: libvirt.virDomain) -> dict[str, int] | None:
+        """Hook: the counters of the domain's running job, None when none runs."""
+        return migration.job_progress(domain)
 
     def abort_live_migration(self, instance_uuid: str) -> bool:
         domain = self._domain(instance_uuid)
@@ -908,7 +946,7 @@ class LibvirtDriver(ComputeDriver):
         how = "switch to post-copy" if post_copy else "pause the guest"
         with _hypervisor_errors(f"libvirt cannot {how} in the migration of instance {instance_uuid}",
                                 instance_uuid):
-            switched = migration.switch_over(domain, post_copy)
+            switched = migration.switch_over(domain, post_copy, self._job_progress)
         if switched is None:
             raise HypervisorError(f"cannot {how} in the migration of instance {instance_uuid}: no migration "
                                   "job runs")
