@@ -14,8 +14,7 @@ from compute_workers import contract
 from compute_workers.config import ComputeConfig
 from compute_workers.exception import ConsoleUnavailable, HypervisorError, InstanceNotFound
 from compute_workers.virt import load_driver
-from compute_workers.virt.libvirt import driver as libvirt_driver
-from compute_workers.virt.libvirt import host
+from compute_workers.virt.libvirt import connection, host
 from compute_workers.virt.libvirt.domain import METADATA_NS, build_domain_xml
 from compute_workers.virt.libvirt.driver import LibvirtDriver
 from compute_workers.virt.libvirt.testdriver import LibvirtTestDriver
@@ -212,8 +211,8 @@ def test_lifecycle_events_are_registered_again_after_a_reconnect(
         old = driver.conn
         driver.pause(uuid)
         wait_until(lambda: uuid in heard)
-        alive = libvirt_driver._alive
-        monkeypatch.setattr(libvirt_driver, "_alive", lambda conn: conn is not old and alive(conn))
+        alive = connection.alive
+        monkeypatch.setattr(connection, "alive", lambda conn: conn is not old and alive(conn))
         heard.clear()
         driver.list_instances()  # the next call reconnects
         assert driver.conn is not old

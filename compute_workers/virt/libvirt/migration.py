@@ -30,6 +30,7 @@ destination. ``AUTO_CONVERGE`` has QEMU throttle the vCPUs of a guest whose copy
 
 from __future__ import annotations
 
+import logging
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping
@@ -39,7 +40,17 @@ from typing import Any
 import libvirt
 
 from compute_workers import contract
+from compute_workers.exception import (
+    ComputeError,
+    CPUIncompatible,
+    HypervisorError,
+    InstanceNotFound,
+    MigrationAborted,
+    PostCopyUnsupported,
+)
 from compute_workers.virt.driver import SWITCHED_BY_PAUSING, SWITCHED_TO_POST_COPY
+
+LOG = logging.getLogger(__name__)
 
 BASE_FLAGS = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_PERSIST_DEST
               | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE)
@@ -88,6 +99,21 @@ def live_migrate(domain: libvirt.virDomain, dest_uri: str, dest_migrate_uri: str
                          migration_flags(block_migration, unsafe, post_copy=post_copy,
                                          auto_converge=auto_converge))
     return MigrationResult(seconds=time.monotonic() - started)
+
+
+def migration_error(exc: libvirt.libvirtError, instance_uuid: str, dest_uri: str,
+                    post_copy: bool) -> ComputeError:
+    """The worker's exception for libvirt's failure of :func:`live_migrate` (the domain still runs
+    here): an aborted job, a vanished domain, a destination without post-copy, anything else."""
+    message = exc.get_error_message() or str(exc)
+    code = int(exc.get_error_code() or 0)
+    if code == libvirt.VIR_ERR_OPERATION_ABORTED:
+        return MigrationAborted(f"libvirt aborted the migration job: {message}")
+    if code == libvirt.VIR_ERR_NO_DOMAIN:
+        return InstanceNotFound(f"instance {instance_uuid} not found on this host")
+    if post_copy and POST_COPY_UNSUPPORTED in message:
+        return PostCopyUnsupported(f"libvirt could not migrate it to {dest_uri}: {message}")
+    return HypervisorError(f"libvirt could not migrate it to {dest_uri}: {message}")
 
 
 # jobInfo()'s list, for daemons without jobStats(): type, time elapsed, time remaining, data
@@ -179,3 +205,29 @@ def cpu_xml(cpu_info: Mapping[str, Any]) -> str | None:
     for name in sorted({f for f in features if isinstance(f, str) and f}):
         ET.SubElement(cpu, "feature", policy="require", name=name)
     return ET.tostring(cpu, encoding="unicode")
+
+
+def compare_cpu(conn: libvirt.virConnect, cpu_info: Mapping[str, Any]) -> str:
+    """Whether this host (``conn``) can run a guest of the source's ``cpu_info``: ``identical``,
+    ``superset``, or ``skipped`` when the source names no CPU model; raises CPUIncompatible with
+    libvirt's reason, or HypervisorError when libvirt cannot compare."""
+    xml = cpu_xml(cpu_info) if isinstance(cpu_info, Mapping) else None
+    if xml is None:
+        LOG.info("source CPU %r names no model: CPU comparison skipped", cpu_info)
+        return "skipped"
+    try:
+        # FAIL_INCOMPATIBLE: an incompatible CPU is an error that says why.
+        result = conn.compareCPU(xml, libvirt.VIR_CONNECT_COMPARE_CPU_FAIL_INCOMPATIBLE)
+    except libvirt.libvirtError as exc:
+        if int(exc.get_error_code() or 0) == libvirt.VIR_ERR_CPU_INCOMPATIBLE:
+            raise CPUIncompatible(exc.get_error_message() or str(exc)) from exc
+        raise HypervisorError(f"libvirt cannot compare the source's CPU with this host's: "
+                              f"{exc.get_error_message() or exc}") from exc
+    if result == libvirt.VIR_CPU_COMPARE_IDENTICAL:
+        return "identical"
+    if result == libvirt.VIR_CPU_COMPARE_SUPERSET:
+        return "superset"
+    if result == libvirt.VIR_CPU_COMPARE_INCOMPATIBLE:
+        raise CPUIncompatible(f"the CPU of this host is incompatible with the source's "
+                              f"{cpu_info.get('model')}")
+    raise HypervisorError(f"libvirt cannot compare the CPUs (compareCPU answered {result})")
