@@ -39,7 +39,7 @@ from testbed import REPO
 ROOT = Path("/var/lib/cloudctl-test/multihost")
 NSEXEC = Path(__file__).with_name("nsexec.py")
 LIBVIRT_DIRS = ("/etc/libvirt", "/run/libvirt", "/var/lib/libvirt", "/var/cache/libvirt", "/var/log/libvirt")
-NETWORK = ipaddress.ip_network("10.253.0.0/16")  # each run takes a /24 of it (_claim_subnet)
+NETWORK = ipaddress.IPv4Network("10.253.0.0/16")  # each run takes a /24 of it (_claim_subnet)
 ROOT_HOST_PART = 254  # the root namespace's address in a run's /24
 OWNER_FILE = "owner"  # the pid of the test process that started a run (remove_stale_runs)
 LOG = logging.getLogger(__name__)

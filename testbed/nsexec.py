@@ -56,7 +56,7 @@ def enter(target: int) -> None:
             os.close(fd)
 
 
-def _child(argv: list[str], wd: str, mask: set[signal.Signals]) -> NoReturn:
+def _child(argv: list[str], wd: str, mask: set[int | signal.Signals]) -> NoReturn:
     try:
         _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
         # The parent lives outside this PID namespace, so it reads as 0; anything else means it died

@@ -52,7 +52,7 @@ from compute_workers.virt.driver import SWITCHED_BY_PAUSING, SWITCHED_TO_POST_CO
 
 LOG = logging.getLogger(__name__)
 
-BASE_FLAGS = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_PERSIST_DEST
+BASE_FLAGS: int = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_PERSIST_DEST
               | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE)
 
 
