@@ -20,6 +20,7 @@ from compute_workers.manager import ComputeManager
 from compute_workers.reporter import ListReporter
 from compute_workers.virt.fake import FakeACPIIgnoringDriver, FakeDriver
 from compute_workers.virt.libvirt.driver import LibvirtDriver
+from compute_workers.virt.libvirt.testdriver import LibvirtTestDriver
 
 from .conftest import HOST, Managed, SpecFactory, make_manager, spawned
 
@@ -236,7 +237,7 @@ def test_soft_reboot_falls_back_to_hard_when_the_guest_ignores_acpi(tmp_path: Pa
 def test_soft_reboot_falls_back_on_test_libvirt_when_shutdown_is_ignored(
         tmp_path: Path, make_spec: SpecFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     instances = tmp_path / "instances"
-    driver = LibvirtDriver("test:///default", instances)
+    driver = LibvirtTestDriver("test:///default", instances)
     manager, reporter = make_manager(driver, instances, COMPUTE_LIBVIRT_URI="test:///default",
                                      COMPUTE_CLEAN_SHUTDOWN_TIMEOUT="0.3")
     spec = make_spec()
@@ -285,7 +286,7 @@ def test_soft_reboot_of_a_guest_that_does_not_run_is_a_hard_one(managed: Managed
 def test_reboot_and_power_on_define_a_lost_domain_again_from_the_spec(
         tmp_path: Path, make_spec: SpecFactory, reboot_type: str) -> None:
     instances = tmp_path / "instances"
-    driver = LibvirtDriver("test:///default", instances)
+    driver = LibvirtTestDriver("test:///default", instances)
     manager, reporter = make_manager(driver, instances, COMPUTE_LIBVIRT_URI="test:///default")
     spec = make_spec()
     uuid = spawned(manager, reporter, spec)
@@ -313,7 +314,7 @@ def test_reboot_and_power_on_define_a_lost_domain_again_from_the_spec(
 
 def test_hard_reboot_and_power_on_apply_a_changed_flavor(tmp_path: Path, make_spec: SpecFactory) -> None:
     instances = tmp_path / "instances"
-    driver = LibvirtDriver("test:///default", instances)
+    driver = LibvirtTestDriver("test:///default", instances)
     manager, reporter = make_manager(driver, instances, COMPUTE_LIBVIRT_URI="test:///default")
     spec = make_spec()
     uuid = spawned(manager, reporter, spec)

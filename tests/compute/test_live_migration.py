@@ -26,7 +26,7 @@ from compute_workers.migration_jobs import LiveMigrationJobs, ProgressThrottle
 from compute_workers.reporter import ListReporter
 from compute_workers.tasks import register_tasks
 from compute_workers.virt.fake import FakeDriver
-from compute_workers.virt.libvirt.driver import LibvirtDriver
+from compute_workers.virt.libvirt.testdriver import LibvirtTestDriver
 
 from .conftest import ImageServer, SpecFactory, make_manager
 
@@ -414,7 +414,7 @@ def test_a_concurrent_redelivery_of_a_running_migration_is_ignored(hosts: tuple[
 def test_failures_are_reported_with_libvirts_message(tmp_path: Path, make_spec: SpecFactory) -> None:
     """On test:///default migrateToURI3 is unsupported: a real libvirt error, reported as failed with
     the host names and libvirt's words; the domain still runs here."""
-    manager, reporter = make_manager(LibvirtDriver("test:///default", tmp_path / "i"), tmp_path / "i",
+    manager, reporter = make_manager(LibvirtTestDriver("test:///default", tmp_path / "i"), tmp_path / "i",
                                      COMPUTE_LIBVIRT_URI="test:///default")
     spec = make_spec()
     manager.spawn(spec)
@@ -454,7 +454,7 @@ def test_a_stopped_instance_is_not_live_migrated(hosts: tuple[Host, Host], make_
 
 
 def test_pre_live_migration_errors_and_rollback(tmp_path: Path, make_spec: SpecFactory) -> None:
-    manager, reporter = make_manager(LibvirtDriver("test:///default", tmp_path / "i"), tmp_path / "i",
+    manager, reporter = make_manager(LibvirtTestDriver("test:///default", tmp_path / "i"), tmp_path / "i",
                                      COMPUTE_LIBVIRT_URI="test:///default")
     spec = make_spec()
     instance_uuid = spec["instance_uuid"]

@@ -14,6 +14,7 @@ from compute_workers.manager import ComputeManager
 from compute_workers.reporter import ListReporter
 from compute_workers.virt.fake import FakeBuildAbortDriver, FakeDriver
 from compute_workers.virt.libvirt.driver import LibvirtDriver
+from compute_workers.virt.libvirt.testdriver import LibvirtTestDriver
 
 from .conftest import HOST, ImageServer, SpecFactory, make_manager
 
@@ -30,7 +31,7 @@ def last_update(reporter: ListReporter) -> dict[str, Any]:
 
 @pytest.fixture
 def libvirt_manager(tmp_path: Path) -> tuple[ComputeManager, ListReporter]:
-    return make_manager(LibvirtDriver("test:///default", tmp_path / "instances"), tmp_path / "instances",
+    return make_manager(LibvirtTestDriver("test:///default", tmp_path / "instances"), tmp_path / "instances",
                         COMPUTE_LIBVIRT_URI="test:///default")
 
 

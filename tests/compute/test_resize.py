@@ -19,6 +19,7 @@ from compute_workers.reporter import ListReporter
 from compute_workers.tasks import register_tasks
 from compute_workers.virt.fake import FakeDriver, FakeMigrationCopyFailsDriver
 from compute_workers.virt.libvirt.driver import LibvirtDriver
+from compute_workers.virt.libvirt.testdriver import LibvirtTestDriver
 
 from .conftest import HOST, Managed, SpecFactory, make_manager, spawned
 
@@ -202,7 +203,7 @@ def test_a_failed_copy_puts_everything_back(tmp_path: Path, make_spec: SpecFacto
 
 def test_an_unreachable_destination_changes_nothing(tmp_path: Path, make_spec: SpecFactory) -> None:
     instances = tmp_path / "instances"
-    manager, reporter = make_manager(LibvirtDriver("test:///default", instances), instances,
+    manager, reporter = make_manager(LibvirtTestDriver("test:///default", instances), instances,
                                      COMPUTE_LIBVIRT_URI="test:///default")
     try:
         spec = make_spec()

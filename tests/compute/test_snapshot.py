@@ -20,7 +20,7 @@ from compute_workers.manager import ComputeManager
 from compute_workers.reporter import ListReporter
 from compute_workers.tasks import register_tasks
 from compute_workers.virt.fake import FakeDriver
-from compute_workers.virt.libvirt.driver import LibvirtDriver
+from compute_workers.virt.libvirt.testdriver import LibvirtTestDriver
 
 from .conftest import ImageServer, SpecFactory, make_manager, spawned
 
@@ -39,7 +39,7 @@ def managed(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Managed]
     if request.param == "fake":
         manager, reporter = make_manager(FakeDriver(), instances)
     else:
-        manager, reporter = make_manager(LibvirtDriver("test:///default", instances), instances,
+        manager, reporter = make_manager(LibvirtTestDriver("test:///default", instances), instances,
                                          COMPUTE_LIBVIRT_URI="test:///default")
     yield manager, reporter
     for instance_uuid in manager.driver.list_instances():
