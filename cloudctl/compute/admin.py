@@ -207,6 +207,7 @@ def live_migrate_servers_away(modeladmin: admin.ModelAdmin, request: HttpRequest
             if not result.accepted:
                 modeladmin.message_user(request, f"{name}: refused: {result.refused}", level=messages.WARNING)
                 continue
+            assert result.migration is not None  # accepted: it has its migration
             dest = result.migration.dest_host.name if result.migration.dest_host else "?"
             modeladmin.message_user(request, f"{name}: live migration to {dest} accepted",
                                     level=messages.SUCCESS)

@@ -62,7 +62,7 @@ class Step:
     """How one report applies: only while the migration is in one of ``expected``, only from
     ``reporter``; ``apply`` records the outcome and sends the next step."""
 
-    expected: tuple[S, ...]
+    expected: tuple[str, ...]  # MigrationStatus values
     reporter: Reporter
     apply: StepHandler
 
@@ -438,10 +438,10 @@ def _revert_failed(migration: Migration, *, error: str, host: str, values: dict[
 
 def _cold_error(migration: Migration, **kwargs: Any) -> None:
     """"error" means different things at different steps."""
-    handler = {S.PREPARING: _cold_failed, S.MIGRATING: _cold_failed,
-               S.POST_MIGRATING: _cold_finish_failed, S.CONFIRMING: confirm_failed,
-               S.REVERTING: _revert_failed}[S(migration.status)]
-    handler(migration, **kwargs)
+    by_status: dict[str, StepHandler] = {
+        S.PREPARING: _cold_failed, S.MIGRATING: _cold_failed, S.POST_MIGRATING: _cold_finish_failed,
+        S.CONFIRMING: confirm_failed, S.REVERTING: _revert_failed}
+    by_status[S(migration.status)](migration, **kwargs)
 
 
 COLD_STEPS: dict[str, Step] = {

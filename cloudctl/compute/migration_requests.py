@@ -275,12 +275,12 @@ def _begin(*, instance: Instance, user: Any, rule: states.Transition, kind: str,
                 old_flavor=instance.flavor, new_flavor=flavor, action=action,
                 user=user if getattr(user, "pk", None) else None)
             if not placement.claim_move(str(instance.uuid), dest.name, spec, migration.pk):
-                failed = MigrationCheckFailed(instance, "resources",
-                                              f"host {dest.name} no longer has room for flavor "
-                                              f"{flavor.name} (claimed concurrently)")
+                lost = MigrationCheckFailed(instance, "resources",
+                                            f"host {dest.name} no longer has room for flavor "
+                                            f"{flavor.name} (claimed concurrently)")
                 transaction.set_rollback(True)
-                failures.append(str(failed))
-                last = failed
+                failures.append(str(lost))
+                last = lost
                 instance.refresh_from_db()
                 continue
             now = timezone.now()

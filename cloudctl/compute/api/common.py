@@ -64,9 +64,9 @@ class BlockMigrationField(serializers.Field):
     default_error_messages = {"invalid": 'must be "auto", true or false'}
 
     def to_internal_value(self, data: Any) -> bool | str:
-        if data == "auto" or isinstance(data, bool):
-            return data
-        self.fail("invalid")
+        if data != "auto" and not isinstance(data, bool):
+            self.fail("invalid")
+        return data
 
     def to_representation(self, value: Any) -> Any:
         return value
