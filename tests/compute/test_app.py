@@ -11,6 +11,7 @@ from compute_workers import contract
 from compute_workers.app import celery_settings, create_app
 from compute_workers.config import ComputeConfig
 from compute_workers.heartbeat import Heartbeat
+from compute_workers.operations import Build
 from compute_workers.reporter import CeleryReporter
 from compute_workers.tasks import register_tasks
 from compute_workers.virt.fake import FakeDriver
@@ -67,7 +68,7 @@ def test_lifecycle_tasks_take_the_contract_kwargs(tmp_path: Path, make_spec: Spe
     app.finalize()
     spec = make_spec()
     uuid = spec["instance_uuid"]
-    manager.spawn(spec)
+    manager.family(Build).spawn(spec)
     reporter.reports.clear()
     calls: list[tuple[str, dict[str, Any]]] = [
         (contract.COMPUTE_REBOOT, {"reboot_type": "SOFT", "spec": spec}),

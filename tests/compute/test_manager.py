@@ -11,6 +11,7 @@ import pytest
 from compute_workers import contract
 from compute_workers.exception import HypervisorError
 from compute_workers.manager import ComputeManager
+from compute_workers.operations import Build
 from compute_workers.reporter import ListReporter
 from compute_workers.virt.fake import FakeBuildAbortDriver, FakeDriver
 from compute_workers.virt.libvirt.driver import LibvirtDriver
@@ -38,7 +39,7 @@ def test_spawn_reports_active(libvirt_manager: tuple[ComputeManager, ListReporte
                               make_spec: SpecFactory) -> None:
     manager, reporter = libvirt_manager
     spec = make_spec()
-    manager.spawn(spec)
+    manager.family(Build).spawn(spec)
     assert names(reporter) == [contract.CONDUCTOR_INSTANCE_UPDATE]
     update = last_update(reporter)
     assert update["instance_uuid"] == spec["instance_uuid"] and update["host"] == HOST
@@ -53,8 +54,8 @@ def test_redelivered_spawn_reports_again_without_a_second_domain(
         libvirt_manager: tuple[ComputeManager, ListReporter], make_spec: SpecFactory) -> None:
     manager, reporter = libvirt_manager
     spec = make_spec()
-    manager.spawn(spec)
-    manager.spawn(spec)
+    manager.family(Build).spawn(spec)
+    manager.family(Build).spawn(spec)
     updates = reporter.named(contract.CONDUCTOR_INSTANCE_UPDATE)
     assert [u["values"] for u in updates] == [ACTIVE, ACTIVE]
     assert "already exists" in updates[1]["event"]["message"]
@@ -74,7 +75,7 @@ def test_concurrent_redeliveries_build_once(tmp_path: Path, make_spec: SpecFacto
 
     manager, reporter = make_manager(CountingDriver(spawn_delay=0.2), tmp_path)
     spec = make_spec()
-    threads = [threading.Thread(target=manager.spawn, args=(spec,)) for _ in range(4)]
+    threads = [threading.Thread(target=manager.family(Build).spawn, args=(spec,)) for _ in range(4)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -87,9 +88,9 @@ def test_spawn_of_a_defined_but_stopped_domain_starts_it(
         libvirt_manager: tuple[ComputeManager, ListReporter], make_spec: SpecFactory) -> None:
     manager, reporter = libvirt_manager
     spec = make_spec()
-    manager.spawn(spec)
+    manager.family(Build).spawn(spec)
     manager.driver.power_off(spec["instance_uuid"], 10)
-    manager.spawn(spec)  # e.g. a previous attempt died between define and start
+    manager.family(Build).spawn(spec)  # e.g. a previous attempt died between define and start
     assert manager.driver.get_info(spec["instance_uuid"]) == contract.POWER_RUNNING
     assert last_update(reporter)["values"] == ACTIVE
 
@@ -98,7 +99,7 @@ def test_failing_driver_reports_build_failed_and_cleans_up(tmp_path: Path, make_
     driver = FakeBuildAbortDriver()
     manager, reporter = make_manager(driver, tmp_path)
     spec = make_spec()
-    manager.spawn(spec)
+    manager.family(Build).spawn(spec)
     assert names(reporter) == [contract.CONDUCTOR_BUILD_FAILED]
     failed = reporter.named(contract.CONDUCTOR_BUILD_FAILED)[0]
     assert failed["instance_uuid"] == spec["instance_uuid"] and failed["host"] == HOST
@@ -115,7 +116,7 @@ def test_unexpected_errors_are_reported_and_rescheduled(tmp_path: Path, make_spe
             raise KeyError("boom")
 
     manager, reporter = make_manager(BrokenDriver(), tmp_path)
-    manager.spawn(make_spec())
+    manager.family(Build).spawn(make_spec())
     failed = reporter.named(contract.CONDUCTOR_BUILD_FAILED)[0]
     assert failed["reschedule"] is True
     assert failed["fault"]["message"] == f"unexpected error on host {HOST}: KeyError: 'boom'"
@@ -127,7 +128,7 @@ def test_checksum_mismatch_is_not_rescheduled(tmp_path: Path, make_spec: SpecFac
     manager, reporter = make_manager(driver, tmp_path)
     image = image_server.add("tiny", small_qcow2, sha256="cd" * 32)
     spec = make_spec(image=image)
-    manager.spawn(spec)
+    manager.family(Build).spawn(spec)
     assert names(reporter) == [contract.CONDUCTOR_INSTANCE_UPDATE, contract.CONDUCTOR_BUILD_FAILED]
     assert reporter.named(contract.CONDUCTOR_INSTANCE_UPDATE)[0]["event"]["name"] == "compute_prep_image"
     failed = reporter.named(contract.CONDUCTOR_BUILD_FAILED)[0]
@@ -143,7 +144,7 @@ def test_spawn_with_image_reports_image_events(tmp_path: Path, make_spec: SpecFa
     driver = FakeDriver(needs_base_image=True)
     manager, reporter = make_manager(driver, tmp_path)
     spec = make_spec(image=image_server.add("tiny", small_qcow2))
-    manager.spawn(spec)
+    manager.family(Build).spawn(spec)
     events = [u["event"] for u in reporter.named(contract.CONDUCTOR_INSTANCE_UPDATE)]
     assert [(e["name"], e["result"]) for e in events] == [
         ("compute_prep_image", "start"), ("compute_prep_image", "success"), ("compute_spawn", "success")]
@@ -157,7 +158,7 @@ def test_bad_spec_is_not_rescheduled(tmp_path: Path, make_spec: SpecFactory, cha
     driver = FakeDriver()
     manager, reporter = make_manager(driver, tmp_path)
     spec = make_spec(**change)
-    manager.spawn(spec)
+    manager.family(Build).spawn(spec)
     assert names(reporter) == [contract.CONDUCTOR_BUILD_FAILED]
     assert reporter.named(contract.CONDUCTOR_BUILD_FAILED)[0]["reschedule"] is False
     assert driver.list_instances() == {}
@@ -167,8 +168,8 @@ def test_terminate_reports_destroyed(libvirt_manager: tuple[ComputeManager, List
                                      make_spec: SpecFactory) -> None:
     manager, reporter = libvirt_manager
     spec = make_spec()
-    manager.spawn(spec)
-    manager.terminate(spec["instance_uuid"])
+    manager.family(Build).spawn(spec)
+    manager.family(Build).terminate(spec["instance_uuid"])
     assert reporter.reports[-1] == (contract.CONDUCTOR_INSTANCE_DESTROYED,
                                     {"instance_uuid": spec["instance_uuid"], "host": HOST})
     assert manager.driver.list_instances() == {}
@@ -177,7 +178,7 @@ def test_terminate_reports_destroyed(libvirt_manager: tuple[ComputeManager, List
 def test_terminate_of_a_missing_instance_reports_destroyed(tmp_path: Path, make_spec: SpecFactory) -> None:
     manager, reporter = make_manager(FakeDriver(), tmp_path)
     uuid = make_spec()["instance_uuid"]
-    manager.terminate(uuid)
+    manager.family(Build).terminate(uuid)
     assert reporter.reports == [(contract.CONDUCTOR_INSTANCE_DESTROYED,
                                  {"instance_uuid": uuid, "host": HOST})]
 
@@ -189,7 +190,7 @@ def test_failed_terminate_reports_error_with_fault(tmp_path: Path, make_spec: Sp
 
     manager, reporter = make_manager(StuckDriver(), tmp_path)
     uuid = make_spec()["instance_uuid"]
-    manager.terminate(uuid)
+    manager.family(Build).terminate(uuid)
     assert names(reporter) == [contract.CONDUCTOR_INSTANCE_UPDATE]
     update = last_update(reporter)
     assert update["expected_task_state"] == "deleting"
@@ -206,10 +207,10 @@ def test_terminate_during_spawn_waits_for_it(tmp_path: Path, make_spec: SpecFact
     spawning = threading.Event()
     manager, reporter = make_manager(SpawnSignallingDriver(spawn_delay=0.3), tmp_path)
     spec = make_spec()
-    spawn = threading.Thread(target=manager.spawn, args=(spec,))
+    spawn = threading.Thread(target=manager.family(Build).spawn, args=(spec,))
     spawn.start()
     assert spawning.wait(10)  # the spawn holds the instance's lock: the delete must wait for it
-    manager.terminate(spec["instance_uuid"])
+    manager.family(Build).terminate(spec["instance_uuid"])
     spawn.join()
     assert names(reporter) == [contract.CONDUCTOR_INSTANCE_UPDATE, contract.CONDUCTOR_INSTANCE_DESTROYED]
     assert manager.driver.list_instances() == {}
@@ -219,25 +220,26 @@ def test_console_output_answers_instead_of_raising(libvirt_manager: tuple[Comput
                                                    make_spec: SpecFactory) -> None:
     manager, _ = libvirt_manager
     spec = make_spec()
-    manager.spawn(spec)
+    manager.family(Build).spawn(spec)
     assert isinstance(manager.driver, LibvirtDriver)
     log = manager.driver.instance_dir(spec["instance_uuid"]) / "console.log"
     log.write_text("booting\ncloudctl-guest: ready\n")
-    assert manager.get_console_output(spec["instance_uuid"], 1) == {"output": "cloudctl-guest: ready\n"}
-    assert manager.get_console_output(spec["instance_uuid"], None) == {
+    assert manager.family(Build).get_console_output(spec["instance_uuid"], 1) == {
+        "output": "cloudctl-guest: ready\n"}
+    assert manager.family(Build).get_console_output(spec["instance_uuid"], None) == {
         "output": "booting\ncloudctl-guest: ready\n"}
     log.unlink()
-    assert manager.get_console_output(spec["instance_uuid"], 1)["error"] == "ConsoleUnavailable"
-    missing = manager.get_console_output(make_spec()["instance_uuid"], 10)
+    assert manager.family(Build).get_console_output(spec["instance_uuid"], 1)["error"] == "ConsoleUnavailable"
+    missing = manager.family(Build).get_console_output(make_spec()["instance_uuid"], 10)
     assert missing["error"] == "InstanceNotFound" and "not found" in missing["message"]
-    assert manager.get_console_output("../../etc/shadow", 10)["error"] == "InstanceNotFound"
+    assert manager.family(Build).get_console_output("../../etc/shadow", 10)["error"] == "InstanceNotFound"
 
 
 def test_heartbeat_sends_every_resource_key(tmp_path: Path, make_spec: SpecFactory) -> None:
     manager, reporter = make_manager(FakeDriver(vcpus=8, memory_mb=4096, disk_gb=40), tmp_path,
                                      COMPUTE_DRIVER="fake")
     spec = make_spec()
-    manager.spawn(spec)
+    manager.family(Build).spawn(spec)
     manager.heartbeat()
     beat = reporter.named(contract.CONDUCTOR_HOST_HEARTBEAT)[0]
     assert beat["host"] == HOST
@@ -258,7 +260,7 @@ def test_existing_domain_that_cannot_start_is_reported_in_error_and_kept(tmp_pat
     spec = make_spec()
     driver.spawn(spec, None)
     driver.instances[spec["instance_uuid"]].power_state = contract.POWER_SHUTDOWN
-    manager.spawn(spec)  # redelivered: a domain of that instance is already defined
+    manager.family(Build).spawn(spec)  # redelivered: a domain of that instance is already defined
     assert names(reporter) == [contract.CONDUCTOR_INSTANCE_UPDATE]  # not build_failed: no reschedule
     update = last_update(reporter)
     assert update["expected_task_state"] == "spawning"
@@ -278,7 +280,7 @@ def test_spawn_that_cannot_see_the_hypervisor_removes_nothing(tmp_path: Path, ma
             destroyed.append(instance_uuid)
 
     manager, reporter = make_manager(BlindDriver(), tmp_path)
-    manager.spawn(make_spec())
+    manager.family(Build).spawn(make_spec())
     failed = reporter.named(contract.CONDUCTOR_BUILD_FAILED)[0]
     assert failed["reschedule"] is True
     assert failed["fault"]["message"] == "cannot look up instance: libvirtd is restarting"
