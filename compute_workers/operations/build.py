@@ -42,7 +42,6 @@ def reschedule_after(exc: BaseException) -> bool:
 class Build(OperationFamily):
     """compute.spawn, compute.terminate, compute.get_console_output."""
 
-
     def spawn(self, spec: dict[str, Any]) -> None:
         """Converge to "this instance runs here", then report active; or clean up and report
         build_failed. A redelivered spawn finds the domain and reports it again, never builds twice."""

@@ -37,7 +37,6 @@ class Lifecycle(OperationFamily):
     """compute.reboot_instance, power_off_instance, power_on_instance, pause_instance, unpause_instance,
     suspend_instance, resume_instance."""
 
-
     def reboot_instance(self, instance_uuid: str, action_id: int | None, reboot_type: str,
                         spec: dict[str, Any] | None) -> None:
         """SOFT: ACPI shutdown, wait up to COMPUTE_CLEAN_SHUTDOWN_TIMEOUT, start again from the

@@ -48,7 +48,6 @@ class LiveMigration(OperationFamily):
     live_migration, abort_live_migration, live_migration_force_complete,
     post_live_migration_at_destination, rollback_live_migration_at_destination."""
 
-
     def __init__(self, context: HostContext) -> None:
         super().__init__(context)
         self.jobs = LiveMigrationJobs()  # the running ones, for their abort

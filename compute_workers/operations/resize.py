@@ -40,7 +40,6 @@ class Resize(OperationFamily):
     """compute.prep_resize, resize_instance, finish_resize, confirm_resize, revert_resize,
     finish_revert_resize."""
 
-
     def prep_resize(self, instance_uuid: str, migration_id: int, spec: dict[str, Any],
                     shared_marker: str | None) -> None:
         """Destination: remove the shared-storage marker, cache the image of ``spec``; nothing is

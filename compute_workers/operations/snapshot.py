@@ -43,7 +43,6 @@ SNAPSHOTS_DIR = "snapshots"
 class Snapshot(OperationFamily):
     """compute.snapshot_instance."""
 
-
     def __init__(self, context: HostContext) -> None:
         super().__init__(context)
         self._snapshot_slots = threading.BoundedSemaphore(context.config.max_concurrent_snapshots)

@@ -1,6 +1,6 @@
-"""Lifecycle operations of the manager (reboot, power off/on, pause, suspend): what the conductor is
-told, convergence, faults, the redelivery journal, and power-state updates from lifecycle events.
-Run against the fake driver and LibvirtDriver(test:///default)."""
+"""Lifecycle operations (reboot, power off/on, pause, suspend): what the conductor is told, convergence,
+faults, the redelivery journal, and the lifecycle tasks. Run against the fake driver and
+LibvirtDriver(test:///default). (Power-state updates from lifecycle events: test_manager.py.)"""
 
 from __future__ import annotations
 
@@ -14,11 +14,13 @@ import libvirt
 import pytest
 
 from compute_workers import contract
+from compute_workers.app import create_app
 from compute_workers.exception import HypervisorError
 from compute_workers.journal import ActionJournal
 from compute_workers.manager import ComputeManager
 from compute_workers.operations import Build, Lifecycle
 from compute_workers.reporter import ListReporter
+from compute_workers.tasks import register_tasks
 from compute_workers.virt.fake import FakeACPIIgnoringDriver, FakeDriver
 from compute_workers.virt.libvirt.driver import LibvirtDriver
 
@@ -61,7 +63,6 @@ PREPARE: dict[str, Callable[[ComputeManager, str], object]] = {
     "suspend": lambda m, u: None,
     "resume": lambda m, u: m.driver.suspend(u),
 }
-
 
 
 def updates(reporter: ListReporter) -> list[dict[str, Any]]:
@@ -484,122 +485,6 @@ def test_resume_of_a_paused_guest_unpauses_it(managed: Managed, make_spec: SpecF
     assert manager.driver.get_info(uuid) == contract.POWER_RUNNING
 
 
-# Power-state updates and host_init --------------------------------------------------------------------
-
-def wait_for_power_state(reporter: ListReporter, instance_uuid: str, power_state: str,
-                         timeout: float = 5.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for update in reporter.named(contract.CONDUCTOR_POWER_STATE_UPDATE):
-            if update["instance_uuid"] == instance_uuid and update["power_state"] == power_state:
-                return update
-        time.sleep(0.01)
-    raise AssertionError(f"no power_state_update {power_state} of {instance_uuid} within {timeout} s: "
-                         f"{reporter.named(contract.CONDUCTOR_POWER_STATE_UPDATE)}")
-
-
-def test_a_guest_powering_itself_off_is_reported_by_a_lifecycle_event(managed: Managed,
-                                                                      make_spec: SpecFactory) -> None:
-    manager, reporter = managed
-    manager.watch_power_states()
-    uuid = spawned(manager, reporter, make_spec())
-    reporter.reports.clear()
-    before = time.time()
-    if isinstance(manager.driver, FakeDriver):
-        manager.driver.guest_power_off(uuid)
-    else:
-        assert isinstance(manager.driver, LibvirtDriver)
-        manager.driver.conn.lookupByName(contract.domain_name(uuid)).shutdown()  # not through the manager
-    update = wait_for_power_state(reporter, uuid, contract.POWER_SHUTDOWN)
-    assert update["host"] == HOST
-    assert before <= update["observed_at"] <= time.time()
-    assert set(update) == {"host", "instance_uuid", "power_state", "observed_at"}
-    assert reporter.named(contract.CONDUCTOR_INSTANCE_UPDATE) == []
-
-
-def test_operations_and_deletes_are_reported_as_they_are_now(managed: Managed,
-                                                             make_spec: SpecFactory) -> None:
-    manager, reporter = managed
-    manager.watch_power_states()
-    spec = make_spec()
-    uuid = spawned(manager, reporter, spec)
-    manager.family(Lifecycle).suspend_instance(uuid, 1)
-    wait_for_power_state(reporter, uuid, contract.POWER_SUSPENDED)
-    manager.family(Build).terminate(uuid)
-    wait_for_power_state(reporter, uuid, contract.POWER_NOSTATE)
-
-
-def test_power_states_are_read_when_sent_and_a_burst_is_sent_once(tmp_path: Path,
-                                                                  make_spec: SpecFactory) -> None:
-    release, stuck = threading.Event(), threading.Event()
-
-    class SlowReader(FakeDriver):
-        def get_info(self, instance_uuid: str) -> str:
-            if threading.current_thread().name == "power-state-events":
-                stuck.set()
-                release.wait(5)
-            return super().get_info(instance_uuid)
-
-    driver = SlowReader()
-    manager, reporter = make_manager(driver, tmp_path)
-    spec = make_spec()
-    uuid = spawned(manager, reporter, spec)
-    other = spawned(manager, reporter, make_spec())
-    manager.watch_power_states()
-    try:
-        assert manager._power_events is not None
-        manager._power_events.notify(HOST, other)
-        assert stuck.wait(5)  # the sender is reading the state of the other instance
-        for _ in range(50):
-            manager._power_events.notify(HOST, uuid)
-        driver.instances[uuid].power_state = contract.POWER_PAUSED  # what it is by the time it is read
-        release.set()
-        wait_for_power_state(reporter, uuid, contract.POWER_PAUSED)
-        time.sleep(0.1)
-        sent = [u for u in reporter.named(contract.CONDUCTOR_POWER_STATE_UPDATE)
-                if u["instance_uuid"] == uuid]
-        assert [u["power_state"] for u in sent] == [contract.POWER_PAUSED]
-    finally:
-        release.set()
-        manager.close()
-
-
-def test_a_failing_send_does_not_stop_the_power_state_updates(tmp_path: Path, make_spec: SpecFactory) -> None:
-    failed = threading.Event()
-
-    class FlakyReporter(ListReporter):
-        def report(self, task_name: str, **kwargs: Any) -> None:
-            if task_name == contract.CONDUCTOR_POWER_STATE_UPDATE and not failed.is_set():
-                failed.set()
-                raise ConnectionError("broker away")
-            super().report(task_name, **kwargs)
-
-    driver = FakeDriver()
-    reporter = FlakyReporter()
-    manager = ComputeManager(make_manager(driver, tmp_path)[0].config, driver, reporter)
-    manager.watch_power_states()
-    try:
-        spec = make_spec()
-        manager.family(Build).spawn(spec)  # its event's update is lost
-        assert failed.wait(5)
-        driver.pause(spec["instance_uuid"])
-        wait_for_power_state(reporter, spec["instance_uuid"], contract.POWER_PAUSED)
-    finally:
-        manager.close()
-
-
-def test_host_init_reports_the_heartbeat_resources(managed: Managed, make_spec: SpecFactory) -> None:
-    manager, reporter = managed
-    uuid = spawned(manager, reporter, make_spec())
-    manager.family(Lifecycle).suspend_instance(uuid, 1)
-    reporter.reports.clear()
-    manager.host_init()
-    (name, kwargs), = reporter.reports
-    assert name == contract.CONDUCTOR_HOST_INIT and kwargs["host"] == HOST
-    assert set(kwargs["resources"]) == set(contract.HEARTBEAT_RESOURCE_KEYS)
-    assert kwargs["resources"]["instances"] == {uuid: contract.POWER_SUSPENDED}
-
-
 def test_the_journal_ignores_a_line_cut_by_a_crash(tmp_path: Path, make_spec: SpecFactory) -> None:
     journal = ActionJournal(tmp_path)
     uuid = make_spec()["instance_uuid"]
@@ -613,3 +498,34 @@ def test_the_journal_ignores_a_line_cut_by_a_crash(tmp_path: Path, make_spec: Sp
     assert journal.done(uuid, 124) and not journal.done(uuid, 12)
     with pytest.raises(ValueError):
         journal.record(uuid, 125, "maybe")
+
+
+# Tasks ------------------------------------------------------------------------------------------------
+
+def test_lifecycle_tasks_take_the_contract_kwargs(tmp_path: Path, make_spec: SpecFactory) -> None:
+    manager, reporter = make_manager(FakeDriver(), tmp_path)
+    app = create_app(manager.config)
+    register_tasks(app, manager)
+    app.finalize()
+    spec = make_spec()
+    uuid = spec["instance_uuid"]
+    manager.family(Build).spawn(spec)
+    reporter.reports.clear()
+    calls: list[tuple[str, dict[str, Any]]] = [
+        (contract.COMPUTE_REBOOT, {"reboot_type": "SOFT", "spec": spec}),
+        (contract.COMPUTE_REBOOT, {"reboot_type": "HARD", "spec": spec}),
+        (contract.COMPUTE_PAUSE, {}), (contract.COMPUTE_UNPAUSE, {}),
+        (contract.COMPUTE_SUSPEND, {}), (contract.COMPUTE_RESUME, {}),
+        (contract.COMPUTE_POWER_OFF, {"timeout": 30}), (contract.COMPUTE_POWER_ON, {"spec": spec}),
+    ]
+    for action_id, (name, kwargs) in enumerate(calls, start=1):
+        task = app.tasks[name]
+        assert (task.soft_time_limit, task.time_limit) == (300, 360) and task.ignore_result
+        task.run(instance_uuid=uuid, action_id=action_id, **kwargs)
+    results = [update for update in reporter.named(contract.CONDUCTOR_INSTANCE_UPDATE)
+               if update["event"]["result"] != "start"]
+    assert [(u["event"]["name"], u["event"]["result"], u["action_id"]) for u in results] == [
+        ("compute_reboot_instance", "success", 1), ("compute_reboot_instance", "success", 2),
+        ("compute_pause_instance", "success", 3), ("compute_unpause_instance", "success", 4),
+        ("compute_suspend_instance", "success", 5), ("compute_resume_instance", "success", 6),
+        ("compute_stop_instance", "success", 7), ("compute_start_instance", "success", 8)]

@@ -1,4 +1,4 @@
-"""Cold migration and resize in the manager: the steps' reports, same-host confirm and revert, the
+"""Cold migration and resize (the Resize family): the steps' reports, same-host confirm and revert, the
 migration journal (redeliveries), failures put back, the tasks. Run against the fake driver and
 LibvirtDriver(test:///default); the real disk copy is in test_resize_real_qemu.py."""
 

@@ -1,4 +1,4 @@
-"""compute.snapshot_instance in the manager: what the conductor is told and in which order, the state
+"""compute.snapshot_instance (the Snapshot family): what the conductor is told and in which order, the state
 a failure leaves, the upload's failures, the redelivery journal and the per-host concurrency bound.
 Run against the fake driver and LibvirtDriver(test:///default); the real thing is in test_real_qemu."""
 
