@@ -13,6 +13,7 @@ import pytest
 
 from compute_workers.config import ComputeConfig
 from compute_workers.manager import ComputeManager
+from compute_workers.operations import Build
 from compute_workers.reporter import ListReporter
 from compute_workers.virt.driver import ComputeDriver
 from compute_workers.virt.fake import FakeDriver
@@ -107,6 +108,6 @@ def small_qcow2(tmp_path_factory: pytest.TempPathFactory) -> bytes:
 
 def spawned(manager: Any, reporter: Any, spec: dict[str, Any]) -> str:
     """Spawn ``spec`` through ``manager`` and forget the reports: the start of a lifecycle test."""
-    manager.spawn(spec)
+    manager.family(Build).spawn(spec)
     reporter.reports.clear()
     return str(spec["instance_uuid"])
