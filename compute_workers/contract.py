@@ -344,13 +344,15 @@ class EventResult(StrEnum):
     """The result a compute worker reports for a step (an event of an instance action).
 
     ``start`` opens the step, ``progress`` updates its message and keeps it open, ``success`` and
-    ``error`` close it (recorded as :class:`ActionResult`).
+    ``error`` close it (recorded as :class:`ActionResult`); ``cancelled`` closes a live migration's step
+    that an abort ended.
     """
 
     START = "start"
     PROGRESS = "progress"
     SUCCESS = "success"
     ERROR = "error"
+    CANCELLED = "cancelled"
 
 
 class ActionResult(StrEnum):

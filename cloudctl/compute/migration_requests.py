@@ -56,6 +56,7 @@ from cloudctl.compute.services import (
 from cloudctl.compute.specs import spawn_spec
 from cloudctl.compute.states import VmState
 from compute_workers import contract
+from compute_workers.contract import ActionResult
 from scheduler.host_state import RequestSpec
 from scheduler.selection import NoValidHost
 
@@ -284,7 +285,7 @@ def _begin(*, instance: Instance, user: Any, rule: states.Transition, kind: str,
                 instance.refresh_from_db()
                 continue
             now = timezone.now()
-            action.events.create(event="preflight_checks", result="Success", host=dest.name,
+            action.events.create(event="preflight_checks", result=ActionResult.SUCCESS, host=dest.name,
                                  start_time=now, finish_time=now, message=_checks_message(answer))
             start(migration, dest, answer)
         instance.refresh_from_db()
@@ -388,9 +389,9 @@ def migration_force_complete(*, migration: Migration, user: Any) -> Migration:
         # The source acts on one switch-over per migration: a second request would wait for nothing.
         earlier = (InstanceActionEvent.objects.filter(action_id=locked.action_id,
                                                       event=contract.FORCE_COMPLETE_EVENT)
-                   .exclude(result="Error").order_by("-id").first())
+                   .exclude(result=ActionResult.ERROR).order_by("-id").first())
         if earlier is not None:
-            state = ("switched over" if earlier.result == "Success"
+            state = ("switched over" if earlier.result == ActionResult.SUCCESS
                      else "already waiting for libvirt to take its switch-over")
             raise MigrationInvalidState(locked, f"migration {locked.pk} is {state} (force-complete requested "
                                                 f"at {earlier.start_time:%H:%M:%S} UTC): "

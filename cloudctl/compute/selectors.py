@@ -23,6 +23,7 @@ from cloudctl.compute.models import (
 )
 from cloudctl.compute.states import VmState
 from cloudctl.identity.services import is_admin, project_id_of
+from compute_workers.contract import ActionResult
 
 # --- servers ----------------------------------------------------------------------------------------
 
@@ -62,7 +63,7 @@ def server_actions(*, instance: Instance) -> QuerySet[InstanceAction]:
 
 def scheduling_failures_recent(*, limit: int = 10) -> QuerySet[InstanceActionEvent]:
     """The last scheduling decisions that found no host, newest first."""
-    return (InstanceActionEvent.objects.filter(event="schedule", result="Error")
+    return (InstanceActionEvent.objects.filter(event="schedule", result=ActionResult.ERROR)
             .select_related("action__instance").order_by("-start_time")[:limit])
 
 

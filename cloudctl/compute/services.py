@@ -38,6 +38,7 @@ from cloudctl.identity.models import Project
 from cloudctl.images.models import Image, ImageStatus
 from cloudctl.images.services import image_create, image_kill
 from compute_workers import contract
+from compute_workers.contract import ActionResult
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ def server_delete(*, instance: Instance, user: Any, request_id: str | None = Non
             if instance.host is not None:
                 record_local_delete(action, instance.host)
             mark_deleted(instance)
-            finish_action(action, result="Success")
+            finish_action(action, result=ActionResult.SUCCESS)
             return True
         host_name = instance.host.name
         transaction.on_commit(lambda: rpc.cast(
@@ -144,7 +145,7 @@ def server_delete(*, instance: Instance, user: Any, request_id: str | None = Non
 
 def record_local_delete(action: InstanceAction, host: Host) -> None:
     now = timezone.now()
-    action.events.create(event="local_delete", result="Success", host=host.name, start_time=now,
+    action.events.create(event="local_delete", result=ActionResult.SUCCESS, host=host.name, start_time=now,
                          finish_time=now,
                          message=f"host {host.name} is down: deleted here; its domain is removed "
                                  "when the host comes back")
@@ -231,7 +232,7 @@ def server_resume(*, instance: Instance, user: Any,
 def finish_action(action: InstanceAction, *, result: str, message: str = "") -> None:
     updated = InstanceAction.objects.filter(pk=action.pk, finish_time__isnull=True).update(
         finish_time=timezone.now(), result=result, message=message)
-    if updated and result == "Error" and action.image_id is not None:
+    if updated and result == ActionResult.ERROR and action.image_id is not None:
         # A snapshot that failed leaves no half image behind: killed, with the reason.
         image = Image.objects.filter(pk=action.image_id).first()
         if image is not None:
@@ -249,14 +250,15 @@ def server_reset_state(*, instance: Instance, user: Any, state: str, reason: str
     with transaction.atomic():
         Instance.objects.filter(uuid=instance.uuid).change(vm_state=state, task_state=None)
         for running in InstanceAction.objects.filter(instance=instance, finish_time__isnull=True):
-            finish_action(running, result="Error", message=f"ended by a reset of the state: {reason}")
+            finish_action(running, result=ActionResult.ERROR,
+                          message=f"ended by a reset of the state: {reason}")
         now = timezone.now()
         action = action_start(instance=instance, action="reset_state", user=user,
                               request_id=new_request_id())
         message = f"{before} -> vm_state={state}: {reason}"
-        action.events.create(event="reset_state", result="Success", start_time=now,
+        action.events.create(event="reset_state", result=ActionResult.SUCCESS, start_time=now,
                              finish_time=now, message=message)
-        finish_action(action, result="Success", message=message)
+        finish_action(action, result=ActionResult.SUCCESS, message=message)
     instance.refresh_from_db()
     return action
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from compute_workers import contract, migration_jobs
 from compute_workers.config import ComputeConfig
+from compute_workers.contract import EventResult, PowerState
 from compute_workers.exception import ComputeError, InstanceNotFound, InvalidInstanceUUID
 from compute_workers.images import ImageCache
 from compute_workers.journal import ActionJournal, MigrationJournal
@@ -34,20 +35,11 @@ MiB = 1024 * 1024
 RUNNING, PAUSED, SUSPENDED = contract.POWER_RUNNING, contract.POWER_PAUSED, contract.POWER_SUSPENDED
 SHUTDOWN = contract.POWER_SHUTDOWN
 
-# The contract's truth after a failure: vm_state from the domain's real power state.
-VM_STATE_OF_POWER_STATE = {
-    RUNNING: "active",
-    PAUSED: "paused",
-    SUSPENDED: "suspended",
-    SHUTDOWN: "stopped",
-    contract.POWER_CRASHED: "stopped",
-    contract.POWER_NOSTATE: "error",
-}
 
 
 def target_values(power_state: str) -> dict[str, Any]:
     """The values of an instance whose domain is ``power_state`` and no task runs on."""
-    return {"vm_state": VM_STATE_OF_POWER_STATE[power_state], "task_state": None,
+    return {"vm_state": contract.VM_STATE_OF_POWER_STATE[PowerState(power_state)], "task_state": None,
             "power_state": power_state}
 
 
@@ -101,12 +93,12 @@ class HostOperations:
     # Reports --------------------------------------------------------------------------------------
 
     @staticmethod
-    def event(name: str, result: str, message: str) -> dict[str, Any]:
-        """An instance action event of a report: ``result`` is start, progress, success or error."""
+    def event(name: str, result: EventResult, message: str) -> contract.Event:
+        """An instance action event of a report."""
         return {"name": name, "result": result, "message": message}
 
     def update(self, instance_uuid: str, expected_task_state: str | None, values: dict[str, Any], *,
-               event: dict[str, Any] | None = None, fault: dict[str, Any] | None = None,
+               event: contract.Event | None = None, fault: dict[str, Any] | None = None,
                action_id: int | None = None) -> None:
         """``conductor.instance_update`` of the instance on this host."""
         self.reporter.report(contract.CONDUCTOR_INSTANCE_UPDATE, instance_uuid=instance_uuid, host=self.host,
@@ -114,7 +106,7 @@ class HostOperations:
                              fault=fault, action_id=action_id)
 
     def migration_update(self, migration_id: int, status: str, *, error: str | None = None,
-                         values: dict[str, Any] | None = None, event: dict[str, Any] | None = None) -> None:
+                         values: dict[str, Any] | None = None, event: contract.Event | None = None) -> None:
         """``conductor.migration_update`` of a step of a cold or live migration run here."""
         self.reporter.report(contract.CONDUCTOR_MIGRATION_UPDATE, migration_id=migration_id, host=self.host,
                              status=status, error=error, values=values, event=event)
@@ -127,9 +119,9 @@ class HostOperations:
 
     def migration_done(self, migration_id: int, instance_uuid: str, step: str, status: str, *,
                         error: str | None = None, values: dict[str, Any] | None = None,
-                        event: dict[str, Any] | None = None) -> None:
+                        event: contract.Event | None = None) -> None:
         """Journal the step's final ``status``, then report it."""
-        result = "error" if status in migration_jobs.FAILED_STATUSES else "success"
+        result = EventResult.ERROR if status in migration_jobs.FAILED_STATUSES else EventResult.SUCCESS
         try:
             self.migration_journal.record(migration_id, step, instance_uuid, result, status=status)
         except OSError as exc:  # the outcome must still be reported

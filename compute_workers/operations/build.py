@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from celery import Task
 
 from compute_workers import contract
+from compute_workers.contract import EventResult
 from compute_workers.exception import ComputeError, ConsoleUnavailable, InstanceNotFound, InvalidInstanceUUID
 from compute_workers.operations.base import OperationFamily, fault_from
 from compute_workers.virt.driver import checked_uuid
@@ -88,7 +89,7 @@ class Build(OperationFamily):
         LOG.info("spawn of %s: %s", instance_uuid, message)
         self.update(instance_uuid, SPAWNING,
                     {"vm_state": "active", "task_state": None, "power_state": power_state},
-                    event=self.event("compute_spawn", "success", message))
+                    event=self.event("compute_spawn", EventResult.SUCCESS, message))
 
     def _spawn_existing(self, spec: dict[str, Any], power_state: str) -> None:
         """The domain exists: this is a redelivered spawn. Never rebuild nor remove it (it may be an
@@ -118,13 +119,13 @@ class Build(OperationFamily):
         image = spec["image"]
         label = image.get("name") or image["id"]
         self.update(spec["instance_uuid"], SPAWNING, {}, event=self.event(
-            "compute_prep_image", "start", f"preparing image {label} on {self.host}"))
+            "compute_prep_image", EventResult.START, f"preparing image {label} on {self.host}"))
         fetched = self.images.fetch(image)
         message = (f"image {label} already cached on {self.host}" if not fetched.downloaded_bytes else
                    f"image {label} downloaded to {self.host}: {fetched.downloaded_bytes} bytes in "
                    f"{fetched.seconds:.1f} s")
         self.update(spec["instance_uuid"], SPAWNING, {},
-                    event=self.event("compute_prep_image", "success", message))
+                    event=self.event("compute_prep_image", EventResult.SUCCESS, message))
         return fetched.path
 
     def _build_failed(self, spec: dict[str, Any], exc: Exception, *, cleanup: bool) -> None:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from celery import Task
 
 from compute_workers import contract
+from compute_workers.contract import EventResult
 from compute_workers.exception import ComputeError, InstanceInvalidState, InstanceNotFound
 from compute_workers.operations.base import (
     PAUSED,
@@ -77,7 +78,7 @@ class Lifecycle(OperationFamily):
                                   spec: dict[str, Any] | None, state: str | None, message: str) -> str:
         LOG.warning("soft reboot of %s: %s", instance_uuid, message)
         self.update(instance_uuid, task_state, {}, action_id=action_id,
-                    event=self.event("fallback_to_hard_reboot", "success", message))
+                    event=self.event("fallback_to_hard_reboot", EventResult.SUCCESS, message))
         return self._hard_reboot(instance_uuid, spec, state)
 
     def _hard_reboot(self, instance_uuid: str, spec: dict[str, Any] | None, state: str | None) -> str:
@@ -196,7 +197,7 @@ class Lifecycle(OperationFamily):
             if self.redelivered(event, instance_uuid, action_id):
                 return
             self.update(instance_uuid, task_state, {}, action_id=action_id,
-                        event=self.event(event, "start", start_message))
+                        event=self.event(event, EventResult.START, start_message))
             try:
                 message = run()
             except Exception as exc:
@@ -209,12 +210,12 @@ class Lifecycle(OperationFamily):
                           exc_info=not isinstance(exc, ComputeError | contract.SpecError))
                 self.journal_action(instance_uuid, action_id, "error")
                 self.update(instance_uuid, task_state, values, action_id=action_id, fault=fault,
-                            event=self.event(event, "error", fault["message"]))
+                            event=self.event(event, EventResult.ERROR, fault["message"]))
                 return
             LOG.info("%s of %s: %s", event, instance_uuid, message)
             self.journal_action(instance_uuid, action_id, "success")
             self.update(instance_uuid, task_state, target, action_id=action_id,
-                        event=self.event(event, "success", message))
+                        event=self.event(event, EventResult.SUCCESS, message))
 
     @classmethod
     def register_tasks(cls, tasks: TaskRegistrar) -> None:

@@ -25,6 +25,7 @@ from celery import Task
 
 from compute_workers import contract, migration_jobs
 from compute_workers import shared_storage as markers
+from compute_workers.contract import EventResult
 from compute_workers.exception import (
     ComputeError,
     CPUIncompatible,
@@ -186,7 +187,7 @@ class LiveMigration(OperationFamily):
                 LOG.error("%s", message, exc_info=not isinstance(exc, ComputeError | contract.SpecError))
                 self.migration_done(migration_id, instance_uuid, step, contract.MIGRATION_ERROR,
                                     error=message,
-                                    event=self.event(event, "error", message))
+                                    event=self.event(event, EventResult.ERROR, message))
                 return
             made = ("nothing to create: the instance directory is shared with the source" if shared_storage
                     else "instance directory and disk overlay created" if block_migration
@@ -194,7 +195,7 @@ class LiveMigration(OperationFamily):
             message = f"host {self.host} prepared in {time.monotonic() - started:.1f} s: {made}"
             LOG.info("%s of %s (migration %s): %s", step, instance_uuid, migration_id, message)
             self.migration_done(migration_id, instance_uuid, step, contract.MIGRATION_PREPARED,
-                                event=self.event(event, "success", message))
+                                event=self.event(event, EventResult.SUCCESS, message))
 
     def live_migration(self, instance_uuid: str, migration_id: int, dest_host: str, migration_uri: str,
                        migration_data_uri: str | None, block_migration: bool, shared_storage: bool,
@@ -225,7 +226,7 @@ class LiveMigration(OperationFamily):
             LOG.exception("%s", message)
             self.migration_done(migration_id, instance_uuid, step, contract.MIGRATION_FAILED, error=message,
                                 values=self.migration_values(instance_uuid),
-                                event=self.event("compute_live_migration", "error", message))
+                                event=self.event("compute_live_migration", EventResult.ERROR, message))
         finally:
             self.jobs.finish(job)
     def abort_live_migration(self, instance_uuid: str, migration_id: int) -> None:
@@ -281,7 +282,7 @@ class LiveMigration(OperationFamily):
                 self.migration_done(migration_id, instance_uuid, step, contract.MIGRATION_ERROR,
                                     error=message,
                                     values=self.migration_values(instance_uuid),
-                                    event=self.event(event, "error", message))
+                                    event=self.event(event, EventResult.ERROR, message))
                 return
             message = f"domain {contract.domain_name(instance_uuid)} is {power_state} on host {self.host}"
             if "downtime_ms" in figures:
@@ -304,7 +305,7 @@ class LiveMigration(OperationFamily):
                 values["downtime_ms"] = figures["downtime_ms"]
             self.migration_done(migration_id, instance_uuid, step, contract.MIGRATION_COMPLETED,
                                 values=values,
-                                event=self.event(event, "success", message))
+                                event=self.event(event, EventResult.SUCCESS, message))
 
     def rollback_live_migration_at_destination(self, instance_uuid: str, migration_id: int,
                                                shared_storage: bool) -> None:
@@ -327,14 +328,14 @@ class LiveMigration(OperationFamily):
                 self.migration_done(migration_id, instance_uuid, step, contract.MIGRATION_ERROR,
                                     error=message,
                                     values=self.migration_values(instance_uuid),
-                                    event=self.event(event, "error", message))
+                                    event=self.event(event, EventResult.ERROR, message))
                 return
             message = (f"host {self.host}: " + ("domain removed" if removed else "no domain was left")
                        + ("; the instance directory is shared with the source and kept" if shared_storage
                           else "; instance directory removed"))
             LOG.info("%s of %s (migration %s): %s", step, instance_uuid, migration_id, message)
             self.migration_done(migration_id, instance_uuid, step, contract.MIGRATION_ROLLED_BACK,
-                                event=self.event(event, "success", message))
+                                event=self.event(event, EventResult.SUCCESS, message))
 
     def _migration_redelivered(self, step: str, instance_uuid: str, migration_id: int) -> bool:
         """Whether ``step`` of this migration already ended here; if so its status is reported again."""

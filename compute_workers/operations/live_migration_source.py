@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from compute_workers import contract, migration_jobs
+from compute_workers.contract import EventResult
 from compute_workers.exception import InstanceInvalidState, InstanceNotFound, PostCopyUnsupported
 from compute_workers.migration_jobs import (
     LiveMigrationJob,
@@ -38,7 +39,7 @@ class LiveMigrationSource(HostOperations):
         step, event = "live_migration", "compute_live_migration"
         route = f"instance {instance_uuid} from host {self.host} to host {dest_host}"
 
-        def end(status: str, message: str, result: str) -> None:
+        def end(status: str, message: str, result: EventResult = EventResult.ERROR) -> None:
             LOG.warning("live migration %s: %s", migration_id, message)
             self.migration_done(migration_id, instance_uuid, step, status,
                                 error=None if status == contract.MIGRATION_MIGRATED else message,
@@ -52,16 +53,16 @@ class LiveMigrationSource(HostOperations):
             return
         except Exception as exc:
             end(contract.MIGRATION_FAILED, f"live migration of {route} failed: the hypervisor of host "
-                                           f"{self.host} does not answer: {exc}", "error")
+                                           f"{self.host} does not answer: {exc}")
             return
         if job.abort_requested.is_set():
             end(contract.MIGRATION_CANCELLED, f"live migration of {route} cancelled before it started",
-                "cancelled")
+                EventResult.CANCELLED)
             return
         if state not in (RUNNING, PAUSED):
             end(contract.MIGRATION_FAILED, f"live migration of {route} refused: the instance is {state} "
                                            f"there; only a running or paused instance can be live-migrated",
-                "error")
+                EventResult.ERROR)
             return
         if self._running_job(instance_uuid):
             # libvirt still runs the migration of an earlier attempt whose worker died (a peer-to-peer
@@ -76,18 +77,18 @@ class LiveMigrationSource(HostOperations):
                 return
             except Exception as exc:
                 end(contract.MIGRATION_FAILED, f"live migration of {route} failed: the hypervisor of host "
-                                               f"{self.host} does not answer: {exc}", "error")
+                                               f"{self.host} does not answer: {exc}")
                 return
             if job.in_post_copy:
                 failure = "the migration job an earlier attempt left running failed"
-                end(contract.MIGRATION_FAILED, self._post_copy_failure(route, dest_host, failure), "error")
+                end(contract.MIGRATION_FAILED, self._post_copy_failure(route, dest_host, failure))
                 return
             if monitor.aborting or state not in (RUNNING, PAUSED):
                 status = (contract.MIGRATION_CANCELLED if job.abort_requested.is_set()
                           and not monitor.timed_out else contract.MIGRATION_FAILED)
                 end(status, f"live migration of {route}: the migration job an earlier attempt left ended "
                             f"({monitor.why_aborted or 'it failed'}); the instance is {state} there",
-                    "cancelled" if status == contract.MIGRATION_CANCELLED else "error")
+                    EventResult.CANCELLED if status == contract.MIGRATION_CANCELLED else EventResult.ERROR)
                 return
             LOG.info("live migration %s: the earlier attempt's job failed; migrating again", migration_id)
         unsafe = shared and self.config.migration_unsafe
@@ -122,7 +123,7 @@ class LiveMigrationSource(HostOperations):
             end(contract.MIGRATION_FAILED, f"live migration of {route} did not end within "
                                            f"{migration_jobs.ABORT_GRACE:g} s after libvirt was asked to "
                                            f"abort it ({monitor.why_aborted}); its outcome is unknown",
-                "error")
+                EventResult.ERROR)
             return
         error = outcome.get("error")
         if error is None:
@@ -130,21 +131,21 @@ class LiveMigrationSource(HostOperations):
             return
         if job.in_post_copy:  # never resume the guest here: part of its memory is only on the destination
             failure = f"it failed after {seconds:.1f} s: {error}"
-            end(contract.MIGRATION_FAILED, self._post_copy_failure(route, dest_host, failure), "error")
+            end(contract.MIGRATION_FAILED, self._post_copy_failure(route, dest_host, failure))
             return
         self._resume_if_left_paused(instance_uuid, state)
         if job.abort_requested.is_set() and not monitor.timed_out:
             end(contract.MIGRATION_CANCELLED, f"live migration of {route} cancelled on request after "
-                                              f"{seconds:.1f} s: {error}", "cancelled")
+                                              f"{seconds:.1f} s: {error}", EventResult.CANCELLED)
         elif monitor.timed_out:
             end(contract.MIGRATION_FAILED, f"live migration of {route} did not complete within its "
                                            f"completion timeout of {timeout:g} s and was aborted: {error}",
-                "error")
+                EventResult.ERROR)
         elif isinstance(error, PostCopyUnsupported):
-            end(contract.MIGRATION_FAILED, self._post_copy_unsupported(route, dest_host, error), "error")
+            end(contract.MIGRATION_FAILED, self._post_copy_unsupported(route, dest_host, error))
         else:
             end(contract.MIGRATION_FAILED, f"live migration of {route} failed after {seconds:.1f} s: "
-                                           f"{self.failure_message(error)}", "error")
+                                           f"{self.failure_message(error)}")
 
     def _post_copy_failure(self, route: str, dest_host: str, what: str) -> str:
         return (f"live migration of {route} failed in post-copy ({what}): the guest's memory is split "
@@ -251,7 +252,7 @@ class LiveMigrationSource(HostOperations):
 
     def _report_running(self, job: LiveMigrationJob, route: str) -> None:
         self.migration_update(job.migration_id, contract.MIGRATION_RUNNING, event=self.event(
-            "compute_live_migration", "start", f"live migration of {route} started"))
+            "compute_live_migration", EventResult.START, f"live migration of {route} started"))
 
     def _abort_due(self, job: LiveMigrationJob, monitor: MigrationMonitor, route: str,
                    requested: bool) -> bool:
@@ -300,7 +301,7 @@ class LiveMigrationSource(HostOperations):
                        f"{migration_jobs.SWITCH_OVER_RETRY_INTERVAL:g} s until libvirt takes it")
             if monitor.switch_refusals == 1:
                 LOG.warning("live migration %s of %s: %s", job.migration_id, route, message)
-                result = "progress" if monitor.switch_over_requested else "error"
+                result = EventResult.PROGRESS if monitor.switch_over_requested else EventResult.ERROR
                 self.migration_update(job.migration_id, contract.MIGRATION_RUNNING,
                                       event=self.event(contract.FORCE_COMPLETE_EVENT, result, message))
             return
@@ -316,7 +317,7 @@ class LiveMigrationSource(HostOperations):
                        "converges; libvirt resumes it on the destination")
         LOG.info("live migration %s of %s: %s", job.migration_id, route, message)
         self.migration_update(job.migration_id, status,
-                              event=self.event(contract.FORCE_COMPLETE_EVENT, "success", message))
+                              event=self.event(contract.FORCE_COMPLETE_EVENT, EventResult.SUCCESS, message))
 
     def send_abort(self, job: LiveMigrationJob) -> None:
         """Ask the hypervisor to abort the job, once it took the request; logged, never raised. Never
@@ -356,7 +357,7 @@ class LiveMigrationSource(HostOperations):
             self.migration_done(migration_id, instance_uuid, "live_migration", contract.MIGRATION_FAILED,
                                 error=message,
                                 values=self.migration_values(instance_uuid),
-                                event=self.event(event, "error", message))
+                                event=self.event(event, EventResult.ERROR, message))
             return
         except Exception as exc:  # the instance is there now: only files are left here
             LOG.error("live migration %s: cleanup of instance %s on %s failed (remove it by hand): %s",
@@ -372,7 +373,7 @@ class LiveMigrationSource(HostOperations):
         message = f"live migration of {route} completed in {seconds:.1f} s ({seen}); {left}"
         self.migration_done(migration_id, instance_uuid, "live_migration", contract.MIGRATION_MIGRATED,
                             values=self.migration_values(instance_uuid),
-                            event=self.event(event, "success", message))
+                            event=self.event(event, EventResult.SUCCESS, message))
         LOG.info("live migration %s: %s", migration_id, message)
 
     def _live_migration_domain_gone(self, job: LiveMigrationJob, dest_host: str, migration_uri: str,
@@ -398,7 +399,7 @@ class LiveMigrationSource(HostOperations):
             message = f"live migration of {route}: the domain runs on host {dest_host} ({how})"
             self.migration_done(migration_id, instance_uuid, step, contract.MIGRATION_MIGRATED,
                                 values={"power_state": contract.POWER_NOSTATE},
-                                event=self.event(event, "success", message))
+                                event=self.event(event, EventResult.SUCCESS, message))
             LOG.warning("live migration %s: %s", migration_id, message)
             return
         if there is not None:
@@ -408,7 +409,7 @@ class LiveMigrationSource(HostOperations):
         LOG.error("live migration %s: %s", migration_id, message)
         self.migration_done(migration_id, instance_uuid, step, contract.MIGRATION_FAILED, error=message,
                             values={"power_state": contract.POWER_NOSTATE},
-                            event=self.event(event, "error", message))
+                            event=self.event(event, EventResult.ERROR, message))
 
     def _resume_if_left_paused(self, instance_uuid: str, state_before: str) -> None:
         """After a failed migration the guest must run here as before: libvirt resumes it itself, but a

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from celery import Task
 
 from compute_workers import contract
+from compute_workers.contract import EventResult
 from compute_workers.exception import ComputeError, InvalidInstanceUUID
 from compute_workers.operations.base import MiB, OperationFamily, fault_from
 from compute_workers.virt.driver import checked_uuid
@@ -187,7 +188,7 @@ class Resize(OperationFamily):
         except InvalidInstanceUUID as exc:
             LOG.error("%s of migration %s refused: %s", event, migration_id, exc)
             self.migration_update(migration_id, contract.MIGRATION_ERROR, error=str(exc),
-                                  event=self.event(event, "error", str(exc)))
+                                  event=self.event(event, EventResult.ERROR, str(exc)))
             return
         with self.instance_locks.hold(instance_uuid):
             if self.migration_journal.done(migration_id, step) is not None:
@@ -205,12 +206,12 @@ class Resize(OperationFamily):
                 self._journal_migration(migration_id, step, instance_uuid, "error", details)
                 self.migration_update(migration_id, contract.MIGRATION_ERROR, error=error,
                                       values=self._migration_truth(instance_uuid),
-                                      event=self.event(event, "error", error))
+                                      event=self.event(event, EventResult.ERROR, error))
                 return
             LOG.info("%s of %s (migration %s): %s", event, instance_uuid, migration_id, message)
             self._journal_migration(migration_id, step, instance_uuid, "success", details)
             self.migration_update(migration_id, status, values=values,
-                                  event=self.event(event, "success", message))
+                                  event=self.event(event, EventResult.SUCCESS, message))
 
     def _journal_migration(self, migration_id: int, step: str, instance_uuid: str, result: str,
                            details: dict[str, Any] | None) -> None:

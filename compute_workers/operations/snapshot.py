@@ -19,6 +19,7 @@ import requests
 from celery import Task
 
 from compute_workers import contract
+from compute_workers.contract import EventResult
 from compute_workers.exception import ComputeError, ImageUploadError, InstanceNotFound
 from compute_workers.operations.base import (
     PAUSED,
@@ -63,8 +64,8 @@ class Snapshot(OperationFamily):
                 return
             phase = {"task_state": "image_snapshot", "upload_open": False}
             self.update(instance_uuid, "image_snapshot", {}, action_id=action, event=self.event(
-                event, "start", f"snapshot of {contract.domain_name(instance_uuid)} on {self.host} as image "
-                                f"{label}"))
+                event, EventResult.START,
+                f"snapshot of {contract.domain_name(instance_uuid)} on {self.host} as image {label}"))
             target: Path | None = None
             try:
                 with self._snapshot_slot(instance_uuid):
@@ -82,7 +83,7 @@ class Snapshot(OperationFamily):
             LOG.info("%s of %s: %s", event, instance_uuid, message)
             self.journal_action(instance_uuid, action, "success")
             self.update(instance_uuid, "image_uploading", values, action_id=action,
-                        event=self.event(event, "success", message))
+                        event=self.event(event, EventResult.SUCCESS, message))
 
     @contextlib.contextmanager
     def _snapshot_slot(self, instance_uuid: str) -> Iterator[None]:
@@ -116,24 +117,26 @@ class Snapshot(OperationFamily):
                 return
             last_report[0] = now
             self.update(instance_uuid, "image_snapshot", {}, action_id=action_id, event=self.event(
-                event, "progress", f"copied {copied / MiB:.1f} of {total / MiB:.1f} MiB"))
+                event, EventResult.PROGRESS, f"copied {copied / MiB:.1f} of {total / MiB:.1f} MiB"))
 
         self.driver.snapshot(instance_uuid, target, progress)
         copied = time.monotonic() - started
         size = target.stat().st_size
         self.update(instance_uuid, "image_snapshot", {"task_state": "image_uploading"}, action_id=action_id,
-                    event=self.event(event, "progress", f"{kind} snapshot made: {size / MiB:.1f} MiB in "
-                                                          f"{copied:.1f} s; uploading"))
+                    event=self.event(event, EventResult.PROGRESS,
+                                     f"{kind} snapshot made: {size / MiB:.1f} MiB in {copied:.1f} s; "
+                                     "uploading"))
         phase["task_state"] = "image_uploading"
         upload_started = time.monotonic()
         self.update(instance_uuid, "image_uploading", {}, action_id=action_id, event=self.event(
-            "compute_upload_image", "start", f"uploading {size / MiB:.1f} MiB as image {label}"))
+            "compute_upload_image", EventResult.START, f"uploading {size / MiB:.1f} MiB as image {label}"))
         phase["upload_open"] = True
         self._upload(target, upload_url, label)
         uploaded = time.monotonic() - upload_started
         phase["upload_open"] = False
         self.update(instance_uuid, "image_uploading", {}, action_id=action_id, event=self.event(
-            "compute_upload_image", "success", f"uploaded {size / MiB:.1f} MiB in {uploaded:.1f} s"))
+            "compute_upload_image", EventResult.SUCCESS,
+            f"uploaded {size / MiB:.1f} MiB in {uploaded:.1f} s"))
         return (f"{kind} snapshot of {contract.domain_name(instance_uuid)} uploaded as image {label}: "
                 f"{size / MiB:.1f} MiB; copy and convert {copied:.1f} s, upload {uploaded:.1f} s, total "
                 f"{time.monotonic() - started:.1f} s")
@@ -167,11 +170,11 @@ class Snapshot(OperationFamily):
         task_state = phase["task_state"]
         if phase["upload_open"]:
             self.update(instance_uuid, task_state, {}, action_id=action_id,
-                        event=self.event("compute_upload_image", "error", fault["message"]))
+                        event=self.event("compute_upload_image", EventResult.ERROR, fault["message"]))
         values = self.truth(instance_uuid)
         self.journal_action(instance_uuid, action_id, "error")
         self.update(instance_uuid, task_state, values, action_id=action_id, fault=fault,
-                    event=self.event(event, "error", fault["message"]))
+                    event=self.event(event, EventResult.ERROR, fault["message"]))
 
     @classmethod
     def register_tasks(cls, tasks: TaskRegistrar) -> None:
@@ -190,6 +193,6 @@ def _answer_message(response: requests.Response) -> str:
         body = None
     if isinstance(body, dict):
         for key in ("detail", "error", "message"):
-            if isinstance(body.get(key), str):
-                return body[key][:1000]
-    return (response.text or response.reason or "").strip()[:1000]
+            if isinstance(text := body.get(key), str):
+                return text[:1000]
+    return str(response.text or response.reason or "").strip()[:1000]
