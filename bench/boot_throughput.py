@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.e2e.conftest import run_stack  # noqa: E402  (the same launcher the e2e tests use)
+from testbed.stack import run_stack  # noqa: E402  (the same launcher the e2e tests use)
 
 NOVA_MEDIAN_BOOT_S = 6.2
 NOVA_CYCLES_PER_MIN = 326

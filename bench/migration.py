@@ -27,10 +27,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 # The same launcher and harness the multi-host tests use.
-from tests.conftest import TINY_IMAGE  # noqa: E402
-from tests.e2e.conftest import Stack, procfile_processes, run_stack  # noqa: E402
-from tests.multihost.cloud import host_workers  # noqa: E402
-from tests.multihost.hosts import NamespaceHosts, missing_capabilities  # noqa: E402
+from testbed.cloud import host_workers  # noqa: E402
+from testbed.hosts import NamespaceHosts, missing_capabilities  # noqa: E402
+from testbed.images import tiny_image  # noqa: E402
+from testbed.stack import Stack, procfile_processes, run_stack  # noqa: E402
 
 ROUTE = (("host-b", "block"), ("host-c", "shared storage"), ("host-a", "block"))
 # A request answers 202 "checking" at once; the pre-flight checks, then the steps, follow. A refusal
@@ -82,12 +82,13 @@ def main() -> None:
     reason = missing_capabilities()
     if reason:
         raise SystemExit(f"cannot run the harness here: {reason}")
+    image = tiny_image()  # built (tools/build-tiny-image.sh) when missing, as the tests do
     harness = NamespaceHosts(count=3, shared=(("host-b", "host-c"),))
     harness.start()
     try:
         workers: dict[str, Any] = {}
         with tempfile.TemporaryDirectory() as state, run_stack(
-                TINY_IMAGE, Path(state), procfile=procfile_processes(without=("compute", "flower")),
+                image, Path(state), procfile=procfile_processes(without=("compute", "flower")),
                 hosts=[host.name for host in harness.hosts], redis_dbs=(5, 4),
                 extra_env={"COMPUTE_MIGRATION_UNSAFE": "1"},
                 companions=lambda stack: host_workers(harness, stack, workers)) as stack:

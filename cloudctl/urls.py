@@ -6,15 +6,10 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import SimpleRouter
 
-from cloudctl.compute.api import (
-    AggregateViewSet,
-    AvailabilityZoneView,
-    FlavorViewSet,
-    HostViewSet,
-    MigrationViewSet,
-    ServerGroupViewSet,
-    ServerViewSet,
-)
+from cloudctl.compute.api.flavors import FlavorViewSet
+from cloudctl.compute.api.hosts import AggregateViewSet, AvailabilityZoneView, HostViewSet
+from cloudctl.compute.api.migrations import MigrationViewSet
+from cloudctl.compute.api.servers import ServerGroupViewSet, ServerViewSet
 from cloudctl.compute.dashboard import capacity_dashboard
 from cloudctl.identity.api import TokenView
 from cloudctl.images.api import ImageViewSet

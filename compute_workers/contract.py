@@ -204,7 +204,8 @@ action_id=None)``
 
 from __future__ import annotations
 
-from typing import Any
+from enum import StrEnum
+from typing import Any, Literal, NotRequired, TypedDict
 
 SPEC_VERSION = 1
 
@@ -280,15 +281,167 @@ RESIZE_DIR_SUFFIX = "_resize"
 REBOOT_SOFT = "SOFT"
 REBOOT_HARD = "HARD"
 
-# Power states, as Nova names them (what the hypervisor says).
-POWER_NOSTATE = "nostate"
-POWER_RUNNING = "running"
-POWER_PAUSED = "paused"
-POWER_SHUTDOWN = "shutdown"
-POWER_CRASHED = "crashed"
-POWER_SUSPENDED = "suspended"
-POWER_STATES = (POWER_NOSTATE, POWER_RUNNING, POWER_PAUSED, POWER_SHUTDOWN, POWER_CRASHED,
-                POWER_SUSPENDED)
+
+
+class VmState(StrEnum):
+    """Where an instance rests (Nova's ``vm_states``); the control plane's choices derive from it."""
+
+    BUILDING = "building"
+    ACTIVE = "active"
+    STOPPED = "stopped"
+    PAUSED = "paused"
+    SUSPENDED = "suspended"
+    RESIZED = "resized"
+    ERROR = "error"
+    DELETED = "deleted"
+
+
+class TaskState(StrEnum):
+    """The operation in flight (Nova's ``task_states``); None when the instance is idle."""
+
+    SCHEDULING = "scheduling"
+    SPAWNING = "spawning"
+    REBOOTING = "rebooting"
+    REBOOTING_HARD = "rebooting_hard"
+    POWERING_OFF = "powering_off"
+    POWERING_ON = "powering_on"
+    PAUSING = "pausing"
+    UNPAUSING = "unpausing"
+    SUSPENDING = "suspending"
+    RESUMING = "resuming"
+    IMAGE_SNAPSHOT = "image_snapshot"
+    IMAGE_UPLOADING = "image_uploading"
+    MIGRATING = "migrating"
+    RESIZE_PREP = "resize_prep"
+    RESIZE_MIGRATING = "resize_migrating"
+    RESIZE_FINISH = "resize_finish"
+    RESIZE_REVERTING = "resize_reverting"
+    RESIZE_CONFIRMING = "resize_confirming"
+    DELETING = "deleting"
+
+
+class PowerState(StrEnum):
+    """What the hypervisor says of a domain, as Nova names it."""
+
+    NOSTATE = "nostate"
+    RUNNING = "running"
+    PAUSED = "paused"
+    SHUTDOWN = "shutdown"
+    CRASHED = "crashed"
+    SUSPENDED = "suspended"
+
+
+# The vm_state that tells the truth about a domain in a given power state (a failed operation
+# reports it; the conductor's power-state sync and restart recovery apply it). The one copy.
+VM_STATE_OF_POWER_STATE: dict[PowerState, VmState] = {
+    PowerState.RUNNING: VmState.ACTIVE,
+    PowerState.PAUSED: VmState.PAUSED,
+    PowerState.SUSPENDED: VmState.SUSPENDED,
+    PowerState.SHUTDOWN: VmState.STOPPED,
+    PowerState.CRASHED: VmState.STOPPED,
+    PowerState.NOSTATE: VmState.ERROR,
+}
+
+
+class EventResult(StrEnum):
+    """The result a compute worker reports for a step (an event of an instance action).
+
+    ``start`` opens the step, ``progress`` updates its message and keeps it open, ``success`` and
+    ``error`` close it (recorded as :class:`ActionResult`); ``cancelled`` closes a live migration's step
+    that an abort ended.
+    """
+
+    START = "start"
+    PROGRESS = "progress"
+    SUCCESS = "success"
+    ERROR = "error"
+    CANCELLED = "cancelled"
+
+
+class ActionResult(StrEnum):
+    """How an instance action, or one of its events, ended (Nova's spelling)."""
+
+    SUCCESS = "Success"
+    ERROR = "Error"
+
+
+# Kept for the call sites written before the enumerations; new code uses PowerState.
+POWER_NOSTATE = PowerState.NOSTATE
+POWER_RUNNING = PowerState.RUNNING
+POWER_PAUSED = PowerState.PAUSED
+POWER_SHUTDOWN = PowerState.SHUTDOWN
+POWER_CRASHED = PowerState.CRASHED
+POWER_SUSPENDED = PowerState.SUSPENDED
+POWER_STATES = tuple(PowerState)
+
+
+class FlavorSpec(TypedDict):
+    name: str
+    vcpus: int
+    memory_mb: int
+    root_gb: int
+
+
+class ImageSpec(TypedDict):
+    id: str
+    name: NotRequired[str]
+    url: str
+    sha256: str
+    size: NotRequired[int]
+    disk_format: Literal["qcow2", "raw"]
+    properties: NotRequired[dict[str, Any]]
+
+
+class SpawnSpec(TypedDict):
+    """The self-contained description of an instance a compute worker builds (version 1)."""
+
+    version: int
+    instance_uuid: str
+    name: str
+    host: str
+    request_id: NotRequired[str]
+    flavor: FlavorSpec
+    image: ImageSpec
+    networks: NotRequired[list[dict[str, Any]]]
+    key_data: NotRequired[str | None]
+    user_data: NotRequired[str | None]
+
+
+class Event(TypedDict):
+    """A step of an action, as reported: ``{"name", "result", "message"}``."""
+
+    name: str
+    result: str
+    message: str
+
+
+class Fault(TypedDict):
+    """Why an instance is in ERROR (or why an action failed): ``{"message", "code", "details"}``."""
+
+    message: str
+    code: int
+    details: str
+
+
+class InstanceValues(TypedDict, total=False):
+    """The fields a compute worker may set on an instance with ``conductor.instance_update``."""
+
+    vm_state: str
+    task_state: str | None
+    power_state: str
+
+
+class MigrationProgress(TypedDict, total=False):
+    """libvirt's job figures of a migration, in bytes, and when they were read (epoch seconds)."""
+
+    memory_total: int
+    memory_processed: int
+    memory_remaining: int
+    disk_total: int
+    disk_processed: int
+    disk_remaining: int
+    observed_at: float
+
 
 # Keys of the ``resources`` dict of a heartbeat.
 HEARTBEAT_RESOURCE_KEYS = (
@@ -332,7 +485,7 @@ class SpecError(ValueError):
     """An instance spec is malformed or of a version this worker does not understand."""
 
 
-def validate_spec(spec: dict[str, Any]) -> dict[str, Any]:
+def validate_spec(spec: Any) -> SpawnSpec:
     """Check a spawn spec's shape and return it. Raises :class:`SpecError`.
 
     Spec, version 1::
@@ -363,4 +516,73 @@ def validate_spec(spec: dict[str, Any]) -> dict[str, Any]:
             raise SpecError(f"spec.image.{key} must be a string")
     if spec["image"]["disk_format"] not in ("qcow2", "raw"):
         raise SpecError(f"unsupported disk_format {spec['image']['disk_format']!r}")
-    return spec
+    return spec  # type: ignore[return-value]  # its shape is what was just checked
+
+
+class ReportError(ValueError):
+    """A compute worker's report does not have the contract's shape (the conductor drops it)."""
+
+
+def _member(enum: type[StrEnum], value: Any, what: str) -> str:
+    try:
+        return enum(value)
+    except ValueError:
+        raise ReportError(f"{what} {value!r} is not one of {[m.value for m in enum]}") from None
+
+
+def validate_values(values: Any) -> InstanceValues:
+    """The ``values`` of an instance report: only the instance fields a worker may set, each a member of
+    its enumeration (task_state may be None). Raises :class:`ReportError`."""
+    if not isinstance(values, dict):
+        raise ReportError("values must be a JSON object")
+    unknown = set(values) - set(InstanceValues.__annotations__)
+    if unknown:
+        raise ReportError(f"values cannot set {sorted(unknown)}")
+    checked: InstanceValues = {}
+    if "vm_state" in values:
+        checked["vm_state"] = _member(VmState, values["vm_state"], "vm_state")
+    if "task_state" in values:
+        task = values["task_state"]
+        checked["task_state"] = None if task is None else _member(TaskState, task, "task_state")
+    if "power_state" in values:
+        checked["power_state"] = _member(PowerState, values["power_state"], "power_state")
+    return checked
+
+
+def validate_event(event: Any) -> Event | None:
+    """The ``event`` of a report (None stays None). Raises :class:`ReportError`."""
+    if event is None:
+        return None
+    if not isinstance(event, dict) or not isinstance(event.get("name"), str) or not event["name"]:
+        raise ReportError("event must be an object with a non-empty name")
+    return {"name": event["name"], "result": _member(EventResult, event.get("result"), "event result"),
+            "message": str(event.get("message") or "")}
+
+
+def validate_fault(fault: Any) -> Fault | None:
+    """The ``fault`` of a report (None stays None). Raises :class:`ReportError`."""
+    if fault is None:
+        return None
+    if not isinstance(fault, dict) or not isinstance(fault.get("message"), str):
+        raise ReportError("fault must be an object with a message")
+    code = fault.get("code", 500)
+    if not isinstance(code, int) or isinstance(code, bool):
+        raise ReportError(f"fault code {code!r} is not an integer")
+    return {"message": fault["message"], "code": code, "details": str(fault.get("details") or "")}
+
+
+def validate_progress(progress: Any) -> MigrationProgress:
+    """A migration's progress figures: non-negative integers under the contract's keys, plus
+    ``observed_at``; other keys are dropped. Raises :class:`ReportError`."""
+    if not isinstance(progress, dict):
+        raise ReportError("progress must be a JSON object")
+    checked: MigrationProgress = {}
+    for key in MIGRATION_PROGRESS_KEYS:
+        if key in progress:
+            value = progress[key]
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ReportError(f"progress.{key} must be a non-negative integer, not {value!r}")
+            checked[key] = value  # type: ignore[literal-required]
+    if isinstance(progress.get("observed_at"), int | float):
+        checked["observed_at"] = float(progress["observed_at"])
+    return checked

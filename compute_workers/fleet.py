@@ -122,7 +122,8 @@ class Fleet:
     def for_task(self, request: Context, host: str | None = None) -> ComputeManager | None:
         """The manager of the host whose queue the task came from; else the one ``host`` names."""
         delivery_info = getattr(request, "delivery_info", None) or {}
-        manager = self._by_queue.get(delivery_info.get("routing_key"))
+        routing_key = delivery_info.get("routing_key")
+        manager = self._by_queue.get(routing_key) if isinstance(routing_key, str) else None
         if manager is None and host is not None:
             manager = self.managers.get(host)
             if manager is not None:

@@ -12,5 +12,7 @@ echo "==> ruff"
 .venv/bin/ruff check .
 echo "==> import boundaries"
 .venv/bin/lint-imports --no-cache
+echo "==> types (mypy)"
+.venv/bin/mypy
 echo "==> pytest (database: ${DATABASE_URL:-SQLite})"
 exec .venv/bin/pytest "$@"

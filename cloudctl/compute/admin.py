@@ -15,8 +15,9 @@ from django.template.response import TemplateResponse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
-from cloudctl.compute import migration_requests, rpc, services
+from cloudctl.compute import migration_requests, selectors, services
 from cloudctl.compute.dashboard import usage_bars
+from cloudctl.compute.errors import ComputeUnavailable, MigrationInvalidState, ServerConsoleUnavailable
 from cloudctl.compute.models import (
     Aggregate,
     Allocation,
@@ -170,7 +171,7 @@ class InstanceAdmin(admin.ModelAdmin):
     def console_tail(self, instance: Instance) -> str:
         try:
             output = services.server_console_output(instance=instance, lines=20)
-        except (services.ConsoleUnavailable, rpc.ComputeUnavailable) as unavailable:
+        except (ServerConsoleUnavailable, ComputeUnavailable) as unavailable:
             return f"({unavailable})"
         return format_html("<pre style='max-height:20em;overflow:auto'>{}</pre>", output)
 
@@ -230,7 +231,7 @@ class HostAdmin(admin.ModelAdmin):
     actions = [disable_hosts, enable_hosts, live_migrate_servers_away]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Host]:
-        return services.hosts_with_usage()
+        return selectors.hosts_with_usage()
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # hosts register themselves with their first heartbeat
@@ -263,7 +264,7 @@ class HostAdmin(admin.ModelAdmin):
 
     @admin.display(description="servers on this host")
     def servers(self, host: Host) -> str:
-        live = host.instances.exclude(vm_state=VmState.DELETED)
+        live = selectors.servers_on_host(host=host)
         return format_html_join(", ", "{} ({})", ((s.name, s.status) for s in live)) or "none"
 
 
@@ -333,7 +334,7 @@ def _migration_action(verb: str, call: Callable[..., Migration]) -> Any:
             label = f"migration {migration.pk} of {migration.instance.name}"
             try:
                 call(migration=migration, user=request.user)
-            except (migration_requests.MigrationInvalidState, rpc.ComputeUnavailable) as refused:
+            except (MigrationInvalidState, ComputeUnavailable) as refused:
                 modeladmin.message_user(request, f"{label}: {verb} refused: {refused}",
                                         level=messages.WARNING)
             else:

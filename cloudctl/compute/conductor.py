@@ -19,6 +19,7 @@ from cloudctl.compute.models import Allocation, Host, Instance, InstanceAction, 
 from cloudctl.compute.services import finish_action, mark_deleted
 from cloudctl.compute.states import PowerState, TaskState, VmState
 from compute_workers import contract
+from compute_workers.contract import ActionResult
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ def instance_update(*, instance_uuid: str, host: str, expected_task_state: str |
             action = current_action(instance_uuid, action_id)
             if action is not None:
                 failed = values.get("vm_state") == VmState.ERROR or fault is not None
-                finish_action(action, result="Error" if failed else "Success",
+                finish_action(action, result=ActionResult.ERROR if failed else ActionResult.SUCCESS,
                               message=(fault or {}).get("message", ""))
     return True
 
@@ -140,7 +141,7 @@ def build_failed(*, instance_uuid: str, host: str, fault: dict[str, Any], resche
                      host)
             return
         Allocation.objects.filter(instance=instance, host__name=host).delete()
-        record_event(instance_uuid, event="compute_spawn", result="Error", host=host,
+        record_event(instance_uuid, event="compute_spawn", result=ActionResult.ERROR, host=host,
                      message=str(fault.get("message", "")), traceback=str(fault.get("details", "")))
         retry_hosts = [*instance.retry_hosts, host]
         if reschedule and instance.attempts < settings.SCHEDULER_MAX_ATTEMPTS:
@@ -161,7 +162,7 @@ def build_failed(*, instance_uuid: str, host: str, fault: dict[str, Any], resche
                    "details": str(fault.get("details", ""))})
         action = current_action(instance_uuid)
         if action is not None:
-            finish_action(action, result="Error", message=message)
+            finish_action(action, result=ActionResult.ERROR, message=message)
 
 
 def instance_destroyed(*, instance_uuid: str, host: str) -> None:
@@ -174,11 +175,11 @@ def instance_destroyed(*, instance_uuid: str, host: str) -> None:
                      instance_uuid, host)
             return
         action = current_action(instance_uuid)
-        record_event(instance_uuid, event="compute_terminate_instance", result="Success",
+        record_event(instance_uuid, event="compute_terminate_instance", result=ActionResult.SUCCESS,
                      host=host)
         mark_deleted(instance)
         if action is not None:
-            finish_action(action, result="Success")
+            finish_action(action, result=ActionResult.SUCCESS)
 
 
 _HOST_FIELDS = ("libvirt_uri", "driver", "virt_type", "hypervisor_type", "hypervisor_version",

@@ -14,8 +14,8 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.utils import timezone
 
-from cloudctl.compute.models import MIGRATION_IN_PROGRESS, Host, Instance, InstanceActionEvent, Migration
-from cloudctl.compute.services import hosts_with_usage
+from cloudctl.compute import selectors
+from cloudctl.compute.models import Host
 from cloudctl.compute.states import VmState
 
 REFRESH_SECONDS = 10
@@ -30,7 +30,7 @@ def _bar(used: float, total: float, ratio: float) -> dict[str, Any]:
 
 
 def usage_bars(host: Host) -> dict[str, dict[str, Any]]:
-    """vCPU, RAM and disk use of a host from ``hosts_with_usage()``, against ratio x capacity."""
+    """vCPU, RAM and disk use of a host from ``selectors.hosts_with_usage()``, against ratio x capacity."""
     ratios = host.ratios
     return {
         "vcpu": _bar(host.vcpus_used, host.vcpus, ratios["cpu"]),
@@ -62,8 +62,8 @@ def zone_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 @staff_member_required
 def capacity_dashboard(request: HttpRequest) -> HttpResponse:
-    rows = host_rows(list(hosts_with_usage()))
-    live = list(Instance.objects.exclude(vm_state=VmState.DELETED).select_related("host"))
+    rows = host_rows(list(selectors.hosts_with_usage()))
+    live = list(selectors.servers_live())
     now = timezone.now()
     troubled = []
     for server in live:
@@ -73,10 +73,8 @@ def capacity_dashboard(request: HttpRequest) -> HttpResponse:
             age = (now - server.task_state_since).total_seconds()
             troubled.append({"server": server, "age": int(age),
                              "late": bool(server.task_state) and age > deadline})
-    failures = (InstanceActionEvent.objects.filter(event="schedule", result="Error")
-                .select_related("action__instance").order_by("-start_time")[:10])
-    migrations = (Migration.objects.filter(status__in=[str(s) for s in MIGRATION_IN_PROGRESS])
-                  .select_related("instance", "source_host", "dest_host").order_by("created"))
+    failures = selectors.scheduling_failures_recent(limit=10)
+    migrations = selectors.migrations_in_progress()
     return render(request, "dashboard.html", {
         "title": "Capacity", "hosts": rows, "zones": zone_rows(rows), "migrations": migrations,
         "status_counts": sorted(Counter(s.status for s in live).items()),

@@ -25,6 +25,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from cloudctl.compute import placement, rpc, states
+from cloudctl.compute.errors import ComputeUnavailable
 from cloudctl.compute.migration_batches import migration_locked
 from cloudctl.compute.migration_steps import (
     instance_in_task,
@@ -38,6 +39,7 @@ from cloudctl.compute.services import GIB
 from cloudctl.compute.specs import spawn_spec
 from cloudctl.compute.states import VmState
 from compute_workers import contract
+from compute_workers.contract import ActionResult
 from scheduler.host_state import RequestSpec
 from scheduler.selection import NoValidHost
 
@@ -161,7 +163,7 @@ def _ask_hosts(instance: Instance, dest: Host, *, live: bool) -> dict[str, Any]:
                           instance_uuid=str(instance.uuid), source_host=source.name,
                           source_cpu_info=source.cpu_info or {},
                           image=spawn_spec(instance, dest.name)["image"], live=live)
-    except rpc.ComputeUnavailable as exc:
+    except ComputeUnavailable as exc:
         raise CheckRefused("destination", str(exc)) from None
     if not answer.get("ok"):
         raise CheckRefused(str(answer.get("check") or "destination"),
@@ -170,7 +172,7 @@ def _ask_hosts(instance: Instance, dest: Host, *, live: bool) -> dict[str, Any]:
         source_answer = rpc.call(source.name, contract.COMPUTE_CHECK_MIGRATE_SOURCE, timeout=timeout,
                                  instance_uuid=str(instance.uuid),
                                  shared_marker=answer.get("shared_marker") or "")
-    except rpc.ComputeUnavailable as exc:
+    except ComputeUnavailable as exc:
         raise CheckRefused("source", str(exc)) from None
     if not source_answer.get("ok"):
         raise CheckRefused(str(source_answer.get("check") or "source"),
@@ -208,7 +210,8 @@ def _start(migration_id: int, instance: Instance, dest: Host, answer: dict[str, 
             return None
         if not placement.claim_move(str(instance.uuid), dest.name, spec, migration.pk):
             return False
-        migration_event(migration, "preflight_checks", "Success", _checks_message(answer), host=dest.name)
+        migration_event(migration, "preflight_checks", ActionResult.SUCCESS, _checks_message(answer),
+                        host=dest.name)
         if migration.migration_type == MigrationType.LIVE:
             _start_live(migration, instance, dest, answer)
         else:
@@ -252,7 +255,7 @@ def _end(migration_id: int, status: str, check: str, message: str) -> str:
             host_id=migration.source_host_id).change(task_state=None)
         migration_save(migration, status=status, error=message, failed_check=check,
                        finished_at=timezone.now())
-        migration_event(migration, "preflight_checks", "Error", message)
-        migration_finish(migration, "Error", message)
+        migration_event(migration, "preflight_checks", ActionResult.ERROR, message)
+        migration_finish(migration, ActionResult.ERROR, message)
     log.info("pre-flight of migration %s: %s (%s) %s", migration_id, status, check, message)
     return status

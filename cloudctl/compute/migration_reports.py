@@ -42,6 +42,7 @@ from cloudctl.compute.models import MigrationStatus as S
 from cloudctl.compute.specs import spawn_spec
 from cloudctl.compute.states import PowerState, TaskState, VmState
 from compute_workers import contract
+from compute_workers.contract import ActionResult
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class Step:
     """How one report applies: only while the migration is in one of ``expected``, only from
     ``reporter``; ``apply`` records the outcome and sends the next step."""
 
-    expected: tuple[S, ...]
+    expected: tuple[str, ...]  # MigrationStatus values
     reporter: Reporter
     apply: StepHandler
 
@@ -202,7 +203,7 @@ def _close_force_complete(migration: Migration, result: str, outcome: str) -> No
 
 
 def live_migrated(migration: Migration, **_: Any) -> None:
-    _close_force_complete(migration, "Success", "the migration completed first")
+    _close_force_complete(migration, ActionResult.SUCCESS, "the migration completed first")
     migration_save(migration, status=S.POST_MIGRATING)
     instance = migration.instance
     step_send(migration.dest_host, contract.COMPUTE_POST_LIVE_MIGRATION_AT_DEST, **step_ids(migration),
@@ -227,9 +228,9 @@ def live_completed(migration: Migration, *, values: dict[str, Any], **_: Any) ->
         figures["downtime_ms"] = downtime
     migration_save(migration, status=S.COMPLETED, finished_at=timezone.now(), **figures)
     seconds = (timezone.now() - (migration.started_at or migration.created)).total_seconds()
-    migration_event(migration, "live_migration", "Success",
+    migration_event(migration, "live_migration", ActionResult.SUCCESS,
                     f"{migration.source_host.name} -> {migration.dest_host.name} in {seconds:.1f} s", host="")
-    migration_finish(migration, "Success")
+    migration_finish(migration, ActionResult.SUCCESS)
 
 
 def live_failed(migration: Migration, *, status: str = S.FAILED, error: str = "",
@@ -257,11 +258,11 @@ def live_failed(migration: Migration, *, status: str = S.FAILED, error: str = ""
     message = error or status
     migration_save(migration, status=status, error=message, finished_at=timezone.now())
     label = "cancelled" if status == S.CANCELLED else "failed"
-    _close_force_complete(migration, "Error", f"the migration {label}")
-    migration_event(migration, "live_migration", "Error", f"live migration {label}: {message}")
+    _close_force_complete(migration, ActionResult.ERROR, f"the migration {label}")
+    migration_event(migration, "live_migration", ActionResult.ERROR, f"live migration {label}: {message}")
     if status == S.CANCELLED:
-        migration_event(migration, "abort_live_migration", "Success", message)
-    migration_finish(migration, "Error", f"live migration {label}: {message}")
+        migration_event(migration, "abort_live_migration", ActionResult.SUCCESS, message)
+    migration_finish(migration, ActionResult.ERROR, f"live migration {label}: {message}")
     step_send(migration.dest_host, contract.COMPUTE_ROLLBACK_LIVE_MIGRATION_AT_DEST, **step_ids(migration),
               shared_storage=bool(migration.shared_storage))
 
@@ -293,8 +294,8 @@ def _live_dest_error(migration: Migration, *, error: str, values: dict[str, Any]
                                      f"{migration.dest_host.name}, but it does not run there: {error}",
                           "code": 500, "details": ""})
     migration_save(migration, status=S.ERROR, error=error, finished_at=timezone.now())
-    migration_event(migration, "post_live_migration", "Error", error)
-    migration_finish(migration, "Error", error)
+    migration_event(migration, "post_live_migration", ActionResult.ERROR, error)
+    migration_finish(migration, ActionResult.ERROR, error)
 
 
 def _rolled_back(migration: Migration, *, host: str, **_: Any) -> None:
@@ -334,8 +335,8 @@ def _cold_failed(migration: Migration, *, error: str, values: dict[str, Any], ho
         **_settled(values.get("power_state"), instance.vm_state))
     release_destination(migration)
     migration_save(migration, status=S.ERROR, error=error, finished_at=timezone.now())
-    migration_event(migration, f"{migration.migration_type}", "Error", error, host=host)
-    migration_finish(migration, "Error", error)
+    migration_event(migration, f"{migration.migration_type}", ActionResult.ERROR, error, host=host)
+    migration_finish(migration, ActionResult.ERROR, error)
 
 
 def _cold_migrated(migration: Migration, **_: Any) -> None:
@@ -363,14 +364,14 @@ def _cold_finished(migration: Migration, *, values: dict[str, Any], **_: Any) ->
     where = f"{migration.source_host.name} -> {dest.name}"
     if resize:
         migration_save(migration, status=S.FINISHED, finished_at=now)
-        migration_event(migration, "resize", "Success", f"{where}, {migration.old_flavor.name} -> "
+        migration_event(migration, "resize", ActionResult.SUCCESS, f"{where}, {migration.old_flavor.name} -> "
                                                         f"{migration.new_flavor.name} in {seconds:.1f} s; "
                                                         "waiting for confirm or revert")
-        migration_finish(migration, "Success")
+        migration_finish(migration, ActionResult.SUCCESS)
         return
     # A cold migration confirms itself: the server is done, the source's copy is removed next.
-    migration_event(migration, "migrate", "Success", f"{where} in {seconds:.1f} s")
-    migration_finish(migration, "Success")
+    migration_event(migration, "migrate", ActionResult.SUCCESS, f"{where} in {seconds:.1f} s")
+    migration_finish(migration, ActionResult.SUCCESS)
     migration_save(migration, finished_at=now)
     confirm_send(migration, None)
 
@@ -379,7 +380,7 @@ def _cold_finish_failed(migration: Migration, *, error: str, **_: Any) -> None:
     """The destination could not start the copy: go back to the source's disk, kept aside."""
     instance_in_task(migration, TaskState.RESIZE_FINISH).change(task_state=TaskState.RESIZE_REVERTING)
     migration_save(migration, error=f"the destination {migration.dest_host.name} could not finish: {error}")
-    migration_event(migration, "finish_resize", "Error",
+    migration_event(migration, "finish_resize", ActionResult.ERROR,
                     f"{error}; reverting to {migration.source_host.name}")
     revert_send(migration, None)
 
@@ -391,9 +392,9 @@ def _confirmed(migration: Migration, **_: Any) -> None:
     if instance.task_state == TaskState.RESIZE_CONFIRMING:
         Instance.objects.filter(uuid=instance.uuid, task_state=TaskState.RESIZE_CONFIRMING).change(
             task_state=None, vm_state=_vm_state_of(instance.power_state, VmState.ACTIVE))
-        migration_event(migration, "confirm_resize", "Success",
+        migration_event(migration, "confirm_resize", ActionResult.SUCCESS,
                         f"the old copy on {migration.source_host.name} is removed")
-        migration_finish(migration, "Success")
+        migration_finish(migration, ActionResult.SUCCESS)
 
 
 def confirm_failed(migration: Migration, *, error: str, **_: Any) -> None:
@@ -403,7 +404,7 @@ def confirm_failed(migration: Migration, *, error: str, **_: Any) -> None:
     if instance.task_state == TaskState.RESIZE_CONFIRMING:
         Instance.objects.filter(uuid=instance.uuid, task_state=TaskState.RESIZE_CONFIRMING).change(
             task_state=None, vm_state=_vm_state_of(instance.power_state, VmState.ACTIVE))
-        migration_finish(migration, "Error", error)
+        migration_finish(migration, ActionResult.ERROR, error)
 
 
 def _reverted_dest(migration: Migration, **_: Any) -> None:
@@ -420,9 +421,9 @@ def _reverted(migration: Migration, *, values: dict[str, Any], **_: Any) -> None
     release_destination(migration)
     failed = bool(migration.error)
     migration_save(migration, status=S.ERROR if failed else S.REVERTED, finished_at=timezone.now())
-    migration_event(migration, "revert_resize", "Success", f"back on {source.name} with flavor "
+    migration_event(migration, "revert_resize", ActionResult.SUCCESS, f"back on {source.name} with flavor "
                                                            f"{migration.old_flavor.name}")
-    migration_finish(migration, "Error" if failed else "Success", migration.error)
+    migration_finish(migration, ActionResult.ERROR if failed else ActionResult.SUCCESS, migration.error)
 
 
 def _revert_failed(migration: Migration, *, error: str, host: str, values: dict[str, Any], **_: Any) -> None:
@@ -431,16 +432,16 @@ def _revert_failed(migration: Migration, *, error: str, host: str, values: dict[
         task_state=None, vm_state=VmState.ERROR, power_state=values.get("power_state") or PowerState.NOSTATE,
         fault={"message": message, "code": 500, "details": ""})
     migration_save(migration, status=S.ERROR, error=message, finished_at=timezone.now())
-    migration_event(migration, "revert_resize", "Error", message, host=host)
-    migration_finish(migration, "Error", message)
+    migration_event(migration, "revert_resize", ActionResult.ERROR, message, host=host)
+    migration_finish(migration, ActionResult.ERROR, message)
 
 
 def _cold_error(migration: Migration, **kwargs: Any) -> None:
     """"error" means different things at different steps."""
-    handler = {S.PREPARING: _cold_failed, S.MIGRATING: _cold_failed,
-               S.POST_MIGRATING: _cold_finish_failed, S.CONFIRMING: confirm_failed,
-               S.REVERTING: _revert_failed}[S(migration.status)]
-    handler(migration, **kwargs)
+    by_status: dict[str, StepHandler] = {
+        S.PREPARING: _cold_failed, S.MIGRATING: _cold_failed, S.POST_MIGRATING: _cold_finish_failed,
+        S.CONFIRMING: confirm_failed, S.REVERTING: _revert_failed}
+    by_status[S(migration.status)](migration, **kwargs)
 
 
 COLD_STEPS: dict[str, Step] = {

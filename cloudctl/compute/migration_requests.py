@@ -27,8 +27,15 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from cloudctl.compute import rpc, states
+from cloudctl.compute import states
 from cloudctl.compute.conductor import record_event
+from cloudctl.compute.errors import (
+    ComputeUnavailable,
+    HostUnavailable,
+    InvalidRequest,
+    MigrationInvalidState,
+    ServerInvalidState,
+)
 from cloudctl.compute.migration_batches import batch_advance, migration_locked, preflight_send
 from cloudctl.compute.migration_preflight import RULES
 from cloudctl.compute.migration_steps import (
@@ -53,9 +60,6 @@ from cloudctl.compute.models import (
 )
 from cloudctl.compute.models import MigrationStatus as S
 from cloudctl.compute.services import (
-    HostUnavailable,
-    InstanceInvalidState,
-    InvalidRequest,
     action_start,
     host_set_enabled,
     new_request_id,
@@ -64,19 +68,11 @@ from cloudctl.compute.services import (
 )
 from cloudctl.compute.states import VmState
 from compute_workers import contract
-
-
-class MigrationInvalidState(Exception):
-    """The migration is not in a state the request applies to (HTTP 409)."""
-
-    def __init__(self, migration: Migration, message: str) -> None:
-        self.migration = migration
-        super().__init__(message)
-
+from compute_workers.contract import ActionResult
 
 # A request refused with its reason, nothing changed: a batch (admin action, host evacuation) reports it
 # for that server and goes on with the next.
-REFUSED = (InstanceInvalidState, HostUnavailable, InvalidRequest, rpc.ComputeUnavailable)
+REFUSED = (ServerInvalidState, HostUnavailable, InvalidRequest, ComputeUnavailable)
 
 
 @dataclass(frozen=True)
@@ -209,7 +205,7 @@ def server_resize(*, instance: Instance, user: Any, flavor: Flavor,
 def _require_idle(instance: Instance, rule: states.Transition) -> None:
     """Refuse early (409) what the transition would refuse."""
     if instance.vm_state not in rule.from_vm_states or instance.task_state not in rule.from_task_states:
-        raise InstanceInvalidState(instance, rule.action)
+        raise ServerInvalidState(instance, rule.action)
 
 
 def _named_host(instance: Instance, host: str | None, same_host: bool) -> Host | None:
@@ -287,8 +283,8 @@ def _cancel_unstarted(migration: Migration, user: Any) -> None:
     task = RULES[migration.migration_type].to_task_state
     instance_in_task(migration, task).filter(host_id=migration.source_host_id).change(task_state=None)
     migration_save(migration, status=S.CANCELLED, error=message, finished_at=timezone.now())
-    migration_event(migration, "abort_migration", "Success", message)
-    migration_finish(migration, "Error", f"{migration.migration_type} cancelled: {message}")
+    migration_event(migration, "abort_migration", ActionResult.SUCCESS, message)
+    migration_finish(migration, ActionResult.ERROR, f"{migration.migration_type} cancelled: {message}")
 
 
 def migration_force_complete(*, migration: Migration, user: Any) -> Migration:
@@ -307,9 +303,9 @@ def migration_force_complete(*, migration: Migration, user: Any) -> Migration:
         # The source acts on one switch-over per migration: a second request would wait for nothing.
         earlier = (InstanceActionEvent.objects.filter(action_id=locked.action_id,
                                                       event=contract.FORCE_COMPLETE_EVENT)
-                   .exclude(result="Error").order_by("-id").first())
+                   .exclude(result=ActionResult.ERROR).order_by("-id").first())
         if earlier is not None:
-            state = ("switched over" if earlier.result == "Success"
+            state = ("switched over" if earlier.result == ActionResult.SUCCESS
                      else "already waiting for libvirt to take its switch-over")
             raise MigrationInvalidState(locked, f"migration {locked.pk} is {state} (force-complete requested "
                                                 f"at {earlier.start_time:%H:%M:%S} UTC): "
@@ -328,7 +324,7 @@ def _resize_migration(instance: Instance) -> Migration:
                                           migration_type=MigrationType.RESIZE)
                  .select_related("source_host", "dest_host", "old_flavor", "new_flavor").first())
     if migration is None:
-        raise InstanceInvalidState(instance, "confirm or revert the resize of")
+        raise ServerInvalidState(instance, "confirm or revert the resize of")
     return migration
 
 

@@ -42,6 +42,7 @@ from cloudctl.compute.specs import spawn_spec
 from cloudctl.compute.states import VM_STATE_FOR_POWER_STATE, PowerState, TaskState, VmState
 from cloudctl.compute.sync import sync_power_state
 from compute_workers import contract
+from compute_workers.contract import ActionResult
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +91,12 @@ def _init_instance(instance: Instance, power_state: str) -> None:
             if Instance.objects.filter(uuid=uuid, task_state=task).change(
                     vm_state=VmState.ERROR, task_state=None, power_state=power_state,
                     fault={"message": message, "code": 500, "details": ""}):
-                record_event(uuid, event="init_instance", result="Error", host=host,
+                record_event(uuid, event="init_instance", result=ActionResult.ERROR, host=host,
                              message=message)
-                _finish_running_action(uuid, "Error", message)
+                _finish_running_action(uuid, ActionResult.ERROR, message)
         return
     if task == TaskState.DELETING:
-        record_event(uuid, event="init_instance", result="Success", host=host,
+        record_event(uuid, event="init_instance", result=ActionResult.SUCCESS, host=host,
                      message=f"the compute worker on {host} restarted during the delete; "
                              "deleting again")
         rpc.cast(host, contract.COMPUTE_TERMINATE, instance_uuid=uuid)
@@ -110,9 +111,9 @@ def _init_instance(instance: Instance, power_state: str) -> None:
         with transaction.atomic():
             if Instance.objects.filter(uuid=uuid, task_state=task).change(
                     vm_state=truth, task_state=None, power_state=power_state):
-                record_event(uuid, event="init_instance", result="Error", host=host,
+                record_event(uuid, event="init_instance", result=ActionResult.ERROR, host=host,
                              message=message)
-                _finish_running_action(uuid, "Error", message)
+                _finish_running_action(uuid, ActionResult.ERROR, message)
         return
     if task is None:
         sync_power_state(instance, power_state, timezone.now() + timedelta(microseconds=1))
@@ -130,10 +131,10 @@ def _repeat_interrupted(instance: Instance, power_state: str) -> None:
         instance.refresh_from_db()
         if action is not None:
             action.events.filter(finish_time__isnull=True).update(
-                finish_time=timezone.now(), result="Error",
+                finish_time=timezone.now(), result=ActionResult.ERROR,
                 message=f"interrupted: the compute worker on {host} restarted")
         how = "hard reboot" if again == TaskState.REBOOTING_HARD else again.replace("_", " ")
-        record_event(uuid, event="init_instance", result="Success", host=host,
+        record_event(uuid, event="init_instance", result=ActionResult.SUCCESS, host=host,
                      message=f"the compute worker on {host} restarted during {task} (domain "
                              f"{power_state}); repeating it as a {how}")
         kwargs: dict[str, Any] = {"instance_uuid": uuid,
@@ -178,7 +179,7 @@ def migrations_recover(*, host: Host, reported: dict[str, str]) -> int:
             if uuid in reported and migration.status == S.RUNNING_POSTCOPY:
                 # Past the point of no return: libvirt finishes the job without the worker. The
                 # domain leaving (a later report) or the step timeout settles it.
-                migration_event(migration, "init_instance", "Success",
+                migration_event(migration, "init_instance", ActionResult.SUCCESS,
                                 f"{reason}; the migration is in post-copy and cannot be aborted: libvirt "
                                 "finishes it", host=host.name)
                 continue
@@ -187,7 +188,7 @@ def migrations_recover(*, host: Host, reported: dict[str, str]) -> int:
                 live_failed(migration, status=S.FAILED, values={"power_state": reported[uuid]},
                             error=f"{reason}; the job was aborted and the server stays on {host.name}")
             else:
-                migration_event(migration, "init_instance", "Success",
+                migration_event(migration, "init_instance", ActionResult.SUCCESS,
                                 f"{reason}; the domain left {host.name}: asking {migration.dest_host.name} "
                                 "whether it runs there", host=host.name)
                 live_migrated(migration)
@@ -217,8 +218,8 @@ def _cold_interrupted(migration: Migration, reason: str) -> None:
         TaskState.RESIZE_PREP, TaskState.RESIZE_MIGRATING, TaskState.RESIZE_FINISH)).change(
         task_state=None, vm_state=VmState.ERROR, fault={"message": message, "code": 500, "details": ""})
     migration_save(migration, status=S.ERROR, error=message, finished_at=timezone.now())
-    migration_event(migration, "init_instance", "Error", message, host=source)
-    migration_finish(migration, "Error", message)
+    migration_event(migration, "init_instance", ActionResult.ERROR, message, host=source)
+    migration_finish(migration, ActionResult.ERROR, message)
 
 
 # --- Reapers ---------------------------------------------------------------------------------------
@@ -281,9 +282,9 @@ def _reap(instance: Instance, task: str, seconds: int) -> int:
         if not Instance.objects.filter(uuid=uuid, task_state=task,
                                        task_state_since=instance.task_state_since).change(**changes):
             return 0
-        record_event(uuid, event="task_deadline_exceeded", result="Error",
+        record_event(uuid, event="task_deadline_exceeded", result=ActionResult.ERROR,
                      host=host.name if host else "", message=message)
-        _finish_running_action(uuid, "Error", message)
+        _finish_running_action(uuid, ActionResult.ERROR, message)
         if task == TaskState.DELETING and (host is None or not host.is_up):
             instance.refresh_from_db()
             mark_deleted(instance)
@@ -349,8 +350,8 @@ def _reap_checking(now: datetime) -> int:
             task = RULES[migration.migration_type].to_task_state
             instance_in_task(migration, task).filter(host_id=migration.source_host_id).change(task_state=None)
             migration_save(migration, status=S.ERROR, error=message, finished_at=now)
-            migration_event(migration, "preflight_checks", "Error", message)
-            migration_finish(migration, "Error", message)
+            migration_event(migration, "preflight_checks", ActionResult.ERROR, message)
+            migration_finish(migration, ActionResult.ERROR, message)
             reaped += 1
     return reaped
 
@@ -371,7 +372,7 @@ def _reap_migration(migration: Migration, late: str) -> None:
                         error=f"{late}; the domain is still on {migration.source_host.name}: aborted")
             return
         if on_dest and not on_source:
-            migration_event(migration, "migration_deadline", "Success",
+            migration_event(migration, "migration_deadline", ActionResult.SUCCESS,
                             f"{late}; {migration.dest_host.name} reports the domain {on_dest}")
             live_completed(migration, values={"power_state": on_dest})
             return
@@ -379,7 +380,7 @@ def _reap_migration(migration: Migration, late: str) -> None:
         instance_in_task(migration, TaskState.MIGRATING).change(
             task_state=None, vm_state=VmState.ERROR, fault={"message": message, "code": 500, "details": ""})
         migration_save(migration, status=S.ERROR, error=message, finished_at=timezone.now())
-        migration_finish(migration, "Error", message)
+        migration_finish(migration, ActionResult.ERROR, message)
         return
     if migration.status in (S.CONFIRMING,):
         confirm_failed(migration, error=late)
@@ -407,7 +408,7 @@ def confirm_expired_resizes() -> int:
             action = action_start(instance=instance, action=states.CONFIRM_RESIZE.action, user=None,
                                   request_id="system")
             now = timezone.now()
-            action.events.create(event="auto_confirm_resize", result="Success", start_time=now,
+            action.events.create(event="auto_confirm_resize", result=ActionResult.SUCCESS, start_time=now,
                                  finish_time=now, message=f"not confirmed within RESIZE_CONFIRM_WINDOW "
                                                           f"({window} s): confirmed automatically")
             confirm_send(migration, action)

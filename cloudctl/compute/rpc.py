@@ -17,13 +17,10 @@ from celery.result import AsyncResult
 from django.conf import settings
 
 from cloudctl.celery import app
+from cloudctl.compute.errors import ComputeUnavailable
 from compute_workers import contract
 
 log = logging.getLogger(__name__)
-
-
-class ComputeUnavailable(Exception):
-    """The host's compute worker did not answer in time."""
 
 
 @functools.cache
@@ -63,7 +60,3 @@ def call(host: str, task_name: str, *, timeout: float, **kwargs: Any) -> Any:
 
 def send_to_scheduler(task_name: str, **kwargs: Any) -> None:
     app.send_task(task_name, kwargs=kwargs, queue=contract.SCHEDULER_QUEUE)
-
-
-def send_to_conductor(task_name: str, **kwargs: Any) -> None:
-    app.send_task(task_name, kwargs=kwargs, queue=contract.CONDUCTOR_QUEUE)

@@ -19,6 +19,7 @@ from cloudctl.compute.services import finish_action
 from cloudctl.compute.specs import spawn_spec
 from cloudctl.compute.states import TaskState, VmState
 from compute_workers import contract
+from compute_workers.contract import ActionResult
 from scheduler.selection import NoValidHost
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def schedule_instance(instance_uuid: str) -> str | None:
     except NoValidHost as no_host:
         _fail_no_valid_host(instance, no_host)
         return None
-    record_event(instance_uuid, event="schedule", result="Success", host=candidate.name,
+    record_event(instance_uuid, event="schedule", result=ActionResult.SUCCESS, host=candidate.name,
                  message=f"attempt {len(spec.ignore_hosts) + 1}")
     instance.refresh_from_db()
     rpc.cast(candidate.name, contract.COMPUTE_SPAWN, spec=spawn_spec(instance, candidate.name))
@@ -62,8 +63,8 @@ def _fail_no_valid_host(instance: Instance, no_host: NoValidHost) -> None:
             vm_state=VmState.ERROR, task_state=None, fault=fault)
         if not updated:
             return
-        record_event(str(instance.uuid), event="schedule", result="Error",
+        record_event(str(instance.uuid), event="schedule", result=ActionResult.ERROR,
                      message=fault["message"])
         action = current_action(str(instance.uuid))
         if action is not None:
-            finish_action(action, result="Error", message=fault["message"])
+            finish_action(action, result=ActionResult.ERROR, message=fault["message"])

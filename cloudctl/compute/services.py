@@ -1,7 +1,8 @@
 """Server operations requested by users: one function per operation, called by every interface.
 
 Each operation is: validate, one compare-and-swap state transition (the loser of a race gets
-:class:`InstanceInvalidState`, i.e. 409), an InstanceAction row, and a task sent on commit.
+:class:`~cloudctl.compute.errors.ServerInvalidState`, i.e. 409), an InstanceAction row, and a task
+sent on commit.
 """
 
 from __future__ import annotations
@@ -12,10 +13,16 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Count, Q, QuerySet, Sum
+from django.db.models import Q
 from django.utils import timezone
 
-from cloudctl.compute import rpc, states
+from cloudctl.compute import rpc, selectors, states
+from cloudctl.compute.errors import (
+    HostUnavailable,
+    InvalidRequest,
+    ServerConsoleUnavailable,
+    ServerInvalidState,
+)
 from cloudctl.compute.models import (
     Aggregate,
     Allocation,
@@ -28,69 +35,18 @@ from cloudctl.compute.models import (
 from cloudctl.compute.specs import spawn_spec
 from cloudctl.compute.states import DELETE, PowerState, TaskState, Transition, VmState
 from cloudctl.identity.models import Project
-from cloudctl.identity.services import is_admin, project_id_of
 from cloudctl.images.models import Image, ImageStatus
 from cloudctl.images.services import image_create, image_kill
 from compute_workers import contract
+from compute_workers.contract import ActionResult
 
 log = logging.getLogger(__name__)
 
 GIB = 1024**3
 
 
-class InstanceInvalidState(Exception):
-    """The instance is not in a state the action may start from (HTTP 409)."""
-
-    # Action records carry Nova's names; the message says what the user asked to do.
-    VERBS = {"live-migration": "live-migrate", "confirmResize": "confirm the resize of",
-             "revertResize": "revert the resize of"}
-
-    def __init__(self, instance: Instance, action: str) -> None:
-        self.instance = instance
-        self.action = action
-        super().__init__(
-            f"cannot {self.VERBS.get(action, action)} server {instance.uuid} while "
-            f"vm_state={instance.vm_state} task_state={instance.task_state}"
-        )
-
-
-class InvalidRequest(Exception):
-    """A request that is well-formed but cannot be served (HTTP 400), naming the field."""
-
-    def __init__(self, field: str, message: str) -> None:
-        self.field = field
-        self.message = message
-        super().__init__(f"{field}: {message}")
-
-
-class ConsoleUnavailable(Exception):
-    """The console cannot be read now (HTTP 409): the server does not run on a host."""
-
-
-class HostUnavailable(Exception):
-    """The server's host cannot act now (HTTP 409): it is down, or the server has no host."""
-
-    def __init__(self, instance: Instance, message: str) -> None:
-        self.instance = instance
-        super().__init__(message)
-
-
 def new_request_id() -> str:
     return f"req-{uuid.uuid4()}"
-
-
-def servers_visible_to(user: Any) -> QuerySet[Instance]:
-    """Live (not deleted) servers: all for admins, the user's project's for members."""
-    servers = Instance.objects.exclude(vm_state=VmState.DELETED).select_related(
-        "flavor", "image", "host", "project")
-    if is_admin(user):
-        return servers
-    return servers.filter(project_id=project_id_of(user))
-
-
-def flavors_visible_to(user: Any) -> QuerySet[Flavor]:
-    flavors = Flavor.objects.filter(disabled=False)
-    return flavors if is_admin(user) else flavors.filter(is_public=True)
 
 
 def action_start(*, instance: Instance, action: str, user: Any, request_id: str,
@@ -103,7 +59,7 @@ def action_start(*, instance: Instance, action: str, user: Any, request_id: str,
 
 
 def transition(instance: Instance, rule: Transition, **values: Any) -> Instance:
-    """Compare-and-swap the instance into ``rule.to_task_state`` or raise InstanceInvalidState.
+    """Compare-and-swap the instance into ``rule.to_task_state`` or raise ServerInvalidState.
 
     One conditional UPDATE: of two concurrent requests exactly one matches the row.
     """
@@ -115,7 +71,7 @@ def transition(instance: Instance, rule: Transition, **values: Any) -> Instance:
                .change(task_state=rule.to_task_state, **values))
     instance.refresh_from_db()
     if updated != 1:
-        raise InstanceInvalidState(instance, rule.action)
+        raise ServerInvalidState(instance, rule.action)
     return instance
 
 
@@ -133,24 +89,13 @@ def _check_boot_fit(flavor: Flavor, image: Image) -> None:
                                        f"larger than flavor {flavor.name}'s {flavor.root_gb} GiB disk")
 
 
-def availability_zones() -> dict[str, list[Host]]:
-    """Every zone with its hosts; the default zone is listed even before any host is in it."""
-    zones: dict[str, list[Host]] = {settings.DEFAULT_AVAILABILITY_ZONE: []}
-    for zone in Aggregate.objects.exclude(availability_zone="").values_list(
-            "availability_zone", flat=True):
-        zones.setdefault(zone, [])
-    for host in Host.objects.all():
-        zones.setdefault(host.zone, []).append(host)
-    return zones
-
-
 def server_create(*, user: Any, project: Project, name: str, flavor: Flavor, image: Image,
                   availability_zone: str = "", server_group: ServerGroup | None = None,
                   same_host: list[str] | None = None, different_host: list[str] | None = None,
                   host: str = "", request_id: str | None = None) -> Instance:
     """Record a new server (BUILD/scheduling) and ask the scheduler to place it."""
     _check_boot_fit(flavor, image)
-    if availability_zone and availability_zone not in availability_zones():
+    if availability_zone and availability_zone not in selectors.availability_zones():
         raise InvalidRequest("availability_zone", f"no availability zone {availability_zone!r}")
     if host and not Host.objects.filter(name=host).exists():
         raise InvalidRequest("host", f"no host {host!r}")
@@ -190,7 +135,7 @@ def server_delete(*, instance: Instance, user: Any, request_id: str | None = Non
             if instance.host is not None:
                 record_local_delete(action, instance.host)
             mark_deleted(instance)
-            finish_action(action, result="Success")
+            finish_action(action, result=ActionResult.SUCCESS)
             return True
         host_name = instance.host.name
         transaction.on_commit(lambda: rpc.cast(
@@ -200,7 +145,7 @@ def server_delete(*, instance: Instance, user: Any, request_id: str | None = Non
 
 def record_local_delete(action: InstanceAction, host: Host) -> None:
     now = timezone.now()
-    action.events.create(event="local_delete", result="Success", host=host.name, start_time=now,
+    action.events.create(event="local_delete", result=ActionResult.SUCCESS, host=host.name, start_time=now,
                          finish_time=now,
                          message=f"host {host.name} is down: deleted here; its domain is removed "
                                  "when the host comes back")
@@ -213,15 +158,6 @@ def mark_deleted(instance: Instance) -> None:
         vm_state=VmState.DELETED, task_state=None, power_state=PowerState.NOSTATE,
         deleted_at=timezone.now())
     instance.refresh_from_db()
-
-
-def host_status(instance: Instance) -> str:
-    """Nova's host_status: UP, DOWN, MAINTENANCE (host disabled), or "" for a server on no host."""
-    if instance.host is None:
-        return ""
-    if not instance.host.is_up:
-        return "DOWN"
-    return "UP" if instance.host.enabled else "MAINTENANCE"
 
 
 def require_host_up(instance: Instance, action: str) -> Host:
@@ -296,7 +232,7 @@ def server_resume(*, instance: Instance, user: Any,
 def finish_action(action: InstanceAction, *, result: str, message: str = "") -> None:
     updated = InstanceAction.objects.filter(pk=action.pk, finish_time__isnull=True).update(
         finish_time=timezone.now(), result=result, message=message)
-    if updated and result == "Error" and action.image_id is not None:
+    if updated and result == ActionResult.ERROR and action.image_id is not None:
         # A snapshot that failed leaves no half image behind: killed, with the reason.
         image = Image.objects.filter(pk=action.image_id).first()
         if image is not None:
@@ -309,19 +245,20 @@ def server_reset_state(*, instance: Instance, user: Any, state: str, reason: str
     if state not in (VmState.ACTIVE, VmState.ERROR):
         raise InvalidRequest("state", "reset state goes to active or error")
     if instance.vm_state == VmState.DELETED:
-        raise InstanceInvalidState(instance, "reset the state of")
+        raise ServerInvalidState(instance, "reset the state of")
     before = f"vm_state={instance.vm_state} task_state={instance.task_state}"
     with transaction.atomic():
         Instance.objects.filter(uuid=instance.uuid).change(vm_state=state, task_state=None)
         for running in InstanceAction.objects.filter(instance=instance, finish_time__isnull=True):
-            finish_action(running, result="Error", message=f"ended by a reset of the state: {reason}")
+            finish_action(running, result=ActionResult.ERROR,
+                          message=f"ended by a reset of the state: {reason}")
         now = timezone.now()
         action = action_start(instance=instance, action="reset_state", user=user,
                               request_id=new_request_id())
         message = f"{before} -> vm_state={state}: {reason}"
-        action.events.create(event="reset_state", result="Success", start_time=now,
+        action.events.create(event="reset_state", result=ActionResult.SUCCESS, start_time=now,
                              finish_time=now, message=message)
-        finish_action(action, result="Success", message=message)
+        finish_action(action, result=ActionResult.SUCCESS, message=message)
     instance.refresh_from_db()
     return action
 
@@ -360,24 +297,15 @@ def server_console_output(*, instance: Instance, lines: int | None) -> str:
     """The tail of the guest's serial console, read on its host by a short synchronous call."""
     if instance.host is None or instance.vm_state in (VmState.BUILDING, VmState.DELETED) \
             or instance.task_state == TaskState.DELETING:
-        raise ConsoleUnavailable(
+        raise ServerConsoleUnavailable(
             f"server {instance.uuid} is not running on a host "
             f"(vm_state={instance.vm_state}, task_state={instance.task_state})")
     answer = rpc.call(instance.host.name, contract.COMPUTE_CONSOLE_OUTPUT,
                       timeout=settings.CONSOLE_OUTPUT_TIMEOUT,
                       instance_uuid=str(instance.uuid), lines=lines)
     if "error" in answer:
-        raise ConsoleUnavailable(answer.get("message") or answer["error"])
+        raise ServerConsoleUnavailable(answer.get("message") or answer["error"])
     return str(answer["output"])
-
-
-def hosts_with_usage() -> QuerySet[Host]:
-    return Host.objects.annotate(
-        vcpus_used=Sum("allocations__vcpus", default=0),
-        memory_mb_used=Sum("allocations__memory_mb", default=0),
-        disk_gb_used=Sum("allocations__disk_gb", default=0),
-        instance_count=Count("allocations", distinct=True),
-    )
 
 
 def host_set_enabled(*, host: Host, enabled: bool, reason: str = "") -> Host:
@@ -390,11 +318,6 @@ def host_set_enabled(*, host: Host, enabled: bool, reason: str = "") -> Host:
 def server_group_create(*, user: Any, project: Project, name: str, policy: str) -> ServerGroup:
     return ServerGroup.objects.create(name=name, policy=policy, project=project,
                                       user=user if getattr(user, "pk", None) else None)
-
-
-def server_groups_visible_to(user: Any) -> QuerySet[ServerGroup]:
-    groups = ServerGroup.objects.select_related("project")
-    return groups if is_admin(user) else groups.filter(project_id=project_id_of(user))
 
 
 def aggregate_zone_sync(host: Host) -> None:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from django.conf import settings
 
 from cloudctl.compute.models import Flavor, Instance, InstanceAction
 from compute_workers import contract
 
 
-def spawn_spec(instance: Instance, host_name: str, flavor: Flavor | None = None) -> dict[str, Any]:
+def spawn_spec(instance: Instance, host_name: str, flavor: Flavor | None = None) -> contract.SpawnSpec:
     """The self-contained, versioned spec a compute worker builds the instance from; ``flavor``
     instead of the instance's own (a resize defines the domain with the new flavor on the
     destination, a revert with the old one)."""

@@ -8,52 +8,23 @@ two. Each action lists the (vm_state, task_state) pairs it may start from.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
 
 from django.db import models
 
 from compute_workers import contract
 
 
-class VmState(models.TextChoices):
-    BUILDING = "building"
-    ACTIVE = "active"
-    STOPPED = "stopped"
-    PAUSED = "paused"
-    SUSPENDED = "suspended"
-    RESIZED = "resized"
-    ERROR = "error"
-    DELETED = "deleted"
+def _choices(enum: type[StrEnum]) -> Any:
+    """Django choices with the members (names and values) of one of the contract's enumerations."""
+    return models.TextChoices(enum.__name__, [(member.name, member.value) for member in enum])
 
 
-class TaskState(models.TextChoices):
-    SCHEDULING = "scheduling"
-    SPAWNING = "spawning"
-    REBOOTING = "rebooting"
-    REBOOTING_HARD = "rebooting_hard"
-    POWERING_OFF = "powering_off"
-    POWERING_ON = "powering_on"
-    PAUSING = "pausing"
-    UNPAUSING = "unpausing"
-    SUSPENDING = "suspending"
-    RESUMING = "resuming"
-    IMAGE_SNAPSHOT = "image_snapshot"
-    IMAGE_UPLOADING = "image_uploading"
-    MIGRATING = "migrating"
-    RESIZE_PREP = "resize_prep"
-    RESIZE_MIGRATING = "resize_migrating"
-    RESIZE_FINISH = "resize_finish"
-    RESIZE_REVERTING = "resize_reverting"
-    RESIZE_CONFIRMING = "resize_confirming"
-    DELETING = "deleting"
-
-
-class PowerState(models.TextChoices):
-    NOSTATE = contract.POWER_NOSTATE
-    RUNNING = contract.POWER_RUNNING
-    PAUSED = contract.POWER_PAUSED
-    SHUTDOWN = contract.POWER_SHUTDOWN
-    CRASHED = contract.POWER_CRASHED
-    SUSPENDED = contract.POWER_SUSPENDED
+# The contract's enumerations are the one definition; these are their Django choices.
+VmState = _choices(contract.VmState)
+TaskState = _choices(contract.TaskState)
+PowerState = _choices(contract.PowerState)
 
 
 _STATUS_BY_VM_STATE = {
@@ -167,11 +138,4 @@ REVERT_RESIZE = Transition(action="revertResize", from_vm_states=(VmState.RESIZE
                            from_task_states=(None,), to_task_state=TaskState.RESIZE_REVERTING)
 
 # The vm_state that tells the truth about a domain in a given power state.
-VM_STATE_FOR_POWER_STATE = {
-    PowerState.RUNNING: VmState.ACTIVE,
-    PowerState.PAUSED: VmState.PAUSED,
-    PowerState.SUSPENDED: VmState.SUSPENDED,
-    PowerState.SHUTDOWN: VmState.STOPPED,
-    PowerState.CRASHED: VmState.STOPPED,
-    PowerState.NOSTATE: VmState.ERROR,
-}
+VM_STATE_FOR_POWER_STATE = contract.VM_STATE_OF_POWER_STATE

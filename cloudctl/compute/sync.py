@@ -24,6 +24,7 @@ from cloudctl.compute import rpc
 from cloudctl.compute.models import Allocation, Host, Instance, InstanceAction
 from cloudctl.compute.states import VM_STATE_FOR_POWER_STATE, PowerState, TaskState, VmState
 from compute_workers import contract
+from compute_workers.contract import ActionResult
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ def sync_power_state(instance: Instance, power_state: str, observed_at: datetime
                                           updated=instance.updated).change(**changes)
         if updated and message:
             log.info("sync %s: %s", instance.uuid, message)
-            _system_action(instance, "sync_power_state", result="Success", message=message,
+            _system_action(instance, "sync_power_state", result=ActionResult.SUCCESS, message=message,
                            event="sync_power_state")
     return bool(updated)
 
@@ -110,7 +111,7 @@ def _adopt_from_elsewhere(instance: Instance) -> bool:
         Allocation.objects.create(instance_id=uuid, host=host, vcpus=instance.vcpus,
                                   memory_mb=instance.memory_mb, disk_gb=instance.root_gb)
         instance.host = host
-        _system_action(instance, "sync_power_state", result="Success", message=message,
+        _system_action(instance, "sync_power_state", result=ActionResult.SUCCESS, message=message,
                        event="domain_found_elsewhere")
     log.warning("sync %s: %s", uuid, message)
     return True

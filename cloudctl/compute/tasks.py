@@ -1,7 +1,13 @@
-"""Conductor tasks: thin wrappers that apply compute workers' reports through conductor services."""
+"""Conductor tasks: thin wrappers that apply compute workers' reports through conductor services.
+
+This is the boundary between the two worlds: every report's payload (values, event, fault, progress)
+is checked against the contract's types here (:func:`contract.validate_values` and its siblings), so
+a malformed report fails its task with the reason instead of reaching the database.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from celery import shared_task
@@ -15,14 +21,16 @@ def instance_update(instance_uuid: str, host: str, expected_task_state: str | No
                     values: dict[str, Any], event: dict[str, Any] | None = None,
                     fault: dict[str, Any] | None = None, action_id: int | None = None) -> bool:
     return conductor.instance_update(instance_uuid=instance_uuid, host=host,
-                                     expected_task_state=expected_task_state, values=values,
-                                     event=event, fault=fault, action_id=action_id)
+                                     expected_task_state=expected_task_state,
+                                     values=dict(contract.validate_values(values)),
+                                     event=_plain(contract.validate_event(event)),
+                                     fault=_plain(contract.validate_fault(fault)), action_id=action_id)
 
 
 @shared_task(name=contract.CONDUCTOR_BUILD_FAILED)
 def build_failed(instance_uuid: str, host: str, fault: dict[str, Any], reschedule: bool) -> None:
-    conductor.build_failed(instance_uuid=instance_uuid, host=host, fault=fault,
-                           reschedule=reschedule)
+    conductor.build_failed(instance_uuid=instance_uuid, host=host,
+                           fault=dict(contract.validate_fault(fault) or {}), reschedule=reschedule)
 
 
 @shared_task(name=contract.CONDUCTOR_INSTANCE_DESTROYED)
@@ -62,16 +70,40 @@ def reap_expired_tasks() -> int:
 @shared_task(name=contract.CONDUCTOR_MIGRATION_UPDATE)
 def migration_update(migration_id: int, host: str, status: str, error: str | None = None,
                      values: dict[str, Any] | None = None, event: dict[str, Any] | None = None) -> bool:
-    return migration_reports.migration_update(migration_id=migration_id, host=host, status=status,
-                                             error=error, values=values, event=event)
+    return migration_reports.migration_update(
+        migration_id=migration_id, host=host, status=status, error=error,
+        values=None if values is None else _migration_values(values),
+        event=_plain(contract.validate_event(event)))
 
 
 @shared_task(name=contract.CONDUCTOR_MIGRATION_PROGRESS, ignore_result=True)
 def migration_progress(migration_id: int, host: str, progress: dict[str, Any]) -> bool:
-    return migration_reports.migration_progress(migration_id=migration_id, host=host, progress=progress)
+    return migration_reports.migration_progress(migration_id=migration_id, host=host,
+                                                progress=dict(contract.validate_progress(progress)))
 
 
 @shared_task(name="conductor.confirm_expired_resizes")
 def confirm_expired_resizes() -> int:
     """Periodic (beat): unconfirmed resizes past RESIZE_CONFIRM_WINDOW, and stuck migrations."""
     return recovery.confirm_expired_resizes() + recovery.reap_stuck_migrations()
+
+
+def _plain(payload: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    return None if payload is None else dict(payload)
+
+
+def _migration_values(values: dict[str, Any]) -> dict[str, Any]:
+    """A migration report's ``values``: the instance's power state, checked, plus a live migration's
+    final figures (``progress``) and ``downtime_ms``."""
+    if not isinstance(values, dict):
+        raise contract.ReportError("values must be a JSON object")
+    checked: dict[str, Any] = dict(contract.validate_values(
+        {key: value for key, value in values.items() if key not in ("progress", "downtime_ms")}))
+    if "progress" in values:
+        checked["progress"] = dict(contract.validate_progress(values["progress"]))
+    if values.get("downtime_ms") is not None:
+        downtime = values["downtime_ms"]
+        if not isinstance(downtime, int) or isinstance(downtime, bool) or downtime < 0:
+            raise contract.ReportError(f"downtime_ms must be a non-negative integer, not {downtime!r}")
+        checked["downtime_ms"] = downtime
+    return checked

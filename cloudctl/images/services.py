@@ -10,14 +10,22 @@ from typing import Any, BinaryIO
 
 from django.db.models import Q, QuerySet
 
+from cloudctl.errors import CloudctlError
 from cloudctl.identity.models import Project
 from cloudctl.identity.services import is_admin, project_id_of
 from cloudctl.images.models import DiskFormat, Image, ImageStatus, Visibility
 from cloudctl.images.storage import image_store
 
 
-class ImageRejected(ValueError):
-    """Image bytes that must not become an active image; the message says why."""
+class ImageRejected(CloudctlError, ValueError):
+    """Image bytes that must not become an active image; the message says why (HTTP 400 on the
+    upload's ``file``)."""
+
+    status_code = 400
+    code = "invalid"
+
+    def body(self) -> dict[str, Any]:
+        return {"file": [str(self)]}
 
 
 def image_path(image: Image) -> Path | None:
@@ -61,12 +69,15 @@ def inspect_disk(path: Path, declared_format: str) -> dict[str, Any]:
     return info
 
 
-class ImageConflict(Exception):
+class ImageConflict(CloudctlError):
     """The image is not in a state that allows the operation (HTTP 409)."""
 
     def __init__(self, image: Image, message: str) -> None:
         self.image = image
         super().__init__(message)
+
+    def body(self) -> dict[str, Any]:
+        return {**super().body(), "status": self.image.status}
 
 
 UPLOAD_CHUNK = 1024 * 1024

@@ -7,15 +7,15 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Protocol, cast
 
 from django.conf import settings
 
 
 class ImageStore(Protocol):
-    def staging(self) -> Iterator[tuple[BinaryIO, Path]]:
+    def staging(self) -> AbstractContextManager[tuple[BinaryIO, Path]]:
         """A context manager yielding a writable file and its local path, for bytes that are not
         yet an image; removed on exit unless :meth:`commit` took it."""
 
@@ -39,7 +39,7 @@ class LocalDirectoryStore:
         path = Path(handle.name)
         try:
             with handle:
-                yield handle, path
+                yield cast(BinaryIO, handle), path
         finally:
             path.unlink(missing_ok=True)
 

@@ -7,7 +7,10 @@ from compute_workers.virt.driver import ComputeDriver
 
 
 def load_driver(config: ComputeConfig) -> ComputeDriver:
-    """The driver named by ``config.driver``; an unknown name is a ConfigError at start."""
+    """The driver named by ``config.driver``; an unknown name is a ConfigError at start.
+
+    ``libvirt`` on one of libvirt's ``test:`` URIs is :class:`LibvirtTestDriver` (test domains have no
+    disks), on any other URI the real :class:`LibvirtDriver`."""
     if config.driver == "fake":
         from compute_workers.virt.fake import FakeDriver
 
@@ -15,9 +18,10 @@ def load_driver(config: ComputeConfig) -> ComputeDriver:
                           disk_gb=config.fake_disk_gb, migration_uri=config.migration_uri)
     if config.driver == "libvirt":
         # Imported here: hosts that only simulate (fake driver) need no libvirt-python.
-        from compute_workers.virt.libvirt.driver import LibvirtDriver
+        from compute_workers.virt.libvirt.driver import LibvirtDriver, is_test_uri
+        from compute_workers.virt.libvirt.testdriver import LibvirtTestDriver
 
-        return LibvirtDriver(config.libvirt_uri, config.instances_path, config.virt_type,
-                             config.machine_type)
+        driver_class = LibvirtTestDriver if is_test_uri(config.libvirt_uri) else LibvirtDriver
+        return driver_class(config.libvirt_uri, config.instances_path, config.virt_type, config.machine_type)
     raise ConfigError(f"unknown compute driver {config.driver!r} (COMPUTE_DRIVER): choose one of "
                       f"{', '.join(DRIVERS)}")

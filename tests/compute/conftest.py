@@ -13,10 +13,11 @@ import pytest
 
 from compute_workers.config import ComputeConfig
 from compute_workers.manager import ComputeManager
+from compute_workers.operations import Build
 from compute_workers.reporter import ListReporter
 from compute_workers.virt.driver import ComputeDriver
 from compute_workers.virt.fake import FakeDriver
-from compute_workers.virt.libvirt.driver import LibvirtDriver
+from compute_workers.virt.libvirt.testdriver import LibvirtTestDriver
 
 # The helpers live in tests/compute_support.py (tests/multihost uses them too); the names stay
 # importable from here.
@@ -78,7 +79,7 @@ def managed(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Managed]
     if request.param == "fake":
         manager, reporter = make_manager(FakeDriver(), instances, COMPUTE_CLEAN_SHUTDOWN_TIMEOUT="5")
     else:
-        manager, reporter = make_manager(LibvirtDriver("test:///default", instances), instances,
+        manager, reporter = make_manager(LibvirtTestDriver("test:///default", instances), instances,
                                          COMPUTE_LIBVIRT_URI="test:///default",
                                          COMPUTE_CLEAN_SHUTDOWN_TIMEOUT="5")
     yield manager, reporter
@@ -107,6 +108,6 @@ def small_qcow2(tmp_path_factory: pytest.TempPathFactory) -> bytes:
 
 def spawned(manager: Any, reporter: Any, spec: dict[str, Any]) -> str:
     """Spawn ``spec`` through ``manager`` and forget the reports: the start of a lifecycle test."""
-    manager.spawn(spec)
+    manager.family(Build).spawn(spec)
     reporter.reports.clear()
     return str(spec["instance_uuid"])

@@ -1,4 +1,5 @@
-"""The Celery app's settings, the tasks' registration, the reporter and the heartbeat thread."""
+"""The Celery app's settings, the tasks' registration (each family registers its own: see the family's
+test module for its tasks' kwargs), the reporter and the heartbeat thread."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ from compute_workers import contract
 from compute_workers.app import celery_settings, create_app
 from compute_workers.config import ComputeConfig
 from compute_workers.heartbeat import Heartbeat
+from compute_workers.operations import FAMILIES
 from compute_workers.reporter import CeleryReporter
 from compute_workers.tasks import register_tasks
 from compute_workers.virt.fake import FakeDriver
 
-from .conftest import HOST, SpecFactory, make_manager
+from .conftest import make_manager
 
 
 def test_celery_settings_are_explicit() -> None:
@@ -37,56 +39,6 @@ def test_celery_settings_are_explicit() -> None:
     assert app.main == "compute_workers"
     assert app.conf.task_acks_late is True
     assert list(app.fixups) == []  # no Django fixup, even with DJANGO_SETTINGS_MODULE set
-
-
-def test_tasks_are_registered_with_contract_names_and_limits(tmp_path: Path, make_spec: SpecFactory) -> None:
-    manager, reporter = make_manager(FakeDriver(), tmp_path)
-    app = create_app(manager.config)
-    register_tasks(app, manager)
-    app.finalize()
-    spawn = app.tasks[contract.COMPUTE_SPAWN]
-    assert (spawn.soft_time_limit, spawn.time_limit) == (900, 960) and spawn.ignore_result
-    assert app.tasks[contract.COMPUTE_TERMINATE].time_limit == 180
-    console = app.tasks[contract.COMPUTE_CONSOLE_OUTPUT]
-    assert not console.ignore_result and console.time_limit == 30
-
-    spec = make_spec()
-    spawn.run(spec=spec)  # what a delivered message calls: the thin task runs the manager
-    assert reporter.named(contract.CONDUCTOR_INSTANCE_UPDATE)[0]["values"]["vm_state"] == "active"
-    assert console.run(instance_uuid=spec["instance_uuid"], lines=None)["output"].endswith(
-        "cloudctl-guest: ready\n")
-    app.tasks[contract.COMPUTE_TERMINATE].run(instance_uuid=spec["instance_uuid"])
-    assert reporter.named(contract.CONDUCTOR_INSTANCE_DESTROYED) == [
-        {"instance_uuid": spec["instance_uuid"], "host": HOST}]
-
-
-def test_lifecycle_tasks_take_the_contract_kwargs(tmp_path: Path, make_spec: SpecFactory) -> None:
-    manager, reporter = make_manager(FakeDriver(), tmp_path)
-    app = create_app(manager.config)
-    register_tasks(app, manager)
-    app.finalize()
-    spec = make_spec()
-    uuid = spec["instance_uuid"]
-    manager.spawn(spec)
-    reporter.reports.clear()
-    calls: list[tuple[str, dict[str, Any]]] = [
-        (contract.COMPUTE_REBOOT, {"reboot_type": "SOFT", "spec": spec}),
-        (contract.COMPUTE_REBOOT, {"reboot_type": "HARD", "spec": spec}),
-        (contract.COMPUTE_PAUSE, {}), (contract.COMPUTE_UNPAUSE, {}),
-        (contract.COMPUTE_SUSPEND, {}), (contract.COMPUTE_RESUME, {}),
-        (contract.COMPUTE_POWER_OFF, {"timeout": 30}), (contract.COMPUTE_POWER_ON, {"spec": spec}),
-    ]
-    for action_id, (name, kwargs) in enumerate(calls, start=1):
-        task = app.tasks[name]
-        assert (task.soft_time_limit, task.time_limit) == (300, 360) and task.ignore_result
-        task.run(instance_uuid=uuid, action_id=action_id, **kwargs)
-    results = [update for update in reporter.named(contract.CONDUCTOR_INSTANCE_UPDATE)
-               if update["event"]["result"] != "start"]
-    assert [(u["event"]["name"], u["event"]["result"], u["action_id"]) for u in results] == [
-        ("compute_reboot_instance", "success", 1), ("compute_reboot_instance", "success", 2),
-        ("compute_pause_instance", "success", 3), ("compute_unpause_instance", "success", 4),
-        ("compute_suspend_instance", "success", 5), ("compute_resume_instance", "success", 6),
-        ("compute_stop_instance", "success", 7), ("compute_start_instance", "success", 8)]
 
 
 class RecordingApp:
@@ -130,3 +82,25 @@ def test_heartbeat_beats_at_once_then_on_interval_and_survives_failures() -> Non
     assert not heartbeat.is_alive()
     assert beats[0] - started < 0.4  # the first one does not wait for the interval
     assert beats[2] - beats[1] >= 0.45  # a failure does not make it hurry or stop
+
+
+def test_every_compute_task_is_registered_once_by_its_family(tmp_path: Path) -> None:
+    """The families together register exactly the tasks that have time limits, each once: the control
+    plane sends them by name."""
+    manager, _ = make_manager(FakeDriver(), tmp_path)
+    names = [name for name, _, _ in manager.config.time_limits()]
+    by_family: dict[str, list[str]] = {}
+    for family in FAMILIES:
+        app = create_app(manager.config)
+        register_tasks(app, manager, families=(family,))
+        app.finalize()
+        by_family[family.__name__] = sorted(n for n in app.tasks if not n.startswith("celery."))
+    registered = [name for tasks in by_family.values() for name in tasks]
+    assert sorted(registered) == sorted(names) and len(set(registered)) == len(registered), by_family
+    app = create_app(manager.config)
+    register_tasks(app, manager)
+    app.finalize()
+    for name, soft, hard in manager.config.time_limits():
+        task = app.tasks[name]
+        assert (task.soft_time_limit, task.time_limit) == (soft, hard), name
+        assert task.typing and task.run.__self__ is task, name  # bind=True

@@ -1,4 +1,4 @@
-"""One contract, every driver: the same tests run against FakeDriver and LibvirtDriver(test:///default)."""
+"""One contract, every driver: the same tests run against FakeDriver and LibvirtTestDriver (test:///default)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from compute_workers.exception import (
 )
 from compute_workers.virt.driver import CAPABILITY_NAMES, DRIVER_RESOURCE_KEYS, ComputeDriver
 from compute_workers.virt.fake import FakeDriver
-from compute_workers.virt.libvirt.driver import LibvirtDriver
+from compute_workers.virt.libvirt.testdriver import LibvirtTestDriver
 
 from .conftest import SpecFactory
 
@@ -28,7 +28,7 @@ def driver(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ComputeDr
     if request.param == "fake":
         driver: ComputeDriver = FakeDriver()
     else:
-        driver = LibvirtDriver("test:///default", tmp_path / "instances")
+        driver = LibvirtTestDriver("test:///default", tmp_path / "instances")
     driver.init_host()
     yield driver
     driver.close()

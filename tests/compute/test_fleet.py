@@ -22,6 +22,7 @@ from compute_workers import contract
 from compute_workers.app import celery_settings
 from compute_workers.fleet import Fleet, create_fleet_app, host_names
 from compute_workers.heartbeat import SpreadHeartbeat
+from compute_workers.operations import Build
 from compute_workers.reporter import ListReporter
 from compute_workers.tasks import register_tasks
 from compute_workers.virt.fake import FakeDriver
@@ -102,7 +103,7 @@ def test_one_thread_reports_the_lifecycle_events_of_every_host(tmp_path: Path,
     fleet.watch_power_states()
     try:
         spec = make_spec(host="fake-2")
-        fleet.managers["fake-2"].spawn(spec)
+        fleet.managers["fake-2"].family(Build).spawn(spec)
         fleet.managers["fake-2"].driver.guest_power_off(spec["instance_uuid"])  # type: ignore[attr-defined]
         deadline = time.monotonic() + 5
         while not any(u["power_state"] == "shutdown" for u in reporter.named(

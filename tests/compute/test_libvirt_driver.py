@@ -1,4 +1,5 @@
-"""LibvirtDriver on libvirt's test:///default driver: fast, no daemon, no QEMU."""
+"""LibvirtTestDriver on libvirt's test:///default driver (fast, no daemon, no QEMU), and the real
+LibvirtDriver refusing test: URIs."""
 
 from __future__ import annotations
 
@@ -10,29 +11,31 @@ import libvirt
 import pytest
 
 from compute_workers import contract
+from compute_workers.config import ComputeConfig
 from compute_workers.exception import ConsoleUnavailable, HypervisorError, InstanceNotFound
-from compute_workers.virt.libvirt import driver as libvirt_driver
-from compute_workers.virt.libvirt import host
+from compute_workers.virt import load_driver
+from compute_workers.virt.libvirt import connection, host
 from compute_workers.virt.libvirt.domain import METADATA_NS, build_domain_xml
 from compute_workers.virt.libvirt.driver import LibvirtDriver
+from compute_workers.virt.libvirt.testdriver import LibvirtTestDriver
 
 from .conftest import SpecFactory, make_manager
 from .test_driver_contract import wait_until
 
 
 @pytest.fixture
-def driver(tmp_path: Path) -> Iterator[LibvirtDriver]:
-    driver = LibvirtDriver("test:///default", tmp_path / "instances")
+def driver(tmp_path: Path) -> Iterator[LibvirtTestDriver]:
+    driver = LibvirtTestDriver("test:///default", tmp_path / "instances")
     driver.init_host()
     yield driver
     driver.close()
 
 
-def domain_xml(driver: LibvirtDriver, instance_uuid: str) -> ET.Element:
+def domain_xml(driver: LibvirtTestDriver, instance_uuid: str) -> ET.Element:
     return ET.fromstring(driver.conn.lookupByName(contract.domain_name(instance_uuid)).XMLDesc())
 
 
-def test_spawn_defines_and_starts_instance_domain(driver: LibvirtDriver, make_spec: SpecFactory) -> None:
+def test_spawn_defines_and_starts_instance_domain(driver: LibvirtTestDriver, make_spec: SpecFactory) -> None:
     spec = make_spec()
     driver.spawn(spec, None)
     domain = driver.conn.lookupByName(f"instance-{spec['instance_uuid']}")
@@ -44,7 +47,7 @@ def test_spawn_defines_and_starts_instance_domain(driver: LibvirtDriver, make_sp
     assert (directory / "console.log").exists()
 
 
-def test_list_instances_ignores_domains_that_are_not_cloudctl_ones(driver: LibvirtDriver,
+def test_list_instances_ignores_domains_that_are_not_cloudctl_ones(driver: LibvirtTestDriver,
                                                                  make_spec: SpecFactory) -> None:
     assert "test" in [d.name() for d in driver.conn.listAllDomains()]  # the test driver's own domain
     assert driver.list_instances() == {}
@@ -53,7 +56,8 @@ def test_list_instances_ignores_domains_that_are_not_cloudctl_ones(driver: Libvi
     assert driver.list_instances() == {spec["instance_uuid"]: contract.POWER_RUNNING}
 
 
-def test_destroy_removes_domain_definition_and_files(driver: LibvirtDriver, make_spec: SpecFactory) -> None:
+def test_destroy_removes_domain_definition_and_files(driver: LibvirtTestDriver,
+                                                     make_spec: SpecFactory) -> None:
     spec = make_spec()
     driver.spawn(spec, None)
     driver.destroy(spec["instance_uuid"])
@@ -62,7 +66,7 @@ def test_destroy_removes_domain_definition_and_files(driver: LibvirtDriver, make
     assert [d.name() for d in driver.conn.listAllDomains()] == ["test"]
 
 
-def test_destroy_removes_a_shut_off_domain_with_managed_save(driver: LibvirtDriver,
+def test_destroy_removes_a_shut_off_domain_with_managed_save(driver: LibvirtTestDriver,
                                                              make_spec: SpecFactory) -> None:
     spec = make_spec()
     driver.spawn(spec, None)
@@ -72,7 +76,7 @@ def test_destroy_removes_a_shut_off_domain_with_managed_save(driver: LibvirtDriv
     assert driver.list_instances() == {}
 
 
-def test_domain_xml_has_acpi_serial_log_in_append_mode_and_virtio_disk(driver: LibvirtDriver,
+def test_domain_xml_has_acpi_serial_log_in_append_mode_and_virtio_disk(driver: LibvirtTestDriver,
                                                                          make_spec: SpecFactory) -> None:
     spec = make_spec()
     driver.spawn(spec, None)
@@ -97,7 +101,7 @@ def test_domain_xml_has_acpi_serial_log_in_append_mode_and_virtio_disk(driver: L
     assert xml.findtext("vcpu") == "1"
 
 
-def test_display_name_is_escaped_metadata(driver: LibvirtDriver, make_spec: SpecFactory) -> None:
+def test_display_name_is_escaped_metadata(driver: LibvirtTestDriver, make_spec: SpecFactory) -> None:
     name = "</name><devices><disk type='file'/></devices> & co"
     spec = make_spec(name=name)
     driver.spawn(spec, None)
@@ -126,7 +130,7 @@ def test_cpu_model_is_host_model_under_kvm_only(virt_type: str, make_spec: SpecF
         assert cpu is None  # -cpu host aborts under TCG
 
 
-def test_console_output_returns_the_last_lines_of_the_log(driver: LibvirtDriver,
+def test_console_output_returns_the_last_lines_of_the_log(driver: LibvirtTestDriver,
                                                           make_spec: SpecFactory) -> None:
     spec = make_spec()
     driver.spawn(spec, None)
@@ -135,7 +139,7 @@ def test_console_output_returns_the_last_lines_of_the_log(driver: LibvirtDriver,
     assert driver.get_console_output(spec["instance_uuid"], 3) == "line 997\nline 998\nline 999\n"
 
 
-def test_console_output_reads_at_most_the_last_100_kib(driver: LibvirtDriver,
+def test_console_output_reads_at_most_the_last_100_kib(driver: LibvirtTestDriver,
                                                        make_spec: SpecFactory) -> None:
     spec = make_spec()
     driver.spawn(spec, None)
@@ -147,7 +151,7 @@ def test_console_output_reads_at_most_the_last_100_kib(driver: LibvirtDriver,
     assert all(len(line) == 6 for line in output.splitlines())  # no cut line at the start
 
 
-def test_console_output_without_log_is_unavailable(driver: LibvirtDriver, make_spec: SpecFactory) -> None:
+def test_console_output_without_log_is_unavailable(driver: LibvirtTestDriver, make_spec: SpecFactory) -> None:
     spec = make_spec()
     driver.spawn(spec, None)
     (driver.instance_dir(spec["instance_uuid"]) / "console.log").unlink()
@@ -155,7 +159,7 @@ def test_console_output_without_log_is_unavailable(driver: LibvirtDriver, make_s
         driver.get_console_output(spec["instance_uuid"], 10)
 
 
-def test_failed_start_leaves_nothing_behind(driver: LibvirtDriver, make_spec: SpecFactory,
+def test_failed_start_leaves_nothing_behind(driver: LibvirtTestDriver, make_spec: SpecFactory,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     spec = make_spec()
 
@@ -171,7 +175,7 @@ def test_failed_start_leaves_nothing_behind(driver: LibvirtDriver, make_spec: Sp
 
 
 def test_heartbeat_resources_have_every_contract_key(tmp_path: Path, make_spec: SpecFactory) -> None:
-    driver = LibvirtDriver("test:///default", tmp_path / "instances")
+    driver = LibvirtTestDriver("test:///default", tmp_path / "instances")
     manager, _ = make_manager(driver, tmp_path / "instances", COMPUTE_LIBVIRT_URI="test:///default")
     spec = make_spec()
     driver.spawn(spec, None)
@@ -197,7 +201,7 @@ def test_power_state_mapping_is_novas() -> None:
 
 
 def test_lifecycle_events_are_registered_again_after_a_reconnect(
-        driver: LibvirtDriver, make_spec: SpecFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+        driver: LibvirtTestDriver, make_spec: SpecFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     heard: list[str] = []
     spec = make_spec()
     uuid = spec["instance_uuid"]
@@ -207,8 +211,8 @@ def test_lifecycle_events_are_registered_again_after_a_reconnect(
         old = driver.conn
         driver.pause(uuid)
         wait_until(lambda: uuid in heard)
-        alive = libvirt_driver._alive
-        monkeypatch.setattr(libvirt_driver, "_alive", lambda conn: conn is not old and alive(conn))
+        alive = connection.alive
+        monkeypatch.setattr(connection, "alive", lambda conn: conn is not old and alive(conn))
         heard.clear()
         driver.list_instances()  # the next call reconnects
         assert driver.conn is not old
@@ -223,7 +227,7 @@ def test_lifecycle_events_are_registered_again_after_a_reconnect(
         driver.close()
 
 
-def test_a_suspended_domain_is_shut_off_with_a_save_image(driver: LibvirtDriver,
+def test_a_suspended_domain_is_shut_off_with_a_save_image(driver: LibvirtTestDriver,
                                                           make_spec: SpecFactory) -> None:
     spec = make_spec()
     uuid = spec["instance_uuid"]
@@ -238,7 +242,7 @@ def test_a_suspended_domain_is_shut_off_with_a_save_image(driver: LibvirtDriver,
     driver.destroy(uuid)
 
 
-def test_recreating_a_lost_domain_needs_its_files(driver: LibvirtDriver, make_spec: SpecFactory) -> None:
+def test_recreating_a_lost_domain_needs_its_files(driver: LibvirtTestDriver, make_spec: SpecFactory) -> None:
     spec = make_spec()
     uuid = spec["instance_uuid"]
     driver.spawn(spec, None)
@@ -253,3 +257,35 @@ def test_recreating_a_lost_domain_needs_its_files(driver: LibvirtDriver, make_sp
     with pytest.raises(InstanceNotFound):
         driver.power_on(uuid, None)  # without a spec nothing can be recreated
     assert driver.list_instances() == {}
+
+
+def test_the_real_driver_refuses_test_uris_and_the_test_driver_real_ones(tmp_path: Path) -> None:
+    """Nobody gets disks faked by accident: test: URIs are LibvirtTestDriver's alone."""
+    with pytest.raises(ValueError, match="LibvirtTestDriver"):
+        LibvirtDriver("test:///default", tmp_path)
+    with pytest.raises(ValueError, match="use LibvirtDriver"):
+        LibvirtTestDriver("qemu:///system", tmp_path)
+
+
+def test_load_driver_picks_the_test_driver_for_test_uris_only(tmp_path: Path) -> None:
+    def load(uri: str) -> object:
+        return load_driver(ComputeConfig.from_env(environ={"COMPUTE_LIBVIRT_URI": uri,
+                                                           "INSTANCES_PATH": str(tmp_path)}))
+    test = load("test:///default")
+    assert type(test) is LibvirtTestDriver and test.uri == "test:///default"
+    assert test.capabilities["needs_base_image"] is False and test.virt_type == "test"
+    real = load("qemu:///system")  # not connected until init_host
+    assert type(real) is LibvirtDriver
+    assert all(real.capabilities.values())  # needs the image, migrates live, ...
+
+
+def test_the_test_driver_snapshot_is_a_line_of_text(driver: LibvirtTestDriver, make_spec: SpecFactory,
+                                                     tmp_path: Path) -> None:
+    spec = make_spec()
+    driver.spawn(spec, None)
+    seen: list[tuple[int, int]] = []
+    target = tmp_path / "snapshot"
+    driver.snapshot(spec["instance_uuid"], target, lambda done, total: seen.append((done, total)))
+    assert target.read_text() == f"cloudctl test:// snapshot of {spec['instance_uuid']} (live)\n"
+    assert seen == [(len(target.read_bytes()),) * 2]
+    driver.destroy(spec["instance_uuid"])

@@ -23,6 +23,7 @@ from compute_workers.exception import (
 )
 from compute_workers.virt.libvirt import migration
 from compute_workers.virt.libvirt.driver import LibvirtDriver
+from compute_workers.virt.libvirt.testdriver import LibvirtTestDriver
 
 from .conftest import SpecFactory
 
@@ -31,8 +32,8 @@ BASE = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_M
 
 
 @pytest.fixture
-def driver(tmp_path: Path) -> Iterator[LibvirtDriver]:
-    driver = LibvirtDriver("test:///default", tmp_path / "instances")
+def driver(tmp_path: Path) -> Iterator[LibvirtTestDriver]:
+    driver = LibvirtTestDriver("test:///default", tmp_path / "instances")
     driver.init_host()
     yield driver
     driver.close()
@@ -139,7 +140,7 @@ def test_switch_over_starts_post_copy_or_pauses_only_a_migrating_guest() -> None
 
 
 def test_the_driver_reports_a_refused_switch_over_and_a_destination_without_post_copy(
-        driver: LibvirtDriver, make_spec: SpecFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+        driver: LibvirtTestDriver, make_spec: SpecFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     spec = make_spec()
     driver.spawn(spec, None)
     instance_uuid = spec["instance_uuid"]
@@ -174,7 +175,7 @@ def test_completed_job_figures() -> None:
     assert migration.completed_job(StubDomain()) == {}
 
 
-def test_test_driver_cannot_compare_cpus_so_it_skips(driver: LibvirtDriver) -> None:
+def test_test_driver_cannot_compare_cpus_so_it_skips(driver: LibvirtTestDriver) -> None:
     source = {"arch": "x86_64", "model": "qemu64", "vendor": "AMD", "features": []}
     assert driver.compare_cpu(source) == "skipped"
     assert driver.compare_cpu({}) == "skipped"
@@ -198,7 +199,7 @@ def test_compare_cpu_with_the_real_host(tmp_path: Path) -> None:
         real.close()
 
 
-def test_pre_live_migration_makes_the_directory_and_console(driver: LibvirtDriver,
+def test_pre_live_migration_makes_the_directory_and_console(driver: LibvirtTestDriver,
                                                             make_spec: SpecFactory) -> None:
     spec = make_spec()
     directory = driver.instance_dir(spec["instance_uuid"])
@@ -208,14 +209,14 @@ def test_pre_live_migration_makes_the_directory_and_console(driver: LibvirtDrive
     assert sorted(p.name for p in directory.iterdir()) == ["console.log"]
 
 
-def test_pre_live_migration_on_shared_storage_creates_nothing(driver: LibvirtDriver,
+def test_pre_live_migration_on_shared_storage_creates_nothing(driver: LibvirtTestDriver,
                                                               make_spec: SpecFactory) -> None:
     spec = make_spec()
     driver.pre_live_migration(spec, None, block_migration=False, shared_storage=True)
     assert not driver.instance_dir(spec["instance_uuid"]).exists()
 
 
-def test_pre_live_migration_refuses_an_instance_defined_here(driver: LibvirtDriver,
+def test_pre_live_migration_refuses_an_instance_defined_here(driver: LibvirtTestDriver,
                                                              make_spec: SpecFactory) -> None:
     spec = make_spec()
     driver.spawn(spec, None)
@@ -224,7 +225,8 @@ def test_pre_live_migration_refuses_an_instance_defined_here(driver: LibvirtDriv
     driver.destroy(spec["instance_uuid"])
 
 
-def test_post_at_destination_records_the_definition(driver: LibvirtDriver, make_spec: SpecFactory) -> None:
+def test_post_at_destination_records_the_definition(driver: LibvirtTestDriver,
+                                                    make_spec: SpecFactory) -> None:
     spec = make_spec()
     driver.spawn(spec, None)  # as if it had arrived
     xml = driver.instance_dir(spec["instance_uuid"]) / "libvirt.xml"
@@ -238,7 +240,7 @@ def test_post_at_destination_records_the_definition(driver: LibvirtDriver, make_
 
 
 def test_rollback_at_destination_removes_a_stopped_domain_never_a_running_one(
-        driver: LibvirtDriver, make_spec: SpecFactory) -> None:
+        driver: LibvirtTestDriver, make_spec: SpecFactory) -> None:
     spec = make_spec()
     instance_uuid = spec["instance_uuid"]
     driver.spawn(spec, None)
@@ -254,7 +256,7 @@ def test_rollback_at_destination_removes_a_stopped_domain_never_a_running_one(
     assert not driver.instance_dir(instance_uuid).exists()
 
 
-def test_post_at_source_undefines_leftovers_and_keeps_shared_directories(driver: LibvirtDriver,
+def test_post_at_source_undefines_leftovers_and_keeps_shared_directories(driver: LibvirtTestDriver,
                                                                          make_spec: SpecFactory) -> None:
     spec = make_spec()
     instance_uuid = spec["instance_uuid"]
@@ -269,7 +271,7 @@ def test_post_at_source_undefines_leftovers_and_keeps_shared_directories(driver:
     assert not driver.instance_dir(instance_uuid).exists()
 
 
-def test_live_migration_failure_names_the_destination_and_libvirt(driver: LibvirtDriver,
+def test_live_migration_failure_names_the_destination_and_libvirt(driver: LibvirtTestDriver,
                                                                  make_spec: SpecFactory) -> None:
     spec = make_spec()
     driver.spawn(spec, None)
@@ -281,6 +283,6 @@ def test_live_migration_failure_names_the_destination_and_libvirt(driver: Libvir
     driver.destroy(spec["instance_uuid"])
 
 
-def test_remote_state_of_an_unreachable_hypervisor_is_an_error(driver: LibvirtDriver) -> None:
+def test_remote_state_of_an_unreachable_hypervisor_is_an_error(driver: LibvirtTestDriver) -> None:
     with pytest.raises(HypervisorError, match="cannot reach the hypervisor at"):
         driver.instance_power_state_at("qemu+unix:///system?socket=/nonexistent", str(uuid.uuid4()))

@@ -1,6 +1,6 @@
-"""Lifecycle operations of the manager (reboot, power off/on, pause, suspend): what the conductor is
-told, convergence, faults, the redelivery journal, and power-state updates from lifecycle events.
-Run against the fake driver and LibvirtDriver(test:///default)."""
+"""Lifecycle operations (reboot, power off/on, pause, suspend): what the conductor is told, convergence,
+faults, the redelivery journal, and the lifecycle tasks. Run against the fake driver and
+LibvirtTestDriver (test:///default). (Power-state updates from lifecycle events: test_manager.py.)"""
 
 from __future__ import annotations
 
@@ -14,12 +14,16 @@ import libvirt
 import pytest
 
 from compute_workers import contract
+from compute_workers.app import create_app
 from compute_workers.exception import HypervisorError
 from compute_workers.journal import ActionJournal
 from compute_workers.manager import ComputeManager
+from compute_workers.operations import Build, Lifecycle
 from compute_workers.reporter import ListReporter
+from compute_workers.tasks import register_tasks
 from compute_workers.virt.fake import FakeACPIIgnoringDriver, FakeDriver
 from compute_workers.virt.libvirt.driver import LibvirtDriver
+from compute_workers.virt.libvirt.testdriver import LibvirtTestDriver
 
 from .conftest import HOST, Managed, SpecFactory, make_manager, spawned
 
@@ -33,19 +37,21 @@ NO_DOMAIN = {"vm_state": "error", "task_state": None, "power_state": "nostate"}
 # operation -> (event, expected task_state, success values, how to call it)
 OPERATIONS: dict[str, tuple[str, str, dict[str, Any], Callable[..., None]]] = {
     "reboot_soft": ("compute_reboot_instance", "rebooting", ACTIVE,
-                    lambda m, u, a, spec: m.reboot_instance(u, a, "SOFT", spec)),
+                    lambda m, u, a, spec: m.family(Lifecycle).reboot_instance(u, a, "SOFT", spec)),
     "reboot_hard": ("compute_reboot_instance", "rebooting_hard", ACTIVE,
-                    lambda m, u, a, spec: m.reboot_instance(u, a, "HARD", spec)),
+                    lambda m, u, a, spec: m.family(Lifecycle).reboot_instance(u, a, "HARD", spec)),
     "power_off": ("compute_stop_instance", "powering_off", STOPPED,
-                  lambda m, u, a, spec: m.power_off_instance(u, a, 10)),
+                  lambda m, u, a, spec: m.family(Lifecycle).power_off_instance(u, a, 10)),
     "power_on": ("compute_start_instance", "powering_on", ACTIVE,
-                 lambda m, u, a, spec: m.power_on_instance(u, a, spec)),
-    "pause": ("compute_pause_instance", "pausing", PAUSED, lambda m, u, a, spec: m.pause_instance(u, a)),
+                 lambda m, u, a, spec: m.family(Lifecycle).power_on_instance(u, a, spec)),
+    "pause": ("compute_pause_instance", "pausing", PAUSED,
+              lambda m, u, a, spec: m.family(Lifecycle).pause_instance(u, a)),
     "unpause": ("compute_unpause_instance", "unpausing", ACTIVE,
-                lambda m, u, a, spec: m.unpause_instance(u, a)),
+                lambda m, u, a, spec: m.family(Lifecycle).unpause_instance(u, a)),
     "suspend": ("compute_suspend_instance", "suspending", SUSPENDED,
-                lambda m, u, a, spec: m.suspend_instance(u, a)),
-    "resume": ("compute_resume_instance", "resuming", ACTIVE, lambda m, u, a, spec: m.resume_instance(u, a)),
+                lambda m, u, a, spec: m.family(Lifecycle).suspend_instance(u, a)),
+    "resume": ("compute_resume_instance", "resuming", ACTIVE,
+               lambda m, u, a, spec: m.family(Lifecycle).resume_instance(u, a)),
 }
 # The state each operation starts from in the success tests, reached from a running instance.
 PREPARE: dict[str, Callable[[ComputeManager, str], object]] = {
@@ -58,7 +64,6 @@ PREPARE: dict[str, Callable[[ComputeManager, str], object]] = {
     "suspend": lambda m, u: None,
     "resume": lambda m, u: m.driver.suspend(u),
 }
-
 
 
 def updates(reporter: ListReporter) -> list[dict[str, Any]]:
@@ -154,16 +159,16 @@ def test_a_redelivered_action_does_nothing_and_reports_nothing(managed: Managed,
     manager, reporter = managed
     spec = make_spec()
     uuid = spawned(manager, reporter, spec)
-    manager.reboot_instance(uuid, 5, "HARD", spec)
+    manager.family(Lifecycle).reboot_instance(uuid, 5, "HARD", spec)
     assert len(updates(reporter)) == 2
     boots = boot_marker(manager, uuid)
     reporter.reports.clear()
-    manager.reboot_instance(uuid, 5, "HARD", spec)  # Redis delivered the task again
-    manager.power_off_instance(uuid, 5, 10)  # whatever the task: action 5 is done here
+    manager.family(Lifecycle).reboot_instance(uuid, 5, "HARD", spec)  # Redis delivered the task again
+    manager.family(Lifecycle).power_off_instance(uuid, 5, 10)  # whatever the task: action 5 is done here
     assert reporter.reports == []
     assert boot_marker(manager, uuid) == boots  # not rebooted again
     assert manager.driver.get_info(uuid) == contract.POWER_RUNNING
-    manager.reboot_instance(uuid, 6, "HARD", spec)  # a new action runs
+    manager.family(Lifecycle).reboot_instance(uuid, 6, "HARD", spec)  # a new action runs
     assert steps(reporter)[-1] == ("compute_reboot_instance", "success")
     assert boot_marker(manager, uuid) != boots
     journal = (manager.config.instances_path / uuid / "actions.done").read_text()
@@ -188,8 +193,8 @@ def test_concurrent_deliveries_of_one_action_run_it_once(tmp_path: Path, make_sp
     manager, reporter = make_manager(driver, tmp_path)
     spec = make_spec()
     uuid = spawned(manager, reporter, spec)
-    threads = [threading.Thread(target=manager.reboot_instance, args=(uuid, 9, "HARD", spec))
-               for _ in range(3)]
+    reboot = manager.family(Lifecycle).reboot_instance
+    threads = [threading.Thread(target=reboot, args=(uuid, 9, "HARD", spec)) for _ in range(3)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -202,15 +207,15 @@ def test_an_action_without_id_runs_every_time(managed: Managed, make_spec: SpecF
     manager, reporter = managed
     spec = make_spec()
     uuid = spawned(manager, reporter, spec)
-    manager.reboot_instance(uuid, None, "HARD", spec)
-    manager.reboot_instance(uuid, None, "HARD", spec)
+    manager.family(Lifecycle).reboot_instance(uuid, None, "HARD", spec)
+    manager.family(Lifecycle).reboot_instance(uuid, None, "HARD", spec)
     assert [u["values"] for u in updates(reporter)] == [{}, ACTIVE, {}, ACTIVE]
     assert not (manager.config.instances_path / uuid / "actions.done").exists()
 
 
 def test_an_invalid_uuid_reaches_neither_the_hypervisor_nor_the_disk(managed: Managed) -> None:
     manager, reporter = managed
-    manager.pause_instance("../../etc", 3)
+    manager.family(Lifecycle).pause_instance("../../etc", 3)
     assert reporter.reports == []
     assert not manager.config.instances_path.exists() or list(manager.config.instances_path.iterdir()) == []
 
@@ -221,7 +226,7 @@ def test_soft_reboot_falls_back_to_hard_when_the_guest_ignores_acpi(tmp_path: Pa
     manager, reporter = make_manager(driver, tmp_path, COMPUTE_CLEAN_SHUTDOWN_TIMEOUT="0.2")
     spec = make_spec()
     uuid = spawned(manager, reporter, spec)
-    manager.reboot_instance(uuid, 3, "SOFT", spec)
+    manager.family(Lifecycle).reboot_instance(uuid, 3, "SOFT", spec)
     assert steps(reporter) == [("compute_reboot_instance", "start"), ("fallback_to_hard_reboot", "success"),
                                ("compute_reboot_instance", "success")]
     _start, fallback, success = updates(reporter)
@@ -236,7 +241,7 @@ def test_soft_reboot_falls_back_to_hard_when_the_guest_ignores_acpi(tmp_path: Pa
 def test_soft_reboot_falls_back_on_test_libvirt_when_shutdown_is_ignored(
         tmp_path: Path, make_spec: SpecFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     instances = tmp_path / "instances"
-    driver = LibvirtDriver("test:///default", instances)
+    driver = LibvirtTestDriver("test:///default", instances)
     manager, reporter = make_manager(driver, instances, COMPUTE_LIBVIRT_URI="test:///default",
                                      COMPUTE_CLEAN_SHUTDOWN_TIMEOUT="0.3")
     spec = make_spec()
@@ -251,7 +256,7 @@ def test_soft_reboot_falls_back_on_test_libvirt_when_shutdown_is_ignored(
     monkeypatch.setattr("compute_workers.virt.libvirt.driver.ACPI_RETRY_INTERVAL", 0.1)
     domain_id = driver.conn.lookupByName(contract.domain_name(uuid)).ID()
     try:
-        manager.reboot_instance(uuid, 3, "SOFT", spec)
+        manager.family(Lifecycle).reboot_instance(uuid, 3, "SOFT", spec)
         assert steps(reporter)[1] == ("fallback_to_hard_reboot", "success")
         assert updates(reporter)[-1]["values"] == ACTIVE
         assert len(presses) >= 2  # the power button was pressed again while waiting
@@ -274,7 +279,7 @@ def test_soft_reboot_of_a_guest_that_does_not_run_is_a_hard_one(managed: Managed
         manager.driver.power_off(uuid, 0)
     else:
         getattr(manager.driver, prepare)(uuid)
-    manager.reboot_instance(uuid, 1, "SOFT", spec)
+    manager.family(Lifecycle).reboot_instance(uuid, 1, "SOFT", spec)
     assert updates(reporter)[1]["event"] == {"name": "fallback_to_hard_reboot", "result": "success",
                                              "message": why}
     assert updates(reporter)[-1]["values"] == ACTIVE
@@ -285,7 +290,7 @@ def test_soft_reboot_of_a_guest_that_does_not_run_is_a_hard_one(managed: Managed
 def test_reboot_and_power_on_define_a_lost_domain_again_from_the_spec(
         tmp_path: Path, make_spec: SpecFactory, reboot_type: str) -> None:
     instances = tmp_path / "instances"
-    driver = LibvirtDriver("test:///default", instances)
+    driver = LibvirtTestDriver("test:///default", instances)
     manager, reporter = make_manager(driver, instances, COMPUTE_LIBVIRT_URI="test:///default")
     spec = make_spec()
     uuid = spawned(manager, reporter, spec)
@@ -294,7 +299,7 @@ def test_reboot_and_power_on_define_a_lost_domain_again_from_the_spec(
         domain.destroy()
         domain.undefine()  # the definition is lost, the files are still here
         bigger = make_spec(instance_uuid=uuid, flavor={"memory_mb": 256})
-        manager.reboot_instance(uuid, 1, reboot_type, bigger)
+        manager.family(Lifecycle).reboot_instance(uuid, 1, reboot_type, bigger)
         success = updates(reporter)[-1]
         assert success["values"] == ACTIVE
         assert success["event"]["message"].startswith(
@@ -303,7 +308,7 @@ def test_reboot_and_power_on_define_a_lost_domain_again_from_the_spec(
         assert domain.maxMemory() == 256 * 1024 and domain.isPersistent()
         domain.destroy()
         domain.undefine()
-        manager.power_on_instance(uuid, 2, spec)
+        manager.family(Lifecycle).power_on_instance(uuid, 2, spec)
         assert updates(reporter)[-1]["values"] == ACTIVE
         assert driver.conn.lookupByName(contract.domain_name(uuid)).maxMemory() == 128 * 1024
     finally:
@@ -313,18 +318,18 @@ def test_reboot_and_power_on_define_a_lost_domain_again_from_the_spec(
 
 def test_hard_reboot_and_power_on_apply_a_changed_flavor(tmp_path: Path, make_spec: SpecFactory) -> None:
     instances = tmp_path / "instances"
-    driver = LibvirtDriver("test:///default", instances)
+    driver = LibvirtTestDriver("test:///default", instances)
     manager, reporter = make_manager(driver, instances, COMPUTE_LIBVIRT_URI="test:///default")
     spec = make_spec()
     uuid = spawned(manager, reporter, spec)
     try:
         bigger = make_spec(instance_uuid=uuid, flavor={"vcpus": 2, "memory_mb": 512})
-        manager.reboot_instance(uuid, 1, "HARD", bigger)
+        manager.family(Lifecycle).reboot_instance(uuid, 1, "HARD", bigger)
         domain = driver.conn.lookupByName(contract.domain_name(uuid))
         assert (domain.maxMemory(), domain.info()[3]) == (512 * 1024, 2)
         assert "<vcpu>2</vcpu>" in (driver.instance_dir(uuid) / "libvirt.xml").read_text()
-        manager.power_off_instance(uuid, 2, 10)
-        manager.power_on_instance(uuid, 3, spec)
+        manager.family(Lifecycle).power_off_instance(uuid, 2, 10)
+        manager.family(Lifecycle).power_on_instance(uuid, 3, spec)
         assert driver.conn.lookupByName(contract.domain_name(uuid)).maxMemory() == 128 * 1024
         assert [u["values"] for u in updates(reporter)[1::2]] == [ACTIVE, STOPPED, ACTIVE]
     finally:
@@ -375,7 +380,7 @@ def test_a_hypervisor_failure_reports_what_the_domain_really_is(tmp_path: Path,
     manager, reporter = make_manager(NoSaveDriver(), tmp_path)
     spec = make_spec()
     uuid = spawned(manager, reporter, spec)
-    manager.suspend_instance(uuid, 4)
+    manager.family(Lifecycle).suspend_instance(uuid, 4)
     failure = updates(reporter)[-1]
     assert failure["values"] == ACTIVE  # it still runs: the truth, not the target
     assert failure["fault"]["message"] == ("cannot suspend instance: no space left on "
@@ -392,7 +397,7 @@ def test_a_failure_whose_truth_cannot_be_read_only_ends_the_task(tmp_path: Path,
 
     manager, reporter = make_manager(DeadDriver(), tmp_path)
     uuid = make_spec()["instance_uuid"]
-    manager.pause_instance(uuid, 4)
+    manager.family(Lifecycle).pause_instance(uuid, 4)
     failure = updates(reporter)[-1]
     assert failure["values"] == {"task_state": None}
     assert failure["fault"]["message"] == "cannot connect to libvirt at qemu:///system"
@@ -410,7 +415,7 @@ def test_a_malformed_reboot_fails_and_leaves_the_guest_alone(managed: Managed, m
     spec = make_spec()
     uuid = spawned(manager, reporter, spec)
     boots = boot_marker(manager, uuid)
-    manager.reboot_instance(uuid, 1, reboot_type, {**spec, **spec_change})
+    manager.family(Lifecycle).reboot_instance(uuid, 1, reboot_type, {**spec, **spec_change})
     failure = updates(reporter)[-1]
     assert failure["values"] == ACTIVE
     assert failure["fault"]["message"] == message.format(uuid=uuid)
@@ -431,8 +436,8 @@ def test_power_off_timeouts(tmp_path: Path, make_spec: SpecFactory) -> None:
     uuid = spawned(manager, reporter, spec)
     messages = []
     for action_id, timeout in enumerate([None, 7, 500, -1, "soon", True, 0], start=1):
-        manager.power_on_instance(uuid, 100 + action_id, spec)
-        manager.power_off_instance(uuid, action_id, timeout)  # type: ignore[arg-type]
+        manager.family(Lifecycle).power_on_instance(uuid, 100 + action_id, spec)
+        manager.family(Lifecycle).power_off_instance(uuid, action_id, timeout)  # type: ignore[arg-type]
         messages.append(updates(reporter)[-1]["event"]["message"])
     assert waits == [42, 7, 70, 42, 42, 42]  # default, as given, capped, default for nonsense; 0: no wait
     assert messages[:2] == ["guest did not shut down within 42 s; forced off",
@@ -451,7 +456,7 @@ def test_power_off_of_a_guest_that_cannot_shut_down_itself(managed: Managed, mak
     uuid = spawned(manager, reporter, spec)
     getattr(manager.driver, prepare)(uuid)
     started = time.monotonic()
-    manager.power_off_instance(uuid, 1, 30)
+    manager.family(Lifecycle).power_off_instance(uuid, 1, 30)
     assert time.monotonic() - started < 5  # no wait for an ACPI request nobody can act on
     success = updates(reporter)[-1]
     assert success["values"] == STOPPED and success["event"]["message"].startswith(message)
@@ -466,7 +471,7 @@ def test_power_on_converges_from_any_state(managed: Managed, make_spec: SpecFact
     spec = make_spec()
     uuid = spawned(manager, reporter, spec)
     getattr(manager.driver, prepare)(uuid)
-    manager.power_on_instance(uuid, 1, spec)
+    manager.family(Lifecycle).power_on_instance(uuid, 1, spec)
     assert updates(reporter)[-1]["event"]["message"].startswith(message)
     assert manager.driver.get_info(uuid) == contract.POWER_RUNNING
 
@@ -476,125 +481,9 @@ def test_resume_of_a_paused_guest_unpauses_it(managed: Managed, make_spec: SpecF
     spec = make_spec()
     uuid = spawned(manager, reporter, spec)
     manager.driver.pause(uuid)
-    manager.resume_instance(uuid, 1)
+    manager.family(Lifecycle).resume_instance(uuid, 1)
     assert updates(reporter)[-1]["event"]["message"].startswith("guest was paused, not suspended; unpaused")
     assert manager.driver.get_info(uuid) == contract.POWER_RUNNING
-
-
-# Power-state updates and host_init --------------------------------------------------------------------
-
-def wait_for_power_state(reporter: ListReporter, instance_uuid: str, power_state: str,
-                         timeout: float = 5.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for update in reporter.named(contract.CONDUCTOR_POWER_STATE_UPDATE):
-            if update["instance_uuid"] == instance_uuid and update["power_state"] == power_state:
-                return update
-        time.sleep(0.01)
-    raise AssertionError(f"no power_state_update {power_state} of {instance_uuid} within {timeout} s: "
-                         f"{reporter.named(contract.CONDUCTOR_POWER_STATE_UPDATE)}")
-
-
-def test_a_guest_powering_itself_off_is_reported_by_a_lifecycle_event(managed: Managed,
-                                                                      make_spec: SpecFactory) -> None:
-    manager, reporter = managed
-    manager.watch_power_states()
-    uuid = spawned(manager, reporter, make_spec())
-    reporter.reports.clear()
-    before = time.time()
-    if isinstance(manager.driver, FakeDriver):
-        manager.driver.guest_power_off(uuid)
-    else:
-        assert isinstance(manager.driver, LibvirtDriver)
-        manager.driver.conn.lookupByName(contract.domain_name(uuid)).shutdown()  # not through the manager
-    update = wait_for_power_state(reporter, uuid, contract.POWER_SHUTDOWN)
-    assert update["host"] == HOST
-    assert before <= update["observed_at"] <= time.time()
-    assert set(update) == {"host", "instance_uuid", "power_state", "observed_at"}
-    assert reporter.named(contract.CONDUCTOR_INSTANCE_UPDATE) == []
-
-
-def test_operations_and_deletes_are_reported_as_they_are_now(managed: Managed,
-                                                             make_spec: SpecFactory) -> None:
-    manager, reporter = managed
-    manager.watch_power_states()
-    spec = make_spec()
-    uuid = spawned(manager, reporter, spec)
-    manager.suspend_instance(uuid, 1)
-    wait_for_power_state(reporter, uuid, contract.POWER_SUSPENDED)
-    manager.terminate(uuid)
-    wait_for_power_state(reporter, uuid, contract.POWER_NOSTATE)
-
-
-def test_power_states_are_read_when_sent_and_a_burst_is_sent_once(tmp_path: Path,
-                                                                  make_spec: SpecFactory) -> None:
-    release, stuck = threading.Event(), threading.Event()
-
-    class SlowReader(FakeDriver):
-        def get_info(self, instance_uuid: str) -> str:
-            if threading.current_thread().name == "power-state-events":
-                stuck.set()
-                release.wait(5)
-            return super().get_info(instance_uuid)
-
-    driver = SlowReader()
-    manager, reporter = make_manager(driver, tmp_path)
-    spec = make_spec()
-    uuid = spawned(manager, reporter, spec)
-    other = spawned(manager, reporter, make_spec())
-    manager.watch_power_states()
-    try:
-        assert manager._power_events is not None
-        manager._power_events.notify(HOST, other)
-        assert stuck.wait(5)  # the sender is reading the state of the other instance
-        for _ in range(50):
-            manager._power_events.notify(HOST, uuid)
-        driver.instances[uuid].power_state = contract.POWER_PAUSED  # what it is by the time it is read
-        release.set()
-        wait_for_power_state(reporter, uuid, contract.POWER_PAUSED)
-        time.sleep(0.1)
-        sent = [u for u in reporter.named(contract.CONDUCTOR_POWER_STATE_UPDATE)
-                if u["instance_uuid"] == uuid]
-        assert [u["power_state"] for u in sent] == [contract.POWER_PAUSED]
-    finally:
-        release.set()
-        manager.close()
-
-
-def test_a_failing_send_does_not_stop_the_power_state_updates(tmp_path: Path, make_spec: SpecFactory) -> None:
-    failed = threading.Event()
-
-    class FlakyReporter(ListReporter):
-        def report(self, task_name: str, **kwargs: Any) -> None:
-            if task_name == contract.CONDUCTOR_POWER_STATE_UPDATE and not failed.is_set():
-                failed.set()
-                raise ConnectionError("broker away")
-            super().report(task_name, **kwargs)
-
-    driver = FakeDriver()
-    reporter = FlakyReporter()
-    manager = ComputeManager(make_manager(driver, tmp_path)[0].config, driver, reporter)
-    manager.watch_power_states()
-    try:
-        spec = make_spec()
-        manager.spawn(spec)  # its event's update is lost
-        assert failed.wait(5)
-        driver.pause(spec["instance_uuid"])
-        wait_for_power_state(reporter, spec["instance_uuid"], contract.POWER_PAUSED)
-    finally:
-        manager.close()
-
-
-def test_host_init_reports_the_heartbeat_resources(managed: Managed, make_spec: SpecFactory) -> None:
-    manager, reporter = managed
-    uuid = spawned(manager, reporter, make_spec())
-    manager.suspend_instance(uuid, 1)
-    reporter.reports.clear()
-    manager.host_init()
-    (name, kwargs), = reporter.reports
-    assert name == contract.CONDUCTOR_HOST_INIT and kwargs["host"] == HOST
-    assert set(kwargs["resources"]) == set(contract.HEARTBEAT_RESOURCE_KEYS)
-    assert kwargs["resources"]["instances"] == {uuid: contract.POWER_SUSPENDED}
 
 
 def test_the_journal_ignores_a_line_cut_by_a_crash(tmp_path: Path, make_spec: SpecFactory) -> None:
@@ -610,3 +499,34 @@ def test_the_journal_ignores_a_line_cut_by_a_crash(tmp_path: Path, make_spec: Sp
     assert journal.done(uuid, 124) and not journal.done(uuid, 12)
     with pytest.raises(ValueError):
         journal.record(uuid, 125, "maybe")
+
+
+# Tasks ------------------------------------------------------------------------------------------------
+
+def test_lifecycle_tasks_take_the_contract_kwargs(tmp_path: Path, make_spec: SpecFactory) -> None:
+    manager, reporter = make_manager(FakeDriver(), tmp_path)
+    app = create_app(manager.config)
+    register_tasks(app, manager)
+    app.finalize()
+    spec = make_spec()
+    uuid = spec["instance_uuid"]
+    manager.family(Build).spawn(spec)
+    reporter.reports.clear()
+    calls: list[tuple[str, dict[str, Any]]] = [
+        (contract.COMPUTE_REBOOT, {"reboot_type": "SOFT", "spec": spec}),
+        (contract.COMPUTE_REBOOT, {"reboot_type": "HARD", "spec": spec}),
+        (contract.COMPUTE_PAUSE, {}), (contract.COMPUTE_UNPAUSE, {}),
+        (contract.COMPUTE_SUSPEND, {}), (contract.COMPUTE_RESUME, {}),
+        (contract.COMPUTE_POWER_OFF, {"timeout": 30}), (contract.COMPUTE_POWER_ON, {"spec": spec}),
+    ]
+    for action_id, (name, kwargs) in enumerate(calls, start=1):
+        task = app.tasks[name]
+        assert (task.soft_time_limit, task.time_limit) == (300, 360) and task.ignore_result
+        task.run(instance_uuid=uuid, action_id=action_id, **kwargs)
+    results = [update for update in reporter.named(contract.CONDUCTOR_INSTANCE_UPDATE)
+               if update["event"]["result"] != "start"]
+    assert [(u["event"]["name"], u["event"]["result"], u["action_id"]) for u in results] == [
+        ("compute_reboot_instance", "success", 1), ("compute_reboot_instance", "success", 2),
+        ("compute_pause_instance", "success", 3), ("compute_unpause_instance", "success", 4),
+        ("compute_suspend_instance", "success", 5), ("compute_resume_instance", "success", 6),
+        ("compute_stop_instance", "success", 7), ("compute_start_instance", "success", 8)]

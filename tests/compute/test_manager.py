@@ -1,243 +1,57 @@
-"""ComputeManager with a list reporter: what the conductor is told, and what is left on the host."""
+"""The thin ComputeManager: what the host itself reports (heartbeat, host_init, power-state updates from
+lifecycle events) and how it hands out its operation families. Run against the fake driver and
+LibvirtTestDriver (test:///default)."""
 
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from compute_workers import contract
-from compute_workers.exception import HypervisorError
 from compute_workers.manager import ComputeManager
+from compute_workers.operations import FAMILIES, Build, Lifecycle, OperationFamily
+from compute_workers.operations.base import HostContext
 from compute_workers.reporter import ListReporter
-from compute_workers.virt.fake import FakeBuildAbortDriver, FakeDriver
+from compute_workers.virt.fake import FakeDriver
 from compute_workers.virt.libvirt.driver import LibvirtDriver
 
-from .conftest import HOST, ImageServer, SpecFactory, make_manager
+from .conftest import HOST, Managed, SpecFactory, make_config, make_manager, spawned
 
-ACTIVE = {"vm_state": "active", "task_state": None, "power_state": "running"}
+# Families ---------------------------------------------------------------------------------------------
 
-
-def names(reporter: ListReporter) -> list[str]:
-    return [name for name, _ in reporter.reports]
-
-
-def last_update(reporter: ListReporter) -> dict[str, Any]:
-    return reporter.named(contract.CONDUCTOR_INSTANCE_UPDATE)[-1]
-
-
-@pytest.fixture
-def libvirt_manager(tmp_path: Path) -> tuple[ComputeManager, ListReporter]:
-    return make_manager(LibvirtDriver("test:///default", tmp_path / "instances"), tmp_path / "instances",
-                        COMPUTE_LIBVIRT_URI="test:///default")
+def test_every_family_is_built_once_per_manager_on_the_managers_parts(tmp_path: Path) -> None:
+    manager, _ = make_manager(FakeDriver(), tmp_path)
+    other, _ = make_manager(FakeDriver(), tmp_path / "other")
+    for family in FAMILIES:
+        ops = manager.family(family)
+        assert isinstance(ops, family) and manager.family(family) is ops and other.family(family) is not ops
+        assert ops.driver is manager.driver and ops.reporter is manager.reporter
+        assert ops.instance_locks is manager.instance_locks and ops.journal is manager.journal
 
 
-def test_spawn_reports_active(libvirt_manager: tuple[ComputeManager, ListReporter],
-                              make_spec: SpecFactory) -> None:
-    manager, reporter = libvirt_manager
-    spec = make_spec()
-    manager.spawn(spec)
-    assert names(reporter) == [contract.CONDUCTOR_INSTANCE_UPDATE]
-    update = last_update(reporter)
-    assert update["instance_uuid"] == spec["instance_uuid"] and update["host"] == HOST
-    assert update["expected_task_state"] == "spawning"
-    assert update["values"] == ACTIVE
-    assert update["event"]["name"] == "compute_spawn" and update["event"]["result"] == "success"
-    assert update["fault"] is None
-    assert manager.driver.list_instances() == {spec["instance_uuid"]: contract.POWER_RUNNING}
+def test_a_new_family_plugs_in_and_an_absent_one_is_named(tmp_path: Path) -> None:
+    class Consoles(OperationFamily):
+        def __init__(self, context: HostContext) -> None:
+            super().__init__(context)
+            self.opened: list[str] = []
+
+    manager = ComputeManager(make_config(tmp_path), FakeDriver(), ListReporter(), families=(Build, Consoles))
+    assert manager.family(Consoles).host == HOST
+    with pytest.raises(LookupError, match="no Lifecycle operations"):
+        manager.family(Lifecycle)
 
 
-def test_redelivered_spawn_reports_again_without_a_second_domain(
-        libvirt_manager: tuple[ComputeManager, ListReporter], make_spec: SpecFactory) -> None:
-    manager, reporter = libvirt_manager
-    spec = make_spec()
-    manager.spawn(spec)
-    manager.spawn(spec)
-    updates = reporter.named(contract.CONDUCTOR_INSTANCE_UPDATE)
-    assert [u["values"] for u in updates] == [ACTIVE, ACTIVE]
-    assert "already exists" in updates[1]["event"]["message"]
-    assert isinstance(manager.driver, LibvirtDriver)
-    domains = [d.name() for d in manager.driver.conn.listAllDomains()]
-    assert domains.count(contract.domain_name(spec["instance_uuid"])) == 1
-    assert len(domains) == 2  # and the test driver's own "test"
-
-
-def test_concurrent_redeliveries_build_once(tmp_path: Path, make_spec: SpecFactory) -> None:
-    spawns: list[str] = []
-
-    class CountingDriver(FakeDriver):
-        def spawn(self, spec: dict[str, Any], base_image: Path | None) -> None:
-            spawns.append(spec["instance_uuid"])
-            super().spawn(spec, base_image)
-
-    manager, reporter = make_manager(CountingDriver(spawn_delay=0.2), tmp_path)
-    spec = make_spec()
-    threads = [threading.Thread(target=manager.spawn, args=(spec,)) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert spawns == [spec["instance_uuid"]]
-    assert [u["values"] for u in reporter.named(contract.CONDUCTOR_INSTANCE_UPDATE)] == [ACTIVE] * 4
-
-
-def test_spawn_of_a_defined_but_stopped_domain_starts_it(
-        libvirt_manager: tuple[ComputeManager, ListReporter], make_spec: SpecFactory) -> None:
-    manager, reporter = libvirt_manager
-    spec = make_spec()
-    manager.spawn(spec)
-    manager.driver.power_off(spec["instance_uuid"], 10)
-    manager.spawn(spec)  # e.g. a previous attempt died between define and start
-    assert manager.driver.get_info(spec["instance_uuid"]) == contract.POWER_RUNNING
-    assert last_update(reporter)["values"] == ACTIVE
-
-
-def test_failing_driver_reports_build_failed_and_cleans_up(tmp_path: Path, make_spec: SpecFactory) -> None:
-    driver = FakeBuildAbortDriver()
-    manager, reporter = make_manager(driver, tmp_path)
-    spec = make_spec()
-    manager.spawn(spec)
-    assert names(reporter) == [contract.CONDUCTOR_BUILD_FAILED]
-    failed = reporter.named(contract.CONDUCTOR_BUILD_FAILED)[0]
-    assert failed["instance_uuid"] == spec["instance_uuid"] and failed["host"] == HOST
-    assert failed["reschedule"] is True
-    assert failed["fault"]["message"] == "fake hypervisor refused to start the domain"
-    assert failed["fault"]["code"] == 500
-    assert "HypervisorError" in failed["fault"]["details"]
-    assert driver.list_instances() == {}  # the half-built domain was removed
-
-
-def test_unexpected_errors_are_reported_and_rescheduled(tmp_path: Path, make_spec: SpecFactory) -> None:
-    class BrokenDriver(FakeDriver):
-        def spawn(self, spec: dict[str, Any], base_image: Path | None) -> None:
-            raise KeyError("boom")
-
-    manager, reporter = make_manager(BrokenDriver(), tmp_path)
-    manager.spawn(make_spec())
-    failed = reporter.named(contract.CONDUCTOR_BUILD_FAILED)[0]
-    assert failed["reschedule"] is True
-    assert failed["fault"]["message"] == f"unexpected error on host {HOST}: KeyError: 'boom'"
-
-
-def test_checksum_mismatch_is_not_rescheduled(tmp_path: Path, make_spec: SpecFactory,
-                                              image_server: ImageServer, small_qcow2: bytes) -> None:
-    driver = FakeDriver(needs_base_image=True)
-    manager, reporter = make_manager(driver, tmp_path)
-    image = image_server.add("tiny", small_qcow2, sha256="cd" * 32)
-    spec = make_spec(image=image)
-    manager.spawn(spec)
-    assert names(reporter) == [contract.CONDUCTOR_INSTANCE_UPDATE, contract.CONDUCTOR_BUILD_FAILED]
-    assert reporter.named(contract.CONDUCTOR_INSTANCE_UPDATE)[0]["event"]["name"] == "compute_prep_image"
-    failed = reporter.named(contract.CONDUCTOR_BUILD_FAILED)[0]
-    assert failed["reschedule"] is False
-    expected = f"Image tiny checksum mismatch: expected sha256 {'cd' * 32}, got "
-    assert failed["fault"]["message"].startswith(expected)
-    assert driver.list_instances() == {}
-    assert not (tmp_path / "_base" / "tiny").exists()
-
-
-def test_spawn_with_image_reports_image_events(tmp_path: Path, make_spec: SpecFactory,
-                                               image_server: ImageServer, small_qcow2: bytes) -> None:
-    driver = FakeDriver(needs_base_image=True)
-    manager, reporter = make_manager(driver, tmp_path)
-    spec = make_spec(image=image_server.add("tiny", small_qcow2))
-    manager.spawn(spec)
-    events = [u["event"] for u in reporter.named(contract.CONDUCTOR_INSTANCE_UPDATE)]
-    assert [(e["name"], e["result"]) for e in events] == [
-        ("compute_prep_image", "start"), ("compute_prep_image", "success"), ("compute_spawn", "success")]
-    assert "downloaded" in events[1]["message"]
-    assert (tmp_path / "_base" / "tiny").read_bytes() == small_qcow2
-
-
-@pytest.mark.parametrize("change", [{"version": 2}, {"flavor": {"vcpus": -1}}, {"host": "elsewhere"},
-                                    {"instance_uuid": "../../etc"}])
-def test_bad_spec_is_not_rescheduled(tmp_path: Path, make_spec: SpecFactory, change: dict[str, Any]) -> None:
-    driver = FakeDriver()
-    manager, reporter = make_manager(driver, tmp_path)
-    spec = make_spec(**change)
-    manager.spawn(spec)
-    assert names(reporter) == [contract.CONDUCTOR_BUILD_FAILED]
-    assert reporter.named(contract.CONDUCTOR_BUILD_FAILED)[0]["reschedule"] is False
-    assert driver.list_instances() == {}
-
-
-def test_terminate_reports_destroyed(libvirt_manager: tuple[ComputeManager, ListReporter],
-                                     make_spec: SpecFactory) -> None:
-    manager, reporter = libvirt_manager
-    spec = make_spec()
-    manager.spawn(spec)
-    manager.terminate(spec["instance_uuid"])
-    assert reporter.reports[-1] == (contract.CONDUCTOR_INSTANCE_DESTROYED,
-                                    {"instance_uuid": spec["instance_uuid"], "host": HOST})
-    assert manager.driver.list_instances() == {}
-
-
-def test_terminate_of_a_missing_instance_reports_destroyed(tmp_path: Path, make_spec: SpecFactory) -> None:
-    manager, reporter = make_manager(FakeDriver(), tmp_path)
-    uuid = make_spec()["instance_uuid"]
-    manager.terminate(uuid)
-    assert reporter.reports == [(contract.CONDUCTOR_INSTANCE_DESTROYED,
-                                 {"instance_uuid": uuid, "host": HOST})]
-
-
-def test_failed_terminate_reports_error_with_fault(tmp_path: Path, make_spec: SpecFactory) -> None:
-    class StuckDriver(FakeDriver):
-        def destroy(self, instance_uuid: str) -> None:
-            raise HypervisorError("libvirt cannot stop instance-x: device busy")
-
-    manager, reporter = make_manager(StuckDriver(), tmp_path)
-    uuid = make_spec()["instance_uuid"]
-    manager.terminate(uuid)
-    assert names(reporter) == [contract.CONDUCTOR_INSTANCE_UPDATE]
-    update = last_update(reporter)
-    assert update["expected_task_state"] == "deleting"
-    assert update["values"] == {"vm_state": "error", "task_state": None}
-    assert update["fault"]["message"] == "libvirt cannot stop instance-x: device busy"
-
-
-def test_terminate_during_spawn_waits_for_it(tmp_path: Path, make_spec: SpecFactory) -> None:
-    class SpawnSignallingDriver(FakeDriver):
-        def spawn(self, spec: dict[str, Any], base_image: Path | None) -> None:
-            spawning.set()
-            super().spawn(spec, base_image)
-
-    spawning = threading.Event()
-    manager, reporter = make_manager(SpawnSignallingDriver(spawn_delay=0.3), tmp_path)
-    spec = make_spec()
-    spawn = threading.Thread(target=manager.spawn, args=(spec,))
-    spawn.start()
-    assert spawning.wait(10)  # the spawn holds the instance's lock: the delete must wait for it
-    manager.terminate(spec["instance_uuid"])
-    spawn.join()
-    assert names(reporter) == [contract.CONDUCTOR_INSTANCE_UPDATE, contract.CONDUCTOR_INSTANCE_DESTROYED]
-    assert manager.driver.list_instances() == {}
-
-
-def test_console_output_answers_instead_of_raising(libvirt_manager: tuple[ComputeManager, ListReporter],
-                                                   make_spec: SpecFactory) -> None:
-    manager, _ = libvirt_manager
-    spec = make_spec()
-    manager.spawn(spec)
-    assert isinstance(manager.driver, LibvirtDriver)
-    log = manager.driver.instance_dir(spec["instance_uuid"]) / "console.log"
-    log.write_text("booting\ncloudctl-guest: ready\n")
-    assert manager.get_console_output(spec["instance_uuid"], 1) == {"output": "cloudctl-guest: ready\n"}
-    assert manager.get_console_output(spec["instance_uuid"], None) == {
-        "output": "booting\ncloudctl-guest: ready\n"}
-    log.unlink()
-    assert manager.get_console_output(spec["instance_uuid"], 1)["error"] == "ConsoleUnavailable"
-    missing = manager.get_console_output(make_spec()["instance_uuid"], 10)
-    assert missing["error"] == "InstanceNotFound" and "not found" in missing["message"]
-    assert manager.get_console_output("../../etc/shadow", 10)["error"] == "InstanceNotFound"
-
+# Heartbeat, power-state updates and host_init ------------------------------------------------------------
 
 def test_heartbeat_sends_every_resource_key(tmp_path: Path, make_spec: SpecFactory) -> None:
     manager, reporter = make_manager(FakeDriver(vcpus=8, memory_mb=4096, disk_gb=40), tmp_path,
                                      COMPUTE_DRIVER="fake")
     spec = make_spec()
-    manager.spawn(spec)
+    manager.family(Build).spawn(spec)
     manager.heartbeat()
     beat = reporter.named(contract.CONDUCTOR_HOST_HEARTBEAT)[0]
     assert beat["host"] == HOST
@@ -247,39 +61,115 @@ def test_heartbeat_sends_every_resource_key(tmp_path: Path, make_spec: SpecFacto
     assert beat["resources"]["instances"] == {spec["instance_uuid"]: "running"}
 
 
-def test_existing_domain_that_cannot_start_is_reported_in_error_and_kept(tmp_path: Path,
-                                                                         make_spec: SpecFactory) -> None:
-    class NoStartDriver(FakeDriver):
-        def power_on(self, instance_uuid: str, spec: dict[str, Any] | None = None) -> None:
-            raise HypervisorError("libvirt cannot start the domain: no memory")
+def wait_for_power_state(reporter: ListReporter, instance_uuid: str, power_state: str,
+                         timeout: float = 5.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for update in reporter.named(contract.CONDUCTOR_POWER_STATE_UPDATE):
+            if update["instance_uuid"] == instance_uuid and update["power_state"] == power_state:
+                return update
+        time.sleep(0.01)
+    raise AssertionError(f"no power_state_update {power_state} of {instance_uuid} within {timeout} s: "
+                         f"{reporter.named(contract.CONDUCTOR_POWER_STATE_UPDATE)}")
 
-    driver = NoStartDriver()
+
+def test_a_guest_powering_itself_off_is_reported_by_a_lifecycle_event(managed: Managed,
+                                                                      make_spec: SpecFactory) -> None:
+    manager, reporter = managed
+    manager.watch_power_states()
+    uuid = spawned(manager, reporter, make_spec())
+    reporter.reports.clear()
+    before = time.time()
+    if isinstance(manager.driver, FakeDriver):
+        manager.driver.guest_power_off(uuid)
+    else:
+        assert isinstance(manager.driver, LibvirtDriver)
+        manager.driver.conn.lookupByName(contract.domain_name(uuid)).shutdown()  # not through the manager
+    update = wait_for_power_state(reporter, uuid, contract.POWER_SHUTDOWN)
+    assert update["host"] == HOST
+    assert before <= update["observed_at"] <= time.time()
+    assert set(update) == {"host", "instance_uuid", "power_state", "observed_at"}
+    assert reporter.named(contract.CONDUCTOR_INSTANCE_UPDATE) == []
+
+
+def test_operations_and_deletes_are_reported_as_they_are_now(managed: Managed,
+                                                             make_spec: SpecFactory) -> None:
+    manager, reporter = managed
+    manager.watch_power_states()
+    spec = make_spec()
+    uuid = spawned(manager, reporter, spec)
+    manager.family(Lifecycle).suspend_instance(uuid, 1)
+    wait_for_power_state(reporter, uuid, contract.POWER_SUSPENDED)
+    manager.family(Build).terminate(uuid)
+    wait_for_power_state(reporter, uuid, contract.POWER_NOSTATE)
+
+
+def test_power_states_are_read_when_sent_and_a_burst_is_sent_once(tmp_path: Path,
+                                                                  make_spec: SpecFactory) -> None:
+    release, stuck = threading.Event(), threading.Event()
+
+    class SlowReader(FakeDriver):
+        def get_info(self, instance_uuid: str) -> str:
+            if threading.current_thread().name == "power-state-events":
+                stuck.set()
+                release.wait(5)
+            return super().get_info(instance_uuid)
+
+    driver = SlowReader()
     manager, reporter = make_manager(driver, tmp_path)
     spec = make_spec()
-    driver.spawn(spec, None)
-    driver.instances[spec["instance_uuid"]].power_state = contract.POWER_SHUTDOWN
-    manager.spawn(spec)  # redelivered: a domain of that instance is already defined
-    assert names(reporter) == [contract.CONDUCTOR_INSTANCE_UPDATE]  # not build_failed: no reschedule
-    update = last_update(reporter)
-    assert update["expected_task_state"] == "spawning"
-    assert update["values"] == {"vm_state": "error", "task_state": None}
-    assert update["fault"]["message"] == "libvirt cannot start the domain: no memory"
-    assert driver.list_instances() == {spec["instance_uuid"]: contract.POWER_SHUTDOWN}  # never removed
+    uuid = spawned(manager, reporter, spec)
+    other = spawned(manager, reporter, make_spec())
+    manager.watch_power_states()
+    try:
+        assert manager._power_events is not None
+        manager._power_events.notify(HOST, other)
+        assert stuck.wait(5)  # the sender is reading the state of the other instance
+        for _ in range(50):
+            manager._power_events.notify(HOST, uuid)
+        driver.instances[uuid].power_state = contract.POWER_PAUSED  # what it is by the time it is read
+        release.set()
+        wait_for_power_state(reporter, uuid, contract.POWER_PAUSED)
+        time.sleep(0.1)
+        sent = [u for u in reporter.named(contract.CONDUCTOR_POWER_STATE_UPDATE)
+                if u["instance_uuid"] == uuid]
+        assert [u["power_state"] for u in sent] == [contract.POWER_PAUSED]
+    finally:
+        release.set()
+        manager.close()
 
 
-def test_spawn_that_cannot_see_the_hypervisor_removes_nothing(tmp_path: Path, make_spec: SpecFactory) -> None:
-    destroyed: list[str] = []
+def test_a_failing_send_does_not_stop_the_power_state_updates(tmp_path: Path, make_spec: SpecFactory) -> None:
+    failed = threading.Event()
 
-    class BlindDriver(FakeDriver):
-        def get_info(self, instance_uuid: str) -> str:
-            raise HypervisorError("cannot look up instance: libvirtd is restarting")
+    class FlakyReporter(ListReporter):
+        def report(self, task_name: str, **kwargs: Any) -> None:
+            if task_name == contract.CONDUCTOR_POWER_STATE_UPDATE and not failed.is_set():
+                failed.set()
+                raise ConnectionError("broker away")
+            super().report(task_name, **kwargs)
 
-        def destroy(self, instance_uuid: str) -> None:
-            destroyed.append(instance_uuid)
+    driver = FakeDriver()
+    reporter = FlakyReporter()
+    manager = ComputeManager(make_manager(driver, tmp_path)[0].config, driver, reporter)
+    manager.watch_power_states()
+    try:
+        spec = make_spec()
+        manager.family(Build).spawn(spec)  # its event's update is lost
+        assert failed.wait(5)
+        driver.pause(spec["instance_uuid"])
+        wait_for_power_state(reporter, spec["instance_uuid"], contract.POWER_PAUSED)
+    finally:
+        manager.close()
 
-    manager, reporter = make_manager(BlindDriver(), tmp_path)
-    manager.spawn(make_spec())
-    failed = reporter.named(contract.CONDUCTOR_BUILD_FAILED)[0]
-    assert failed["reschedule"] is True
-    assert failed["fault"]["message"] == "cannot look up instance: libvirtd is restarting"
-    assert destroyed == []  # it may be a running instance of a redelivered spawn: never touch it
+
+def test_host_init_reports_the_heartbeat_resources(managed: Managed, make_spec: SpecFactory) -> None:
+    manager, reporter = managed
+    uuid = spawned(manager, reporter, make_spec())
+    manager.family(Lifecycle).suspend_instance(uuid, 1)
+    reporter.reports.clear()
+    manager.host_init()
+    (name, kwargs), = reporter.reports
+    assert name == contract.CONDUCTOR_HOST_INIT and kwargs["host"] == HOST
+    assert set(kwargs["resources"]) == set(contract.HEARTBEAT_RESOURCE_KEYS)
+    assert kwargs["resources"]["instances"] == {uuid: contract.POWER_SUSPENDED}

@@ -20,6 +20,7 @@ import pytest
 
 from compute_workers import contract
 from compute_workers.manager import ComputeManager
+from compute_workers.operations import Build, Lifecycle, Snapshot
 from compute_workers.reporter import ListReporter
 from compute_workers.virt.libvirt.driver import LibvirtDriver
 
@@ -60,7 +61,7 @@ def wait_for_console(manager: ComputeManager, instance_uuid: str, text: str, tim
     started = time.monotonic()
     output = ""
     while time.monotonic() - started < timeout:
-        output = manager.get_console_output(instance_uuid, None).get("output", "")
+        output = manager.family(Build).get_console_output(instance_uuid, None).get("output", "")
         if output.count(text) > after:
             return time.monotonic() - started
         time.sleep(0.2)
@@ -68,7 +69,7 @@ def wait_for_console(manager: ComputeManager, instance_uuid: str, text: str, tim
 
 
 def console(manager: ComputeManager, instance_uuid: str) -> str:
-    return manager.get_console_output(instance_uuid, None)["output"]
+    return manager.family(Build).get_console_output(instance_uuid, None)["output"]
 
 
 def test_spawn_and_every_lifecycle_operation_on_the_demo_image(
@@ -102,7 +103,7 @@ def test_spawn_and_every_lifecycle_operation_on_the_demo_image(
     def state() -> int:
         return int(driver.conn.lookupByName(name).state()[0])
 
-    update = timed("spawn", lambda: manager.spawn(spec))
+    update = timed("spawn", lambda: manager.family(Build).spawn(spec))
     assert reporter.named(contract.CONDUCTOR_BUILD_FAILED) == []
     assert update["values"] == ACTIVE
     assert state() == libvirt.VIR_DOMAIN_RUNNING
@@ -112,7 +113,8 @@ def test_spawn_and_every_lifecycle_operation_on_the_demo_image(
 
     # Soft reboot: the guest shuts down on ACPI and boots again, its boot counter at 2.
     domain_id = driver.conn.lookupByName(name).ID()
-    update = timed("soft_reboot", lambda: manager.reboot_instance(instance_uuid, 1, "SOFT", spec))
+    lifecycle = manager.family(Lifecycle)
+    update = timed("soft_reboot", lambda: lifecycle.reboot_instance(instance_uuid, 1, "SOFT", spec))
     assert update["values"] == ACTIVE, update
     assert update["event"]["message"].startswith("guest shut down cleanly in ")
     assert "cloudctl-guest: poweroff (clean)" in console(manager, instance_uuid)
@@ -120,37 +122,37 @@ def test_spawn_and_every_lifecycle_operation_on_the_demo_image(
     domain_id = driver.conn.lookupByName(name).ID()
     # Redis delivers the same task again: nothing happens, nothing is reported.
     reporter.reports.clear()
-    manager.reboot_instance(instance_uuid, 1, "SOFT", spec)
+    manager.family(Lifecycle).reboot_instance(instance_uuid, 1, "SOFT", spec)
     assert reporter.reports == []
     assert driver.conn.lookupByName(name).ID() == domain_id
     assert (directory / "actions.done").read_text() == "1 success\n"
 
-    update = timed("hard_reboot", lambda: manager.reboot_instance(instance_uuid, 2, "HARD", spec))
+    update = timed("hard_reboot", lambda: lifecycle.reboot_instance(instance_uuid, 2, "HARD", spec))
     assert update["values"] == ACTIVE and update["event"]["message"].startswith("domain destroyed")
     assert driver.conn.lookupByName(name).ID() != domain_id
     booted(3, "hard_reboot_to_ready")
 
-    update = timed("stop", lambda: manager.power_off_instance(instance_uuid, 3, 30))
+    update = timed("stop", lambda: manager.family(Lifecycle).power_off_instance(instance_uuid, 3, 30))
     assert update["values"] == STOPPED and update["event"]["message"].startswith("guest shut down cleanly")
     domain = driver.conn.lookupByName(name)  # still defined
     assert domain.isPersistent() and not domain.isActive() and not domain.hasManagedSaveImage(0)
     assert driver.get_info(instance_uuid) == contract.POWER_SHUTDOWN
-    update = timed("start", lambda: manager.power_on_instance(instance_uuid, 4, spec))
+    update = timed("start", lambda: manager.family(Lifecycle).power_on_instance(instance_uuid, 4, spec))
     assert update["values"] == ACTIVE and state() == libvirt.VIR_DOMAIN_RUNNING
     booted(4, "start_to_ready")
 
-    update = timed("pause", lambda: manager.pause_instance(instance_uuid, 5))
+    update = timed("pause", lambda: manager.family(Lifecycle).pause_instance(instance_uuid, 5))
     assert update["values"] == PAUSED and state() == libvirt.VIR_DOMAIN_PAUSED
-    update = timed("unpause", lambda: manager.unpause_instance(instance_uuid, 6))
+    update = timed("unpause", lambda: manager.family(Lifecycle).unpause_instance(instance_uuid, 6))
     assert update["values"] == ACTIVE and state() == libvirt.VIR_DOMAIN_RUNNING
 
-    update = timed("suspend", lambda: manager.suspend_instance(instance_uuid, 7))
+    update = timed("suspend", lambda: manager.family(Lifecycle).suspend_instance(instance_uuid, 7))
     assert update["values"] == SUSPENDED
     domain = driver.conn.lookupByName(name)
     assert not domain.isActive() and domain.hasManagedSaveImage(0)
     assert driver.get_info(instance_uuid) == contract.POWER_SUSPENDED
     assert driver.list_instances()[instance_uuid] == contract.POWER_SUSPENDED
-    update = timed("resume", lambda: manager.resume_instance(instance_uuid, 8))
+    update = timed("resume", lambda: manager.family(Lifecycle).resume_instance(instance_uuid, 8))
     assert update["values"] == ACTIVE and state() == libvirt.VIR_DOMAIN_RUNNING
     assert not driver.conn.lookupByName(name).hasManagedSaveImage(0)
 
@@ -171,7 +173,7 @@ def test_spawn_and_every_lifecycle_operation_on_the_demo_image(
     output = console(manager, instance_uuid)
     assert output.count(READY) == 4 and "cloudctl-guest: boot-count 5" not in output
 
-    timed("terminate", lambda: manager.terminate(instance_uuid))
+    timed("terminate", lambda: manager.family(Build).terminate(instance_uuid))
     assert reporter.named(contract.CONDUCTOR_INSTANCE_DESTROYED) == [
         {"instance_uuid": instance_uuid, "host": manager.host}]
     assert instance_uuid not in driver.list_instances()
@@ -245,7 +247,7 @@ def test_live_and_cold_snapshot_of_the_demo_image(
     spec = make_spec(image=image_server.add("tiny", tiny_image_path.read_bytes()))
     instance_uuid = spec["instance_uuid"]
     timings: dict[str, float] = {}
-    manager.spawn(spec)
+    manager.family(Build).spawn(spec)
     assert reporter.named(contract.CONDUCTOR_BUILD_FAILED) == []
     wait_for_console(manager, instance_uuid, READY, timeout=90)
     assert "cloudctl-guest: boot-count 1" in console(manager, instance_uuid)
@@ -255,8 +257,8 @@ def test_live_and_cold_snapshot_of_the_demo_image(
     poller = StatePoller(contract.domain_name(instance_uuid))
     poller.start()
     started = time.monotonic()
-    manager.snapshot_instance(instance_uuid, 1, "snap-live",
-                              image_server.upload_url("snap-live"), "snap-live")
+    manager.family(Snapshot).snapshot_instance(instance_uuid, 1, "snap-live",
+                                               image_server.upload_url("snap-live"), "snap-live")
     timings["live_snapshot"] = time.monotonic() - started
     poller.stop()
     timings["live_snapshot_not_running"] = poller.not_running
@@ -275,19 +277,19 @@ def test_live_and_cold_snapshot_of_the_demo_image(
     # A new instance from the snapshot boots with the first guest's counter: boot 2.
     copy = make_spec(image=image_server.add("snap-live", data))
     started = time.monotonic()
-    manager.spawn(copy)
+    manager.family(Build).spawn(copy)
     assert reporter.named(contract.CONDUCTOR_BUILD_FAILED) == []
     wait_for_console(manager, copy["instance_uuid"], READY, timeout=90)
     timings["spawn_from_snapshot_to_ready"] = time.monotonic() - started
     assert "cloudctl-guest: boot-count 2" in console(manager, copy["instance_uuid"])
-    manager.terminate(copy["instance_uuid"])
+    manager.family(Build).terminate(copy["instance_uuid"])
 
     # Cold: the stopped guest stays stopped.
-    manager.power_off_instance(instance_uuid, 2, 0)
+    manager.family(Lifecycle).power_off_instance(instance_uuid, 2, 0)
     reporter.reports.clear()
     started = time.monotonic()
-    manager.snapshot_instance(instance_uuid, 3, "snap-cold",
-                              image_server.upload_url("snap-cold"), "snap-cold")
+    manager.family(Snapshot).snapshot_instance(instance_uuid, 3, "snap-cold",
+                                               image_server.upload_url("snap-cold"), "snap-cold")
     timings["cold_snapshot"] = time.monotonic() - started
     final = reporter.named(contract.CONDUCTOR_INSTANCE_UPDATE)[-1]
     assert final["fault"] is None and final["values"] == STOPPED, final
@@ -295,7 +297,7 @@ def test_live_and_cold_snapshot_of_the_demo_image(
     info = uploaded_info(tmp_path, image_server.uploads["snap-cold"])
     assert info["format"] == "qcow2" and "backing-filename" not in info
     assert driver.get_info(instance_uuid) == contract.POWER_SHUTDOWN
-    manager.terminate(instance_uuid)
+    manager.family(Build).terminate(instance_uuid)
     assert driver.list_instances() == {}
 
     for label, seconds in timings.items():

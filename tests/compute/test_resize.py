@@ -1,6 +1,6 @@
-"""Cold migration and resize in the manager: the steps' reports, same-host confirm and revert, the
+"""Cold migration and resize (the Resize family): the steps' reports, same-host confirm and revert, the
 migration journal (redeliveries), failures put back, the tasks. Run against the fake driver and
-LibvirtDriver(test:///default); the real disk copy is in test_resize_real_qemu.py."""
+LibvirtTestDriver (test:///default); the real disk copy is in test_resize_real_qemu.py."""
 
 from __future__ import annotations
 
@@ -10,15 +10,17 @@ from typing import Any
 import pytest
 
 from compute_workers import contract
-from compute_workers import manager as manager_module
 from compute_workers.app import create_app
 from compute_workers.config import ComputeConfig, ConfigError
 from compute_workers.journal import MigrationJournal
 from compute_workers.manager import ComputeManager
+from compute_workers.operations import Build, Resize
+from compute_workers.operations import resize as resize_module
 from compute_workers.reporter import ListReporter
 from compute_workers.tasks import register_tasks
 from compute_workers.virt.fake import FakeDriver, FakeMigrationCopyFailsDriver
 from compute_workers.virt.libvirt.driver import LibvirtDriver
+from compute_workers.virt.libvirt.testdriver import LibvirtTestDriver
 
 from .conftest import HOST, Managed, SpecFactory, make_manager, spawned
 
@@ -43,9 +45,9 @@ def resize_to(manager: ComputeManager, spec: dict[str, Any], migration_id: int,
     """prep_resize, resize_instance and finish_resize on this one host; returns the new spec."""
     new_spec = {**spec, "flavor": flavor or BIGGER}
     uuid = spec["instance_uuid"]
-    manager.prep_resize(uuid, migration_id, new_spec, None)
-    manager.resize_instance(uuid, migration_id, HOST, local_uri(manager), 5)
-    manager.finish_resize(uuid, migration_id, new_spec, power_on)
+    manager.family(Resize).prep_resize(uuid, migration_id, new_spec, None)
+    manager.family(Resize).resize_instance(uuid, migration_id, HOST, local_uri(manager), 5)
+    manager.family(Resize).finish_resize(uuid, migration_id, new_spec, power_on)
     return new_spec
 
 
@@ -91,7 +93,7 @@ def test_same_host_resize_then_confirm(managed: Managed, make_spec: SpecFactory)
     assert reporter.named(contract.CONDUCTOR_INSTANCE_UPDATE) == []
 
     reporter.reports.clear()
-    manager.confirm_resize(uuid, 7)
+    manager.family(Resize).confirm_resize(uuid, 7)
     assert statuses(reporter) == [("confirmed", "compute_confirm_resize")]
     assert not resize_files(manager, uuid)
     assert manager.driver.get_info(uuid) == "running"  # the same-host domain IS the instance
@@ -104,11 +106,11 @@ def test_same_host_resize_then_revert(managed: Managed, make_spec: SpecFactory) 
     uuid = spawned(manager, reporter, spec)
     resize_to(manager, spec, 8)
     reporter.reports.clear()
-    manager.revert_resize(uuid, 8)
+    manager.family(Resize).revert_resize(uuid, 8)
     assert statuses(reporter) == [("reverted_dest", "compute_revert_resize")]
     assert uuid not in manager.driver.list_instances()
     assert resize_files(manager, uuid)  # the original is untouched
-    manager.finish_revert_resize(uuid, 8, spec, True)
+    manager.family(Resize).finish_revert_resize(uuid, 8, spec, True)
     update = migration_updates(reporter)[-1]
     assert (update["status"], update["values"]) == ("reverted", {"power_state": "running"})
     assert update["event"]["message"].startswith(f"instance {uuid} back on {HOST} on its original disk")
@@ -142,12 +144,12 @@ def test_every_step_redelivered_is_a_logged_no_op(managed: Managed, make_spec: S
     resize_to(manager, spec, 11)  # Redis delivers every step again
     assert reporter.reports == []
     assert manager.driver.get_info(uuid) == "running" and resize_files(manager, uuid)
-    manager.revert_resize(uuid, 11)
-    manager.finish_revert_resize(uuid, 11, spec, True)
+    manager.family(Resize).revert_resize(uuid, 11)
+    manager.family(Resize).finish_revert_resize(uuid, 11, spec, True)
     reporter.reports.clear()
-    manager.revert_resize(uuid, 11)  # would destroy the reverted instance on this same host
-    manager.finish_revert_resize(uuid, 11, spec, True)
-    manager.finish_resize(uuid, 11, new_spec, True)
+    manager.family(Resize).revert_resize(uuid, 11)  # would destroy the reverted instance on this same host
+    manager.family(Resize).finish_revert_resize(uuid, 11, spec, True)
+    manager.family(Resize).finish_resize(uuid, 11, new_spec, True)
     assert reporter.reports == []
     assert manager.driver.get_info(uuid) == "running" and flavor_of(manager, uuid) == (1, 128)
     journal = MigrationJournal(manager.config.instances_path)
@@ -164,7 +166,7 @@ def test_a_second_resize_waits_for_the_first_to_be_confirmed(managed: Managed,
     uuid = spawned(manager, reporter, spec)
     resize_to(manager, spec, 1)
     reporter.reports.clear()
-    manager.resize_instance(uuid, 2, HOST, local_uri(manager), 5)
+    manager.family(Resize).resize_instance(uuid, 2, HOST, local_uri(manager), 5)
     (update,) = migration_updates(reporter)
     assert update["status"] == "error" and update["values"] == {"power_state": "running"}
     assert "an earlier resize" in update["error"] and update["event"]["result"] == "error"
@@ -178,7 +180,7 @@ def test_finish_revert_refuses_while_the_resized_copy_is_still_here(managed: Man
     uuid = spawned(manager, reporter, spec)
     resize_to(manager, spec, 3)
     reporter.reports.clear()
-    manager.finish_revert_resize(uuid, 3, spec, True)  # revert_resize did not run
+    manager.family(Resize).finish_revert_resize(uuid, 3, spec, True)  # revert_resize did not run
     (update,) = migration_updates(reporter)
     assert update["status"] == "error" and "resized copy" in update["error"]
     assert update["values"] == {"power_state": "running"}
@@ -190,24 +192,24 @@ def test_a_failed_copy_puts_everything_back(tmp_path: Path, make_spec: SpecFacto
     manager, reporter = make_manager(FakeMigrationCopyFailsDriver(), tmp_path / "instances")
     spec = make_spec()
     uuid = spawned(manager, reporter, spec)
-    manager.resize_instance(uuid, 4, "other-host", "fake://other", 5)
+    manager.family(Resize).resize_instance(uuid, 4, "other-host", "fake://other", 5)
     (update,) = migration_updates(reporter)
     assert update["status"] == "error" and update["values"] == {"power_state": "running"}
     assert update["error"] == "fake destination fake://other refused the disk half-way"
     assert manager.driver.get_info(uuid) == "running"
-    assert "cloudctl-guest: boot-count 2" in manager.get_console_output(uuid, None)["output"]
+    assert "cloudctl-guest: boot-count 2" in manager.family(Build).get_console_output(uuid, None)["output"]
     assert not resize_files(manager, uuid)
     assert MigrationJournal(manager.config.instances_path).done(4, "resize_instance")["result"] == "error"
 
 
 def test_an_unreachable_destination_changes_nothing(tmp_path: Path, make_spec: SpecFactory) -> None:
     instances = tmp_path / "instances"
-    manager, reporter = make_manager(LibvirtDriver("test:///default", instances), instances,
+    manager, reporter = make_manager(LibvirtTestDriver("test:///default", instances), instances,
                                      COMPUTE_LIBVIRT_URI="test:///default")
     try:
         spec = make_spec()
         uuid = spawned(manager, reporter, spec)
-        manager.resize_instance(uuid, 5, "other-host", "qemu+tcp://127.0.0.1:1/system", 5)
+        manager.family(Resize).resize_instance(uuid, 5, "other-host", "qemu+tcp://127.0.0.1:1/system", 5)
         (update,) = migration_updates(reporter)
         assert update["status"] == "error" and update["values"] == {"power_state": "running"}
         assert update["error"].startswith("cannot connect to the destination hypervisor at "
@@ -227,14 +229,14 @@ def test_confirm_removes_a_leftover_definition_only_when_the_instance_moved(
     spec = make_spec()
     uuid = spawned(manager, reporter, spec)
     # Cross-host as the source sees it: resize_instance to another host ...
-    manager.resize_instance(uuid, 21, "other-host", local_uri(manager), 5)
+    manager.family(Resize).resize_instance(uuid, 21, "other-host", local_uri(manager), 5)
     assert migration_updates(reporter)[-1]["status"] == "migrated"
     # ... then something defined the domain here again (a leftover the source must not keep).
     if isinstance(manager.driver, FakeDriver):
         manager.driver.spawn(spec, None)
     else:
         manager.driver.finish_migration(spec, power_on=True)
-    manager.confirm_resize(uuid, 21)
+    manager.family(Resize).confirm_resize(uuid, 21)
     assert migration_updates(reporter)[-1]["status"] == "confirmed"
     assert uuid not in manager.driver.list_instances()
     assert not resize_files(manager, uuid)
@@ -248,14 +250,14 @@ def test_prep_resize_removes_the_marker_and_checks_the_spec(managed: Managed, ma
     instances.mkdir(parents=True, exist_ok=True)
     (instances / ".shared-abc123").write_text("")
     (instances / "keep").write_text("")
-    manager.prep_resize(uuid, 30, spec, ".shared-abc123")
-    manager.prep_resize(uuid, 31, spec, "../keep")  # never a path
+    manager.family(Resize).prep_resize(uuid, 30, spec, ".shared-abc123")
+    manager.family(Resize).prep_resize(uuid, 31, spec, "../keep")  # never a path
     assert not (instances / ".shared-abc123").exists() and (instances / "keep").exists()
-    manager.prep_resize(uuid, 32, {**spec, "host": "elsewhere"}, None)
-    manager.finish_resize(uuid, 33, {**spec, "instance_uuid": "not-a-uuid"}, True)
-    manager.finish_resize("not-a-uuid", 34, spec, True)
-    manager.finish_resize(uuid, 35, None, True)  # type: ignore[arg-type]
-    manager.confirm_resize(uuid, "36")  # type: ignore[arg-type]  # no report can name it: dropped
+    manager.family(Resize).prep_resize(uuid, 32, {**spec, "host": "elsewhere"}, None)
+    manager.family(Resize).finish_resize(uuid, 33, {**spec, "instance_uuid": "not-a-uuid"}, True)
+    manager.family(Resize).finish_resize("not-a-uuid", 34, spec, True)
+    manager.family(Resize).finish_resize(uuid, 35, None, True)  # type: ignore[arg-type]
+    manager.family(Resize).confirm_resize(uuid, "36")  # type: ignore[arg-type]  # no report can name it: dropped
     results = [(u["migration_id"], u["status"], u["error"]) for u in migration_updates(reporter)]
     assert results == [
         (30, "prepared", None), (31, "prepared", None),
@@ -272,7 +274,7 @@ def test_finish_resize_without_the_copied_disk_defines_nothing(managed: Managed,
     if isinstance(manager.driver, LibvirtDriver):
         pytest.skip("test:// domains have no disk to miss")
     spec = make_spec()
-    manager.finish_resize(spec["instance_uuid"], 40, spec, True)
+    manager.family(Resize).finish_resize(spec["instance_uuid"], 40, spec, True)
     (update,) = migration_updates(reporter)
     assert update["status"] == "error" and "was not copied here" in update["error"]
     assert update["values"] == {"power_state": "nostate"}
@@ -285,16 +287,16 @@ def test_fake_hosts_migrate_to_each_other(tmp_path: Path, make_spec: SpecFactory
     spec = make_spec(host="host-a")
     uuid = spawned(source, source_reports, spec)
     moved = {**spec, "host": "host-b"}
-    dest.prep_resize(uuid, 50, moved, None)
-    source.resize_instance(uuid, 50, "host-b", "fake://host-b", 5)
-    dest.finish_resize(uuid, 50, moved, True)
-    source.confirm_resize(uuid, 50)
+    dest.family(Resize).prep_resize(uuid, 50, moved, None)
+    source.family(Resize).resize_instance(uuid, 50, "host-b", "fake://host-b", 5)
+    dest.family(Resize).finish_resize(uuid, 50, moved, True)
+    source.family(Resize).confirm_resize(uuid, 50)
     assert [u["status"] for u in source_reports.named(contract.CONDUCTOR_MIGRATION_UPDATE)] == [
         "migrated", "confirmed"]
     assert [u["status"] for u in dest_reports.named(contract.CONDUCTOR_MIGRATION_UPDATE)] == [
         "prepared", "finished"]
     assert source.driver.list_instances() == {} and dest.driver.list_instances() == {uuid: "running"}
-    assert "cloudctl-guest: boot-count 2" in dest.get_console_output(uuid, None)["output"]
+    assert "cloudctl-guest: boot-count 2" in dest.family(Build).get_console_output(uuid, None)["output"]
 
 
 def test_resize_tasks_are_registered_with_their_limits(tmp_path: Path, make_spec: SpecFactory) -> None:
@@ -327,10 +329,10 @@ def test_resize_tasks_are_registered_with_their_limits(tmp_path: Path, make_spec
 
 def test_the_copy_reports_its_progress(tmp_path: Path, make_spec: SpecFactory,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(manager_module, "MIGRATION_PROGRESS_INTERVAL", 0.0)
+    monkeypatch.setattr(resize_module, "MIGRATION_PROGRESS_INTERVAL", 0.0)
     manager, reporter = make_manager(FakeDriver(), tmp_path / "instances")
     uuid = spawned(manager, reporter, make_spec())
-    manager.resize_instance(uuid, 60, HOST, "fake://", 5)
+    manager.family(Resize).resize_instance(uuid, 60, HOST, "fake://", 5)
     progress = reporter.named(contract.CONDUCTOR_MIGRATION_PROGRESS)
     assert [(p["migration_id"], p["host"]) for p in progress] == [(60, HOST), (60, HOST)]
     assert set(progress[0]["progress"]) == {*contract.MIGRATION_PROGRESS_KEYS, "observed_at"}

@@ -20,6 +20,7 @@ import pytest
 from compute_workers import contract
 from compute_workers.exception import HypervisorError
 from compute_workers.manager import ComputeManager
+from compute_workers.operations import Build, Resize
 from compute_workers.reporter import ListReporter
 from compute_workers.virt.libvirt import volumes
 from compute_workers.virt.libvirt.driver import LibvirtDriver
@@ -75,6 +76,7 @@ class Guest:
         self.directory = driver.instance_dir(self.uuid)
         self.resize_dir = driver.resize_dir(self.uuid)
         self.timings: dict[str, float] = {}
+        self.resize = manager.family(Resize)
 
     def timed(self, label: str, operation: Callable[[], None]) -> dict[str, Any]:
         self.reporter.reports.clear()
@@ -110,7 +112,7 @@ def guest(real_manager: tuple[ComputeManager, ListReporter], image_server: Image
           make_spec: SpecFactory) -> Guest:
     manager, reporter = real_manager
     spec = make_spec(image=image_server.add("tiny", tiny_image_path.read_bytes()))
-    manager.spawn(spec)
+    manager.family(Build).spawn(spec)
     assert reporter.named(contract.CONDUCTOR_BUILD_FAILED) == []
     demo = Guest(manager, reporter, spec)
     demo.booted(1, "spawn_to_ready")
@@ -120,12 +122,12 @@ def guest(real_manager: tuple[ComputeManager, ListReporter], image_server: Image
 def resize(demo: Guest, migration_id: int) -> dict[str, Any]:
     """prep_resize, resize_instance to this same host, finish_resize with BIGGER; checks each step."""
     new_spec = {**demo.spec, "flavor": BIGGER}
-    update = demo.timed("prep_resize", lambda: demo.manager.prep_resize(demo.uuid, migration_id, new_spec,
-                                                                        None))
+    update = demo.timed("prep_resize", lambda: demo.resize.prep_resize(demo.uuid, migration_id, new_spec,
+                                                                       None))
     assert update["status"] == "prepared", update
     assert update["event"]["message"] == f"image tiny already cached on {HOST}"
 
-    update = demo.timed("resize_instance", lambda: demo.manager.resize_instance(
+    update = demo.timed("resize_instance", lambda: demo.resize.resize_instance(
         demo.uuid, migration_id, HOST, URI, 60))
     assert update["status"] == "migrated", update
     assert update["event"]["message"].startswith("guest shut down cleanly; disk of "), update
@@ -137,7 +139,7 @@ def resize(demo: Guest, migration_id: int) -> dict[str, Any]:
         demo.manager.config.instances_path / "_base" / "tiny")
     assert our_pools() == []  # the transient pools are gone
 
-    update = demo.timed("finish_resize", lambda: demo.manager.finish_resize(
+    update = demo.timed("finish_resize", lambda: demo.resize.finish_resize(
         demo.uuid, migration_id, new_spec, True))
     assert update["status"] == "finished" and update["values"] == {"power_state": "running"}, update
     assert demo.flavor() == (2, 256)
@@ -152,11 +154,11 @@ def test_same_host_resize_then_revert(guest: Guest, record_property: Callable[[s
     resize(demo, 1)
     assert disk_info(demo.resize_dir / "disk")["virtual-size"] == GiB  # the original is untouched
 
-    update = demo.timed("revert_resize", lambda: demo.manager.revert_resize(demo.uuid, 1))
+    update = demo.timed("revert_resize", lambda: demo.resize.revert_resize(demo.uuid, 1))
     assert update["status"] == "reverted_dest", update
     assert not demo.defined() and not demo.directory.exists() and demo.resize_dir.exists()
 
-    update = demo.timed("finish_revert_resize", lambda: demo.manager.finish_revert_resize(
+    update = demo.timed("finish_revert_resize", lambda: demo.resize.finish_revert_resize(
         demo.uuid, 1, demo.spec, True))
     assert update["status"] == "reverted" and update["values"] == {"power_state": "running"}, update
     assert demo.flavor() == (1, 128) and not demo.resize_dir.exists()
@@ -173,14 +175,14 @@ def test_same_host_resize_then_confirm(guest: Guest, record_property: Callable[[
     demo = guest
     resize(demo, 2)
     domain_id = demo.domain().ID()
-    update = demo.timed("confirm_resize", lambda: demo.manager.confirm_resize(demo.uuid, 2))
+    update = demo.timed("confirm_resize", lambda: demo.resize.confirm_resize(demo.uuid, 2))
     assert update["status"] == "confirmed", update
     assert not demo.resize_dir.exists()
     assert demo.domain().ID() == domain_id and demo.flavor() == (2, 256)  # the instance is untouched
     # A redelivered confirm or resize_instance of that migration does nothing.
     demo.reporter.reports.clear()
-    demo.manager.confirm_resize(demo.uuid, 2)
-    demo.manager.resize_instance(demo.uuid, 2, HOST, URI, 60)
+    demo.resize.confirm_resize(demo.uuid, 2)
+    demo.resize.resize_instance(demo.uuid, 2, HOST, URI, 60)
     assert demo.reporter.reports == [] and demo.domain().ID() == domain_id
     demo.report(record_property, "same-host resize then confirm")
 
@@ -190,7 +192,7 @@ def test_failed_copies_put_the_guest_back(guest: Guest, monkeypatch: pytest.Monk
     demo = guest
     domain_id = demo.domain().ID()
     # A destination that cannot be reached: refused before the guest is touched.
-    update = demo.timed("unreachable", lambda: demo.manager.resize_instance(
+    update = demo.timed("unreachable", lambda: demo.resize.resize_instance(
         demo.uuid, 3, "nowhere", "qemu+tcp://127.0.0.1:1/system", 60))
     assert update["status"] == "error" and update["values"] == {"power_state": "running"}
     assert update["error"].startswith("cannot connect to the destination hypervisor at "
@@ -203,7 +205,7 @@ def test_failed_copies_put_the_guest_back(guest: Guest, monkeypatch: pytest.Monk
         raise HypervisorError("injected: the destination went away")
 
     monkeypatch.setattr(volumes, "_send_all", broken_send)
-    update = demo.timed("failed_copy", lambda: demo.manager.resize_instance(demo.uuid, 4, HOST, URI, 60))
+    update = demo.timed("failed_copy", lambda: demo.resize.resize_instance(demo.uuid, 4, HOST, URI, 60))
     assert update["status"] == "error" and update["values"] == {"power_state": "running"}, update
     assert update["error"] == ("injected: the destination went away; everything was put back: the "
                                "instance runs on this host")
@@ -278,12 +280,12 @@ def test_an_interrupted_resize_is_resumed(guest: Guest, monkeypatch: pytest.Monk
     assert (demo.directory / "disk").read_bytes() == b"partial"
     assert volumes.copy_file is real_copy
 
-    update = demo.timed("resumed_resize", lambda: demo.manager.resize_instance(demo.uuid, 5, HOST, URI, 30))
+    update = demo.timed("resumed_resize", lambda: demo.resize.resize_instance(demo.uuid, 5, HOST, URI, 30))
     assert update["status"] == "migrated", update
     assert update["event"]["message"].startswith("resumed a resize that was interrupted after the power off")
     assert sha256(demo.directory / "disk") == sha256(demo.resize_dir / "disk")
     new_spec = {**demo.spec, "flavor": BIGGER}
-    update = demo.timed("finish_resize", lambda: demo.manager.finish_resize(demo.uuid, 5, new_spec, True))
+    update = demo.timed("finish_resize", lambda: demo.resize.finish_resize(demo.uuid, 5, new_spec, True))
     assert update["status"] == "finished", update
     demo.booted(2, "finish_to_ready")
     demo.report(record_property, "interrupted resize resumed")

@@ -1,6 +1,6 @@
-"""compute.snapshot_instance in the manager: what the conductor is told and in which order, the state
+"""compute.snapshot_instance (the Snapshot family): what the conductor is told and in which order, the state
 a failure leaves, the upload's failures, the redelivery journal and the per-host concurrency bound.
-Run against the fake driver and LibvirtDriver(test:///default); the real thing is in test_real_qemu."""
+Run against the fake driver and LibvirtTestDriver (test:///default); the real thing is in test_real_qemu."""
 
 from __future__ import annotations
 
@@ -13,14 +13,15 @@ from typing import Any
 import pytest
 
 from compute_workers import contract
-from compute_workers import manager as manager_module
 from compute_workers.app import create_app
 from compute_workers.exception import HypervisorError
 from compute_workers.manager import ComputeManager
+from compute_workers.operations import Snapshot
+from compute_workers.operations import snapshot as snapshot_module
 from compute_workers.reporter import ListReporter
 from compute_workers.tasks import register_tasks
 from compute_workers.virt.fake import FakeDriver
-from compute_workers.virt.libvirt.driver import LibvirtDriver
+from compute_workers.virt.libvirt.testdriver import LibvirtTestDriver
 
 from .conftest import ImageServer, SpecFactory, make_manager, spawned
 
@@ -39,7 +40,7 @@ def managed(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Managed]
     if request.param == "fake":
         manager, reporter = make_manager(FakeDriver(), instances)
     else:
-        manager, reporter = make_manager(LibvirtDriver("test:///default", instances), instances,
+        manager, reporter = make_manager(LibvirtTestDriver("test:///default", instances), instances,
                                          COMPUTE_LIBVIRT_URI="test:///default")
     yield manager, reporter
     for instance_uuid in manager.driver.list_instances():
@@ -49,7 +50,7 @@ def managed(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Managed]
 
 def snapshot(manager: ComputeManager, server: ImageServer, instance_uuid: str, action_id: int | None,
              name: str = "snap") -> None:
-    manager.snapshot_instance(instance_uuid, action_id, name, server.upload_url(name), name)
+    manager.family(Snapshot).snapshot_instance(instance_uuid, action_id, name, server.upload_url(name), name)
 
 
 def steps(reporter: ListReporter) -> list[tuple[str, str, str, dict[str, Any]]]:
@@ -130,7 +131,7 @@ def test_a_refused_upload_is_a_fault_with_the_servers_message(managed: Managed, 
 def test_an_unreachable_image_service_is_a_fault(managed: Managed, make_spec: SpecFactory) -> None:
     manager, reporter = managed
     uuid = spawned(manager, reporter, make_spec())
-    manager.snapshot_instance(uuid, 5, "snap", "http://127.0.0.1:9/uploads/snap", "snap")
+    manager.family(Snapshot).snapshot_instance(uuid, 5, "snap", "http://127.0.0.1:9/uploads/snap", "snap")
     final = reporter.named(contract.CONDUCTOR_INSTANCE_UPDATE)[-1]
     assert final["fault"]["message"].startswith("cannot upload image snap to the image service: ")
     assert final["values"] == ACTIVE and final["expected_task_state"] == "image_uploading"
@@ -196,7 +197,7 @@ class SlowCopyDriver(FakeDriver):
 
 def test_progress_events_are_throttled(tmp_path: Path, make_spec: SpecFactory, image_server: ImageServer,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(manager_module, "SNAPSHOT_PROGRESS_INTERVAL", 0.15)
+    monkeypatch.setattr(snapshot_module, "SNAPSHOT_PROGRESS_INTERVAL", 0.15)
     manager, reporter = make_manager(SlowCopyDriver(), tmp_path)
     uuid = spawned(manager, reporter, make_spec())
     snapshot(manager, image_server, uuid, 1)

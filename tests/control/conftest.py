@@ -16,6 +16,7 @@ from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from cloudctl.compute import conductor, rpc
+from cloudctl.compute.errors import ComputeUnavailable
 from cloudctl.compute.models import Flavor, Host
 from cloudctl.compute.services import flavors_seed
 from cloudctl.identity.models import Project
@@ -48,7 +49,7 @@ def outbox(monkeypatch: pytest.MonkeyPatch) -> Outbox:
     def call(host: str, name: str, *, timeout: float, **kw: Any) -> Any:
         answer = box.calls.get(name)
         if answer is None:
-            raise rpc.ComputeUnavailable(f"the compute worker of host {host} did not answer")
+            raise ComputeUnavailable(f"the compute worker of host {host} did not answer")
         return answer(host, **kw) if callable(answer) else answer
 
     monkeypatch.setattr(rpc, "call", call)

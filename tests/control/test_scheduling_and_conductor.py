@@ -235,3 +235,24 @@ def test_concurrent_anti_affinity_members_never_share_a_host(member, project, fl
     hosts = [p for p in placed if p]
     assert sorted(hosts) == ["hv1", "hv2", "hv3"]
     assert Instance.objects.filter(vm_state=VmState.ERROR).count() == 3
+
+
+def test_a_malformed_report_is_refused_at_the_boundary_and_changes_nothing(new_server, outbox):
+    from cloudctl.compute import tasks
+
+    server = _placed(new_server, outbox)
+    report = {"instance_uuid": str(server.uuid), "host": server.host.name, "expected_task_state": "spawning"}
+    with pytest.raises(contract.ReportError, match="vm_state 'running' is not one of"):
+        tasks.instance_update(**report, values={"vm_state": "running", "task_state": None})
+    with pytest.raises(contract.ReportError, match="event result 'ok' is not one of"):
+        tasks.instance_update(**report, values={"vm_state": "active", "task_state": None},
+                              event={"name": "compute_spawn", "result": "ok"})
+    server.refresh_from_db()
+    assert (server.vm_state, server.task_state) == (VmState.BUILDING, TaskState.SPAWNING)
+    # The same report, well formed, goes through the task and is applied.
+    assert tasks.instance_update(**report, values={"vm_state": "active", "task_state": None,
+                                                   "power_state": "running"},
+                                 event={"name": "compute_spawn", "result": "success"})
+    server.refresh_from_db()
+    assert server.status == "ACTIVE"
+    assert InstanceAction.objects.get(instance=server).result == contract.ActionResult.SUCCESS

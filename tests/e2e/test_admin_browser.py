@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import REPO, Stack
+from testbed import REPO
+from testbed.stack import Stack
 from tests.e2e.test_lifecycle import create, settle, wait_booted
 
 pytestmark = [pytest.mark.e2e, pytest.mark.libvirt]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.e2e.conftest import Stack
+from testbed.stack import Stack
 
 pytestmark = pytest.mark.e2e
 

@@ -14,7 +14,8 @@ from typing import Any
 import libvirt
 import pytest
 
-from tests.e2e.conftest import REPO, ExtraWorker, Stack
+from testbed import REPO
+from testbed.stack import ExtraWorker, Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.libvirt]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import Stack, run_stack
+from testbed.stack import Stack, run_stack
 
 pytestmark = pytest.mark.e2e
 

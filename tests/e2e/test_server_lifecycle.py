@@ -7,7 +7,7 @@ import time
 import libvirt
 import pytest
 
-from tests.e2e.conftest import Stack
+from testbed.stack import Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.libvirt]
 

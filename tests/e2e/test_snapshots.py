@@ -9,7 +9,7 @@ import time
 import libvirt
 import pytest
 
-from tests.e2e.conftest import Stack
+from testbed.stack import Stack
 from tests.e2e.test_lifecycle import act, boot_count, create, settle, wait_booted
 
 pytestmark = [pytest.mark.e2e, pytest.mark.libvirt]

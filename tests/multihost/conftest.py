@@ -1,4 +1,4 @@
-"""Fixtures of the multi-host tests: independent libvirt hosts on this machine (see hosts.py)."""
+"""Fixtures of the multi-host tests: independent libvirt hosts on this machine (see testbed/hosts.py)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import procfile_processes, run_stack
-
-from .cloud import Cloud, host_workers
-from .hosts import HostWorker, NamespaceHost, NamespaceHosts, missing_capabilities
+from testbed.cloud import Cloud, host_workers
+from testbed.hosts import HostWorker, NamespaceHost, NamespaceHosts, missing_capabilities
+from testbed.stack import procfile_processes, run_stack
 
 # host-b and host-c share their instances directory through bind mounts, which libvirt cannot tell
 # from local storage; a live migration whose deadline is short enough to test (20 s for the 128 MiB
@@ -69,7 +68,7 @@ def shared_hosts() -> Iterator[NamespaceHosts]:
 def cloud(tiny_image_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cloud]:
     """A whole cloudctl on three harness hosts, for the session: host-a with private storage, host-b
     and host-c sharing theirs; web, scheduler, conductor and beat from the real Procfile under honcho;
-    one compute worker per host (``cloud.workers``, see :class:`~.hosts.HostWorker`). Yields once the
+    one compute worker per host (``cloud.workers``, see :class:`testbed.hosts.HostWorker`). Yields once the
     API answers and every host heartbeats. Tests leave no server behind."""
     with running_hosts(3, shared=(("host-b", "host-c"),)) as harness:
         workers: dict[str, HostWorker] = {}

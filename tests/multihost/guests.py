@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .hosts import NamespaceHost
+from testbed.hosts import NamespaceHost
 
 READY = "cloudctl-guest: ready"
 

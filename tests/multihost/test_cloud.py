@@ -10,9 +10,8 @@ import libvirt
 import pytest
 
 from compute_workers import contract
-
-from .cloud import Cloud
-from .hosts import NamespaceHost
+from testbed.cloud import Cloud
+from testbed.hosts import NamespaceHost
 
 pytestmark = [pytest.mark.e2e, pytest.mark.libvirt]
 

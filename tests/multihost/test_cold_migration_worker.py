@@ -24,10 +24,10 @@ from celery import Celery
 
 from compute_workers import contract
 from compute_workers.virt.libvirt import volumes
+from testbed.hosts import HostWorker, NamespaceHost, NamespaceHosts
 from tests.compute_support import TOKEN, ConductorQueue, ImageServer, new_spec, serve_images
 
 from .guests import READY, read, wait_for
-from .hosts import HostWorker, NamespaceHost, NamespaceHosts
 
 pytestmark = pytest.mark.libvirt
 

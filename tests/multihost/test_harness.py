@@ -13,10 +13,11 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from tests.libvirt_support import remove_domains
+from testbed import REPO
+from testbed.domains import remove_domains
+from testbed.hosts import ROOT, NamespaceHost, remove_stale_runs
 
 from .guests import READY, domain_xml, prepare_block_migration, read, wait_for
-from .hosts import REPO, ROOT, NamespaceHost, remove_stale_runs
 
 pytestmark = pytest.mark.libvirt
 
@@ -109,7 +110,7 @@ def test_a_killed_test_run_leaves_nothing_the_next_run_does_not_remove(
         libvirt_hosts: list[NamespaceHost]) -> None:
     """A pytest killed mid-run never calls stop(): its hosts (daemons, namespaces, veth, files) stay
     until the next harness start finds their owner gone and removes them."""
-    script = ("import sys, time; from tests.multihost.hosts import NamespaceHosts; "
+    script = ("import sys, time; from testbed.hosts import NamespaceHosts; "
               "hosts = NamespaceHosts(1); hosts.start(); print(hosts.run_id, flush=True); time.sleep(600)")
     process = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:

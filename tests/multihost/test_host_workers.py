@@ -18,12 +18,12 @@ import redis
 from celery import Celery
 
 from compute_workers import contract
+from testbed.domains import remove_domains
+from testbed.hosts import NamespaceHost, NamespaceHosts, command_pid
 from tests.compute_support import TOKEN, ConductorQueue, new_spec, serve_images
-from tests.libvirt_support import remove_domains
 
 from .conftest import running_hosts
 from .guests import READY, domain_xml, read, wait_for
-from .hosts import NamespaceHost, NamespaceHosts, command_pid
 
 pytestmark = pytest.mark.libvirt
 

@@ -14,10 +14,10 @@ import pytest
 from compute_workers import contract
 from compute_workers.exception import InstanceInvalidState
 from compute_workers.virt.libvirt.driver import LibvirtDriver
-from tests.libvirt_support import remove_domains
+from testbed.domains import remove_domains
+from testbed.hosts import NamespaceHost
 
 from .guests import READY, domain_xml, prepare_block_migration, read, wait_for
-from .hosts import NamespaceHost
 
 pytestmark = pytest.mark.libvirt
 

@@ -31,10 +31,10 @@ import redis
 from celery import Celery
 
 from compute_workers import contract
+from testbed.hosts import HostWorker, NamespaceHost, NamespaceHosts
 from tests.compute_support import TOKEN, ConductorQueue, ImageServer, new_spec, serve_images
 
 from .guests import READY, read, wait_for
-from .hosts import HostWorker, NamespaceHost, NamespaceHosts
 
 pytestmark = pytest.mark.libvirt
 

@@ -17,8 +17,8 @@ import libvirt
 import pytest
 
 from compute_workers import contract
+from testbed.cloud import Cloud
 
-from .cloud import Cloud
 from .test_cloud import active, domains
 
 pytestmark = [pytest.mark.e2e, pytest.mark.libvirt]

@@ -1,4 +1,5 @@
-"""Facts about the hypervisor host: which virt type guests can really use, and power states.
+"""Facts about the hypervisor host: which virt type guests can really use, power states, its CPU, and
+whether the instances' filesystem takes O_DIRECT and lets QEMU reach the disks.
 
 ``COMPUTE_VIRT_TYPE=auto`` must not trust ``/dev/kvm`` (nor libvirt, which advertises kvm whenever the
 device exists): on a nested paravirtual host KVM opens fine, boots a boot sector, and then runs an
@@ -45,13 +46,18 @@ well under a second, the broken nested one here takes ~8 s) and prints the marke
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import logging
+import mmap
 import os
 import subprocess
 import tempfile
+import threading
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Any
 
 from compute_workers import contract
 
@@ -153,3 +159,45 @@ def resolve_virt_type(requested: str) -> str:
     virt_type, why = detect_virt_type()
     LOG.info("virt type %s (COMPUTE_VIRT_TYPE=auto): %s", virt_type, why)
     return virt_type
+
+
+def supports_direct_io(directory: Path) -> bool:
+    """Whether files in ``directory`` can be opened with O_DIRECT (what disk cache='none' needs)."""
+    probe = directory / f".directio-test-{os.getpid()}-{threading.get_ident()}"
+    buffer = mmap.mmap(-1, 4096)  # page-aligned, as O_DIRECT wants
+    try:
+        fd = os.open(probe, os.O_CREAT | os.O_WRONLY | os.O_DIRECT, 0o600)
+        try:
+            os.write(fd, buffer)
+        finally:
+            os.close(fd)
+        return True
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        return False
+    finally:
+        buffer.close()
+        probe.unlink(missing_ok=True)
+
+
+def warn_if_not_traversable(instances_path: Path) -> None:
+    """Log when QEMU (running as the libvirt-qemu user) cannot reach the disks below ``instances_path``."""
+    for directory in (instances_path, *instances_path.parents):
+        if not os.stat(directory).st_mode & 0o001:
+            LOG.warning("%s is not traversable by other users: QEMU (running as the libvirt-qemu "
+                        "user) cannot open instance disks below it", directory)
+            return
+
+
+def cpu_info(capabilities_xml: str) -> dict[str, Any]:
+    """The host CPU of libvirt's capabilities XML, as heartbeats carry it (``cpu_info``)."""
+    cpu = ET.fromstring(capabilities_xml).find("./host/cpu")
+    if cpu is None:
+        return {"arch": "", "model": "", "vendor": "", "features": []}
+    return {
+        "arch": cpu.findtext("arch", ""),
+        "model": cpu.findtext("model", ""),
+        "vendor": cpu.findtext("vendor", ""),
+        "features": sorted(f.get("name", "") for f in cpu.findall("feature") if f.get("name")),
+    }

@@ -30,18 +30,29 @@ destination. ``AUTO_CONVERGE`` has QEMU throttle the vCPUs of a guest whose copy
 
 from __future__ import annotations
 
+import logging
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import libvirt
 
 from compute_workers import contract
+from compute_workers.exception import (
+    ComputeError,
+    CPUIncompatible,
+    HypervisorError,
+    InstanceNotFound,
+    MigrationAborted,
+    PostCopyUnsupported,
+)
 from compute_workers.virt.driver import SWITCHED_BY_PAUSING, SWITCHED_TO_POST_COPY
 
-BASE_FLAGS = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_PERSIST_DEST
+LOG = logging.getLogger(__name__)
+
+BASE_FLAGS: int = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_PERSIST_DEST
               | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE)
 
 
@@ -90,6 +101,21 @@ def live_migrate(domain: libvirt.virDomain, dest_uri: str, dest_migrate_uri: str
     return MigrationResult(seconds=time.monotonic() - started)
 
 
+def migration_error(exc: libvirt.libvirtError, instance_uuid: str, dest_uri: str,
+                    post_copy: bool) -> ComputeError:
+    """The worker's exception for libvirt's failure of :func:`live_migrate` (the domain still runs
+    here): an aborted job, a vanished domain, a destination without post-copy, anything else."""
+    message = exc.get_error_message() or str(exc)
+    code = int(exc.get_error_code() or 0)
+    if code == libvirt.VIR_ERR_OPERATION_ABORTED:
+        return MigrationAborted(f"libvirt aborted the migration job: {message}")
+    if code == libvirt.VIR_ERR_NO_DOMAIN:
+        return InstanceNotFound(f"instance {instance_uuid} not found on this host")
+    if post_copy and POST_COPY_UNSUPPORTED in message:
+        return PostCopyUnsupported(f"libvirt could not migrate it to {dest_uri}: {message}")
+    return HypervisorError(f"libvirt could not migrate it to {dest_uri}: {message}")
+
+
 # jobInfo()'s list, for daemons without jobStats(): type, time elapsed, time remaining, data
 # total/processed/remaining, memory total/processed/remaining, file total/processed/remaining.
 _JOB_INFO_INDEX = {"memory_total": 6, "memory_processed": 7, "memory_remaining": 8,
@@ -105,12 +131,7 @@ def job_progress(domain: libvirt.virDomain) -> dict[str, int] | None:
     except libvirt.libvirtError as exc:
         if int(exc.get_error_code() or 0) != libvirt.VIR_ERR_NO_SUPPORT:
             raise
-        try:
-            info = domain.jobInfo()
-        except libvirt.libvirtError as fallback:
-            if int(fallback.get_error_code() or 0) == libvirt.VIR_ERR_NO_SUPPORT:  # test://: no jobs at all
-                return None
-            raise
+        info = domain.jobInfo()
         if not info or info[0] == libvirt.VIR_DOMAIN_JOB_NONE:
             return None
         return {key: int(info[index]) for key, index in _JOB_INFO_INDEX.items()}
@@ -130,7 +151,8 @@ def abort_job(domain: libvirt.virDomain) -> bool:
     return True
 
 
-def switch_over(domain: libvirt.virDomain, post_copy: bool) -> str | None:
+def switch_over(domain: libvirt.virDomain, post_copy: bool,
+                progress: Callable[[libvirt.virDomain], dict[str, int] | None] = job_progress) -> str | None:
     """Make the domain's running migration job converge: switch it to post-copy (a job started with
     ``POSTCOPY``), else pause the guest. Returns :data:`SWITCHED_TO_POST_COPY` or
     :data:`SWITCHED_BY_PAUSING`; None when no job runs to pause the guest for. Raises libvirtError
@@ -139,11 +161,12 @@ def switch_over(domain: libvirt.virDomain, post_copy: bool) -> str | None:
 
     ``suspend`` would pause a guest that no job migrates, for good: the job is checked first (one that
     ends in between leaves the guest running on the destination, libvirt resumes it there, or paused
-    here after a failure, which the caller resumes as after any failed migration)."""
+    here after a failure, which the caller resumes as after any failed migration). ``progress`` reads
+    the job (the driver's own reader: a hypervisor without jobs has none to pause the guest for)."""
     if post_copy:
         domain.migrateStartPostCopy(0)  # libvirt refuses it without a job
         return SWITCHED_TO_POST_COPY
-    if job_progress(domain) is None:
+    if progress(domain) is None:
         return None
     domain.suspend()
     return SWITCHED_BY_PAUSING
@@ -182,3 +205,29 @@ def cpu_xml(cpu_info: Mapping[str, Any]) -> str | None:
     for name in sorted({f for f in features if isinstance(f, str) and f}):
         ET.SubElement(cpu, "feature", policy="require", name=name)
     return ET.tostring(cpu, encoding="unicode")
+
+
+def compare_cpu(conn: libvirt.virConnect, cpu_info: Mapping[str, Any]) -> str:
+    """Whether this host (``conn``) can run a guest of the source's ``cpu_info``: ``identical``,
+    ``superset``, or ``skipped`` when the source names no CPU model; raises CPUIncompatible with
+    libvirt's reason, or HypervisorError when libvirt cannot compare."""
+    xml = cpu_xml(cpu_info) if isinstance(cpu_info, Mapping) else None
+    if xml is None:
+        LOG.info("source CPU %r names no model: CPU comparison skipped", cpu_info)
+        return "skipped"
+    try:
+        # FAIL_INCOMPATIBLE: an incompatible CPU is an error that says why.
+        result = conn.compareCPU(xml, libvirt.VIR_CONNECT_COMPARE_CPU_FAIL_INCOMPATIBLE)
+    except libvirt.libvirtError as exc:
+        if int(exc.get_error_code() or 0) == libvirt.VIR_ERR_CPU_INCOMPATIBLE:
+            raise CPUIncompatible(exc.get_error_message() or str(exc)) from exc
+        raise HypervisorError(f"libvirt cannot compare the source's CPU with this host's: "
+                              f"{exc.get_error_message() or exc}") from exc
+    if result == libvirt.VIR_CPU_COMPARE_IDENTICAL:
+        return "identical"
+    if result == libvirt.VIR_CPU_COMPARE_SUPERSET:
+        return "superset"
+    if result == libvirt.VIR_CPU_COMPARE_INCOMPATIBLE:
+        raise CPUIncompatible(f"the CPU of this host is incompatible with the source's "
+                              f"{cpu_info.get('model')}")
+    raise HypervisorError(f"libvirt cannot compare the CPUs (compareCPU answered {result})")

@@ -1,4 +1,4 @@
-"""Independent libvirt "hosts" on one machine, for migration tests.
+"""Independent libvirt "hosts" on one machine, for the migration tests and benchmarks.
 
 Each host is a libvirtd (qemu driver) in its own network namespace (``ip netns add``) and its own
 mount, PID and UTS namespaces (``unshare``), with ``tini`` as PID 1 (prompt reaping), private bind
@@ -34,11 +34,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from testbed import REPO
+
 ROOT = Path("/var/lib/cloudctl-test/multihost")
-REPO = Path(__file__).resolve().parents[2]
 NSEXEC = Path(__file__).with_name("nsexec.py")
 LIBVIRT_DIRS = ("/etc/libvirt", "/run/libvirt", "/var/lib/libvirt", "/var/cache/libvirt", "/var/log/libvirt")
-NETWORK = ipaddress.ip_network("10.253.0.0/16")  # each run takes a /24 of it (_claim_subnet)
+NETWORK = ipaddress.IPv4Network("10.253.0.0/16")  # each run takes a /24 of it (_claim_subnet)
 ROOT_HOST_PART = 254  # the root namespace's address in a run's /24
 OWNER_FILE = "owner"  # the pid of the test process that started a run (remove_stale_runs)
 LOG = logging.getLogger(__name__)

@@ -8,17 +8,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from tests.e2e.conftest import Stack
-
-from .hosts import HostWorker, NamespaceHost, NamespaceHosts
+from testbed.hosts import HostWorker, NamespaceHost, NamespaceHosts
+from testbed.stack import Stack
 
 CONTROL_PLANE = ("web", "scheduler", "conductor", "beat")
 
 
 @dataclass
 class Cloud:
-    """What the ``cloud`` fixture yields. ``stack.api(...)`` talks to the REST API as the admin;
-    ``workers[name]`` is the compute worker of host ``name`` (kill(), start(), stop(), signal()).
+    """What the ``cloud`` fixture (tests/multihost) yields. ``stack.api(...)`` talks to the REST API
+    as the admin; ``workers[name]`` is the compute worker of host ``name`` (kill(), start(), stop(),
+    signal()).
     A host's files are at ``host(name).local_instances``; ``stack.instances_path`` and ``stack.host``
     belong to run_stack's single-host default and mean nothing here."""
 

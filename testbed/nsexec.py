@@ -2,7 +2,7 @@
 namespace, and stand in for it: signals sent to this process reach the command, and its exit status
 is this process's.
 
-    python tests/multihost/nsexec.py --target <PID> [--wd DIR] [--setenv NAME=VALUE]... -- COMMAND...
+    python testbed/nsexec.py --target <PID> [--wd DIR] [--setenv NAME=VALUE]... -- COMMAND...
 
 ``<PID>`` is a process of the host (its PID 1) as the caller's PID namespace numbers it. A compute
 worker started this way sees the host's private ``/run/libvirt`` (so ``qemu:///system`` is that host's
@@ -56,7 +56,7 @@ def enter(target: int) -> None:
             os.close(fd)
 
 
-def _child(argv: list[str], wd: str, mask: set[signal.Signals]) -> NoReturn:
+def _child(argv: list[str], wd: str, mask: set[int | signal.Signals]) -> NoReturn:
     try:
         _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
         # The parent lives outside this PID namespace, so it reads as 0; anything else means it died

@@ -1,0 +1,23 @@
+"""The control plane's one error hierarchy: every refusal a request can meet is a CloudctlError that
+knows its HTTP answer, so the API's exception handler has one branch for all of them.
+
+A subclass sets ``status_code`` and ``code`` and, where the body says more than the message (the
+server's state, the field that is wrong), overrides :meth:`CloudctlError.body`. The compute errors
+are in :mod:`cloudctl.compute.errors`, the images' in :mod:`cloudctl.images.services`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class CloudctlError(Exception):
+    """A request refused with a reason; the API answers ``status_code`` with :meth:`body`."""
+
+    status_code = 409
+    code = "conflict"
+
+    def body(self) -> dict[str, Any]:
+        """The JSON body of the API's answer."""
+        return {"detail": str(self), "code": self.code}
+

@@ -1,0 +1,242 @@
+"""What every family of operations shares: the host's parts, the reports to the conductor, the checked
+preamble of a journaled action, and the truth told after a failure.
+
+A family (:class:`OperationFamily`) is constructed once per :class:`ComputeManager` and reaches the
+host's config, driver, reporter, image cache, per-instance locks and journals through it; what only one
+family needs (the snapshot slots, the running live migrations) it keeps itself. It never raises for an
+operation's failure: that is reported, so a task is acknowledged once its outcome has been sent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import traceback
+from typing import TYPE_CHECKING, Any
+
+from compute_workers import contract, migration_jobs
+from compute_workers.config import ComputeConfig
+from compute_workers.contract import EventResult, PowerState
+from compute_workers.exception import ComputeError, InstanceNotFound, InvalidInstanceUUID
+from compute_workers.images import ImageCache
+from compute_workers.journal import ActionJournal, MigrationJournal
+from compute_workers.locks import KeyedLock
+from compute_workers.reporter import Reporter
+from compute_workers.virt.driver import ComputeDriver, checked_uuid
+
+if TYPE_CHECKING:
+    from compute_workers.tasks import TaskRegistrar
+
+LOG = logging.getLogger(__name__)
+
+FAULT_DETAILS_MAX = 16 * 1024
+MiB = 1024 * 1024
+
+RUNNING, PAUSED, SUSPENDED = contract.POWER_RUNNING, contract.POWER_PAUSED, contract.POWER_SUSPENDED
+SHUTDOWN = contract.POWER_SHUTDOWN
+
+
+
+def target_values(power_state: str) -> dict[str, Any]:
+    """The values of an instance whose domain is ``power_state`` and no task runs on."""
+    return {"vm_state": contract.VM_STATE_OF_POWER_STATE[PowerState(power_state)], "task_state": None,
+            "power_state": power_state}
+
+
+def fault_from(exc: BaseException, host: str) -> dict[str, Any]:
+    """The fault the conductor records: a message the user can act on, the traceback for admins."""
+    if isinstance(exc, ComputeError | contract.SpecError):
+        message = str(exc)
+    else:
+        message = f"unexpected error on host {host}: {type(exc).__name__}: {exc}"
+    details = "".join(traceback.format_exception(exc))[-FAULT_DETAILS_MAX:]
+    return {"message": message, "code": 500, "details": details}
+
+
+@dataclasses.dataclass(frozen=True)
+class HostContext:
+    """The parts of a host every family of operations works with; the manager makes one and keeps it."""
+
+    config: ComputeConfig
+    driver: ComputeDriver
+    reporter: Reporter
+    images: ImageCache
+    # Operations on one instance are serialized within the process.
+    instance_locks: KeyedLock
+    journal: ActionJournal
+    migration_journal: MigrationJournal
+
+    @property
+    def host(self) -> str:
+        return self.config.host
+
+
+class HostOperations:
+    """Operations on a host's instances: the host's parts and the helpers the families share.
+
+    Holds the :class:`HostContext`, never the manager: a family lives as long as its manager and
+    references nothing that references it back, so a dropped manager is freed (and its hypervisor
+    connection closed) at once, as before the operations were split from it.
+    """
+
+    def __init__(self, context: HostContext) -> None:
+        self.context = context
+        self.config = context.config
+        self.host = context.host
+        self.driver = context.driver
+        self.reporter = context.reporter
+        self.images = context.images
+        self.instance_locks = context.instance_locks
+        self.journal = context.journal
+        self.migration_journal = context.migration_journal
+
+    # Reports --------------------------------------------------------------------------------------
+
+    @staticmethod
+    def event(name: str, result: EventResult, message: str) -> contract.Event:
+        """An instance action event of a report."""
+        return {"name": name, "result": result, "message": message}
+
+    def update(self, instance_uuid: str, expected_task_state: str | None, values: dict[str, Any], *,
+               event: contract.Event | None = None, fault: dict[str, Any] | None = None,
+               action_id: int | None = None) -> None:
+        """``conductor.instance_update`` of the instance on this host."""
+        self.reporter.report(contract.CONDUCTOR_INSTANCE_UPDATE, instance_uuid=instance_uuid, host=self.host,
+                             expected_task_state=expected_task_state, values=values, event=event,
+                             fault=fault, action_id=action_id)
+
+    def migration_update(self, migration_id: int, status: str, *, error: str | None = None,
+                         values: dict[str, Any] | None = None, event: contract.Event | None = None) -> None:
+        """``conductor.migration_update`` of a step of a cold or live migration run here."""
+        self.reporter.report(contract.CONDUCTOR_MIGRATION_UPDATE, migration_id=migration_id, host=self.host,
+                             status=status, error=error, values=values, event=event)
+
+    def failure_message(self, exc: BaseException) -> str:
+        """What a user reads of a failure: our errors' own messages, anything else named as unexpected."""
+        if isinstance(exc, ComputeError | contract.SpecError):
+            return str(exc)
+        return f"unexpected error on host {self.host}: {type(exc).__name__}: {exc}"
+
+    def migration_done(self, migration_id: int, instance_uuid: str, step: str, status: str, *,
+                        error: str | None = None, values: dict[str, Any] | None = None,
+                        event: contract.Event | None = None) -> None:
+        """Journal the step's final ``status``, then report it."""
+        result = EventResult.ERROR if status in migration_jobs.FAILED_STATUSES else EventResult.SUCCESS
+        try:
+            self.migration_journal.record(migration_id, step, instance_uuid, result, status=status)
+        except OSError as exc:  # the outcome must still be reported
+            LOG.error("cannot journal %s of migration %s (%s): a redelivery of it would run again", step,
+                      migration_id, exc)
+        self.migration_update(migration_id, status, error=error, values=values, event=event)
+
+    def migration_values(self, instance_uuid: str) -> dict[str, Any]:
+        """``{"power_state"}`` read now: ``nostate`` when the domain is not here; empty when the
+        hypervisor cannot say (the conductor keeps what it has)."""
+        try:
+            return {"power_state": self.driver.get_info(instance_uuid)}
+        except InstanceNotFound:
+            return {"power_state": contract.POWER_NOSTATE}
+        except Exception as exc:
+            LOG.warning("cannot read the power state of %s: %s", instance_uuid, exc)
+            return {}
+    # The hypervisor's truth -----------------------------------------------------------------------
+
+    def power_state_or_none(self, instance_uuid: str) -> str | None:
+        """The domain's power state; None when it is not defined here."""
+        try:
+            return self.driver.get_info(instance_uuid)
+        except InstanceNotFound:
+            return None
+
+    def truth(self, instance_uuid: str) -> dict[str, Any]:
+        """The values of a failed operation: what the hypervisor says now; only task_state None when
+        it cannot say (the conductor keeps the rest as it was)."""
+        try:
+            return target_values(self.driver.get_info(instance_uuid))
+        except InstanceNotFound:
+            return target_values(contract.POWER_NOSTATE)
+        except Exception as exc:
+            LOG.warning("cannot read the power state of %s after a failure: %s", instance_uuid, exc)
+            return {"task_state": None}
+
+    # Arguments ------------------------------------------------------------------------------------
+
+    def checked_spec(self, instance_uuid: str, spec: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The spec to regenerate the definition from; None (or {}) keeps the current definition."""
+        if not spec:
+            LOG.warning("no spec for %s: its current domain definition is kept", instance_uuid)
+            return None
+        contract.validate_spec(spec)
+        if spec["instance_uuid"] != instance_uuid:
+            raise contract.SpecError(f"spec is for instance {spec['instance_uuid']}, not {instance_uuid}")
+        return spec
+
+    def shutdown_timeout(self, timeout: float | None) -> float:
+        """A power off's wait: the task's ``timeout``, COMPUTE_CLEAN_SHUTDOWN_TIMEOUT when it has none,
+        capped so that the task ends within its time limit."""
+        if timeout is None:
+            return self.config.clean_shutdown_timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout >= 0:
+            LOG.warning("invalid power off timeout %r; waiting COMPUTE_CLEAN_SHUTDOWN_TIMEOUT (%g s)",
+                        timeout, self.config.clean_shutdown_timeout)
+            return self.config.clean_shutdown_timeout
+        if timeout > self.config.max_shutdown_timeout:
+            LOG.warning("power off timeout %g s capped at %g s (COMPUTE_LIFECYCLE_SOFT_TIME_LIMIT - 30)",
+                        timeout, self.config.max_shutdown_timeout)
+            return self.config.max_shutdown_timeout
+        return float(timeout)
+
+    # The preamble of a journaled action (lifecycle operations, snapshots) -------------------------
+    #
+    # A redelivered action (its id in the journal) does nothing: a second reboot is not a no-op, so
+    # convergence alone is not enough (see compute_workers.journal).
+
+    @staticmethod
+    def checked_action(event: str, instance_uuid: str, action_id: Any) -> int | bool | None:
+        """The action id to journal (None: none); False when the task must be refused."""
+        try:
+            checked_uuid(instance_uuid)
+        except InvalidInstanceUUID:
+            LOG.error("%s refused: invalid instance uuid %r (no instance can have it)", event, instance_uuid)
+            return False
+        if action_id is not None and (not isinstance(action_id, int) or isinstance(action_id, bool)):
+            LOG.error("%s of %s: action id %r is not an integer; running it without the redelivery "
+                      "journal", event, instance_uuid, action_id)
+            return None
+        return int(action_id) if action_id is not None else None
+
+    def redelivered(self, event: str, instance_uuid: str, action_id: int | None) -> bool:
+        """Whether the action was already done here (called with the instance's lock held)."""
+        if action_id is not None and self.journal.done(instance_uuid, action_id):
+            LOG.info("action %s already done on this host; redelivered task ignored (%s of %s)",
+                     action_id, event, instance_uuid)
+            return True
+        if action_id is None:
+            LOG.warning("%s of %s carries no action id: a redelivery of it would run again", event,
+                        instance_uuid)
+        return False
+
+    def journal_action(self, instance_uuid: str, action_id: int | None, result: str) -> None:
+        """Journal the action's ``result``; a journal that cannot be written is logged, never raised."""
+        if action_id is None:
+            return
+        try:
+            self.journal.record(instance_uuid, action_id, result)
+        except OSError as exc:  # the outcome must still be reported
+            LOG.error("cannot journal action %s of %s (%s): a redelivery of it would run again",
+                      action_id, instance_uuid, exc)
+
+
+class OperationFamily(HostOperations):
+    """One family of operations of a host (build, lifecycle, snapshot, ...): its tasks' methods.
+
+    A new family is a subclass in a module of its own, listed in
+    :data:`compute_workers.operations.FAMILIES`: every manager constructs it with its
+    :class:`HostContext`, and :meth:`register_tasks` declares its Celery tasks.
+    """
+
+    @classmethod
+    def register_tasks(cls, tasks: TaskRegistrar) -> None:
+        """Declare the family's Celery tasks on ``tasks`` (names from the contract, each a thin
+        wrapper that calls one method of the family of the host the task is for)."""
+        raise NotImplementedError
