@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from celery import Task
 
 from compute_workers import contract
-from compute_workers.contract import EventResult
+from compute_workers.contract import EventResult, TaskState, VmState
 from compute_workers.exception import ComputeError, ConsoleUnavailable, InstanceNotFound, InvalidInstanceUUID
 from compute_workers.operations.base import OperationFamily, fault_from
 from compute_workers.virt.driver import checked_uuid
@@ -26,8 +26,8 @@ if TYPE_CHECKING:
 
 LOG = logging.getLogger(__name__)
 
-SPAWNING = "spawning"
-DELETING = "deleting"
+SPAWNING = TaskState.SPAWNING
+DELETING = TaskState.DELETING
 MAX_CONSOLE_LINES = 10_000
 
 
@@ -88,7 +88,7 @@ class Build(OperationFamily):
     def _spawned(self, instance_uuid: str, power_state: str, message: str) -> None:
         LOG.info("spawn of %s: %s", instance_uuid, message)
         self.update(instance_uuid, SPAWNING,
-                    {"vm_state": "active", "task_state": None, "power_state": power_state},
+                    {"vm_state": VmState.ACTIVE, "task_state": None, "power_state": power_state},
                     event=self.event("compute_spawn", EventResult.SUCCESS, message))
 
     def _spawn_existing(self, spec: dict[str, Any], power_state: str) -> None:
@@ -107,7 +107,7 @@ class Build(OperationFamily):
         except Exception as exc:
             # Not build_failed: that would reschedule while the domain stays here.
             LOG.error("spawn of %s: cannot start its existing domain: %s", instance_uuid, exc)
-            self.update(instance_uuid, SPAWNING, {"vm_state": "error", "task_state": None},
+            self.update(instance_uuid, SPAWNING, {"vm_state": VmState.ERROR, "task_state": None},
                         fault=fault_from(exc, self.host))
             return
         self._spawned(instance_uuid, power_state, f"domain {contract.domain_name(instance_uuid)} already "
@@ -153,7 +153,7 @@ class Build(OperationFamily):
             except Exception as exc:
                 LOG.error("terminate of %s failed on %s: %s", instance_uuid, self.host, exc,
                           exc_info=not isinstance(exc, ComputeError))
-                self.update(instance_uuid, DELETING, {"vm_state": "error", "task_state": None},
+                self.update(instance_uuid, DELETING, {"vm_state": VmState.ERROR, "task_state": None},
                             fault=fault_from(exc, self.host))
                 return
         LOG.info("terminated %s in %.1f s", instance_uuid, time.monotonic() - started)

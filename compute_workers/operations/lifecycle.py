@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from celery import Task
 
 from compute_workers import contract
-from compute_workers.contract import EventResult
+from compute_workers.contract import EventResult, TaskState
 from compute_workers.exception import ComputeError, InstanceInvalidState, InstanceNotFound
 from compute_workers.operations.base import (
     PAUSED,
@@ -44,7 +44,7 @@ class Lifecycle(OperationFamily):
         definition regenerated from ``spec``; a guest that is not running or does not shut down in time
         is rebooted hard (event ``fallback_to_hard_reboot``). HARD: destroy, regenerate, start."""
         hard = reboot_type == contract.REBOOT_HARD
-        task_state = "rebooting_hard" if hard else "rebooting"
+        task_state = TaskState.REBOOTING_HARD if hard else TaskState.REBOOTING
 
         def run() -> str:
             if reboot_type not in (contract.REBOOT_SOFT, contract.REBOOT_HARD):
@@ -112,7 +112,7 @@ class Lifecycle(OperationFamily):
                 return f"forced off in {seconds:.1f} s (timeout 0: no clean shutdown asked)"
             return f"guest did not shut down within {wait:g} s; forced off"
 
-        self._lifecycle(instance_uuid, action_id, "compute_stop_instance", "powering_off",
+        self._lifecycle(instance_uuid, action_id, "compute_stop_instance", TaskState.POWERING_OFF,
                         f"powering off {contract.domain_name(instance_uuid)} on {self.host}",
                         target_values(SHUTDOWN), run)
 
@@ -138,31 +138,31 @@ class Lifecycle(OperationFamily):
                 return f"guest was paused; unpaused in {seconds:.1f} s"
             return f"domain started from its regenerated definition in {seconds:.1f} s"
 
-        self._lifecycle(instance_uuid, action_id, "compute_start_instance", "powering_on",
+        self._lifecycle(instance_uuid, action_id, "compute_start_instance", TaskState.POWERING_ON,
                         f"powering on {contract.domain_name(instance_uuid)} on {self.host}",
                         target_values(RUNNING), run)
 
     def pause_instance(self, instance_uuid: str, action_id: int | None) -> None:
         """Freeze the vCPUs (libvirt suspend)."""
-        self._simple_lifecycle(instance_uuid, action_id, "pause", "pausing", PAUSED, {
+        self._simple_lifecycle(instance_uuid, action_id, "pause", TaskState.PAUSING, PAUSED, {
             RUNNING: (self.driver.pause, "vCPUs paused")}, hint="start or resume it first")
 
     def unpause_instance(self, instance_uuid: str, action_id: int | None) -> None:
         """Let the vCPUs run again (libvirt resume)."""
-        self._simple_lifecycle(instance_uuid, action_id, "unpause", "unpausing", RUNNING, {
+        self._simple_lifecycle(instance_uuid, action_id, "unpause", TaskState.UNPAUSING, RUNNING, {
             PAUSED: (self.driver.unpause, "vCPUs running again")},
             hint="only a paused instance can be unpaused")
 
     def suspend_instance(self, instance_uuid: str, action_id: int | None) -> None:
         """Save the memory to disk and stop the domain (libvirt managed save)."""
-        self._simple_lifecycle(instance_uuid, action_id, "suspend", "suspending", SUSPENDED, {
+        self._simple_lifecycle(instance_uuid, action_id, "suspend", TaskState.SUSPENDING, SUSPENDED, {
             RUNNING: (self.driver.suspend, "memory saved to disk and domain stopped"),
             PAUSED: (self.driver.suspend, "memory of the paused guest saved to disk and domain stopped")},
             hint="a shut-off instance has no memory to save")
 
     def resume_instance(self, instance_uuid: str, action_id: int | None) -> None:
         """Restore a suspended domain from its saved memory; a paused one is unpaused."""
-        self._simple_lifecycle(instance_uuid, action_id, "resume", "resuming", RUNNING, {
+        self._simple_lifecycle(instance_uuid, action_id, "resume", TaskState.RESUMING, RUNNING, {
             SUSPENDED: (self.driver.resume, "memory restored from disk; guest running again"),
             PAUSED: (self.driver.unpause, "guest was paused, not suspended; unpaused")},
             hint="it has no saved memory state; start it instead")

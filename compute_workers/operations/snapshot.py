@@ -19,7 +19,7 @@ import requests
 from celery import Task
 
 from compute_workers import contract
-from compute_workers.contract import EventResult
+from compute_workers.contract import EventResult, TaskState
 from compute_workers.exception import ComputeError, ImageUploadError, InstanceNotFound
 from compute_workers.operations.base import (
     PAUSED,
@@ -62,8 +62,8 @@ class Snapshot(OperationFamily):
         with self.instance_locks.hold(instance_uuid):
             if self.redelivered(event, instance_uuid, action):
                 return
-            phase = {"task_state": "image_snapshot", "upload_open": False}
-            self.update(instance_uuid, "image_snapshot", {}, action_id=action, event=self.event(
+            phase = {"task_state": TaskState.IMAGE_SNAPSHOT, "upload_open": False}
+            self.update(instance_uuid, TaskState.IMAGE_SNAPSHOT, {}, action_id=action, event=self.event(
                 event, EventResult.START,
                 f"snapshot of {contract.domain_name(instance_uuid)} on {self.host} as image {label}"))
             target: Path | None = None
@@ -82,7 +82,7 @@ class Snapshot(OperationFamily):
                     target.with_name(target.name + ".delta").unlink(missing_ok=True)
             LOG.info("%s of %s: %s", event, instance_uuid, message)
             self.journal_action(instance_uuid, action, "success")
-            self.update(instance_uuid, "image_uploading", values, action_id=action,
+            self.update(instance_uuid, TaskState.IMAGE_UPLOADING, values, action_id=action,
                         event=self.event(event, EventResult.SUCCESS, message))
 
     @contextlib.contextmanager
@@ -116,25 +116,25 @@ class Snapshot(OperationFamily):
             if now - last_report[0] < SNAPSHOT_PROGRESS_INTERVAL:
                 return
             last_report[0] = now
-            self.update(instance_uuid, "image_snapshot", {}, action_id=action_id, event=self.event(
+            self.update(instance_uuid, TaskState.IMAGE_SNAPSHOT, {}, action_id=action_id, event=self.event(
                 event, EventResult.PROGRESS, f"copied {copied / MiB:.1f} of {total / MiB:.1f} MiB"))
 
         self.driver.snapshot(instance_uuid, target, progress)
         copied = time.monotonic() - started
         size = target.stat().st_size
-        self.update(instance_uuid, "image_snapshot", {"task_state": "image_uploading"}, action_id=action_id,
-                    event=self.event(event, EventResult.PROGRESS,
+        self.update(instance_uuid, TaskState.IMAGE_SNAPSHOT, {"task_state": TaskState.IMAGE_UPLOADING},
+                    action_id=action_id, event=self.event(event, EventResult.PROGRESS,
                                      f"{kind} snapshot made: {size / MiB:.1f} MiB in {copied:.1f} s; "
                                      "uploading"))
-        phase["task_state"] = "image_uploading"
+        phase["task_state"] = TaskState.IMAGE_UPLOADING
         upload_started = time.monotonic()
-        self.update(instance_uuid, "image_uploading", {}, action_id=action_id, event=self.event(
+        self.update(instance_uuid, TaskState.IMAGE_UPLOADING, {}, action_id=action_id, event=self.event(
             "compute_upload_image", EventResult.START, f"uploading {size / MiB:.1f} MiB as image {label}"))
         phase["upload_open"] = True
         self._upload(target, upload_url, label)
         uploaded = time.monotonic() - upload_started
         phase["upload_open"] = False
-        self.update(instance_uuid, "image_uploading", {}, action_id=action_id, event=self.event(
+        self.update(instance_uuid, TaskState.IMAGE_UPLOADING, {}, action_id=action_id, event=self.event(
             "compute_upload_image", EventResult.SUCCESS,
             f"uploaded {size / MiB:.1f} MiB in {uploaded:.1f} s"))
         return (f"{kind} snapshot of {contract.domain_name(instance_uuid)} uploaded as image {label}: "
