@@ -56,6 +56,15 @@ def outbox(monkeypatch: pytest.MonkeyPatch) -> Outbox:
     return box
 
 
+@pytest.fixture
+def send_on_commit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tasks are sent when their transaction commits; a test's outer transaction never does, so they
+    are sent at once instead."""
+    from django.db import transaction
+
+    monkeypatch.setattr(transaction, "on_commit", lambda callback, using=None, robust=False: callback())
+
+
 @pytest.fixture(autouse=True)
 def _image_store(settings: Any, tmp_path: Path) -> None:
     settings.IMAGES_PATH = tmp_path / "image-store"
@@ -193,3 +202,26 @@ def run_concurrently(work: Callable[[Any], Any], items: list[Any], timeout: floa
     for thread in threads:
         thread.join(timeout)
     return results
+
+
+GIB = 1024**3
+
+
+def dest_answer(host: str, **kw: Any) -> dict[str, Any]:
+    ip = {"hv1": "10.0.0.1", "hv2": "10.0.0.2", "hv3": "10.0.0.3"}[host]
+    return {"ok": True, "migration_uri": f"qemu+tcp://{ip}/system", "migration_data_uri": f"tcp://{ip}",
+            "shared_marker": ".shared-abc", "disk_free_bytes": 50 * GIB, "image_cached": False,
+            "cpu": "identical"}
+
+
+@pytest.fixture
+def checks(outbox: Outbox) -> Outbox:
+    """Both hosts pass every check."""
+    outbox.calls[contract.COMPUTE_CHECK_MIGRATE_DESTINATION] = dest_answer
+    outbox.calls[contract.COMPUTE_CHECK_MIGRATE_SOURCE] = source_answer()
+    return outbox
+
+
+def source_answer(shared: bool = False, disk_bytes: int = 20 * 1024 * 1024) -> Any:
+    return lambda host, **kw: {"ok": True, "shared_storage": shared, "power_state": "running",
+                               "disk_bytes": disk_bytes}

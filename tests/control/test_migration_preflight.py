@@ -22,26 +22,10 @@ from cloudctl.compute.models import MIGRATION_IN_PROGRESS, Flavor, Instance, Ins
 from cloudctl.compute.models import MigrationStatus as S
 from compute_workers import contract
 
-from .conftest import Outbox, active_server, heartbeat, run_preflights
-from .test_migrations import allocations, dest_answer, live_migrate, source_answer
+from .conftest import Outbox, active_server, dest_answer, heartbeat, run_preflights, source_answer
+from .test_migrations import allocations, live_migrate
 
-pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture(autouse=True)
-def _send_on_commit(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tasks are sent when their transaction commits; the test's outer transaction never does."""
-    from django.db import transaction
-
-    monkeypatch.setattr(transaction, "on_commit", lambda callback, using=None, robust=False: callback())
-
-
-@pytest.fixture
-def checks(outbox: Outbox) -> Outbox:
-    """Both hosts pass every check."""
-    outbox.calls[contract.COMPUTE_CHECK_MIGRATE_DESTINATION] = dest_answer
-    outbox.calls[contract.COMPUTE_CHECK_MIGRATE_SOURCE] = source_answer()
-    return outbox
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("send_on_commit")]
 
 
 def preflights_sent(outbox: Outbox) -> list[int]:

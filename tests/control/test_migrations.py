@@ -19,38 +19,9 @@ from cloudctl.compute import migration_reports, recovery
 from cloudctl.compute.models import Allocation, Flavor, Instance, InstanceAction, Migration, ServerGroup
 from compute_workers import contract
 
-from .conftest import Outbox, active_server, heartbeat, run_preflights
+from .conftest import GIB, Outbox, active_server, heartbeat, run_preflights, source_answer
 
-pytestmark = pytest.mark.django_db
-
-GIB = 1024**3
-
-
-def dest_answer(host: str, **kw: Any) -> dict[str, Any]:
-    ip = {"hv1": "10.0.0.1", "hv2": "10.0.0.2", "hv3": "10.0.0.3"}[host]
-    return {"ok": True, "migration_uri": f"qemu+tcp://{ip}/system", "migration_data_uri": f"tcp://{ip}",
-            "shared_marker": ".shared-abc", "disk_free_bytes": 50 * GIB, "image_cached": False,
-            "cpu": "identical"}
-
-
-def source_answer(shared: bool = False, disk_bytes: int = 20 * 1024 * 1024) -> Any:
-    return lambda host, **kw: {"ok": True, "shared_storage": shared, "power_state": "running",
-                               "disk_bytes": disk_bytes}
-
-
-@pytest.fixture(autouse=True)
-def _send_on_commit(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tasks are sent when their transaction commits; the test's outer transaction never does."""
-    from django.db import transaction
-
-    monkeypatch.setattr(transaction, "on_commit", lambda callback, using=None, robust=False: callback())
-
-
-@pytest.fixture
-def checks(outbox: Outbox) -> Outbox:
-    outbox.calls[contract.COMPUTE_CHECK_MIGRATE_DESTINATION] = dest_answer
-    outbox.calls[contract.COMPUTE_CHECK_MIGRATE_SOURCE] = source_answer()
-    return outbox
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("send_on_commit")]
 
 
 def allocations(instance: Instance) -> list[tuple[str, int, bool]]:
