@@ -21,3 +21,18 @@ class CloudctlError(Exception):
         """The JSON body of the API's answer."""
         return {"detail": str(self), "code": self.code}
 
+
+class InvalidRequest(CloudctlError):
+    """A request that is well-formed but cannot be served (HTTP 400), naming the field: the body is
+    DRF's validation shape, ``{field: [message]}``."""
+
+    status_code = 400
+    code = "invalid"
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        self.message = message
+        super().__init__(f"{field}: {message}")
+
+    def body(self) -> dict[str, Any]:
+        return {self.field: [self.message]}
