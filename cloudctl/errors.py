@@ -3,7 +3,8 @@ knows its HTTP answer, so the API's exception handler has one branch for all of 
 
 A subclass sets ``status_code`` and ``code`` and, where the body says more than the message (the
 server's state, the field that is wrong), overrides :meth:`CloudctlError.body`. The compute errors
-are in :mod:`cloudctl.compute.errors`, the images' in :mod:`cloudctl.images.services`.
+are in :mod:`cloudctl.compute.errors`, the networks' in :mod:`cloudctl.network.errors`, the
+images' in :mod:`cloudctl.images.services`.
 """
 
 from __future__ import annotations
