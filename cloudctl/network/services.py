@@ -4,9 +4,12 @@ conflicts :mod:`cloudctl.network.errors` (409 naming what blocks).
 
 Races are settled by the database: a VNI, a MAC address and an address of a subnet are unique
 columns. Allocation reads what is free, inserts in a savepoint and, when a concurrent transaction got
-there first (IntegrityError), reads again and takes the next one. Automatic address allocation also
-locks the subnet's row, so that allocators on one subnet take turns instead of all chasing the same
-lowest address; a requested address does not wait for that lock and the unique constraint decides.
+there first (IntegrityError), reads again and takes the next one. What changes a network's ports or
+subnets (port create, subnet create and delete, network delete, un-sharing) also locks the network's
+row (``FOR NO KEY UPDATE`` on PostgreSQL; SQLite's IMMEDIATE transactions serialise writers anyway):
+allocators on one network take turns instead of all chasing the same lowest address, and a port
+cannot appear on a network being deleted (its foreign key is checked only at commit there, which
+would end in a 500). The unique constraints stay the last word on what is allocated twice.
 """
 
 from __future__ import annotations
@@ -72,6 +75,15 @@ def _require_owner(network: Network, user: Any, verb: str) -> None:
         return
     raise NotOwner(f"network {network.id} belongs to another project; only that project or an "
                    f"administrator may {verb} it")
+
+
+def _lock_network(network: Network) -> Network:
+    """Lock the network's row for the transaction (see the module's docstring); 409 when it has
+    been deleted meanwhile."""
+    locked = Network.objects.select_for_update(no_key=True).filter(pk=network.pk).first()
+    if locked is None:
+        raise NetworkConflict(f"network {network.id} was deleted")
+    return locked
 
 
 def _refuse_admin_only(user: Any, **given: Any) -> None:
@@ -160,6 +172,7 @@ def network_create(*, user: Any, project: Project, name: str = "", shared: bool 
                                                      "network creations; try again"))
 
 
+@transaction.atomic
 def network_update(*, network: Network, user: Any, name: str | None = None, shared: bool | None = None,
                    admin_state_up: bool | None = None, mtu: int | None = None,
                    external: bool | None = None) -> Network:
@@ -168,6 +181,13 @@ def network_update(*, network: Network, user: Any, name: str | None = None, shar
     _refuse_admin_only(user, external=external)
     if mtu is not None:
         _check_mtu(mtu, network.provider_type)
+    if shared is False and network.shared:
+        _lock_network(network)
+        foreign = list(network.ports.exclude(project_id=network.project_id))
+        if foreign:
+            raise InUse(f"network {network.id} cannot stop being shared: other projects have "
+                        f"{len(foreign)} port(s) on it: {', '.join(_port_label(p) for p in foreign)}",
+                        ports=[str(p.id) for p in foreign])
     changes = {key: value for key, value in (("name", name), ("shared", shared), ("mtu", mtu),
                                               ("admin_state_up", admin_state_up),
                                               ("external", external)) if value is not None}
@@ -300,7 +320,7 @@ def subnet_create(*, user: Any, network: Network, cidr: str, name: str = "",
     pools = (_default_pools(net, gateway) if allocation_pools is None
              else _check_pools(net, gateway, allocation_pools))
     nameservers = _check_nameservers(dns_nameservers)
-    Network.objects.select_for_update().filter(pk=network.pk).first()
+    _lock_network(network)
     for other in network.subnets.all():
         if net.overlaps(other.ip_network):
             raise InvalidRequest("cidr", f"{net} overlaps {other.cidr} of subnet {other.id}"
@@ -333,7 +353,7 @@ def subnet_delete(*, subnet: Subnet, user: Any) -> None:
     """Delete a subnet no port holds an address of (the network's DHCP ports give theirs up);
     409 naming the ports otherwise."""
     _require_owner(subnet.network, user, "delete subnets of")
-    Subnet.objects.select_for_update().filter(pk=subnet.pk).first()
+    _lock_network(subnet.network)
     holders = selectors.ports_with_address_in(subnet=subnet, exclude_owners=NETWORK_OWNED_DEVICE_OWNERS)
     if holders:
         raise InUse(f"subnet {subnet.id} has {len(holders)} port(s) with addresses in it: "
@@ -535,9 +555,8 @@ def _exhausted(subnet: Subnet) -> PoolExhausted:
 
 
 def _allocate_next(port: Port, subnet: Subnet) -> PortFixedIP:
-    """The lowest free address of the subnet's pools, under the subnet's row lock; a concurrent
-    requested address that takes it first (IntegrityError) sends us to the next one."""
-    Subnet.objects.select_for_update().filter(pk=subnet.pk).first()
+    """The lowest free address of the subnet's pools (the caller holds the network's lock); an insert
+    the unique constraint refuses (IntegrityError: someone got there first) sends us to the next one."""
 
     def attempt() -> PortFixedIP:
         address = selectors.subnet_next_free_address(subnet=subnet)
@@ -556,11 +575,19 @@ def _check_usable_network(network: Network, user: Any, project: Project) -> None
 
 
 def _check_groups(groups: Sequence[SecurityGroup], project: Project) -> list[SecurityGroup]:
+    """The port's groups, of its project, locked against a concurrent deletion (whose foreign-key
+    check would otherwise fail only at commit)."""
     foreign = [str(g.id) for g in groups if g.project_id != project.pk]
     if foreign:
         raise InvalidRequest("security_groups", f"security group(s) {', '.join(foreign)} belong to "
                              "another project than the port")
-    return list(dict.fromkeys(groups))
+    unique = list(dict.fromkeys(groups))
+    still = set(SecurityGroup.objects.select_for_update(no_key=True)
+                .filter(pk__in=[g.pk for g in unique]).values_list("pk", flat=True))
+    gone = [str(g.id) for g in unique if g.pk not in still]
+    if gone:
+        raise InvalidRequest("security_groups", f"security group(s) {', '.join(gone)} were deleted")
+    return unique
 
 
 @transaction.atomic
@@ -578,6 +605,7 @@ def port_create(*, user: Any, project: Project, network: Network, name: str = ""
     if device_owner.startswith("network:") and not is_admin(user):
         raise InvalidRequest("device_owner", "network:* owners are set by cloudctl itself")
     _check_usable_network(network, user, project)
+    network = _lock_network(network)
     groups = _check_groups(security_groups if security_groups is not None
                            else [security_group_default(project=project)], project)
     wanted = [_resolve_fixed_ip(network, entry, device_owner) for entry in (fixed_ips or [])]

@@ -215,3 +215,25 @@ def test_a_rule_names_a_prefix_or_a_group_not_both(admin, project):
     group = services.security_group_create(user=admin, project=project, name="web")
     with pytest.raises(InvalidRequest, match="not both"):
         rule(admin, group, direction="ingress", remote_ip_prefix="10.0.0.0/8", remote_group=group)
+
+
+def test_a_network_other_projects_use_stays_shared(admin, project, other_project, net):
+    from cloudctl.network.models import Network as NetworkModel
+
+    subnet(admin, net)
+    services.network_update(network=net, user=admin, shared=True)
+    theirs = services.port_create(user=admin, project=other_project, network=net)
+    with pytest.raises(InUse) as refused:
+        services.network_update(network=net, user=admin, shared=False)
+    assert refused.value.ports == [str(theirs.id)] and "cannot stop being shared" in str(refused.value)
+    services.port_delete(port=theirs, user=admin)
+    services.port_create(user=admin, project=project, network=net)  # its own project's ports do not count
+    assert services.network_update(network=net, user=admin, shared=False).shared is False
+    assert NetworkModel.objects.get(pk=net.pk).shared is False
+
+
+def test_a_port_on_a_network_deleted_meanwhile_is_409(admin, project, net):
+    stale = Network.objects.get(pk=net.pk)
+    services.network_delete(network=net, user=admin)
+    with pytest.raises(NetworkConflict, match="was deleted"):
+        services.port_create(user=admin, project=project, network=stale)
