@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.db.models import QuerySet
 from drf_spectacular.extensions import OpenApiAuthenticationExtension, OpenApiSerializerExtension
 from drf_spectacular.plumbing import build_bearer_security_scheme_object
-from drf_spectacular.utils import OpenApiResponse
+from drf_spectacular.utils import OpenApiResponse, extend_schema_field
 from rest_framework import serializers
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
@@ -21,6 +22,51 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
     if isinstance(exc, CloudctlError):
         return Response(exc.body(), status=exc.status_code)
     return drf_exception_handler(exc, context)
+
+
+# --- fields every API module uses ------------------------------------------------------------------
+
+class StrictCharField(serializers.CharField):
+    """A CharField that refuses numbers and booleans instead of turning them into text."""
+
+    def to_internal_value(self, data: Any) -> str:
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+@extend_schema_field({"oneOf": [{"type": "integer"}, {"type": "string"}],
+                      "description": "an id (integer or uuid) or a unique name"})
+class IdOrNameField(serializers.Field):
+    """A reference given as an id (integer or uuid) or a name."""
+
+    default_error_messages = {"invalid": "must be an id or a name (string or integer)"}
+
+    def to_internal_value(self, data: Any) -> str:
+        if isinstance(data, bool) or not isinstance(data, (str, int)) or str(data).strip() == "":
+            self.fail("invalid")
+        return str(data).strip()
+
+    def to_representation(self, value: Any) -> Any:
+        return value
+
+
+def lookup(queryset: QuerySet[Any], ref: str, *, kind: str, id_kind: type) -> Any:
+    """Find one object by primary key or, failing that, by unique name; 400 otherwise."""
+    try:
+        pk = id_kind(ref)
+    except ValueError:
+        pk = None
+    if pk is not None:
+        found = queryset.filter(pk=pk).first()
+        if found is not None:
+            return found
+    named = list(queryset.filter(name=ref)[:2])
+    if len(named) == 1:
+        return named[0]
+    if len(named) > 1:
+        raise serializers.ValidationError(f"several {kind}s are named {ref!r}; give the id")
+    raise serializers.ValidationError(f"no {kind} with id or name {ref!r}")
 
 
 # --- OpenAPI: the error shapes ---------------------------------------------------------------------

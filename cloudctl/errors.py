@@ -3,7 +3,8 @@ knows its HTTP answer, so the API's exception handler has one branch for all of 
 
 A subclass sets ``status_code`` and ``code`` and, where the body says more than the message (the
 server's state, the field that is wrong), overrides :meth:`CloudctlError.body`. The compute errors
-are in :mod:`cloudctl.compute.errors`, the images' in :mod:`cloudctl.images.services`.
+are in :mod:`cloudctl.compute.errors`, the networks' in :mod:`cloudctl.network.errors`, the
+images' in :mod:`cloudctl.images.services`.
 """
 
 from __future__ import annotations
@@ -21,3 +22,18 @@ class CloudctlError(Exception):
         """The JSON body of the API's answer."""
         return {"detail": str(self), "code": self.code}
 
+
+class InvalidRequest(CloudctlError):
+    """A request that is well-formed but cannot be served (HTTP 400), naming the field: the body is
+    DRF's validation shape, ``{field: [message]}``."""
+
+    status_code = 400
+    code = "invalid"
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        self.message = message
+        super().__init__(f"{field}: {message}")
+
+    def body(self) -> dict[str, Any]:
+        return {self.field: [self.message]}

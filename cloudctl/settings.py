@@ -58,6 +58,7 @@ INSTALLED_APPS = [
     "cloudctl.identity",
     "cloudctl.images",
     "cloudctl.compute",
+    "cloudctl.network",
 ]
 
 MIDDLEWARE = [
@@ -241,6 +242,28 @@ TASK_DEADLINES = {
 }
 # Seconds the API waits for a compute worker to answer a console-output call.
 CONSOLE_OUTPUT_TIMEOUT = env_float("CONSOLE_OUTPUT_TIMEOUT", 10.0, minimum=0.1)
+
+# --- Networks -------------------------------------------------------------------------------------
+
+
+def _vni_range(name: str, default: str) -> tuple[int, int]:
+    """``first:last`` VXLAN network identifiers (1..16777215), first <= last."""
+    raw = env_str(name, default)
+    try:
+        first, last = (int(part) for part in raw.split(":"))
+    except ValueError:
+        raise ImproperlyConfiguredEnv(name, raw, "first:last, two integers") from None
+    if not 1 <= first <= last <= 16777215:
+        raise ImproperlyConfiguredEnv(name, raw, "1 <= first <= last <= 16777215")
+    return first, last
+
+
+# VNIs new vxlan networks get (the lowest free first); an administrator may give one outside it.
+NETWORK_VNI_RANGE = _vni_range("NETWORK_VNI_RANGE", "1000:1999")
+# The MTU of the hosts' physical network: a flat network's maximum, a vxlan network's minus the 50
+# bytes of VXLAN encapsulation (outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8), as Neutron's
+# global_physnet_mtu.
+NETWORK_PHYSICAL_MTU = env_int("NETWORK_PHYSICAL_MTU", 1500, minimum=1280)
 
 # --- Celery (scheduler, conductor, beat; compute workers have their own app) ----------------------
 CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0")

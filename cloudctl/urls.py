@@ -13,6 +13,13 @@ from cloudctl.compute.api.servers import ServerGroupViewSet, ServerViewSet
 from cloudctl.compute.dashboard import capacity_dashboard
 from cloudctl.identity.api import TokenView
 from cloudctl.images.api import ImageViewSet
+from cloudctl.network.api import (
+    NetworkViewSet,
+    PortViewSet,
+    SecurityGroupRuleViewSet,
+    SecurityGroupViewSet,
+    SubnetViewSet,
+)
 
 router = SimpleRouter()
 router.trailing_slash = "/?"  # /images/<id>/file and /images/<id>/file/ both work
@@ -24,6 +31,11 @@ router.register("server-groups", ServerGroupViewSet, basename="server-group")
 router.register("availability-zones", AvailabilityZoneView, basename="availability-zone")
 router.register("aggregates", AggregateViewSet, basename="aggregate")
 router.register("migrations", MigrationViewSet, basename="migration")
+router.register("networks", NetworkViewSet, basename="network")
+router.register("subnets", SubnetViewSet, basename="subnet")
+router.register("ports", PortViewSet, basename="port")
+router.register("security-groups", SecurityGroupViewSet, basename="security-group")
+router.register("security-group-rules", SecurityGroupRuleViewSet, basename="security-group-rule")
 
 urlpatterns = [
     path("api/v1/auth/token/", TokenView.as_view(), name="auth-token"),

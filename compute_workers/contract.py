@@ -392,6 +392,57 @@ class ImageSpec(TypedDict):
     properties: NotRequired[dict[str, Any]]
 
 
+# --- networks of a spawn spec (the contract of the networking issue's later parts) ------------------
+# Written before the code behind it: the control plane still sends "networks": [] and the compute
+# worker plugs nothing. When it does, each entry is one port of the instance, everything the host
+# needs to plug it without asking the control plane (Neutron's linuxbridge agent's names).
+
+# Linux limits interface names to 15 characters (IFNAMSIZ - 1): a 3-letter prefix and 11 of the id.
+DEVICE_NAME_ID_CHARS = 11
+
+
+def bridge_name(network_id: str) -> str:
+    """The host's Linux bridge of a network: ``brq`` + the first 11 characters of its id."""
+    return f"brq{network_id[:DEVICE_NAME_ID_CHARS]}"
+
+
+def tap_name(port_id: str) -> str:
+    """The tap device of a port (the guest's NIC on the host): ``tap`` + the first 11 characters of
+    the port's id."""
+    return f"tap{port_id[:DEVICE_NAME_ID_CHARS]}"
+
+
+class FixedIPSpec(TypedDict):
+    """An address of the port: the subnet's CIDR gives the prefix length, ``gateway_ip`` is null
+    when the subnet has no gateway."""
+
+    ip_address: str
+    subnet_id: str
+    cidr: str
+    gateway_ip: str | None
+
+
+class NetworkSpec(TypedDict):
+    """One entry of ``SpawnSpec["networks"]`` (spec version 1): a port to plug before the guest
+    starts, in the order of the guest's NICs.
+
+    ``bridge`` is :func:`bridge_name` of ``network_id`` and ``tap`` is :func:`tap_name` of
+    ``port_id``, sent so that both sides name devices the same way; the domain gets
+    ``<interface type='bridge'>`` on ``bridge`` with target dev ``tap``, model virtio, MAC
+    ``mac_address`` and ``mtu``. ``segmentation_id`` is the VXLAN VNI (null for ``flat``).
+    """
+
+    port_id: str
+    network_id: str
+    mac_address: str
+    fixed_ips: list[FixedIPSpec]
+    mtu: int
+    provider_type: Literal["vxlan", "flat"]
+    segmentation_id: int | None
+    bridge: str
+    tap: str
+
+
 class SpawnSpec(TypedDict):
     """The self-contained description of an instance a compute worker builds (version 1)."""
 
@@ -402,7 +453,7 @@ class SpawnSpec(TypedDict):
     request_id: NotRequired[str]
     flavor: FlavorSpec
     image: ImageSpec
-    networks: NotRequired[list[dict[str, Any]]]
+    networks: NotRequired[list[NetworkSpec]]  # [] until the networking issue's later parts
     key_data: NotRequired[str | None]
     user_data: NotRequired[str | None]
 

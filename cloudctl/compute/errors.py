@@ -11,6 +11,7 @@ from typing import Any
 
 from cloudctl.compute.models import Instance, Migration
 from cloudctl.errors import CloudctlError
+from cloudctl.errors import InvalidRequest as InvalidRequest  # re-exported: the compute side's name
 
 
 class ServerError(CloudctlError):
@@ -68,20 +69,3 @@ class ComputeUnavailable(CloudctlError):
 
     status_code = 503
     code = "compute_unavailable"
-
-
-
-class InvalidRequest(CloudctlError):
-    """A request that is well-formed but cannot be served (HTTP 400), naming the field: the body is
-    DRF's validation shape, ``{field: [message]}``."""
-
-    status_code = 400
-    code = "invalid"
-
-    def __init__(self, field: str, message: str) -> None:
-        self.field = field
-        self.message = message
-        super().__init__(f"{field}: {message}")
-
-    def body(self) -> dict[str, Any]:
-        return {self.field: [self.message]}

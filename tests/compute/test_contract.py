@@ -88,3 +88,11 @@ def test_spawn_spec_validation_returns_the_typed_spec() -> None:
     assert contract.validate_spec(spec) is spec
     with pytest.raises(contract.SpecError, match="unsupported disk_format 'vmdk'"):
         contract.validate_spec({**spec, "image": {**spec["image"], "disk_format": "vmdk"}})
+
+
+def test_network_device_names_are_neutrons_and_fit_linux() -> None:
+    network_id = "3f2a9c4e-1b2d-4e5f-8a9b-0c1d2e3f4a5b"
+    port_id = "a1b2c3d4-e5f6-4a7b-8c9d-0e1f2a3b4c5d"
+    assert contract.bridge_name(network_id) == "brq3f2a9c4e-1b"
+    assert contract.tap_name(port_id) == "tapa1b2c3d4-e5"
+    assert all(len(name) <= 15 for name in (contract.bridge_name(network_id), contract.tap_name(port_id)))

@@ -169,3 +169,12 @@ def _status_enum(schema: dict[str, Any]) -> list[str]:
     ref = schema["components"]["schemas"]["Migration"]["properties"]["status"]
     ref = ref.get("$ref") or ref["allOf"][0]["$ref"]
     return list(schema["components"]["schemas"][ref.rsplit("/", 1)[1]]["enum"])
+
+
+def test_network_endpoints_document_their_conflicts(schema: dict[str, Any]) -> None:
+    create = schema["paths"]["/api/v1/ports/"]["post"]
+    assert {"201", "400", "409"} <= set(create["responses"])
+    conflict = create["responses"]["409"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
+    assert {"detail", "code", "port", "ports"} <= set(schema["components"]["schemas"][conflict]["properties"])
+    assert "409" in schema["paths"]["/api/v1/networks/{id}/"]["delete"]["responses"]
+    assert {"get", "post"} <= set(schema["paths"]["/api/v1/security-group-rules/"])

@@ -19,6 +19,8 @@ REPO = Path(__file__).resolve().parents[2]
     ("CLOUDCTL_DEBUG", "maybe", "CLOUDCTL_DEBUG='maybe' is invalid"),
     ("DATABASE_URL", "nonsense://x", "DATABASE_URL='nonsense://x' is invalid"),
     ("SCHEDULER_ENABLED_FILTERS", "RamFilter,NoSuchFilter", "unknown scheduler filter(s) NoSuchFilter"),
+    ("NETWORK_VNI_RANGE", "1000-1999", "NETWORK_VNI_RANGE='1000-1999' is invalid: expected first:last"),
+    ("NETWORK_VNI_RANGE", "2000:1000", "expected 1 <= first <= last <= 16777215"),
 ])
 def test_bad_values_name_the_variable(tmp_path, name, value, expected):
     env = {**os.environ, "CLOUDCTL_STATE_DIR": str(tmp_path), name: value}

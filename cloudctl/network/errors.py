@@ -1,0 +1,71 @@
+"""Why a network request is refused: each error knows its HTTP answer (see :mod:`cloudctl.errors`).
+
+A 409 names what blocks the request: the port holding an address, the ports still on a network or a
+subnet, the pool or the VNI range that is exhausted. Validation errors are
+:class:`cloudctl.errors.InvalidRequest` (400, ``{field: [reason]}``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cloudctl.errors import CloudctlError
+
+
+class NetworkConflict(CloudctlError):
+    """A network object's state forbids the request (HTTP 409)."""
+
+
+class AddressInUse(NetworkConflict):
+    """The requested fixed IP is held by another port (HTTP 409, naming it)."""
+
+    code = "ip_address_in_use"
+
+    def __init__(self, *, ip_address: str, subnet_id: str, port_id: str) -> None:
+        self.ip_address = ip_address
+        self.port_id = port_id
+        super().__init__(f"IP address {ip_address} of subnet {subnet_id} is in use by port {port_id}")
+
+    def body(self) -> dict[str, Any]:
+        return {**super().body(), "port": self.port_id}
+
+
+class PoolExhausted(NetworkConflict):
+    """No free address is left in a subnet's allocation pools (HTTP 409)."""
+
+    code = "ip_address_exhausted"
+
+
+class MacAddressInUse(NetworkConflict):
+    code = "mac_address_in_use"
+
+
+class SegmentationIdExhausted(NetworkConflict):
+    """No free VNI is left in NETWORK_VNI_RANGE (HTTP 409)."""
+
+    code = "segmentation_id_exhausted"
+
+
+class SegmentationIdInUse(NetworkConflict):
+    code = "segmentation_id_in_use"
+
+
+class InUse(NetworkConflict):
+    """The object cannot be deleted while ports use it (HTTP 409, naming them)."""
+
+    code = "in_use"
+
+    def __init__(self, message: str, *, ports: list[str]) -> None:
+        self.ports = ports
+        super().__init__(message)
+
+    def body(self) -> dict[str, Any]:
+        return {**super().body(), "ports": self.ports}
+
+
+class NotOwner(CloudctlError):
+    """The object is visible (a shared or external network) but belongs to another project, which
+    alone (or an administrator) may change it (HTTP 403)."""
+
+    status_code = 403
+    code = "forbidden"

@@ -1,0 +1,206 @@
+"""Networks, subnets, ports with their fixed IPs, security groups and their rules (Neutron's shape).
+
+The database guards what must never happen twice: a VNI (``Network.segmentation_id``), a MAC address
+and an address of a subnet (``PortFixedIP``: unique per subnet) are unique columns, so a lost race
+is an IntegrityError the services retry or turn into 409, never a double allocation.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import uuid
+
+from django.db import models
+from django.db.models import Q
+
+from cloudctl.identity.models import Project
+
+# VXLAN's encapsulation: outer Ethernet (14) + IPv4 (20) + UDP (8) + VXLAN header (8).
+VXLAN_OVERHEAD = 50
+
+
+class ProviderType(models.TextChoices):
+    VXLAN = "vxlan"
+    FLAT = "flat"
+
+
+class NetworkStatus(models.TextChoices):
+    ACTIVE = "ACTIVE"
+    BUILD = "BUILD"
+    DOWN = "DOWN"
+    ERROR = "ERROR"
+
+
+class PortStatus(models.TextChoices):
+    DOWN = "DOWN"
+    BUILD = "BUILD"
+    ACTIVE = "ACTIVE"
+
+
+# Device owners of ports the network itself owns: deleted with their network or subnet (Neutron's
+# AUTO_DELETE_PORT_OWNERS). A router's interface is not one of them: it blocks the deletion.
+DEVICE_OWNER_DHCP = "network:dhcp"
+NETWORK_OWNED_DEVICE_OWNERS = (DEVICE_OWNER_DHCP,)
+
+
+class Network(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    name = models.CharField(max_length=255, blank=True)
+    project = models.ForeignKey(Project, on_delete=models.PROTECT, related_name="networks")
+    shared = models.BooleanField(default=False, help_text="every project may see it and use it")
+    external = models.BooleanField(default=False,
+                                   help_text="routers' gateways and floating IPs come from it")
+    provider_type = models.CharField(max_length=16, choices=ProviderType.choices,
+                                     default=ProviderType.VXLAN)
+    # The VXLAN network identifier; null for flat networks.
+    segmentation_id = models.PositiveIntegerField(null=True, blank=True, unique=True)
+    mtu = models.PositiveIntegerField()
+    admin_state_up = models.BooleanField(default=True)
+    status = models.CharField(max_length=16, choices=NetworkStatus.choices,
+                              default=NetworkStatus.ACTIVE)
+    created = models.DateTimeField(auto_now_add=True)
+    updated = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ("created", "id")
+
+    def __str__(self) -> str:
+        return self.name or str(self.id)
+
+
+class Subnet(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    network = models.ForeignKey(Network, on_delete=models.CASCADE, related_name="subnets")
+    name = models.CharField(max_length=255, blank=True)
+    ip_version = models.PositiveSmallIntegerField(default=4)
+    cidr = models.CharField(max_length=64)
+    gateway_ip = models.GenericIPAddressField(null=True, blank=True, protocol="IPv4")
+    # [{"start": "10.0.0.2", "end": "10.0.0.254"}, ...], ordered, inside the cidr, without the gateway
+    allocation_pools = models.JSONField(default=list)
+    dns_nameservers = models.JSONField(default=list, blank=True)
+    enable_dhcp = models.BooleanField(default=True)
+    created = models.DateTimeField(auto_now_add=True)
+    updated = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ("created", "id")
+
+    def __str__(self) -> str:
+        return f"{self.name or self.id} ({self.cidr})"
+
+    @property
+    def ip_network(self) -> ipaddress.IPv4Network:
+        return ipaddress.IPv4Network(self.cidr)
+
+    def pool_size(self) -> int:
+        return sum(int(ipaddress.IPv4Address(p["end"])) - int(ipaddress.IPv4Address(p["start"])) + 1
+                   for p in self.allocation_pools)
+
+
+class SecurityGroup(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    project = models.ForeignKey(Project, on_delete=models.PROTECT, related_name="security_groups")
+    name = models.CharField(max_length=255)
+    description = models.CharField(max_length=255, blank=True)
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ("created", "id")
+        constraints = [
+            # One "default" group per project, even when two first requests race to create it.
+            models.UniqueConstraint(fields=["project"], condition=Q(name="default"),
+                                    name="one_default_security_group_per_project"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.project})"
+
+    @property
+    def is_default(self) -> bool:
+        return self.name == "default"
+
+
+class Direction(models.TextChoices):
+    INGRESS = "ingress"
+    EGRESS = "egress"
+
+
+class Protocol(models.TextChoices):
+    TCP = "tcp"
+    UDP = "udp"
+    ICMP = "icmp"
+
+
+class SecurityGroupRule(models.Model):
+    """Traffic a port of the group allows (everything else is dropped). ``remote_ip_prefix`` and
+    ``remote_group`` are exclusive; neither: from/to anywhere. For icmp, ``port_range_min`` is the
+    ICMP type and ``port_range_max`` the code, as in Neutron."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    security_group = models.ForeignKey(SecurityGroup, on_delete=models.CASCADE, related_name="rules")
+    direction = models.CharField(max_length=8, choices=Direction.choices)
+    ethertype = models.CharField(max_length=8, default="IPv4")
+    protocol = models.CharField(max_length=8, choices=Protocol.choices, null=True, blank=True)
+    port_range_min = models.PositiveIntegerField(null=True, blank=True)
+    port_range_max = models.PositiveIntegerField(null=True, blank=True)
+    remote_ip_prefix = models.CharField(max_length=64, null=True, blank=True)
+    # Rules naming a deleted group go with it (Neutron's cascade).
+    remote_group = models.ForeignKey(SecurityGroup, null=True, blank=True, on_delete=models.CASCADE,
+                                     related_name="remote_rules")
+    description = models.CharField(max_length=255, blank=True)
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ("created", "id")
+        constraints = [
+            models.CheckConstraint(condition=Q(remote_ip_prefix__isnull=True) | Q(remote_group__isnull=True),
+                                   name="rule_remote_prefix_xor_group"),
+        ]
+
+    def __str__(self) -> str:
+        ports = ""
+        if self.port_range_min is not None:
+            ports = f" {self.port_range_min}-{self.port_range_max}"
+        remote = self.remote_ip_prefix or (f"group {self.remote_group_id}" if self.remote_group_id
+                                           else "any")
+        return f"{self.direction} {self.ethertype} {self.protocol or 'any'}{ports} {remote}"
+
+
+class Port(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    network = models.ForeignKey(Network, on_delete=models.PROTECT, related_name="ports")
+    project = models.ForeignKey(Project, on_delete=models.PROTECT, related_name="ports")
+    name = models.CharField(max_length=255, blank=True)
+    mac_address = models.CharField(max_length=17, unique=True)
+    security_groups = models.ManyToManyField(SecurityGroup, blank=True, related_name="ports")
+    device_id = models.CharField(max_length=255, blank=True, db_index=True)
+    device_owner = models.CharField(max_length=255, blank=True)
+    # The host the port is bound to (set by the compute side when it plugs the port).
+    binding_host = models.CharField(max_length=255, blank=True)
+    status = models.CharField(max_length=8, choices=PortStatus.choices, default=PortStatus.DOWN)
+    admin_state_up = models.BooleanField(default=True)
+    created = models.DateTimeField(auto_now_add=True)
+    updated = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ("created", "id")
+
+    def __str__(self) -> str:
+        return self.name or str(self.id)
+
+
+class PortFixedIP(models.Model):
+    """An address of a subnet held by a port: the database refuses a second holder."""
+
+    port = models.ForeignKey(Port, on_delete=models.CASCADE, related_name="fixed_ips")
+    subnet = models.ForeignKey(Subnet, on_delete=models.PROTECT, related_name="fixed_ips")
+    ip_address = models.GenericIPAddressField(protocol="IPv4")
+
+    class Meta:
+        ordering = ("id",)
+        constraints = [
+            models.UniqueConstraint(fields=["subnet", "ip_address"], name="one_port_per_address"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.ip_address} ({self.port_id})"

@@ -1,0 +1,106 @@
+"""Reads: which networks, subnets, ports and security groups a user may see, and the address
+bookkeeping IPAM reads. Members see their project's objects plus shared and external networks (and
+those networks' subnets); administrators see everything; whatever else is 404."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterator
+from typing import Any
+
+from django.db.models import Count, Q, QuerySet
+
+from cloudctl.identity.services import is_admin, project_id_of
+from cloudctl.network.models import (
+    NETWORK_OWNED_DEVICE_OWNERS,
+    Network,
+    Port,
+    PortFixedIP,
+    SecurityGroup,
+    SecurityGroupRule,
+    Subnet,
+)
+
+
+def networks_visible_to(user: Any) -> QuerySet[Network]:
+    networks = Network.objects.select_related("project")
+    if is_admin(user):
+        return networks
+    return networks.filter(Q(project_id=project_id_of(user)) | Q(shared=True) | Q(external=True))
+
+
+def subnets_visible_to(user: Any) -> QuerySet[Subnet]:
+    return Subnet.objects.filter(network__in=networks_visible_to(user)).select_related("network")
+
+
+def ports_visible_to(user: Any) -> QuerySet[Port]:
+    ports = Port.objects.select_related("network", "project").prefetch_related(
+        "fixed_ips", "security_groups")
+    if is_admin(user):
+        return ports
+    return ports.filter(project_id=project_id_of(user))
+
+
+def security_groups_visible_to(user: Any) -> QuerySet[SecurityGroup]:
+    groups = SecurityGroup.objects.select_related("project").prefetch_related("rules")
+    if is_admin(user):
+        return groups
+    return groups.filter(project_id=project_id_of(user))
+
+
+def security_group_rules_visible_to(user: Any) -> QuerySet[SecurityGroupRule]:
+    return SecurityGroupRule.objects.filter(
+        security_group__in=security_groups_visible_to(user)).select_related("security_group")
+
+
+def subnets_with_usage() -> QuerySet[Subnet]:
+    """Subnets with ``allocated``: how many addresses ports hold (the admin's IP usage)."""
+    return Subnet.objects.select_related("network").annotate(allocated=Count("fixed_ips"))
+
+
+# --- IPAM reads ------------------------------------------------------------------------------------
+
+
+def subnet_allocated_addresses(*, subnet: Subnet) -> set[str]:
+    """The addresses of ``subnet`` held by ports, as read now (a concurrent allocation may add one:
+    the unique constraint catches it)."""
+    return set(PortFixedIP.objects.filter(subnet=subnet).values_list("ip_address", flat=True))
+
+
+def pool_addresses(subnet: Subnet) -> Iterator[ipaddress.IPv4Address]:
+    """Every address of the subnet's allocation pools, lowest first."""
+    pools = sorted(subnet.allocation_pools, key=lambda p: int(ipaddress.IPv4Address(p["start"])))
+    for pool in pools:
+        first = int(ipaddress.IPv4Address(pool["start"]))
+        last = int(ipaddress.IPv4Address(pool["end"]))
+        for address in range(first, last + 1):
+            yield ipaddress.IPv4Address(address)
+
+
+def subnet_next_free_address(*, subnet: Subnet) -> str | None:
+    """The lowest address of the allocation pools no port holds, or None when they are full."""
+    taken = subnet_allocated_addresses(subnet=subnet)
+    for address in pool_addresses(subnet):
+        if str(address) not in taken:
+            return str(address)
+    return None
+
+
+def address_holder(*, subnet: Subnet, ip_address: str) -> Port | None:
+    held = PortFixedIP.objects.filter(subnet=subnet, ip_address=ip_address).select_related("port").first()
+    return held.port if held is not None else None
+
+
+def ports_blocking_network_delete(*, network: Network) -> list[Port]:
+    """Ports on the network other than those the network owns (DHCP): they must go first."""
+    return list(network.ports.exclude(device_owner__in=NETWORK_OWNED_DEVICE_OWNERS))
+
+
+def ports_with_address_in(*, subnet: Subnet, exclude_owners: tuple[str, ...] = ()) -> list[Port]:
+    return list(Port.objects.filter(fixed_ips__subnet=subnet)
+                .exclude(device_owner__in=exclude_owners).distinct())
+
+
+def used_segmentation_ids(*, first: int, last: int) -> set[int]:
+    return set(Network.objects.filter(segmentation_id__gte=first, segmentation_id__lte=last)
+               .values_list("segmentation_id", flat=True))
