@@ -11,6 +11,8 @@ fixtures in ``tests/`` turn the answer into a skip.
 - :mod:`testbed.hosts`: independent libvirt hosts in network namespaces, and a compute worker on one.
 - :mod:`testbed.cloud`: the control plane plus a compute worker on each of those hosts.
 - :mod:`testbed.images`: the demo guest image.
+- :mod:`testbed.dhcpnet`: a network for guests booted with QEMU directly: bridge, taps and dnsmasq in a
+  network namespace of its own.
 - :mod:`testbed.domains`: removing leftover guests from a libvirt connection.
 """
 

@@ -13,6 +13,16 @@
 # What the guest prints on the serial console (kernel console=ttyS0):
 #   cloudctl-guest: boot-count N   N = persistent counter, incremented + synced each boot
 #   cloudctl-guest: ready          once the ACPI power-button handler is listening
+#   cloudctl-guest: ip A/P gw G    when eth0 (virtio-net) got a DHCP lease (G: the
+#                                  lease's router, or "none"); printed again only
+#                                  if a renewal changes it
+#   cloudctl-guest: no lease on eth0   when no DHCP server answered within ~10 s
+#                                  (udhcpc keeps trying in the background)
+# Networking never delays "ready": the DHCP client runs in the background, so
+# the ip line may come before or after "ready"; a guest without a NIC prints
+# no ip line at all. With a NIC the guest answers ping (the kernel) and serves
+# a one-line page over HTTP on TCP port 80 (busybox httpd), for connectivity
+# tests.
 # An ACPI power-button press (e.g. QMP system_powerdown) powers the guest off
 # cleanly and quickly: processes stopped, root remounted read-only, poweroff.
 #
@@ -94,10 +104,12 @@ KERNEL_CMDLINE="console=ttyS0,115200 root=LABEL=$ROOT_LABEL quiet vga=0x0f04 pan
 #   virtio_pci, virtio_blk     root disk (if=virtio)
 #   ata_piix, sr_mod, isofs    config drive on the i440fx IDE CD-ROM
 #   button, evdev              ACPI power button -> /dev/input/event* for acpid
+#   virtio_net                 eth0 on a virtio NIC (af_packet, which udhcpc
+#                              needs, is built in)
 # (crc32c_intel is left out: TCG's default CPU model lacks SSE4.2, it would
 # only fail to load.)
 INITRD_MODULES="virtio_pci virtio_blk ext4 jbd2 mbcache crc16 crc32c_generic
-  ata_piix sr_mod cdrom isofs button evdev"
+  ata_piix sr_mod cdrom isofs button evdev virtio_net"
 
 START=$(date +%s.%N)
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/tiny-image.XXXXXX")
@@ -153,10 +165,13 @@ build_busybox_tree() {   # busybox + one relative symlink per applet, in $BBTREE
 
 build_rootfs_tree() {
     cp -a "$BBTREE" "$RT"
-    mkdir -p "$RT"/{dev,proc,sys,run,tmp,root,mnt,etc/init.d,etc/acpi/PWRF,var/lib/cloudctl,var/log}
+    mkdir -p "$RT"/{dev,proc,sys,run,tmp,root,mnt,etc/init.d,etc/acpi/PWRF,var/lib/cloudctl,var/log} \
+        "$RT"/{etc/udhcpc,var/www}
     chmod 1777 "$RT/tmp"
     chmod 0700 "$RT/root"
     ln -s ../run "$RT/var/run"
+    ln -s ../run/resolv.conf "$RT/etc/resolv.conf"   # DHCP's DNS servers: not written to the disk
+    echo cloudctl-guest > "$RT/var/www/index.html"
     echo cloudctl-guest > "$RT/etc/hostname"
     echo 'root:x:0:0:root:/root:/bin/sh' > "$RT/etc/passwd"
     echo 'root:x:0:' > "$RT/etc/group"
@@ -178,7 +193,8 @@ EOF
 
     cat > "$RT/etc/init.d/rcS" <<'EOF'
 #!/bin/sh
-# Boot: mounts, boot counter, ACPI daemon, then the ready marker.
+# Boot: mounts, boot counter, network (in the background), ACPI daemon, then
+# the ready marker.
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin
 say() { echo "cloudctl-guest: $*" > /dev/console; }
 # /dev, /proc and /sys were moved here from the initramfs.
@@ -199,6 +215,19 @@ case $n in ''|*[!0-9]*) n=0 ;; esac
 n=$((n + 1))
 echo "$n" > "$f.new" && mv "$f.new" "$f" && sync || say "warning: cannot update $f"
 say "boot-count $n"
+
+# Network. Loopback always; a virtio NIC (eth0) gets a DHCP client whose
+# script (/etc/udhcpc/default.script) applies the lease and prints the
+# "ip" line, or "no lease on eth0" after 5 discovers 2 s apart. udhcpc then
+# keeps trying, and renews a lease, in the background. Nothing here waits for
+# it: "ready" is independent of DHCP.
+ip link set lo up
+if [ -e /sys/class/net/eth0 ]; then
+    ip link set eth0 up
+    httpd -p 80 -h /var/www
+    udhcpc -i eth0 -b -t 5 -T 2 -A 10 -x hostname:"$(hostname)" \
+        -p /run/udhcpc.eth0.pid > /run/udhcpc.eth0.log 2>&1 &
+fi
 
 # ACPI power button: the "button" and "evdev" modules (loaded by the
 # initramfs) expose it as /dev/input/event*; busybox acpid maps KEY_POWER to
@@ -251,12 +280,67 @@ sync
 exec "$action" -f
 EOF
 
+    # udhcpc's event script (Debian busybox's default path for it).
+    cat > "$RT/etc/udhcpc/default.script" <<'EOF'
+#!/bin/sh
+# udhcpc events: apply a lease (address/prefix, default route, DNS) to
+# $interface and report it on the console.
+export PATH=/sbin:/bin:/usr/sbin:/usr/bin
+# A line of its own: a lease may come after the console's "Please press Enter"
+# prompt, which ends without a newline.
+say() { printf '\ncloudctl-guest: %s\n' "$*" > /dev/console; }
+state=/run/udhcpc.$interface
+prefix_of() {      # dotted netmask -> prefix length
+    local n=0 octet
+    for octet in $(echo "$1" | tr . ' '); do
+        while [ "$octet" -gt 0 ]; do n=$((n + (octet & 1))); octet=$((octet >> 1)); done
+    done
+    echo "$n"
+}
+case $1 in
+    deconfig)
+        ip -4 addr flush dev "$interface"
+        ip link set "$interface" up
+        ;;
+    leasefail)
+        if [ ! -e "$state.nolease" ]; then     # once, not at every background retry
+            : > "$state.nolease"
+            say "no lease on $interface"
+        fi
+        ;;
+    bound|renew)
+        rm -f "$state.nolease"
+        prefix=${mask:-$(prefix_of "${subnet:-255.255.255.255}")}
+        if [ "$(cat "$state.addr" 2>/dev/null)" != "$ip/$prefix" ]; then
+            ip -4 addr flush dev "$interface"
+            echo "$ip/$prefix" > "$state.addr"
+        fi
+        ip addr replace "$ip/$prefix" broadcast "${broadcast:-+}" dev "$interface"
+        while ip -4 route del default dev "$interface" 2>/dev/null; do :; done
+        gw=none
+        for r in $router; do
+            ip route add default via "$r" dev "$interface" && { gw=$r; break; }
+        done
+        {
+            [ -n "$domain" ] && echo "search $domain"
+            for d in $dns; do echo "nameserver $d"; done
+        } > /run/resolv.conf
+        line="ip $ip/$prefix gw $gw"
+        if [ "$(cat "$state.line" 2>/dev/null)" != "$line" ]; then
+            echo "$line" > "$state.line"
+            say "$line"
+        fi
+        ;;
+esac
+exit 0
+EOF
+
     cat > "$RT/etc/acpi/PWRF/00000080" <<'EOF'
 #!/bin/sh
 exec /sbin/cloudctl-halt poweroff
 EOF
     chmod 0755 "$RT/etc/init.d/rcS" "$RT/etc/init.d/rcK" "$RT/sbin/cloudctl-halt" \
-        "$RT/etc/acpi/PWRF/00000080"
+        "$RT/etc/acpi/PWRF/00000080" "$RT/etc/udhcpc/default.script"
     find "$RT" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
 }
 

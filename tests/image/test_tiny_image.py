@@ -5,7 +5,15 @@ Contract exercised here (what the compute workers rely on):
   * an ACPI power-button press (QMP ``system_powerdown``) makes the guest power
     off by itself, leaving its root filesystem clean,
   * ``cloudctl-guest: boot-count N`` counts boots persistently on the disk,
-  * Ctrl-Alt-Del reboots the guest cleanly.
+  * Ctrl-Alt-Del reboots the guest cleanly,
+  * with a virtio NIC the guest takes a DHCP lease on eth0 and prints
+    ``cloudctl-guest: ip <addr>/<prefix> gw <gw|none>`` (or ``no lease on eth0``),
+    answers ping and serves a page on TCP port 80; without a NIC it prints no ip
+    line, and ``ready`` never waits for DHCP.
+
+The NIC is a tap on a bridge inside a network namespace the test creates, with
+dnsmasq serving the subnet there (testbed.dhcpnet.DhcpNetwork); QEMU runs in that
+namespace, so no address or route is added to the machine's own namespace.
 
 Always TCG (never KVM), always on a throw-away qcow2 overlay (the base image
 is never written), and every QEMU started here is killed at teardown.
@@ -22,9 +30,12 @@ import struct
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from testbed import dhcpnet
 
 READY = "cloudctl-guest: ready"
 QEMU = shutil.which("qemu-system-x86_64")
@@ -37,17 +48,31 @@ pytestmark = [
 
 READY_TIMEOUT = 60.0
 POWEROFF_TIMEOUT = 30.0
+LEASE_TIMEOUT = 60.0  # from power-on; the guest itself gives up (no lease) after ~10 s of DHCP
+IP_LINE = re.compile(r"^cloudctl-guest: ip (\S+) gw (\S+)$", re.MULTILINE)
+NO_LEASE = "cloudctl-guest: no lease on eth0"
 
 
 def _boot_count(n: int) -> str:
     return f"cloudctl-guest: boot-count {n}"
 
 
-class Guest:
-    """One QEMU process (TCG, 128 MiB, 1 vCPU, virtio disk, serial console to a file, QMP socket)."""
+@dataclass
+class Nic:
+    """A virtio NIC on tap ``tap`` of ``network``; QEMU then runs in the network's namespace."""
 
-    def __init__(self, overlay: Path, workdir: Path, name: str) -> None:
+    network: dhcpnet.DhcpNetwork
+    tap: str
+    mac: str
+
+
+class Guest:
+    """One QEMU process (TCG, 128 MiB, 1 vCPU, virtio disk, serial console to a file, QMP socket;
+    optionally a virtio NIC)."""
+
+    def __init__(self, overlay: Path, workdir: Path, name: str, nic: Nic | None = None) -> None:
         self.overlay = overlay
+        self.nic = nic
         self.console = workdir / f"{name}.console.log"
         # unix socket paths are limited to ~107 bytes: keep the socket in a short directory
         self._sockdir = tempfile.mkdtemp(prefix="ccqmp")
@@ -66,6 +91,14 @@ class Guest:
             "-drive", f"file={self.overlay},if=virtio,format=qcow2",
             "-qmp", f"unix:{self.qmp_path},server,nowait",
         ]  # fmt: skip
+        if self.nic is not None:
+            cmd += [
+                "-netdev",
+                f"tap,id=net0,ifname={self.nic.tap},script=no,downscript=no",
+                "-device",
+                f"virtio-net-pci,netdev=net0,mac={self.nic.mac}",
+            ]
+            cmd = self.nic.network.command(*cmd)
         self.started_at = time.monotonic()
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
@@ -175,8 +208,8 @@ def launch(tmp_path: Path):
     """Factory booting a Guest on a disk; every QEMU it started is killed at teardown."""
     guests: list[Guest] = []
 
-    def _launch(disk: Path) -> Guest:
-        guest = Guest(disk, tmp_path, f"boot{len(guests) + 1}")
+    def _launch(disk: Path, nic: Nic | None = None) -> Guest:
+        guest = Guest(disk, tmp_path, f"boot{len(guests) + 1}", nic)
         guests.append(guest)
         guest.start()
         return guest
@@ -184,6 +217,23 @@ def launch(tmp_path: Path):
     yield _launch
     for guest in guests:
         guest.kill()
+
+
+@pytest.fixture(scope="module")
+def network_support() -> None:
+    reason = dhcpnet.missing_capabilities()
+    if reason:
+        pytest.skip(f"guest network tests: {reason}")
+
+
+@pytest.fixture
+def dhcp_network(request, network_support):
+    """A fresh DhcpNetwork (with a router, unless parametrized indirectly with False); removed with
+    everything in it (dnsmasq, QEMU, tap, bridge, namespace) at teardown, whatever the test did."""
+    network = dhcpnet.DhcpNetwork(router=getattr(request, "param", True))
+    request.addfinalizer(network.stop)  # before start(): a half-made network is removed too
+    network.start()
+    return network
 
 
 def _report(capsys, message: str) -> None:
@@ -241,6 +291,7 @@ def test_boots_to_ready_and_acpi_powerdown_is_clean(overlay: Path, launch, tmp_p
     log = guest.log()
     assert "cloudctl-guest: poweroff (clean)" in log, f"power button not handled:\n{guest.tail()}"
     assert "warning" not in log.split(READY, 1)[1], f"unclean shutdown:\n{guest.tail()}"
+    assert not IP_LINE.search(log) and NO_LEASE not in log, f"no NIC, yet an ip line:\n{guest.tail()}"
     needs_recovery, valid = _ext4_needs_recovery(overlay, tmp_path)
     assert not needs_recovery and valid, "root filesystem was not left clean (journal needs recovery)"
 
@@ -273,3 +324,77 @@ def test_ctrl_alt_del_reboots_cleanly(overlay: Path, launch) -> None:
     assert "cloudctl-guest: reboot (clean)" in log, f"reboot was not clean:\n{guest.tail()}"
     assert _boot_count(2) in log, f"reboot did not increment the counter:\n{guest.tail()}"
     assert guest.proc is not None and guest.proc.poll() is None, "a guest reboot must not stop QEMU"
+
+
+# ---------------------------------------------------------------- networking
+GUEST_MAC = "52:54:00:c1:0c:17"
+
+
+def _lease(guest: Guest) -> tuple[str, str, float]:
+    """(address/prefix, gateway, seconds from power-on) of the guest's ip console line."""
+    lease_s = guest.wait_for("cloudctl-guest: ip ", LEASE_TIMEOUT)
+    match = IP_LINE.search(guest.log())
+    assert match, f"the ip line is not a line of its own; console tail:\n{guest.tail()}"
+    return match[1], match[2], lease_s
+
+
+def test_dhcp_lease_ping_and_http(dhcp_network: dhcpnet.DhcpNetwork, overlay: Path, launch, capsys) -> None:
+    address = str(dhcp_network.subnet[23])
+    dhcp_network.add_host(GUEST_MAC, address)
+    guest = launch(overlay, Nic(dhcp_network, dhcp_network.add_tap(), GUEST_MAC))
+    ready_s = guest.wait_for(READY, READY_TIMEOUT)
+    interface, gateway, lease_s = _lease(guest)
+    assert (interface, gateway) == (f"{address}/24", dhcp_network.gateway), guest.tail()
+    assert NO_LEASE not in guest.log()
+    assert guest.log().count("cloudctl-guest: ip ") == 1, f"the ip line is printed once:\n{guest.tail()}"
+
+    ping = dhcp_network.ping(address)
+    assert ping.returncode == 0, f"no ping reply from {address}: {ping.stdout}{ping.stderr}\n{guest.tail()}"
+    assert dhcp_network.http_get(address) == "cloudctl-guest\n"  # busybox httpd on port 80
+    _report(
+        capsys,
+        f"with a NIC: power-on -> ready {ready_s:.2f} s, -> lease {lease_s:.2f} s ({interface} gw {gateway})",
+    )
+
+    # DHCP client and HTTP server do not get in the way of a clean power-off
+    guest.qmp("system_powerdown")
+    assert guest.wait_exit(POWEROFF_TIMEOUT) == 0
+    log = guest.log()
+    assert "cloudctl-guest: poweroff (clean)" in log and "warning" not in log, guest.tail()
+
+
+@pytest.mark.parametrize("dhcp_network", [False], ids=["no-router"], indirect=True)
+def test_lease_without_router_says_gw_none(dhcp_network: dhcpnet.DhcpNetwork, overlay: Path, launch) -> None:
+    address = str(dhcp_network.subnet[42])
+    dhcp_network.add_host(GUEST_MAC, address)
+    guest = launch(overlay, Nic(dhcp_network, dhcp_network.add_tap(), GUEST_MAC))
+    interface, gateway, _ = _lease(guest)
+    assert (interface, gateway) == (f"{address}/24", "none"), guest.tail()
+    assert dhcp_network.ping(address).returncode == 0, guest.tail()  # on-link: no route needed
+
+
+def test_no_lease_is_reported_and_a_late_lease_still_taken(
+    dhcp_network: dhcpnet.DhcpNetwork, overlay: Path, launch, capsys
+) -> None:
+    # dnsmasq ignores a MAC it has no host entry for: no answer, as with no DHCP server at all
+    guest = launch(overlay, Nic(dhcp_network, dhcp_network.add_tap(), GUEST_MAC))
+    ready_s = guest.wait_for(READY, READY_TIMEOUT)
+    no_lease_s = guest.wait_for(NO_LEASE, LEASE_TIMEOUT)
+    lines = guest.log().splitlines()
+    assert NO_LEASE in lines, f"not a line of its own:\n{guest.tail()}"
+    assert lines.index(READY) < lines.index(NO_LEASE), "ready must not wait for DHCP"
+    assert not IP_LINE.search(guest.log())
+
+    # udhcpc keeps trying in the background: a host entry added now still gets the guest its lease
+    address = str(dhcp_network.subnet[77])
+    dhcp_network.add_host(GUEST_MAC, address)
+    added = time.monotonic()
+    interface, gateway, _ = _lease(guest)
+    late_s = time.monotonic() - added
+    assert (interface, gateway) == (f"{address}/24", dhcp_network.gateway), guest.tail()
+    assert guest.log().count(NO_LEASE) == 1, f"no-lease is said once:\n{guest.tail()}"
+    _report(
+        capsys,
+        f"no DHCP answer: ready {ready_s:.2f} s, '{NO_LEASE}' {no_lease_s:.2f} s after "
+        f"power-on; lease {late_s:.2f} s after the host entry was added",
+    )
