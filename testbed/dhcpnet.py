@@ -28,7 +28,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from testbed.hosts import _delete_netns, _run
+from testbed.hosts import delete_netns, run_command
 
 PREFIX = "ccdhcp-"  # namespaces: ccdhcp-<pid of the test process>-<random>
 DEFAULT_SUBNET = ipaddress.IPv4Network("10.253.200.0/24")
@@ -80,7 +80,7 @@ class DhcpNetwork:
     # ---- set-up
     def start(self, timeout: float = 10) -> DhcpNetwork:
         remove_stale()
-        _run("ip", "netns", "add", self.netns)
+        run_command("ip", "netns", "add", self.netns)
         self._netns_added = True
         self._ip("link", "set", "lo", "up")
         self._ip("link", "add", BRIDGE, "type", "bridge")
@@ -178,7 +178,7 @@ class DhcpNetwork:
                 result = self.run("ip", "link", "del", link)
                 if result.returncode != 0 and "Cannot find device" not in result.stderr:
                     errors.append(f"ip link del {link}: {result.stderr.strip()}")
-            errors += _delete_netns(self.netns)  # also kills whatever still runs in it
+            errors += delete_netns(self.netns)  # also kills whatever still runs in it
             self._netns_added = False
         self.taps.clear()
         shutil.rmtree(self.directory, ignore_errors=True)
@@ -186,7 +186,7 @@ class DhcpNetwork:
             raise RuntimeError(f"DHCP network tear-down incomplete: {'; '.join(errors)}")
 
     def _ip(self, *args: str) -> None:
-        _run("ip", "-n", self.netns, *args)
+        run_command("ip", "-n", self.netns, *args)
 
 
 _HTTP_GET = """
@@ -209,6 +209,6 @@ def remove_stale() -> list[str]:
     for name in (line.split()[0] for line in listing.splitlines() if line.startswith(PREFIX)):
         owner = name[len(PREFIX):].split("-", 1)[0]
         if owner.isdigit() and not Path(f"/proc/{owner}").exists():
-            _delete_netns(name)
+            delete_netns(name)
             removed.append(name)
     return removed

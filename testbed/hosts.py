@@ -231,7 +231,7 @@ def missing_capabilities() -> str | None:
     return None
 
 
-def _run(*args: str) -> None:
+def run_command(*args: str) -> None:
     result = subprocess.run(list(args), capture_output=True, text=True, timeout=30)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed: {result.stderr.strip()}")
@@ -339,19 +339,19 @@ class NamespaceHosts:
             path.chmod(0o755)
         (self.directory / OWNER_FILE).write_text(str(os.getpid()))
         self._add_netns(self.bridge_ns)
-        _run("ip", "-n", self.bridge_ns, "link", "add", "br0", "type", "bridge")
-        _run("ip", "-n", self.bridge_ns, "link", "set", "br0", "up")
+        run_command("ip", "-n", self.bridge_ns, "link", "add", "br0", "type", "bridge")
+        run_command("ip", "-n", self.bridge_ns, "link", "set", "br0", "up")
         subnet = self._connect_root_namespace()
         for index, host in enumerate(self.hosts):
             host.ip = str(subnet[index + 1])
             self._add_netns(host.netns)
             port = f"p{index}"
-            _run("ip", "-n", host.netns, "link", "add", "eth0", "type", "veth", "peer", "name", port,
+            run_command("ip", "-n", host.netns, "link", "add", "eth0", "type", "veth", "peer", "name", port,
                  "netns", self.bridge_ns)
-            _run("ip", "-n", self.bridge_ns, "link", "set", port, "master", "br0", "up")
-            _run("ip", "-n", host.netns, "addr", "add", f"{host.ip}/24", "dev", "eth0")
-            _run("ip", "-n", host.netns, "link", "set", "eth0", "up")
-            _run("ip", "-n", host.netns, "link", "set", "lo", "up")
+            run_command("ip", "-n", self.bridge_ns, "link", "set", port, "master", "br0", "up")
+            run_command("ip", "-n", host.netns, "addr", "add", f"{host.ip}/24", "dev", "eth0")
+            run_command("ip", "-n", host.netns, "link", "set", "eth0", "up")
+            run_command("ip", "-n", host.netns, "link", "set", "lo", "up")
             self._start_daemon(host)
         for host in self.hosts:
             self._wait_for_socket(host, started + timeout)
@@ -360,7 +360,7 @@ class NamespaceHosts:
         return self.hosts
 
     def _add_netns(self, name: str) -> None:
-        _run("ip", "netns", "add", name)
+        run_command("ip", "netns", "add", name)
         self._netns.append(name)
 
     def _connect_root_namespace(self) -> ipaddress.IPv4Network:
@@ -371,14 +371,14 @@ class NamespaceHosts:
         and from a local address only meets the root's ordinary INPUT/OUTPUT chains."""
         with _subnet_lock():
             subnet = _claim_subnet()
-            _run("ip", "link", "add", self.root_link, "type", "veth", "peer", "name", "root",
+            run_command("ip", "link", "add", self.root_link, "type", "veth", "peer", "name", "root",
                  "netns", self.bridge_ns)
             self._root_link_added = True
             self.root_ip = str(subnet[ROOT_HOST_PART])
             # Address before the lock is released: it is what marks the subnet taken for other runs.
-            _run("ip", "addr", "add", f"{self.root_ip}/{subnet.prefixlen}", "dev", self.root_link)
-        _run("ip", "link", "set", self.root_link, "up")
-        _run("ip", "-n", self.bridge_ns, "link", "set", "root", "master", "br0", "up")
+            run_command("ip", "addr", "add", f"{self.root_ip}/{subnet.prefixlen}", "dev", self.root_link)
+        run_command("ip", "link", "set", self.root_link, "up")
+        run_command("ip", "-n", self.bridge_ns, "link", "set", "root", "master", "br0", "up")
         return subnet
 
     def _start_daemon(self, host: NamespaceHost) -> None:
@@ -443,7 +443,7 @@ class NamespaceHosts:
                 errors.append(f"ip link del {self.root_link}: {result.stderr.strip()}")
             self._root_link_added = False
         for name in self._netns:
-            errors += _delete_netns(name)
+            errors += delete_netns(name)
         self._netns.clear()
         shutil.rmtree(self.directory, ignore_errors=True)
         if errors:
@@ -468,7 +468,7 @@ def remove_stale_runs() -> list[str]:
         namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
                                     timeout=10).stdout.split()
         for name in (name for name in namespaces if name.startswith(f"cch-{run_id}-")):
-            for error in _delete_netns(name):
+            for error in delete_netns(name):
                 LOG.warning("removing stale run %s: %s", run_id, error)
         subprocess.run(["ip", "link", "del", f"cch-{run_id}-r"], capture_output=True, timeout=10)
         shutil.rmtree(directory, ignore_errors=True)
@@ -476,7 +476,7 @@ def remove_stale_runs() -> list[str]:
     return removed
 
 
-def _delete_netns(name: str) -> list[str]:
+def delete_netns(name: str) -> list[str]:
     """Kill every process in network namespace ``name`` (nothing may outlive a run there), then
     delete it; what could not be done, as messages."""
     errors = []
