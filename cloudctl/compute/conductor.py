@@ -191,6 +191,7 @@ def host_heartbeat(*, host: str, resources: dict[str, Any]) -> Host:
     """Record a compute worker's heartbeat; the first one registers the host."""
     values: dict[str, Any] = {key: resources[key] for key in _HOST_FIELDS if key in resources}
     values["reported_instances"] = resources.get("instances", {})
+    values["reported_at"] = observed_at_of(resources)
     values["last_heartbeat"] = timezone.now()
     # One UPDATE for the common case (the host exists): heartbeats are the conductor's bulk work.
     if not Host.objects.filter(name=host).update(**values):

@@ -54,6 +54,8 @@ class Host(models.Model):
     cpu_info = models.JSONField(default=dict, blank=True)
     reported_instances = models.JSONField(default=dict, blank=True,
                                           help_text="uuid -> power state, from the last heartbeat")
+    reported_at = models.DateTimeField(
+        null=True, blank=True, help_text="when the host read the states of reported_instances (its clock)")
     # Per-host overrides; null means the global setting.
     cpu_allocation_ratio = models.FloatField(null=True, blank=True)
     ram_allocation_ratio = models.FloatField(null=True, blank=True)

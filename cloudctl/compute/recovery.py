@@ -255,12 +255,15 @@ def _reap(instance: Instance, task: str, seconds: int) -> int:
     power_state, source = PowerState.NOSTATE, ""
     if known:
         reported = host.reported_instances or {}
-        if uuid in reported:
-            power_state, source = reported[uuid], "the host last reported the domain"
-        elif host.last_heartbeat is not None and host.last_heartbeat < instance.task_state_since:
-            # No heartbeat since the task started, and the last one predates the domain: the
-            # state the server had when the task started is the last truth there is.
+        read_at = host.reported_at or host.last_heartbeat
+        if read_at is not None and read_at < instance.task_state_since:
+            # The host's list was read before the task started. The server's own power state is
+            # fresher: every report and heartbeat until then was applied to it (the sync ignores
+            # what is older), and the list may even predate the last change (read while a spawn
+            # still had the domain paused at its start). So it is the last truth there is.
             power_state, source = instance.power_state, "the domain was last known"
+        elif uuid in reported:
+            power_state, source = reported[uuid], "the host last reported the domain"
     changes: dict[str, Any] = {"task_state": None}
     if task in (TaskState.SCHEDULING, TaskState.SPAWNING):
         message = f"build timed out: {late}"

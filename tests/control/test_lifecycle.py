@@ -341,10 +341,28 @@ def test_reaper_falls_back_to_the_last_known_state(api, server, settings):
     Instance.objects.filter(uuid=server.uuid).update(task_state_since=now - timedelta(seconds=10))
     # The host is up, but its last heartbeat predates the task and the domain (a wedged worker).
     Host.objects.filter(name="hv1").update(last_heartbeat=now - timedelta(seconds=20),
-                                           reported_instances={})
+                                           reported_at=now - timedelta(seconds=20), reported_instances={})
     assert recovery.reap_expired_tasks() == 1
     server.refresh_from_db()
     assert (server.vm_state, server.task_state) == ("active", None)
+    pause = InstanceAction.objects.get(instance=server, action="pause")
+    assert pause.message == ("pausing did not finish within 5 s on host hv1; the domain was last "
+                             "known running, so the server is active")
+
+
+def test_reaper_does_not_trust_a_report_read_before_the_task_started(api, server, settings):
+    """The host's last list was read while the spawn still had the domain paused at its start, and
+    its worker wedged right after reporting the server ACTIVE: the stale 'paused' must not win over
+    the server's own, later state (an e2e run caught this)."""
+    settings.TASK_DEADLINES = {**settings.TASK_DEADLINES, "pausing": 5}
+    act(api, server, "pause")
+    now = timezone.now()
+    Instance.objects.filter(uuid=server.uuid).update(task_state_since=now - timedelta(seconds=10))
+    Host.objects.filter(name="hv1").update(reported_at=now - timedelta(seconds=12),
+                                           reported_instances={str(server.uuid): "paused"})
+    assert recovery.reap_expired_tasks() == 1
+    server.refresh_from_db()
+    assert (server.vm_state, server.power_state, server.task_state) == ("active", "running", None)
     pause = InstanceAction.objects.get(instance=server, action="pause")
     assert pause.message == ("pausing did not finish within 5 s on host hv1; the domain was last "
                              "known running, so the server is active")
