@@ -141,6 +141,16 @@ def server_ports(instance_uuid: Any) -> QuerySet[Port]:
             .order_by("device_index", "created", "id"))
 
 
+def ports_by_server(instance_uuids: Iterable[Any]) -> dict[str, list[Port]]:
+    """The ports of several servers in one query (a server list's ``addresses``), each in NIC order."""
+    found: dict[str, list[Port]] = {}
+    for port in (Port.objects.filter(device_id__in=[str(u) for u in instance_uuids])
+                 .select_related("network").prefetch_related("fixed_ips")
+                 .order_by("device_index", "created", "id")):
+        found.setdefault(port.device_id, []).append(port)
+    return found
+
+
 def server_ports_bind(instance_uuid: Any, host_name: str, availability_zone: str = "") -> int:
     """The server's ports follow it to ``host_name`` (BUILD until the spawn reports it ACTIVE), or
     lose their binding (``""``: DOWN), e.g. on a reschedule."""

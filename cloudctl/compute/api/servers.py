@@ -219,7 +219,14 @@ class ServerSerializer(serializers.ModelSerializer):
                 "mac": {"type": "string"}, "type": {"type": "string", "enum": ["fixed"]}}}},
     })
     def get_addresses(self, instance: Instance) -> dict[str, list[dict[str, Any]]]:
-        return ports.addresses_of(ports.server_ports(instance.uuid))
+        # A list reads the ports of all its servers at once (one query, not one per server).
+        by_server = self.context.get("ports_by_server")
+        if by_server is None:
+            listed = self.parent.instance if isinstance(self.parent, serializers.ListSerializer) else None
+            by_server = ports.ports_by_server([i.uuid for i in listed] if listed is not None
+                                              else [instance.uuid])
+            self.context["ports_by_server"] = by_server
+        return ports.addresses_of(by_server.get(str(instance.uuid), []))
 
     @extend_schema_field(ServerFlavorSerializer)
     def get_flavor(self, instance: Instance) -> dict[str, Any]:

@@ -7,6 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from rest_framework.test import APIClient
 
@@ -389,3 +391,18 @@ def test_the_admin_change_page_shows_the_addresses(api, admin):
     page = staff.get(reverse("admin:compute_instance_change", args=[server["id"]])).content.decode()
     assert "private: 10.0.0.2" in page and port.mac_address in page
     assert reverse("admin:network_port_change", args=[port.pk]) in page
+
+
+def test_a_server_list_reads_the_ports_once(api):
+    network(api)
+    network(api, "b", cidr="10.0.1.0/24")
+    for i in range(2):
+        assert boot(api, f"s{i}", networks=[{"network": "private"}]).status_code == 202
+    with CaptureQueriesContext(connection) as two:
+        assert len(api.get(f"{API}/servers/").json()) == 2
+    for i in range(2, 6):
+        assert boot(api, f"s{i}", networks=[{"network": "b"}, {"network": "private"}]).status_code == 202
+    with CaptureQueriesContext(connection) as six:
+        listed = api.get(f"{API}/servers/").json()
+    assert len(listed) == 6 and len(six.captured_queries) == len(two.captured_queries)
+    assert {s["name"]: list(s["addresses"]) for s in listed}["s5"] == ["b", "private"]
