@@ -18,18 +18,12 @@ from cloudctl.compute import ports, rpc
 from cloudctl.compute.models import Allocation, Host, Instance, InstanceAction, InstanceActionEvent
 from cloudctl.compute.services import finish_action, mark_deleted
 from cloudctl.compute.states import PowerState, TaskState, VmState
-from cloudctl.network.models import PortStatus
 from compute_workers import contract
 from compute_workers.contract import ActionResult
 
 log = logging.getLogger(__name__)
 
 _UPDATABLE = {"vm_state", "task_state", "power_state"}
-# A server's ports follow its vm_state when a report changes it: ACTIVE while the guest runs (or is
-# paused: its NIC stays plugged), DOWN when it is stopped, suspended or in error.
-_PORT_STATUS_OF = {VmState.ACTIVE: PortStatus.ACTIVE, VmState.PAUSED: PortStatus.ACTIVE,
-                   VmState.STOPPED: PortStatus.DOWN, VmState.SUSPENDED: PortStatus.DOWN,
-                   VmState.ERROR: PortStatus.DOWN}
 
 
 def current_action(instance_uuid: str, action_id: int | None = None) -> InstanceAction | None:
@@ -104,9 +98,7 @@ def instance_update(*, instance_uuid: str, host: str, expected_task_state: str |
         if matched.change(**changes) != 1:
             _drop_stale_report(instance_uuid, host, expected_task_state, values)
             return False
-        port_status = _PORT_STATUS_OF.get(values.get("vm_state", ""))
-        if port_status is not None:
-            ports.server_ports_set_status(instance_uuid, port_status)
+        ports.server_ports_follow(instance_uuid, values.get("vm_state"))
         if event:
             record_event(instance_uuid, event=str(event.get("name", "compute")),
                          result=str(event.get("result", "")), host=host,
@@ -170,7 +162,7 @@ def build_failed(*, instance_uuid: str, host: str, fault: dict[str, Any], resche
             retry_hosts=retry_hosts,
             fault={"message": message, "code": int(fault.get("code", 500)),
                    "details": str(fault.get("details", ""))})
-        ports.server_ports_set_status(instance_uuid, PortStatus.DOWN)
+        ports.server_ports_follow(instance_uuid, VmState.ERROR)
         action = current_action(instance_uuid)
         if action is not None:
             finish_action(action, result=ActionResult.ERROR, message=message)

@@ -18,6 +18,7 @@ from django.db.models import Q, QuerySet
 from django.utils import timezone
 
 from cloudctl.compute.models import Instance
+from cloudctl.compute.states import VmState
 from cloudctl.errors import InvalidRequest
 from cloudctl.identity.models import Project
 from cloudctl.identity.services import is_admin
@@ -134,9 +135,16 @@ def server_ports_create(*, instance: Instance, user: Any,
     return ports
 
 
+def _ports_of(instance_uuid: Any) -> QuerySet[Port]:
+    """The ports a server's create made or bound: ``device_id`` is the server and ``device_index``
+    is set (only this module sets it). A port someone made through the ports API with the server's
+    id as its device_id is not one of them: not plugged, not shown, not deleted with the server."""
+    return Port.objects.filter(device_id=str(instance_uuid), device_index__isnull=False)
+
+
 def server_ports(instance_uuid: Any) -> QuerySet[Port]:
     """The server's ports in NIC order, with their addresses, subnets and networks."""
-    return (Port.objects.filter(device_id=str(instance_uuid))
+    return (_ports_of(instance_uuid)
             .select_related("network").prefetch_related("fixed_ips__subnet")
             .order_by("device_index", "created", "id"))
 
@@ -144,7 +152,8 @@ def server_ports(instance_uuid: Any) -> QuerySet[Port]:
 def ports_by_server(instance_uuids: Iterable[Any]) -> dict[str, list[Port]]:
     """The ports of several servers in one query (a server list's ``addresses``), each in NIC order."""
     found: dict[str, list[Port]] = {}
-    for port in (Port.objects.filter(device_id__in=[str(u) for u in instance_uuids])
+    for port in (Port.objects.filter(device_id__in=[str(u) for u in instance_uuids],
+                                     device_index__isnull=False)
                  .select_related("network").prefetch_related("fixed_ips")
                  .order_by("device_index", "created", "id")):
         found.setdefault(port.device_id, []).append(port)
@@ -158,24 +167,36 @@ def server_ports_bind(instance_uuid: Any, host_name: str, availability_zone: str
                               "status": PortStatus.BUILD if host_name else PortStatus.DOWN}
     if availability_zone:
         values["device_owner"] = device_owner(availability_zone)
-    return Port.objects.filter(device_id=str(instance_uuid)).update(**values)
+    return _ports_of(instance_uuid).update(**values)
 
 
 def server_ports_move(instance_uuid: Any, host_name: str) -> int:
     """A migration landed the server on ``host_name``: its ports' binding follows, status kept."""
-    return Port.objects.filter(device_id=str(instance_uuid)).update(binding_host=host_name,
-                                                                     updated=timezone.now())
+    return _ports_of(instance_uuid).update(binding_host=host_name, updated=timezone.now())
+
+
+# A server's ports follow its vm_state when a report or the power-state sync changes it: ACTIVE while
+# the guest runs (or is paused: its NIC stays plugged), DOWN when it is stopped, suspended or in error.
+_PORT_STATUS_OF_VM_STATE = {VmState.ACTIVE: PortStatus.ACTIVE, VmState.PAUSED: PortStatus.ACTIVE,
+                            VmState.STOPPED: PortStatus.DOWN, VmState.SUSPENDED: PortStatus.DOWN,
+                            VmState.ERROR: PortStatus.DOWN}
+
+
+def server_ports_follow(instance_uuid: Any, vm_state: str | None) -> int:
+    """The server's ports' status after its vm_state changed to ``vm_state`` (None: unchanged)."""
+    status = _PORT_STATUS_OF_VM_STATE.get(vm_state) if vm_state else None
+    return server_ports_set_status(instance_uuid, status) if status is not None else 0
 
 
 def server_ports_set_status(instance_uuid: Any, status: str) -> int:
-    return (Port.objects.filter(device_id=str(instance_uuid)).exclude(status=status)
+    return (_ports_of(instance_uuid).exclude(status=status)
             .update(status=status, updated=timezone.now()))
 
 
 def server_ports_release(instance_uuid: Any) -> None:
     """The server is deleted: the ports it created go (their addresses are free at once), the ports
     the user passed in stay, unbound (Nova's preserve_on_delete)."""
-    ports = Port.objects.filter(device_id=str(instance_uuid))
+    ports = _ports_of(instance_uuid)
     ports.filter(preserve_on_delete=False).delete()
     ports.filter(preserve_on_delete=True).update(
         device_id="", device_owner="", binding_host="", status=PortStatus.DOWN,

@@ -406,3 +406,41 @@ def test_a_server_list_reads_the_ports_once(api):
         listed = api.get(f"{API}/servers/").json()
     assert len(listed) == 6 and len(six.captured_queries) == len(two.captured_queries)
     assert {s["name"]: list(s["addresses"]) for s in listed}["s5"] == ["b", "private"]
+
+
+def test_a_port_naming_a_server_as_its_device_is_not_the_servers(api, other_api):
+    """Only the create binds ports to a server: a port made through the ports API with the server's
+    id as device_id is neither shown, nor plugged, nor deleted with it."""
+    network(api)
+    server = boot(api).json()
+    network(other_api, "theirs", cidr="10.5.0.0/24")
+    stray = post(other_api, "ports", network="theirs", device_id=server["id"],
+                 device_owner="compute:nova").json()
+    assert list(api.get(f"{API}/servers/{server['id']}/").json()["addresses"]) == ["private"]
+    assert api.delete(f"{API}/servers/{server['id']}/").status_code == 204
+    assert Port.objects.filter(pk=stray["id"], device_id=server["id"]).exists()
+
+
+def test_the_power_state_sync_moves_and_sets_the_ports(api, outbox: Outbox):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from cloudctl.compute import sync
+
+    network(api)
+    server = active_server(api, outbox)
+    port = Port.objects.get(device_id=str(server.uuid))
+    # the hypervisor says the guest stopped behind cloudctl's back: the port is DOWN
+    assert sync.power_state_update(host="hv1", instance_uuid=str(server.uuid), power_state="shutdown",
+                                   observed_at=(timezone.now() + timedelta(seconds=1)).timestamp())
+    port.refresh_from_db()
+    assert port.status == "DOWN"
+    # its domain turns up running on another host: the record and the port's binding move there
+    Instance.objects.filter(uuid=server.uuid).update(vm_state="active", power_state="running")
+    heartbeat("hv2", instances={str(server.uuid): "running"})
+    source = heartbeat("hv1", instances={})
+    sync.sync_host(source, {}, conductor.observed_at_of({"observed_at": timezone.now().timestamp() + 2}))
+    port.refresh_from_db()
+    assert Instance.objects.get(pk=server.uuid).host.name == "hv2"
+    assert (port.binding_host, port.status) == ("hv2", "ACTIVE")
