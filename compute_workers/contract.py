@@ -536,6 +536,43 @@ class SpecError(ValueError):
     """An instance spec is malformed or of a version this worker does not understand."""
 
 
+def _check_networks(networks: Any) -> None:
+    """Each entry of ``spec.networks`` is a :class:`NetworkSpec` whose device names are the helpers'."""
+    if not isinstance(networks, list):
+        raise SpecError("spec.networks must be a list")
+    for i, nic in enumerate(networks):
+        where = f"spec.networks[{i}]"
+        if not isinstance(nic, dict):
+            raise SpecError(f"{where} must be an object")
+        for key in ("port_id", "network_id", "mac_address", "bridge", "tap"):
+            if not isinstance(nic.get(key), str) or not nic[key]:
+                raise SpecError(f"{where}.{key} must be a non-empty string")
+        if nic.get("provider_type") not in ("vxlan", "flat"):
+            raise SpecError(f"{where}.provider_type must be vxlan or flat")
+        mtu = nic.get("mtu")
+        if not isinstance(mtu, int) or isinstance(mtu, bool) or mtu < 68:
+            raise SpecError(f"{where}.mtu must be an integer of at least 68")
+        vni = nic.get("segmentation_id")
+        if vni is not None and (not isinstance(vni, int) or isinstance(vni, bool) or vni < 0):
+            raise SpecError(f"{where}.segmentation_id must be a non-negative integer or null")
+        if nic["provider_type"] == "vxlan" and vni is None:
+            raise SpecError(f"{where}.segmentation_id (the VNI) is required for a vxlan network")
+        if nic["bridge"] != bridge_name(nic["network_id"]) or nic["tap"] != tap_name(nic["port_id"]):
+            raise SpecError(f"{where}: bridge and tap must be bridge_name(network_id) and "
+                            "tap_name(port_id)")
+        fixed_ips = nic.get("fixed_ips")
+        if not isinstance(fixed_ips, list):
+            raise SpecError(f"{where}.fixed_ips must be a list")
+        for j, fixed in enumerate(fixed_ips):
+            if not isinstance(fixed, dict):
+                raise SpecError(f"{where}.fixed_ips[{j}] must be an object")
+            for key in ("ip_address", "subnet_id", "cidr"):
+                if not isinstance(fixed.get(key), str):
+                    raise SpecError(f"{where}.fixed_ips[{j}].{key} must be a string")
+            if not isinstance(fixed.get("gateway_ip"), str | None):
+                raise SpecError(f"{where}.fixed_ips[{j}].gateway_ip must be a string or null")
+
+
 def validate_spec(spec: Any) -> SpawnSpec:
     """Check a spawn spec's shape and return it. Raises :class:`SpecError`.
 
@@ -567,6 +604,7 @@ def validate_spec(spec: Any) -> SpawnSpec:
             raise SpecError(f"spec.image.{key} must be a string")
     if spec["image"]["disk_format"] not in ("qcow2", "raw"):
         raise SpecError(f"unsupported disk_format {spec['image']['disk_format']!r}")
+    _check_networks(spec.get("networks", []))
     return spec  # type: ignore[return-value]  # its shape is what was just checked
 
 

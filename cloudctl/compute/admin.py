@@ -12,10 +12,11 @@ from django.contrib.admin import helpers
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
+from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
-from cloudctl.compute import migration_requests, selectors, services
+from cloudctl.compute import migration_requests, ports, selectors, services
 from cloudctl.compute.dashboard import usage_bars
 from cloudctl.compute.errors import ComputeUnavailable, MigrationInvalidState, ServerConsoleUnavailable
 from cloudctl.compute.models import (
@@ -133,7 +134,7 @@ class InstanceAdmin(admin.ModelAdmin):
     readonly_fields = ("uuid", "vm_state", "task_state", "power_state", "host", "fault",
                        "retry_hosts", "attempts", "vcpus", "memory_mb", "root_gb", "launched_at",
                        "deleted_at", "created", "updated", "availability_zone", "server_group",
-                       "scheduler_hints", "requested_host", "console_tail")
+                       "scheduler_hints", "requested_host", "addresses", "console_tail")
     fields = ("name", *readonly_fields)
     inlines = [InstanceActionInline]
     actions = [
@@ -166,6 +167,19 @@ class InstanceAdmin(admin.ModelAdmin):
     @admin.display(description="status", ordering="vm_state")
     def status_shown(self, instance: Instance) -> str:
         return instance.status + (f" ({instance.task_state})" if instance.task_state else "")
+
+    @admin.display(description="addresses")
+    def addresses(self, instance: Instance) -> str:
+        """The server's ports in NIC order: network, addresses, MAC, and the port (linked)."""
+        rows = [(port.network.name or port.network_id,
+                 ", ".join(f.ip_address for f in port.fixed_ips.all()) or "no address",
+                 port.mac_address, reverse("admin:network_port_change", args=[port.pk]), port.pk,
+                 port.binding_host or "unbound", port.status)
+                for port in ports.server_ports(instance.uuid)]
+        if not rows:
+            return "(no network)"
+        return format_html("<ul>{}</ul>", format_html_join(
+            "", "<li>{}: {} (MAC {}, port <a href='{}'>{}</a> on {}, {})</li>", rows))
 
     @admin.display(description="console output (last 20 lines)")
     def console_tail(self, instance: Instance) -> str:

@@ -14,7 +14,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from cloudctl.compute import rpc
+from cloudctl.compute import ports, rpc
 from cloudctl.compute.models import Allocation, Host, Instance, InstanceAction, InstanceActionEvent
 from cloudctl.compute.services import finish_action, mark_deleted
 from cloudctl.compute.states import PowerState, TaskState, VmState
@@ -98,6 +98,7 @@ def instance_update(*, instance_uuid: str, host: str, expected_task_state: str |
         if matched.change(**changes) != 1:
             _drop_stale_report(instance_uuid, host, expected_task_state, values)
             return False
+        ports.server_ports_follow(instance_uuid, values.get("vm_state"))
         if event:
             record_event(instance_uuid, event=str(event.get("name", "compute")),
                          result=str(event.get("result", "")), host=host,
@@ -147,6 +148,7 @@ def build_failed(*, instance_uuid: str, host: str, fault: dict[str, Any], resche
         if reschedule and instance.attempts < settings.SCHEDULER_MAX_ATTEMPTS:
             Instance.objects.filter(uuid=instance_uuid).change(
                 host=None, task_state=TaskState.SCHEDULING, retry_hosts=retry_hosts)
+            ports.server_ports_bind(instance_uuid, "")
             transaction.on_commit(lambda: rpc.send_to_scheduler(
                 contract.SCHEDULE_INSTANCE, instance_uuid=instance_uuid))
             return
@@ -160,6 +162,7 @@ def build_failed(*, instance_uuid: str, host: str, fault: dict[str, Any], resche
             retry_hosts=retry_hosts,
             fault={"message": message, "code": int(fault.get("code", 500)),
                    "details": str(fault.get("details", ""))})
+        ports.server_ports_follow(instance_uuid, VmState.ERROR)
         action = current_action(instance_uuid)
         if action is not None:
             finish_action(action, result=ActionResult.ERROR, message=message)

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import QuerySet
 from django.utils import timezone
 
 from cloudctl.compute import states
@@ -39,6 +40,7 @@ from cloudctl.compute.migration_steps import (
 )
 from cloudctl.compute.models import Flavor, Host, Instance, InstanceActionEvent, Migration, MigrationType
 from cloudctl.compute.models import MigrationStatus as S
+from cloudctl.compute.ports import server_ports_move
 from cloudctl.compute.specs import spawn_spec
 from cloudctl.compute.states import PowerState, TaskState, VmState
 from compute_workers import contract
@@ -152,6 +154,15 @@ def _landed(host: Host, power_state: str, fallback: str) -> dict[str, Any]:
     return {"host": host, "availability_zone": host.zone, **_settled(power_state, fallback)}
 
 
+def _land(migration: Migration, moving: QuerySet[Instance], changes: dict[str, Any]) -> int:
+    """Apply ``changes`` (:func:`_landed`'s, and more) to the moving server: the one place a
+    migration changes a server's host, so its ports' binding follows it there."""
+    changed = moving.change(**changes)
+    if changed:
+        server_ports_move(migration.instance_id, changes["host"].name)
+    return changed
+
+
 def _reported_or_expected(migration: Migration, values: dict[str, Any]) -> str:
     """The power state a cold-migration step reported, else what it was asked for."""
     return values.get("power_state") or (PowerState.RUNNING if migration.power_on else PowerState.SHUTDOWN)
@@ -215,7 +226,7 @@ def live_completed(migration: Migration, *, values: dict[str, Any], **_: Any) ->
     instance = migration.instance
     changes = _landed(migration.dest_host, power_state, instance.vm_state)
     moving = instance_in_task(migration, TaskState.MIGRATING).filter(host=migration.source_host)
-    if not moving.change(**changes):
+    if not _land(migration, moving, changes):
         log.warning("live migration %s completed but %s is no longer migrating", migration.pk, instance.uuid)
     release_source(migration)
     # The destination's final figures (libvirt's completed job) fill in what progress reports missed:
@@ -284,8 +295,8 @@ def _live_dest_error(migration: Migration, *, error: str, values: dict[str, Any]
     power_state = values.get("power_state") or PowerState.NOSTATE
     instance = migration.instance
     if power_state != PowerState.NOSTATE:
-        instance_in_task(migration, TaskState.MIGRATING).change(
-            **_landed(migration.dest_host, power_state, instance.vm_state))
+        _land(migration, instance_in_task(migration, TaskState.MIGRATING),
+              _landed(migration.dest_host, power_state, instance.vm_state))
         release_source(migration)
     else:
         instance_in_task(migration, TaskState.MIGRATING).change(
@@ -357,8 +368,8 @@ def _cold_finished(migration: Migration, *, values: dict[str, Any], **_: Any) ->
     changes = _landed(dest, _reported_or_expected(migration, values), VmState.ACTIVE)
     if resize:
         changes["vm_state"] = VmState.RESIZED
-    instance_in_task(migration, TaskState.RESIZE_FINISH).change(**changes,
-                                                                **_apply_flavor(migration.new_flavor))
+    _land(migration, instance_in_task(migration, TaskState.RESIZE_FINISH),
+          {**changes, **_apply_flavor(migration.new_flavor)})
     now = timezone.now()
     seconds = (now - (migration.started_at or migration.created)).total_seconds()
     where = f"{migration.source_host.name} -> {dest.name}"
@@ -415,9 +426,9 @@ def _reverted_dest(migration: Migration, **_: Any) -> None:
 
 def _reverted(migration: Migration, *, values: dict[str, Any], **_: Any) -> None:
     source = migration.source_host
-    instance_in_task(migration, TaskState.RESIZE_REVERTING).change(
-        **_landed(source, _reported_or_expected(migration, values), VmState.ACTIVE),
-        **_apply_flavor(migration.old_flavor))
+    _land(migration, instance_in_task(migration, TaskState.RESIZE_REVERTING),
+          {**_landed(source, _reported_or_expected(migration, values), VmState.ACTIVE),
+           **_apply_flavor(migration.old_flavor)})
     release_destination(migration)
     failed = bool(migration.error)
     migration_save(migration, status=S.ERROR if failed else S.REVERTED, finished_at=timezone.now())

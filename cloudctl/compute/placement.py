@@ -23,6 +23,7 @@ from django.db.models import Count, F, Sum
 from django.utils import timezone
 
 from cloudctl.compute.models import Aggregate, Allocation, Host, Instance, ServerGroup
+from cloudctl.compute.ports import server_ports_bind
 from cloudctl.compute.states import TaskState, VmState
 from scheduler.filters import CLAIM_FILTERS, BaseHostFilter, load_filters
 from scheduler.host_state import HostState, RequestSpec
@@ -189,4 +190,6 @@ def claim(instance_uuid: str, host_name: str, spec: RequestSpec) -> bool:
             raise InstanceGone(instance_uuid)
         Allocation.objects.create(instance_id=instance_uuid, host=host, vcpus=spec.vcpus,
                                   memory_mb=spec.memory_mb, disk_gb=spec.root_gb)
+        # The server's ports are bound to the host it is claimed on (BUILD until it runs there).
+        server_ports_bind(instance_uuid, host.name, host.zone)
     return True

@@ -16,7 +16,7 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from cloudctl.compute import rpc, selectors, states
+from cloudctl.compute import ports, rpc, selectors, states
 from cloudctl.compute.errors import (
     HostUnavailable,
     InvalidRequest,
@@ -92,8 +92,13 @@ def _check_boot_fit(flavor: Flavor, image: Image) -> None:
 def server_create(*, user: Any, project: Project, name: str, flavor: Flavor, image: Image,
                   availability_zone: str = "", server_group: ServerGroup | None = None,
                   same_host: list[str] | None = None, different_host: list[str] | None = None,
-                  host: str = "", request_id: str | None = None) -> Instance:
-    """Record a new server (BUILD/scheduling) and ask the scheduler to place it."""
+                  host: str = "", request_id: str | None = None,
+                  networks: str | list[ports.NetworkRequest] | None = None) -> Instance:
+    """Record a new server (BUILD/scheduling) with its ports and ask the scheduler to place it.
+
+    ``networks``: see :func:`cloudctl.compute.ports.requested_networks`. The ports are created (or
+    the given ones bound) in the server's transaction: a refused port refuses the server, and
+    nothing of the request is left."""
     _check_boot_fit(flavor, image)
     if availability_zone and availability_zone not in selectors.availability_zones():
         raise InvalidRequest("availability_zone", f"no availability zone {availability_zone!r}")
@@ -112,6 +117,9 @@ def server_create(*, user: Any, project: Project, name: str, flavor: Flavor, ima
             vm_state=VmState.BUILDING, task_state=TaskState.SCHEDULING,
             power_state=PowerState.NOSTATE,
         )
+        ports.server_ports_create(
+            instance=instance, user=user,
+            requests=ports.requested_networks(project=project, networks=networks))
         action_start(instance=instance, action="create", user=user,
                      request_id=request_id or new_request_id())
         transaction.on_commit(lambda: rpc.send_to_scheduler(
@@ -152,8 +160,10 @@ def record_local_delete(action: InstanceAction, host: Host) -> None:
 
 
 def mark_deleted(instance: Instance) -> None:
-    """Final step of every delete: the row stays as history, its claim is released."""
+    """Final step of every delete: the row stays as history, its claim is released, the ports it
+    created are deleted and the ports it was given are unbound."""
     Allocation.objects.filter(instance=instance).delete()
+    ports.server_ports_release(instance.uuid)
     Instance.objects.filter(uuid=instance.uuid).change(
         vm_state=VmState.DELETED, task_state=None, power_state=PowerState.NOSTATE,
         deleted_at=timezone.now())

@@ -5,6 +5,7 @@ from __future__ import annotations
 from django.conf import settings
 
 from cloudctl.compute.models import Flavor, Instance, InstanceAction
+from cloudctl.compute.ports import network_specs
 from compute_workers import contract
 
 
@@ -31,7 +32,7 @@ def spawn_spec(instance: Instance, host_name: str, flavor: Flavor | None = None)
                   "url": f"{settings.CLOUDCTL_API_URL}/api/v1/images/{image.id}/file",
                   "sha256": image.sha256, "size": image.size or 0,
                   "disk_format": image.disk_format, "properties": dict(image.properties)},
-        "networks": [],
+        "networks": network_specs(instance.uuid),
         "key_data": None,
         "user_data": None,
     })

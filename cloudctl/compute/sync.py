@@ -20,7 +20,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from cloudctl.compute import rpc
+from cloudctl.compute import ports, rpc
 from cloudctl.compute.models import Allocation, Host, Instance, InstanceAction
 from cloudctl.compute.states import VM_STATE_FOR_POWER_STATE, PowerState, TaskState, VmState
 from compute_workers import contract
@@ -82,6 +82,8 @@ def sync_power_state(instance: Instance, power_state: str, observed_at: datetime
         updated = Instance.objects.filter(uuid=instance.uuid, task_state__isnull=True,
                                           vm_state=instance.vm_state,
                                           updated=instance.updated).change(**changes)
+        if updated:
+            ports.server_ports_follow(instance.uuid, changes.get("vm_state"))
         if updated and message:
             log.info("sync %s: %s", instance.uuid, message)
             _system_action(instance, "sync_power_state", result=ActionResult.SUCCESS, message=message,
@@ -107,6 +109,8 @@ def _adopt_from_elsewhere(instance: Instance) -> bool:
         if not Instance.objects.filter(uuid=uuid, task_state__isnull=True, updated=instance.updated).change(
                 host=host, availability_zone=host.zone, power_state=power_state, vm_state=truth):
             return False
+        ports.server_ports_move(uuid, host.name)
+        ports.server_ports_follow(uuid, truth)
         Allocation.objects.filter(instance_id=uuid).delete()
         Allocation.objects.create(instance_id=uuid, host=host, vcpus=instance.vcpus,
                                   memory_mb=instance.memory_mb, disk_gb=instance.root_gb)

@@ -69,3 +69,19 @@ class NotOwner(CloudctlError):
 
     status_code = 403
     code = "forbidden"
+
+
+class PortInUse(NetworkConflict):
+    """The port is bound to a device already (HTTP 409, naming the server holding it)."""
+
+    code = "port_in_use"
+
+    def __init__(self, *, port_id: str, device_id: str, device_owner: str) -> None:
+        self.port_id = port_id
+        self.device_id = device_id
+        holder = f"server {device_id}" if device_owner.startswith("compute:") else \
+            f"{device_owner or 'device'} {device_id}"
+        super().__init__(f"port {port_id} is in use by {holder}")
+
+    def body(self) -> dict[str, Any]:
+        return {**super().body(), "port": self.port_id, "device_id": self.device_id}

@@ -179,6 +179,11 @@ class Port(models.Model):
     binding_host = models.CharField(max_length=255, blank=True)
     status = models.CharField(max_length=8, choices=PortStatus.choices, default=PortStatus.DOWN)
     admin_state_up = models.BooleanField(default=True)
+    # A port the user passed to a server's create (Nova's preserve_on_delete): unbound, not deleted,
+    # when the server goes. A port the server's create made is deleted with it.
+    preserve_on_delete = models.BooleanField(default=False)
+    # The port's place among its server's NICs (the order the create asked for); null when unbound.
+    device_index = models.PositiveSmallIntegerField(null=True, blank=True)
     created = models.DateTimeField(auto_now_add=True)
     updated = models.DateTimeField(auto_now=True)
 

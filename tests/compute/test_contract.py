@@ -96,3 +96,42 @@ def test_network_device_names_are_neutrons_and_fit_linux() -> None:
     assert contract.bridge_name(network_id) == "brq3f2a9c4e-1b"
     assert contract.tap_name(port_id) == "tapa1b2c3d4-e5"
     assert all(len(name) <= 15 for name in (contract.bridge_name(network_id), contract.tap_name(port_id)))
+
+
+def _nic(**changes: Any) -> dict[str, Any]:
+    network_id, port_id = "3f2a9c4e-1b2d-4e5f-8a9b-0c1d2e3f4a5b", "a1b2c3d4-e5f6-4a7b-8c9d-0e1f2a3b4c5d"
+    nic = {"port_id": port_id, "network_id": network_id, "mac_address": "fa:16:3e:00:00:01",
+           "fixed_ips": [{"ip_address": "10.0.0.2", "subnet_id": "s", "cidr": "10.0.0.0/24",
+                          "gateway_ip": "10.0.0.1"}],
+           "mtu": 1450, "provider_type": "vxlan", "segmentation_id": 1000,
+           "bridge": contract.bridge_name(network_id), "tap": contract.tap_name(port_id)}
+    nic.update(changes)
+    return nic
+
+
+@pytest.mark.parametrize(("networks", "reason"), [
+    ({}, r"spec\.networks must be a list"),
+    (["x"], r"spec\.networks\[0\] must be an object"),
+    ([_nic(port_id="")], r"spec\.networks\[0\]\.port_id must be a non-empty string"),
+    ([_nic(provider_type="vlan")], r"provider_type must be vxlan or flat"),
+    ([_nic(mtu=20)], r"mtu must be an integer of at least 68"),
+    ([_nic(segmentation_id=None)], r"segmentation_id \(the VNI\) is required"),
+    ([_nic(segmentation_id="1000")], r"segmentation_id must be a non-negative integer"),
+    ([_nic(bridge="br0")], r"bridge and tap must be"),
+    ([_nic(tap="tap0")], r"bridge and tap must be"),
+    ([_nic(fixed_ips=None)], r"fixed_ips must be a list"),
+    ([_nic(fixed_ips=[{"ip_address": "10.0.0.2"}])], r"fixed_ips\[0\]\.subnet_id must be a string"),
+    ([_nic(fixed_ips=[{"ip_address": "1", "subnet_id": "s", "cidr": "c", "gateway_ip": 5}])],
+     r"gateway_ip must be a string or null"),
+])
+def test_spawn_spec_networks_are_checked(networks: Any, reason: str) -> None:
+    spec = {"version": 1, "instance_uuid": "u", "name": "n", "host": "h",
+            "flavor": {"name": "f", "vcpus": 1, "memory_mb": 64, "root_gb": 1},
+            "image": {"id": "i", "url": "http://127.0.0.1/i", "sha256": "0" * 64, "disk_format": "qcow2"}}
+    flat = _nic(provider_type="flat", segmentation_id=None,
+                fixed_ips=[{"ip_address": "10.0.0.2", "subnet_id": "s", "cidr": "10.0.0.0/24",
+                            "gateway_ip": None}])
+    good = {**spec, "networks": [_nic(), flat]}
+    assert contract.validate_spec(good) is good
+    with pytest.raises(contract.SpecError, match=reason):
+        contract.validate_spec({**spec, "networks": networks})

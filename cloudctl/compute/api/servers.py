@@ -21,7 +21,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from cloudctl.api import CodedErrorSerializer, error_responses
-from cloudctl.compute import selectors, services
+from cloudctl.compute import ports, selectors, services
 from cloudctl.compute.api.common import SERVER_ID, IdOrNameField, StrictCharField, lookup
 from cloudctl.compute.api.migrations import ServerMigrationActions
 from cloudctl.compute.models import (
@@ -34,6 +34,7 @@ from cloudctl.compute.models import (
 from cloudctl.identity.services import is_admin, project_of
 from cloudctl.images.models import Image
 from cloudctl.images.services import images_visible_to
+from cloudctl.network.selectors import networks_visible_to, ports_visible_to
 
 
 class SchedulerHintsSerializer(serializers.Serializer):
@@ -52,6 +53,51 @@ class SchedulerHintsSerializer(serializers.Serializer):
         return super().to_internal_value(data)
 
 
+_NETWORK_REQUEST_SCHEMA = {
+    "type": "object", "additionalProperties": False,
+    "properties": {"network": {"type": "string", "description": "a network's id or name"},
+                   "port": {"type": "string", "format": "uuid",
+                            "description": "an unbound port of the project (kept when the server "
+                                           "is deleted)"},
+                   "fixed_ip": {"type": "string", "description": "with network: the address"}},
+}
+
+
+@extend_schema_field({
+    "oneOf": [{"type": "string", "enum": [ports.AUTO, ports.NONE]},
+              {"type": "array", "items": _NETWORK_REQUEST_SCHEMA}],
+    "description": '"auto": the one network available to the project (400 when none or several); '
+                   '"none": no NIC; or a list of NICs in order, each {"network"}, '
+                   '{"network", "fixed_ip"} or {"port"}. Omitted: the one network available, no NIC '
+                   "when there is none, 400 when there are several.",
+})
+class NetworksField(serializers.Field):
+    """A create's ``networks``, parsed; the references are resolved by the serializer."""
+
+    default_error_messages = {"invalid": 'must be "auto", "none" or a list of {{"network"}}, '
+                                         '{{"network", "fixed_ip"}} or {{"port"}}'}
+
+    def to_internal_value(self, data: Any) -> Any:
+        if data in (ports.AUTO, ports.NONE):
+            return data
+        if not isinstance(data, list):
+            self.fail("invalid")
+        for entry in data:
+            if not isinstance(entry, dict) or not entry or set(entry) - {"network", "port", "fixed_ip"}:
+                self.fail("invalid")
+            if any(not isinstance(v, str) or not v.strip() for v in entry.values()):
+                raise serializers.ValidationError("network, port and fixed_ip are non-empty strings")
+            if "port" in entry and len(entry) > 1:
+                raise serializers.ValidationError("a port comes with its network and addresses: give "
+                                                  '{"port"} alone')
+            if "port" not in entry and "network" not in entry:
+                raise serializers.ValidationError('a fixed_ip needs its "network"')
+        return data
+
+    def to_representation(self, value: Any) -> Any:
+        return value
+
+
 class ServerCreateSerializer(serializers.Serializer):
     name = StrictCharField(max_length=255)
     flavor = IdOrNameField()
@@ -59,6 +105,31 @@ class ServerCreateSerializer(serializers.Serializer):
     availability_zone = StrictCharField(max_length=255, required=False, default="")
     scheduler_hints = SchedulerHintsSerializer(required=False)
     host = StrictCharField(max_length=255, required=False, default="")
+    networks = NetworksField(required=False)
+
+    def validate_networks(self, value: Any) -> Any:
+        """Each network visible to the user (400 "no network ..." otherwise, like flavor and image),
+        each port the user's (400 "no port ..."); the binding and the addresses are checked when the
+        ports are made."""
+        if not isinstance(value, list):
+            return value
+        user = self.context["request"].user
+        requests = []
+        for entry in value:
+            if "port" in entry:
+                try:
+                    port_id = uuid.UUID(entry["port"])
+                except ValueError:
+                    port_id = None
+                port = ports_visible_to(user).filter(pk=port_id).first() if port_id else None
+                if port is None:
+                    raise serializers.ValidationError(f"no port with id {entry['port']!r}")
+                requests.append(ports.NetworkRequest(port=port))
+                continue
+            network = lookup(networks_visible_to(user), entry["network"].strip(), kind="network",
+                             id_kind=uuid.UUID)
+            requests.append(ports.NetworkRequest(network=network, fixed_ip=entry.get("fixed_ip")))
+        return requests
 
     def validate_host(self, value: str) -> str:
         if value and not is_admin(self.context["request"].user):
@@ -131,13 +202,31 @@ class ServerSerializer(serializers.ModelSerializer):
     fault = serializers.SerializerMethodField()
     host_status = serializers.SerializerMethodField()
     server_group = serializers.UUIDField(source="server_group_id", read_only=True, allow_null=True)
+    addresses = serializers.SerializerMethodField()
 
     class Meta:
         model = Instance
         fields = ("id", "name", "status", "vm_state", "task_state", "power_state", "host",
                   "host_status", "availability_zone", "flavor", "image", "fault", "project",
-                  "server_group", "created", "updated", "launched_at")
+                  "server_group", "addresses", "created", "updated", "launched_at")
         read_only_fields = fields
+
+    @extend_schema_field({
+        "type": "object", "description": "the server's fixed addresses by network name, in NIC order",
+        "additionalProperties": {"type": "array", "items": {
+            "type": "object", "properties": {
+                "addr": {"type": "string"}, "version": {"type": "integer", "enum": [4]},
+                "mac": {"type": "string"}, "type": {"type": "string", "enum": ["fixed"]}}}},
+    })
+    def get_addresses(self, instance: Instance) -> dict[str, list[dict[str, Any]]]:
+        # A list reads the ports of all its servers at once (one query, not one per server).
+        by_server = self.context.get("ports_by_server")
+        if by_server is None:
+            listed = self.parent.instance if isinstance(self.parent, serializers.ListSerializer) else None
+            by_server = ports.ports_by_server([i.uuid for i in listed] if listed is not None
+                                              else [instance.uuid])
+            self.context["ports_by_server"] = by_server
+        return ports.addresses_of(by_server.get(str(instance.uuid), []))
 
     @extend_schema_field(ServerFlavorSerializer)
     def get_flavor(self, instance: Instance) -> dict[str, Any]:
