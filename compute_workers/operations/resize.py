@@ -122,7 +122,8 @@ class Resize(OperationFamily):
         def run() -> tuple[str, dict[str, Any] | None]:
             checked = self._migration_spec(instance_uuid, spec)
             started = time.monotonic()
-            self.driver.finish_migration(checked, bool(power_on))
+            with self.plugged(checked):
+                self.driver.finish_migration(checked, bool(power_on))
             power_state = self.driver.get_info(instance_uuid)
             flavor = checked["flavor"]
             done = f"started in {time.monotonic() - started:.1f} s" if power_on else "left shut off"
@@ -165,7 +166,8 @@ class Resize(OperationFamily):
         def run() -> tuple[str, dict[str, Any] | None]:
             checked = self._migration_spec(instance_uuid, spec)
             started = time.monotonic()
-            self.driver.finish_revert_migration(checked, bool(power_on))
+            with self.plugged(checked):
+                self.driver.finish_revert_migration(checked, bool(power_on))
             power_state = self.driver.get_info(instance_uuid)
             done = f"started in {time.monotonic() - started:.1f} s" if power_on else "left shut off"
             return (f"instance {instance_uuid} back on {self.host} on its original disk with flavor "
