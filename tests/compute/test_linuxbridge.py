@@ -388,3 +388,57 @@ def test_libvirt_test_driver_defines_the_interfaces_in_order(tmp_path: Path, mak
     finally:
         driver.destroy(spec["instance_uuid"])
         driver.close()
+
+
+# The other families that (re)define a domain ------------------------------------------------------
+
+
+def test_families_that_define_a_domain_ensure_its_bridges(tmp_path: Path, runner: FakeRunner,
+                                                           make_spec: SpecFactory) -> None:
+    """Hard reboot, power on and finish resize regenerate the definition from the spec: its bridges are
+    ensured first (here deleted behind the worker's back, then made again); a live migration's
+    destination makes them before the guest comes and holds them until it came or was rolled back."""
+    from compute_workers.operations import Lifecycle, LiveMigration
+
+    from .test_resize import resize_to
+
+    instances = tmp_path / "instances"
+    reporter = ListReporter()
+    manager = ComputeManager(make_config(instances, COMPUTE_LIBVIRT_URI="test:///default"),
+                             LibvirtTestDriver("test:///default", instances), reporter,
+                             bridges=LinuxBridges(runner, TUNNEL_IP))
+    manager.init_host()
+    bridges = manager.context.bridges
+    network = network_spec("vxlan", 1003)
+    spec = make_spec(networks=[network])
+    instance_uuid = spec["instance_uuid"]
+    try:
+        manager.family(Build).spawn(spec)
+        lifecycle = manager.family(Lifecycle)
+        for name, step in (
+                ("hard reboot", lambda: lifecycle.reboot_instance(instance_uuid, 1, "HARD", spec)),
+                ("power on", lambda: (lifecycle.power_off_instance(instance_uuid, 2, 0), runner.links.clear(),
+                                      lifecycle.power_on_instance(instance_uuid, 3, spec))),
+                ("finish resize", lambda: resize_to(manager, spec, 4))):
+            runner.links.clear()  # someone removed the bridge and the VXLAN
+            step()
+            assert {network["bridge"], "vxlan-1003"} <= set(runner.links), name
+        manager.family(Build).terminate(instance_uuid)
+        assert reporter.named(contract.CONDUCTOR_INSTANCE_DESTROYED)
+        assert runner.links == {}  # no tap on it (the test driver makes none): removed
+
+        migrating = make_spec(networks=[network])
+        live = manager.family(LiveMigration)
+        live.pre_live_migration(migrating["instance_uuid"], 5, migrating, True, False, None)
+        prepared = reporter.named(contract.CONDUCTOR_MIGRATION_UPDATE)[-1]
+        assert prepared["status"] == "prepared", prepared
+        assert f"made bridge {network['bridge']}, VXLAN vxlan-1003" in prepared["event"]["message"]
+        assert bridges.remove_bridge_if_unused(network["bridge"]) is False  # held for the coming guest
+        manager.family(LiveMigration).rollback_live_migration_at_destination(migrating["instance_uuid"], 5,
+                                                                             False)
+        assert reporter.named(contract.CONDUCTOR_MIGRATION_UPDATE)[-1]["status"] == "rolled_back"
+        assert runner.links == {}
+    finally:
+        for uuid_ in manager.driver.list_instances():
+            manager.driver.destroy(uuid_)
+        manager.close()
