@@ -152,6 +152,15 @@ class HostOperations:
         definition is kept, its bridges exist (or the start says they do not)."""
         return self.bridges.plugged((spec or {}).get("networks") or ())
 
+    def instance_bridges(self, instance_uuid: str) -> list[str]:
+        """The bridges of the instance's domain here, read before it goes ([] when it cannot be read:
+        its bridges then stay until another guest's removal or a restart of the network side)."""
+        try:
+            return self.driver.instance_bridges(instance_uuid)
+        except Exception as exc:
+            LOG.warning("cannot read the bridges of %s: %s", instance_uuid, exc)
+            return []
+
     def remove_unused_bridges(self, instance_uuid: str, bridges: list[str]) -> None:
         """After the instance's domain is gone from this host: remove those of ``bridges`` no other
         guest uses. A failure is logged, never raised: the instance is gone all the same."""

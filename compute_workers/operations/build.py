@@ -167,8 +167,8 @@ class Build(OperationFamily):
         failure report the instance in error with the fault."""
         with self.instance_locks.hold(str(instance_uuid)):
             started = time.monotonic()
+            bridges = self.instance_bridges(instance_uuid)
             try:
-                bridges = self.driver.instance_bridges(instance_uuid)
                 self.driver.destroy(instance_uuid)
             except Exception as exc:
                 LOG.error("terminate of %s failed on %s: %s", instance_uuid, self.host, exc,

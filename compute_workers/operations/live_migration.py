@@ -225,8 +225,11 @@ class LiveMigration(OperationFamily):
                 # A run of this migration that ended while this one waited journaled its outcome.
                 if self._migration_redelivered(step, instance_uuid, migration_id):
                     return
+                bridges = self.instance_bridges(instance_uuid)
                 self.source.migrate(job, dest_host, migration_uri, migration_data_uri, bool(block_migration),
                                     bool(shared_storage), self._completion_timeout(completion_timeout))
+                if bridges and self.power_state_or_none(instance_uuid) is None:  # the guest left
+                    self.remove_unused_bridges(instance_uuid, bridges)
         except Exception as exc:  # a bug: still report, and truthfully
             message = f"live migration of instance {instance_uuid} on host {self.host} failed: {exc}"
             LOG.exception("%s", message)

@@ -74,9 +74,12 @@ class Resize(OperationFamily):
                                          f"{migration_uri!r}")
             wait = self.shutdown_timeout(timeout)
             started = time.monotonic()
+            bridges = self.instance_bridges(instance_uuid)
             moved = self.driver.migrate_disk_and_power_off(
                 instance_uuid, migration_uri, wait, self._copy_progress(migration_id),
                 self.config.resize_copy_timeout(wait))
+            # The domain is undefined here now (a revert defines it again, plugging its bridges).
+            self.remove_unused_bridges(instance_uuid, bridges)
             if moved.resumed:
                 stopped = "resumed a resize that was interrupted after the power off"
             elif moved.clean_shutdown is None:
@@ -152,7 +155,9 @@ class Resize(OperationFamily):
         original stays in ``<uuid>_resize`` on the source). Reports "reverted_dest"."""
 
         def run() -> tuple[str, dict[str, Any] | None]:
+            bridges = self.instance_bridges(instance_uuid)
             self.driver.destroy(instance_uuid)
+            self.remove_unused_bridges(instance_uuid, bridges)
             return f"the resized instance {instance_uuid} was destroyed and removed from {self.host}", None
 
         self._migration_step("revert_resize", instance_uuid, migration_id, contract.MIGRATION_REVERTED_DEST,

@@ -398,7 +398,7 @@ def test_families_that_define_a_domain_ensure_its_bridges(tmp_path: Path, runner
     """Hard reboot, power on and finish resize regenerate the definition from the spec: its bridges are
     ensured first (here deleted behind the worker's back, then made again); a live migration's
     destination makes them before the guest comes and holds them until it came or was rolled back."""
-    from compute_workers.operations import Lifecycle, LiveMigration
+    from compute_workers.operations import Lifecycle, LiveMigration, Resize
 
     from .test_resize import resize_to
 
@@ -423,6 +423,13 @@ def test_families_that_define_a_domain_ensure_its_bridges(tmp_path: Path, runner
             runner.links.clear()  # someone removed the bridge and the VXLAN
             step()
             assert {network["bridge"], "vxlan-1003"} <= set(runner.links), name
+        # A revert: the resized domain goes (its bridges with it: nothing else uses them), the old one is
+        # defined again (its bridges made again first).
+        manager.family(Resize).revert_resize(instance_uuid, 4)
+        assert runner.links == {}
+        manager.family(Resize).finish_revert_resize(instance_uuid, 4, spec, True)
+        assert reporter.named(contract.CONDUCTOR_MIGRATION_UPDATE)[-1]["status"] == "reverted"
+        assert {network["bridge"], "vxlan-1003"} <= set(runner.links)
         manager.family(Build).terminate(instance_uuid)
         assert reporter.named(contract.CONDUCTOR_INSTANCE_DESTROYED)
         assert runner.links == {}  # no tap on it (the test driver makes none): removed
