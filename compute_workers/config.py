@@ -48,6 +48,8 @@ A malformed value fails at start with :class:`ConfigError` naming the variable.
 | `COMPUTE_LIVE_MIGRATION_SOFT_TIME_LIMIT` | `3600` | Soft time limit of `compute.live_migration`; a migration's `completion_timeout` is capped 30 s below it, so that an aborted migration is still reported. The other migration tasks use the limits of their kind: the checks those of `compute.get_console_output`, `compute.pre_live_migration` those of `compute.spawn` (it may download an image), post/rollback/abort/force-complete those of the lifecycle tasks. |
 | `COMPUTE_LIVE_MIGRATION_TIME_LIMIT` | `3660` | Hard time limit of `compute.live_migration`. |
 | `COMPUTE_VISIBILITY_TIMEOUT` | `7200` | Redis `visibility_timeout`: an unacknowledged task is delivered again after it. Must exceed every hard time limit. |
+| `COMPUTE_TUNNEL_IP` | (empty) | This host's VXLAN tunnel endpoint: the `local` address of every `vxlan-<vni>` device it makes for a vxlan network's bridge (`brq…`), and the address the other hosts' forwarding entries point to. A spawn on a vxlan network fails while it is unset (flat networks do not need it). |
+| `COMPUTE_FLAT_INTERFACE` | (empty) | The physical interface enslaved to the bridge of a flat network (Neutron's `physical_interface_mappings`; one flat network per interface). Unset: a flat network's bridge has no uplink and joins only this host's guests. |
 | `COMPUTE_FAKE_VCPUS` | `16` | vCPUs the fake driver reports (`--vcpus`). |
 | `COMPUTE_FAKE_MEMORY_MB` | `32768` | RAM the fake driver reports (`--memory-mb`). |
 | `COMPUTE_FAKE_DISK_GB` | `500` | Disk the fake driver reports (`--disk-gb`). |
@@ -60,7 +62,9 @@ timeout, ``qemu-img`` timeouts, libvirt calls).
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
+import re
 import socket
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -146,6 +150,18 @@ def _address(text: str) -> str:
     return text
 
 
+def _ip_address(text: str) -> str:
+    if text:
+        ipaddress.ip_address(text)  # ValueError names the problem
+    return text
+
+
+def _interface(text: str) -> str:
+    if text and not re.fullmatch(r"[A-Za-z0-9_.:-]{1,15}", text):
+        raise ValueError("must be a network interface name (at most 15 letters, digits, '_', '.', ':', '-')")
+    return text
+
+
 def _flag(text: str) -> bool:
     if text not in ("0", "1"):
         raise ValueError("must be 0 or 1")
@@ -218,6 +234,8 @@ class ComputeConfig:
     live_migration_soft_time_limit: int = _env("COMPUTE_LIVE_MIGRATION_SOFT_TIME_LIMIT", 3600, _positive_int)
     live_migration_time_limit: int = _env("COMPUTE_LIVE_MIGRATION_TIME_LIMIT", 3660, _positive_int)
     visibility_timeout: int = _env("COMPUTE_VISIBILITY_TIMEOUT", 7200, _positive_int)
+    tunnel_ip: str = _env("COMPUTE_TUNNEL_IP", "", _ip_address)
+    flat_interface: str = _env("COMPUTE_FLAT_INTERFACE", "", _interface)
     fake_vcpus: int = _env("COMPUTE_FAKE_VCPUS", 16, _positive_int)
     fake_memory_mb: int = _env("COMPUTE_FAKE_MEMORY_MB", 32768, _positive_int)
     fake_disk_gb: int = _env("COMPUTE_FAKE_DISK_GB", 500, _positive_int)

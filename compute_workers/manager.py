@@ -27,6 +27,7 @@ from compute_workers.config import ComputeConfig
 from compute_workers.images import ImageCache, qcow2_backing_file
 from compute_workers.journal import ActionJournal, MigrationJournal
 from compute_workers.locks import KeyedLock
+from compute_workers.network.linuxbridge import CommandRunner, HostBridges, LinuxBridges, RecordedBridges
 from compute_workers.operations import FAMILIES, OperationFamily
 from compute_workers.operations.base import HostContext
 from compute_workers.power_events import PowerStateEvents
@@ -38,14 +39,27 @@ LOG = logging.getLogger(__name__)
 Family = TypeVar("Family", bound=OperationFamily)
 
 
+def host_bridges(config: ComputeConfig, driver: ComputeDriver) -> HostBridges:
+    """The host's Linux bridges when the driver's guests are taps on them, else a record of them."""
+    if driver.capabilities.get("plugs_host_bridges"):
+        return LinuxBridges(CommandRunner(), config.tunnel_ip, config.flat_interface)
+
+    def in_use() -> set[str]:
+        return {bridge for instance_uuid in driver.list_instances()
+                for bridge in driver.instance_bridges(instance_uuid)}
+    return RecordedBridges(in_use)
+
+
 class ComputeManager:
     def __init__(self, config: ComputeConfig, driver: ComputeDriver, reporter: Reporter,
-                 families: Iterable[type[OperationFamily]] = FAMILIES) -> None:
+                 families: Iterable[type[OperationFamily]] = FAMILIES,
+                 bridges: HostBridges | None = None) -> None:
         images = ImageCache(config.instances_path / "_base", token=config.service_token,
                             timeout=config.image_download_timeout)
         self.context = HostContext(config=config, driver=driver, reporter=reporter, images=images,
                                    instance_locks=KeyedLock(), journal=ActionJournal(config.instances_path),
-                                   migration_journal=MigrationJournal(config.instances_path))
+                                   migration_journal=MigrationJournal(config.instances_path),
+                                   bridges=bridges or host_bridges(config, driver))
         self._power_events: PowerStateEvents | None = None
         self._owns_power_events = False
         self._next_cache_cleanup = 0.0  # monotonic; the first heartbeat cleans up

@@ -9,6 +9,7 @@ operation's failure: that is reported, so a task is acknowledged once its outcom
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import traceback
@@ -21,6 +22,7 @@ from compute_workers.exception import ComputeError, InstanceNotFound, InvalidIns
 from compute_workers.images import ImageCache
 from compute_workers.journal import ActionJournal, MigrationJournal
 from compute_workers.locks import KeyedLock
+from compute_workers.network.linuxbridge import HostBridges
 from compute_workers.reporter import Reporter
 from compute_workers.virt.driver import ComputeDriver, checked_uuid
 
@@ -65,6 +67,8 @@ class HostContext:
     instance_locks: KeyedLock
     journal: ActionJournal
     migration_journal: MigrationJournal
+    # The host's bridges (and VXLANs) the guests' taps go on: made before a domain starts.
+    bridges: HostBridges
 
     @property
     def host(self) -> str:
@@ -89,6 +93,7 @@ class HostOperations:
         self.instance_locks = context.instance_locks
         self.journal = context.journal
         self.migration_journal = context.migration_journal
+        self.bridges = context.bridges
 
     # Reports --------------------------------------------------------------------------------------
 
@@ -139,6 +144,32 @@ class HostOperations:
         except Exception as exc:
             LOG.warning("cannot read the power state of %s: %s", instance_uuid, exc)
             return {}
+    # The host's bridges ----------------------------------------------------------------------------
+
+    def plugged(self, spec: dict[str, Any] | None) -> contextlib.AbstractContextManager[list[str]]:
+        """Ensure the bridges of ``spec``'s networks (a definition regenerated from it names them) and
+        hold them until the block ends: run the domain's define and start inside it. None: the current
+        definition is kept, its bridges exist (or the start says they do not)."""
+        return self.bridges.plugged((spec or {}).get("networks") or ())
+
+    def instance_bridges(self, instance_uuid: str) -> list[str]:
+        """The bridges of the instance's domain here, read before it goes ([] when it cannot be read:
+        its bridges then stay until another guest's removal or a restart of the network side)."""
+        try:
+            return self.driver.instance_bridges(instance_uuid)
+        except Exception as exc:
+            LOG.warning("cannot read the bridges of %s: %s", instance_uuid, exc)
+            return []
+
+    def remove_unused_bridges(self, instance_uuid: str, bridges: list[str]) -> None:
+        """After the instance's domain is gone from this host: remove those of ``bridges`` no other
+        guest uses. A failure is logged, never raised: the instance is gone all the same."""
+        for bridge in dict.fromkeys(bridges):
+            try:
+                self.bridges.remove_bridge_if_unused(bridge)
+            except Exception as exc:
+                LOG.error("cannot remove bridge %s left by %s: %s", bridge, instance_uuid, exc)
+
     # The hypervisor's truth -----------------------------------------------------------------------
 
     def power_state_or_none(self, instance_uuid: str) -> str | None:

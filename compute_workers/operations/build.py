@@ -2,7 +2,9 @@
 rescheduled (or not).
 
 Spawn and terminate converge by the domain's name: a redelivered spawn finds the domain and reports it
-again, never builds twice; a terminate of an instance that is not here succeeds. A terminate that
+again, never builds twice; a terminate of an instance that is not here succeeds. The bridges of the
+spec's networks are made (compute_workers.network.linuxbridge: idempotent) before the domain is
+defined and started; a terminate removes, after the domain is gone, those it leaves unused. A terminate that
 arrives during a spawn waits for it (the instance's lock).
 """
 
@@ -76,7 +78,9 @@ class Build(OperationFamily):
         try:
             base_image = self._prepare_image(spec)
             driver_called = True
-            self.driver.spawn(spec, base_image)
+            with self.plugged(spec) as made:
+                self._plugged_event(spec, made)
+                self.driver.spawn(spec, base_image)
             power_state = self.driver.get_info(instance_uuid)
         except Exception as exc:
             self._build_failed(spec, exc, cleanup=driver_called)
@@ -84,6 +88,17 @@ class Build(OperationFamily):
         message = (f"domain {contract.domain_name(instance_uuid)} started on {self.host} in "
                    f"{time.monotonic() - started:.1f} s")
         self._spawned(instance_uuid, power_state, message)
+
+    def _plugged_event(self, spec: dict[str, Any], made: list[str]) -> None:
+        """Report the plug of the spec's networks (called right after it, before the domain starts)."""
+        networks = spec.get("networks") or []
+        if not networks:
+            return
+        bridges = ", ".join(dict.fromkeys(network["bridge"] for network in networks))
+        message = (f"bridges {bridges} ready on {self.host}" + (f"; made {', '.join(made)}" if made else
+                                                                "; they existed"))
+        self.update(spec["instance_uuid"], SPAWNING, {},
+                    event=self.event("compute_plug_vifs", EventResult.SUCCESS, message))
 
     def _spawned(self, instance_uuid: str, power_state: str, message: str) -> None:
         LOG.info("spawn of %s: %s", instance_uuid, message)
@@ -102,7 +117,8 @@ class Build(OperationFamily):
             elif power_state != contract.POWER_RUNNING:
                 LOG.warning("spawn of %s: its domain exists but is %s; starting it", instance_uuid,
                             power_state)
-                self.driver.power_on(instance_uuid, spec)
+                with self.plugged(spec):
+                    self.driver.power_on(instance_uuid, spec)
             power_state = self.driver.get_info(instance_uuid)
         except Exception as exc:
             # Not build_failed: that would reschedule while the domain stays here.
@@ -140,6 +156,9 @@ class Build(OperationFamily):
                 self.driver.destroy(instance_uuid)
             except Exception:
                 LOG.exception("cleanup after the failed spawn of %s failed", instance_uuid)
+            else:  # a bridge this attempt made (or found) and no other guest uses goes too
+                self.remove_unused_bridges(instance_uuid, [network["bridge"]
+                                                           for network in spec.get("networks") or ()])
         self.reporter.report(contract.CONDUCTOR_BUILD_FAILED, instance_uuid=instance_uuid, host=self.host,
                              fault=fault_from(exc, self.host), reschedule=reschedule)
 
@@ -148,6 +167,7 @@ class Build(OperationFamily):
         failure report the instance in error with the fault."""
         with self.instance_locks.hold(str(instance_uuid)):
             started = time.monotonic()
+            bridges = self.instance_bridges(instance_uuid)
             try:
                 self.driver.destroy(instance_uuid)
             except Exception as exc:
@@ -156,6 +176,7 @@ class Build(OperationFamily):
                 self.update(instance_uuid, DELETING, {"vm_state": VmState.ERROR, "task_state": None},
                             fault=fault_from(exc, self.host))
                 return
+            self.remove_unused_bridges(instance_uuid, bridges)
         LOG.info("terminated %s in %.1f s", instance_uuid, time.monotonic() - started)
         self.reporter.report(contract.CONDUCTOR_INSTANCE_DESTROYED, instance_uuid=instance_uuid,
                              host=self.host)

@@ -66,7 +66,8 @@ class Lifecycle(OperationFamily):
                     instance_uuid, action_id, task_state, checked, state,
                     f"guest did not shut down within {timeout:g} s after the ACPI request; hard rebooting")
             shut_down = time.monotonic() - started
-            self.driver.power_on(instance_uuid, checked)
+            with self.plugged(checked):
+                self.driver.power_on(instance_uuid, checked)
             return (f"guest shut down cleanly in {shut_down:.1f} s and was started again; rebooted in "
                     f"{time.monotonic() - started:.1f} s")
 
@@ -83,7 +84,8 @@ class Lifecycle(OperationFamily):
 
     def _hard_reboot(self, instance_uuid: str, spec: dict[str, Any] | None, state: str | None) -> str:
         started = time.monotonic()
-        self.driver.hard_reboot(instance_uuid, spec)
+        with self.plugged(spec):
+            self.driver.hard_reboot(instance_uuid, spec)
         seconds = time.monotonic() - started
         if state is None:
             return (f"domain {contract.domain_name(instance_uuid)} was not defined on host {self.host}; "
@@ -127,7 +129,8 @@ class Lifecycle(OperationFamily):
             if state == RUNNING:
                 return f"domain was already running on host {self.host}; nothing to do"
             started = time.monotonic()
-            self.driver.power_on(instance_uuid, checked)
+            with self.plugged(checked):
+                self.driver.power_on(instance_uuid, checked)
             seconds = time.monotonic() - started
             if state is None:
                 return (f"domain {contract.domain_name(instance_uuid)} was not defined on host {self.host}; "

@@ -180,8 +180,12 @@ class LiveMigration(OperationFamily):
                 base_image = None
                 if self.driver.capabilities["needs_base_image"]:
                     base_image = self.images.fetch(spec["image"]).path
+                # The guest arrives with taps on these bridges: they must be there before it moves,
+                # and stay (held) until it has arrived or the migration is rolled back.
+                plugged = self.bridges.hold(instance_uuid, spec.get("networks") or ())
                 self.driver.pre_live_migration(spec, base_image, block_migration, shared_storage)
             except Exception as exc:
+                self.remove_unused_bridges(instance_uuid, self.bridges.release(instance_uuid))
                 message = (f"cannot prepare host {self.host} for the live migration of instance "
                            f"{instance_uuid}: {self.failure_message(exc)}")
                 LOG.error("%s", message, exc_info=not isinstance(exc, ComputeError | contract.SpecError))
@@ -192,6 +196,8 @@ class LiveMigration(OperationFamily):
             made = ("nothing to create: the instance directory is shared with the source" if shared_storage
                     else "instance directory and disk overlay created" if block_migration
                     else "instance directory created")
+            if plugged:
+                made += f"; made {', '.join(plugged)}"
             message = f"host {self.host} prepared in {time.monotonic() - started:.1f} s: {made}"
             LOG.info("%s of %s (migration %s): %s", step, instance_uuid, migration_id, message)
             self.migration_done(migration_id, instance_uuid, step, contract.MIGRATION_PREPARED,
@@ -219,8 +225,11 @@ class LiveMigration(OperationFamily):
                 # A run of this migration that ended while this one waited journaled its outcome.
                 if self._migration_redelivered(step, instance_uuid, migration_id):
                     return
+                bridges = self.instance_bridges(instance_uuid)
                 self.source.migrate(job, dest_host, migration_uri, migration_data_uri, bool(block_migration),
                                     bool(shared_storage), self._completion_timeout(completion_timeout))
+                if bridges and self.power_state_or_none(instance_uuid) is None:  # the guest left
+                    self.remove_unused_bridges(instance_uuid, bridges)
         except Exception as exc:  # a bug: still report, and truthfully
             message = f"live migration of instance {instance_uuid} on host {self.host} failed: {exc}"
             LOG.exception("%s", message)
@@ -275,6 +284,7 @@ class LiveMigration(OperationFamily):
                 self._checked_spec_for(instance_uuid, spec)
                 figures = self.driver.post_live_migration_at_destination(instance_uuid, spec)
                 power_state = self.driver.get_info(instance_uuid)
+                self.bridges.release(instance_uuid)  # the guest's taps are on them now
             except Exception as exc:
                 message = (f"the live-migrated instance {instance_uuid} is not usable on host {self.host}: "
                            f"{self.failure_message(exc)}")
@@ -321,6 +331,7 @@ class LiveMigration(OperationFamily):
             try:
                 removed = self.driver.rollback_live_migration_at_destination(instance_uuid,
                                                                              destroy_disks=not shared_storage)
+                self.remove_unused_bridges(instance_uuid, self.bridges.release(instance_uuid))
             except Exception as exc:
                 message = (f"cannot roll back the live migration of instance {instance_uuid} on host "
                            f"{self.host}: {self.failure_message(exc)}")

@@ -74,9 +74,12 @@ class Resize(OperationFamily):
                                          f"{migration_uri!r}")
             wait = self.shutdown_timeout(timeout)
             started = time.monotonic()
+            bridges = self.instance_bridges(instance_uuid)
             moved = self.driver.migrate_disk_and_power_off(
                 instance_uuid, migration_uri, wait, self._copy_progress(migration_id),
                 self.config.resize_copy_timeout(wait))
+            # The domain is undefined here now (a revert defines it again, plugging its bridges).
+            self.remove_unused_bridges(instance_uuid, bridges)
             if moved.resumed:
                 stopped = "resumed a resize that was interrupted after the power off"
             elif moved.clean_shutdown is None:
@@ -122,7 +125,8 @@ class Resize(OperationFamily):
         def run() -> tuple[str, dict[str, Any] | None]:
             checked = self._migration_spec(instance_uuid, spec)
             started = time.monotonic()
-            self.driver.finish_migration(checked, bool(power_on))
+            with self.plugged(checked):
+                self.driver.finish_migration(checked, bool(power_on))
             power_state = self.driver.get_info(instance_uuid)
             flavor = checked["flavor"]
             done = f"started in {time.monotonic() - started:.1f} s" if power_on else "left shut off"
@@ -151,7 +155,9 @@ class Resize(OperationFamily):
         original stays in ``<uuid>_resize`` on the source). Reports "reverted_dest"."""
 
         def run() -> tuple[str, dict[str, Any] | None]:
+            bridges = self.instance_bridges(instance_uuid)
             self.driver.destroy(instance_uuid)
+            self.remove_unused_bridges(instance_uuid, bridges)
             return f"the resized instance {instance_uuid} was destroyed and removed from {self.host}", None
 
         self._migration_step("revert_resize", instance_uuid, migration_id, contract.MIGRATION_REVERTED_DEST,
@@ -165,7 +171,8 @@ class Resize(OperationFamily):
         def run() -> tuple[str, dict[str, Any] | None]:
             checked = self._migration_spec(instance_uuid, spec)
             started = time.monotonic()
-            self.driver.finish_revert_migration(checked, bool(power_on))
+            with self.plugged(checked):
+                self.driver.finish_revert_migration(checked, bool(power_on))
             power_state = self.driver.get_info(instance_uuid)
             done = f"started in {time.monotonic() - started:.1f} s" if power_on else "left shut off"
             return (f"instance {instance_uuid} back on {self.host} on its original disk with flavor "

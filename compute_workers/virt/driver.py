@@ -37,6 +37,10 @@ CAPABILITY_NAMES = (
     "supports_lifecycle_events",  # register_lifecycle_callback
     "supports_snapshot",
     "supports_live_migration",
+    # Guests' NICs are taps on this host's Linux bridges: the worker must make the bridges (and VXLANs)
+    # before a domain starts (compute_workers.network.linuxbridge). False: the hypervisor needs no
+    # host device (libvirt's test driver, the fake), the bridges are only recorded.
+    "plugs_host_bridges",
 )
 
 # What live_migration_force_complete() did to make a migration converge.
@@ -131,6 +135,12 @@ class ComputeDriver(abc.ABC):
         still succeeds. Raises HypervisorError when the hypervisor refuses; what was removed stays
         removed and a second call finishes the job.
         """
+
+    def instance_bridges(self, instance_uuid: str) -> list[str]:
+        """The Linux bridges the instance's NICs are plugged into (its domain's ``<interface
+        type='bridge'>``), in order; [] when it has none or is not here. Read before :meth:`destroy`, so
+        that the bridges it leaves unused can be removed afterwards."""
+        return []
 
     @abc.abstractmethod
     def get_info(self, instance_uuid: str) -> str:

@@ -53,6 +53,14 @@ class FakeInstance:
     console: list[str]
     boots: int = 1
 
+    @property
+    def interfaces(self) -> list[dict[str, Any]]:
+        """The guest's NICs as the libvirt driver defines them (``<interface type='bridge'>``), one per
+        entry of the spec's networks, in order: ``{"type", "mac", "bridge", "tap", "model", "mtu"}``."""
+        return [{"type": "bridge", "mac": network["mac_address"], "bridge": network["bridge"],
+                 "tap": network["tap"], "model": "virtio", "mtu": network["mtu"]}
+                for network in self.spec.get("networks") or ()]
+
 
 @dataclasses.dataclass
 class _FakeMigrationJob:
@@ -165,6 +173,11 @@ class FakeDriver(ComputeDriver):
 
     def get_info(self, instance_uuid: str) -> str:
         return self._get(instance_uuid).power_state
+
+    def instance_bridges(self, instance_uuid: str) -> list[str]:
+        with self._lock:
+            instance = self.instances.get(checked_uuid(instance_uuid))
+        return [] if instance is None else [interface["bridge"] for interface in instance.interfaces]
 
     def get_console_output(self, instance_uuid: str, lines: int) -> str:
         console = self._get(instance_uuid).console

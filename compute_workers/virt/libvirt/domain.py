@@ -40,9 +40,31 @@ def _file_chardev(parent: ET.Element, kind: str, path: Path) -> ET.Element:
     return chardev
 
 
+def _interface(devices: ET.Element, network: contract.NetworkSpec) -> None:
+    """The guest's NIC of one port: libvirt creates the tap ``network["tap"]`` and enslaves it to the
+    Linux bridge ``network["bridge"]``, which the compute worker made before (compute_workers.network)."""
+    interface = _sub(devices, "interface", type="bridge")
+    _sub(interface, "mac", address=network["mac_address"])
+    _sub(interface, "source", bridge=network["bridge"])
+    _sub(interface, "target", dev=network["tap"])
+    _sub(interface, "model", type="virtio")
+    _sub(interface, "mtu", size=str(network["mtu"]))
+
+
+def bridges_of(xml: str) -> list[str]:
+    """The bridges the ``<interface type='bridge'>`` of a domain definition are plugged into, in order."""
+    devices = ET.fromstring(xml).find("devices")
+    if devices is None:
+        return []
+    return [source.get("bridge", "") for interface in devices.findall("interface")
+            if interface.get("type") == "bridge" and (source := interface.find("source")) is not None
+            and source.get("bridge")]
+
+
 def build_domain_xml(spec: dict[str, Any], *, virt_type: str, machine_type: str, disk_path: Path,
                      console_path: Path, disk_cache: str) -> str:
-    """The domain definition of a validated spec. ``virt_type`` is kvm, qemu (TCG) or test."""
+    """The domain definition of a validated spec. ``virt_type`` is kvm, qemu (TCG) or test. Each
+    entry of ``spec["networks"]`` is an ``<interface type='bridge'>``, in the given order (eth0 first)."""
     instance_uuid = spec["instance_uuid"]
     domain = ET.Element("domain", type=virt_type)
     _sub(domain, "name", contract.domain_name(instance_uuid))
@@ -71,6 +93,8 @@ def build_domain_xml(spec: dict[str, Any], *, virt_type: str, machine_type: str,
     _sub(disk, "driver", name="qemu", type="qcow2", cache=disk_cache)
     _sub(disk, "source", file=str(disk_path))
     _sub(disk, "target", dev="vda", bus="virtio")
+    for network in spec.get("networks") or ():
+        _interface(devices, network)
     _sub(_file_chardev(devices, "serial", console_path), "target", port="0")
     _sub(_file_chardev(devices, "console", console_path), "target", type="serial", port="0")
     _sub(devices, "memballoon", model="virtio")

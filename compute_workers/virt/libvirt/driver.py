@@ -41,7 +41,7 @@ from compute_workers.virt.driver import (
     instance_uuid_of,
 )
 from compute_workers.virt.libvirt import connection, guest, host, migration, resize, volumes
-from compute_workers.virt.libvirt.domain import build_domain_xml
+from compute_workers.virt.libvirt.domain import bridges_of, build_domain_xml
 from compute_workers.virt.libvirt.errors import cause, error_code, hypervisor_errors
 from compute_workers.virt.libvirt.snapshot import snapshot_disk
 
@@ -74,7 +74,8 @@ class LibvirtDriver(ComputeDriver):
     CAPABILITIES: Mapping[str, bool] = MappingProxyType({
         "needs_base_image": True, "supports_reboot": True, "supports_power_ops": True,
         "supports_pause": True, "supports_suspend": True, "supports_lifecycle_events": True,
-        "supports_snapshot": True, "supports_live_migration": True})
+        "supports_snapshot": True, "supports_live_migration": True,
+        "plugs_host_bridges": True})
 
     def __init__(self, uri: str, instances_path: Path, virt_type: str = "auto",
                  machine_type: str = "pc") -> None:
@@ -215,6 +216,17 @@ class LibvirtDriver(ComputeDriver):
             guest.undefine(domain)
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(self.instance_dir(instance_uuid))
+
+    def instance_bridges(self, instance_uuid: str) -> list[str]:
+        domain = self._lookup(instance_uuid)
+        if domain is None:
+            return []
+        try:
+            return bridges_of(domain.XMLDesc(0))
+        except libvirt.libvirtError as exc:
+            if error_code(exc) == libvirt.VIR_ERR_NO_DOMAIN:
+                return []
+            raise HypervisorError(f"cannot read the definition of instance {instance_uuid}: {exc}") from exc
 
     def get_info(self, instance_uuid: str) -> str:
         domain = self._domain(instance_uuid)
