@@ -392,10 +392,10 @@ class ImageSpec(TypedDict):
     properties: NotRequired[dict[str, Any]]
 
 
-# --- networks of a spawn spec (the contract of the networking issue's later parts) ------------------
-# Written before the code behind it: the control plane still sends "networks": [] and the compute
-# worker plugs nothing. When it does, each entry is one port of the instance, everything the host
-# needs to plug it without asking the control plane (Neutron's linuxbridge agent's names).
+# --- networks of a spawn spec -------------------------------------------------------------------------
+# Each entry is one port of the instance, in NIC order (eth0 first): everything the host needs to plug
+# it without asking the control plane (Neutron's linuxbridge agent's names). The compute worker ensures
+# the bridge (and the network's VXLAN) before the domain starts; libvirt makes the tap.
 
 # Linux limits interface names to 15 characters (IFNAMSIZ - 1): a 3-letter prefix and 11 of the id.
 DEVICE_NAME_ID_CHARS = 11
@@ -453,7 +453,7 @@ class SpawnSpec(TypedDict):
     request_id: NotRequired[str]
     flavor: FlavorSpec
     image: ImageSpec
-    networks: NotRequired[list[NetworkSpec]]  # [] until the networking issue's later parts
+    networks: NotRequired[list[NetworkSpec]]  # the instance's ports; [] or absent: no NIC
     key_data: NotRequired[str | None]
     user_data: NotRequired[str | None]
 
