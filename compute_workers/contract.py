@@ -24,6 +24,11 @@ Compute tasks (sent to ``compute_queue(host)``):
     (``None``: all the worker keeps, the last 100 KiB) as
     ``{"output": str}`` or ``{"error": "InstanceNotFound"|"ConsoleUnavailable", "message": str}``.
 
+``compute.network_dhcp_sync(network)`` (sent to the network node's queue, ``NETWORK_DHCP_HOST``)
+    Converge the DHCP server of one network to ``network`` (:class:`DhcpNetworkSpec`): bridge,
+    ``qdhcp-<network id>`` namespace, veth, dnsmasq with the hosts it may lease to; or remove it all
+    (``deleted``). Idempotent; no report (the next sync carries the whole state again).
+
 Lifecycle tasks (sent to ``compute_queue(host)``), each carrying the id of the InstanceAction
 that asked for it. A task whose ``action_id`` this host already completed is a logged no-op (a
 redelivery); every task converges to its target state (starting a running domain does nothing):
@@ -257,6 +262,7 @@ COMPUTE_FINISH_RESIZE = "compute.finish_resize"
 COMPUTE_CONFIRM_RESIZE = "compute.confirm_resize"
 COMPUTE_REVERT_RESIZE = "compute.revert_resize"
 COMPUTE_FINISH_REVERT_RESIZE = "compute.finish_revert_resize"
+COMPUTE_NETWORK_DHCP_SYNC = "compute.network_dhcp_sync"
 
 # Statuses a compute worker reports with conductor.migration_update.
 MIGRATION_PREPARED = "prepared"
@@ -441,6 +447,46 @@ class NetworkSpec(TypedDict):
     segmentation_id: int | None
     bridge: str
     tap: str
+
+
+class DhcpSubnet(TypedDict):
+    """A subnet a network's DHCP server serves (``enable_dhcp``)."""
+
+    subnet_id: str
+    cidr: str
+    gateway_ip: str | None
+    dns_nameservers: list[str]
+
+
+class DhcpHost(TypedDict):
+    """A port that gets a lease: only known MACs do (dnsmasq's hosts file)."""
+
+    mac_address: str
+    ip_address: str
+    hostname: str
+
+
+class DhcpNetworkSpec(TypedDict):
+    """What ``compute.network_dhcp_sync`` converges a network's DHCP server to, on the network node.
+
+    The worker makes the network's bridge (as for a guest's port), a namespace
+    ``qdhcp-<network id>`` joined to the bridge by a veth pair whose namespace end has the DHCP
+    port's MAC and address, and one dnsmasq there (``--no-resolv``: it forwards no DNS) serving
+    ``subnets`` to ``hosts`` only. ``deleted``: remove all of it. Every call sends the whole state,
+    so a redelivered or reordered call converges to what the control plane holds now.
+    """
+
+    network_id: str
+    deleted: bool
+    bridge: str
+    provider_type: Literal["vxlan", "flat"]
+    segmentation_id: int | None
+    mtu: int
+    dhcp_port: FixedIPSpec | None  # its ip_address/cidr; the MAC is dhcp_mac
+    dhcp_mac: str
+    subnets: list[DhcpSubnet]
+    hosts: list[DhcpHost]
+    lease_seconds: int
 
 
 class SpawnSpec(TypedDict):
