@@ -28,7 +28,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from testbed.hosts import delete_netns, run_command
+from testbed.hosts import delete_netns, missing_netns_features, run_command
 
 PREFIX = "ccdhcp-"  # namespaces: ccdhcp-<pid of the test process>-<random>
 DEFAULT_SUBNET = ipaddress.IPv4Network("10.253.200.0/24")
@@ -45,19 +45,10 @@ def missing_capabilities() -> str | None:
     if not os.path.exists("/dev/net/tun"):
         return "no /dev/net/tun: the kernel lacks tun/tap"
     probe = f"{PREFIX}{os.getpid()}-probe{secrets.token_hex(2)}"
-    steps = (
-        (["ip", "netns", "add", probe], "network namespaces"),
+    return missing_netns_features(probe, (
         (["ip", "-n", probe, "link", "add", "br0", "type", "bridge"], "Linux bridges"),
         (["ip", "-n", probe, "tuntap", "add", "dev", "tap0", "mode", "tap"], "tap devices"),
-    )
-    try:
-        for argv, feature in steps:
-            result = subprocess.run(argv, capture_output=True, text=True, timeout=10)
-            if result.returncode != 0:
-                return f"no {feature} here: `{' '.join(argv)}` fails: {result.stderr.strip()}"
-    finally:
-        subprocess.run(["ip", "netns", "del", probe], capture_output=True, timeout=10)
-    return None
+    ))
 
 
 class DhcpNetwork:

@@ -200,6 +200,20 @@ class HostWorker:
             return ""
 
 
+def missing_netns_features(probe: str, steps: Sequence[tuple[list[str], str]]) -> str | None:
+    """Create network namespace ``probe``, run each ``(argv, feature)`` step (argv usually acts in
+    the namespace: ``ip -n <probe> ...``), delete the namespace. Returns why the first failing step's
+    feature is missing, or None when all ran."""
+    try:
+        for argv, feature in ((["ip", "netns", "add", probe], "network namespaces"), *steps):
+            result = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+            if result.returncode != 0:
+                return f"no {feature} here: `{' '.join(argv)}` fails: {result.stderr.strip()}"
+    finally:
+        subprocess.run(["ip", "netns", "del", probe], capture_output=True, timeout=10)
+    return None
+
+
 def missing_capabilities() -> str | None:
     """Why this machine cannot run the harness, or None. Quick: a few checks and one netns."""
     if os.geteuid() != 0:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from compute_workers.network.linuxbridge import CommandRunner, LinuxBridges
-from testbed.hosts import delete_netns
+from testbed.hosts import delete_netns, missing_netns_features
 
 from .test_linuxbridge import network_spec
 
@@ -29,19 +29,11 @@ def _missing() -> str | None:
     if shutil.which("ip") is None or shutil.which("bridge") is None:
         return "needs `ip` and `bridge` (Debian package iproute2)"
     probe = f"{PREFIX}{os.getpid()}-probe"
-    steps = ((["ip", "netns", "add", probe], "network namespaces"),
-             (["ip", "-n", probe, "link", "add", "br0", "type", "bridge"], "Linux bridges"),
-             (["ip", "-n", probe, "link", "add", "vx0", "type", "vxlan", "id", "7", "dstport", "4789"],
-              "VXLAN"),
-             (["ip", "-n", probe, "link", "add", "ve0", "type", "veth", "peer", "name", "ve1"], "veth pairs"))
-    try:
-        for argv, feature in steps:
-            result = subprocess.run(argv, capture_output=True, text=True, timeout=10)
-            if result.returncode != 0:
-                return f"no {feature} here: `{' '.join(argv)}` fails: {result.stderr.strip()}"
-    finally:
-        subprocess.run(["ip", "netns", "del", probe], capture_output=True, timeout=10)
-    return None
+    return missing_netns_features(probe, (
+        (["ip", "-n", probe, "link", "add", "br0", "type", "bridge"], "Linux bridges"),
+        (["ip", "-n", probe, "link", "add", "vx0", "type", "vxlan", "id", "7", "dstport", "4789"], "VXLAN"),
+        (["ip", "-n", probe, "link", "add", "ve0", "type", "veth", "peer", "name", "ve1"], "veth pairs"),
+    ))
 
 
 MISSING = _missing()
