@@ -13,7 +13,8 @@ For network ``N`` (its first 11 characters ``n11``):
   ``--dhcp-range`` per IPv4 subnet (tagged, with that subnet's router and DNS servers), answering only
   the MACs of its hosts file ``<mac>,<ip>,<hostname>``. Its state lives in
   ``INSTANCES_PATH/_dhcp/<network id>/``: ``hosts``, ``leases``, ``pid``, ``args`` (the command line
-  it runs with), ``dnsmasq.log``.
+  it runs with), ``dnsmasq.log``. It runs as root (``--user=root``, as the test bed's): it rereads the
+  hosts file of that root-only directory on SIGHUP.
 
 Converging: what exists is read and only what differs is done. Only the hosts changed: the hosts file is
 rewritten and dnsmasq gets SIGHUP (it rereads it). Its command line changed (subnets, port, lease
@@ -111,7 +112,7 @@ def checked_spec(network: Any) -> contract.DhcpNetworkSpec:
             if not _MAC.match(str(host["mac_address"])):
                 raise DhcpError(f"network {network_id}: invalid host MAC {host['mac_address']!r}")
             ipaddress.ip_address(host["ip_address"])
-            if host["hostname"] and not _HOSTNAME.match(str(host["hostname"])):
+            if not isinstance(host["hostname"], str):
                 raise DhcpError(f"network {network_id}: invalid host name {host['hostname']!r}")
         if network["provider_type"] not in ("vxlan", "flat"):
             raise DhcpError(f"network {network_id}: provider type {network['provider_type']!r}")
@@ -144,10 +145,20 @@ def served_subnets(network: contract.DhcpNetworkSpec) -> list[contract.DhcpSubne
 
 
 def hosts_file(network: contract.DhcpNetworkSpec) -> str:
-    """The dnsmasq hosts file: ``<mac>,<ip>[,<hostname>]`` a line, sorted (stable across syncs)."""
-    lines = sorted(",".join(filter(None, (host["mac_address"].lower(), host["ip_address"], host["hostname"])))
-                   for host in network["hosts"])
-    return "".join(f"{line}\n" for line in lines)
+    """The dnsmasq hosts file: ``<mac>,<ip>[,<hostname>]`` a line, sorted (stable across syncs). Only
+    IPv4 addresses are served; a host name that is not a valid DNS name is left out (logged): the host
+    still gets its address."""
+    lines = []
+    for host in network["hosts"]:
+        if ipaddress.ip_address(host["ip_address"]).version != 4:
+            continue
+        hostname = host["hostname"]
+        if hostname and not _HOSTNAME.match(hostname):
+            LOG.warning("network %s: host name %r of %s is no valid DNS name; left out",
+                        network["network_id"], hostname, host["mac_address"])
+            hostname = ""
+        lines.append(",".join(filter(None, (host["mac_address"].lower(), host["ip_address"], hostname))))
+    return "".join(f"{line}\n" for line in sorted(lines))
 
 
 def dnsmasq_argv(network: contract.DhcpNetworkSpec, directory: Path) -> list[str]:
@@ -156,7 +167,7 @@ def dnsmasq_argv(network: contract.DhcpNetworkSpec, directory: Path) -> list[str
             "--bind-interfaces", f"--interface={ns_end_name(network['network_id'])}",
             "--except-interface=lo", f"--pid-file={directory / 'pid'}",
             f"--dhcp-hostsfile={directory / 'hosts'}", f"--dhcp-leasefile={directory / 'leases'}",
-            f"--log-facility={directory / 'dnsmasq.log'}", "--log-dhcp"]
+            f"--log-facility={directory / 'dnsmasq.log'}"]
     for index, subnet in enumerate(served_subnets(network)):
         net = ipaddress.ip_network(subnet["cidr"])
         tag = f"subnet{index}"

@@ -198,7 +198,7 @@ def test_first_sync_commands_and_files(servers: DhcpServers, host: FakeHost, tmp
         "--bind-interfaces", f"--interface={inside}", "--except-interface=lo",
         f"--pid-file={directory / 'pid'}", f"--dhcp-hostsfile={directory / 'hosts'}",
         f"--dhcp-leasefile={directory / 'leases'}", f"--log-facility={directory / 'dnsmasq.log'}",
-        "--log-dhcp", "--dhcp-range=set:subnet0,10.0.0.0,static,255.255.255.0,600s",
+        "--dhcp-range=set:subnet0,10.0.0.0,static,255.255.255.0,600s",
         "--dhcp-option=tag:subnet0,option:router,10.0.0.1",
         "--dhcp-option=tag:subnet0,option:dns-server,192.0.2.53"]
     assert (directory / "hosts").read_text() == "fa:16:3e:00:00:01,10.0.0.5,vm1\n"
@@ -297,7 +297,7 @@ def test_nothing_to_serve_removes_the_server(servers: DhcpServers, host: FakeHos
 
 @pytest.mark.parametrize("change", [
     {"network_id": "../etc"}, {"bridge": "brqother"}, {"dhcp_mac": "nope"}, {"mtu": 0},
-    {"lease_seconds": 5}, {"hosts": [{"mac_address": MAC, "ip_address": "10.0.0.9", "hostname": "a\nb"}]},
+    {"lease_seconds": 5}, {"hosts": [{"mac_address": MAC, "ip_address": "10.0.0.9", "hostname": None}]},
     {"hosts": [{"mac_address": "x", "ip_address": "10.0.0.9", "hostname": "a"}]},
     {"subnets": [{"subnet_id": "s", "cidr": "bad", "gateway_ip": None, "dns_nameservers": []}]},
     {"provider_type": "vlan"},
@@ -321,3 +321,10 @@ def test_family_records_only_without_host_devices(tmp_path: Path) -> None:
     assert family.network_dhcp_sync({**spec, "deleted": True}) == ["recorded deletion"]
     assert family.servers.networks == {} and bridges.removed == [spec["bridge"]]
     assert family.network_dhcp_sync({"network_id": 1}) == []  # refused, logged, not raised
+
+
+def test_bad_host_names_are_left_out_and_ipv6_hosts_skipped(servers: DhcpServers, tmp_path: Path) -> None:
+    spec = dhcp_spec(hosts=[("fa:16:3e:00:00:01", "10.0.0.5", "a\nb,c"),
+                            ("fa:16:3e:00:00:02", "fd00::5", "v6")])
+    servers.sync(spec)
+    assert (tmp_path / "_dhcp" / spec["network_id"] / "hosts").read_text() == "fa:16:3e:00:00:01,10.0.0.5\n"
