@@ -3,7 +3,7 @@ migration); what they share is in :mod:`compute_workers.operations.base`.
 
 :data:`FAMILIES` is the one plug-in point: a family listed here is constructed by every
 :class:`~compute_workers.manager.ComputeManager` (``manager.family(Lifecycle)``) and registers its tasks
-with :func:`compute_workers.tasks.register_tasks`. A new family (network plugging, volumes, consoles) is
+with :func:`compute_workers.tasks.register_tasks`. A new family (volumes, consoles) is
 a new module with an :class:`~compute_workers.operations.base.OperationFamily` subclass, added here.
 """
 
@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from compute_workers.operations.base import OperationFamily
 from compute_workers.operations.build import Build
+from compute_workers.operations.dhcp import Dhcp
 from compute_workers.operations.lifecycle import Lifecycle
 from compute_workers.operations.live_migration import LiveMigration
 from compute_workers.operations.resize import Resize
 from compute_workers.operations.snapshot import Snapshot
 
-FAMILIES: tuple[type[OperationFamily], ...] = (Build, Lifecycle, Snapshot, Resize, LiveMigration)
+FAMILIES: tuple[type[OperationFamily], ...] = (Build, Lifecycle, Snapshot, Resize, LiveMigration, Dhcp)
 
-__all__ = ["FAMILIES", "Build", "Lifecycle", "LiveMigration", "OperationFamily", "Resize", "Snapshot"]
+__all__ = ["FAMILIES", "Build", "Dhcp", "Lifecycle", "LiveMigration", "OperationFamily", "Resize", "Snapshot"]

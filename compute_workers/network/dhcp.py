@@ -1,0 +1,416 @@
+"""A network node's DHCP servers: one dnsmasq per network, in a namespace of its own (the job of
+Neutron's DHCP agent), converged by ``compute.network_dhcp_sync`` to a :class:`DhcpNetworkSpec`.
+
+For network ``N`` (its first 11 characters ``n11``):
+
+- the network's bridge ``brq<n11>`` (:meth:`LinuxBridges.ensure_bridge`, as for a guest's port);
+- namespace ``qdhcp-<n11>`` with ``lo`` up;
+- a veth pair: ``dhc<n11>`` on the host, enslaved to the bridge and up; ``ns-<n11>`` in the namespace
+  with MAC ``dhcp_mac``, the DHCP port's address (prefix from its subnet's CIDR), the network's MTU, up.
+  Both names are at most 15 characters (IFNAMSIZ); ``dhc`` is not ``tap`` so that a guest's tap
+  (``tap<port id>``) can never collide with it;
+- dnsmasq in the namespace (``--no-resolv --port=0``: it serves DHCP only, no DNS), one ``static``
+  ``--dhcp-range`` per IPv4 subnet (tagged, with that subnet's router and DNS servers), answering only
+  the MACs of its hosts file ``<mac>,<ip>,<hostname>``. Its state lives in
+  ``INSTANCES_PATH/_dhcp/<network id>/``: ``hosts``, ``leases``, ``pid``, ``args`` (the command line
+  it runs with), ``dnsmasq.log``. It runs as root (``--user=root``, as the test bed's): it rereads the
+  hosts file of that root-only directory on SIGHUP.
+
+Converging: what exists is read and only what differs is done. Only the hosts changed: the hosts file is
+rewritten and dnsmasq gets SIGHUP (it rereads it). Its command line changed (subnets, port, lease
+time): it is restarted. Not running (a stale pid file, a crash, a reboot of the node): it is started.
+``deleted`` (or nothing to serve: no DHCP port or no IPv4 subnet): dnsmasq is killed, the namespace
+deleted (the veth goes with it), the state directory removed and the bridge removed if nothing else is
+on it. IPv6 subnets are skipped (logged): only IPv4 DHCP is served.
+
+A driver without host devices (fake, libvirt's test driver: ``plugs_host_bridges`` false) gets
+:class:`RecordedDhcp`, which records the desired state and makes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from compute_workers import contract
+from compute_workers.exception import ComputeError
+from compute_workers.locks import KeyedLock
+from compute_workers.network.linuxbridge import CommandError, HostBridges, Runner, _missing
+
+LOG = logging.getLogger(__name__)
+
+NAMESPACE_PREFIX = "qdhcp-"
+HOST_END_PREFIX = "dhc"
+NS_END_PREFIX = "ns-"
+STATE_DIRECTORY = "_dhcp"
+_NETWORK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}$")
+_MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+_HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9-]{1,63})*$")
+STOP_TIMEOUT = 5.0
+START_TIMEOUT = 10.0
+
+
+class DhcpError(ComputeError):
+    """The DHCP server of a network could not be converged; the message says what failed."""
+
+
+def namespace_name(network_id: str) -> str:
+    return f"{NAMESPACE_PREFIX}{network_id[:contract.DEVICE_NAME_ID_CHARS]}"
+
+
+def host_end_name(network_id: str) -> str:
+    return f"{HOST_END_PREFIX}{network_id[:contract.DEVICE_NAME_ID_CHARS]}"
+
+
+def ns_end_name(network_id: str) -> str:
+    return f"{NS_END_PREFIX}{network_id[:contract.DEVICE_NAME_ID_CHARS]}"
+
+
+def checked_spec(network: Any) -> contract.DhcpNetworkSpec:
+    """``network`` if it is a well-formed :class:`DhcpNetworkSpec` (what this module relies on); raises
+    :class:`DhcpError` naming what is wrong. Everything that reaches a command line or a file is checked."""
+    if not isinstance(network, dict):
+        raise DhcpError(f"DHCP network spec is not an object: {network!r}")
+    network_id = network.get("network_id")
+    if not isinstance(network_id, str) or not _NETWORK_ID.match(network_id):
+        raise DhcpError(f"invalid network id {network_id!r}")
+    if network.get("bridge") != contract.bridge_name(network_id):
+        raise DhcpError(f"network {network_id}: bridge {network.get('bridge')!r} is not "
+                        f"{contract.bridge_name(network_id)}")
+    if not isinstance(network.get("deleted"), bool):
+        raise DhcpError(f"network {network_id}: 'deleted' must be a boolean")
+    if network["deleted"]:
+        return network  # type: ignore[return-value]
+    try:
+        mtu, lease = network["mtu"], network["lease_seconds"]
+        if not isinstance(mtu, int) or isinstance(mtu, bool) or not 68 <= mtu <= 65535:
+            raise DhcpError(f"network {network_id}: invalid MTU {mtu!r}")
+        if not isinstance(lease, int) or isinstance(lease, bool) or lease < 120:
+            raise DhcpError(f"network {network_id}: invalid lease time {lease!r} (at least 120 s)")
+        if not _MAC.match(str(network["dhcp_mac"])):
+            raise DhcpError(f"network {network_id}: invalid DHCP port MAC {network['dhcp_mac']!r}")
+        port = network["dhcp_port"]
+        if port is not None:
+            ipaddress.ip_interface(f"{port['ip_address']}/{ipaddress.ip_network(port['cidr']).prefixlen}")
+        for subnet in network["subnets"]:
+            ipaddress.ip_network(subnet["cidr"])
+            if subnet["gateway_ip"] is not None:
+                ipaddress.ip_address(subnet["gateway_ip"])
+            for server in subnet["dns_nameservers"]:
+                ipaddress.ip_address(server)
+        for host in network["hosts"]:
+            if not _MAC.match(str(host["mac_address"])):
+                raise DhcpError(f"network {network_id}: invalid host MAC {host['mac_address']!r}")
+            ipaddress.ip_address(host["ip_address"])
+            if not isinstance(host["hostname"], str):
+                raise DhcpError(f"network {network_id}: invalid host name {host['hostname']!r}")
+        if network["provider_type"] not in ("vxlan", "flat"):
+            raise DhcpError(f"network {network_id}: provider type {network['provider_type']!r}")
+        if "segmentation_id" not in network:
+            raise KeyError("segmentation_id")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DhcpError(f"network {network_id}: malformed DHCP network spec: "
+                        f"{type(exc).__name__}: {exc}") from exc
+    return network  # type: ignore[return-value]
+
+
+def bridge_network(network: contract.DhcpNetworkSpec) -> contract.NetworkSpec:
+    """The :class:`NetworkSpec` whose bridge :class:`HostBridges` makes for the DHCP port."""
+    return {"port_id": network["network_id"], "network_id": network["network_id"],
+            "mac_address": network["dhcp_mac"],
+            "fixed_ips": [network["dhcp_port"]] if network["dhcp_port"] else [], "mtu": network["mtu"],
+            "provider_type": network["provider_type"], "segmentation_id": network["segmentation_id"],
+            "bridge": network["bridge"], "tap": host_end_name(network["network_id"])}
+
+
+def served_subnets(network: contract.DhcpNetworkSpec) -> list[contract.DhcpSubnet]:
+    subnets = []
+    for subnet in network["subnets"]:
+        if ipaddress.ip_network(subnet["cidr"]).version != 4:
+            LOG.warning("network %s: IPv6 subnet %s not served (IPv4 DHCP only)", network["network_id"],
+                        subnet["cidr"])
+            continue
+        subnets.append(subnet)
+    return subnets
+
+
+def hosts_file(network: contract.DhcpNetworkSpec) -> str:
+    """The dnsmasq hosts file: ``<mac>,<ip>[,<hostname>]`` a line, sorted (stable across syncs). Only
+    IPv4 addresses are served; a host name that is not a valid DNS name is left out (logged): the host
+    still gets its address."""
+    lines = []
+    for host in network["hosts"]:
+        if ipaddress.ip_address(host["ip_address"]).version != 4:
+            continue
+        hostname = host["hostname"]
+        if hostname and not _HOSTNAME.match(hostname):
+            LOG.warning("network %s: host name %r of %s is no valid DNS name; left out",
+                        network["network_id"], hostname, host["mac_address"])
+            hostname = ""
+        lines.append(",".join(filter(None, (host["mac_address"].lower(), host["ip_address"], hostname))))
+    return "".join(f"{line}\n" for line in sorted(lines))
+
+
+def dnsmasq_argv(network: contract.DhcpNetworkSpec, directory: Path) -> list[str]:
+    """The command line of the network's dnsmasq (run inside its namespace)."""
+    argv = ["dnsmasq", "--conf-file=/dev/null", "--user=root", "--no-resolv", "--no-hosts", "--port=0",
+            "--bind-interfaces", f"--interface={ns_end_name(network['network_id'])}",
+            "--except-interface=lo", f"--pid-file={directory / 'pid'}",
+            f"--dhcp-hostsfile={directory / 'hosts'}", f"--dhcp-leasefile={directory / 'leases'}",
+            f"--log-facility={directory / 'dnsmasq.log'}"]
+    for index, subnet in enumerate(served_subnets(network)):
+        net = ipaddress.ip_network(subnet["cidr"])
+        tag = f"subnet{index}"
+        argv.append(f"--dhcp-range=set:{tag},{net.network_address},static,{net.netmask},"
+                    f"{network['lease_seconds']}s")
+        # An option without a value sends no router at all (a subnet without a gateway).
+        argv.append(f"--dhcp-option=tag:{tag},option:router"
+                    + (f",{subnet['gateway_ip']}" if subnet["gateway_ip"] else ""))
+        if subnet["dns_nameservers"]:
+            argv.append(f"--dhcp-option=tag:{tag},option:dns-server,{','.join(subnet['dns_nameservers'])}")
+    return argv
+
+
+class Processes(Protocol):
+    """The host's processes, as this module needs them (a fake in the unit tests)."""
+
+    def alive(self, pid: int, pid_file: Path) -> bool:
+        """Whether ``pid`` is a dnsmasq started with ``--pid-file=<pid_file>``."""
+        ...
+
+    def signal(self, pid: int, signum: int) -> None:
+        ...
+
+
+class SystemProcesses:
+    def alive(self, pid: int, pid_file: Path) -> bool:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return False
+        return bool(cmdline) and cmdline[0].endswith(b"dnsmasq") and \
+            f"--pid-file={pid_file}".encode() in cmdline
+
+    def signal(self, pid: int, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+
+class DhcpServers:
+    """The dnsmasq servers of this network node, one per network. ``state_root`` is
+    ``INSTANCES_PATH/_dhcp``.
+
+    Commands on the host's devices (the veth's host end) go through ``runner`` (the host's namespace,
+    or a test's); those that name ``qdhcp-`` namespaces (``ip netns add/del/list/exec``, ``ip -n``)
+    through ``namespaces`` (default: ``runner``). They differ only in a test whose "host" is itself a
+    namespace: a namespace added from inside ``ip netns exec`` is mounted in that command's private mount
+    namespace only, so the ``qdhcp-`` namespaces are made from the root one, as siblings of the test's."""
+
+    def __init__(self, runner: Runner, bridges: HostBridges, state_root: Path,
+                 processes: Processes | None = None, sleep: Callable[[float], None] = time.sleep,
+                 namespaces: Runner | None = None) -> None:
+        self.runner, self.bridges, self.state_root = runner, bridges, state_root
+        self.ns_runner = namespaces or runner
+        self.processes = processes or SystemProcesses()
+        self.sleep = sleep
+        self._locks = KeyedLock()
+
+    def directory(self, network_id: str) -> Path:
+        return self.state_root / network_id
+
+    def sync(self, network: Any) -> list[str]:
+        """Converge the network's DHCP server to ``network``; what was done (``[]``: nothing)."""
+        spec = checked_spec(network)
+        with self._locks.hold(spec["network_id"]):
+            try:
+                if spec["deleted"] or spec["dhcp_port"] is None or not served_subnets(spec):
+                    return self._remove(spec)
+                return self._ensure(spec)
+            except CommandError as exc:
+                raise DhcpError(f"DHCP server of network {spec['network_id']}: {exc}") from exc
+
+    # Ensure ---------------------------------------------------------------------------------------
+
+    def _ensure(self, network: contract.DhcpNetworkSpec) -> list[str]:
+        network_id = network["network_id"]
+        done: list[str] = []
+        with self.bridges.plugged([bridge_network(network)]) as made:
+            done += made
+            done += self._ensure_namespace(network)
+        directory = self.directory(network_id)
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        hosts_path = directory / "hosts"
+        hosts = hosts_file(network)
+        hosts_changed = not hosts_path.exists() or hosts_path.read_text() != hosts
+        if hosts_changed:
+            _write(hosts_path, hosts)
+            done.append("hosts file")
+        argv = dnsmasq_argv(network, directory)
+        args_path = directory / "args"
+        pid = self._running(directory)
+        recorded = args_path.read_text() if args_path.exists() else None
+        if pid is not None and recorded == json.dumps(argv):
+            if hosts_changed:
+                self.processes.signal(pid, signal.SIGHUP)
+                done.append("dnsmasq reloaded")
+        else:
+            if pid is not None:
+                self._stop(pid, directory)
+            _write(args_path, json.dumps(argv))
+            self._start(network_id, argv, directory)
+            done.append("dnsmasq restarted" if pid is not None else "dnsmasq started")
+        if done:
+            LOG.info("DHCP of network %s: %s", network_id, ", ".join(done))
+        return done
+
+    def _namespaces(self) -> set[str]:
+        listing = self.ns_runner.run("ip", "netns", "list")
+        return {line.split()[0] for line in listing.splitlines() if line.strip()}
+
+    def _link(self, name: str, netns: str | None = None) -> dict[str, Any] | None:
+        prefix = ("ip", "-n", netns) if netns else ("ip",)
+        runner = self.ns_runner if netns else self.runner
+        try:
+            links = json.loads(runner.run(*prefix, "-j", "addr", "show", "dev", name) or "[]")
+        except CommandError as exc:
+            if _missing(exc):
+                return None
+            raise
+        return links[0] if links else None
+
+    def _ensure_namespace(self, network: contract.DhcpNetworkSpec) -> list[str]:
+        network_id, mtu, bridge = network["network_id"], str(network["mtu"]), network["bridge"]
+        netns, host_end = namespace_name(network_id), host_end_name(network_id)
+        ns_end = ns_end_name(network_id)
+        done = []
+        if netns not in self._namespaces():
+            self.ns_runner.run("ip", "netns", "add", netns)
+            done.append(f"namespace {netns}")
+        lo = self._link("lo", netns)
+        if lo is None or "UP" not in lo.get("flags", ()):
+            self.ns_runner.run("ip", "-n", netns, "link", "set", "dev", "lo", "up")
+        inside = self._link(ns_end, netns)
+        outside = self._link(host_end)
+        if inside is None or outside is None:
+            if outside is not None:
+                self.runner.run("ip", "link", "del", "dev", host_end)  # half a pair: make it again
+            if inside is not None:
+                self.ns_runner.run("ip", "-n", netns, "link", "del", "dev", ns_end)
+            self.runner.run("ip", "link", "add", host_end, "mtu", mtu, "type", "veth", "peer", "name", ns_end,
+                            "mtu", mtu, "netns", netns)
+            done.append(f"veth {host_end}/{ns_end}")
+            inside, outside = {}, {}
+        if outside.get("master") != bridge or "UP" not in outside.get("flags", ()) or \
+                outside.get("mtu") != network["mtu"]:
+            self.runner.run("ip", "link", "set", "dev", host_end, "mtu", mtu, "master", bridge, "up")
+        mac = network["dhcp_mac"].lower()
+        if str(inside.get("address", "")).lower() != mac or "UP" not in inside.get("flags", ()) or \
+                inside.get("mtu") != network["mtu"]:
+            self.ns_runner.run("ip", "-n", netns, "link", "set", "dev", ns_end, "address", mac, "mtu", mtu,
+                               "up")
+        port = network["dhcp_port"]
+        assert port is not None
+        wanted = f"{port['ip_address']}/{ipaddress.ip_network(port['cidr']).prefixlen}"
+        have = {f"{a['local']}/{a['prefixlen']}" for a in inside.get("addr_info", ())
+                if a.get("family") == "inet"}
+        if have != {wanted}:
+            if have:
+                self.ns_runner.run("ip", "-n", netns, "-4", "addr", "flush", "dev", ns_end)
+            self.ns_runner.run("ip", "-n", netns, "addr", "add", wanted, "dev", ns_end)
+            done.append(f"address {wanted}")
+        return done
+
+    # dnsmasq --------------------------------------------------------------------------------------
+
+    def _running(self, directory: Path) -> int | None:
+        """The pid of the network's dnsmasq; None when it does not run (no or a stale pid file)."""
+        pid_file = directory / "pid"
+        try:
+            pid = int(pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        return pid if self.processes.alive(pid, pid_file) else None
+
+    def _start(self, network_id: str, argv: list[str], directory: Path) -> None:
+        pid_file = directory / "pid"
+        pid_file.unlink(missing_ok=True)
+        # dnsmasq daemonizes: the command returns once it listens and has written its pid file.
+        self.ns_runner.run("ip", "netns", "exec", namespace_name(network_id), *argv)
+        deadline = time.monotonic() + START_TIMEOUT
+        while self._running(directory) is None:
+            if time.monotonic() > deadline:
+                raise DhcpError(f"dnsmasq of network {network_id} did not start within {START_TIMEOUT:g} s")
+            self.sleep(0.05)
+
+    def _stop(self, pid: int, directory: Path) -> None:
+        self.processes.signal(pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while self.processes.alive(pid, directory / "pid"):
+            if time.monotonic() > deadline:
+                self.processes.signal(pid, signal.SIGKILL)
+                break
+            self.sleep(0.05)
+
+    # Remove ---------------------------------------------------------------------------------------
+
+    def _remove(self, network: contract.DhcpNetworkSpec) -> list[str]:
+        network_id = network["network_id"]
+        netns, host_end = namespace_name(network_id), host_end_name(network_id)
+        directory = self.directory(network_id)
+        done = []
+        pid = self._running(directory)
+        if pid is not None:
+            self._stop(pid, directory)
+            done.append("dnsmasq stopped")
+        if netns in self._namespaces():
+            self.ns_runner.run("ip", "netns", "del", netns)  # the veth goes with its namespace end
+            done.append(f"namespace {netns}")
+        if self._link(host_end) is not None:
+            self.runner.run("ip", "link", "del", "dev", host_end)
+            done.append(f"veth {host_end}")
+        if directory.exists():
+            shutil.rmtree(directory)
+            done.append("state directory")
+        if self.bridges.remove_bridge_if_unused(network["bridge"]):
+            done.append(f"bridge {network['bridge']}")
+        if done:
+            LOG.info("DHCP of network %s removed: %s", network_id, ", ".join(done))
+        return done
+
+
+class RecordedDhcp:
+    """The DHCP servers of a host whose driver makes no host devices: the desired state is recorded in
+    :attr:`networks` (network id -> spec), the bridge in the :class:`RecordedBridges`; nothing runs."""
+
+    def __init__(self, bridges: HostBridges) -> None:
+        self.bridges = bridges
+        self.networks: dict[str, contract.DhcpNetworkSpec] = {}
+
+    def sync(self, network: Any) -> list[str]:
+        spec = checked_spec(network)
+        if spec["deleted"]:
+            removed = self.networks.pop(spec["network_id"], None) is not None
+            self.bridges.remove_bridge_if_unused(spec["bridge"])
+            return ["recorded deletion"] if removed else []
+        if self.networks.get(spec["network_id"]) == spec:
+            return []
+        self.bridges.ensure_bridge(bridge_network(spec))
+        self.networks[spec["network_id"]] = spec
+        return ["recorded"]
+
+
+def _write(path: Path, text: str) -> None:
+    """Replace ``path`` atomically (dnsmasq may reread it at any time)."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    temporary.replace(path)
