@@ -7,6 +7,7 @@ variable.
 from __future__ import annotations
 
 import secrets
+import socket
 from pathlib import Path
 
 import dj_database_url
@@ -264,6 +265,12 @@ NETWORK_VNI_RANGE = _vni_range("NETWORK_VNI_RANGE", "1000:1999")
 # bytes of VXLAN encapsulation (outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8), as Neutron's
 # global_physnet_mtu.
 NETWORK_PHYSICAL_MTU = env_int("NETWORK_PHYSICAL_MTU", 1500, minimum=1280)
+# The network node: the host whose compute worker runs the networks' DHCP servers (dnsmasq in a
+# qdhcp-<network> namespace). Defaults to this machine's name, the host name the Procfile's compute
+# worker uses by default.
+NETWORK_DHCP_HOST = env_str("NETWORK_DHCP_HOST", socket.gethostname())
+# How long a DHCP lease lasts (dnsmasq's lease time).
+NETWORK_DHCP_LEASE_SECONDS = env_int("NETWORK_DHCP_LEASE_SECONDS", 86400, minimum=120)
 
 # --- Celery (scheduler, conductor, beat; compute workers have their own app) ----------------------
 CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0")

@@ -22,6 +22,7 @@ from cloudctl.compute.states import VmState
 from cloudctl.errors import InvalidRequest
 from cloudctl.identity.models import Project
 from cloudctl.identity.services import is_admin
+from cloudctl.network import dhcp
 from cloudctl.network import services as network_services
 from cloudctl.network.errors import PortInUse
 from cloudctl.network.models import Network, Port, PortStatus
@@ -101,7 +102,9 @@ def _bind_given_port(instance: Instance, port: Port, index: int) -> Port:
         holder = Port.objects.filter(pk=port.pk).values("device_id", "device_owner").first() or {}
         raise PortInUse(port_id=str(port.id), device_id=holder.get("device_id", ""),
                         device_owner=holder.get("device_owner", ""))
-    return Port.objects.get(pk=port.pk)
+    bound_port = Port.objects.select_related("network").get(pk=port.pk)
+    dhcp.dhcp_sync(bound_port.network)  # its DHCP host entry now has the server's name
+    return bound_port
 
 
 def server_ports_create(*, instance: Instance, user: Any,
@@ -197,10 +200,13 @@ def server_ports_release(instance_uuid: Any) -> None:
     """The server is deleted: the ports it created go (their addresses are free at once), the ports
     the user passed in stay, unbound (Nova's preserve_on_delete)."""
     ports = _ports_of(instance_uuid)
+    networks = list(Network.objects.filter(pk__in=ports.values("network_id")))
     ports.filter(preserve_on_delete=False).delete()
     ports.filter(preserve_on_delete=True).update(
         device_id="", device_owner="", binding_host="", status=PortStatus.DOWN,
         preserve_on_delete=False, device_index=None, updated=timezone.now())
+    for network in networks:
+        dhcp.dhcp_sync(network)
 
 
 def addresses_of(ports: Iterable[Port]) -> dict[str, list[dict[str, Any]]]:

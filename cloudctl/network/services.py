@@ -28,7 +28,7 @@ from django.db import IntegrityError, transaction
 from cloudctl.errors import InvalidRequest
 from cloudctl.identity.models import Project
 from cloudctl.identity.services import is_admin, project_id_of
-from cloudctl.network import selectors
+from cloudctl.network import dhcp, selectors
 from cloudctl.network.errors import (
     AddressInUse,
     InUse,
@@ -40,6 +40,7 @@ from cloudctl.network.errors import (
     SegmentationIdInUse,
 )
 from cloudctl.network.models import (
+    DEVICE_OWNER_DHCP,
     NETWORK_OWNED_DEVICE_OWNERS,
     VXLAN_OVERHEAD,
     Direction,
@@ -208,6 +209,7 @@ def network_delete(*, network: Network, user: Any) -> None:
         names = [_port_label(p) for p in blocking]
         raise InUse(f"network {network.id} has {len(blocking)} port(s) in use: {', '.join(names)}; "
                     "delete them first", ports=[str(p.id) for p in blocking])
+    dhcp.dhcp_sync(network, force=dhcp.has_dhcp(network))  # sent at commit: the network is gone
     network.ports.filter(device_owner__in=NETWORK_OWNED_DEVICE_OWNERS).delete()
     network.subnets.all().delete()
     network.delete()
@@ -325,15 +327,22 @@ def subnet_create(*, user: Any, network: Network, cidr: str, name: str = "",
         if net.overlaps(other.ip_network):
             raise InvalidRequest("cidr", f"{net} overlaps {other.cidr} of subnet {other.id}"
                                  f"{f' ({other.name})' if other.name else ''} on the same network")
-    return Subnet.objects.create(network=network, name=name, cidr=str(net),
-                                 gateway_ip=str(gateway) if gateway is not None else None,
-                                 allocation_pools=pools, dns_nameservers=nameservers,
-                                 enable_dhcp=enable_dhcp)
+    subnet = Subnet.objects.create(network=network, name=name, cidr=str(net),
+                                   gateway_ip=str(gateway) if gateway is not None else None,
+                                   allocation_pools=pools, dns_nameservers=nameservers,
+                                   enable_dhcp=enable_dhcp)
+    _dhcp_changed(network)
+    return subnet
 
 
+@transaction.atomic
 def subnet_update(*, subnet: Subnet, user: Any, name: str | None = None,
                   dns_nameservers: Sequence[str] | None = None, enable_dhcp: bool | None = None) -> Subnet:
+    """Change a subnet's name, DNS servers or DHCP; turning DHCP on or off gives the network's DHCP
+    port an address in it or takes it back (and makes or removes that port)."""
     _require_owner(subnet.network, user, "change subnets of")
+    if enable_dhcp is not None and enable_dhcp != subnet.enable_dhcp:
+        _lock_network(subnet.network)
     changes: dict[str, Any] = {}
     if name is not None:
         changes["name"] = name
@@ -345,6 +354,8 @@ def subnet_update(*, subnet: Subnet, user: Any, name: str | None = None,
         setattr(subnet, key, value)
     if changes:
         subnet.save(update_fields=[*changes, "updated"])
+        if "enable_dhcp" in changes or subnet.enable_dhcp:
+            _dhcp_changed(subnet.network)
     return subnet
 
 
@@ -360,7 +371,9 @@ def subnet_delete(*, subnet: Subnet, user: Any) -> None:
                     f"{', '.join(_port_label(p) for p in holders)}; delete them first",
                     ports=[str(p.id) for p in holders])
     PortFixedIP.objects.filter(subnet=subnet).delete()
+    network = subnet.network
     subnet.delete()
+    _dhcp_changed(network)
 
 
 # --- security groups -------------------------------------------------------------------------------
@@ -635,6 +648,7 @@ def port_create(*, user: Any, project: Project, network: Network, name: str = ""
             _allocate_requested(port, subnet, address)
         else:
             _allocate_next(port, subnet)
+    dhcp.dhcp_sync(network)
     return port
 
 
@@ -674,6 +688,50 @@ def port_update(*, port: Port, user: Any, name: str | None = None,
     return port
 
 
+@transaction.atomic
 def port_delete(*, port: Port, user: Any) -> None:
-    """Delete a port; its addresses are free at once."""
+    """Delete a port; its addresses are free at once. The network's DHCP port is the network's: it
+    goes when the last DHCP subnet does (409 for anyone deleting it before)."""
+    if port.device_owner == DEVICE_OWNER_DHCP and dhcp.dhcp_subnets(port.network):
+        raise NetworkConflict(f"port {port.id} is the DHCP port of network {port.network_id}; it goes "
+                              "with the network's last DHCP subnet")
+    network = port.network
     port.delete()
+    dhcp.dhcp_sync(network)
+
+
+# --- DHCP ------------------------------------------------------------------------------------------
+
+
+def _dhcp_changed(network: Network) -> None:
+    """A subnet of the network was made, changed or deleted (the caller holds the network's lock):
+    the network's DHCP port follows its DHCP subnets, and the network node hears of it."""
+    had = dhcp.has_dhcp(network)
+    dhcp_port_reconcile(network)
+    dhcp.dhcp_sync(network, force=had)
+
+
+def dhcp_port_reconcile(network: Network) -> Port | None:
+    """Keep the network's one DHCP port (Neutron's ``network:dhcp``, device_id ``dhcp<network id>``,
+    bound to ``NETWORK_DHCP_HOST``): made with the first DHCP subnet, an address (the next free one,
+    as any port's) in each DHCP subnet, deleted when no DHCP subnet is left."""
+    subnets = dhcp.dhcp_subnets(network)
+    port = Port.objects.filter(network_id=network.pk, device_owner=DEVICE_OWNER_DHCP).first()
+    if not subnets:
+        if port is not None:
+            port.delete()
+        return None
+    if port is None:
+        fields = {"network": network, "project_id": network.project_id, "name": "",
+                  "device_id": dhcp.dhcp_device_id(network.pk), "device_owner": DEVICE_OWNER_DHCP,
+                  "binding_host": settings.NETWORK_DHCP_HOST}
+        port = _savepoint_retry(lambda: Port.objects.create(mac_address=mac_address_generate(), **fields),
+                                attempts=ALLOCATION_ATTEMPTS,
+                                on_exhausted=lambda: MacAddressInUse("no free MAC address was found"))
+    wanted = {s.pk for s in subnets}
+    held = set(port.fixed_ips.values_list("subnet_id", flat=True))
+    port.fixed_ips.exclude(subnet_id__in=wanted).delete()
+    for subnet in subnets:
+        if subnet.pk not in held:
+            _allocate_next(port, subnet)
+    return port

@@ -28,7 +28,8 @@ def other_api(other_project) -> APIClient:
 def setup_network(api: APIClient, name: str = "private", cidr: str = "10.0.0.0/24") -> tuple[dict, dict]:
     net = post(api, "networks", name=name)
     assert net.status_code == 201, net.content
-    sub = post(api, "subnets", network=net.json()["id"], cidr=cidr)
+    # Without DHCP: a DHCP subnet's first free address goes to the network's DHCP port (test_dhcp).
+    sub = post(api, "subnets", network=net.json()["id"], cidr=cidr, enable_dhcp=False)
     assert sub.status_code == 201, sub.content
     return net.json(), sub.json()
 
@@ -37,7 +38,7 @@ def test_create_network_subnet_port(api):
     net, sub = setup_network(api)
     assert net["provider_type"] == "vxlan" and net["segmentation_id"] == 1000 and net["mtu"] == 1450
     assert net["project"] == "blue" and net["status"] == "ACTIVE" and not net["shared"]
-    assert sub["gateway_ip"] == "10.0.0.1" and sub["enable_dhcp"] is True
+    assert sub["gateway_ip"] == "10.0.0.1" and sub["enable_dhcp"] is False
     assert sub["allocation_pools"] == [{"start": "10.0.0.2", "end": "10.0.0.254"}]
     assert api.get(f"{API}/networks/{net['id']}/").json()["subnets"] == [sub["id"]]
     port = post(api, "ports", network="private", name="vm-port", device_id="s1", device_owner="compute:nova")

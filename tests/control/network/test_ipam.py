@@ -30,6 +30,8 @@ def network(admin: Any, project: Project, **kw: Any) -> Network:
 
 
 def subnet(admin: Any, net: Network, cidr: str = "10.0.0.0/24", **kw: Any) -> Subnet:
+    # Without DHCP: a DHCP subnet's first free address goes to the network's DHCP port (test_dhcp).
+    kw.setdefault("enable_dhcp", False)
     return services.subnet_create(user=admin, network=net, cidr=cidr, **kw)
 
 
