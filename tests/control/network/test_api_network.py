@@ -258,3 +258,15 @@ def test_admin_pages_render_with_ip_usage_and_delete_through_the_services(api, a
     refused = staff.post("/admin/network/network/", {"action": "delete_networks",
                                                      "_selected_action": [net["id"]]}, follow=True)
     assert "not deleted" in refused.content.decode() and Network.objects.exists()
+
+
+def test_a_subnet_serves_dhcp_by_default_and_its_first_free_address_is_the_dhcp_port(api, outbox):
+    net = post(api, "networks", name="dhcp-default").json()
+    sub = post(api, "subnets", network=net["id"], cidr="10.9.0.0/24")
+    assert sub.status_code == 201, sub.content
+    assert sub.json()["enable_dhcp"] is True
+    [dhcp] = [p for p in api.get(f"{API}/ports/?network={net['id']}").json()
+              if p["device_owner"] == "network:dhcp"]
+    assert [ip["ip_address"] for ip in dhcp["fixed_ips"]] == ["10.9.0.2"]
+    port = post(api, "ports", network=net["id"], name="next")
+    assert [ip["ip_address"] for ip in port.json()["fixed_ips"]] == ["10.9.0.3"]
