@@ -20,6 +20,7 @@ from typing import Any
 from django.apps import apps
 from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
+from django.db.models import QuerySet
 
 from cloudctl.celery import app
 from cloudctl.network.models import DEVICE_OWNER_DHCP, Network, Port, PortFixedIP, Subnet
@@ -48,8 +49,12 @@ def hostname_of(name: str, ip_address: str) -> str:
     return label or f"host-{ip_address.replace('.', '-')}"
 
 
+def _dhcp_subnet_rows(network: Network) -> QuerySet[Subnet]:
+    return Subnet.objects.filter(network_id=network.pk, enable_dhcp=True)
+
+
 def dhcp_subnets(network: Network) -> list[Subnet]:
-    return list(Subnet.objects.filter(network_id=network.pk, enable_dhcp=True).order_by("created", "id"))
+    return list(_dhcp_subnet_rows(network).order_by("created", "id"))
 
 
 def _server_names(device_ids: set[str]) -> dict[str, str]:
@@ -153,7 +158,7 @@ def _pending(network_id: str, using: str) -> bool:
 def has_dhcp(network: Network) -> bool:
     """Whether the network has a DHCP server to converge: a DHCP subnet or (until it goes) a DHCP
     port."""
-    return (Subnet.objects.filter(network_id=network.pk, enable_dhcp=True).exists()
+    return (_dhcp_subnet_rows(network).exists()
             or Port.objects.filter(network_id=network.pk, device_owner=DEVICE_OWNER_DHCP).exists())
 
 
