@@ -28,6 +28,21 @@ Compute tasks (sent to ``compute_queue(host)``):
     Converge the DHCP server of one network to ``network`` (:class:`DhcpNetworkSpec`): bridge,
     ``qdhcp-<network id>`` namespace, veth, dnsmasq with the hosts it may lease to; or remove it all
     (``deleted``). Idempotent; no report (the next sync carries the whole state again).
+``compute.network_host_sync(state)`` (sent to each host's own queue)
+    Converge the host's networking to ``state`` (:class:`HostNetworkState`): every network with a
+    port here has its bridge and VXLAN interface, whose flood entries point at exactly ``peers``
+    (the other hosts' tunnel IPs); every port listed has its security-group chains and
+    anti-spoofing rules (:class:`PortSecuritySpec`); chains of ports not listed are removed, and so
+    are bridges nothing uses. A removed rule also ends the connections it allowed (conntrack).
+    Sent when the control plane changes any of it, after a worker's ``conductor.host_init`` and
+    every ``NETWORK_RESYNC_INTERVAL`` seconds. ``generation`` grows with each state the control plane
+    builds: a worker ignores a state older than the last it applied. Idempotent; no report.
+``compute.network_router_sync(router)`` (sent to the network node's queue, ``NETWORK_NODE_HOST``)
+    Converge one router (:class:`RouterSpec`): namespace ``qrouter-<router id>``, a veth into each
+    subnet's bridge (``qr-``) and into the external network's bridge (``qg-``), IP forwarding, SNAT
+    of the subnets behind it to the gateway address, and for each floating IP its address on ``qg-``
+    (announced with a gratuitous ARP), DNAT to the fixed IP and SNAT back; or remove it all
+    (``deleted``). Idempotent; no report.
 
 Lifecycle tasks (sent to ``compute_queue(host)``), each carrying the id of the InstanceAction
 that asked for it. A task whose ``action_id`` this host already completed is a logged no-op (a
@@ -263,6 +278,8 @@ COMPUTE_CONFIRM_RESIZE = "compute.confirm_resize"
 COMPUTE_REVERT_RESIZE = "compute.revert_resize"
 COMPUTE_FINISH_REVERT_RESIZE = "compute.finish_revert_resize"
 COMPUTE_NETWORK_DHCP_SYNC = "compute.network_dhcp_sync"
+COMPUTE_NETWORK_HOST_SYNC = "compute.network_host_sync"
+COMPUTE_NETWORK_ROUTER_SYNC = "compute.network_router_sync"
 
 # Statuses a compute worker reports with conductor.migration_update.
 MIGRATION_PREPARED = "prepared"
@@ -428,6 +445,48 @@ class FixedIPSpec(TypedDict):
     gateway_ip: str | None
 
 
+class SecurityRuleSpec(TypedDict):
+    """One security-group rule of a port, resolved for the host.
+
+    ``protocol``: "tcp", "udp", "icmp", "icmpv6" or an IP protocol number as a string; null: any.
+    For tcp/udp the port range (null: all ports); for icmp ``port_range_min`` is the ICMP type and
+    ``port_range_max`` the code (null: any). ``remote_ip_prefixes``: the peers the rule admits,
+    already resolved (a ``remote_ip_prefix``, or the fixed IPs of the ``remote_group``'s member
+    ports as /32 or /128); null admits any address; an empty list admits none (a remote group with
+    no members).
+    """
+
+    direction: Literal["ingress", "egress"]
+    ethertype: Literal["IPv4", "IPv6"]
+    protocol: str | None
+    port_range_min: int | None
+    port_range_max: int | None
+    remote_ip_prefixes: list[str] | None
+
+
+class AllowedAddress(TypedDict):
+    """A source a port may send from (anti-spoofing): its MAC with one of its fixed IPs."""
+
+    mac_address: str
+    ip_address: str
+
+
+class PortSecuritySpec(TypedDict):
+    """The filtering of one port's tap (Neutron's iptables firewall, with conntrack).
+
+    ``enabled`` False: no filtering and no anti-spoofing (a port with port security off).
+    Otherwise traffic to the guest passes only if it belongs to an established connection or an
+    ``ingress`` rule admits it; traffic from the guest must come from one of ``allowed_addresses``
+    (plus DHCP requests from its MAC with source 0.0.0.0, and ARP for its own addresses) and pass
+    an ``egress`` rule. DHCP replies to the guest are always allowed; DHCP replies from the guest
+    are always dropped.
+    """
+
+    enabled: bool
+    allowed_addresses: list[AllowedAddress]
+    rules: list[SecurityRuleSpec]
+
+
 class NetworkSpec(TypedDict):
     """One entry of ``SpawnSpec["networks"]`` (spec version 1): a port to plug before the guest
     starts, in the order of the guest's NICs.
@@ -447,6 +506,72 @@ class NetworkSpec(TypedDict):
     segmentation_id: int | None
     bridge: str
     tap: str
+    # The port's filtering, applied before the guest starts (so before a live migration's
+    # switch-over too); absent in specs built before security groups: no filtering.
+    security: NotRequired[PortSecuritySpec]
+
+
+class HostNetwork(TypedDict):
+    """A network with a port on the host: its bridge and, for vxlan, the tunnel peers to flood to."""
+
+    network_id: str
+    bridge: str
+    provider_type: Literal["vxlan", "flat"]
+    segmentation_id: int | None
+    mtu: int
+    peers: list[str]  # tunnel IPs of the other hosts with a port on this network (vxlan only)
+
+
+class HostNetworkState(TypedDict):
+    """What ``compute.network_host_sync`` converges a host's networking to (the whole of it).
+
+    ``ports``: the ports bound to the host or being live-migrated to it, each with ``security``.
+    """
+
+    host: str
+    generation: int  # grows with each state built; an older one than the last applied is ignored
+    networks: list[HostNetwork]
+    ports: list[NetworkSpec]
+
+
+class RouterPortSpec(TypedDict):
+    """A router's leg on a network: the veth end ``qr-`` (``qg-`` for the gateway) + the first 11
+    characters of ``port_id`` in the router's namespace; its host end, :func:`tap_name` of the
+    port, is on ``bridge``."""
+
+    port_id: str
+    network_id: str
+    bridge: str
+    provider_type: Literal["vxlan", "flat"]
+    segmentation_id: int | None
+    mtu: int
+    mac_address: str
+    ip_address: str
+    cidr: str
+    gateway_ip: str | None  # the external subnet's gateway: the default route, on the gateway port
+
+
+class FloatingIPSpec(TypedDict):
+    floating_ip_id: str
+    floating_ip_address: str
+    fixed_ip_address: str
+
+
+class RouterSpec(TypedDict):
+    """What ``compute.network_router_sync`` converges a router to, on the network node.
+
+    ``gateway``: the router's port on the external network (null: no external gateway, hence no
+    SNAT and no floating IPs). ``enable_snat``: the subnets behind it reach outside as the
+    gateway's address. ``interfaces``: its ports on tenant subnets (``ip_address`` is the subnet's
+    gateway). ``floating_ips``: the associated floating IPs only. ``deleted``: remove all of it.
+    """
+
+    router_id: str
+    deleted: bool
+    gateway: RouterPortSpec | None
+    enable_snat: bool
+    interfaces: list[RouterPortSpec]
+    floating_ips: list[FloatingIPSpec]
 
 
 class DhcpSubnet(TypedDict):
