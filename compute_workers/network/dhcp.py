@@ -45,7 +45,8 @@ from typing import Any, Protocol
 from compute_workers import contract
 from compute_workers.exception import ComputeError
 from compute_workers.locks import KeyedLock
-from compute_workers.network.linuxbridge import CommandError, HostBridges, Runner, _missing
+from compute_workers.network.linuxbridge import CommandError, HostBridges, Runner
+from compute_workers.network.netns import Namespaces, Veth
 
 LOG = logging.getLogger(__name__)
 
@@ -221,6 +222,7 @@ class DhcpServers:
                  namespaces: Runner | None = None) -> None:
         self.runner, self.bridges, self.state_root = runner, bridges, state_root
         self.ns_runner = namespaces or runner
+        self.namespaces = Namespaces(runner, self.ns_runner)
         self.processes = processes or SystemProcesses()
         self.sleep = sleep
         self._locks = KeyedLock()
@@ -273,62 +275,19 @@ class DhcpServers:
             LOG.info("DHCP of network %s: %s", network_id, ", ".join(done))
         return done
 
-    def _namespaces(self) -> set[str]:
-        listing = self.ns_runner.run("ip", "netns", "list")
-        return {line.split()[0] for line in listing.splitlines() if line.strip()}
-
-    def _link(self, name: str, netns: str | None = None) -> dict[str, Any] | None:
-        prefix = ("ip", "-n", netns) if netns else ("ip",)
-        runner = self.ns_runner if netns else self.runner
-        try:
-            links = json.loads(runner.run(*prefix, "-j", "addr", "show", "dev", name) or "[]")
-        except CommandError as exc:
-            if _missing(exc):
-                return None
-            raise
-        return links[0] if links else None
-
     def _ensure_namespace(self, network: contract.DhcpNetworkSpec) -> list[str]:
-        network_id, mtu, bridge = network["network_id"], str(network["mtu"]), network["bridge"]
-        netns, host_end = namespace_name(network_id), host_end_name(network_id)
-        ns_end = ns_end_name(network_id)
-        done = []
-        if netns not in self._namespaces():
-            self.ns_runner.run("ip", "netns", "add", netns)
-            done.append(f"namespace {netns}")
-        lo = self._link("lo", netns)
-        if lo is None or "UP" not in lo.get("flags", ()):
-            self.ns_runner.run("ip", "-n", netns, "link", "set", "dev", "lo", "up")
-        inside = self._link(ns_end, netns)
-        outside = self._link(host_end)
-        if inside is None or outside is None:
-            if outside is not None:
-                self.runner.run("ip", "link", "del", "dev", host_end)  # half a pair: make it again
-            if inside is not None:
-                self.ns_runner.run("ip", "-n", netns, "link", "del", "dev", ns_end)
-            self.runner.run("ip", "link", "add", host_end, "mtu", mtu, "type", "veth", "peer", "name", ns_end,
-                            "mtu", mtu, "netns", netns)
-            done.append(f"veth {host_end}/{ns_end}")
-            inside, outside = {}, {}
-        if outside.get("master") != bridge or "UP" not in outside.get("flags", ()) or \
-                outside.get("mtu") != network["mtu"]:
-            self.runner.run("ip", "link", "set", "dev", host_end, "mtu", mtu, "master", bridge, "up")
-        mac = network["dhcp_mac"].lower()
-        if str(inside.get("address", "")).lower() != mac or "UP" not in inside.get("flags", ()) or \
-                inside.get("mtu") != network["mtu"]:
-            self.ns_runner.run("ip", "-n", netns, "link", "set", "dev", ns_end, "address", mac, "mtu", mtu,
-                               "up")
+        network_id = network["network_id"]
+        netns, ns_end = namespace_name(network_id), ns_end_name(network_id)
+        done = self.namespaces.ensure(netns)
+        veth = Veth(netns, host_end_name(network_id), ns_end, network["bridge"], network["mtu"],
+                    network["dhcp_mac"].lower())
+        made, have = self.namespaces.plug_veth(veth)
+        done += made
         port = network["dhcp_port"]
         assert port is not None
         wanted = f"{port['ip_address']}/{ipaddress.ip_network(port['cidr']).prefixlen}"
-        have = {f"{a['local']}/{a['prefixlen']}" for a in inside.get("addr_info", ())
-                if a.get("family") == "inet"}
-        if have != {wanted}:
-            if have:
-                self.ns_runner.run("ip", "-n", netns, "-4", "addr", "flush", "dev", ns_end)
-            self.ns_runner.run("ip", "-n", netns, "addr", "add", wanted, "dev", ns_end)
-            done.append(f"address {wanted}")
-        return done
+        added, _ = self.namespaces.set_addresses(netns, ns_end, have, {wanted})
+        return done + [f"address {address}" for address in added]
 
     # dnsmasq --------------------------------------------------------------------------------------
 
@@ -372,11 +331,9 @@ class DhcpServers:
         if pid is not None:
             self._stop(pid, directory)
             done.append("dnsmasq stopped")
-        if netns in self._namespaces():
-            self.ns_runner.run("ip", "netns", "del", netns)  # the veth goes with its namespace end
+        if self.namespaces.delete(netns):  # the veth goes with its namespace end
             done.append(f"namespace {netns}")
-        if self._link(host_end) is not None:
-            self.runner.run("ip", "link", "del", "dev", host_end)
+        if self.namespaces.delete_link(host_end):
             done.append(f"veth {host_end}")
         if directory.exists():
             shutil.rmtree(directory)

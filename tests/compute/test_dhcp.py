@@ -141,12 +141,16 @@ class FakeHost:
                 link["flags"] = [*link["flags"], "UP"]
             return ""
         if args[:4] == ["ip", "link", "del", "dev"]:
-            link = self.links.pop((ns, args[4]))
+            link = self._get(ns, args[4], argv)
+            del self.links[(ns, args[4])]
             if link.get("peer"):
                 self.links.pop(link["peer"], None)
             return ""
-        if args[:4] == ["ip", "-4", "addr", "flush"]:
-            self._get(ns, args[5], argv)["addr_info"] = []
+        if args[:3] == ["ip", "addr", "del"]:
+            local, prefix = args[3].split("/")
+            link = self._get(ns, args[5], argv)
+            link["addr_info"] = [a for a in link.get("addr_info", [])
+                                 if (a["local"], a["prefixlen"]) != (local, int(prefix))]
             return ""
         if args[:3] == ["ip", "addr", "add"]:
             local, prefix = args[3].split("/")
@@ -246,7 +250,7 @@ def test_port_address_change_readdresses_and_restarts(servers: DhcpServers, host
     assert servers.sync(changed) == ["address 10.1.0.2/16", "dnsmasq restarted"]
     inside = ns_end_name(spec["network_id"])
     ns = namespace_name(spec["network_id"])
-    assert f"ip -n {ns} -4 addr flush dev {inside}" in host.writes()
+    assert f"ip -n {ns} addr del 10.0.0.2/24 dev {inside}" in host.writes()
 
 
 def test_a_dead_dnsmasq_is_started_again(servers: DhcpServers, processes: FakeProcesses) -> None:
