@@ -30,6 +30,8 @@ A malformed value fails at start with :class:`ConfigError` naming the variable.
 | `COMPUTE_LIFECYCLE_TIME_LIMIT` | `360` | Hard time limit of each lifecycle task. |
 | `COMPUTE_DHCP_SOFT_TIME_LIMIT` | `60` | Soft time limit of `compute.network_dhcp_sync` (a network node's bridge, namespace, veth and dnsmasq of one network). |
 | `COMPUTE_DHCP_TIME_LIMIT` | `90` | Hard time limit of `compute.network_dhcp_sync`. |
+| `COMPUTE_ROUTER_SOFT_TIME_LIMIT` | `60` | Soft time limit of `compute.network_router_sync` (a network node's router: bridges, namespace, veths, route and NAT). |
+| `COMPUTE_ROUTER_TIME_LIMIT` | `90` | Hard time limit of `compute.network_router_sync`. |
 | `COMPUTE_SNAPSHOT_SOFT_TIME_LIMIT` | `1800` | Soft time limit of `compute.snapshot_instance` (copy, convert and upload). |
 | `COMPUTE_SNAPSHOT_TIME_LIMIT` | `1860` | Hard time limit of `compute.snapshot_instance`. |
 | `COMPUTE_RESIZE_SOFT_TIME_LIMIT` | `1800` | Soft time limit of `compute.resize_instance` (power off, then the disk copy to the destination); the copy must end 60 s before it (counting the clean-shutdown wait), or it is abandoned and the instance put back. |
@@ -215,6 +217,8 @@ class ComputeConfig:
     lifecycle_time_limit: int = _env("COMPUTE_LIFECYCLE_TIME_LIMIT", 360, _positive_int)
     dhcp_soft_time_limit: int = _env("COMPUTE_DHCP_SOFT_TIME_LIMIT", 60, _positive_int)
     dhcp_time_limit: int = _env("COMPUTE_DHCP_TIME_LIMIT", 90, _positive_int)
+    router_soft_time_limit: int = _env("COMPUTE_ROUTER_SOFT_TIME_LIMIT", 60, _positive_int)
+    router_time_limit: int = _env("COMPUTE_ROUTER_TIME_LIMIT", 90, _positive_int)
     snapshot_soft_time_limit: int = _env("COMPUTE_SNAPSHOT_SOFT_TIME_LIMIT", 1800, _positive_int)
     snapshot_time_limit: int = _env("COMPUTE_SNAPSHOT_TIME_LIMIT", 1860, _positive_int)
     resize_soft_time_limit: int = _env("COMPUTE_RESIZE_SOFT_TIME_LIMIT", 1800, _positive_int)
@@ -246,7 +250,7 @@ class ComputeConfig:
 
     def __post_init__(self) -> None:
         for kind in ("spawn", "terminate", "console", "lifecycle", "snapshot", "live_migration", "resize",
-                     "resize_step", "dhcp"):
+                     "resize_step", "dhcp", "router"):
             soft_var = f"COMPUTE_{kind.upper()}_SOFT_TIME_LIMIT"
             hard_var = f"COMPUTE_{kind.upper()}_TIME_LIMIT"
             soft, hard = getattr(self, f"{kind}_soft_time_limit"), getattr(self, f"{kind}_time_limit")
@@ -286,6 +290,7 @@ class ComputeConfig:
             *((name, self.lifecycle_soft_time_limit, self.lifecycle_time_limit)
               for name in LIVE_MIGRATION_STEP_TASKS),
             (contract.COMPUTE_NETWORK_DHCP_SYNC, self.dhcp_soft_time_limit, self.dhcp_time_limit),
+            (contract.COMPUTE_NETWORK_ROUTER_SYNC, self.router_soft_time_limit, self.router_time_limit),
         )
 
     def resize_copy_timeout(self, shutdown_wait: float) -> float:

@@ -346,8 +346,9 @@ class RecordedBridges:
         return [f"bridge {network['bridge']}"]
 
     def remove_bridge_if_unused(self, bridge: str) -> bool:
-        """Forget ``bridge`` unless an instance here still uses it."""
-        if bridge in self.in_use():
+        """Forget ``bridge`` unless an instance here still uses it or a hold keeps it (as
+        :class:`LinuxBridges` does)."""
+        if bridge in self.in_use() or any(bridge in held for held in list(self._held.values())):
             return False
         with self._lock:
             if self.bridges.pop(bridge, None) is None:

@@ -15,8 +15,11 @@ from compute_workers.operations.dhcp import Dhcp
 from compute_workers.operations.lifecycle import Lifecycle
 from compute_workers.operations.live_migration import LiveMigration
 from compute_workers.operations.resize import Resize
+from compute_workers.operations.router import Router
 from compute_workers.operations.snapshot import Snapshot
 
-FAMILIES: tuple[type[OperationFamily], ...] = (Build, Lifecycle, Snapshot, Resize, LiveMigration, Dhcp)
+FAMILIES: tuple[type[OperationFamily], ...] = (Build, Lifecycle, Snapshot, Resize, LiveMigration, Dhcp,
+                                               Router)
 
-__all__ = ["FAMILIES", "Build", "Dhcp", "Lifecycle", "LiveMigration", "OperationFamily", "Resize", "Snapshot"]
+__all__ = ["FAMILIES", "Build", "Dhcp", "Lifecycle", "LiveMigration", "OperationFamily", "Resize", "Router",
+           "Snapshot"]
