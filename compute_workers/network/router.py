@@ -24,8 +24,8 @@ For router ``R`` and each of its legs (the gateway port ``G`` on the external ne
 No state is kept on disk: what a router has is read from its namespace (its ``qr-``/``qg-`` devices, their
 addresses, the route, ``iptables-save``), so a sync after a restart of the worker converges as any other.
 Legs no longer listed are deleted (the veth goes with its namespace end) and their bridges removed when
-nothing else uses them. ``deleted``: the namespace goes (with every veth and conntrack entry in it), the
-hold is released and the bridges nothing else uses are removed.
+nothing else uses them. ``deleted``: the legs and then the namespace go (with its NAT rules and conntrack
+entries), the hold is released and the bridges nothing else uses are removed.
 
 A driver without host devices (fake, libvirt's test driver) gets :class:`RecordedRouters`, which records
 the desired state and holds the bridges in the :class:`RecordedBridges`.
@@ -410,15 +410,10 @@ class Routers:
         done = []
         unused = set(self.bridges.release(hold_owner(router_id)))
         if netns in self.namespaces.names():
-            for link in self.namespaces.links(netns):
-                name = str(link.get("ifname", ""))
-                if name.startswith((INTERFACE_PREFIX, GATEWAY_PREFIX)):
-                    outside = self.namespaces.link(host_end_of(name))
-                    if outside and outside.get("master"):
-                        unused.add(str(outside["master"]))
-            # Its veths go with it (a veth pair dies with either end), and so do its NAT rules and
-            # conntrack entries.
-            self.namespaces.delete(netns)
+            # The legs are deleted first, not left to go with the namespace: a process still in it (a
+            # gratuitous ARP being sent) would keep the namespace, and so its veths, after `ip netns del`.
+            done += self._remove_stale_legs(netns, set(), unused)
+            self.namespaces.delete(netns)  # its NAT rules and conntrack entries go with it
             done.append(f"namespace {netns}")
         for bridge in sorted(unused):
             if self.bridges.remove_bridge_if_unused(bridge):

@@ -283,7 +283,9 @@ def test_delete_removes_everything(routers: Routers, host: RouterHost, bridges: 
     spec = router_spec(floating={"172.24.4.20": "10.0.0.5"})
     routers.sync(spec)
     deleted = {"router_id": spec["router_id"], "deleted": True}
-    assert routers.sync(deleted) == [f"namespace {namespace_name(spec['router_id'])}",
+    assert routers.sync(deleted) == [f"leg {gateway_name(GW_PORT)} removed",
+                                     f"leg {interface_name(IF_PORT)} removed",
+                                     f"namespace {namespace_name(spec['router_id'])}",
                                      f"bridge {contract.bridge_name(EXT_NET)} removed",
                                      f"bridge {contract.bridge_name(TENANT_NET)} removed"]
     assert host.netns == set() and host.links == {}
