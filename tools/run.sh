@@ -26,6 +26,16 @@ for name in CLOUDCTL_SERVICE_TOKEN FLOWER_BASIC_AUTH; do
   fi
 done
 
+# The outside world of the flat external network `public` (tools/public-net.sh): a namespace with
+# 172.24.4.1 whose veth end cc-public is the compute worker's flat interface, and a VXLAN endpoint for
+# tenant networks on this one host. An operator's own COMPUTE_FLAT_INTERFACE (a physical interface: then
+# no namespace is made) or COMPUTE_TUNNEL_IP wins.
+if [ -z "${COMPUTE_FLAT_INTERFACE:-}" ]; then
+  tools/public-net.sh up
+  export COMPUTE_FLAT_INTERFACE=${CLOUDCTL_PUBLIC_INTERFACE:-cc-public}
+fi
+export COMPUTE_TUNNEL_IP=${COMPUTE_TUNNEL_IP:-127.0.0.1}
+
 image=$CLOUDCTL_STATE_DIR/images/tiny.qcow2
 [ -f "$image" ] || tools/build-tiny-image.sh "$image"
 

@@ -14,6 +14,7 @@ start of the sync that associates a floating IP to the first ping reply the outs
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -23,6 +24,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -231,3 +233,38 @@ def test_floating_ip_dnat_snat_removal_and_deletion(namespaces: dict[str, str]) 
         assert routers.sync({"router_id": router_id, "deleted": True}) == []
     finally:
         delete_netns(qrouter)
+
+
+def test_public_net_script_is_idempotent_and_removes_what_it_made() -> None:
+    """``tools/public-net.sh`` (make run's outside world), with names of this test's own. Its veth end
+    is in the root namespace by design (the worker's flat interface), with no address; it goes at the end."""
+    token = secrets.token_hex(2)
+    ns, interface = f"{PREFIX}{os.getpid()}-pub{token}", f"ccl3p{token}"
+    env = {**os.environ, "CLOUDCTL_PUBLIC_NETNS": ns, "CLOUDCTL_PUBLIC_INTERFACE": interface,
+           "CLOUDCTL_PUBLIC_GATEWAY": "172.24.4.1/24", "NETWORK_PHYSICAL_MTU": "1500"}
+    script = str(Path(__file__).resolve().parents[2] / "tools" / "public-net.sh")
+
+    def run(action: str) -> None:
+        result = subprocess.run([script, action], env=env, capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, result.stderr
+
+    try:
+        run("up")
+        run("up")
+        assert ok(ns, "ip", "-4", "-o", "addr", "show", "dev", "br-public").split()[3] == "172.24.4.1/24"
+        inside = json.loads(ok(ns, "ip", "-j", "link", "show", "dev", "public0"))[0]
+        assert inside["master"] == "br-public" and "UP" in inside["flags"]
+        shown = subprocess.run(["ip", "-j", "addr", "show", "dev", interface], capture_output=True, text=True,
+                               check=True)
+        outside = json.loads(shown.stdout)[0]
+        assert "UP" in outside["flags"] and outside["addr_info"] == [] and outside["mtu"] == 1500
+        subprocess.run(["ip", "link", "del", "dev", interface], check=True)  # repaired by the next `up`
+        run("up")
+        assert json.loads(ok(ns, "ip", "-j", "link", "show", "dev", "public0"))[0]["master"] == "br-public"
+        run("down")
+        run("down")
+        assert ns not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert subprocess.run(["ip", "link", "show", "dev", interface], capture_output=True).returncode != 0
+    finally:
+        subprocess.run(["ip", "link", "del", "dev", interface], capture_output=True)
+        delete_netns(ns)
