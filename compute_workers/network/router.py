@@ -37,7 +37,6 @@ import functools
 import ipaddress
 import json
 import logging
-import os
 import re
 import tempfile
 import threading
@@ -370,11 +369,11 @@ class Routers:
         return done
 
     def _restore(self, netns: str, text: str) -> None:
-        # The runner passes no standard input: iptables-restore reads the rules from a file instead.
+        # The runner passes no standard input: iptables-restore reads the rules from a file instead
+        # (mode 0600, removed at once).
         with tempfile.NamedTemporaryFile("w", prefix="cloudctl-nat-", suffix=".rules") as rules:
             rules.write(text)
             rules.flush()
-            os.fchmod(rules.fileno(), 0o600)
             self.namespaces.exec(netns, "iptables-restore", "--noflush", rules.name)
 
     def _forget_connections(self, netns: str, floating: str) -> list[str]:
