@@ -17,6 +17,7 @@ import ipaddress
 import logging
 import re
 import secrets
+import shutil
 import subprocess
 import time
 from datetime import datetime
@@ -28,6 +29,7 @@ import pytest
 
 from compute_workers import contract
 from compute_workers.network.dhcp import STATE_DIRECTORY, host_end_name, namespace_name
+from testbed.dhcpnet import missing_capabilities
 from testbed.stack import Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.libvirt]
@@ -36,6 +38,14 @@ LOG = logging.getLogger(__name__)
 CIDR = ipaddress.IPv4Network("10.253.210.0/24")
 IP_LINE = re.compile(r"cloudctl-guest: ip (\S+)/(\d+) gw (\S+)")
 SERVERS = 2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _namespaces_and_dnsmasq() -> None:
+    """The network node needs namespaces, veths, bridges and dnsmasq: skipped, saying why, without."""
+    reason = missing_capabilities()
+    if reason:
+        pytest.skip(reason)
 
 
 def _links() -> str:
@@ -85,9 +95,10 @@ def _scrub(network_id: str) -> None:
 
 
 def _ping(netns: str, address: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    tool = ["ping"] if shutil.which("ping") else ["busybox", "ping"]
     deadline = time.monotonic() + timeout
     while True:
-        ping = subprocess.run(["ip", "netns", "exec", netns, "ping", "-c", "1", "-W", "2", address],
+        ping = subprocess.run(["ip", "netns", "exec", netns, *tool, "-c", "1", "-W", "2", address],
                               capture_output=True, text=True, timeout=30)
         if ping.returncode == 0 or time.monotonic() > deadline:
             return ping
