@@ -190,15 +190,26 @@ _HOST_FIELDS = ("libvirt_uri", "driver", "virt_type", "hypervisor_type", "hyperv
                 "cpu_info")
 
 
-def host_heartbeat(*, host: str, resources: dict[str, Any]) -> Host:
-    """Record a compute worker's heartbeat; the first one registers the host."""
+def host_heartbeat(*, host: str, resources: dict[str, Any], starting: bool = False) -> Host:
+    """Record a compute worker's heartbeat; the first one registers the host.
+
+    A host whose worker stopped cleanly (:func:`host_stopping`) stays down until the worker starts
+    again (``starting``: its ``host_init``): the last heartbeat it sent before stopping may be handled
+    after the stop, or alongside it by the conductor's other process, and must not bring it back up
+    (the scheduler would send new servers to a host nobody serves). Its resources are recorded."""
     values: dict[str, Any] = {key: resources[key] for key in _HOST_FIELDS if key in resources}
     values["reported_instances"] = resources.get("instances", {})
     values["reported_at"] = observed_at_of(resources)
     values["last_heartbeat"] = timezone.now()
-    # One UPDATE for the common case (the host exists): heartbeats are the conductor's bulk work.
-    if not Host.objects.filter(name=host).update(**values):
-        Host.objects.get_or_create(name=host, defaults=values)
+    rows = Host.objects.filter(name=host)
+    # One UPDATE for the common case (the host exists and is up): heartbeats are the conductor's bulk
+    # work. The condition is checked against the committed row: a concurrent stop wins.
+    if not (rows if starting else rows.filter(last_heartbeat__isnull=False)).update(**values):
+        _, created = Host.objects.get_or_create(name=host, defaults=values)
+        if not created:
+            del values["last_heartbeat"]
+            rows.update(**values)
+            log.info("host %s: heartbeat after its worker stopped; down until it starts again", host)
     record = Host.objects.get(name=host)
     _reap_deleted_domains(record)
     return record
@@ -210,7 +221,8 @@ UNDATED_HEARTBEAT_AGE = timedelta(seconds=30)
 
 
 def host_stopping(*, host: str) -> None:
-    """The host's compute worker shut down cleanly: it is down now, not SERVICE_DOWN_TIME later."""
+    """The host's compute worker shut down cleanly: it is down now, not SERVICE_DOWN_TIME later, and
+    until the worker starts again (see :func:`host_heartbeat`)."""
     Host.objects.filter(name=host).update(last_heartbeat=None)
     log.info("host %s: compute worker stopped", host)
 

@@ -1,5 +1,5 @@
 """The capacity dashboard: hosts, zones, servers per status, trouble, migrations in progress, last
-scheduling failures.
+scheduling failures, address use of each subnet.
 
 Server-side rendered from the same selectors as the API; the page refreshes itself."""
 
@@ -17,6 +17,7 @@ from django.utils import timezone
 from cloudctl.compute import selectors
 from cloudctl.compute.models import Host
 from cloudctl.compute.states import VmState
+from cloudctl.network import selectors as network_selectors
 
 REFRESH_SECONDS = 10
 
@@ -42,6 +43,12 @@ def usage_bars(host: Host) -> dict[str, dict[str, Any]]:
 def host_rows(hosts: list[Host]) -> list[dict[str, Any]]:
     return [{"host": host, "up": host.is_up, "zone": host.zone, **usage_bars(host)}
             for host in hosts]
+
+
+def subnet_rows() -> list[dict[str, Any]]:
+    """Each subnet's address use (one query for them all), with a bar of used against pool size."""
+    return [{"usage": usage, "bar": _bar(usage.used, usage.pool_size, 1.0)}
+            for usage in network_selectors.subnets_usage()]
 
 
 def zone_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -78,6 +85,7 @@ def capacity_dashboard(request: HttpRequest) -> HttpResponse:
     return render(request, "dashboard.html", {
         "title": "Capacity", "hosts": rows, "zones": zone_rows(rows), "migrations": migrations,
         "status_counts": sorted(Counter(s.status for s in live).items()),
-        "troubled": troubled, "failures": failures, "refresh": REFRESH_SECONDS,
+        "troubled": troubled, "failures": failures, "subnets": subnet_rows(),
+        "refresh": REFRESH_SECONDS,
         "generated": now,
     })

@@ -51,7 +51,7 @@ def host_stopping(host: str) -> None:
 
 @shared_task(name=contract.CONDUCTOR_HOST_INIT)
 def host_init(host: str, resources: dict[str, Any]) -> None:
-    conductor.host_heartbeat(host=host, resources=resources)
+    conductor.host_heartbeat(host=host, resources=resources, starting=True)
     recovery.host_init(host=host, reported=resources.get("instances", {}))
 
 

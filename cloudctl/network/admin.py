@@ -75,12 +75,10 @@ class SubnetAdmin(admin.ModelAdmin):
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
-    @admin.display(description="IP usage (allocated / pool size)")
+    @admin.display(description="IP usage (used / pool size)")
     def ip_usage(self, subnet: Subnet) -> str:
-        allocated = getattr(subnet, "allocated", None)
-        if allocated is None:
-            allocated = subnet.fixed_ips.count()
-        return f"{allocated} / {subnet.pool_size()}"
+        usage = selectors.subnet_usage(subnet)
+        return f"{usage.used} / {usage.pool_size} ({usage.percent:g} %)"
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from django.db.models import Count, Q, QuerySet
@@ -54,8 +55,46 @@ def security_group_rules_visible_to(user: Any) -> QuerySet[SecurityGroupRule]:
 
 
 def subnets_with_usage() -> QuerySet[Subnet]:
-    """Subnets with ``allocated``: how many addresses ports hold (the admin's IP usage)."""
-    return Subnet.objects.select_related("network").annotate(allocated=Count("fixed_ips"))
+    """Subnets with their network and, counted in the same query, ``allocated`` (addresses ports
+    hold) and ``port_count`` (ports holding one: a port may hold two of a subnet). Read each with
+    :func:`subnet_usage`."""
+    return Subnet.objects.select_related("network").annotate(
+        allocated=Count("fixed_ips"), port_count=Count("fixed_ips__port", distinct=True))
+
+
+@dataclass(frozen=True)
+class SubnetUsage:
+    """A subnet's address use, as the dashboard and the admin's subnet list show it. ``used`` counts
+    every address ports hold, the DHCP port's too, and a fixed IP asked for outside the pools: it may
+    pass ``pool_size``."""
+
+    subnet: Subnet
+    used: int
+    pool_size: int
+    ports: int
+
+    @property
+    def percent(self) -> float:
+        """``used`` in percent of the pools (0 for a subnet without pools)."""
+        return round(100 * self.used / self.pool_size, 1) if self.pool_size else 0.0
+
+
+def subnet_usage(subnet: Subnet) -> SubnetUsage:
+    """The usage of a subnet of :func:`subnets_with_usage` (any other subnet costs two queries)."""
+    used = getattr(subnet, "allocated", None)
+    if used is None:
+        used = subnet.fixed_ips.count()
+    ports = getattr(subnet, "port_count", None)
+    if ports is None:
+        ports = subnet.fixed_ips.values("port_id").distinct().count()
+    return SubnetUsage(subnet=subnet, used=used, pool_size=subnet.pool_size(), ports=ports)
+
+
+def subnets_usage() -> list[SubnetUsage]:
+    """Every subnet's usage, by network name then CIDR, in one query (the pool sizes are computed
+    from each subnet's pools, not counted in the database)."""
+    return [subnet_usage(subnet) for subnet in
+            subnets_with_usage().order_by("network__name", "network_id", "cidr", "id")]
 
 
 # --- IPAM reads ------------------------------------------------------------------------------------

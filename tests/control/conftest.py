@@ -135,7 +135,8 @@ def image(db: None, small_qcow2: Path) -> Image:
 
 
 def heartbeat(name: str, *, vcpus: int = 4, memory_mb: int = 8192, disk_gb: int = 100,
-              **extra: Any) -> Host:
+              starting: bool = False, **extra: Any) -> Host:
+    """A heartbeat of host ``name`` (``starting``: the host_init of a worker's start)."""
     resources = {"libvirt_uri": "test:///default", "driver": "fake", "virt_type": "qemu",
                  "hypervisor_type": "QEMU", "hypervisor_version": 7002000, "vcpus": vcpus,
                  "memory_mb": memory_mb, "memory_mb_reserved": 0, "disk_gb": disk_gb,
@@ -143,7 +144,7 @@ def heartbeat(name: str, *, vcpus: int = 4, memory_mb: int = 8192, disk_gb: int 
                  "observed_at": time.time()}
     resources.update(extra)
     assert set(contract.HEARTBEAT_RESOURCE_KEYS) <= set(resources)
-    return conductor.host_heartbeat(host=name, resources=resources)
+    return conductor.host_heartbeat(host=name, resources=resources, starting=starting)
 
 
 @pytest.fixture

@@ -442,5 +442,11 @@ def test_a_cleanly_stopped_worker_makes_its_host_down_at_once(api, server):
     conductor.host_stopping(host="hv1")
     assert api.get(f"/api/v1/servers/{server.uuid}/").json()["host_status"] == "DOWN"
     assert act(api, server, "reboot").status_code == 409
+    # The last heartbeat the worker sent before stopping, handled after the stop, does not revive it.
+    heartbeat("hv1", vcpus=6)
+    assert api.get(f"/api/v1/servers/{server.uuid}/").json()["host_status"] == "DOWN"
+    assert Host.objects.get(name="hv1").vcpus == 6  # its resources are recorded all the same
+    heartbeat("hv1", starting=True)  # the worker's next start (conductor.host_init)
+    assert api.get(f"/api/v1/servers/{server.uuid}/").json()["host_status"] == "UP"
     heartbeat("hv1")
     assert api.get(f"/api/v1/servers/{server.uuid}/").json()["host_status"] == "UP"

@@ -16,10 +16,14 @@ from testbed.stack import ExtraWorker, Stack, remove_leftover_domains, run_stack
 
 @pytest.fixture(scope="session")
 def stack(tiny_image_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """Every process of the real Procfile, one compute worker on qemu:///system."""
+    """Every process of the real Procfile, one compute worker on qemu:///system. That host is the
+    network node too (``NETWORK_DHCP_HOST``): its worker runs the DHCP servers of the stack's
+    networks, in ``qdhcp-`` namespaces of the root one (the default, the machine's host name, has no
+    worker in this stack)."""
     host = f"e2e-{secrets.token_hex(3)}"
     with run_stack(tiny_image_path, tmp_path_factory.mktemp("stack"), procfile=REPO / "Procfile",
-                   hosts=[host], redis_dbs=(13, 12), extra_env={"COMPUTE_HOST": host}) as running:
+                   hosts=[host], redis_dbs=(13, 12),
+                   extra_env={"COMPUTE_HOST": host, "NETWORK_DHCP_HOST": host}) as running:
         yield running
 
 
