@@ -41,6 +41,7 @@ from cloudctl.network.errors import (
 )
 from cloudctl.network.models import (
     DEVICE_OWNER_DHCP,
+    DEVICE_OWNER_ROUTER_INTERFACE,
     NETWORK_OWNED_DEVICE_OWNERS,
     VXLAN_OVERHEAD,
     Direction,
@@ -63,7 +64,6 @@ T = TypeVar("T")
 ALLOCATION_ATTEMPTS = 10
 VNI_MAX = 16777215  # 24 bits
 MIN_MTU = 68  # IPv4's minimum
-DEVICE_OWNER_ROUTER_INTERFACE = "network:router_interface"
 DEFAULT_SECURITY_GROUP = "default"
 # A subnet's gateway_ip when the caller does not give one: the first host address.
 AUTO = "auto"
