@@ -3,10 +3,10 @@
 A network with a subnet that has ``enable_dhcp`` holds one DHCP port (device_owner ``network:dhcp``,
 bound to ``NETWORK_DHCP_HOST``; :mod:`cloudctl.network.services` keeps it). :func:`dhcp_sync` sends
 the whole DHCP state of a network (:class:`~compute_workers.contract.DhcpNetworkSpec`) to that
-host's compute worker when the transaction that changed it commits (:mod:`cloudctl.network.rpc`), so
-the worker reads committed state; a network changed several times in one transaction is sent once, built at commit from what
-the transaction left. Nothing is sent for a network that never had DHCP in it (no DHCP subnet and no
-DHCP port before the change): it has no DHCP server to converge.
+host's compute worker when the transaction that changed it commits (:mod:`cloudctl.network.rpc`),
+so the worker reads committed state; a network changed several times in one transaction is sent
+once, built at commit from what the transaction left. Nothing is sent for a network that never had
+DHCP in it (no DHCP subnet and no DHCP port before the change): it has no DHCP server to converge.
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@ from django.db.models import Count, Q, QuerySet
 
 from cloudctl.identity.services import is_admin, project_id_of
 from cloudctl.network.models import (
+    DEVICE_OWNER_FLOATINGIP,
+    DEVICE_OWNER_ROUTER_GATEWAY,
     NETWORK_OWNED_DEVICE_OWNERS,
     Network,
     Port,
@@ -94,6 +96,12 @@ def address_holder(*, subnet: Subnet, ip_address: str) -> Port | None:
 def ports_blocking_network_delete(*, network: Network) -> list[Port]:
     """Ports on the network other than those the network owns (DHCP): they must go first."""
     return list(network.ports.exclude(device_owner__in=NETWORK_OWNED_DEVICE_OWNERS))
+
+
+def ports_on_external_network(*, network: Network) -> list[Port]:
+    """The routers' gateway ports and the floating IPs' ports on an external network."""
+    return list(network.ports.filter(device_owner__in=(DEVICE_OWNER_ROUTER_GATEWAY,
+                                                       DEVICE_OWNER_FLOATINGIP)))
 
 
 def ports_with_address_in(*, subnet: Subnet, exclude_owners: tuple[str, ...] = ()) -> list[Port]:
