@@ -181,10 +181,18 @@ def router_delete(*, router: Router, user: Any) -> None:
     routers.router_sync(router_id)
 
 
-def _interface_on(subnet: Subnet) -> Port | None:
-    """The router interface holding an address of ``subnet``, if any."""
-    return (Port.objects.filter(device_owner=DEVICE_OWNER_ROUTER_INTERFACE, fixed_ips__subnet=subnet)
-            .first())
+def _router_on(subnet: Subnet) -> str | None:
+    """The id of the router with an interface on ``subnet``, if any."""
+    owners = set(Port.objects.filter(device_owner=DEVICE_OWNER_ROUTER_INTERFACE, fixed_ips__subnet=subnet)
+                 .values_list("device_id", flat=True))
+    ids = []
+    for owner in owners:
+        try:
+            ids.append(uuid.UUID(owner))
+        except ValueError:
+            continue
+    router = Router.objects.filter(pk__in=ids).first()
+    return str(router.pk) if router is not None else None
 
 
 @transaction.atomic
@@ -204,11 +212,10 @@ def router_interface_add(*, router: Router, user: Any, subnet: Subnet) -> Port:
     if subnet.gateway_ip is None:
         raise InvalidRequest("subnet", f"subnet {_label(subnet)} has no gateway_ip: a router "
                              "interface takes the subnet's gateway address")
-    holder = _interface_on(subnet)
+    holder = _router_on(subnet)
     if holder is not None:
-        raise SubnetOnRouter(f"subnet {_label(subnet)} is already on router {holder.device_id}"
-                             f"{' (this one)' if holder.device_id == str(router.id) else ''}",
-                             router_id=holder.device_id)
+        raise SubnetOnRouter(f"subnet {_label(subnet)} is already on router {holder}"
+                             f"{' (this one)' if holder == str(router.id) else ''}", router_id=holder)
     net = subnet.ip_network
     for port in routers.interface_ports(router.pk):
         for fixed in port.fixed_ips.all():

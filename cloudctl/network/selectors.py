@@ -8,16 +8,20 @@ import ipaddress
 from collections.abc import Iterator
 from typing import Any
 
+from django.apps import apps
 from django.db.models import Count, Q, QuerySet
 
 from cloudctl.identity.services import is_admin, project_id_of
 from cloudctl.network.models import (
     DEVICE_OWNER_FLOATINGIP,
     DEVICE_OWNER_ROUTER_GATEWAY,
+    DEVICE_OWNER_ROUTER_INTERFACE,
     NETWORK_OWNED_DEVICE_OWNERS,
+    FloatingIP,
     Network,
     Port,
     PortFixedIP,
+    Router,
     SecurityGroup,
     SecurityGroupRule,
     Subnet,
@@ -53,6 +57,41 @@ def security_groups_visible_to(user: Any) -> QuerySet[SecurityGroup]:
 def security_group_rules_visible_to(user: Any) -> QuerySet[SecurityGroupRule]:
     return SecurityGroupRule.objects.filter(
         security_group__in=security_groups_visible_to(user)).select_related("security_group")
+
+
+def routers_visible_to(user: Any) -> QuerySet[Router]:
+    routers = Router.objects.select_related("project", "external_network").prefetch_related(
+        "gateway_port__fixed_ips")
+    if is_admin(user):
+        return routers
+    return routers.filter(project_id=project_id_of(user))
+
+
+def floating_ips_visible_to(user: Any) -> QuerySet[FloatingIP]:
+    floating = FloatingIP.objects.select_related("project", "floating_network", "port")
+    if is_admin(user):
+        return floating
+    return floating.filter(project_id=project_id_of(user))
+
+
+def router_interfaces(router_ids: list[Any]) -> dict[str, list[Port]]:
+    """The interfaces of several routers in one query, each router's oldest first."""
+    found: dict[str, list[Port]] = {}
+    for port in (Port.objects.filter(device_owner=DEVICE_OWNER_ROUTER_INTERFACE,
+                                     device_id__in=[str(r) for r in router_ids])
+                 .prefetch_related("fixed_ips").order_by("created", "id")):
+        found.setdefault(port.device_id, []).append(port)
+    return found
+
+
+def server_visible(user: Any, server_id: Any) -> bool:
+    """Whether ``user`` sees a live server ``server_id`` (its project's; admins: any). Read through
+    the app registry: the network app never imports the compute app."""
+    instance = apps.get_model("compute", "Instance")
+    servers = instance.objects.filter(uuid=server_id).exclude(vm_state="deleted")
+    if not is_admin(user):
+        servers = servers.filter(project_id=project_id_of(user))
+    return bool(servers.exists())
 
 
 def subnets_with_usage() -> QuerySet[Subnet]:
