@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from django.apps import apps
-from django.db.models import Count, Q, QuerySet
+from django.db.models import Count, Prefetch, Q, QuerySet
 
 from cloudctl.identity.services import is_admin, project_id_of
 from cloudctl.network.models import (
@@ -95,8 +95,22 @@ def server_visible(user: Any, server_id: Any) -> bool:
 
 
 def subnets_with_usage() -> QuerySet[Subnet]:
-    """Subnets with ``allocated``: how many addresses ports hold (the admin's IP usage)."""
-    return Subnet.objects.select_related("network").annotate(allocated=Count("fixed_ips"))
+    """Subnets with ``allocated``: how many addresses ports hold, and their addresses (the admin's
+    IP usage: :func:`subnet_pool_usage`)."""
+    return (Subnet.objects.select_related("network").annotate(allocated=Count("fixed_ips"))
+            .prefetch_related(Prefetch("fixed_ips", queryset=PortFixedIP.objects.only(
+                "id", "subnet_id", "ip_address"))))
+
+
+def subnet_pool_usage(subnet: Subnet) -> tuple[int, int]:
+    """(used, total) addresses of the subnet's allocation pools: what ports hold inside the pools
+    (a router interface's gateway address or an address asked for outside the pools does not use
+    them up)."""
+    pools = [(int(ipaddress.IPv4Address(p["start"])), int(ipaddress.IPv4Address(p["end"])))
+             for p in subnet.allocation_pools]
+    used = sum(1 for f in subnet.fixed_ips.all()
+               if any(start <= int(ipaddress.IPv4Address(f.ip_address)) <= end for start, end in pools))
+    return used, subnet.pool_size()
 
 
 # --- IPAM reads ------------------------------------------------------------------------------------

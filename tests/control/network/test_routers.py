@@ -20,6 +20,7 @@ from rest_framework.test import APIClient
 from cloudctl.compute import recovery
 from cloudctl.identity.models import Project
 from cloudctl.network import demo, l3, routers, services
+from cloudctl.network.errors import FixedIPHasFloatingIP
 from cloudctl.network.models import (
     DEVICE_OWNER_FLOATINGIP,
     DEVICE_OWNER_ROUTER_GATEWAY,
@@ -31,7 +32,7 @@ from cloudctl.network.models import (
     Subnet,
 )
 from compute_workers import contract
-from tests.control.conftest import Outbox, client_for, make_user
+from tests.control.conftest import Outbox, client_for, make_user, run_concurrently
 
 API = "/api/v1"
 SPEC_KEYS = set(typing.get_type_hints(contract.RouterSpec))
@@ -576,3 +577,57 @@ def test_bootstrap_seeds_the_demo_networks_once(db, outbox: Outbox, capsys, monk
     result = demo.demo_networks_seed(user=get_user_model().objects.get(username="admin"),
                                      project=seeded.project)
     assert result.created == ["gateway of router1"]
+
+
+# --- the admin ---------------------------------------------------------------------------------------
+
+
+def test_admin_pages_show_routers_floating_ips_and_pool_usage(api, admin, public, flavors, image):
+    from django.test import Client
+
+    net = private(api)
+    body = router(api, "public", net)
+    server = boot(api)
+    fip = post(api, "floating-ips", network="public", server=server["id"]).json()
+    staff = Client()
+    staff.force_login(admin)
+    for page in ("network/router/", f"network/router/{body['id']}/change/", "network/floatingip/",
+                 f"network/floatingip/{fip['id']}/change/"):
+        assert staff.get(f"/admin/{page}").status_code == 200, page
+    detail = staff.get(f"/admin/network/router/{body['id']}/change/").content.decode()
+    assert "10.0.0.1" in detail and "172.24.4.10" in detail and "172.24.4.11" in detail
+    listing = staff.get("/admin/network/floatingip/").content.decode()
+    assert "172.24.4.11" in listing and server["id"] in listing
+    # public: the gateway (.10) and the floating IP (.11) of 241; private: the server only (the
+    # interface holds the gateway address, outside the pools).
+    subnets = staff.get("/admin/network/subnet/").content.decode()
+    assert "2 / 241" in subnets and "1 / 253" in subnets
+    refused = staff.post("/admin/network/router/", {"action": "delete_routers",
+                                                    "_selected_action": [body["id"]]}, follow=True)
+    assert "not deleted" in refused.content.decode() and Router.objects.exists()
+    staff.post("/admin/network/floatingip/", {"action": "disassociate", "_selected_action": [fip["id"]]})
+    assert FloatingIP.objects.get(pk=fip["id"]).port is None
+    staff.post("/admin/network/floatingip/", {"action": "release", "_selected_action": [fip["id"]]})
+    assert not FloatingIP.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_associations_to_one_fixed_ip_give_one_winner(admin, project, public):
+    ext = Network.objects.get(pk=public["id"])
+    net = services.network_create(user=admin, project=project, name="private")
+    subnet = services.subnet_create(user=admin, network=net, cidr="10.0.0.0/24", enable_dhcp=False)
+    made = l3.router_create(user=admin, project=project, gateway=l3.GatewayRequest(network=ext))
+    l3.router_interface_add(router=made, user=admin, subnet=subnet)
+    port = services.port_create(user=admin, project=project, network=net)
+    fips = [l3.floating_ip_create(user=admin, project=project, network=ext) for _ in range(4)]
+
+    def associate(fip: FloatingIP) -> str:
+        try:
+            l3.floating_ip_associate(floating_ip=fip, user=admin,
+                                     association=l3.AssociationRequest(port=port))
+        except FixedIPHasFloatingIP:
+            return "409"
+        return "ok"
+
+    assert sorted(run_concurrently(associate, fips)) == ["409", "409", "409", "ok"]
+    assert FloatingIP.objects.filter(port=port).count() == 1
