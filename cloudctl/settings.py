@@ -265,10 +265,13 @@ NETWORK_VNI_RANGE = _vni_range("NETWORK_VNI_RANGE", "1000:1999")
 # bytes of VXLAN encapsulation (outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8), as Neutron's
 # global_physnet_mtu.
 NETWORK_PHYSICAL_MTU = env_int("NETWORK_PHYSICAL_MTU", 1500, minimum=1280)
-# The network node: the host whose compute worker runs the networks' DHCP servers (dnsmasq in a
-# qdhcp-<network> namespace). Defaults to this machine's name, the host name the Procfile's compute
-# worker uses by default.
-NETWORK_DHCP_HOST = env_str("NETWORK_DHCP_HOST", socket.gethostname())
+# The network node: the host whose compute worker runs the routers (a qrouter-<router> namespace
+# each: interfaces, gateway, SNAT, floating IPs) and, unless NETWORK_DHCP_HOST says otherwise, the
+# networks' DHCP servers (dnsmasq in a qdhcp-<network> namespace). Router and floating-IP ports are
+# bound to it. Defaults to this machine's name, the host name the Procfile's compute worker uses by
+# default.
+NETWORK_NODE_HOST = env_str("NETWORK_NODE_HOST", socket.gethostname())
+NETWORK_DHCP_HOST = env_str("NETWORK_DHCP_HOST", NETWORK_NODE_HOST)
 # How long a DHCP lease lasts (dnsmasq's lease time).
 NETWORK_DHCP_LEASE_SECONDS = env_int("NETWORK_DHCP_LEASE_SECONDS", 86400, minimum=120)
 

@@ -20,6 +20,7 @@ from cloudctl.network.api import (
     SecurityGroupViewSet,
     SubnetViewSet,
 )
+from cloudctl.network.l3_api import FloatingIPViewSet, RouterViewSet
 
 router = SimpleRouter()
 router.trailing_slash = "/?"  # /images/<id>/file and /images/<id>/file/ both work
@@ -36,6 +37,8 @@ router.register("subnets", SubnetViewSet, basename="subnet")
 router.register("ports", PortViewSet, basename="port")
 router.register("security-groups", SecurityGroupViewSet, basename="security-group")
 router.register("security-group-rules", SecurityGroupRuleViewSet, basename="security-group-rule")
+router.register("routers", RouterViewSet, basename="router")
+router.register("floating-ips", FloatingIPViewSet, basename="floating-ip")
 
 urlpatterns = [
     path("api/v1/auth/token/", TokenView.as_view(), name="auth-token"),

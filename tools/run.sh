@@ -42,7 +42,7 @@ image=$CLOUDCTL_STATE_DIR/images/tiny.qcow2
 export PATH="$repo/.venv/bin:$PATH"
 python manage.py migrate --noinput
 python manage.py collectstatic --noinput -v0
-python manage.py bootstrap --image "$image"
+python manage.py bootstrap --image "$image" --demo-network
 
 cat <<MSG
 

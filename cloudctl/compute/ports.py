@@ -22,7 +22,7 @@ from cloudctl.compute.states import VmState
 from cloudctl.errors import InvalidRequest
 from cloudctl.identity.models import Project
 from cloudctl.identity.services import is_admin
-from cloudctl.network import dhcp
+from cloudctl.network import dhcp, routers
 from cloudctl.network import services as network_services
 from cloudctl.network.errors import PortInUse
 from cloudctl.network.models import Network, Port, PortStatus
@@ -157,7 +157,7 @@ def ports_by_server(instance_uuids: Iterable[Any]) -> dict[str, list[Port]]:
     found: dict[str, list[Port]] = {}
     for port in (Port.objects.filter(device_id__in=[str(u) for u in instance_uuids],
                                      device_index__isnull=False)
-                 .select_related("network").prefetch_related("fixed_ips")
+                 .select_related("network").prefetch_related("fixed_ips", "floating_ips")
                  .order_by("device_index", "created", "id")):
         found.setdefault(port.device_id, []).append(port)
     return found
@@ -201,7 +201,10 @@ def server_ports_release(instance_uuid: Any) -> None:
     the user passed in stay, unbound (Nova's preserve_on_delete)."""
     ports = _ports_of(instance_uuid)
     networks = list(Network.objects.filter(pk__in=ports.values("network_id")))
-    ports.filter(preserve_on_delete=False).delete()
+    deleted = ports.filter(preserve_on_delete=False)
+    # Their floating IPs stay allocated, unmapped (Neutron's); a kept port keeps its floating IPs.
+    routers.floating_ips_port_deleting(deleted.values_list("pk", flat=True))
+    deleted.delete()
     ports.filter(preserve_on_delete=True).update(
         device_id="", device_owner="", binding_host="", status=PortStatus.DOWN,
         preserve_on_delete=False, device_index=None, updated=timezone.now())
@@ -211,13 +214,18 @@ def server_ports_release(instance_uuid: Any) -> None:
 
 def addresses_of(ports: Iterable[Port]) -> dict[str, list[dict[str, Any]]]:
     """Nova's ``addresses``: ``{network name: [{"addr", "version", "mac", "type"}]}``, networks and
-    addresses in NIC order."""
+    addresses in NIC order; each fixed address is followed by the floating IPs mapped to it
+    (``"type": "floating"``, Nova's ``OS-EXT-IPS:type``), under the fixed port's network."""
     shown: dict[str, list[dict[str, Any]]] = {}
     for port in ports:
         entries = shown.setdefault(port.network.name or str(port.network_id), [])
+        floating = sorted(port.floating_ips.all(), key=lambda f: (f.created, str(f.id)))
         for fixed in port.fixed_ips.all():
             entries.append({"addr": fixed.ip_address, "version": 4, "mac": port.mac_address,
                             "type": "fixed"})
+            entries.extend({"addr": f.floating_ip_address, "version": 4, "mac": port.mac_address,
+                            "type": "floating"}
+                           for f in floating if f.fixed_ip_address == fixed.ip_address)
     return shown
 
 

@@ -3,7 +3,7 @@
 * ``host_init``: a compute worker (re)started. Its migrations are settled first (where each domain
   is now decides), then each of its servers: a build ends in ERROR, a delete is sent again, a reboot
   or power change is repeated, a pause or suspend is rolled back to what the domain is (Nova's
-  ``ComputeManager._init_instance``).
+  ``ComputeManager._init_instance``). The network node also gets every DHCP network and router again.
 * The reapers (periodic, from beat): a task past its deadline ends in a truthful state, a migration
   step that did not report within MIGRATION_STEP_TIMEOUT ends from what the hosts last reported, and
   a resize left unconfirmed for RESIZE_CONFIRM_WINDOW is confirmed.
@@ -41,6 +41,7 @@ from cloudctl.compute.services import action_start, finish_action, mark_deleted
 from cloudctl.compute.specs import spawn_spec
 from cloudctl.compute.states import VM_STATE_FOR_POWER_STATE, PowerState, TaskState, VmState
 from cloudctl.compute.sync import sync_power_state
+from cloudctl.network import dhcp, routers
 from compute_workers import contract
 from compute_workers.contract import ActionResult
 
@@ -78,6 +79,22 @@ def host_init(*, host: str, reported: dict[str, str]) -> None:
             _init_instance(instance, power_state)
         except Exception:  # one bad row must not stop the others from recovering
             log.exception("recovering %s on %s after a worker restart failed", instance.uuid, host)
+    network_node_init(host=host)
+
+
+def network_node_init(*, host: str) -> None:
+    """The network node's worker (re)started with nothing running: every DHCP server it runs
+    (``NETWORK_DHCP_HOST``) and every router (``NETWORK_NODE_HOST``) is sent to it again."""
+    if host == settings.NETWORK_DHCP_HOST:
+        try:
+            log.info("host %s runs DHCP: %d network(s) sent again", host, dhcp.dhcp_resync_all())
+        except Exception:
+            log.exception("sending the DHCP networks to %s again failed", host)
+    if host == settings.NETWORK_NODE_HOST:
+        try:
+            log.info("host %s runs the routers: %d sent again", host, routers.routers_resync_all())
+        except Exception:
+            log.exception("sending the routers to %s again failed", host)
 
 
 def _init_instance(instance: Instance, power_state: str) -> None:

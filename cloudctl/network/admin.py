@@ -1,6 +1,7 @@
 """The operators' view of networks: every object, subnets with their IP usage, groups with their
-rules. Writes go through the same services as the API (creation and deletion); the allocation
-fields (VNI, MAC, addresses) are read-only: cloudctl owns them."""
+rules, routers with their interfaces, floating IPs with what they map to. Writes go through the same
+services as the API (creation and deletion); the allocation fields (VNI, MAC, addresses) are
+read-only: cloudctl owns them."""
 
 from __future__ import annotations
 
@@ -9,10 +10,21 @@ from typing import Any
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
+from django.urls import reverse
+from django.utils.html import format_html, format_html_join
 
 from cloudctl.errors import CloudctlError
-from cloudctl.network import selectors, services
-from cloudctl.network.models import Network, Port, PortFixedIP, SecurityGroup, SecurityGroupRule, Subnet
+from cloudctl.network import l3, routers, selectors, services
+from cloudctl.network.models import (
+    FloatingIP,
+    Network,
+    Port,
+    PortFixedIP,
+    Router,
+    SecurityGroup,
+    SecurityGroupRule,
+    Subnet,
+)
 
 
 def _delete_each(modeladmin: admin.ModelAdmin, request: HttpRequest, queryset: QuerySet[Any],
@@ -167,3 +179,129 @@ class SecurityGroupAdmin(admin.ModelAdmin):
     def delete_groups(self, request: HttpRequest, queryset: QuerySet[SecurityGroup]) -> None:
         _delete_each(self, request, queryset,
                      lambda group: services.security_group_delete(group=group, user=request.user))
+
+
+def _port_link(port: Port | None) -> str:
+    if port is None:
+        return "-"
+    return format_html('<a href="{}">{}</a>', reverse("admin:network_port_change", args=[port.pk]),
+                       port.pk)
+
+
+@admin.register(Router)
+class RouterAdmin(admin.ModelAdmin):
+    list_display = ("name", "id", "project", "external_network", "gateway_address", "enable_snat",
+                    "interface_count", "status", "created")
+    list_filter = ("status", "enable_snat", "project")
+    search_fields = ("name", "id")
+    fields = ("id", "name", "project", "status", "external_network", "enable_snat", "gateway",
+              "interfaces", "floating_ips", "created", "updated")
+    readonly_fields = fields
+    actions = ["delete_routers"]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Router]:
+        return super().get_queryset(request).select_related(
+            "project", "external_network", "gateway_port").prefetch_related("gateway_port__fixed_ips")
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # through the API: gateway and interfaces are allocated by the services
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    @admin.display(description="gateway address")
+    def gateway_address(self, router: Router) -> str:
+        port = router.gateway_port
+        return ", ".join(f.ip_address for f in port.fixed_ips.all()) if port is not None else "-"
+
+    @admin.display(description="interfaces")
+    def interface_count(self, router: Router) -> int:
+        return len(routers.interface_ports(router.pk))
+
+    @admin.display(description="gateway port")
+    def gateway(self, router: Router) -> str:
+        port = router.gateway_port
+        if port is None:
+            return "-"
+        return format_html("{} {} on {}", _port_link(port), self.gateway_address(router),
+                           router.external_network)
+
+    @admin.display(description="interfaces (port, subnet, address)")
+    def interfaces(self, router: Router) -> str:
+        rows = [(_port_link(p), f.subnet, f.ip_address)
+                for p in routers.interface_ports(router.pk) for f in p.fixed_ips.all()]
+        if not rows:
+            return "none"
+        return format_html("<table>{}</table>", format_html_join(
+            "", "<tr><td>{}</td><td>{}</td><td>{}</td></tr>", rows))
+
+    @admin.display(description="floating IPs mapped through it")
+    def floating_ips(self, router: Router) -> str:
+        mapped = [(f.floating_ip_address, f.fixed_ip_address, _port_link(f.port))
+                  for f in router.floating_ips.select_related("port")]
+        if not mapped:
+            return "none"
+        return format_html("<table>{}</table>", format_html_join(
+            "", "<tr><td>{} &rarr; {}</td><td>{}</td></tr>", mapped))
+
+    @admin.action(description="Delete the selected routers (refused while they have interfaces)")
+    def delete_routers(self, request: HttpRequest, queryset: QuerySet[Router]) -> None:
+        _delete_each(self, request, queryset,
+                     lambda router: l3.router_delete(router=router, user=request.user))
+
+
+@admin.register(FloatingIP)
+class FloatingIPAdmin(admin.ModelAdmin):
+    list_display = ("floating_ip_address", "id", "project", "floating_network", "fixed_ip_address",
+                    "port_link", "router", "server", "status")
+    list_filter = ("status", "floating_network", "project")
+    search_fields = ("floating_ip_address", "fixed_ip_address", "id", "port__device_id")
+    fields = ("id", "floating_ip_address", "floating_network", "project", "status", "port_link",
+              "fixed_ip_address", "router", "server", "floating_port_link", "description", "created",
+              "updated")
+    readonly_fields = fields
+    actions = ["disassociate", "release"]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[FloatingIP]:
+        return super().get_queryset(request).select_related(
+            "project", "floating_network", "port", "router", "floating_port")
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    @admin.display(description="port")
+    def port_link(self, fip: FloatingIP) -> str:
+        return _port_link(fip.port)
+
+    @admin.display(description="address held by")
+    def floating_port_link(self, fip: FloatingIP) -> str:
+        return _port_link(fip.floating_port)
+
+    @admin.display(description="server")
+    def server(self, fip: FloatingIP) -> str:
+        port = fip.port
+        if port is None or not port.device_owner.startswith(l3.COMPUTE_DEVICE_OWNER_PREFIX):
+            return "-"
+        return format_html('<a href="{}">{}</a>',
+                           reverse("admin:compute_instance_change", args=[port.device_id]),
+                           port.device_id)
+
+    @admin.action(description="Disassociate the selected floating IPs (they stay allocated)")
+    def disassociate(self, request: HttpRequest, queryset: QuerySet[FloatingIP]) -> None:
+        for fip in list(queryset):
+            l3.floating_ip_disassociate(floating_ip=fip, user=request.user)
+            self.message_user(request, f"{fip}: disassociated", level=messages.SUCCESS)
+
+    @admin.action(description="Release the selected floating IPs (their addresses are free at once)")
+    def release(self, request: HttpRequest, queryset: QuerySet[FloatingIP]) -> None:
+        _delete_each(self, request, queryset,
+                     lambda fip: l3.floating_ip_delete(floating_ip=fip, user=request.user))

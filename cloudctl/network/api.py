@@ -1,6 +1,7 @@
 """/api/v1/networks/, subnets/, ports/, security-groups/, security-group-rules/: parse, call one
-service, render. Objects of another project are 404 (the querysets are the selectors' scoping);
-a shared or external network is visible to all but changed only by its project or an administrator."""
+service, render (routers/ and floating-ips/: :mod:`cloudctl.network.l3_api`). Objects of another
+project are 404 (the querysets are the selectors' scoping); a shared or external network is visible to
+all but changed only by its project or an administrator."""
 
 from __future__ import annotations
 
@@ -75,9 +76,14 @@ class NetworkConflictSerializer(ErrorSerializer):
 
     code = serializers.ChoiceField(choices=["conflict", "ip_address_in_use", "ip_address_exhausted",
                                             "mac_address_in_use", "segmentation_id_exhausted",
-                                            "segmentation_id_in_use", "in_use"])
+                                            "segmentation_id_in_use", "in_use", "subnet_in_use",
+                                            "floating_ip_in_use", "external_network_unreachable"])
     port = serializers.UUIDField(required=False)
     ports = serializers.ListField(child=serializers.UUIDField(), required=False)
+    router = serializers.UUIDField(required=False, help_text="the router a subnet is on already")
+    floating_ips = serializers.ListField(child=serializers.UUIDField(), required=False,
+                                         help_text="floating IPs mapped through a router")
+    floating_ip = serializers.UUIDField(required=False, help_text="the floating IP of a fixed IP")
 
 
 CONFLICT = {409: OpenApiResponse(NetworkConflictSerializer,

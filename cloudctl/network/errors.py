@@ -85,3 +85,49 @@ class PortInUse(NetworkConflict):
 
     def body(self) -> dict[str, Any]:
         return {**super().body(), "port": self.port_id, "device_id": self.device_id}
+
+
+class SubnetOnRouter(NetworkConflict):
+    """The subnet already has a router interface (HTTP 409, naming the router)."""
+
+    code = "subnet_in_use"
+
+    def __init__(self, message: str, *, router_id: str) -> None:
+        self.router_id = router_id
+        super().__init__(message)
+
+    def body(self) -> dict[str, Any]:
+        return {**super().body(), "router": self.router_id}
+
+
+class FloatingIPsInUse(NetworkConflict):
+    """Floating IPs mapped through a router block a change of it: clearing or moving its gateway,
+    removing the interface their fixed IPs are behind, deleting it (HTTP 409, naming them)."""
+
+    code = "in_use"
+
+    def __init__(self, message: str, *, floating_ips: list[str]) -> None:
+        self.floating_ips = floating_ips
+        super().__init__(message)
+
+    def body(self) -> dict[str, Any]:
+        return {**super().body(), "floating_ips": self.floating_ips}
+
+
+class FixedIPHasFloatingIP(NetworkConflict):
+    """The fixed IP is the target of another floating IP already (HTTP 409, naming it)."""
+
+    code = "floating_ip_in_use"
+
+    def __init__(self, message: str, *, floating_ip_id: str) -> None:
+        self.floating_ip_id = floating_ip_id
+        super().__init__(message)
+
+    def body(self) -> dict[str, Any]:
+        return {**super().body(), "floating_ip": self.floating_ip_id}
+
+
+class ExternalNetworkUnreachable(NetworkConflict):
+    """No router joins the fixed IP's subnet to the floating IP's network (HTTP 409)."""
+
+    code = "external_network_unreachable"

@@ -41,6 +41,13 @@ class PortStatus(models.TextChoices):
 # AUTO_DELETE_PORT_OWNERS). A router's interface is not one of them: it blocks the deletion.
 DEVICE_OWNER_DHCP = "network:dhcp"
 NETWORK_OWNED_DEVICE_OWNERS = (DEVICE_OWNER_DHCP,)
+# A router's ports (device_id: the router's id) and a floating IP's port (device_id: the floating
+# IP's id): made and deleted by the router and floating-IP services, never through the ports API.
+DEVICE_OWNER_ROUTER_INTERFACE = "network:router_interface"
+DEVICE_OWNER_ROUTER_GATEWAY = "network:router_gateway"
+DEVICE_OWNER_FLOATINGIP = "network:floatingip"
+L3_DEVICE_OWNERS = (DEVICE_OWNER_ROUTER_INTERFACE, DEVICE_OWNER_ROUTER_GATEWAY,
+                    DEVICE_OWNER_FLOATINGIP)
 
 
 class Network(models.Model):
@@ -209,3 +216,82 @@ class PortFixedIP(models.Model):
 
     def __str__(self) -> str:
         return f"{self.ip_address} ({self.port_id})"
+
+
+class RouterStatus(models.TextChoices):
+    ACTIVE = "ACTIVE"
+    ERROR = "ERROR"
+
+
+class Router(models.Model):
+    """A project's router (Neutron's L3): its interfaces are ports with device_owner
+    ``network:router_interface`` and device_id the router's id, each holding its subnet's gateway
+    address; its gateway is ``gateway_port`` (``network:router_gateway``) on ``external_network``.
+    The network node runs it (namespace ``qrouter-<id>``)."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    project = models.ForeignKey(Project, on_delete=models.PROTECT, related_name="routers")
+    name = models.CharField(max_length=255, blank=True)
+    # The gateway's network (external); null: no gateway, so no SNAT and no floating IPs.
+    external_network = models.ForeignKey(Network, null=True, blank=True, on_delete=models.PROTECT,
+                                         related_name="gateway_routers")
+    enable_snat = models.BooleanField(default=True,
+                                      help_text="the subnets behind it reach outside as the "
+                                                "gateway's address")
+    gateway_port = models.OneToOneField(Port, null=True, blank=True, on_delete=models.PROTECT,
+                                        related_name="gateway_of")
+    status = models.CharField(max_length=16, choices=RouterStatus.choices, default=RouterStatus.ACTIVE)
+    created = models.DateTimeField(auto_now_add=True)
+    updated = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ("created", "id")
+
+    def __str__(self) -> str:
+        return self.name or str(self.id)
+
+
+class FloatingIPStatus(models.TextChoices):
+    ACTIVE = "ACTIVE"  # associated: the router DNATs it to the fixed IP
+    DOWN = "DOWN"
+
+
+class FloatingIP(models.Model):
+    """An address of an external network (held by ``floating_port``, device_owner
+    ``network:floatingip``) that the ``router`` maps to ``fixed_ip_address`` of ``port`` while it is
+    associated. A fixed IP has at most one floating IP (a unique constraint: of two concurrent
+    associations one gets 409)."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    project = models.ForeignKey(Project, on_delete=models.PROTECT, related_name="floating_ips")
+    floating_network = models.ForeignKey(Network, on_delete=models.PROTECT,
+                                         related_name="floating_ips")
+    floating_port = models.OneToOneField(Port, on_delete=models.PROTECT, related_name="floating_ip_of")
+    floating_ip_address = models.GenericIPAddressField(protocol="IPv4")
+    # The association: the fixed port, its address the floating IP maps to, the router doing it.
+    port = models.ForeignKey(Port, null=True, blank=True, on_delete=models.PROTECT,
+                             related_name="floating_ips")
+    fixed_ip_address = models.GenericIPAddressField(protocol="IPv4", null=True, blank=True)
+    router = models.ForeignKey(Router, null=True, blank=True, on_delete=models.PROTECT,
+                               related_name="floating_ips")
+    status = models.CharField(max_length=8, choices=FloatingIPStatus.choices,
+                              default=FloatingIPStatus.DOWN)
+    description = models.CharField(max_length=255, blank=True)
+    created = models.DateTimeField(auto_now_add=True)
+    updated = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ("created", "id")
+        constraints = [
+            models.UniqueConstraint(fields=["port", "fixed_ip_address"],
+                                    condition=Q(port__isnull=False),
+                                    name="one_floating_ip_per_fixed_ip"),
+            models.CheckConstraint(
+                condition=(Q(port__isnull=True, fixed_ip_address__isnull=True, router__isnull=True)
+                           | Q(port__isnull=False, fixed_ip_address__isnull=False,
+                               router__isnull=False)),
+                name="floating_ip_associated_whole"),
+        ]
+
+    def __str__(self) -> str:
+        return self.floating_ip_address

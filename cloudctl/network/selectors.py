@@ -9,14 +9,20 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from django.db.models import Count, Q, QuerySet
+from django.apps import apps
+from django.db.models import Count, Prefetch, Q, QuerySet
 
 from cloudctl.identity.services import is_admin, project_id_of
 from cloudctl.network.models import (
+    DEVICE_OWNER_FLOATINGIP,
+    DEVICE_OWNER_ROUTER_GATEWAY,
+    DEVICE_OWNER_ROUTER_INTERFACE,
     NETWORK_OWNED_DEVICE_OWNERS,
+    FloatingIP,
     Network,
     Port,
     PortFixedIP,
+    Router,
     SecurityGroup,
     SecurityGroupRule,
     Subnet,
@@ -54,19 +60,57 @@ def security_group_rules_visible_to(user: Any) -> QuerySet[SecurityGroupRule]:
         security_group__in=security_groups_visible_to(user)).select_related("security_group")
 
 
+def routers_visible_to(user: Any) -> QuerySet[Router]:
+    routers = Router.objects.select_related("project", "external_network").prefetch_related(
+        "gateway_port__fixed_ips")
+    if is_admin(user):
+        return routers
+    return routers.filter(project_id=project_id_of(user))
+
+
+def floating_ips_visible_to(user: Any) -> QuerySet[FloatingIP]:
+    floating = FloatingIP.objects.select_related("project", "floating_network", "port")
+    if is_admin(user):
+        return floating
+    return floating.filter(project_id=project_id_of(user))
+
+
+def router_interfaces(router_ids: list[Any]) -> dict[str, list[Port]]:
+    """The interfaces of several routers in one query, each router's oldest first."""
+    found: dict[str, list[Port]] = {}
+    for port in (Port.objects.filter(device_owner=DEVICE_OWNER_ROUTER_INTERFACE,
+                                     device_id__in=[str(r) for r in router_ids])
+                 .prefetch_related("fixed_ips").order_by("created", "id")):
+        found.setdefault(port.device_id, []).append(port)
+    return found
+
+
+def server_visible(user: Any, server_id: Any) -> bool:
+    """Whether ``user`` sees a live server ``server_id`` (its project's; admins: any). Read through
+    the app registry: the network app never imports the compute app."""
+    instance = apps.get_model("compute", "Instance")
+    servers = instance.objects.filter(uuid=server_id).exclude(vm_state="deleted")
+    if not is_admin(user):
+        servers = servers.filter(project_id=project_id_of(user))
+    return bool(servers.exists())
+
+
 def subnets_with_usage() -> QuerySet[Subnet]:
-    """Subnets with their network and, counted in the same query, ``allocated`` (addresses ports
-    hold) and ``port_count`` (ports holding one: a port may hold two of a subnet). Read each with
-    :func:`subnet_usage`."""
-    return Subnet.objects.select_related("network").annotate(
-        allocated=Count("fixed_ips"), port_count=Count("fixed_ips__port", distinct=True))
+    """Subnets with their network, ``port_count`` (ports holding an address of it: a port may hold
+    two) counted in the same query, and the addresses ports hold prefetched (one more query for all
+    subnets). Read each with :func:`subnet_usage`."""
+    return (Subnet.objects.select_related("network")
+            .annotate(port_count=Count("fixed_ips__port", distinct=True))
+            .prefetch_related(Prefetch("fixed_ips", queryset=PortFixedIP.objects.only(
+                "id", "subnet_id", "port_id", "ip_address"))))
 
 
 @dataclass(frozen=True)
 class SubnetUsage:
     """A subnet's address use, as the dashboard and the admin's subnet list show it. ``used`` counts
-    every address ports hold, the DHCP port's too, and a fixed IP asked for outside the pools: it may
-    pass ``pool_size``."""
+    the addresses ports hold inside the allocation pools: a router interface's gateway address or an
+    address asked for outside the pools does not use them up, so ``used`` never passes
+    ``pool_size``."""
 
     subnet: Subnet
     used: int
@@ -81,17 +125,19 @@ class SubnetUsage:
 
 def subnet_usage(subnet: Subnet) -> SubnetUsage:
     """The usage of a subnet of :func:`subnets_with_usage` (any other subnet costs two queries)."""
-    used = getattr(subnet, "allocated", None)
-    if used is None:
-        used = subnet.fixed_ips.count()
+    pools = [(int(ipaddress.IPv4Address(p["start"])), int(ipaddress.IPv4Address(p["end"])))
+             for p in subnet.allocation_pools]
+    held = list(subnet.fixed_ips.all())
+    used = sum(1 for f in held
+               if any(start <= int(ipaddress.IPv4Address(f.ip_address)) <= end for start, end in pools))
     ports = getattr(subnet, "port_count", None)
     if ports is None:
-        ports = subnet.fixed_ips.values("port_id").distinct().count()
+        ports = len({f.port_id for f in held})
     return SubnetUsage(subnet=subnet, used=used, pool_size=subnet.pool_size(), ports=ports)
 
 
 def subnets_usage() -> list[SubnetUsage]:
-    """Every subnet's usage, by network name then CIDR, in one query (the pool sizes are computed
+    """Every subnet's usage, by network name then CIDR, in two queries (the pool sizes are computed
     from each subnet's pools, not counted in the database)."""
     return [subnet_usage(subnet) for subnet in
             subnets_with_usage().order_by("network__name", "network_id", "cidr", "id")]
@@ -133,6 +179,12 @@ def address_holder(*, subnet: Subnet, ip_address: str) -> Port | None:
 def ports_blocking_network_delete(*, network: Network) -> list[Port]:
     """Ports on the network other than those the network owns (DHCP): they must go first."""
     return list(network.ports.exclude(device_owner__in=NETWORK_OWNED_DEVICE_OWNERS))
+
+
+def ports_on_external_network(*, network: Network) -> list[Port]:
+    """The routers' gateway ports and the floating IPs' ports on an external network."""
+    return list(network.ports.filter(device_owner__in=(DEVICE_OWNER_ROUTER_GATEWAY,
+                                                       DEVICE_OWNER_FLOATINGIP)))
 
 
 def ports_with_address_in(*, subnet: Subnet, exclude_owners: tuple[str, ...] = ()) -> list[Port]:

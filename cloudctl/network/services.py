@@ -28,7 +28,7 @@ from django.db import IntegrityError, transaction
 from cloudctl.errors import InvalidRequest
 from cloudctl.identity.models import Project
 from cloudctl.identity.services import is_admin, project_id_of
-from cloudctl.network import dhcp, selectors
+from cloudctl.network import dhcp, routers, selectors
 from cloudctl.network.errors import (
     AddressInUse,
     InUse,
@@ -41,6 +41,8 @@ from cloudctl.network.errors import (
 )
 from cloudctl.network.models import (
     DEVICE_OWNER_DHCP,
+    DEVICE_OWNER_ROUTER_INTERFACE,
+    L3_DEVICE_OWNERS,
     NETWORK_OWNED_DEVICE_OWNERS,
     VXLAN_OVERHEAD,
     Direction,
@@ -63,7 +65,6 @@ T = TypeVar("T")
 ALLOCATION_ATTEMPTS = 10
 VNI_MAX = 16777215  # 24 bits
 MIN_MTU = 68  # IPv4's minimum
-DEVICE_OWNER_ROUTER_INTERFACE = "network:router_interface"
 DEFAULT_SECURITY_GROUP = "default"
 # A subnet's gateway_ip when the caller does not give one: the first host address.
 AUTO = "auto"
@@ -182,12 +183,19 @@ def network_update(*, network: Network, user: Any, name: str | None = None, shar
     _refuse_admin_only(user, external=external)
     if mtu is not None:
         _check_mtu(mtu, network.provider_type)
+    if external is False and network.external:
+        _lock_network(network)
+        users = selectors.ports_on_external_network(network=network)
+        if users:
+            raise InUse(f"network {network.id} cannot stop being external: routers' gateways or "
+                        f"floating IPs are on it: {', '.join(port_label(p) for p in users)}",
+                        ports=[str(p.id) for p in users])
     if shared is False and network.shared:
         _lock_network(network)
         foreign = list(network.ports.exclude(project_id=network.project_id))
         if foreign:
             raise InUse(f"network {network.id} cannot stop being shared: other projects have "
-                        f"{len(foreign)} port(s) on it: {', '.join(_port_label(p) for p in foreign)}",
+                        f"{len(foreign)} port(s) on it: {', '.join(port_label(p) for p in foreign)}",
                         ports=[str(p.id) for p in foreign])
     changes = {key: value for key, value in (("name", name), ("shared", shared), ("mtu", mtu),
                                               ("admin_state_up", admin_state_up),
@@ -206,7 +214,7 @@ def network_delete(*, network: Network, user: Any) -> None:
     network = Network.objects.select_for_update().get(pk=network.pk)
     blocking = selectors.ports_blocking_network_delete(network=network)
     if blocking:
-        names = [_port_label(p) for p in blocking]
+        names = [port_label(p) for p in blocking]
         raise InUse(f"network {network.id} has {len(blocking)} port(s) in use: {', '.join(names)}; "
                     "delete them first", ports=[str(p.id) for p in blocking])
     dhcp.dhcp_sync(network, force=dhcp.has_dhcp(network))  # sent at commit: the network is gone
@@ -215,7 +223,7 @@ def network_delete(*, network: Network, user: Any) -> None:
     network.delete()
 
 
-def _port_label(port: Port) -> str:
+def port_label(port: Port) -> str:
     owner = f", {port.device_owner} {port.device_id}".rstrip() if port.device_owner else ""
     return f"{port.id} ({port.name or 'unnamed'}{owner})"
 
@@ -368,7 +376,7 @@ def subnet_delete(*, subnet: Subnet, user: Any) -> None:
     holders = selectors.ports_with_address_in(subnet=subnet, exclude_owners=NETWORK_OWNED_DEVICE_OWNERS)
     if holders:
         raise InUse(f"subnet {subnet.id} has {len(holders)} port(s) with addresses in it: "
-                    f"{', '.join(_port_label(p) for p in holders)}; delete them first",
+                    f"{', '.join(port_label(p) for p in holders)}; delete them first",
                     ports=[str(p.id) for p in holders])
     PortFixedIP.objects.filter(subnet=subnet).delete()
     network = subnet.network
@@ -420,7 +428,7 @@ def security_group_delete(*, group: SecurityGroup, user: Any) -> None:
     users = list(group.ports.all())
     if users:
         raise InUse(f"security group {group.id} is used by {len(users)} port(s): "
-                    f"{', '.join(_port_label(p) for p in users)}", ports=[str(p.id) for p in users])
+                    f"{', '.join(port_label(p) for p in users)}", ports=[str(p.id) for p in users])
     group.delete()
 
 
@@ -637,10 +645,22 @@ def port_create(*, user: Any, project: Project, network: Network, name: str = ""
             raise MacAddressInUse(f"MAC address {mac} is in use by port "
                                   f"{holder.id if holder else '(being created)'}") from None
     else:
-        port = _savepoint_retry(lambda: Port.objects.create(mac_address=mac_address_generate(), **fields),
-                                attempts=ALLOCATION_ATTEMPTS,
-                                on_exhausted=lambda: MacAddressInUse("no free MAC address was found"))
+        port = _port_row_create(fields)
     port.security_groups.set(groups)
+    _allocate(port, network, fixed_ips, wanted)
+    dhcp.dhcp_sync(network)
+    return port
+
+
+def _port_row_create(fields: dict[str, Any]) -> Port:
+    """A port with a generated MAC (another one when a concurrent insert took it)."""
+    return _savepoint_retry(lambda: Port.objects.create(mac_address=mac_address_generate(), **fields),
+                            attempts=ALLOCATION_ATTEMPTS,
+                            on_exhausted=lambda: MacAddressInUse("no free MAC address was found"))
+
+
+def _allocate(port: Port, network: Network, fixed_ips: Sequence[FixedIPRequest] | None,
+              wanted: Sequence[tuple[Subnet, str | None]]) -> None:
     if fixed_ips is None:
         _allocate_default(port, network)
     for subnet, address in wanted:
@@ -648,8 +668,30 @@ def port_create(*, user: Any, project: Project, network: Network, name: str = ""
             _allocate_requested(port, subnet, address)
         else:
             _allocate_next(port, subnet)
+
+
+def system_port_create(*, network: Network, project: Project, device_owner: str, device_id: str,
+                       fixed_ips: Sequence[FixedIPRequest] | None = None) -> Port:
+    """A port cloudctl makes for itself on the network node (a router's interface or gateway, a
+    floating IP's address): bound to ``NETWORK_NODE_HOST``, no security group, its addresses
+    allocated as :func:`port_create`'s (None: the next free address of the first subnet with one;
+    409 when an address is held or the pools are exhausted). Runs in the caller's transaction and
+    locks the network's row as every allocation does."""
+    network = _lock_network(network)
+    wanted = [_resolve_fixed_ip(network, entry, device_owner) for entry in (fixed_ips or [])]
+    port = _port_row_create({"network": network, "project": project, "name": "",
+                             "device_id": device_id, "device_owner": device_owner,
+                             "binding_host": settings.NETWORK_NODE_HOST})
+    _allocate(port, network, fixed_ips, wanted)
     dhcp.dhcp_sync(network)
     return port
+
+
+def system_port_delete(port: Port) -> None:
+    """Delete a port :func:`system_port_create` made (its addresses are free at once)."""
+    network = port.network
+    port.delete()
+    dhcp.dhcp_sync(network)
 
 
 def _allocate_default(port: Port, network: Network) -> None:
@@ -695,6 +737,11 @@ def port_delete(*, port: Port, user: Any) -> None:
     if port.device_owner == DEVICE_OWNER_DHCP and dhcp.dhcp_subnets(port.network):
         raise NetworkConflict(f"port {port.id} is the DHCP port of network {port.network_id}; it goes "
                               "with the network's last DHCP subnet")
+    if port.device_owner in L3_DEVICE_OWNERS:
+        raise NetworkConflict(f"port {port.id} has owner {port.device_owner} {port.device_id} and "
+                              "cannot be deleted through the ports API: remove the router interface, "
+                              "clear the router's gateway or delete the floating IP")
+    routers.floating_ips_port_deleting([port.pk])
     network = port.network
     port.delete()
     dhcp.dhcp_sync(network)
@@ -722,12 +769,10 @@ def dhcp_port_reconcile(network: Network) -> Port | None:
             port.delete()
         return None
     if port is None:
-        fields = {"network": network, "project_id": network.project_id, "name": "",
-                  "device_id": dhcp.dhcp_device_id(network.pk), "device_owner": DEVICE_OWNER_DHCP,
-                  "binding_host": settings.NETWORK_DHCP_HOST}
-        port = _savepoint_retry(lambda: Port.objects.create(mac_address=mac_address_generate(), **fields),
-                                attempts=ALLOCATION_ATTEMPTS,
-                                on_exhausted=lambda: MacAddressInUse("no free MAC address was found"))
+        port = _port_row_create({"network": network, "project_id": network.project_id, "name": "",
+                                 "device_id": dhcp.dhcp_device_id(network.pk),
+                                 "device_owner": DEVICE_OWNER_DHCP,
+                                 "binding_host": settings.NETWORK_DHCP_HOST})
     wanted = {s.pk for s in subnets}
     held = set(port.fixed_ips.values_list("subnet_id", flat=True))
     port.fixed_ips.exclude(subnet_id__in=wanted).delete()

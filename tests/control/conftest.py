@@ -23,7 +23,7 @@ from cloudctl.identity.models import Project
 from cloudctl.identity.services import membership_set
 from cloudctl.images.models import Image
 from cloudctl.images.services import image_import
-from cloudctl.network import dhcp
+from cloudctl.network import rpc as network_rpc
 from compute_workers import contract
 
 
@@ -46,8 +46,9 @@ def outbox(monkeypatch: pytest.MonkeyPatch) -> Outbox:
                         lambda name, **kw: box.scheduler.append((name, kw)))
     monkeypatch.setattr(rpc, "cast", lambda host, name, expires=None, **kw: box.compute.append(
         (host, name, kw)))
-    # The network app's own sender (DHCP syncs to the network node): it may not import rpc.
-    monkeypatch.setattr(dhcp, "cast", lambda host, name, **kw: box.compute.append((host, name, kw)))
+    # The network app's own sender (DHCP and router syncs to the network node): it may not import
+    # the compute app's rpc.
+    monkeypatch.setattr(network_rpc, "cast", lambda host, name, **kw: box.compute.append((host, name, kw)))
 
     def call(host: str, name: str, *, timeout: float, **kw: Any) -> Any:
         answer = box.calls.get(name)

@@ -30,3 +30,19 @@ def test_bad_values_name_the_variable(tmp_path, name, value, expected):
                             text=True, env={**env, "DJANGO_SETTINGS_MODULE": "cloudctl.settings"})
     assert result.returncode != 0
     assert expected in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize(("extra", "expected"), [
+    ({"NETWORK_NODE_HOST": "net1"}, "net1 net1"),
+    ({"NETWORK_NODE_HOST": "net1", "NETWORK_DHCP_HOST": "dhcp1"}, "net1 dhcp1"),
+])
+def test_the_dhcp_host_defaults_to_the_network_node(tmp_path, extra, expected):
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("DATABASE_URL", "NETWORK_NODE_HOST", "NETWORK_DHCP_HOST")}
+    code = ("import django; django.setup(); from django.conf import settings; "
+            "print(settings.NETWORK_NODE_HOST, settings.NETWORK_DHCP_HOST)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                            env={**env, **extra, "CLOUDCTL_STATE_DIR": str(tmp_path),
+                                 "DJANGO_SETTINGS_MODULE": "cloudctl.settings"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == expected

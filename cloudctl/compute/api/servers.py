@@ -212,11 +212,13 @@ class ServerSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
     @extend_schema_field({
-        "type": "object", "description": "the server's fixed addresses by network name, in NIC order",
+        "type": "object", "description": "the server's addresses by network name, in NIC order: each "
+                                         "fixed address followed by the floating IPs mapped to it",
         "additionalProperties": {"type": "array", "items": {
             "type": "object", "properties": {
                 "addr": {"type": "string"}, "version": {"type": "integer", "enum": [4]},
-                "mac": {"type": "string"}, "type": {"type": "string", "enum": ["fixed"]}}}},
+                "mac": {"type": "string"},
+                "type": {"type": "string", "enum": ["fixed", "floating"]}}}},
     })
     def get_addresses(self, instance: Instance) -> dict[str, list[dict[str, Any]]]:
         # A list reads the ports of all its servers at once (one query, not one per server).

@@ -1,4 +1,5 @@
-"""Prepare a fresh installation: admin user, admin project, default flavors, the demo image.
+"""Prepare a fresh installation: admin user, admin project, default flavors, the demo image and
+(``--demo-network``, as ``make run`` asks) the demo networks: ``public``, ``private``, ``router1``.
 
 Safe to run again: everything that exists is kept.
 """
@@ -18,6 +19,7 @@ from cloudctl.compute.services import flavors_seed
 from cloudctl.identity.models import Project
 from cloudctl.identity.services import membership_set
 from cloudctl.images.services import image_import
+from cloudctl.network.demo import demo_networks_seed
 
 
 class Command(BaseCommand):
@@ -26,6 +28,9 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--image", type=Path, help="qcow2 file to register as image 'tiny'")
         parser.add_argument("--image-name", default="tiny")
+        parser.add_argument("--demo-network", action="store_true",
+                            help="the external network 'public' (172.24.4.0/24), the admin project's "
+                                 "'private' (10.0.0.0/24, DHCP) and 'router1' joining them")
 
     def handle(self, *args: Any, **options: Any) -> None:
         username = os.environ.get("CLOUDCTL_ADMIN_USER") or "admin"
@@ -53,6 +58,10 @@ class Command(BaseCommand):
             membership_set(user=user, project=project)
             flavors = flavors_seed()
         self.stdout.write(f"flavors: {', '.join(f.name for f in flavors)}")
+        if options["demo_network"]:
+            demo = demo_networks_seed(user=user, project=project)
+            self.stdout.write(f"demo networks: {', '.join(demo.created) or 'all there already'} "
+                              f"({demo.public.name}, {demo.private.name}, {demo.router.name})")
         if options["image"]:
             image = image_import(name=options["image_name"], source=options["image"],
                                  disk_format="qcow2", min_ram=128,
