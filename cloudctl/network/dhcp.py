@@ -5,12 +5,14 @@ bound to ``NETWORK_DHCP_HOST``; :mod:`cloudctl.network.services` keeps it). :fun
 the whole DHCP state of a network (:class:`~compute_workers.contract.DhcpNetworkSpec`) to that
 host's compute worker when the transaction that changed it commits, so the worker reads committed
 state; a network changed several times in one transaction is sent once, built at commit from what
-the transaction left. Nothing is sent for a network that never had DHCP in it (no DHCP subnet and no
-DHCP port before the change): it has no DHCP server to converge.
+the transaction left (:func:`cloudctl.network.messaging.on_commit_once`, shared with the hosts'
+syncs of :mod:`cloudctl.network.hostsync`). Nothing is sent for a network that never had DHCP in
+it (no DHCP subnet and no DHCP port before the change): it has no DHCP server to converge.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import uuid
@@ -19,10 +21,10 @@ from typing import Any
 
 from django.apps import apps
 from django.conf import settings
-from django.db import DEFAULT_DB_ALIAS, connections, transaction
+from django.db import DEFAULT_DB_ALIAS
 from django.db.models import QuerySet
 
-from cloudctl.celery import app
+from cloudctl.network import messaging
 from cloudctl.network.models import DEVICE_OWNER_DHCP, Network, Port, PortFixedIP, Subnet
 from compute_workers import contract
 
@@ -30,12 +32,6 @@ log = logging.getLogger(__name__)
 
 COMPUTE_DEVICE_OWNER_PREFIX = "compute:"
 _HOSTNAME_INVALID = re.compile(r"[^a-z0-9-]+")
-
-
-def cast(host: str, task_name: str, **kwargs: Any) -> None:
-    """Send a task to ``host``'s compute queue (the network app's own sender: it sits below the
-    compute app, whose ``rpc.cast`` it may not import)."""
-    app.send_task(task_name, kwargs=kwargs, queue=contract.compute_queue(host))
 
 
 def dhcp_device_id(network_id: Any) -> str:
@@ -134,25 +130,11 @@ def dhcp_spec(network_id: Any, identity: _Identity | None = None) -> contract.Dh
     }
 
 
-class _Sync:
-    """The commit callback of one network's sync (compared by network, for the dedupe)."""
-
-    def __init__(self, identity: _Identity) -> None:
-        self.identity = identity
-
-    def __call__(self) -> None:
-        spec = dhcp_spec(self.identity.network_id, self.identity)
-        if spec is not None:
-            cast(settings.NETWORK_DHCP_HOST, contract.COMPUTE_NETWORK_DHCP_SYNC, network=spec)
-
-
-def _pending(network_id: str, using: str) -> bool:
-    """Whether this transaction already has a sync of the network waiting for its commit."""
-    connection = connections[using]
-    if not connection.in_atomic_block:
-        return False
-    return any(isinstance(entry[1], _Sync) and entry[1].identity.network_id == network_id
-               for entry in connection.run_on_commit)
+def _send(identity: _Identity) -> None:
+    """The commit callback of one network's sync: its state as committed, to the network node."""
+    spec = dhcp_spec(identity.network_id, identity)
+    if spec is not None:
+        messaging.cast(settings.NETWORK_DHCP_HOST, contract.COMPUTE_NETWORK_DHCP_SYNC, network=spec)
 
 
 def has_dhcp(network: Network) -> bool:
@@ -169,6 +151,5 @@ def dhcp_sync(network: Network, *, force: bool = False, using: str = DEFAULT_DB_
     if not force and not has_dhcp(network):
         return
     identity = _identity(network)
-    if _pending(identity.network_id, using):
-        return
-    transaction.on_commit(_Sync(identity), using=using, robust=True)
+    messaging.on_commit_once(("dhcp", identity.network_id), functools.partial(_send, identity),
+                             using=using)

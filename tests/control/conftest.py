@@ -23,7 +23,7 @@ from cloudctl.identity.models import Project
 from cloudctl.identity.services import membership_set
 from cloudctl.images.models import Image
 from cloudctl.images.services import image_import
-from cloudctl.network import dhcp
+from cloudctl.network import messaging
 from compute_workers import contract
 
 
@@ -46,8 +46,8 @@ def outbox(monkeypatch: pytest.MonkeyPatch) -> Outbox:
                         lambda name, **kw: box.scheduler.append((name, kw)))
     monkeypatch.setattr(rpc, "cast", lambda host, name, expires=None, **kw: box.compute.append(
         (host, name, kw)))
-    # The network app's own sender (DHCP syncs to the network node): it may not import rpc.
-    monkeypatch.setattr(dhcp, "cast", lambda host, name, **kw: box.compute.append((host, name, kw)))
+    # The network app's own sender (DHCP and host network syncs): it may not import rpc.
+    monkeypatch.setattr(messaging, "cast", lambda host, name, **kw: box.compute.append((host, name, kw)))
 
     def call(host: str, name: str, *, timeout: float, **kw: Any) -> Any:
         answer = box.calls.get(name)
@@ -140,7 +140,7 @@ def heartbeat(name: str, *, vcpus: int = 4, memory_mb: int = 8192, disk_gb: int 
                  "hypervisor_type": "QEMU", "hypervisor_version": 7002000, "vcpus": vcpus,
                  "memory_mb": memory_mb, "memory_mb_reserved": 0, "disk_gb": disk_gb,
                  "disk_gb_reserved": 0, "cpu_info": {"arch": "x86_64"}, "instances": {},
-                 "observed_at": time.time()}
+                 "observed_at": time.time(), "tunnel_ip": ""}
     resources.update(extra)
     assert set(contract.HEARTBEAT_RESOURCE_KEYS) <= set(resources)
     return conductor.host_heartbeat(host=name, resources=resources)

@@ -13,7 +13,7 @@ import pytest
 from django.db import connection
 from rest_framework.test import APIClient
 
-from cloudctl.network import dhcp, services
+from cloudctl.network import dhcp, messaging, services
 from cloudctl.network.errors import NetworkConflict
 from cloudctl.network.models import DEVICE_OWNER_DHCP, Network, Port, Subnet
 from compute_workers import contract
@@ -205,7 +205,8 @@ def test_nothing_is_sent_before_commit_and_a_transaction_sends_one_sync(admin, p
         services.port_create(user=admin, project=project, network=net)
         services.port_create(user=admin, project=project, network=net)
     assert syncs(outbox) == []
-    assert len([c for c in callbacks if isinstance(c, dhcp._Sync)]) == 1, "one sync per transaction"
+    dhcp_syncs = [c for c in callbacks if isinstance(c, messaging._Once) and c.key[0] == "dhcp"]
+    assert len(dhcp_syncs) == 1, "one sync per transaction"
 
 
 def test_hostnames():
