@@ -18,6 +18,7 @@ from cloudctl.compute import ports, rpc
 from cloudctl.compute.models import Allocation, Host, Instance, InstanceAction, InstanceActionEvent
 from cloudctl.compute.services import finish_action, mark_deleted
 from cloudctl.compute.states import PowerState, TaskState, VmState
+from cloudctl.network import hostsync
 from compute_workers import contract
 from compute_workers.contract import ActionResult
 
@@ -191,14 +192,24 @@ _HOST_FIELDS = ("libvirt_uri", "driver", "virt_type", "hypervisor_type", "hyperv
 
 
 def host_heartbeat(*, host: str, resources: dict[str, Any]) -> Host:
-    """Record a compute worker's heartbeat; the first one registers the host."""
+    """Record a compute worker's heartbeat; the first one registers the host. A tunnel IP that
+    changed (or appeared) is sent to the hosts sharing a vxlan network with this one (their peers);
+    a heartbeat without ``tunnel_ip`` (a worker older than the key) leaves it as it was."""
     values: dict[str, Any] = {key: resources[key] for key in _HOST_FIELDS if key in resources}
     values["reported_instances"] = resources.get("instances", {})
     values["reported_at"] = observed_at_of(resources)
     values["last_heartbeat"] = timezone.now()
-    # One UPDATE for the common case (the host exists): heartbeats are the conductor's bulk work.
-    if not Host.objects.filter(name=host).update(**values):
-        Host.objects.get_or_create(name=host, defaults=values)
+    same_tunnel: dict[str, Any] = {}
+    if "tunnel_ip" in resources:
+        values["tunnel_ip"] = same_tunnel["tunnel_ip"] = resources["tunnel_ip"] or ""
+    # One UPDATE for the common case (the host exists, its tunnel IP unchanged): heartbeats are the
+    # conductor's bulk work.
+    if not Host.objects.filter(name=host, **same_tunnel).update(**values):
+        if Host.objects.filter(name=host).update(**values):
+            log.info("host %s: tunnel IP now %r", host, values.get("tunnel_ip"))
+            hostsync.tunnel_changed(host)
+        else:
+            Host.objects.get_or_create(name=host, defaults=values)
     record = Host.objects.get(name=host)
     _reap_deleted_domains(record)
     return record

@@ -41,6 +41,8 @@ class PortStatus(models.TextChoices):
 # AUTO_DELETE_PORT_OWNERS). A router's interface is not one of them: it blocks the deletion.
 DEVICE_OWNER_DHCP = "network:dhcp"
 NETWORK_OWNED_DEVICE_OWNERS = (DEVICE_OWNER_DHCP,)
+# Servers' ports: ``compute:<availability zone>`` (Nova's device_owner); the only ones hosts filter.
+COMPUTE_DEVICE_OWNER_PREFIX = "compute:"
 
 
 class Network(models.Model):

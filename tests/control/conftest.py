@@ -34,6 +34,9 @@ class Outbox:
     scheduler: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     compute: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
     calls: dict[str, Any] = field(default_factory=dict)
+    # compute.network_host_sync, apart: (host, state). They go with many changes (a binding, a
+    # worker's restart), and the operation tests read the last task of ``compute``.
+    host_syncs: list[tuple[str, contract.HostNetworkState]] = field(default_factory=list)
 
     def compute_tasks(self, name: str) -> list[dict[str, Any]]:
         return [kwargs for _, task, kwargs in self.compute if task == name]
@@ -46,8 +49,15 @@ def outbox(monkeypatch: pytest.MonkeyPatch) -> Outbox:
                         lambda name, **kw: box.scheduler.append((name, kw)))
     monkeypatch.setattr(rpc, "cast", lambda host, name, expires=None, **kw: box.compute.append(
         (host, name, kw)))
+    def network_cast(host: str, name: str, **kw: Any) -> None:
+        if name == contract.COMPUTE_NETWORK_HOST_SYNC:
+            assert set(kw) == {"state"}
+            box.host_syncs.append((host, kw["state"]))
+        else:
+            box.compute.append((host, name, kw))
+
     # The network app's own sender (DHCP and host network syncs): it may not import rpc.
-    monkeypatch.setattr(messaging, "cast", lambda host, name, **kw: box.compute.append((host, name, kw)))
+    monkeypatch.setattr(messaging, "cast", network_cast)
 
     def call(host: str, name: str, *, timeout: float, **kw: Any) -> Any:
         answer = box.calls.get(name)
