@@ -5,7 +5,8 @@ from __future__ import annotations
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,22 @@ def outbox(monkeypatch: pytest.MonkeyPatch) -> Outbox:
 
     monkeypatch.setattr(rpc, "call", call)
     return box
+
+
+@pytest.fixture
+def commit(django_capture_on_commit_callbacks: Any) -> Callable[[], Any]:
+    """``with commit():`` runs the block's commit callbacks at its end and forgets them, as a real
+    commit does (the test's own transaction never commits, and the capture keeps them queued)."""
+    from django.db import connection
+
+    @contextmanager
+    def committed() -> Iterator[None]:
+        start = len(connection.run_on_commit)
+        with django_capture_on_commit_callbacks(execute=True):
+            yield
+        del connection.run_on_commit[start:]
+
+    return committed
 
 
 @pytest.fixture

@@ -5,12 +5,9 @@ the change commits, carrying the whole DhcpNetworkSpec."""
 from __future__ import annotations
 
 import typing
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
-from django.db import connection
 from rest_framework.test import APIClient
 
 from cloudctl.network import dhcp, messaging, services
@@ -32,21 +29,6 @@ pytestmark = pytest.mark.django_db
 def _dhcp_host(settings: Any) -> None:
     settings.NETWORK_DHCP_HOST = "netnode"
     settings.NETWORK_DHCP_LEASE_SECONDS = 3600
-
-
-@pytest.fixture
-def commit(django_capture_on_commit_callbacks: Any) -> Callable[[], Any]:
-    """``with commit():`` runs the block's commit callbacks at its end and forgets them, as a real
-    commit does (the test's own transaction never commits, and the capture keeps them queued)."""
-
-    @contextmanager
-    def committed() -> Iterator[None]:
-        start = len(connection.run_on_commit)
-        with django_capture_on_commit_callbacks(execute=True):
-            yield
-        del connection.run_on_commit[start:]
-
-    return committed
 
 
 def syncs(outbox: Outbox) -> list[dict[str, Any]]:
