@@ -274,6 +274,10 @@ NETWORK_NODE_HOST = env_str("NETWORK_NODE_HOST", socket.gethostname())
 NETWORK_DHCP_HOST = env_str("NETWORK_DHCP_HOST", NETWORK_NODE_HOST)
 # How long a DHCP lease lasts (dnsmasq's lease time).
 NETWORK_DHCP_LEASE_SECONDS = env_int("NETWORK_DHCP_LEASE_SECONDS", 86400, minimum=120)
+# Seconds between two whole-state syncs of every up host that holds a port
+# (compute.network_host_sync): what a lost message or a worker that ignored one left behind converges
+# within it.
+NETWORK_RESYNC_INTERVAL = env_int("NETWORK_RESYNC_INTERVAL", 60, minimum=1)
 
 # --- Celery (scheduler, conductor, beat; compute workers have their own app) ----------------------
 CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0")
@@ -305,7 +309,7 @@ CELERY_TASK_ROUTES = {
     "scheduler.*": {"queue": contract.SCHEDULER_QUEUE},
     "conductor.*": {"queue": contract.CONDUCTOR_QUEUE},
 }
-CELERY_IMPORTS = ("scheduler.tasks", "cloudctl.compute.tasks")
+CELERY_IMPORTS = ("scheduler.tasks", "cloudctl.compute.tasks", "cloudctl.network.tasks")
 CELERY_BEAT_SCHEDULE = {
     "reap-expired-tasks": {
         "task": "conductor.reap_expired_tasks",
@@ -314,5 +318,9 @@ CELERY_BEAT_SCHEDULE = {
     "confirm-expired-resizes": {
         "task": "conductor.confirm_expired_resizes",
         "schedule": env_float("REAPER_INTERVAL", 30.0, minimum=1.0),
+    },
+    "network-resync": {
+        "task": "conductor.network_resync",
+        "schedule": float(NETWORK_RESYNC_INTERVAL),
     },
 }

@@ -680,6 +680,7 @@ HEARTBEAT_RESOURCE_KEYS = (
     "cpu_info",             # dict: arch, model, vendor, features (list)
     "instances",            # dict: instance uuid -> power state, for every cloudctl domain on the host
     "observed_at",          # float, the host's time.time() just before it listed the domains
+    "tunnel_ip",            # str, COMPUTE_TUNNEL_IP (this host's VXLAN endpoint); "" when unset
 )
 
 

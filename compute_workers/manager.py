@@ -163,6 +163,8 @@ class ComputeManager:
             "disk_gb_reserved": self.config.reserved_host_disk_gb,
             "instances": self.driver.list_instances(),
             "observed_at": observed_at,
+            # The other hosts' VXLAN flood entries point here (the control plane's HostNetwork.peers).
+            "tunnel_ip": self.config.tunnel_ip,
         })
         return resources
 

@@ -241,7 +241,7 @@ class HostAdmin(admin.ModelAdmin):
     readonly_fields = ("name", "libvirt_uri", "driver", "virt_type", "availability_zone",
                        "last_heartbeat", "vcpus", "memory_mb", "memory_mb_reserved", "disk_gb",
                        "disk_gb_reserved", "hypervisor_type", "hypervisor_version", "cpu_info",
-                       "reported_instances", "servers")
+                       "tunnel_ip", "reported_instances", "servers")
     actions = [disable_hosts, enable_hosts, live_migrate_servers_away]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Host]:

@@ -18,6 +18,7 @@ from cloudctl.compute import ports, rpc
 from cloudctl.compute.models import Allocation, Host, Instance, InstanceAction, InstanceActionEvent
 from cloudctl.compute.services import finish_action, mark_deleted
 from cloudctl.compute.states import PowerState, TaskState, VmState
+from cloudctl.network import hostsync
 from compute_workers import contract
 from compute_workers.contract import ActionResult
 
@@ -196,20 +197,35 @@ def host_heartbeat(*, host: str, resources: dict[str, Any], starting: bool = Fal
     A host whose worker stopped cleanly (:func:`host_stopping`) stays down until the worker starts
     again (``starting``: its ``host_init``): the last heartbeat it sent before stopping may be handled
     after the stop, or alongside it by the conductor's other process, and must not bring it back up
-    (the scheduler would send new servers to a host nobody serves). Its resources are recorded."""
+    (the scheduler would send new servers to a host nobody serves). Its resources are recorded.
+    A tunnel IP that changed (or appeared) is sent to the hosts sharing a vxlan network with this one
+    (their peers); a heartbeat without ``tunnel_ip`` (a worker older than the key) leaves it as it was."""
     values: dict[str, Any] = {key: resources[key] for key in _HOST_FIELDS if key in resources}
     values["reported_instances"] = resources.get("instances", {})
     values["reported_at"] = observed_at_of(resources)
     values["last_heartbeat"] = timezone.now()
+    if "tunnel_ip" in resources:
+        values["tunnel_ip"] = resources["tunnel_ip"] or ""
+    same_tunnel = {"tunnel_ip": values["tunnel_ip"]} if "tunnel_ip" in values else {}
     rows = Host.objects.filter(name=host)
-    # One UPDATE for the common case (the host exists and is up): heartbeats are the conductor's bulk
-    # work. The condition is checked against the committed row: a concurrent stop wins.
-    if not (rows if starting else rows.filter(last_heartbeat__isnull=False)).update(**values):
-        _, created = Host.objects.get_or_create(name=host, defaults=values)
-        if not created:
-            del values["last_heartbeat"]
-            rows.update(**values)
-            log.info("host %s: heartbeat after its worker stopped; down until it starts again", host)
+    live = rows if starting else rows.filter(last_heartbeat__isnull=False)
+    # One UPDATE for the common case (the host exists, is up, its tunnel IP unchanged): heartbeats
+    # are the conductor's bulk work. The condition is checked against the committed row: a
+    # concurrent stop wins.
+    if not live.filter(**same_tunnel).update(**values):
+        previous = rows.values_list("tunnel_ip", flat=True).first()
+        if previous is None:
+            _, created = Host.objects.get_or_create(name=host, defaults=values)
+            if not created:  # registered meanwhile by the conductor's other process
+                previous = rows.values_list("tunnel_ip", flat=True).first()
+        if previous is not None:
+            if not live.update(**values):
+                del values["last_heartbeat"]
+                rows.update(**values)
+                log.info("host %s: heartbeat after its worker stopped; down until it starts again", host)
+            if same_tunnel and previous != values["tunnel_ip"]:
+                log.info("host %s: tunnel IP now %r", host, values["tunnel_ip"])
+                hostsync.tunnel_changed(host)
     record = Host.objects.get(name=host)
     _reap_deleted_domains(record)
     return record

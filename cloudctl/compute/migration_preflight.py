@@ -24,7 +24,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from cloudctl.compute import placement, rpc, states
+from cloudctl.compute import placement, ports, rpc, states
 from cloudctl.compute.errors import ComputeUnavailable
 from cloudctl.compute.migration_batches import migration_locked
 from cloudctl.compute.migration_steps import (
@@ -226,6 +226,9 @@ def _start_live(migration: Migration, instance: Instance, dest: Host, answer: di
                    migration_data_uri=answer.get("migration_data_uri") or "",
                    completion_timeout=max(1, round(settings.LIVE_MIGRATION_COMPLETION_TIMEOUT
                                                    * max(data_gib, 1 / 1024))))
+    # The destination holds the ports from now on (its network state carries them with their
+    # filtering, the other hosts flood to it): the sync goes before pre_live_migration, at commit.
+    ports.server_ports_migrating(instance.uuid, dest.name)
     kwargs = {"instance_uuid": str(instance.uuid), "migration_id": migration.pk,
               "spec": spawn_spec(instance, dest.name),
               "block_migration": migration.block_migration,

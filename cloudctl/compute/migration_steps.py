@@ -19,8 +19,9 @@ from django.utils import timezone
 from cloudctl.compute import rpc
 from cloudctl.compute.conductor import record_event
 from cloudctl.compute.migration_batches import ENDED, batch_advance
-from cloudctl.compute.models import Allocation, Host, Instance, InstanceAction, Migration
+from cloudctl.compute.models import Allocation, Host, Instance, InstanceAction, Migration, MigrationType
 from cloudctl.compute.models import MigrationStatus as S
+from cloudctl.compute.ports import server_ports_migrating
 from cloudctl.compute.services import finish_action
 from compute_workers import contract
 
@@ -34,12 +35,17 @@ def migration_save(migration: Migration, **values: Any) -> None:
 
     Every end of a migration is written here: the end of one of a host evacuation's migrations
     starts the next waiting one of its batch (the caller locked the row with
-    :func:`cloudctl.compute.migration_batches.migration_locked`)."""
+    :func:`cloudctl.compute.migration_batches.migration_locked`), and the end of a live migration
+    ends its ports' ``migrating_to`` (landed: the binding moved there already; failed, cancelled,
+    reaped: the destination lets them go), so both hosts' network states follow."""
     values.setdefault("updated", timezone.now())
     Migration.objects.filter(pk=migration.pk).update(**values)
     for key, value in values.items():
         setattr(migration, key, value)
-    if migration.batch and values.get("status") in ENDED:
+    ended = values.get("status") in ENDED
+    if ended and migration.migration_type == MigrationType.LIVE:
+        server_ports_migrating(migration.instance_id, "")
+    if migration.batch and ended:
         batch_advance(migration.batch)
 
 

@@ -56,6 +56,10 @@ class Host(models.Model):
                                           help_text="uuid -> power state, from the last heartbeat")
     reported_at = models.DateTimeField(
         null=True, blank=True, help_text="when the host read the states of reported_instances (its clock)")
+    # The host's VXLAN endpoint (its COMPUTE_TUNNEL_IP, from the heartbeat): the other hosts' flood
+    # entries for the vxlan networks they share point here. "": none (flat networks only).
+    tunnel_ip = models.CharField(max_length=64, blank=True, default="",
+                                 help_text="VXLAN tunnel endpoint (COMPUTE_TUNNEL_IP), from the heartbeat")
     # Per-host overrides; null means the global setting.
     cpu_allocation_ratio = models.FloatField(null=True, blank=True)
     ram_allocation_ratio = models.FloatField(null=True, blank=True)

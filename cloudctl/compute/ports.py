@@ -22,10 +22,10 @@ from cloudctl.compute.states import VmState
 from cloudctl.errors import InvalidRequest
 from cloudctl.identity.models import Project
 from cloudctl.identity.services import is_admin
-from cloudctl.network import dhcp, routers
+from cloudctl.network import dhcp, hostsync, routers
 from cloudctl.network import services as network_services
 from cloudctl.network.errors import PortInUse
-from cloudctl.network.models import Network, Port, PortStatus
+from cloudctl.network.models import Network, Port, PortStatus, SecurityGroup
 from compute_workers import contract
 
 # The ``networks`` of a create besides a list (Nova's microversion 2.37 values).
@@ -165,17 +165,32 @@ def ports_by_server(instance_uuids: Iterable[Any]) -> dict[str, list[Port]]:
 
 def server_ports_bind(instance_uuid: Any, host_name: str, availability_zone: str = "") -> int:
     """The server's ports follow it to ``host_name`` (BUILD until the spawn reports it ACTIVE), or
-    lose their binding (``""``: DOWN), e.g. on a reschedule."""
+    lose their binding (``""``: DOWN), e.g. on a reschedule. The hosts concerned get their network
+    state when the transaction commits (:func:`cloudctl.network.hostsync.bindings_change`)."""
     values: dict[str, Any] = {"binding_host": host_name, "updated": timezone.now(),
                               "status": PortStatus.BUILD if host_name else PortStatus.DOWN}
     if availability_zone:
         values["device_owner"] = device_owner(availability_zone)
-    return _ports_of(instance_uuid).update(**values)
+    with hostsync.bindings_change(_ports_of(instance_uuid)):
+        return _ports_of(instance_uuid).update(**values)
 
 
 def server_ports_move(instance_uuid: Any, host_name: str) -> int:
-    """A migration landed the server on ``host_name``: its ports' binding follows, status kept."""
-    return _ports_of(instance_uuid).update(binding_host=host_name, updated=timezone.now())
+    """A migration landed the server on ``host_name``: its ports' binding follows (a live migration's
+    ``migrating_to`` ends), status kept."""
+    with hostsync.bindings_change(_ports_of(instance_uuid)):
+        return _ports_of(instance_uuid).update(binding_host=host_name, migrating_to="",
+                                               updated=timezone.now())
+
+
+def server_ports_migrating(instance_uuid: Any, host_name: str) -> int:
+    """A live migration of the server to ``host_name`` is being prepared: that host holds its ports
+    too (``migrating_to``), so its network state carries them with their filtering before the guest
+    moves, and the other hosts flood to it already. ``""``: the migration ended (it landed, which
+    :func:`server_ports_move` also clears, or it failed: the destination lets them go)."""
+    ports = _ports_of(instance_uuid)
+    with hostsync.bindings_change(ports):
+        return ports.exclude(migrating_to=host_name).update(migrating_to=host_name, updated=timezone.now())
 
 
 # A server's ports follow its vm_state when a report or the power-state sync changes it: ACTIVE while
@@ -202,14 +217,19 @@ def server_ports_release(instance_uuid: Any) -> None:
     ports = _ports_of(instance_uuid)
     networks = list(Network.objects.filter(pk__in=ports.values("network_id")))
     deleted = ports.filter(preserve_on_delete=False)
+    # The groups whose members lose addresses (the ports passed in keep theirs, and their groups).
+    groups = list(SecurityGroup.objects.filter(ports__in=deleted.filter(fixed_ips__isnull=False))
+                  .values_list("pk", flat=True).distinct())
     # Their floating IPs stay allocated, unmapped (Neutron's); a kept port keeps its floating IPs.
     routers.floating_ips_port_deleting(deleted.values_list("pk", flat=True))
-    deleted.delete()
-    ports.filter(preserve_on_delete=True).update(
-        device_id="", device_owner="", binding_host="", status=PortStatus.DOWN,
-        preserve_on_delete=False, device_index=None, updated=timezone.now())
+    with hostsync.bindings_change(ports):
+        deleted.delete()
+        ports.filter(preserve_on_delete=True).update(
+            device_id="", device_owner="", binding_host="", migrating_to="", status=PortStatus.DOWN,
+            preserve_on_delete=False, device_index=None, updated=timezone.now())
     for network in networks:
         dhcp.dhcp_sync(network)
+    hostsync.members_changed(groups)
 
 
 def addresses_of(ports: Iterable[Port]) -> dict[str, list[dict[str, Any]]]:
@@ -230,18 +250,7 @@ def addresses_of(ports: Iterable[Port]) -> dict[str, list[dict[str, Any]]]:
 
 
 def network_specs(instance_uuid: Any) -> list[contract.NetworkSpec]:
-    """The spawn spec's ``networks``: everything a host needs to plug each port, in NIC order."""
-    specs: list[contract.NetworkSpec] = []
-    for port in server_ports(instance_uuid):
-        network = port.network
-        specs.append({
-            "port_id": str(port.id), "network_id": str(network.id),
-            "mac_address": port.mac_address,
-            "fixed_ips": [{"ip_address": f.ip_address, "subnet_id": str(f.subnet_id),
-                           "cidr": f.subnet.cidr, "gateway_ip": f.subnet.gateway_ip}
-                          for f in port.fixed_ips.all()],
-            "mtu": network.mtu, "provider_type": network.provider_type,  # type: ignore[typeddict-item]
-            "segmentation_id": network.segmentation_id,
-            "bridge": contract.bridge_name(str(network.id)), "tap": contract.tap_name(str(port.id)),
-        })
-    return specs
+    """The spawn spec's ``networks``: everything a host needs to plug each port, in NIC order, with
+    its ``security`` (the same as the host's network state carries), so the guest's filtering is in
+    place before it starts, and on a live migration's destination before it moves."""
+    return hostsync.port_specs(server_ports(instance_uuid))

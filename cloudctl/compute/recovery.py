@@ -41,7 +41,7 @@ from cloudctl.compute.services import action_start, finish_action, mark_deleted
 from cloudctl.compute.specs import spawn_spec
 from cloudctl.compute.states import VM_STATE_FOR_POWER_STATE, PowerState, TaskState, VmState
 from cloudctl.compute.sync import sync_power_state
-from cloudctl.network import dhcp, routers
+from cloudctl.network import dhcp, hostsync, routers
 from compute_workers import contract
 from compute_workers.contract import ActionResult
 
@@ -64,7 +64,8 @@ _ROLLED_BACK_ON_RESTART = (TaskState.PAUSING, TaskState.UNPAUSING, TaskState.SUS
 
 
 def host_init(*, host: str, reported: dict[str, str]) -> None:
-    """A compute worker (re)started: finish or repeat what its restart interrupted."""
+    """A compute worker (re)started: finish or repeat what its restart interrupted, then send it its
+    network state."""
     record = Host.objects.filter(name=host).first()
     if record is not None:
         try:
@@ -80,6 +81,9 @@ def host_init(*, host: str, reported: dict[str, str]) -> None:
         except Exception:  # one bad row must not stop the others from recovering
             log.exception("recovering %s on %s after a worker restart failed", instance.uuid, host)
     network_node_init(host=host)
+    # The restarted worker converges its bridges, VXLAN peers and filtering to what is recorded now
+    # (after the recovery above moved what it moves), whether or not it holds a port.
+    hostsync.host_sync([host])
 
 
 def network_node_init(*, host: str) -> None:

@@ -7,6 +7,7 @@ a malformed report fails its task with the reason instead of reaching the databa
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from typing import Any
 
@@ -40,6 +41,7 @@ def instance_destroyed(instance_uuid: str, host: str) -> None:
 
 @shared_task(name=contract.CONDUCTOR_HOST_HEARTBEAT, ignore_result=True)
 def host_heartbeat(host: str, resources: dict[str, Any]) -> None:
+    resources = _resources(resources)
     record = conductor.host_heartbeat(host=host, resources=resources)
     sync.sync_host(record, resources.get("instances", {}), conductor.observed_at_of(resources))
 
@@ -51,6 +53,7 @@ def host_stopping(host: str) -> None:
 
 @shared_task(name=contract.CONDUCTOR_HOST_INIT)
 def host_init(host: str, resources: dict[str, Any]) -> None:
+    resources = _resources(resources)
     conductor.host_heartbeat(host=host, resources=resources, starting=True)
     recovery.host_init(host=host, reported=resources.get("instances", {}))
 
@@ -86,6 +89,22 @@ def migration_progress(migration_id: int, host: str, progress: dict[str, Any]) -
 def confirm_expired_resizes() -> int:
     """Periodic (beat): unconfirmed resizes past RESIZE_CONFIRM_WINDOW, and stuck migrations."""
     return recovery.confirm_expired_resizes() + recovery.reap_stuck_migrations()
+
+
+def _resources(resources: Any) -> dict[str, Any]:
+    """A heartbeat's (or host_init's) resources: an object; ``tunnel_ip``, when given, "" or an IP
+    address (the other hosts' VXLAN flood entries will point at it)."""
+    if not isinstance(resources, dict):
+        raise contract.ReportError("resources must be a JSON object")
+    tunnel_ip = resources.get("tunnel_ip", "")
+    if not isinstance(tunnel_ip, str):
+        raise contract.ReportError(f"tunnel_ip must be a string, not {tunnel_ip!r}")
+    if tunnel_ip:
+        try:
+            ipaddress.ip_address(tunnel_ip)
+        except ValueError:
+            raise contract.ReportError(f"tunnel_ip {tunnel_ip!r} is not an IP address") from None
+    return resources
 
 
 def _plain(payload: Mapping[str, Any] | None) -> dict[str, Any] | None:

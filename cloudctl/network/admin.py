@@ -16,6 +16,7 @@ from django.utils.html import format_html, format_html_join
 from cloudctl.errors import CloudctlError
 from cloudctl.network import l3, routers, selectors, services
 from cloudctl.network.models import (
+    COMPUTE_DEVICE_OWNER_PREFIX,
     FloatingIP,
     Network,
     Port,
@@ -115,11 +116,15 @@ class PortFixedIPInline(admin.TabularInline):
 @admin.register(Port)
 class PortAdmin(admin.ModelAdmin):
     list_display = ("id", "name", "network", "project", "mac_address", "addresses", "device_owner",
-                    "device_id", "binding_host", "status", "admin_state_up")
-    list_filter = ("status", "device_owner", "project")
+                    "device_id", "binding_host", "migrating_to", "status", "admin_state_up",
+                    "port_security_enabled")
+    list_filter = ("status", "device_owner", "port_security_enabled", "project")
     search_fields = ("id", "name", "mac_address", "device_id", "fixed_ips__ip_address")
-    readonly_fields = ("id", "network", "project", "mac_address", "security_groups", "device_id",
-                       "device_owner", "binding_host", "status", "created", "updated")
+    # Port security is read-only here: turning it off must clear the groups with it and reach the
+    # hosts (the API's PATCH, through services.port_update).
+    readonly_fields = ("id", "network", "project", "mac_address", "security_groups", "port_security_enabled",
+                       "device_id", "device_owner", "binding_host", "migrating_to", "status", "created",
+                       "updated")
     inlines = [PortFixedIPInline]
     actions = ["delete_ports"]
 
@@ -289,7 +294,7 @@ class FloatingIPAdmin(admin.ModelAdmin):
     @admin.display(description="server")
     def server(self, fip: FloatingIP) -> str:
         port = fip.port
-        if port is None or not port.device_owner.startswith(l3.COMPUTE_DEVICE_OWNER_PREFIX):
+        if port is None or not port.device_owner.startswith(COMPUTE_DEVICE_OWNER_PREFIX):
             return "-"
         return format_html('<a href="{}">{}</a>',
                            reverse("admin:compute_instance_change", args=[port.device_id]),

@@ -362,8 +362,8 @@ class PortSerializer(serializers.ModelSerializer):
     class Meta:
         model = Port
         fields = ("id", "name", "network", "project", "mac_address", "fixed_ips", "security_groups",
-                  "device_id", "device_owner", "binding_host", "status", "admin_state_up", "created",
-                  "updated")
+                  "port_security_enabled", "device_id", "device_owner", "binding_host", "status",
+                  "admin_state_up", "created", "updated")
         read_only_fields = fields
 
 
@@ -389,6 +389,9 @@ class PortCreateSerializer(StrictSerializer):
     device_owner = StrictCharField(max_length=255, required=False, allow_blank=True, default="",
                                    help_text='e.g. "compute:nova"; network:* are set by cloudctl')
     admin_state_up = serializers.BooleanField(required=False, default=True)
+    port_security_enabled = serializers.BooleanField(
+        required=False, default=True,
+        help_text="false: no filtering nor anti-spoofing, and no security groups (400 with them)")
 
     def validate_network(self, ref: str) -> Network:
         return lookup(selectors.networks_visible_to(self.context["request"].user), ref,
@@ -413,6 +416,9 @@ class PortUpdateSerializer(StrictSerializer):
     name = StrictCharField(max_length=255, required=False, allow_blank=True)
     security_groups = SecurityGroupRefs(required=False)
     admin_state_up = serializers.BooleanField(required=False)
+    port_security_enabled = serializers.BooleanField(
+        required=False,
+        help_text='false while the port has security groups is 409: send "security_groups": [] with it')
 
     def validate_security_groups(self, refs: list[str]) -> list[SecurityGroup]:
         return _groups(self, refs)
@@ -428,9 +434,11 @@ class PortUpdateSerializer(StrictSerializer):
     create=extend_schema(summary="Create a port with its addresses (IPAM in the same transaction)",
                          request=PortCreateSerializer,
                          responses={201: PortSerializer, **error_responses(400, 401, 403), **CONFLICT}),
-    partial_update=extend_schema(summary="Change a port's name, security_groups, admin_state_up",
+    partial_update=extend_schema(summary="Change a port's name, security_groups, admin_state_up, "
+                                         "port_security_enabled",
                                  parameters=[_id_param("port")], request=PortUpdateSerializer,
-                                 responses={200: PortSerializer, **error_responses(400, 401, 403, 404)}),
+                                 responses={200: PortSerializer, **error_responses(400, 401, 403, 404),
+                                            **CONFLICT}),
     destroy=extend_schema(summary="Delete a port (its addresses are free at once)",
                           parameters=[_id_param("port")],
                           responses={204: OpenApiResponse(description="Deleted"),

@@ -23,12 +23,18 @@ from django.db import DEFAULT_DB_ALIAS
 from django.db.models import Q, QuerySet
 
 from cloudctl.network import rpc
-from cloudctl.network.models import DEVICE_OWNER_DHCP, Network, Port, PortFixedIP, Subnet
+from cloudctl.network.models import (
+    COMPUTE_DEVICE_OWNER_PREFIX,
+    DEVICE_OWNER_DHCP,
+    Network,
+    Port,
+    PortFixedIP,
+    Subnet,
+)
 from compute_workers import contract
 
 log = logging.getLogger(__name__)
 
-COMPUTE_DEVICE_OWNER_PREFIX = "compute:"
 _HOSTNAME_INVALID = re.compile(r"[^a-z0-9-]+")
 
 

@@ -40,6 +40,7 @@ from cloudctl.network.errors import (
     SubnetOnRouter,
 )
 from cloudctl.network.models import (
+    COMPUTE_DEVICE_OWNER_PREFIX,
     DEVICE_OWNER_FLOATINGIP,
     DEVICE_OWNER_ROUTER_GATEWAY,
     DEVICE_OWNER_ROUTER_INTERFACE,
@@ -57,8 +58,6 @@ from cloudctl.network.services import (
     system_port_create,
     system_port_delete,
 )
-
-COMPUTE_DEVICE_OWNER_PREFIX = "compute:"
 
 
 def _label(obj: Network | Subnet | Router) -> str:

@@ -48,6 +48,8 @@ DEVICE_OWNER_ROUTER_GATEWAY = "network:router_gateway"
 DEVICE_OWNER_FLOATINGIP = "network:floatingip"
 L3_DEVICE_OWNERS = (DEVICE_OWNER_ROUTER_INTERFACE, DEVICE_OWNER_ROUTER_GATEWAY,
                     DEVICE_OWNER_FLOATINGIP)
+# Servers' ports: ``compute:<availability zone>`` (Nova's device_owner); the only ones hosts filter.
+COMPUTE_DEVICE_OWNER_PREFIX = "compute:"
 
 
 class Network(models.Model):
@@ -182,8 +184,15 @@ class Port(models.Model):
     security_groups = models.ManyToManyField(SecurityGroup, blank=True, related_name="ports")
     device_id = models.CharField(max_length=255, blank=True, db_index=True)
     device_owner = models.CharField(max_length=255, blank=True)
-    # The host the port is bound to (set by the compute side when it plugs the port).
-    binding_host = models.CharField(max_length=255, blank=True)
+    # The host the port is bound to (set by the compute side when it plugs the port). Indexed with
+    # migrating_to: a host's network state (cloudctl.network.hostsync) is read by them.
+    binding_host = models.CharField(max_length=255, blank=True, db_index=True)
+    # The destination of a live migration of the port's server, from pre_live_migration until the
+    # migration lands (binding_host moves there) or fails: that host plugs and filters the port
+    # before the guest moves (Neutron's migrating_to binding profile).
+    migrating_to = models.CharField(max_length=255, blank=True, default="", db_index=True)
+    # Neutron's port security: off, the port has no security groups and no anti-spoofing.
+    port_security_enabled = models.BooleanField(default=True)
     status = models.CharField(max_length=8, choices=PortStatus.choices, default=PortStatus.DOWN)
     admin_state_up = models.BooleanField(default=True)
     # A port the user passed to a server's create (Nova's preserve_on_delete): unbound, not deleted,

@@ -28,7 +28,7 @@ from django.db import IntegrityError, transaction
 from cloudctl.errors import InvalidRequest
 from cloudctl.identity.models import Project
 from cloudctl.identity.services import is_admin, project_id_of
-from cloudctl.network import dhcp, routers, selectors
+from cloudctl.network import dhcp, hostsync, routers, selectors
 from cloudctl.network.errors import (
     AddressInUse,
     InUse,
@@ -200,10 +200,13 @@ def network_update(*, network: Network, user: Any, name: str | None = None, shar
     changes = {key: value for key, value in (("name", name), ("shared", shared), ("mtu", mtu),
                                               ("admin_state_up", admin_state_up),
                                               ("external", external)) if value is not None}
+    mtu_changed = mtu is not None and mtu != network.mtu
     for key, value in changes.items():
         setattr(network, key, value)
     if changes:
         network.save(update_fields=[*changes, "updated"])
+    if mtu_changed:
+        hostsync.network_changed(network)  # the hosts' bridges and taps take the new MTU
     return network
 
 
@@ -218,7 +221,9 @@ def network_delete(*, network: Network, user: Any) -> None:
         raise InUse(f"network {network.id} has {len(blocking)} port(s) in use: {', '.join(names)}; "
                     "delete them first", ports=[str(p.id) for p in blocking])
     dhcp.dhcp_sync(network, force=dhcp.has_dhcp(network))  # sent at commit: the network is gone
-    network.ports.filter(device_owner__in=NETWORK_OWNED_DEVICE_OWNERS).delete()
+    owned = Port.objects.filter(network_id=network.pk, device_owner__in=NETWORK_OWNED_DEVICE_OWNERS)
+    with hostsync.bindings_change(owned):  # the network node's bridge goes
+        owned.delete()
     network.subnets.all().delete()
     network.delete()
 
@@ -429,6 +434,8 @@ def security_group_delete(*, group: SecurityGroup, user: Any) -> None:
     if users:
         raise InUse(f"security group {group.id} is used by {len(users)} port(s): "
                     f"{', '.join(port_label(p) for p in users)}", ports=[str(p.id) for p in users])
+    # Other groups' rules naming it as remote_group go with it (cascade): read their hosts first.
+    hostsync.members_changed([group.pk])
     group.delete()
 
 
@@ -490,12 +497,18 @@ def security_group_rule_create(*, user: Any, security_group: SecurityGroup, dire
     same = security_group.rules.filter(**fields).first()
     if same is not None:
         raise NetworkConflict(f"security group {security_group.id} already has this rule: {same.id}")
-    return SecurityGroupRule.objects.create(security_group=security_group, description=description,
+    rule = SecurityGroupRule.objects.create(security_group=security_group, description=description,
                                             **fields)
+    hostsync.rules_changed([security_group.pk])
+    return rule
 
 
+@transaction.atomic
 def security_group_rule_delete(*, rule: SecurityGroupRule, user: Any) -> None:
+    """Delete a rule; the hosts of the group's ports drop it (and the connections it allowed)."""
+    group_id = rule.security_group_id
     rule.delete()
+    hostsync.rules_changed([group_id])
 
 
 # --- ports and IPAM --------------------------------------------------------------------------------
@@ -595,6 +608,10 @@ def _check_usable_network(network: Network, user: Any, project: Project) -> None
                    "administrators may create ports on it")
 
 
+PORT_SECURITY_NEEDED = ("a port with port_security_enabled false has no security groups (nothing filters "
+                        "its traffic); enable port security to use them")
+
+
 def _check_groups(groups: Sequence[SecurityGroup], project: Project) -> list[SecurityGroup]:
     """The port's groups, of its project, locked against a concurrent deletion (whose foreign-key
     check would otherwise fail only at commit)."""
@@ -615,26 +632,32 @@ def _check_groups(groups: Sequence[SecurityGroup], project: Project) -> list[Sec
 def port_create(*, user: Any, project: Project, network: Network, name: str = "",
                 fixed_ips: Sequence[FixedIPRequest] | None = None, mac_address: str | None = None,
                 security_groups: Sequence[SecurityGroup] | None = None, device_id: str = "",
-                device_owner: str = "", admin_state_up: bool = True) -> Port:
+                device_owner: str = "", admin_state_up: bool = True,
+                port_security_enabled: bool = True) -> Port:
     """A port of ``project`` on ``network`` with its addresses, in one transaction.
 
     ``fixed_ips`` None: one address, the next free one of the first subnet that has one (none when
     the network has no subnet); ``[]``: no address; else each entry's address (400 outside the
     subnet, 409 naming the port that holds it) or the next free one of its subnet (409 when the pools
     are exhausted). ``mac_address`` None: generated (fa:16:3e:…), else validated (409 in use).
-    ``security_groups`` None: the project's default group."""
+    ``security_groups`` None: the project's default group, or none without port security (Neutron:
+    groups on such a port are 400)."""
     if device_owner.startswith("network:") and not is_admin(user):
         raise InvalidRequest("device_owner", "network:* owners are set by cloudctl itself")
+    if not port_security_enabled and security_groups:
+        raise InvalidRequest("security_groups", PORT_SECURITY_NEEDED)
     _check_usable_network(network, user, project)
     network = _lock_network(network)
-    groups = _check_groups(security_groups if security_groups is not None
-                           else [security_group_default(project=project)], project)
+    if security_groups is None:
+        security_groups = [security_group_default(project=project)] if port_security_enabled else []
+    groups = _check_groups(security_groups, project)
     wanted = [_resolve_fixed_ip(network, entry, device_owner) for entry in (fixed_ips or [])]
     given = [address for _, address in wanted if address is not None]
     if len(given) != len(set(given)):
         raise InvalidRequest("fixed_ips", "an address is requested twice")
     fields = {"network": network, "project": project, "name": name, "device_id": device_id,
-              "device_owner": device_owner, "admin_state_up": admin_state_up}
+              "device_owner": device_owner, "admin_state_up": admin_state_up,
+              "port_security_enabled": port_security_enabled}
     if mac_address is not None:
         mac = _check_mac(mac_address)
         try:
@@ -649,6 +672,8 @@ def port_create(*, user: Any, project: Project, network: Network, name: str = ""
     port.security_groups.set(groups)
     _allocate(port, network, fixed_ips, wanted)
     dhcp.dhcp_sync(network)
+    if groups and port.fixed_ips.exists():
+        hostsync.members_changed([g.pk for g in groups])  # rules naming its groups admit it now
     return port
 
 
@@ -679,9 +704,12 @@ def system_port_create(*, network: Network, project: Project, device_owner: str,
     locks the network's row as every allocation does."""
     network = _lock_network(network)
     wanted = [_resolve_fixed_ip(network, entry, device_owner) for entry in (fixed_ips or [])]
-    port = _port_row_create({"network": network, "project": project, "name": "",
-                             "device_id": device_id, "device_owner": device_owner,
-                             "binding_host": settings.NETWORK_NODE_HOST})
+    # The network node holds a port on the network now: its bridge, and the other hosts' peers.
+    with hostsync.bindings_change(Port.objects.filter(network=network, device_owner=device_owner,
+                                                      device_id=device_id)):
+        port = _port_row_create({"network": network, "project": project, "name": "",
+                                 "device_id": device_id, "device_owner": device_owner,
+                                 "binding_host": settings.NETWORK_NODE_HOST})
     _allocate(port, network, fixed_ips, wanted)
     dhcp.dhcp_sync(network)
     return port
@@ -690,7 +718,8 @@ def system_port_create(*, network: Network, project: Project, device_owner: str,
 def system_port_delete(port: Port) -> None:
     """Delete a port :func:`system_port_create` made (its addresses are free at once)."""
     network = port.network
-    port.delete()
+    with hostsync.bindings_change(Port.objects.filter(pk=port.pk)):  # the node's bridge may go
+        port.delete()
     dhcp.dhcp_sync(network)
 
 
@@ -713,9 +742,22 @@ def _allocate_default(port: Port, network: Network) -> None:
 
 def port_update(*, port: Port, user: Any, name: str | None = None,
                 security_groups: Sequence[SecurityGroup] | None = None,
-                admin_state_up: bool | None = None) -> Port:
-    """Change a port's name, security groups or admin state (None: unchanged)."""
+                admin_state_up: bool | None = None, port_security_enabled: bool | None = None) -> Port:
+    """Change a port's name, security groups, admin state or port security (None: unchanged).
+
+    As Neutron: groups on a port whose port security is (or becomes) off are 400; turning port
+    security off while the port keeps groups is 409 (give ``security_groups: []`` with it). The
+    hosts that filter the port, or whose rules name one of the groups it joins or leaves as
+    ``remote_group``, get their state when the change commits."""
     with transaction.atomic():
+        secured = port.port_security_enabled if port_security_enabled is None else port_security_enabled
+        if security_groups and not secured:
+            raise InvalidRequest("security_groups", PORT_SECURITY_NEEDED)
+        had = set(port.security_groups.values_list("pk", flat=True))
+        if not secured and security_groups is None and had:
+            raise NetworkConflict(f"port {port.id} has {len(had)} security group(s); port security cannot "
+                                  'be disabled while it has any: remove them ("security_groups": []) in '
+                                  "the same request or before")
         changes = []
         if name is not None:
             port.name = name
@@ -723,10 +765,21 @@ def port_update(*, port: Port, user: Any, name: str | None = None,
         if admin_state_up is not None:
             port.admin_state_up = admin_state_up
             changes.append("admin_state_up")
+        toggled = port_security_enabled is not None and port_security_enabled != port.port_security_enabled
+        if toggled:
+            port.port_security_enabled = secured
+            changes.append("port_security_enabled")
         if changes:
             port.save(update_fields=[*changes, "updated"])
+        joined_or_left: set[Any] = set()
         if security_groups is not None:
-            port.security_groups.set(_check_groups(security_groups, port.project))
+            groups = _check_groups(security_groups, port.project)
+            port.security_groups.set(groups)
+            joined_or_left = had ^ {g.pk for g in groups}
+        if toggled or joined_or_left:
+            hostsync.ports_changed([port])
+        if joined_or_left and port.fixed_ips.exists():
+            hostsync.members_changed(joined_or_left)
     return port
 
 
@@ -743,8 +796,13 @@ def port_delete(*, port: Port, user: Any) -> None:
                               "clear the router's gateway or delete the floating IP")
     routers.floating_ips_port_deleting([port.pk])
     network = port.network
-    port.delete()
+    groups = list(port.security_groups.values_list("pk", flat=True))
+    addressed = port.fixed_ips.exists()
+    with hostsync.bindings_change(Port.objects.filter(pk=port.pk)):
+        port.delete()
     dhcp.dhcp_sync(network)
+    if addressed:
+        hostsync.members_changed(groups)
 
 
 # --- DHCP ------------------------------------------------------------------------------------------
@@ -763,16 +821,19 @@ def dhcp_port_reconcile(network: Network) -> Port | None:
     bound to ``NETWORK_DHCP_HOST``): made with the first DHCP subnet, an address (the next free one,
     as any port's) in each DHCP subnet, deleted when no DHCP subnet is left."""
     subnets = dhcp.dhcp_subnets(network)
-    port = Port.objects.filter(network_id=network.pk, device_owner=DEVICE_OWNER_DHCP).first()
+    owned = Port.objects.filter(network_id=network.pk, device_owner=DEVICE_OWNER_DHCP)
+    port = owned.first()
     if not subnets:
         if port is not None:
-            port.delete()
+            with hostsync.bindings_change(owned):  # the network node's bridge may go
+                port.delete()
         return None
     if port is None:
-        port = _port_row_create({"network": network, "project_id": network.project_id, "name": "",
-                                 "device_id": dhcp.dhcp_device_id(network.pk),
-                                 "device_owner": DEVICE_OWNER_DHCP,
-                                 "binding_host": settings.NETWORK_DHCP_HOST})
+        with hostsync.bindings_change(owned):  # the network node holds a port on the network now
+            port = _port_row_create({"network": network, "project_id": network.project_id, "name": "",
+                                     "device_id": dhcp.dhcp_device_id(network.pk),
+                                     "device_owner": DEVICE_OWNER_DHCP,
+                                     "binding_host": settings.NETWORK_DHCP_HOST})
     wanted = {s.pk for s in subnets}
     held = set(port.fixed_ips.values_list("subnet_id", flat=True))
     port.fixed_ips.exclude(subnet_id__in=wanted).delete()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,9 @@ class Outbox:
     scheduler: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     compute: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
     calls: dict[str, Any] = field(default_factory=dict)
+    # compute.network_host_sync, apart: (host, state). They go with many changes (a binding, a
+    # worker's restart), and the operation tests read the last task of ``compute``.
+    host_syncs: list[tuple[str, contract.HostNetworkState]] = field(default_factory=list)
 
     def compute_tasks(self, name: str) -> list[dict[str, Any]]:
         return [kwargs for _, task, kwargs in self.compute if task == name]
@@ -46,9 +50,15 @@ def outbox(monkeypatch: pytest.MonkeyPatch) -> Outbox:
                         lambda name, **kw: box.scheduler.append((name, kw)))
     monkeypatch.setattr(rpc, "cast", lambda host, name, expires=None, **kw: box.compute.append(
         (host, name, kw)))
-    # The network app's own sender (DHCP and router syncs to the network node): it may not import
-    # the compute app's rpc.
-    monkeypatch.setattr(network_rpc, "cast", lambda host, name, **kw: box.compute.append((host, name, kw)))
+    def network_cast(host: str, name: str, **kw: Any) -> None:
+        if name == contract.COMPUTE_NETWORK_HOST_SYNC:
+            assert set(kw) == {"state"}
+            box.host_syncs.append((host, kw["state"]))
+        else:
+            box.compute.append((host, name, kw))
+
+    # The network app's own sender (DHCP, router and host network syncs): it may not import rpc.
+    monkeypatch.setattr(network_rpc, "cast", network_cast)
 
     def call(host: str, name: str, *, timeout: float, **kw: Any) -> Any:
         answer = box.calls.get(name)
@@ -58,6 +68,22 @@ def outbox(monkeypatch: pytest.MonkeyPatch) -> Outbox:
 
     monkeypatch.setattr(rpc, "call", call)
     return box
+
+
+@pytest.fixture
+def commit(django_capture_on_commit_callbacks: Any) -> Callable[[], Any]:
+    """``with commit():`` runs the block's commit callbacks at its end and forgets them, as a real
+    commit does (the test's own transaction never commits, and the capture keeps them queued)."""
+    from django.db import connection
+
+    @contextmanager
+    def committed() -> Iterator[None]:
+        start = len(connection.run_on_commit)
+        with django_capture_on_commit_callbacks(execute=True):
+            yield
+        del connection.run_on_commit[start:]
+
+    return committed
 
 
 @pytest.fixture
@@ -142,7 +168,7 @@ def heartbeat(name: str, *, vcpus: int = 4, memory_mb: int = 8192, disk_gb: int 
                  "hypervisor_type": "QEMU", "hypervisor_version": 7002000, "vcpus": vcpus,
                  "memory_mb": memory_mb, "memory_mb_reserved": 0, "disk_gb": disk_gb,
                  "disk_gb_reserved": 0, "cpu_info": {"arch": "x86_64"}, "instances": {},
-                 "observed_at": time.time()}
+                 "observed_at": time.time(), "tunnel_ip": ""}
     resources.update(extra)
     assert set(contract.HEARTBEAT_RESOURCE_KEYS) <= set(resources)
     return conductor.host_heartbeat(host=name, resources=resources, starting=starting)

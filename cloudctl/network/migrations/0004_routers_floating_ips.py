@@ -9,7 +9,7 @@ class Migration(migrations.Migration):
 
     dependencies = [
         ('identity', '0001_initial'),
-        ('network', '0002_port_server_binding'),
+        ('network', '0003_port_security'),
     ]
 
     operations = [

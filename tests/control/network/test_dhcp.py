@@ -5,15 +5,12 @@ the change commits, carrying the whole DhcpNetworkSpec."""
 from __future__ import annotations
 
 import typing
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
-from django.db import connection
 from rest_framework.test import APIClient
 
-from cloudctl.network import dhcp, services
+from cloudctl.network import dhcp, rpc, services
 from cloudctl.network.errors import NetworkConflict
 from cloudctl.network.models import DEVICE_OWNER_DHCP, Network, Port, Subnet
 from compute_workers import contract
@@ -32,21 +29,6 @@ pytestmark = pytest.mark.django_db
 def _dhcp_host(settings: Any) -> None:
     settings.NETWORK_DHCP_HOST = "netnode"
     settings.NETWORK_DHCP_LEASE_SECONDS = 3600
-
-
-@pytest.fixture
-def commit(django_capture_on_commit_callbacks: Any) -> Callable[[], Any]:
-    """``with commit():`` runs the block's commit callbacks at its end and forgets them, as a real
-    commit does (the test's own transaction never commits, and the capture keeps them queued)."""
-
-    @contextmanager
-    def committed() -> Iterator[None]:
-        start = len(connection.run_on_commit)
-        with django_capture_on_commit_callbacks(execute=True):
-            yield
-        del connection.run_on_commit[start:]
-
-    return committed
 
 
 def syncs(outbox: Outbox) -> list[dict[str, Any]]:
@@ -205,7 +187,8 @@ def test_nothing_is_sent_before_commit_and_a_transaction_sends_one_sync(admin, p
         services.port_create(user=admin, project=project, network=net)
         services.port_create(user=admin, project=project, network=net)
     assert syncs(outbox) == []
-    assert len([c for c in callbacks if isinstance(c, dhcp._Sync)]) == 1, "one sync per transaction"
+    dhcp_syncs = [c for c in callbacks if isinstance(c, rpc.CommitSync) and c.key[0] == "dhcp"]
+    assert len(dhcp_syncs) == 1, "one sync per transaction"
 
 
 def test_hostnames():

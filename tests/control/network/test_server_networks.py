@@ -251,6 +251,18 @@ def test_the_spawn_spec_carries_the_ports_and_the_claim_binds_them(api, outbox: 
                        "gateway_ip": "10.0.0.1"}],
         "mtu": 1450, "provider_type": "vxlan", "segmentation_id": vni,
         "bridge": contract.bridge_name(net["id"]), "tap": contract.tap_name(str(port.id)),
+        # Its filtering, applied before the guest starts: the project's default group (egress
+        # anywhere, ingress from the group's members: this port alone so far).
+        "security": {
+            "enabled": True,
+            "allowed_addresses": [{"mac_address": port.mac_address, "ip_address": "10.0.0.2"}],
+            "rules": [
+                {"direction": "egress", "ethertype": "IPv4", "protocol": None, "port_range_min": None,
+                 "port_range_max": None, "remote_ip_prefixes": None},
+                {"direction": "ingress", "ethertype": "IPv4", "protocol": None, "port_range_min": None,
+                 "port_range_max": None, "remote_ip_prefixes": ["10.0.0.2/32"]},
+            ],
+        },
     }]
     assert contract.validate_spec(spawn["spec"]) == spawn["spec"]
     assert (port.binding_host, port.status, port.device_owner) == ("hv1", "BUILD", "compute:nova")
