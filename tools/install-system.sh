@@ -6,7 +6,8 @@ set -euo pipefail
 packages=(redis-server libvirt-daemon-system libvirt-dev pkg-config qemu-system-x86 qemu-utils
           tini python3-venv python3-dev gcc make procps
           busybox-static syslinux syslinux-common mtools dosfstools fdisk e2fsprogs cpio gzip
-          dnsmasq-base iproute2)  # dnsmasq-base, iproute2: the demo image's DHCP test (tests/image)
+          dnsmasq-base iproute2  # dnsmasq-base, iproute2: the demo image's DHCP test (tests/image)
+          iptables conntrack)  # security groups: iptables/ip6tables/ebtables(-nft)-restore, conntrack -D
 for arg in "$@"; do
   case "$arg" in
     --postgres) packages+=(postgresql) ;;

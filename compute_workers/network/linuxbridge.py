@@ -76,15 +76,17 @@ class Runner(Protocol):
 
 
 class CommandRunner:
-    """Runs ``ip``/``bridge`` commands, in network namespace ``netns`` when given."""
+    """Runs ``ip``/``bridge`` (and the firewall's) commands, in network namespace ``netns`` when given."""
 
     def __init__(self, netns: str | None = None, timeout: float = 30.0) -> None:
         self.netns, self.timeout = netns, timeout
 
-    def run(self, *argv: str) -> str:
+    def run(self, *argv: str, stdin: str | None = None) -> str:
+        """Run ``argv`` (fed ``stdin``, e.g. an ``iptables-restore`` transaction); its standard output."""
         full = ["ip", "netns", "exec", self.netns, *argv] if self.netns else list(argv)
         try:
-            result = subprocess.run(full, capture_output=True, text=True, timeout=self.timeout, check=False)
+            result = subprocess.run(full, capture_output=True, text=True, timeout=self.timeout, check=False,
+                                    input=stdin)
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise CommandError(argv, -1, str(exc)) from exc
         if result.returncode != 0:
