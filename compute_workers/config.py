@@ -28,8 +28,8 @@ A malformed value fails at start with :class:`ConfigError` naming the variable.
 | `COMPUTE_CONSOLE_TIME_LIMIT` | `30` | Hard time limit of `compute.get_console_output`. |
 | `COMPUTE_LIFECYCLE_SOFT_TIME_LIMIT` | `300` | Soft time limit of each lifecycle task (reboot, power off/on, pause, unpause, suspend, resume); a power off's clean-shutdown wait is capped 30 s below it. |
 | `COMPUTE_LIFECYCLE_TIME_LIMIT` | `360` | Hard time limit of each lifecycle task. |
-| `COMPUTE_DHCP_SOFT_TIME_LIMIT` | `60` | Soft time limit of `compute.network_dhcp_sync` (a network node's bridge, namespace, veth and dnsmasq of one network). |
-| `COMPUTE_DHCP_TIME_LIMIT` | `90` | Hard time limit of `compute.network_dhcp_sync`. |
+| `COMPUTE_DHCP_SOFT_TIME_LIMIT` | `60` | Soft time limit of `compute.network_dhcp_sync` (a network node's bridge, namespace, veth and dnsmasq of one network) and of `compute.network_host_sync` (a host's bridges, flood entries and firewall). |
+| `COMPUTE_DHCP_TIME_LIMIT` | `90` | Hard time limit of `compute.network_dhcp_sync` and `compute.network_host_sync`. |
 | `COMPUTE_SNAPSHOT_SOFT_TIME_LIMIT` | `1800` | Soft time limit of `compute.snapshot_instance` (copy, convert and upload). |
 | `COMPUTE_SNAPSHOT_TIME_LIMIT` | `1860` | Hard time limit of `compute.snapshot_instance`. |
 | `COMPUTE_RESIZE_SOFT_TIME_LIMIT` | `1800` | Soft time limit of `compute.resize_instance` (power off, then the disk copy to the destination); the copy must end 60 s before it (counting the clean-shutdown wait), or it is abandoned and the instance put back. |
@@ -286,6 +286,7 @@ class ComputeConfig:
             *((name, self.lifecycle_soft_time_limit, self.lifecycle_time_limit)
               for name in LIVE_MIGRATION_STEP_TASKS),
             (contract.COMPUTE_NETWORK_DHCP_SYNC, self.dhcp_soft_time_limit, self.dhcp_time_limit),
+            (contract.COMPUTE_NETWORK_HOST_SYNC, self.dhcp_soft_time_limit, self.dhcp_time_limit),
         )
 
     def resize_copy_timeout(self, shutdown_wait: float) -> float:

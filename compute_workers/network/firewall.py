@@ -437,11 +437,12 @@ class Firewall:
         without ``security`` (specs older than security groups) and the other taps' chains are left as
         they are. What was done. Raises :class:`FirewallError`."""
         wanted = {port["tap"]: port_rules(port) for port in ports if "security" in port}
-        return self._converge(wanted, keep_others=True) if wanted else []
+        return self._converge(wanted, keep=None) if wanted else []
 
-    def sync(self, ports: Iterable[contract.NetworkSpec]) -> list[str]:
-        """Exactly ``ports``' chains: the filtered ones get theirs, every other tap's chains go."""
-        return self._converge({port["tap"]: port_rules(port) for port in ports}, keep_others=False)
+    def sync(self, ports: Iterable[contract.NetworkSpec], keep: Iterable[str] = ()) -> list[str]:
+        """Exactly ``ports``' chains: the filtered ones get theirs, every other tap's chains go, except
+        those of ``keep`` (taps not listed whose chains stay as they are)."""
+        return self._converge({port["tap"]: port_rules(port) for port in ports}, keep=set(keep))
 
     def remove(self, taps: Iterable[str]) -> list[str]:
         """Remove the chains of ``taps`` (a tap without chains: nothing) and end their connections."""
@@ -449,17 +450,18 @@ class Firewall:
         for tap in taps:
             port_key(tap)  # a name of a tap, nothing else
             wanted[tap] = None
-        return self._converge(wanted, keep_others=True) if wanted else []
+        return self._converge(wanted, keep=None) if wanted else []
 
-    def _converge(self, wanted: dict[str, PortRules | None], *, keep_others: bool) -> list[str]:
-        """Make the taps of ``wanted`` have its chains (None: none) and, unless ``keep_others``, no other
-        tap any; one restore per table that changes, then conntrack of the taps that lost a rule."""
+    def _converge(self, wanted: dict[str, PortRules | None], *, keep: set[str] | None) -> list[str]:
+        """Make the taps of ``wanted`` have its chains (None: none) and no other tap any but those of
+        ``keep`` (None: every other tap keeps its chains); one restore per table that changes, then
+        conntrack of the taps that lost a rule."""
         with self._lock:
             tables = self._read()
             current = {table: _port_chains(chains) for table, chains in tables.items()}
             present = {tap for by_tap in current.values() for tap in by_tap}
             filtered = {tap for tap, rules in wanted.items() if rules is not None}
-            kept = {tap for tap in present if tap not in wanted} if keep_others else set()
+            kept = {tap for tap in present if tap not in wanted and (keep is None or tap in keep)}
             final = sorted(filtered | kept)
             if filtered:
                 self._ensure_bridge_netfilter()
@@ -572,19 +574,20 @@ class RecordedFirewall:
             return set(self.ports)
 
     def apply(self, ports: Iterable[contract.NetworkSpec]) -> list[str]:
-        return self._record({port["tap"]: port_rules(port) for port in ports if "security" in port}, True)
+        return self._record({port["tap"]: port_rules(port) for port in ports if "security" in port}, None)
 
-    def sync(self, ports: Iterable[contract.NetworkSpec]) -> list[str]:
-        return self._record({port["tap"]: port_rules(port) for port in ports}, False)
+    def sync(self, ports: Iterable[contract.NetworkSpec], keep: Iterable[str] = ()) -> list[str]:
+        return self._record({port["tap"]: port_rules(port) for port in ports}, set(keep))
 
     def remove(self, taps: Iterable[str]) -> list[str]:
-        return self._record({tap: None for tap in taps}, True)
+        return self._record({tap: None for tap in taps}, None)
 
-    def _record(self, wanted: dict[str, PortRules | None], keep_others: bool) -> list[str]:
+    def _record(self, wanted: dict[str, PortRules | None], keep: set[str] | None) -> list[str]:
         done = []
         with self._lock:
-            for tap in [tap for tap in self.ports if tap not in wanted and not keep_others]:
-                wanted[tap] = None
+            if keep is not None:
+                for tap in [tap for tap in self.ports if tap not in wanted and tap not in keep]:
+                    wanted[tap] = None
             for tap, rules in wanted.items():
                 if rules is None:
                     if self.ports.pop(tap, None) is not None:
@@ -605,7 +608,7 @@ class HostFirewall(Protocol):
     def apply(self, ports: Iterable[contract.NetworkSpec]) -> list[str]:
         ...
 
-    def sync(self, ports: Iterable[contract.NetworkSpec]) -> list[str]:
+    def sync(self, ports: Iterable[contract.NetworkSpec], keep: Iterable[str] = ()) -> list[str]:
         ...
 
     def remove(self, taps: Iterable[str]) -> list[str]:

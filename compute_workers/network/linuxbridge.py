@@ -344,6 +344,15 @@ class LinuxBridges:
         names = (str(link.get("ifname", "")) for link in links)
         return {name for name in names if name.startswith(BRIDGE_PREFIX)}
 
+    def taps(self) -> set[str]:
+        """The guests' taps (and other ``tap…`` devices: a router's host ends) on this host now."""
+        try:
+            links = json.loads(self.runner.run("ip", "-j", "link", "show") or "[]")
+        except CommandError as exc:
+            raise PlugError(f"cannot list the devices: {exc.stderr}") from exc
+        names = (str(link.get("ifname", "")) for link in links)
+        return {name for name in names if name.startswith(contract.tap_name(""))}
+
     def remove_fdb_peer(self, vni: int, peer_ip: str) -> None:
         """Undo :meth:`add_fdb_peer`; an entry (or device) already gone is success."""
         try:

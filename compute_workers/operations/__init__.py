@@ -14,9 +14,12 @@ from compute_workers.operations.build import Build
 from compute_workers.operations.dhcp import Dhcp
 from compute_workers.operations.lifecycle import Lifecycle
 from compute_workers.operations.live_migration import LiveMigration
+from compute_workers.operations.network import Network
 from compute_workers.operations.resize import Resize
 from compute_workers.operations.snapshot import Snapshot
 
-FAMILIES: tuple[type[OperationFamily], ...] = (Build, Lifecycle, Snapshot, Resize, LiveMigration, Dhcp)
+FAMILIES: tuple[type[OperationFamily], ...] = (Build, Lifecycle, Snapshot, Resize, LiveMigration, Dhcp,
+                                                Network)
 
-__all__ = ["FAMILIES", "Build", "Dhcp", "Lifecycle", "LiveMigration", "OperationFamily", "Resize", "Snapshot"]
+__all__ = ["FAMILIES", "Build", "Dhcp", "Lifecycle", "LiveMigration", "Network", "OperationFamily", "Resize",
+           "Snapshot"]
