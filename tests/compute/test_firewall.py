@@ -58,6 +58,7 @@ class FakeNetfilter:
         self.commands: list[str] = []
         self.inputs: dict[str, list[str]] = {table: [] for table in self.BUILTIN}
         self.sysctl = {"net.bridge.bridge-nf-call-iptables": "1", "net.bridge.bridge-nf-call-ip6tables": "1"}
+        self.flows = ["10.0.0.5"]  # the sources of the conntrack table's flows
 
     def run(self, *argv: str, stdin: str | None = None) -> str:
         self.commands.append(" ".join(argv))
@@ -76,7 +77,10 @@ class FakeNetfilter:
             self.inputs[table].append(stdin)
             self._restore(self.chains[table], stdin)
             return ""
-        if argv[0] == "conntrack":
+        if argv[:2] == ("conntrack", "-L"):
+            return "".join(f"icmp     1 29 src={ip} dst=10.9.9.9 type=8 code=0 id=7 src=10.9.9.9 dst={ip} "
+                           "type=0 code=0 id=7 mark=0 use=1\n" for ip in self.flows)
+        if argv[:2] == ("conntrack", "-D"):
             raise CommandError(argv, 1, "conntrack v1.4.7 (conntrack-tools): 0 flow entries have been "
                                "deleted.")
         if argv[:2] == ("sysctl", "-n"):
@@ -183,7 +187,12 @@ def test_applying_twice_changes_nothing_and_a_removed_rule_flushes_conntrack() -
     assert netfilter.conntrack() == []
     assert netfilter.inputs["ipv4"][-1].splitlines()[:2] == ["*filter", ":cloudctl-i8d2c4f0e-51 - [0:0]"]
     assert firewall.apply([port(RULES[1:])]) == [f"firewall {TAP}", f"conntrack of {TAP} flushed"]
-    assert netfilter.conntrack() == ["conntrack -f ipv4 -D -s 10.0.0.5", "conntrack -f ipv4 -D -d 10.0.0.5"]
+    assert netfilter.conntrack() == ["conntrack -L -f ipv4", "conntrack -D -f ipv4 -s 10.0.0.5",
+                                     "conntrack -D -f ipv4 -d 10.0.0.5"]
+    netfilter.flows = []  # no flow of the port: only the listing runs
+    firewall.apply([port(RULES)])
+    assert firewall.apply([port(RULES[1:])]) == [f"firewall {TAP}", f"conntrack of {TAP} flushed"]
+    assert netfilter.conntrack()[3:] == ["conntrack -L -f ipv4"]
 
 
 def test_disabled_ports_and_removal_leave_no_rule() -> None:
