@@ -28,8 +28,8 @@ A malformed value fails at start with :class:`ConfigError` naming the variable.
 | `COMPUTE_CONSOLE_TIME_LIMIT` | `30` | Hard time limit of `compute.get_console_output`. |
 | `COMPUTE_LIFECYCLE_SOFT_TIME_LIMIT` | `300` | Soft time limit of each lifecycle task (reboot, power off/on, pause, unpause, suspend, resume); a power off's clean-shutdown wait is capped 30 s below it. |
 | `COMPUTE_LIFECYCLE_TIME_LIMIT` | `360` | Hard time limit of each lifecycle task. |
-| `COMPUTE_DHCP_SOFT_TIME_LIMIT` | `60` | Soft time limit of `compute.network_dhcp_sync` (a network node's bridge, namespace, veth and dnsmasq of one network). |
-| `COMPUTE_DHCP_TIME_LIMIT` | `90` | Hard time limit of `compute.network_dhcp_sync`. |
+| `COMPUTE_DHCP_SOFT_TIME_LIMIT` | `60` | Soft time limit of `compute.network_dhcp_sync` (a network node's bridge, namespace, veth and dnsmasq of one network) and of `compute.network_host_sync` (a host's bridges, flood entries and firewall). |
+| `COMPUTE_DHCP_TIME_LIMIT` | `90` | Hard time limit of `compute.network_dhcp_sync` and `compute.network_host_sync`. |
 | `COMPUTE_ROUTER_SOFT_TIME_LIMIT` | `60` | Soft time limit of `compute.network_router_sync` (a network node's router: bridges, namespace, veths, route and NAT). |
 | `COMPUTE_ROUTER_TIME_LIMIT` | `90` | Hard time limit of `compute.network_router_sync`. |
 | `COMPUTE_SNAPSHOT_SOFT_TIME_LIMIT` | `1800` | Soft time limit of `compute.snapshot_instance` (copy, convert and upload). |
@@ -291,6 +291,7 @@ class ComputeConfig:
               for name in LIVE_MIGRATION_STEP_TASKS),
             (contract.COMPUTE_NETWORK_DHCP_SYNC, self.dhcp_soft_time_limit, self.dhcp_time_limit),
             (contract.COMPUTE_NETWORK_ROUTER_SYNC, self.router_soft_time_limit, self.router_time_limit),
+            (contract.COMPUTE_NETWORK_HOST_SYNC, self.dhcp_soft_time_limit, self.dhcp_time_limit),
         )
 
     def resize_copy_timeout(self, shutdown_wait: float) -> float:

@@ -27,6 +27,7 @@ from compute_workers.config import ComputeConfig
 from compute_workers.images import ImageCache, qcow2_backing_file
 from compute_workers.journal import ActionJournal, MigrationJournal
 from compute_workers.locks import KeyedLock
+from compute_workers.network.firewall import Firewall, HostFirewall, RecordedFirewall
 from compute_workers.network.linuxbridge import CommandRunner, HostBridges, LinuxBridges, RecordedBridges
 from compute_workers.operations import FAMILIES, OperationFamily
 from compute_workers.operations.base import HostContext
@@ -50,16 +51,26 @@ def host_bridges(config: ComputeConfig, driver: ComputeDriver) -> HostBridges:
     return RecordedBridges(in_use)
 
 
+def host_firewall(driver: ComputeDriver, bridges: HostBridges) -> HostFirewall:
+    """The host's iptables firewall, in the bridges' network namespace, when the driver's guests are taps
+    on them (and the bridges run real commands); else a record of what it would apply."""
+    if driver.capabilities.get("plugs_host_bridges") and isinstance(bridges, LinuxBridges) and \
+            isinstance(bridges.runner, CommandRunner):
+        return Firewall(bridges.runner)
+    return RecordedFirewall()
+
+
 class ComputeManager:
     def __init__(self, config: ComputeConfig, driver: ComputeDriver, reporter: Reporter,
                  families: Iterable[type[OperationFamily]] = FAMILIES,
-                 bridges: HostBridges | None = None) -> None:
+                 bridges: HostBridges | None = None, firewall: HostFirewall | None = None) -> None:
         images = ImageCache(config.instances_path / "_base", token=config.service_token,
                             timeout=config.image_download_timeout)
+        bridges = bridges or host_bridges(config, driver)
         self.context = HostContext(config=config, driver=driver, reporter=reporter, images=images,
                                    instance_locks=KeyedLock(), journal=ActionJournal(config.instances_path),
                                    migration_journal=MigrationJournal(config.instances_path),
-                                   bridges=bridges or host_bridges(config, driver))
+                                   bridges=bridges, firewall=firewall or host_firewall(driver, bridges))
         self._power_events: PowerStateEvents | None = None
         self._owns_power_events = False
         self._next_cache_cleanup = 0.0  # monotonic; the first heartbeat cleans up

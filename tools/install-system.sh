@@ -7,7 +7,9 @@ packages=(redis-server libvirt-daemon-system libvirt-dev pkg-config qemu-system-
           tini python3-venv python3-dev gcc make procps
           busybox-static syslinux syslinux-common mtools dosfstools fdisk e2fsprogs cpio gzip
           dnsmasq-base iproute2   # dnsmasq-base, iproute2: the demo image's DHCP test (tests/image)
-          iptables conntrack iputils-arping)  # the network node's routers: NAT, conntrack cleanup, GARP
+          # security groups (iptables/ip6tables/ebtables-restore, conntrack -D) and the network
+          # node's routers (NAT, conntrack cleanup, gratuitous ARP with arping)
+          iptables conntrack iputils-arping)
 for arg in "$@"; do
   case "$arg" in
     --postgres) packages+=(postgresql) ;;

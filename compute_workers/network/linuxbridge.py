@@ -76,15 +76,17 @@ class Runner(Protocol):
 
 
 class CommandRunner:
-    """Runs ``ip``/``bridge`` commands, in network namespace ``netns`` when given."""
+    """Runs ``ip``/``bridge`` (and the firewall's) commands, in network namespace ``netns`` when given."""
 
     def __init__(self, netns: str | None = None, timeout: float = 30.0) -> None:
         self.netns, self.timeout = netns, timeout
 
-    def run(self, *argv: str) -> str:
+    def run(self, *argv: str, stdin: str | None = None) -> str:
+        """Run ``argv`` (fed ``stdin``, e.g. an ``iptables-restore`` transaction); its standard output."""
         full = ["ip", "netns", "exec", self.netns, *argv] if self.netns else list(argv)
         try:
-            result = subprocess.run(full, capture_output=True, text=True, timeout=self.timeout, check=False)
+            result = subprocess.run(full, capture_output=True, text=True, timeout=self.timeout, check=False,
+                                    input=stdin)
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise CommandError(argv, -1, str(exc)) from exc
         if result.returncode != 0:
@@ -303,6 +305,54 @@ class LinuxBridges:
                 raise PlugError(f"cannot add VXLAN peer {peer_ip} to {vxlan_name(vni)}: "
                                 f"{exc.stderr}") from exc
 
+    def fdb_peers(self, vni: int) -> set[str] | None:
+        """The tunnel endpoints broadcast and unknown unicast of VNI ``vni`` are flooded to (its all-zeros
+        entries); None when there is no such VXLAN device."""
+        try:
+            shown = self.runner.run("bridge", "-j", "fdb", "show", "dev", vxlan_name(vni))
+            entries = json.loads(shown or "[]")
+        except CommandError as exc:
+            if _missing(exc):
+                return None
+            raise PlugError(f"cannot read the flood entries of {vxlan_name(vni)}: {exc.stderr}") from exc
+        return {str(entry["dst"]) for entry in entries if entry.get("mac") == FLOOD_MAC and entry.get("dst")}
+
+    def set_fdb_peers(self, vni: int, peers: Iterable[str]) -> list[str]:
+        """Converge the flood entries of VNI ``vni`` to exactly ``peers`` (the other hosts of the network):
+        the missing ones are appended, the others deleted. What changed, e.g. ``["peer 10.0.0.2 of
+        vxlan-1001"]``; [] without a VXLAN device (nothing to flood from). Raises :class:`PlugError`."""
+        wanted = set(peers)
+        if self.tunnel_ip:
+            wanted.discard(self.tunnel_ip)  # never flood to ourselves
+        with self._locks.hold(vxlan_name(vni)):
+            present = self.fdb_peers(vni)
+            if present is None:
+                return []
+            for peer in sorted(wanted - present):
+                self.add_fdb_peer(vni, peer)
+            for peer in sorted(present - wanted):
+                self.remove_fdb_peer(vni, peer)
+        return ([f"peer {peer} of {vxlan_name(vni)}" for peer in sorted(wanted - present)]
+                + [f"peer {peer} of {vxlan_name(vni)} removed" for peer in sorted(present - wanted)])
+
+    def cloudctl_bridges(self) -> set[str]:
+        """The bridges of this host that are cloudctl's (``brq…``)."""
+        try:
+            links = json.loads(self.runner.run("ip", "-j", "link", "show", "type", "bridge") or "[]")
+        except CommandError as exc:
+            raise PlugError(f"cannot list the bridges: {exc.stderr}") from exc
+        names = (str(link.get("ifname", "")) for link in links)
+        return {name for name in names if name.startswith(BRIDGE_PREFIX)}
+
+    def taps(self) -> set[str]:
+        """The guests' taps (and other ``tap…`` devices: a router's host ends) on this host now."""
+        try:
+            links = json.loads(self.runner.run("ip", "-j", "link", "show") or "[]")
+        except CommandError as exc:
+            raise PlugError(f"cannot list the devices: {exc.stderr}") from exc
+        names = (str(link.get("ifname", "")) for link in links)
+        return {name for name in names if name.startswith(contract.tap_name(""))}
+
     def remove_fdb_peer(self, vni: int, peer_ip: str) -> None:
         """Undo :meth:`add_fdb_peer`; an entry (or device) already gone is success."""
         try:
@@ -323,6 +373,7 @@ class RecordedBridges:
         self.in_use = in_use
         self.bridges: dict[str, contract.NetworkSpec] = {}
         self.removed: list[str] = []
+        self.peers: dict[int, set[str]] = {}  # VNI -> its flood entries
         self._held: dict[str, list[str]] = {}
         self._lock = threading.Lock()
 
@@ -345,14 +396,29 @@ class RecordedBridges:
             self.bridges[network["bridge"]] = network
         return [f"bridge {network['bridge']}"]
 
+    def set_fdb_peers(self, vni: int, peers: Iterable[str]) -> list[str]:
+        wanted, present = set(peers), self.peers.get(vni, set())
+        self.peers[vni] = wanted
+        return ([f"peer {peer} of {vxlan_name(vni)}" for peer in sorted(wanted - present)]
+                + [f"peer {peer} of {vxlan_name(vni)} removed" for peer in sorted(present - wanted)])
+
+    def cloudctl_bridges(self) -> set[str]:
+        with self._lock:
+            return set(self.bridges)
+
     def remove_bridge_if_unused(self, bridge: str) -> bool:
-        """Forget ``bridge`` unless an instance here still uses it or a hold keeps it (as
-        :class:`LinuxBridges` does)."""
-        if bridge in self.in_use() or any(bridge in held for held in list(self._held.values())):
+        """Forget ``bridge`` unless an instance here still uses it or it is held."""
+        with self._lock:
+            if any(bridge in held for held in self._held.values()):
+                return False
+        if bridge in self.in_use():
             return False
         with self._lock:
-            if self.bridges.pop(bridge, None) is None:
+            network = self.bridges.pop(bridge, None)
+            if network is None:
                 return False
+            if network["provider_type"] == "vxlan" and network["segmentation_id"] is not None:
+                self.peers.pop(network["segmentation_id"], None)  # its VXLAN device goes with it
             self.removed.append(bridge)
         return True
 
@@ -374,4 +440,10 @@ class HostBridges(Protocol):
         ...
 
     def release(self, owner: str) -> list[str]:
+        ...
+
+    def set_fdb_peers(self, vni: int, peers: Iterable[str]) -> list[str]:
+        ...
+
+    def cloudctl_bridges(self) -> set[str]:
         ...

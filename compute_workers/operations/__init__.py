@@ -14,12 +14,14 @@ from compute_workers.operations.build import Build
 from compute_workers.operations.dhcp import Dhcp
 from compute_workers.operations.lifecycle import Lifecycle
 from compute_workers.operations.live_migration import LiveMigration
+from compute_workers.operations.network import Network
 from compute_workers.operations.resize import Resize
 from compute_workers.operations.router import Router
 from compute_workers.operations.snapshot import Snapshot
 
 FAMILIES: tuple[type[OperationFamily], ...] = (Build, Lifecycle, Snapshot, Resize, LiveMigration, Dhcp,
-                                               Router)
+                                               Router, Network)
 
-__all__ = ["FAMILIES", "Build", "Dhcp", "Lifecycle", "LiveMigration", "OperationFamily", "Resize", "Router",
+__all__ = ["FAMILIES", "Build", "Dhcp", "Lifecycle", "LiveMigration", "Network", "OperationFamily", "Resize",
+           "Router",
            "Snapshot"]

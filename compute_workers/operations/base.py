@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import logging
 import traceback
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from compute_workers import contract, migration_jobs
@@ -22,6 +23,7 @@ from compute_workers.exception import ComputeError, InstanceNotFound, InvalidIns
 from compute_workers.images import ImageCache
 from compute_workers.journal import ActionJournal, MigrationJournal
 from compute_workers.locks import KeyedLock
+from compute_workers.network.firewall import HostFirewall, RecordedFirewall
 from compute_workers.network.linuxbridge import HostBridges
 from compute_workers.reporter import Reporter
 from compute_workers.virt.driver import ComputeDriver, checked_uuid
@@ -69,6 +71,8 @@ class HostContext:
     migration_journal: MigrationJournal
     # The host's bridges (and VXLANs) the guests' taps go on: made before a domain starts.
     bridges: HostBridges
+    # The filtering of the guests' taps (security groups, anti-spoofing): applied before a domain starts.
+    firewall: HostFirewall = dataclasses.field(default_factory=RecordedFirewall)
 
     @property
     def host(self) -> str:
@@ -94,6 +98,7 @@ class HostOperations:
         self.journal = context.journal
         self.migration_journal = context.migration_journal
         self.bridges = context.bridges
+        self.firewall = context.firewall
 
     # Reports --------------------------------------------------------------------------------------
 
@@ -146,11 +151,42 @@ class HostOperations:
             return {}
     # The host's bridges ----------------------------------------------------------------------------
 
-    def plugged(self, spec: dict[str, Any] | None) -> contextlib.AbstractContextManager[list[str]]:
+    @contextlib.contextmanager
+    def plugged(self, spec: dict[str, Any] | None) -> Iterator[list[str]]:
         """Ensure the bridges of ``spec``'s networks (a definition regenerated from it names them) and
-        hold them until the block ends: run the domain's define and start inside it. None: the current
-        definition is kept, its bridges exist (or the start says they do not)."""
-        return self.bridges.plugged((spec or {}).get("networks") or ())
+        hold them until the block ends, with each port's filtering (its ``security``) in place: run the
+        domain's define and start inside it, so a guest never runs unfiltered. None: the current
+        definition is kept, its bridges exist (or the start says they do not). Yields what was made;
+        raises (PlugError, FirewallError) before the block when either cannot be done."""
+        networks = list((spec or {}).get("networks") or ())
+        with self.bridges.plugged(networks) as made:
+            yield made + self.firewall.apply(networks)
+
+    def instance_taps(self, instance_uuid: str) -> list[str]:
+        """The taps of the instance's domain here, read before it goes ([] when it cannot be read: their
+        chains then stay until the next host network sync)."""
+        try:
+            return self.driver.instance_taps(instance_uuid)
+        except Exception as exc:
+            LOG.warning("cannot read the taps of %s: %s", instance_uuid, exc)
+            return []
+
+    def remove_filtering(self, instance_uuid: str, taps: list[str]) -> None:
+        """After the instance's domain is gone from this host: remove the firewall chains of its taps
+        (and end their connections). A failure is logged, never raised."""
+        if not taps:
+            return
+        try:
+            self.firewall.remove(dict.fromkeys(taps))
+        except Exception as exc:
+            LOG.error("cannot remove the firewall chains of %s (%s) left by %s: %s", ", ".join(taps),
+                      self.host, instance_uuid, exc)
+
+    def unplug(self, instance_uuid: str, bridges: list[str], taps: list[str]) -> None:
+        """After the instance's domain is gone from this host: its taps' chains, then the bridges no
+        other guest uses. Failures are logged, never raised: the instance is gone all the same."""
+        self.remove_filtering(instance_uuid, taps)
+        self.remove_unused_bridges(instance_uuid, bridges)
 
     def instance_bridges(self, instance_uuid: str) -> list[str]:
         """The bridges of the instance's domain here, read before it goes ([] when it cannot be read:

@@ -4,7 +4,8 @@ rescheduled (or not).
 Spawn and terminate converge by the domain's name: a redelivered spawn finds the domain and reports it
 again, never builds twice; a terminate of an instance that is not here succeeds. The bridges of the
 spec's networks are made (compute_workers.network.linuxbridge: idempotent) before the domain is
-defined and started; a terminate removes, after the domain is gone, those it leaves unused. A terminate that
+defined and started, with the ports' filtering (compute_workers.network.firewall); a terminate removes,
+after the domain is gone, its taps' chains and the bridges it leaves unused. A terminate that
 arrives during a spawn waits for it (the instance's lock).
 """
 
@@ -156,9 +157,10 @@ class Build(OperationFamily):
                 self.driver.destroy(instance_uuid)
             except Exception:
                 LOG.exception("cleanup after the failed spawn of %s failed", instance_uuid)
-            else:  # a bridge this attempt made (or found) and no other guest uses goes too
-                self.remove_unused_bridges(instance_uuid, [network["bridge"]
-                                                           for network in spec.get("networks") or ()])
+            else:  # the chains of its taps go, and a bridge this attempt made (or found) no other guest uses
+                networks = spec.get("networks") or ()
+                self.unplug(instance_uuid, [network["bridge"] for network in networks],
+                            [network["tap"] for network in networks])
         self.reporter.report(contract.CONDUCTOR_BUILD_FAILED, instance_uuid=instance_uuid, host=self.host,
                              fault=fault_from(exc, self.host), reschedule=reschedule)
 
@@ -167,7 +169,7 @@ class Build(OperationFamily):
         failure report the instance in error with the fault."""
         with self.instance_locks.hold(str(instance_uuid)):
             started = time.monotonic()
-            bridges = self.instance_bridges(instance_uuid)
+            bridges, taps = self.instance_bridges(instance_uuid), self.instance_taps(instance_uuid)
             try:
                 self.driver.destroy(instance_uuid)
             except Exception as exc:
@@ -176,7 +178,7 @@ class Build(OperationFamily):
                 self.update(instance_uuid, DELETING, {"vm_state": VmState.ERROR, "task_state": None},
                             fault=fault_from(exc, self.host))
                 return
-            self.remove_unused_bridges(instance_uuid, bridges)
+            self.unplug(instance_uuid, bridges, taps)
         LOG.info("terminated %s in %.1f s", instance_uuid, time.monotonic() - started)
         self.reporter.report(contract.CONDUCTOR_INSTANCE_DESTROYED, instance_uuid=instance_uuid,
                              host=self.host)

@@ -53,6 +53,9 @@ class LiveMigration(OperationFamily):
         super().__init__(context)
         self.jobs = LiveMigrationJobs()  # the running ones, for their abort
         self.source = LiveMigrationSource(context)
+        # The taps an incoming guest's filtering was applied for (pre_live_migration), by instance: a
+        # rollback removes their chains (a restart forgets them: the next host network sync does).
+        self._incoming_taps: dict[str, list[str]] = {}
 
     def check_can_migrate_destination(self, instance_uuid: str, source_host: str,
                                       source_cpu_info: Mapping[str, Any] | None,
@@ -182,10 +185,15 @@ class LiveMigration(OperationFamily):
                     base_image = self.images.fetch(spec["image"]).path
                 # The guest arrives with taps on these bridges: they must be there before it moves,
                 # and stay (held) until it has arrived or the migration is rolled back.
-                plugged = self.bridges.hold(instance_uuid, spec.get("networks") or ())
+                networks = spec.get("networks") or ()
+                plugged = self.bridges.hold(instance_uuid, networks)
+                # Its filtering too: the guest runs here from the switch-over on.
+                self._incoming_taps[instance_uuid] = [network["tap"] for network in networks]
+                plugged += self.firewall.apply(networks)
                 self.driver.pre_live_migration(spec, base_image, block_migration, shared_storage)
             except Exception as exc:
-                self.remove_unused_bridges(instance_uuid, self.bridges.release(instance_uuid))
+                self.unplug(instance_uuid, self.bridges.release(instance_uuid),
+                            self._incoming_taps.pop(instance_uuid, []))
                 message = (f"cannot prepare host {self.host} for the live migration of instance "
                            f"{instance_uuid}: {self.failure_message(exc)}")
                 LOG.error("%s", message, exc_info=not isinstance(exc, ComputeError | contract.SpecError))
@@ -225,11 +233,11 @@ class LiveMigration(OperationFamily):
                 # A run of this migration that ended while this one waited journaled its outcome.
                 if self._migration_redelivered(step, instance_uuid, migration_id):
                     return
-                bridges = self.instance_bridges(instance_uuid)
+                bridges, taps = self.instance_bridges(instance_uuid), self.instance_taps(instance_uuid)
                 self.source.migrate(job, dest_host, migration_uri, migration_data_uri, bool(block_migration),
                                     bool(shared_storage), self._completion_timeout(completion_timeout))
-                if bridges and self.power_state_or_none(instance_uuid) is None:  # the guest left
-                    self.remove_unused_bridges(instance_uuid, bridges)
+                if (bridges or taps) and self.power_state_or_none(instance_uuid) is None:  # the guest left
+                    self.unplug(instance_uuid, bridges, taps)
         except Exception as exc:  # a bug: still report, and truthfully
             message = f"live migration of instance {instance_uuid} on host {self.host} failed: {exc}"
             LOG.exception("%s", message)
@@ -285,6 +293,7 @@ class LiveMigration(OperationFamily):
                 figures = self.driver.post_live_migration_at_destination(instance_uuid, spec)
                 power_state = self.driver.get_info(instance_uuid)
                 self.bridges.release(instance_uuid)  # the guest's taps are on them now
+                self._incoming_taps.pop(instance_uuid, None)
             except Exception as exc:
                 message = (f"the live-migrated instance {instance_uuid} is not usable on host {self.host}: "
                            f"{self.failure_message(exc)}")
@@ -331,7 +340,8 @@ class LiveMigration(OperationFamily):
             try:
                 removed = self.driver.rollback_live_migration_at_destination(instance_uuid,
                                                                              destroy_disks=not shared_storage)
-                self.remove_unused_bridges(instance_uuid, self.bridges.release(instance_uuid))
+                self.unplug(instance_uuid, self.bridges.release(instance_uuid),
+                            self._incoming_taps.pop(instance_uuid, []))
             except Exception as exc:
                 message = (f"cannot roll back the live migration of instance {instance_uuid} on host "
                            f"{self.host}: {self.failure_message(exc)}")

@@ -75,6 +75,8 @@ class Resize(OperationFamily):
             wait = self.shutdown_timeout(timeout)
             started = time.monotonic()
             bridges = self.instance_bridges(instance_uuid)
+            # confirm_resize removes their chains here once the instance runs elsewhere for good.
+            details["taps"] = self.instance_taps(instance_uuid)
             moved = self.driver.migrate_disk_and_power_off(
                 instance_uuid, migration_uri, wait, self._copy_progress(migration_id),
                 self.config.resize_copy_timeout(wait))
@@ -93,8 +95,9 @@ class Resize(OperationFamily):
                     f"of data) copied to {dest_host} in {moved.copy_seconds:.1f} s ({rate:.0f} MiB/s); "
                     f"resize_instance took {time.monotonic() - started:.1f} s"), None
 
+        details: dict[str, Any] = {"dest_host": dest_host}
         self._migration_step("resize_instance", instance_uuid, migration_id, contract.MIGRATION_MIGRATED, run,
-                             details={"dest_host": dest_host})
+                             details=details)
 
     def _copy_progress(self, migration_id: int) -> Callable[[int, int], None]:
         """``conductor.migration_progress`` of a disk copy, at most every MIGRATION_PROGRESS_INTERVAL
@@ -146,6 +149,10 @@ class Resize(OperationFamily):
             dest_host = record.get("dest_host")
             moved = dest_host != self.host if isinstance(dest_host, str) else None
             self.driver.confirm_migration(instance_uuid, moved)
+            taps = record.get("taps")
+            # Not on a same-host resize: the taps are the running instance's.
+            if moved and isinstance(taps, list):
+                self.remove_filtering(instance_uuid, [tap for tap in taps if isinstance(tap, str)])
             return (f"original files of instance {instance_uuid} removed from {self.host}"), None
 
         self._migration_step("confirm_resize", instance_uuid, migration_id, contract.MIGRATION_CONFIRMED, run)
@@ -155,9 +162,9 @@ class Resize(OperationFamily):
         original stays in ``<uuid>_resize`` on the source). Reports "reverted_dest"."""
 
         def run() -> tuple[str, dict[str, Any] | None]:
-            bridges = self.instance_bridges(instance_uuid)
+            bridges, taps = self.instance_bridges(instance_uuid), self.instance_taps(instance_uuid)
             self.driver.destroy(instance_uuid)
-            self.remove_unused_bridges(instance_uuid, bridges)
+            self.unplug(instance_uuid, bridges, taps)  # finish_revert_resize plugs them again on the source
             return f"the resized instance {instance_uuid} was destroyed and removed from {self.host}", None
 
         self._migration_step("revert_resize", instance_uuid, migration_id, contract.MIGRATION_REVERTED_DEST,

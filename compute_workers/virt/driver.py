@@ -142,6 +142,12 @@ class ComputeDriver(abc.ABC):
         that the bridges it leaves unused can be removed afterwards."""
         return []
 
+    def instance_taps(self, instance_uuid: str) -> list[str]:
+        """The taps of the instance's NICs (its domain's ``<interface type='bridge'>`` target devices), in
+        order; [] when it has none or is not here. Read before the domain goes, so that their firewall
+        chains can be removed afterwards."""
+        return []
+
     @abc.abstractmethod
     def get_info(self, instance_uuid: str) -> str:
         """The power state (``contract.POWER_*``) of the instance, read from the hypervisor now: a

@@ -179,6 +179,11 @@ class FakeDriver(ComputeDriver):
             instance = self.instances.get(checked_uuid(instance_uuid))
         return [] if instance is None else [interface["bridge"] for interface in instance.interfaces]
 
+    def instance_taps(self, instance_uuid: str) -> list[str]:
+        with self._lock:
+            instance = self.instances.get(checked_uuid(instance_uuid))
+        return [] if instance is None else [interface["tap"] for interface in instance.interfaces]
+
     def get_console_output(self, instance_uuid: str, lines: int) -> str:
         console = self._get(instance_uuid).console
         return "".join(line + "\n" for line in console[-lines:]) if lines > 0 else ""

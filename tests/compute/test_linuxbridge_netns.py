@@ -138,3 +138,23 @@ def test_two_hosts_reach_each_other_over_the_vxlan(namespaces: list[str]) -> Non
         assert host.remove_bridge_if_unused(network["bridge"]) is False  # the guest's end is on it
         sh(ns, "ip", "link", "del", network["tap"])
         assert host.remove_bridge_if_unused(network["bridge"]) is True
+
+
+def test_flood_peers_converge_to_exactly_the_given_set(namespaces: list[str]) -> None:
+    ns = namespaces[0]
+    bridges = LinuxBridges(CommandRunner(ns), UNDERLAY[0])
+    network = network_spec("vxlan", 1003, 1450)
+    assert bridges.set_fdb_peers(1003, ["10.253.201.9"]) == []  # no VXLAN device yet: nothing to flood from
+    bridges.ensure_bridge(network)
+    assert bridges.cloudctl_bridges() == {network["bridge"]}
+    assert bridges.set_fdb_peers(1003, ["10.253.201.9", "10.253.201.8", UNDERLAY[0]]) == [
+        "peer 10.253.201.8 of vxlan-1003", "peer 10.253.201.9 of vxlan-1003"]  # never to itself
+    assert bridges.set_fdb_peers(1003, ["10.253.201.8", "10.253.201.9"]) == []
+    assert bridges.set_fdb_peers(1003, ["10.253.201.7", "10.253.201.8"]) == [
+        "peer 10.253.201.7 of vxlan-1003", "peer 10.253.201.9 of vxlan-1003 removed"]
+    assert bridges.fdb_peers(1003) == {"10.253.201.7", "10.253.201.8"}
+    assert bridges.set_fdb_peers(1003, []) == ["peer 10.253.201.7 of vxlan-1003 removed",
+                                               "peer 10.253.201.8 of vxlan-1003 removed"]
+    assert bridges.fdb_peers(1003) == set()
+    assert bridges.remove_bridge_if_unused(network["bridge"]) is True
+    assert bridges.fdb_peers(1003) is None and bridges.cloudctl_bridges() == set()

@@ -61,6 +61,16 @@ def bridges_of(xml: str) -> list[str]:
             and source.get("bridge")]
 
 
+def taps_of(xml: str) -> list[str]:
+    """The target devices (taps) of the ``<interface type='bridge'>`` of a domain definition, in order."""
+    devices = ET.fromstring(xml).find("devices")
+    if devices is None:
+        return []
+    return [target.get("dev", "") for interface in devices.findall("interface")
+            if interface.get("type") == "bridge" and (target := interface.find("target")) is not None
+            and target.get("dev")]
+
+
 def build_domain_xml(spec: dict[str, Any], *, virt_type: str, machine_type: str, disk_path: Path,
                      console_path: Path, disk_cache: str) -> str:
     """The domain definition of a validated spec. ``virt_type`` is kvm, qemu (TCG) or test. Each

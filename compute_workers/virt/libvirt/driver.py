@@ -41,7 +41,7 @@ from compute_workers.virt.driver import (
     instance_uuid_of,
 )
 from compute_workers.virt.libvirt import connection, guest, host, migration, resize, volumes
-from compute_workers.virt.libvirt.domain import bridges_of, build_domain_xml
+from compute_workers.virt.libvirt.domain import bridges_of, build_domain_xml, taps_of
 from compute_workers.virt.libvirt.errors import cause, error_code, hypervisor_errors
 from compute_workers.virt.libvirt.snapshot import snapshot_disk
 
@@ -218,11 +218,17 @@ class LibvirtDriver(ComputeDriver):
             shutil.rmtree(self.instance_dir(instance_uuid))
 
     def instance_bridges(self, instance_uuid: str) -> list[str]:
+        return self._of_definition(instance_uuid, bridges_of)
+
+    def instance_taps(self, instance_uuid: str) -> list[str]:
+        return self._of_definition(instance_uuid, taps_of)
+
+    def _of_definition(self, instance_uuid: str, read: Callable[[str], list[str]]) -> list[str]:
         domain = self._lookup(instance_uuid)
         if domain is None:
             return []
         try:
-            return bridges_of(domain.XMLDesc(0))
+            return read(domain.XMLDesc(0))
         except libvirt.libvirtError as exc:
             if error_code(exc) == libvirt.VIR_ERR_NO_DOMAIN:
                 return []
