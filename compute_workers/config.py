@@ -54,6 +54,7 @@ A malformed value fails at start with :class:`ConfigError` naming the variable.
 | `COMPUTE_VISIBILITY_TIMEOUT` | `7200` | Redis `visibility_timeout`: an unacknowledged task is delivered again after it. Must exceed every hard time limit. |
 | `COMPUTE_TUNNEL_IP` | (empty) | This host's VXLAN tunnel endpoint: the `local` address of every `vxlan-<vni>` device it makes for a vxlan network's bridge (`brq…`), and the address the other hosts' forwarding entries point to. A spawn on a vxlan network fails while it is unset (flat networks do not need it). Reported in every heartbeat (`tunnel_ip`): the control plane names it as a peer in the other hosts' network state. `make run` sets `127.0.0.1` unless it is set (one host). |
 | `COMPUTE_FLAT_INTERFACE` | (empty) | The physical interface enslaved to the bridge of a flat network (Neutron's `physical_interface_mappings`; one flat network per interface). Unset: a flat network's bridge has no uplink and joins only this host's guests. `make run` sets `cc-public` unless it is set: the veth into its outside world, `tools/public-net.sh`. |
+| `COMPUTE_NETWORK_NAMESPACE` | (empty) | The network namespace (a name `ip netns` knows) the host's networking lives in: its bridges, VXLAN devices, firewall and the host ends of the network node's veths are made there (`ip netns exec`), while the worker itself stays in its own (it reaches the broker and the API there). Empty: the worker's own namespace, as on a real host. The multi-host harness sets each host's namespace, where its libvirtd plugs the guests' taps. |
 | `COMPUTE_FAKE_VCPUS` | `16` | vCPUs the fake driver reports (`--vcpus`). |
 | `COMPUTE_FAKE_MEMORY_MB` | `32768` | RAM the fake driver reports (`--memory-mb`). |
 | `COMPUTE_FAKE_DISK_GB` | `500` | Disk the fake driver reports (`--disk-gb`). |
@@ -166,6 +167,12 @@ def _interface(text: str) -> str:
     return text
 
 
+def _netns(text: str) -> str:
+    if text and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", text):
+        raise ValueError("must be a network namespace name (letters, digits, '_', '.', '-')")
+    return text
+
+
 def _flag(text: str) -> bool:
     if text not in ("0", "1"):
         raise ValueError("must be 0 or 1")
@@ -244,6 +251,7 @@ class ComputeConfig:
     visibility_timeout: int = _env("COMPUTE_VISIBILITY_TIMEOUT", 7200, _positive_int)
     tunnel_ip: str = _env("COMPUTE_TUNNEL_IP", "", _ip_address)
     flat_interface: str = _env("COMPUTE_FLAT_INTERFACE", "", _interface)
+    network_namespace: str = _env("COMPUTE_NETWORK_NAMESPACE", "", _netns)
     fake_vcpus: int = _env("COMPUTE_FAKE_VCPUS", 16, _positive_int)
     fake_memory_mb: int = _env("COMPUTE_FAKE_MEMORY_MB", 32768, _positive_int)
     fake_disk_gb: int = _env("COMPUTE_FAKE_DISK_GB", 500, _positive_int)

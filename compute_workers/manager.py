@@ -43,7 +43,8 @@ Family = TypeVar("Family", bound=OperationFamily)
 def host_bridges(config: ComputeConfig, driver: ComputeDriver) -> HostBridges:
     """The host's Linux bridges when the driver's guests are taps on them, else a record of them."""
     if driver.capabilities.get("plugs_host_bridges"):
-        return LinuxBridges(CommandRunner(), config.tunnel_ip, config.flat_interface)
+        return LinuxBridges(CommandRunner(config.network_namespace or None), config.tunnel_ip,
+                            config.flat_interface)
 
     def in_use() -> set[str]:
         return {bridge for instance_uuid in driver.list_instances()

@@ -94,6 +94,16 @@ class CommandRunner:
         return result.stdout
 
 
+def namespaces_runner(runner: Runner) -> Runner | None:
+    """The runner for commands that name the node's ``qdhcp-``/``qrouter-`` namespaces, given the host's
+    ``runner``: when the host's networking lives in another namespace (``COMPUTE_NETWORK_NAMESPACE``), they
+    run in the worker's own, since a namespace ``ip netns add`` makes inside ``ip netns exec`` is mounted in
+    that command's private mount namespace only and gone with it. None: ``runner`` itself will do."""
+    if isinstance(runner, CommandRunner) and runner.netns:
+        return CommandRunner(timeout=runner.timeout)
+    return None
+
+
 def vxlan_name(vni: int) -> str:
     return f"{VXLAN_PREFIX}{vni}"
 

@@ -18,7 +18,7 @@ from celery import Task
 
 from compute_workers import contract
 from compute_workers.network.dhcp import STATE_DIRECTORY, DhcpServers, RecordedDhcp
-from compute_workers.network.linuxbridge import LinuxBridges
+from compute_workers.network.linuxbridge import LinuxBridges, namespaces_runner
 from compute_workers.operations.base import HostContext, OperationFamily
 
 if TYPE_CHECKING:
@@ -35,7 +35,8 @@ class Dhcp(OperationFamily):
         self.servers: DhcpServers | RecordedDhcp
         if self.driver.capabilities.get("plugs_host_bridges") and isinstance(self.bridges, LinuxBridges):
             self.servers = DhcpServers(self.bridges.runner, self.bridges,
-                                       self.config.instances_path / STATE_DIRECTORY)
+                                       self.config.instances_path / STATE_DIRECTORY,
+                                       namespaces=namespaces_runner(self.bridges.runner))
         else:
             self.servers = RecordedDhcp(self.bridges)
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from celery import Task
 
 from compute_workers import contract
-from compute_workers.network.linuxbridge import LinuxBridges
+from compute_workers.network.linuxbridge import LinuxBridges, namespaces_runner
 from compute_workers.network.router import RecordedRouters, Routers
 from compute_workers.operations.base import HostContext, OperationFamily
 
@@ -34,7 +34,8 @@ class Router(OperationFamily):
         super().__init__(context)
         self.routers: Routers | RecordedRouters
         if self.driver.capabilities.get("plugs_host_bridges") and isinstance(self.bridges, LinuxBridges):
-            self.routers = Routers(self.bridges.runner, self.bridges)
+            self.routers = Routers(self.bridges.runner, self.bridges,
+                                   namespaces=namespaces_runner(self.bridges.runner))
         else:
             self.routers = RecordedRouters(self.bridges)
 

@@ -47,6 +47,7 @@ def test_environment_and_overrides() -> None:
     ("COMPUTE_CLEAN_SHUTDOWN_TIMEOUT", "-1"), ("COMPUTE_CLEAN_SHUTDOWN_TIMEOUT", "nan"),
     ("COMPUTE_LIVE_MIGRATION_PERMIT_POST_COPY", "yes"), ("COMPUTE_LIVE_MIGRATION_PERMIT_AUTO_CONVERGE", "2"),
     ("COMPUTE_LIVE_MIGRATION_TIMEOUT_ACTION", "pause"), ("COMPUTE_LIVE_MIGRATION_TIMEOUT_ACTION", ""),
+    ("COMPUTE_NETWORK_NAMESPACE", "a b"), ("COMPUTE_NETWORK_NAMESPACE", "../etc"),
 ])
 def test_malformed_values_name_the_variable(variable: str, value: str) -> None:
     with pytest.raises(ConfigError, match=variable):

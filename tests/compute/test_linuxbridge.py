@@ -16,9 +16,11 @@ from compute_workers import contract
 from compute_workers.manager import ComputeManager
 from compute_workers.network.linuxbridge import (
     CommandError,
+    CommandRunner,
     LinuxBridges,
     PlugError,
     RecordedBridges,
+    namespaces_runner,
 )
 from compute_workers.operations import Build
 from compute_workers.reporter import ListReporter
@@ -449,3 +451,13 @@ def test_families_that_define_a_domain_ensure_its_bridges(tmp_path: Path, runner
         for uuid_ in manager.driver.list_instances():
             manager.driver.destroy(uuid_)
         manager.close()
+
+
+def test_a_host_namespace_runs_the_node_namespaces_commands_from_the_workers_own() -> None:
+    # COMPUTE_NETWORK_NAMESPACE: the host's devices in that namespace (ip netns exec), but qdhcp-/qrouter-
+    # namespaces added from the worker's own mount namespace, where they outlive the command.
+    inside = CommandRunner("cch-host", timeout=7)
+    outside = namespaces_runner(inside)
+    assert isinstance(outside, CommandRunner) and (outside.netns, outside.timeout) == (None, 7)
+    assert namespaces_runner(CommandRunner()) is None
+    assert namespaces_runner(FakeRunner()) is None
