@@ -4,7 +4,7 @@ test may SIGKILL one (honcho would stop everything) and start it again."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -35,14 +35,17 @@ class Cloud:
 
 
 @contextmanager
-def host_workers(harness: NamespaceHosts, stack: Stack, workers: dict[str, HostWorker]) -> Iterator[None]:
+def host_workers(harness: NamespaceHosts, stack: Stack, workers: dict[str, HostWorker],
+                 host_env: Mapping[str, Mapping[str, str]] | None = None) -> Iterator[None]:
     """One compute worker per harness host, on the stack's broker, into ``workers`` (for
-    ``run_stack(companions=...)``); a warm shutdown of them all at once on the way out."""
+    ``run_stack(companions=...)``); a warm shutdown of them all at once on the way out. ``host_env``:
+    host name -> settings of that host's worker only (say the network node's ``COMPUTE_FLAT_INTERFACE``)."""
     try:
         for host in harness.hosts:
             log_path = stack.log_path.parent / f"compute-{host.name}.log"
             stack.extra_logs.append(log_path)
-            workers[host.name] = harness.start_worker(host, stack.env, log_path)
+            env = {**stack.env, **(host_env or {}).get(host.name, {})}
+            workers[host.name] = harness.start_worker(host, env, log_path)
         yield
     finally:
         for worker in workers.values():

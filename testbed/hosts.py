@@ -100,10 +100,14 @@ class NamespaceHost:
 
     def worker_env(self) -> dict[str, str]:
         """The settings that make a compute worker this host's (broker, backend and service token are
-        the caller's to add)."""
+        the caller's to add). Its networking (bridges, VXLAN devices, firewall, the network node's veths)
+        is made in the host's network namespace, where its libvirtd plugs the guests' taps, and its VXLAN
+        endpoint is the host's address on the hosts' bridge; the worker itself stays in the caller's
+        network namespace (Redis and the API on 127.0.0.1)."""
         return {"COMPUTE_HOST": self.name, "COMPUTE_LIBVIRT_URI": "qemu:///system",
                 "INSTANCES_PATH": str(self.instances_path), "COMPUTE_VIRT_TYPE": "qemu",
-                "COMPUTE_MIGRATION_ADDRESS": self.ip}
+                "COMPUTE_MIGRATION_ADDRESS": self.ip, "COMPUTE_TUNNEL_IP": self.ip,
+                "COMPUTE_NETWORK_NAMESPACE": self.netns}
 
     def worker_command(self, env: Mapping[str, str] | None = None) -> list[str]:
         """``python -m compute_workers`` as this host's worker: :meth:`worker_env` plus ``env`` set on
@@ -372,6 +376,13 @@ class NamespaceHosts:
             # The daemon answers, so unshare has long forked the namespaces' PID 1.
             host.init_pid = _init_pid(host)
         return self.hosts
+
+    def add_namespace(self, suffix: str) -> str:
+        """A network namespace of this run (``cch-<run>-<suffix>``, e.g. a test's "outside world"), deleted
+        by stop() with every process in it (and by remove_stale_runs() after a killed run)."""
+        name = f"cch-{self.run_id}-{suffix}"
+        self._add_netns(name)
+        return name
 
     def _add_netns(self, name: str) -> None:
         run_command("ip", "netns", "add", name)
