@@ -30,7 +30,7 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +115,29 @@ def bridge_network(network: contract.HostNetwork) -> contract.NetworkSpec:
             "tap": contract.tap_name(network["network_id"])}
 
 
+class AppliedPorts:
+    """The ports of the last host network state applied here. A live migration's destination waits for its
+    incoming ports to be among them (:meth:`wait`) before it reports itself prepared: the state that
+    carries them (``Port.migrating_to``) is sent at the same commit as ``pre_live_migration`` but runs as
+    a task of its own, and only it sets the networks' flood peers; a guest switched over before that
+    could not reach the hosts of its network (its replies flood nowhere)."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._ports: frozenset[str] = frozenset()
+
+    def set(self, ports: Iterable[str]) -> None:
+        with self._changed:
+            self._ports = frozenset(ports)
+            self._changed.notify_all()
+
+    def wait(self, ports: Iterable[str], timeout: float) -> bool:
+        """True once every port of ``ports`` is in an applied state; False after ``timeout`` seconds."""
+        wanted = set(ports)
+        with self._changed:
+            return self._changed.wait_for(lambda: wanted <= self._ports, timeout)
+
+
 class HostNetworking:
     """Converges this host's bridges, flood entries and firewall to host network states.
 
@@ -122,8 +145,9 @@ class HostNetworking:
     does); ``state_directory``: where the last generation is kept (None: in memory only)."""
 
     def __init__(self, bridges: HostBridges, firewall: HostFirewall, state_directory: Path | None,
-                 taps: Callable[[], set[str]] = set) -> None:
+                 taps: Callable[[], set[str]] = set, applied: AppliedPorts | None = None) -> None:
         self.bridges, self.firewall, self.taps = bridges, firewall, taps
+        self.applied = applied or AppliedPorts()
         self.state_directory = state_directory
         self._lock = threading.Lock()
         self._held: set[str] = set()  # the bridges the last sync holds
@@ -154,6 +178,7 @@ class HostNetworking:
                                lambda: self.firewall.sync(checked["ports"], self._kept_taps(checked)))
             done += self._release(set(bridges))
             self._save_generation(generation)
+            self.applied.set(port["port_id"] for port in checked["ports"])
         if done or self.errors:
             LOG.info("host network state %d applied: %s%s", generation, ", ".join(done) or "no change",
                      f"; {len(self.errors)} step(s) failed" if self.errors else "")

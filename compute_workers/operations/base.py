@@ -24,6 +24,7 @@ from compute_workers.images import ImageCache
 from compute_workers.journal import ActionJournal, MigrationJournal
 from compute_workers.locks import KeyedLock
 from compute_workers.network.firewall import HostFirewall, RecordedFirewall
+from compute_workers.network.host import AppliedPorts
 from compute_workers.network.linuxbridge import HostBridges
 from compute_workers.reporter import Reporter
 from compute_workers.virt.driver import ComputeDriver, checked_uuid
@@ -73,6 +74,9 @@ class HostContext:
     bridges: HostBridges
     # The filtering of the guests' taps (security groups, anti-spoofing): applied before a domain starts.
     firewall: HostFirewall = dataclasses.field(default_factory=RecordedFirewall)
+    # The ports of the last host network state applied (compute.network_host_sync), awaited by a live
+    # migration's destination.
+    applied_ports: AppliedPorts = dataclasses.field(default_factory=AppliedPorts)
 
     @property
     def host(self) -> str:

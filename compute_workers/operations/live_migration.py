@@ -42,6 +42,8 @@ if TYPE_CHECKING:
     from compute_workers.tasks import TaskRegistrar
 
 LOG = logging.getLogger(__name__)
+# How long a live migration's destination waits for the host network state holding the incoming ports.
+NETWORK_STATE_WAIT = 10.0
 
 
 class LiveMigration(OperationFamily):
@@ -191,6 +193,7 @@ class LiveMigration(OperationFamily):
                 self._incoming_taps[instance_uuid] = [network["tap"] for network in networks]
                 plugged += self.firewall.apply(networks)
                 self.driver.pre_live_migration(spec, base_image, block_migration, shared_storage)
+                peers = self._await_network_state(instance_uuid, networks)
             except Exception as exc:
                 self.unplug(instance_uuid, self.bridges.release(instance_uuid),
                             self._incoming_taps.pop(instance_uuid, []))
@@ -206,10 +209,27 @@ class LiveMigration(OperationFamily):
                     else "instance directory created")
             if plugged:
                 made += f"; made {', '.join(plugged)}"
+            made += peers
             message = f"host {self.host} prepared in {time.monotonic() - started:.1f} s: {made}"
             LOG.info("%s of %s (migration %s): %s", step, instance_uuid, migration_id, message)
             self.migration_done(migration_id, instance_uuid, step, contract.MIGRATION_PREPARED,
                                 event=self.event(event, EventResult.SUCCESS, message))
+
+    def _await_network_state(self, instance_uuid: str, networks: Any) -> str:
+        """Wait (at most ``NETWORK_STATE_WAIT`` s) for the host network state that holds the incoming
+        ports, sent with ``pre_live_migration``: until it is applied, their vxlan networks have no flood
+        peers here, and a guest switched over meanwhile would be cut off. Not there in time: the
+        migration goes on (the state still comes, or the periodic resync brings it); said in the event."""
+        ports = [network["port_id"] for network in networks]
+        if not ports or not self.driver.capabilities.get("plugs_host_bridges"):
+            return ""
+        started = time.monotonic()
+        if self.context.applied_ports.wait(ports, NETWORK_STATE_WAIT):
+            return f"; network state with its ports applied (waited {time.monotonic() - started:.2f} s)"
+        LOG.warning("pre_live_migration of %s: no host network state with its ports %s within %.0f s; going "
+                    "on without the networks' flood peers", instance_uuid, ", ".join(ports),
+                    NETWORK_STATE_WAIT)
+        return f"; no network state with its ports within {NETWORK_STATE_WAIT:.0f} s (flood peers missing)"
 
     def live_migration(self, instance_uuid: str, migration_id: int, dest_host: str, migration_uri: str,
                        migration_data_uri: str | None, block_migration: bool, shared_storage: bool,

@@ -36,7 +36,8 @@ class Network(OperationFamily):
         taps = self.bridges.taps if self.driver.capabilities.get("plugs_host_bridges") and \
             isinstance(self.bridges, LinuxBridges) else set
         self.networking = HostNetworking(self.bridges, self.firewall,
-                                         self.config.instances_path / STATE_DIRECTORY, taps=taps)
+                                         self.config.instances_path / STATE_DIRECTORY, taps=taps,
+                                         applied=context.applied_ports)
 
     def network_host_sync(self, state: Any) -> list[str]:
         """Converge this host's networking to ``state``; what was done. Failures are logged, never

@@ -5,6 +5,7 @@ remove it when the guest goes."""
 from __future__ import annotations
 
 import copy
+import time
 from pathlib import Path
 from typing import Any
 
@@ -194,3 +195,43 @@ def test_confirm_resize_removes_the_filtering_left_on_the_source(tmp_path: Path,
                                              dest_host="elsewhere", taps=[network["tap"]])
     manager.family(Resize).confirm_resize(spec["instance_uuid"], 2)
     assert manager.context.firewall.applied() == set()
+
+
+def test_a_live_migrations_destination_waits_for_the_state_holding_its_ports(
+        tmp_path: Path, make_spec: SpecFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The state that carries the incoming ports (and so their networks' flood peers) is a task of its
+    own, sent at the same commit as pre_live_migration: the destination is prepared only once it is
+    applied, so that no guest is switched over to a host that cannot flood its packets anywhere."""
+    import threading
+
+    from compute_workers.operations import live_migration
+
+    from .test_live_migration import Host
+
+    network = secured(network_spec("vxlan", 1001))
+    dest = Host(tmp_path, "dst")
+    try:
+        dest.driver.capabilities = {**dest.driver.capabilities, "plugs_host_bridges": True}
+        spec = {**make_spec(host=dest.name, networks=[network]), "host": dest.name}
+        uuid = spec["instance_uuid"]
+        sync = dest.manager.family(Network)
+        incoming = {**state(9, [host_network(network["network_id"], 1001, ["192.0.2.7"])], [network]),
+                    "host": dest.name}
+        timer = threading.Timer(0.3, sync.network_host_sync, [incoming])
+        timer.start()
+        started = time.monotonic()
+        dest.live.pre_live_migration(uuid, 1, spec, True, False, None)
+        timer.join()
+        assert time.monotonic() - started >= 0.3
+        assert dest.statuses(1) == [contract.MIGRATION_PREPARED]
+        assert dest.manager.context.bridges.peers == {1001: {"192.0.2.7"}}  # type: ignore[attr-defined]
+        assert "network state with its ports applied" in dest.updates(1)[-1]["event"]["message"]
+
+        # Never sent (lost): the migration goes on after the wait, and says so.
+        monkeypatch.setattr(live_migration, "NETWORK_STATE_WAIT", 0.2)
+        sync.network_host_sync({**state(10, [], []), "host": dest.name})
+        dest.live.pre_live_migration(uuid, 2, spec, True, False, None)
+        assert dest.statuses(2) == [contract.MIGRATION_PREPARED]
+        assert "no network state with its ports" in dest.updates(2)[-1]["event"]["message"]
+    finally:
+        dest.manager.close()

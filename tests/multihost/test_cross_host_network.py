@@ -311,8 +311,17 @@ def test_floating_ip_answers_through_a_live_migration(net: NetCloud) -> None:
     print(f"\nlive migration {source} -> {dest} of a server with a floating IP: {took:.1f} s, downtime "
           f"{done.get('downtime_ms')} ms (libvirt's); ping every 100 ms from outside: {transmitted} sent, "
           f"{received} answered, {lost} lost, longest gap {longest} pings")
+    # A request that reached the destination's tap while the guest was paused would be answered late.
+    late = [line for line in output.splitlines()
+            if float(re.findall(r"time=([\d.]+)", line + " time=0")[0]) > 100]
+    print(f"replies later than 100 ms: {len(late)}", *late, sep="\n  ")
     assert lost < 50, f"the guest was unreachable for {lost} pings (100 ms apart):\n{output[-3000:]}"
     # The guest still answers, and it is on the destination's bridge now.
     assert pings(outside, address, count=3).returncode == 0
     vni = int(network["segmentation_id"])
-    net.wait_for(f"{source} without vxlan-{vni}", lambda: flood_peers(cloud.host(source), vni) is None, 30)
+    node, src, dst = cloud.host(NODE), cloud.host(source), cloud.host(dest)
+    net.wait_for(f"{source} without vxlan-{vni}", lambda: flood_peers(src, vni) is None, 30)
+    assert (flood_peers(node, vni), flood_peers(dst, vni)) == ({dst.ip}, {node.ip})
+    # nolearning: no per-MAC entry that could still point at the source (unicast floods to the peers).
+    entries = on_host(node, "bridge", "fdb", "show", "dev", vxlan_name(vni)).stdout
+    assert src.ip not in entries, entries
