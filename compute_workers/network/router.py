@@ -18,8 +18,9 @@ For router ``R`` and each of its legs (the gateway port ``G`` on the external ne
   floating IP ``F`` → fixed ``X``: ``F/32`` on ``qg-``, DNAT ``F``→``X`` (PREROUTING and OUTPUT) and SNAT
   ``X``→``F`` out of ``qg-``; then, with ``enable_snat``, SNAT of each interface subnet out of ``qg-`` to
   the gateway address. A newly added address on ``qg-`` is announced with gratuitous ARPs (``arping -U``,
-  in the background: the sync does not wait for them); the connections of a floating IP removed or
-  moved to another fixed IP are deleted from conntrack, so they do not go on through the old rules.
+  in the background: the sync does not wait for them); the connections of a floating IP added, removed
+  or moved to another fixed IP are deleted from conntrack, so they do not go on through the old rules
+  (or, begun before it was mapped, untranslated).
 
 No state is kept on disk: what a router has is read from its namespace (its ``qr-``/``qg-`` devices, their
 addresses, the route, ``iptables-save``), so a sync after a restart of the worker converges as any other.
@@ -361,10 +362,13 @@ class Routers:
         self._restore(netns, restore_input(wanted, missing_jumps))
         done = ["NAT rules"]
         # A connection of a floating IP that is gone or now maps to another fixed IP must not go on
-        # through the old translation (conntrack keeps it, whatever the rules say now).
+        # through the old translation (conntrack keeps it, whatever the rules say now); nor may one that
+        # began before the floating IP was mapped (a ping already running): the nat table sees only a
+        # connection's first packet, so it would never be DNATed, and the router itself would answer it
+        # once the address is on qg- (a false "the guest is reachable").
         before, after = mapping_of(have), floating_ips(router)
-        for floating, fixed in sorted(before.items()):
-            if after.get(floating) != fixed:
+        for floating in sorted(before.keys() | after.keys()):
+            if after.get(floating) != before.get(floating):
                 done += self._forget_connections(netns, floating)
         return done
 

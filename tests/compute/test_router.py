@@ -193,6 +193,8 @@ def test_first_sync_commands_and_nat_text(routers: Routers, host: RouterHost) ->
         f"ip -n {ns} addr add 10.0.0.1/24 dev {qr}",
         f"ip -n {ns} -4 route replace default via 172.24.4.1 dev {qg}",
         restore,
+        f"ip netns exec {ns} conntrack -D --orig-dst 172.24.4.20",  # none: nothing more is done
+        f"ip netns exec {ns} conntrack -D --reply-dst 172.24.4.20",
         f"ip netns exec {ns} arping -U -c 3 -I {qg} 172.24.4.10",
         f"ip netns exec {ns} arping -U -c 3 -I {qg} 172.24.4.20",
     ]
@@ -219,13 +221,23 @@ def test_floating_ips_added_moved_and_removed(routers: Routers, host: RouterHost
     routers.sync(spec)
     host.commands.clear()
 
+    # A connection to .20 that began before it was mapped (a ping already running) would never be
+    # DNATed: it is deleted once the rules are in. .21 had none (conntrack finds nothing: no error).
+    host.conntrack_entries = {f"{ns} 172.24.4.20"}
     added = router_spec(spec["router_id"], floating={"172.24.4.20": "10.0.0.5", "172.24.4.21": "10.0.0.6"})
     assert routers.sync(added) == [f"address 172.24.4.20/32 on {qg}", f"address 172.24.4.21/32 on {qg}",
-                                   "NAT rules"]
+                                   "NAT rules", "connections of 172.24.4.20 deleted"]
     assert [c for c in host.writes() if "arping" in c] == [
         f"ip netns exec {ns} arping -U -c 3 -I {qg} 172.24.4.20",
         f"ip netns exec {ns} arping -U -c 3 -I {qg} 172.24.4.21"]
-    assert not [c for c in host.writes() if "conntrack" in c]
+    writes = host.writes()
+    assert [c for c in writes if "conntrack" in c] == [
+        f"ip netns exec {ns} conntrack -D --orig-dst 172.24.4.20",
+        f"ip netns exec {ns} conntrack -D --reply-dst 172.24.4.20",
+        f"ip netns exec {ns} conntrack -D --orig-dst 172.24.4.21",
+        f"ip netns exec {ns} conntrack -D --reply-dst 172.24.4.21"]
+    assert min(i for i, c in enumerate(writes) if "conntrack" in c) > \
+        max(i for i, c in enumerate(writes) if "iptables-restore" in c)  # after the DNAT is in
 
     # .20 moves to another fixed IP, .21 goes: both lose their connections; .20's address stays.
     host.conntrack_entries = {f"{ns} 172.24.4.20", f"{ns} 172.24.4.21"}
