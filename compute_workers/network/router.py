@@ -11,6 +11,8 @@ For router ``R`` and each of its legs (the gateway port ``G`` on the external ne
 - a veth pair per leg: host end :func:`contract.tap_name` of the port on the bridge, namespace end
   ``qg-<G[:11]>`` / ``qr-<P[:11]>`` with the port's MAC, ``ip_address/prefix`` of its ``cidr`` and the
   network's MTU;
+- on each leg, stale neighbour (ARP) entries probed after 1 s by broadcast (``NEIGHBOUR_PROBING``): a
+  fixed IP given to a new port is answered at its new MAC within a second or two;
 - the default route via the gateway leg's ``gateway_ip``;
 - NAT in the namespace's ``nat`` table, in chains of cloudctl's own (``cloudctl-PREROUTING``,
   ``cloudctl-OUTPUT``, ``cloudctl-POSTROUTING``, jumped to first from the built-in chains), rewritten as
@@ -59,6 +61,12 @@ CHAIN_PREFIX = "cloudctl-"
 BUILTIN_CHAINS = ("PREROUTING", "OUTPUT", "POSTROUTING")
 PREROUTING, OUTPUT, POSTROUTING = (f"{CHAIN_PREFIX}{chain}" for chain in BUILTIN_CHAINS)
 GARP_COUNT = 3
+# Neighbour probing on each leg: a stale ARP entry is checked after 1 s (not 5) by broadcast requests
+# (not unicast ones to the cached MAC). A fixed IP freed and given to a new port (the lowest free address
+# is reused at once) has a new MAC: with the kernel's defaults the router kept sending to the old one for
+# 5 s + 3 unanswered unicast probes before it asked the whole network (found driving make run: 4 s without
+# a reply from a new guest at its floating IP).
+NEIGHBOUR_PROBING = {"delay_first_probe_time": "1", "ucast_solicit": "0", "mcast_resolicit": "3"}
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}$")
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 _DNAT = re.compile(rf"^-A {PREROUTING} -d (?P<floating>[0-9.]+)/32 -j DNAT "
@@ -299,6 +307,7 @@ class Routers:
                         leg["mac_address"].lower())
             made, have = self.namespaces.plug_veth(veth)
             done += made
+            done += self._ensure_neighbour_probing(netns, name)
             addresses = {leg_address(leg)}
             if name.startswith(GATEWAY_PREFIX):
                 addresses |= {f"{floating}/32" for floating in floating_ips(router)}
@@ -323,6 +332,13 @@ class Routers:
             return []
         self.namespaces.exec(netns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
         return ["forwarding"]
+
+    def _ensure_neighbour_probing(self, netns: str, device: str) -> list[str]:
+        wanted = {f"net.ipv4.neigh.{device}.{name}": value for name, value in NEIGHBOUR_PROBING.items()}
+        if self.namespaces.exec(netns, "sysctl", "-n", *wanted).split() == list(wanted.values()):
+            return []
+        self.namespaces.exec(netns, "sysctl", "-q", "-w", *(f"{k}={v}" for k, v in wanted.items()))
+        return [f"neighbour probing on {device}"]
 
     def _remove_stale_legs(self, netns: str, wanted: set[str], unused: set[str]) -> list[str]:
         """Delete the ``qr-``/``qg-`` devices of ``netns`` not in ``wanted``; their bridges are added to
