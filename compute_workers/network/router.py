@@ -19,7 +19,9 @@ For router ``R`` and each of its legs (the gateway port ``G`` on the external ne
   one ``iptables-restore --noflush`` (atomic: a packet sees the old rules or the new ones): for each
   floating IP ``F`` → fixed ``X``: ``F/32`` on ``qg-``, DNAT ``F``→``X`` (PREROUTING and OUTPUT) and SNAT
   ``X``→``F`` out of ``qg-``; then, with ``enable_snat``, SNAT of each interface subnet out of ``qg-`` to
-  the gateway address. A newly added address on ``qg-`` is announced with gratuitous ARPs (``arping -U``,
+  the gateway address. A new floating IP's ``F/32`` goes on ``qg-`` after its DNAT is in, a removed one's
+  comes off before its DNAT goes (the router never answers a floating IP itself). A newly added address
+  on ``qg-`` is announced with gratuitous ARPs (``arping -U``,
   in the background: the sync does not wait for them); the connections of a floating IP added, removed
   or moved to another fixed IP are deleted from conntrack, so they do not go on through the old rules
   (or, begun before it was mapped, untranslated).
@@ -302,6 +304,7 @@ class Routers:
         done += self._ensure_forwarding(netns)
         done += self._remove_stale_legs(netns, {name for name, _ in wanted}, unused)
         announce: list[tuple[str, str]] = []
+        later: list[tuple[str, set[str], set[str]]] = []  # (qg-, its addresses now, all it must have)
         for name, leg in wanted:
             veth = Veth(netns, contract.tap_name(leg["port_id"]), name, leg["bridge"], leg["mtu"],
                         leg["mac_address"].lower())
@@ -310,7 +313,12 @@ class Routers:
             done += self._ensure_neighbour_probing(netns, name)
             addresses = {leg_address(leg)}
             if name.startswith(GATEWAY_PREFIX):
-                addresses |= {f"{floating}/32" for floating in floating_ips(router)}
+                # A floating IP that goes loses its address now, before its DNAT; a new one gets it after
+                # its DNAT is in: on qg- without it, the router itself would answer (ttl 64, whatever the
+                # guest's security groups say).
+                floating = {f"{address}/32" for address in floating_ips(router)}
+                later.append((name, addresses | (floating & have), addresses | floating))
+                addresses |= floating & have
             added, removed = self.namespaces.set_addresses(netns, name, have, addresses)
             done += [f"address {address} on {name}" for address in added]
             done += [f"address {address} off {name}" for address in removed]
@@ -318,6 +326,10 @@ class Routers:
                 announce += [(name, address.split("/")[0]) for address in added]
         done += self._ensure_default_route(netns, router["gateway"])
         done += self._ensure_nat(netns, router)
+        for name, have, addresses in later:
+            added, _ = self.namespaces.set_addresses(netns, name, have, addresses)
+            done += [f"address {address} on {name}" for address in added]
+            announce += [(name, address.split("/")[0]) for address in added]
         for device, address in announce:
             self.background(functools.partial(self._announce, netns, device, address))
         for bridge in sorted(unused - {leg["bridge"] for _, leg in wanted}):
