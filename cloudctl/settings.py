@@ -268,9 +268,9 @@ NETWORK_PHYSICAL_MTU = env_int("NETWORK_PHYSICAL_MTU", 1500, minimum=1280)
 # The network node: the host whose compute worker runs the routers (a qrouter-<router> namespace
 # each: interfaces, gateway, SNAT, floating IPs) and, unless NETWORK_DHCP_HOST says otherwise, the
 # networks' DHCP servers (dnsmasq in a qdhcp-<network> namespace). Router and floating-IP ports are
-# bound to it. Defaults to this machine's name, the host name the Procfile's compute worker uses by
-# default.
-NETWORK_NODE_HOST = env_str("NETWORK_NODE_HOST", socket.gethostname())
+# bound to it. Defaults to the host name the Procfile's compute worker uses: COMPUTE_HOST when set
+# (`COMPUTE_HOST=hv1 make run` gives every process that environment), else this machine's name.
+NETWORK_NODE_HOST = env_str("NETWORK_NODE_HOST", env_str("COMPUTE_HOST", "") or socket.gethostname())
 NETWORK_DHCP_HOST = env_str("NETWORK_DHCP_HOST", NETWORK_NODE_HOST)
 # How long a DHCP lease lasts (dnsmasq's lease time).
 NETWORK_DHCP_LEASE_SECONDS = env_int("NETWORK_DHCP_LEASE_SECONDS", 86400, minimum=120)

@@ -21,7 +21,7 @@ mtu=${NETWORK_PHYSICAL_MTU:-1500}
 bridge=br-public  # inside the namespace: no name clash with the host's
 inside=public0    # the veth's namespace end, on $bridge
 
-has_netns() { ip netns list | awk '{print $1}' | grep -qxF "$ns"; }
+has_netns() { ip netns list 2>/dev/null | awk '{print $1}' | grep -qxF "$ns"; }
 
 up() {
   if [ "${#interface}" -gt 15 ]; then

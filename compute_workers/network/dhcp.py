@@ -17,11 +17,13 @@ For network ``N`` (its first 11 characters ``n11``):
   hosts file of that root-only directory on SIGHUP.
 
 Converging: what exists is read and only what differs is done. Only the hosts changed: the hosts file is
-rewritten and dnsmasq gets SIGHUP (it rereads it). Its command line changed (subnets, port, lease
-time): it is restarted. Not running (a stale pid file, a crash, a reboot of the node): it is started.
-``deleted`` (or nothing to serve: no DHCP port or no IPv4 subnet): dnsmasq is killed, the namespace
-deleted (the veth goes with it), the state directory removed and the bridge removed if nothing else is
-on it. IPv6 subnets are skipped (logged): only IPv4 DHCP is served.
+rewritten and dnsmasq gets SIGHUP (it rereads it). A lease whose MAC and address are no longer a host
+(a deleted port's) is dropped from the leases file, dnsmasq stopped first and started after: else it
+keeps the address for the old MAC and refuses it to the next port given it. Its command line changed
+(subnets, port, lease time): it is restarted. Not running (a stale pid file, a crash, a reboot of the
+node): it is started. ``deleted`` (or nothing to serve: no DHCP port or no IPv4 subnet): dnsmasq is
+killed, the namespace deleted (the veth goes with it), the state directory removed and the bridge
+removed if nothing else is on it. IPv6 subnets are skipped (logged): only IPv4 DHCP is served.
 
 A driver without host devices (fake, libvirt's test driver: ``plugs_host_bridges`` false) gets
 :class:`RecordedDhcp`, which records the desired state and makes nothing.
@@ -162,6 +164,20 @@ def hosts_file(network: contract.DhcpNetworkSpec) -> str:
     return "".join(f"{line}\n" for line in sorted(lines))
 
 
+def stale_leases(leases: str, hosts: str) -> list[str]:
+    """The lines of a dnsmasq leases file (``<expiry> <mac> <ip> <hostname> <client id>``) whose MAC and
+    address are no pair of ``hosts`` (a hosts file): the lease of a deleted port. Kept, it holds the
+    address for the old MAC until it expires (``NETWORK_DHCP_LEASE_SECONDS``), and the next port given
+    that address gets "no address available" (Neutron releases such leases with ``dhcp_release``)."""
+    pairs = {tuple(line.split(",")[:2]) for line in hosts.splitlines()}
+    stale = []
+    for line in leases.splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and _MAC.match(fields[1]) and (fields[1].lower(), fields[2]) not in pairs:
+            stale.append(line)
+    return stale
+
+
 def dnsmasq_argv(network: contract.DhcpNetworkSpec, directory: Path) -> list[str]:
     """The command line of the network's dnsmasq (run inside its namespace)."""
     argv = ["dnsmasq", "--conf-file=/dev/null", "--user=root", "--no-resolv", "--no-hosts", "--port=0",
@@ -261,13 +277,19 @@ class DhcpServers:
         args_path = directory / "args"
         pid = self._running(directory)
         recorded = args_path.read_text() if args_path.exists() else None
-        if pid is not None and recorded == json.dumps(argv):
+        leases_path = directory / "leases"
+        stale = stale_leases(leases_path.read_text() if leases_path.exists() else "", hosts)
+        if pid is not None and recorded == json.dumps(argv) and not stale:
             if hosts_changed:
                 self.processes.signal(pid, signal.SIGHUP)
                 done.append("dnsmasq reloaded")
         else:
             if pid is not None:
                 self._stop(pid, directory)
+            if stale:  # dnsmasq writes the file while it runs, and reads it only when it starts
+                kept = [line for line in leases_path.read_text().splitlines() if line not in stale]
+                _write(leases_path, "".join(f"{line}\n" for line in kept))
+                done.append(f"{len(stale)} stale lease(s) dropped")
             _write(args_path, json.dumps(argv))
             self._start(network_id, argv, directory)
             done.append("dnsmasq restarted" if pid is not None else "dnsmasq started")

@@ -11,15 +11,20 @@ For router ``R`` and each of its legs (the gateway port ``G`` on the external ne
 - a veth pair per leg: host end :func:`contract.tap_name` of the port on the bridge, namespace end
   ``qg-<G[:11]>`` / ``qr-<P[:11]>`` with the port's MAC, ``ip_address/prefix`` of its ``cidr`` and the
   network's MTU;
+- on each leg, stale neighbour (ARP) entries probed after 1 s by broadcast (``NEIGHBOUR_PROBING``): a
+  fixed IP given to a new port is answered at its new MAC within a second or two;
 - the default route via the gateway leg's ``gateway_ip``;
 - NAT in the namespace's ``nat`` table, in chains of cloudctl's own (``cloudctl-PREROUTING``,
   ``cloudctl-OUTPUT``, ``cloudctl-POSTROUTING``, jumped to first from the built-in chains), rewritten as
   one ``iptables-restore --noflush`` (atomic: a packet sees the old rules or the new ones): for each
   floating IP ``F`` → fixed ``X``: ``F/32`` on ``qg-``, DNAT ``F``→``X`` (PREROUTING and OUTPUT) and SNAT
   ``X``→``F`` out of ``qg-``; then, with ``enable_snat``, SNAT of each interface subnet out of ``qg-`` to
-  the gateway address. A newly added address on ``qg-`` is announced with gratuitous ARPs (``arping -U``,
-  in the background: the sync does not wait for them); the connections of a floating IP removed or
-  moved to another fixed IP are deleted from conntrack, so they do not go on through the old rules.
+  the gateway address. A new floating IP's ``F/32`` goes on ``qg-`` after its DNAT is in, a removed one's
+  comes off before its DNAT goes (the router never answers a floating IP itself). A newly added address
+  on ``qg-`` is announced with gratuitous ARPs (``arping -U``,
+  in the background: the sync does not wait for them); the connections of a floating IP added, removed
+  or moved to another fixed IP are deleted from conntrack, so they do not go on through the old rules
+  (or, begun before it was mapped, untranslated).
 
 No state is kept on disk: what a router has is read from its namespace (its ``qr-``/``qg-`` devices, their
 addresses, the route, ``iptables-save``), so a sync after a restart of the worker converges as any other.
@@ -58,6 +63,12 @@ CHAIN_PREFIX = "cloudctl-"
 BUILTIN_CHAINS = ("PREROUTING", "OUTPUT", "POSTROUTING")
 PREROUTING, OUTPUT, POSTROUTING = (f"{CHAIN_PREFIX}{chain}" for chain in BUILTIN_CHAINS)
 GARP_COUNT = 3
+# Neighbour probing on each leg: a stale ARP entry is checked after 1 s (not 5) by broadcast requests
+# (not unicast ones to the cached MAC). A fixed IP freed and given to a new port (the lowest free address
+# is reused at once) has a new MAC: with the kernel's defaults the router kept sending to the old one for
+# 5 s + 3 unanswered unicast probes before it asked the whole network (found driving make run: 4 s without
+# a reply from a new guest at its floating IP).
+NEIGHBOUR_PROBING = {"delay_first_probe_time": "1", "ucast_solicit": "0", "mcast_resolicit": "3"}
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}$")
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 _DNAT = re.compile(rf"^-A {PREROUTING} -d (?P<floating>[0-9.]+)/32 -j DNAT "
@@ -293,14 +304,21 @@ class Routers:
         done += self._ensure_forwarding(netns)
         done += self._remove_stale_legs(netns, {name for name, _ in wanted}, unused)
         announce: list[tuple[str, str]] = []
+        later: list[tuple[str, set[str], set[str]]] = []  # (qg-, its addresses now, all it must have)
         for name, leg in wanted:
             veth = Veth(netns, contract.tap_name(leg["port_id"]), name, leg["bridge"], leg["mtu"],
                         leg["mac_address"].lower())
             made, have = self.namespaces.plug_veth(veth)
             done += made
+            done += self._ensure_neighbour_probing(netns, name)
             addresses = {leg_address(leg)}
             if name.startswith(GATEWAY_PREFIX):
-                addresses |= {f"{floating}/32" for floating in floating_ips(router)}
+                # A floating IP that goes loses its address now, before its DNAT; a new one gets it after
+                # its DNAT is in: on qg- without it, the router itself would answer (ttl 64, whatever the
+                # guest's security groups say).
+                floating = {f"{address}/32" for address in floating_ips(router)}
+                later.append((name, addresses | (floating & have), addresses | floating))
+                addresses |= floating & have
             added, removed = self.namespaces.set_addresses(netns, name, have, addresses)
             done += [f"address {address} on {name}" for address in added]
             done += [f"address {address} off {name}" for address in removed]
@@ -308,6 +326,10 @@ class Routers:
                 announce += [(name, address.split("/")[0]) for address in added]
         done += self._ensure_default_route(netns, router["gateway"])
         done += self._ensure_nat(netns, router)
+        for name, have, addresses in later:
+            added, _ = self.namespaces.set_addresses(netns, name, have, addresses)
+            done += [f"address {address} on {name}" for address in added]
+            announce += [(name, address.split("/")[0]) for address in added]
         for device, address in announce:
             self.background(functools.partial(self._announce, netns, device, address))
         for bridge in sorted(unused - {leg["bridge"] for _, leg in wanted}):
@@ -322,6 +344,13 @@ class Routers:
             return []
         self.namespaces.exec(netns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
         return ["forwarding"]
+
+    def _ensure_neighbour_probing(self, netns: str, device: str) -> list[str]:
+        wanted = {f"net.ipv4.neigh.{device}.{name}": value for name, value in NEIGHBOUR_PROBING.items()}
+        if self.namespaces.exec(netns, "sysctl", "-n", *wanted).split() == list(wanted.values()):
+            return []
+        self.namespaces.exec(netns, "sysctl", "-q", "-w", *(f"{k}={v}" for k, v in wanted.items()))
+        return [f"neighbour probing on {device}"]
 
     def _remove_stale_legs(self, netns: str, wanted: set[str], unused: set[str]) -> list[str]:
         """Delete the ``qr-``/``qg-`` devices of ``netns`` not in ``wanted``; their bridges are added to
@@ -361,10 +390,13 @@ class Routers:
         self._restore(netns, restore_input(wanted, missing_jumps))
         done = ["NAT rules"]
         # A connection of a floating IP that is gone or now maps to another fixed IP must not go on
-        # through the old translation (conntrack keeps it, whatever the rules say now).
+        # through the old translation (conntrack keeps it, whatever the rules say now); nor may one that
+        # began before the floating IP was mapped (a ping already running): the nat table sees only a
+        # connection's first packet, so it would never be DNATed, and the router itself would answer it
+        # once the address is on qg- (a false "the guest is reachable").
         before, after = mapping_of(have), floating_ips(router)
-        for floating, fixed in sorted(before.items()):
-            if after.get(floating) != fixed:
+        for floating in sorted(before.keys() | after.keys()):
+            if after.get(floating) != before.get(floating):
                 done += self._forget_connections(netns, floating)
         return done
 

@@ -22,6 +22,7 @@ from compute_workers.network.dhcp import (
     host_end_name,
     namespace_name,
     ns_end_name,
+    stale_leases,
 )
 from compute_workers.network.linuxbridge import CommandError, LinuxBridges, RecordedBridges
 from compute_workers.operations import Dhcp
@@ -226,6 +227,29 @@ def test_hosts_only_change_reloads_without_restart(servers: DhcpServers, host: F
     assert host.writes() == []
     assert (tmp_path / "_dhcp" / spec["network_id"] / "hosts").read_text() == \
         "fa:16:3e:00:00:01,10.0.0.5,vm1\nfa:16:3e:00:00:02,10.0.0.6\n"
+
+
+def test_a_deleted_ports_lease_is_dropped_so_its_address_can_go_to_the_next_port(
+        servers: DhcpServers, processes: FakeProcesses, tmp_path: Path) -> None:
+    # Found driving make run: a server deleted, the next one got its address (the lowest free) and a
+    # new MAC; dnsmasq, still holding the old MAC's lease, answered "no address available".
+    spec = dhcp_spec()
+    servers.sync(spec)
+    pid = processes.next_pid
+    leases = tmp_path / "_dhcp" / spec["network_id"] / "leases"
+    other = "1796757999 fa:16:3e:00:00:09 10.0.0.9 gone *\n"  # a host no more: dropped too
+    leases.write_text("1796757904 fa:16:3e:00:00:01 10.0.0.5 vm1 01:fa:16:3e:00:00:01\n" + other)
+    spec["hosts"] = [{"mac_address": "fa:16:3e:00:00:02", "ip_address": "10.0.0.5", "hostname": "vm2"}]
+    assert servers.sync(spec) == ["hosts file", "2 stale lease(s) dropped", "dnsmasq restarted"]
+    assert processes.signals == [(pid, signal.SIGTERM)]  # stopped before the file was rewritten
+    assert leases.read_text() == ""
+    assert servers.sync(spec) == []  # nothing stale any more
+
+    # A lease of a host that is still one stays, and dnsmasq is not restarted for it.
+    leases.write_text("1796757904 fa:16:3e:00:00:02 10.0.0.5 vm2 *\n")
+    assert servers.sync(spec) == []
+    assert stale_leases("1 FA:16:3E:00:00:02 10.0.0.5 vm2 *\nduid 00:01\n",
+                        "fa:16:3e:00:00:02,10.0.0.5\n") == []
 
 
 def test_subnet_change_restarts(servers: DhcpServers, host: FakeHost, processes: FakeProcesses) -> None:

@@ -103,8 +103,9 @@ class RouterHost(FakeHost):
             self.links[("", args[3])] = {"flags": [], "mtu": 1500}
             return ""
         if args[:3] == ["ip", "netns", "del"]:
-            for state in (self.forwarding, self.nat, self.routes):
+            for state in (self.nat, self.routes):
                 state.pop(args[3], None)  # type: ignore[attr-defined]
+            self.forwarding = {k: v for k, v in self.forwarding.items() if not k.startswith(f"{args[3]} ")}
         return super().run(*argv)
 
     @staticmethod
@@ -112,10 +113,12 @@ class RouterHost(FakeHost):
         return json.dumps(value)
 
     def _exec(self, ns: str, args: list[str], argv: tuple[str, ...]) -> str:
-        if args[:2] == ["sysctl", "-n"]:
-            return self.forwarding.get(ns, "0") + "\n"
+        if args[:2] == ["sysctl", "-n"]:  # net.ipv4.ip_forward, or a leg's neighbour settings
+            return "".join(self.forwarding.get(f"{ns} {key}", "0") + "\n" for key in args[2:])
         if args[:3] == ["sysctl", "-q", "-w"]:
-            self.forwarding[ns] = args[3].split("=")[1]
+            for setting in args[3:]:
+                key, value = setting.split("=")
+                self.forwarding[f"{ns} {key}"] = value
             return ""
         if args == ["iptables-save", "-t", "nat"]:
             chains = self.nat.get(ns, {})
@@ -173,8 +176,10 @@ def test_first_sync_commands_and_nat_text(routers: Routers, host: RouterHost) ->
     done = routers.sync(spec)
     assert done == [
         f"bridge {ext}", f"bridge {tenant}", "VXLAN vxlan-1001", f"namespace {ns}", "forwarding",
-        f"veth {tap_gw}/{qg}", f"address 172.24.4.10/24 on {qg}", f"address 172.24.4.20/32 on {qg}",
-        f"veth {tap_if}/{qr}", f"address 10.0.0.1/24 on {qr}", "default route via 172.24.4.1", "NAT rules"]
+        f"veth {tap_gw}/{qg}", f"neighbour probing on {qg}", f"address 172.24.4.10/24 on {qg}",
+        f"veth {tap_if}/{qr}", f"neighbour probing on {qr}", f"address 10.0.0.1/24 on {qr}",
+        "default route via 172.24.4.1", "NAT rules",
+        f"address 172.24.4.20/32 on {qg}"]  # after its DNAT: the router never answers it itself
     writes = [c for c in host.writes() if not c.startswith(("ip link add name brq", "ip link set dev brq",
                                                             "ip link add vxlan", "ip link set dev vxlan"))]
     restore = next(c for c in writes if "iptables-restore" in c)
@@ -185,14 +190,20 @@ def test_first_sync_commands_and_nat_text(routers: Routers, host: RouterHost) ->
         f"ip link add {tap_gw} mtu 1500 type veth peer name {qg} mtu 1500 netns {ns}",
         f"ip link set dev {tap_gw} mtu 1500 master {ext} up",
         f"ip -n {ns} link set dev {qg} address fa:16:3e:00:00:0a mtu 1500 up",
+        f"ip netns exec {ns} sysctl -q -w net.ipv4.neigh.{qg}.delay_first_probe_time=1 "
+        f"net.ipv4.neigh.{qg}.ucast_solicit=0 net.ipv4.neigh.{qg}.mcast_resolicit=3",
         f"ip -n {ns} addr add 172.24.4.10/24 dev {qg}",
-        f"ip -n {ns} addr add 172.24.4.20/32 dev {qg}",
         f"ip link add {tap_if} mtu 1450 type veth peer name {qr} mtu 1450 netns {ns}",
         f"ip link set dev {tap_if} mtu 1450 master {tenant} up",
         f"ip -n {ns} link set dev {qr} address fa:16:3e:00:00:0b mtu 1450 up",  # MAC in lower case
+        f"ip netns exec {ns} sysctl -q -w net.ipv4.neigh.{qr}.delay_first_probe_time=1 "
+        f"net.ipv4.neigh.{qr}.ucast_solicit=0 net.ipv4.neigh.{qr}.mcast_resolicit=3",
         f"ip -n {ns} addr add 10.0.0.1/24 dev {qr}",
         f"ip -n {ns} -4 route replace default via 172.24.4.1 dev {qg}",
         restore,
+        f"ip netns exec {ns} conntrack -D --orig-dst 172.24.4.20",  # none: nothing more is done
+        f"ip netns exec {ns} conntrack -D --reply-dst 172.24.4.20",
+        f"ip -n {ns} addr add 172.24.4.20/32 dev {qg}",
         f"ip netns exec {ns} arping -U -c 3 -I {qg} 172.24.4.10",
         f"ip netns exec {ns} arping -U -c 3 -I {qg} 172.24.4.20",
     ]
@@ -219,13 +230,25 @@ def test_floating_ips_added_moved_and_removed(routers: Routers, host: RouterHost
     routers.sync(spec)
     host.commands.clear()
 
+    # A connection to .20 that began before it was mapped (a ping already running) would never be
+    # DNATed: it is deleted once the rules are in. .21 had none (conntrack finds nothing: no error).
+    host.conntrack_entries = {f"{ns} 172.24.4.20"}
     added = router_spec(spec["router_id"], floating={"172.24.4.20": "10.0.0.5", "172.24.4.21": "10.0.0.6"})
-    assert routers.sync(added) == [f"address 172.24.4.20/32 on {qg}", f"address 172.24.4.21/32 on {qg}",
-                                   "NAT rules"]
+    assert routers.sync(added) == ["NAT rules", "connections of 172.24.4.20 deleted",
+                                   f"address 172.24.4.20/32 on {qg}", f"address 172.24.4.21/32 on {qg}"]
     assert [c for c in host.writes() if "arping" in c] == [
         f"ip netns exec {ns} arping -U -c 3 -I {qg} 172.24.4.20",
         f"ip netns exec {ns} arping -U -c 3 -I {qg} 172.24.4.21"]
-    assert not [c for c in host.writes() if "conntrack" in c]
+    writes = host.writes()
+    assert [c for c in writes if "conntrack" in c] == [
+        f"ip netns exec {ns} conntrack -D --orig-dst 172.24.4.20",
+        f"ip netns exec {ns} conntrack -D --reply-dst 172.24.4.20",
+        f"ip netns exec {ns} conntrack -D --orig-dst 172.24.4.21",
+        f"ip netns exec {ns} conntrack -D --reply-dst 172.24.4.21"]
+    assert min(i for i, c in enumerate(writes) if "conntrack" in c) > \
+        max(i for i, c in enumerate(writes) if "iptables-restore" in c)  # after the DNAT is in
+    assert min(i for i, c in enumerate(writes) if "addr add" in c) > \
+        max(i for i, c in enumerate(writes) if "iptables-restore" in c)  # so are the addresses
 
     # .20 moves to another fixed IP, .21 goes: both lose their connections; .20's address stays.
     host.conntrack_entries = {f"{ns} 172.24.4.20", f"{ns} 172.24.4.21"}

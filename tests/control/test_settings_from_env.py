@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -35,10 +36,14 @@ def test_bad_values_name_the_variable(tmp_path, name, value, expected):
 @pytest.mark.parametrize(("extra", "expected"), [
     ({"NETWORK_NODE_HOST": "net1"}, "net1 net1"),
     ({"NETWORK_NODE_HOST": "net1", "NETWORK_DHCP_HOST": "dhcp1"}, "net1 dhcp1"),
+    # The Procfile's compute worker is --host ${COMPUTE_HOST:-$(hostname)}: the network node follows it.
+    ({"COMPUTE_HOST": "hv1"}, "hv1 hv1"),
+    ({"COMPUTE_HOST": "hv1", "NETWORK_NODE_HOST": "net1"}, "net1 net1"),
+    ({}, f"{socket.gethostname()} {socket.gethostname()}"),
 ])
 def test_the_dhcp_host_defaults_to_the_network_node(tmp_path, extra, expected):
     env = {key: value for key, value in os.environ.items()
-           if key not in ("DATABASE_URL", "NETWORK_NODE_HOST", "NETWORK_DHCP_HOST")}
+           if key not in ("DATABASE_URL", "NETWORK_NODE_HOST", "NETWORK_DHCP_HOST", "COMPUTE_HOST")}
     code = ("import django; django.setup(); from django.conf import settings; "
             "print(settings.NETWORK_NODE_HOST, settings.NETWORK_DHCP_HOST)")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
