@@ -17,7 +17,9 @@ For router ``R`` and each of its legs (the gateway port ``G`` on the external ne
   one ``iptables-restore --noflush`` (atomic: a packet sees the old rules or the new ones): for each
   floating IP ``F`` → fixed ``X``: ``F/32`` on ``qg-``, DNAT ``F``→``X`` (PREROUTING and OUTPUT) and SNAT
   ``X``→``F`` out of ``qg-``; then, with ``enable_snat``, SNAT of each interface subnet out of ``qg-`` to
-  the gateway address. A newly added address on ``qg-`` is announced with gratuitous ARPs (``arping -U``,
+  the gateway address. A new ``F/32`` goes on ``qg-`` after the NAT rules, never before its DNAT
+  (else the namespace itself would answer, and keep answering, a connection to it that came first). A
+  newly added address on ``qg-`` is announced with gratuitous ARPs (``arping -U``,
   in the background: the sync does not wait for them); the connections of a floating IP removed or
   moved to another fixed IP are deleted from conntrack, so they do not go on through the old rules.
 
@@ -293,6 +295,9 @@ class Routers:
         done += self._ensure_forwarding(netns)
         done += self._remove_stale_legs(netns, {name for name, _ in wanted}, unused)
         announce: list[tuple[str, str]] = []
+        # New floating IPs go on qg- only once their DNAT is in place: a packet to one before would be
+        # answered by the namespace itself, and its connection (a ping going on) would stay un-NATed.
+        later: list[tuple[str, set[str], set[str]]] = []
         for name, leg in wanted:
             veth = Veth(netns, contract.tap_name(leg["port_id"]), name, leg["bridge"], leg["mtu"],
                         leg["mac_address"].lower())
@@ -300,7 +305,9 @@ class Routers:
             done += made
             addresses = {leg_address(leg)}
             if name.startswith(GATEWAY_PREFIX):
-                addresses |= {f"{floating}/32" for floating in floating_ips(router)}
+                floating = {f"{floating}/32" for floating in floating_ips(router)}
+                addresses |= floating & have
+                later.append((name, addresses, addresses | floating))
             added, removed = self.namespaces.set_addresses(netns, name, have, addresses)
             done += [f"address {address} on {name}" for address in added]
             done += [f"address {address} off {name}" for address in removed]
@@ -308,6 +315,10 @@ class Routers:
                 announce += [(name, address.split("/")[0]) for address in added]
         done += self._ensure_default_route(netns, router["gateway"])
         done += self._ensure_nat(netns, router)
+        for name, have, addresses in later:
+            added, _ = self.namespaces.set_addresses(netns, name, have, addresses)
+            done += [f"address {address} on {name}" for address in added]
+            announce += [(name, address.split("/")[0]) for address in added]
         for device, address in announce:
             self.background(functools.partial(self._announce, netns, device, address))
         for bridge in sorted(unused - {leg["bridge"] for _, leg in wanted}):

@@ -173,8 +173,9 @@ def test_first_sync_commands_and_nat_text(routers: Routers, host: RouterHost) ->
     done = routers.sync(spec)
     assert done == [
         f"bridge {ext}", f"bridge {tenant}", "VXLAN vxlan-1001", f"namespace {ns}", "forwarding",
-        f"veth {tap_gw}/{qg}", f"address 172.24.4.10/24 on {qg}", f"address 172.24.4.20/32 on {qg}",
-        f"veth {tap_if}/{qr}", f"address 10.0.0.1/24 on {qr}", "default route via 172.24.4.1", "NAT rules"]
+        f"veth {tap_gw}/{qg}", f"address 172.24.4.10/24 on {qg}",
+        f"veth {tap_if}/{qr}", f"address 10.0.0.1/24 on {qr}", "default route via 172.24.4.1", "NAT rules",
+        f"address 172.24.4.20/32 on {qg}"]
     writes = [c for c in host.writes() if not c.startswith(("ip link add name brq", "ip link set dev brq",
                                                             "ip link add vxlan", "ip link set dev vxlan"))]
     restore = next(c for c in writes if "iptables-restore" in c)
@@ -186,13 +187,15 @@ def test_first_sync_commands_and_nat_text(routers: Routers, host: RouterHost) ->
         f"ip link set dev {tap_gw} mtu 1500 master {ext} up",
         f"ip -n {ns} link set dev {qg} address fa:16:3e:00:00:0a mtu 1500 up",
         f"ip -n {ns} addr add 172.24.4.10/24 dev {qg}",
-        f"ip -n {ns} addr add 172.24.4.20/32 dev {qg}",
         f"ip link add {tap_if} mtu 1450 type veth peer name {qr} mtu 1450 netns {ns}",
         f"ip link set dev {tap_if} mtu 1450 master {tenant} up",
         f"ip -n {ns} link set dev {qr} address fa:16:3e:00:00:0b mtu 1450 up",  # MAC in lower case
         f"ip -n {ns} addr add 10.0.0.1/24 dev {qr}",
         f"ip -n {ns} -4 route replace default via 172.24.4.1 dev {qg}",
         restore,
+        # The floating IP's address only once its DNAT is there: a packet to it before would be answered
+        # by the namespace, and its connection (a ping going on) stay un-NATed.
+        f"ip -n {ns} addr add 172.24.4.20/32 dev {qg}",
         f"ip netns exec {ns} arping -U -c 3 -I {qg} 172.24.4.10",
         f"ip netns exec {ns} arping -U -c 3 -I {qg} 172.24.4.20",
     ]
@@ -220,8 +223,11 @@ def test_floating_ips_added_moved_and_removed(routers: Routers, host: RouterHost
     host.commands.clear()
 
     added = router_spec(spec["router_id"], floating={"172.24.4.20": "10.0.0.5", "172.24.4.21": "10.0.0.6"})
-    assert routers.sync(added) == [f"address 172.24.4.20/32 on {qg}", f"address 172.24.4.21/32 on {qg}",
-                                   "NAT rules"]
+    assert routers.sync(added) == ["NAT rules", f"address 172.24.4.20/32 on {qg}",
+                                   f"address 172.24.4.21/32 on {qg}"]
+    writes = host.writes()
+    restore = next(i for i, c in enumerate(writes) if "iptables-restore" in c)
+    assert [i for i, c in enumerate(writes) if "addr add" in c] == [restore + 1, restore + 2]
     assert [c for c in host.writes() if "arping" in c] == [
         f"ip netns exec {ns} arping -U -c 3 -I {qg} 172.24.4.20",
         f"ip netns exec {ns} arping -U -c 3 -I {qg} 172.24.4.21"]

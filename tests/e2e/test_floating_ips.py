@@ -246,21 +246,24 @@ def test_security_groups_and_a_floating_ip_from_the_outside(stack: Stack, outsid
     [default] = [g for g in groups if g["name"] == "default" and g["project"] == server["project"]]
     assert port["security_groups"] == [default["id"]]
 
-    # --- a floating IP, associated on allocation --------------------------------------------------
-    associated_at = time.time()
-    floating = _ok(stack.api("POST", "/api/v1/floating-ips/", json={
-        "network": external["id"], "server": server["id"]}), 201)
+    # --- a floating IP, allocated, pinged from outside from then on, then associated ---------------
+    floating = _ok(stack.api("POST", "/api/v1/floating-ips/", json={"network": external["id"]}), 201)
     fip_path = f"/api/v1/floating-ips/{floating['id']}/"
     cleanup.add("floating IP", lambda: stack.api("DELETE", fip_path))
     address = floating["floating_ip_address"]
     assert ipaddress.IPv4Address(address) in external_cidr
+    assert (floating["port"], floating["status"]) == (None, "DOWN"), floating
+    # Pinging while it is associated, as a user watching it would: the router must not answer for it.
+    pinger = Pinger(outside.netns, address)
+    cleanup.add("pinger", pinger.stop)
+    time.sleep(0.5)
+    associated_at = time.time()
+    floating = _ok(stack.api("POST", f"{fip_path}associate/", json={"server": server["id"]}), 200)
     assert (floating["fixed_ip_address"], floating["router"], floating["status"]) == (
         fixed_ip, router["id"], "ACTIVE"), floating
     addresses = stack.api("GET", server_path).json()["addresses"][private["name"]]
     assert [(a["addr"], a["type"]) for a in addresses] == [(fixed_ip, "fixed"), (address, "floating")]
 
-    pinger = Pinger(outside.netns, address)
-    cleanup.add("pinger", pinger.stop)
     # The router holds the address (answers ARP for it) ...
     stack.wait_for(f"the router answering ARP for {address}", lambda: _neighbour_known(
         outside.netns, address), 60, interval=0.5)
@@ -315,7 +318,7 @@ def test_security_groups_and_a_floating_ip_from_the_outside(stack: Stack, outsid
     assert (page.returncode, page.stdout) == (0, PAGE), page.stderr
 
     print()
-    print(_report("FIP allocated+associated -> router answers ARP for it", arp_seconds))
+    print(_report("FIP associate -> router answers ARP for it", arp_seconds))
     print(_report("ICMP rule POST -> first reply", rule_seconds))
     print(_report("ICMP rule DELETE -> last reply", last_reply))
     print(_report("FIP associate (rules in place) -> first reply", association_seconds))
