@@ -253,7 +253,8 @@ def test_security_groups_and_a_floating_ip_from_the_outside(stack: Stack, outsid
     address = floating["floating_ip_address"]
     assert ipaddress.IPv4Address(address) in external_cidr
     assert (floating["port"], floating["status"]) == (None, "DOWN"), floating
-    # Pinging while it is associated, as a user watching it would: the router must not answer for it.
+    # Pinged while it gets associated, as a user watching it would: the router must never answer for it
+    # itself (a reply before its DNAT would pin the ping's connection to the router namespace).
     pinger = Pinger(outside.netns, address)
     cleanup.add("pinger", pinger.stop)
     time.sleep(0.5)
@@ -264,7 +265,7 @@ def test_security_groups_and_a_floating_ip_from_the_outside(stack: Stack, outsid
     addresses = stack.api("GET", server_path).json()["addresses"][private["name"]]
     assert [(a["addr"], a["type"]) for a in addresses] == [(fixed_ip, "fixed"), (address, "floating")]
 
-    # The router holds the address (answers ARP for it) ...
+    # The router holds the address (answers ARP for it; the outside retries ARP each second) ...
     stack.wait_for(f"the router answering ARP for {address}", lambda: _neighbour_known(
         outside.netns, address), 60, interval=0.5)
     arp_seconds = time.time() - associated_at
