@@ -11,19 +11,47 @@ from pathlib import Path
 import pytest
 
 from testbed import REPO
+from testbed.dhcpnet import missing_capabilities
+from testbed.outside import OutsideWorld
 from testbed.stack import ExtraWorker, Stack, remove_leftover_domains, run_stack
+
+# The VNIs of this run's vxlan networks: a block of 100 of its own (the `vxlan-<VNI>` devices live in the
+# root namespace, so two stacks on this machine, or `make run`'s 1000:1999, must not share a VNI).
+VNI_BLOCK = 100
 
 
 @pytest.fixture(scope="session")
-def stack(tiny_image_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def outside_world() -> Iterator[OutsideWorld | None]:
+    """The outside world of the stack's external network (testbed.outside); None (and no uplink in
+    the stack) on a machine without namespaces, bridges or veths."""
+    if missing_capabilities():
+        yield None
+        return
+    world = OutsideWorld.unique()
+    try:
+        world.up()
+        yield world
+    finally:
+        world.down()
+
+
+@pytest.fixture(scope="session")
+def stack(tiny_image_path: Path, tmp_path_factory: pytest.TempPathFactory,
+          outside_world: OutsideWorld | None) -> Iterator[Stack]:
     """Every process of the real Procfile, one compute worker on qemu:///system. That host is the
-    network node too (``NETWORK_DHCP_HOST``): its worker runs the DHCP servers of the stack's
-    networks, in ``qdhcp-`` namespaces of the root one (the default, the machine's host name, has no
-    worker in this stack)."""
+    network node too (``NETWORK_NODE_HOST``, ``NETWORK_DHCP_HOST``): its worker runs the DHCP servers of
+    the stack's networks, in ``qdhcp-`` namespaces, and the routers, in ``qrouter-`` ones (the default,
+    the machine's host name, has no worker in this stack). Its tunnel endpoint is 127.0.0.1 (vxlan
+    networks, VNIs from a block of this run's own), and its flat uplink the root end of the
+    ``outside_world``'s veth: a flat network is the external one, reaching only that namespace."""
     host = f"e2e-{secrets.token_hex(3)}"
+    vni = 10_000 + secrets.randbelow((16_000_000 - 10_000) // VNI_BLOCK) * VNI_BLOCK
+    extra_env = {"COMPUTE_HOST": host, "NETWORK_DHCP_HOST": host, "NETWORK_NODE_HOST": host,
+                 "COMPUTE_TUNNEL_IP": "127.0.0.1", "NETWORK_VNI_RANGE": f"{vni}:{vni + VNI_BLOCK - 1}"}
+    if outside_world is not None:
+        extra_env["COMPUTE_FLAT_INTERFACE"] = outside_world.interface
     with run_stack(tiny_image_path, tmp_path_factory.mktemp("stack"), procfile=REPO / "Procfile",
-                   hosts=[host], redis_dbs=(13, 12),
-                   extra_env={"COMPUTE_HOST": host, "NETWORK_DHCP_HOST": host}) as running:
+                   hosts=[host], redis_dbs=(13, 12), extra_env=extra_env) as running:
         yield running
 
 

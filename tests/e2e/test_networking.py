@@ -4,11 +4,12 @@ network node (the stack's one compute host, ``NETWORK_DHCP_HOST``) serves their 
 both. Deleting the servers and the network leaves nothing on the host: no tap, bridge, namespace or
 dnsmasq of theirs.
 
-The network is ``flat`` with no uplink (the stack sets no ``COMPUTE_FLAT_INTERFACE``): its bridge joins
-only this host's guests and the DHCP namespace, so nothing a guest sends leaves the machine. A vxlan
-network would also work with a tunnel address, but its ``vxlan-<VNI>`` device lives in the root
-namespace, and every stack's first network gets the same VNI: two stacks on this machine at once
-would share one device.
+The network is ``vxlan``, a tenant network as `make run` makes them: its bridge joins this host's guests,
+the DHCP namespace and a ``vxlan-<VNI>`` device (local 127.0.0.1, the stack's ``COMPUTE_TUNNEL_IP``) that
+floods to no peer, as no other host has a port on it, so nothing a guest sends leaves the machine. The
+VNI comes from the run's own ``NETWORK_VNI_RANGE`` (tests/e2e/conftest.py): the device lives in the root
+namespace, so two stacks on this machine must not share one. (A ``flat`` network would now get the
+stack's uplink, ``COMPUTE_FLAT_INTERFACE``: that is the external network of test_floating_ips.py.)
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import pytest
 
 from compute_workers import contract
 from compute_workers.network.dhcp import STATE_DIRECTORY, host_end_name, namespace_name
+from compute_workers.network.linuxbridge import vxlan_name
 from testbed.dhcpnet import missing_capabilities
 from testbed.stack import Stack
 
@@ -73,10 +75,10 @@ def _dnsmasq_of(network_id: str) -> list[int]:
     return found
 
 
-def _leftovers(network_id: str, taps: list[str]) -> list[str]:
+def _leftovers(network_id: str, vni: int, taps: list[str]) -> list[str]:
     """What of the network (and its servers' taps) is still on this host."""
     links = _links()
-    names = [*taps, contract.bridge_name(network_id), host_end_name(network_id)]
+    names = [*taps, contract.bridge_name(network_id), host_end_name(network_id), vxlan_name(vni)]
     left = [f"link {name}" for name in names if re.search(rf":\s{re.escape(name)}[@:]", links)]
     if namespace_name(network_id) in _namespaces():
         left.append(f"namespace {namespace_name(network_id)}")
@@ -84,13 +86,13 @@ def _leftovers(network_id: str, taps: list[str]) -> list[str]:
     return left
 
 
-def _scrub(network_id: str) -> None:
+def _scrub(network_id: str, vni: int) -> None:
     """A failed test must not leave the network's devices in the root namespace (the stack's own
     tear-down removes domains and files, not these)."""
     for pid in _dnsmasq_of(network_id):
         subprocess.run(["kill", "-9", str(pid)], capture_output=True)
     subprocess.run(["ip", "netns", "del", namespace_name(network_id)], capture_output=True)
-    for name in (host_end_name(network_id), contract.bridge_name(network_id)):
+    for name in (host_end_name(network_id), contract.bridge_name(network_id), vxlan_name(vni)):
         subprocess.run(["ip", "link", "del", "dev", name], capture_output=True)
 
 
@@ -113,10 +115,10 @@ def _report(what: str, seconds: list[float]) -> str:
 
 def test_two_servers_get_their_leases_and_leave_nothing_behind(stack: Stack) -> None:
     name = f"e2e-net-{secrets.token_hex(3)}"
-    created = stack.api("POST", "/api/v1/networks/", json={"name": name, "provider_type": "flat"})
+    created = stack.api("POST", "/api/v1/networks/", json={"name": name, "provider_type": "vxlan"})
     assert created.status_code == 201, created.text
     network = created.json()
-    network_id = network["id"]
+    network_id, vni = network["id"], network["segmentation_id"]
     server_ids: list[str] = []
     try:
         subnet_answer = stack.api("POST", "/api/v1/subnets/",
@@ -129,8 +131,8 @@ def test_two_servers_get_their_leases_and_leave_nothing_behind(stack: Stack) -> 
 
         posted: dict[str, float] = {}
         for index in range(SERVERS):
-            # Pinned to the network node: the flat network's bridge has no uplink, so only that host's
-            # guests reach its DHCP server (another test's extra host may still be up).
+            # Pinned to the network node, which serves the leases: another test's extra host may still be
+            # up, with the same tunnel address (127.0.0.1), so the VXLAN would not join them.
             answer = stack.api("POST", "/api/v1/servers/", json={
                 "name": f"{name}-{index}", "flavor": "m1.nano", "image": "tiny", "host": stack.host,
                 "networks": [{"network": network_id}]})
@@ -215,7 +217,7 @@ def test_two_servers_get_their_leases_and_leave_nothing_behind(stack: Stack) -> 
         left: list[str] = []
 
         def nothing_left() -> bool:
-            left[:] = _leftovers(network_id, taps)
+            left[:] = _leftovers(network_id, vni, taps)
             return not left
 
         stack.wait_for(f"nothing of network {network_id} left on the host", nothing_left, 30)
@@ -229,7 +231,7 @@ def test_two_servers_get_their_leases_and_leave_nothing_behind(stack: Stack) -> 
                     stack.api("GET", f"/api/v1/servers/{s}/").status_code != 404 for s in server_ids):
                 time.sleep(1)
         stack.api("DELETE", f"/api/v1/networks/{network_id}/")
-        _scrub(network_id)
+        _scrub(network_id, vni)
 
 
 def _plug_seconds(stack: Stack, server_id: str) -> float:
