@@ -224,6 +224,7 @@ action_id=None)``
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 from typing import Any, Literal, NotRequired, TypedDict
 
@@ -708,41 +709,88 @@ class SpecError(ValueError):
     """An instance spec is malformed or of a version this worker does not understand."""
 
 
-def _check_networks(networks: Any) -> None:
-    """Each entry of ``spec.networks`` is a :class:`NetworkSpec` whose device names are the helpers'."""
+# What the workers accept of the network part of their messages (the control plane keeps to the same).
+MTU_MIN, MTU_MAX = 68, 65535
+VNI_MIN, VNI_MAX = 1, 2 ** 24 - 1
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}$")  # safe in device names, paths and command lines
+MAC_ADDRESS = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+
+
+def _integer(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def check_id(value: Any, where: str) -> str:
+    """``value`` if it is an id that may go into a device name, a path or a command line (letters,
+    digits and ``-``, at most 64, not starting with ``-``); else :class:`SpecError` naming ``where``."""
+    if not isinstance(value, str) or not _ID.match(value):
+        raise SpecError(f"{where} must be an id (letters, digits and '-'), not {value!r}")
+    return value
+
+
+def check_mac(value: Any, where: str) -> str:
+    """``value`` if it is a MAC address ``xx:xx:xx:xx:xx:xx``; else :class:`SpecError` naming ``where``."""
+    if not isinstance(value, str) or not MAC_ADDRESS.match(value):
+        raise SpecError(f"{where} must be a MAC address, not {value!r}")
+    return value
+
+
+def check_bridge(value: Any, where: str) -> None:
+    """``value`` (a dict) names a network and its bridge: ``network_id`` an id, ``bridge`` its
+    :func:`bridge_name`. Raises :class:`SpecError` naming ``where``."""
+    if not isinstance(value, dict):
+        raise SpecError(f"{where} must be an object")
+    network_id = check_id(value.get("network_id"), f"{where}.network_id")
+    if value.get("bridge") != bridge_name(network_id):
+        raise SpecError(f"{where}.bridge must be {bridge_name(network_id)}, not {value.get('bridge')!r}")
+
+
+def check_bridge_network(value: Any, where: str) -> None:
+    """``value`` (a dict) holds a well-formed network on a bridge, the fields every network message
+    shares (:class:`NetworkSpec`, :class:`HostNetwork`, :class:`RouterPortSpec`,
+    :class:`DhcpNetworkSpec`): :func:`check_bridge`; ``provider_type`` vxlan or flat;
+    ``segmentation_id`` a VNI in ``VNI_MIN..VNI_MAX`` for vxlan, null for flat; ``mtu`` in
+    ``MTU_MIN..MTU_MAX``. Other keys are the caller's to check. Raises :class:`SpecError` naming
+    ``where``."""
+    check_bridge(value, where)
+    provider, vni = value.get("provider_type"), value.get("segmentation_id")
+    if provider not in ("vxlan", "flat"):
+        raise SpecError(f"{where}.provider_type must be vxlan or flat, not {provider!r}")
+    if provider == "vxlan" and not _integer(vni, VNI_MIN, VNI_MAX):
+        raise SpecError(f"{where}.segmentation_id must be a VNI in {VNI_MIN}..{VNI_MAX} for a vxlan "
+                        f"network, not {vni!r}")
+    if provider == "flat" and vni is not None:
+        raise SpecError(f"{where}.segmentation_id must be null for a flat network, not {vni!r}")
+    if not _integer(value.get("mtu"), MTU_MIN, MTU_MAX):
+        raise SpecError(f"{where}.mtu must be an integer in {MTU_MIN}..{MTU_MAX}, not {value.get('mtu')!r}")
+
+
+def check_networks(networks: Any, where: str = "spec.networks") -> None:
+    """Each entry of ``networks`` (``spec.networks``, or a host network state's ``ports``) is a
+    :class:`NetworkSpec`: a :func:`check_bridge_network` whose MAC is one and whose tap is
+    :func:`tap_name` of its port, with its fixed IPs. Raises :class:`SpecError` naming ``where``."""
     if not isinstance(networks, list):
-        raise SpecError("spec.networks must be a list")
+        raise SpecError(f"{where} must be a list")
     for i, nic in enumerate(networks):
-        where = f"spec.networks[{i}]"
-        if not isinstance(nic, dict):
-            raise SpecError(f"{where} must be an object")
-        for key in ("port_id", "network_id", "mac_address", "bridge", "tap"):
-            if not isinstance(nic.get(key), str) or not nic[key]:
-                raise SpecError(f"{where}.{key} must be a non-empty string")
-        if nic.get("provider_type") not in ("vxlan", "flat"):
-            raise SpecError(f"{where}.provider_type must be vxlan or flat")
-        mtu = nic.get("mtu")
-        if not isinstance(mtu, int) or isinstance(mtu, bool) or mtu < 68:
-            raise SpecError(f"{where}.mtu must be an integer of at least 68")
-        vni = nic.get("segmentation_id")
-        if vni is not None and (not isinstance(vni, int) or isinstance(vni, bool) or vni < 0):
-            raise SpecError(f"{where}.segmentation_id must be a non-negative integer or null")
-        if nic["provider_type"] == "vxlan" and vni is None:
-            raise SpecError(f"{where}.segmentation_id (the VNI) is required for a vxlan network")
-        if nic["bridge"] != bridge_name(nic["network_id"]) or nic["tap"] != tap_name(nic["port_id"]):
-            raise SpecError(f"{where}: bridge and tap must be bridge_name(network_id) and "
-                            "tap_name(port_id)")
+        at = f"{where}[{i}]"
+        check_bridge_network(nic, at)
+        port_id = nic.get("port_id")
+        if not isinstance(port_id, str) or not port_id:
+            raise SpecError(f"{at}.port_id must be a non-empty string")
+        check_mac(nic.get("mac_address"), f"{at}.mac_address")
+        if nic.get("tap") != tap_name(port_id):
+            raise SpecError(f"{at}.tap must be {tap_name(port_id)}, not {nic.get('tap')!r}")
         fixed_ips = nic.get("fixed_ips")
         if not isinstance(fixed_ips, list):
-            raise SpecError(f"{where}.fixed_ips must be a list")
+            raise SpecError(f"{at}.fixed_ips must be a list")
         for j, fixed in enumerate(fixed_ips):
             if not isinstance(fixed, dict):
-                raise SpecError(f"{where}.fixed_ips[{j}] must be an object")
+                raise SpecError(f"{at}.fixed_ips[{j}] must be an object")
             for key in ("ip_address", "subnet_id", "cidr"):
                 if not isinstance(fixed.get(key), str):
-                    raise SpecError(f"{where}.fixed_ips[{j}].{key} must be a string")
+                    raise SpecError(f"{at}.fixed_ips[{j}].{key} must be a string")
             if not isinstance(fixed.get("gateway_ip"), str | None):
-                raise SpecError(f"{where}.fixed_ips[{j}].gateway_ip must be a string or null")
+                raise SpecError(f"{at}.fixed_ips[{j}].gateway_ip must be a string or null")
 
 
 def validate_spec(spec: Any) -> SpawnSpec:
@@ -776,7 +824,7 @@ def validate_spec(spec: Any) -> SpawnSpec:
             raise SpecError(f"spec.image.{key} must be a string")
     if spec["image"]["disk_format"] not in ("qcow2", "raw"):
         raise SpecError(f"unsupported disk_format {spec['image']['disk_format']!r}")
-    _check_networks(spec.get("networks", []))
+    check_networks(spec.get("networks", []))
     return spec  # type: ignore[return-value]  # its shape is what was just checked
 
 

@@ -56,8 +56,6 @@ NAMESPACE_PREFIX = "qdhcp-"
 HOST_END_PREFIX = "dhc"
 NS_END_PREFIX = "ns-"
 STATE_DIRECTORY = "_dhcp"
-_NETWORK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}$")
-_MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 _HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9-]{1,63})*$")
 STOP_TIMEOUT = 5.0
 START_TIMEOUT = 10.0
@@ -82,26 +80,18 @@ def ns_end_name(network_id: str) -> str:
 def checked_spec(network: Any) -> contract.DhcpNetworkSpec:
     """``network`` if it is a well-formed :class:`DhcpNetworkSpec` (what this module relies on); raises
     :class:`DhcpError` naming what is wrong. Everything that reaches a command line or a file is checked."""
-    if not isinstance(network, dict):
-        raise DhcpError(f"DHCP network spec is not an object: {network!r}")
-    network_id = network.get("network_id")
-    if not isinstance(network_id, str) or not _NETWORK_ID.match(network_id):
-        raise DhcpError(f"invalid network id {network_id!r}")
-    if network.get("bridge") != contract.bridge_name(network_id):
-        raise DhcpError(f"network {network_id}: bridge {network.get('bridge')!r} is not "
-                        f"{contract.bridge_name(network_id)}")
-    if not isinstance(network.get("deleted"), bool):
-        raise DhcpError(f"network {network_id}: 'deleted' must be a boolean")
-    if network["deleted"]:
-        return network  # type: ignore[return-value]
     try:
-        mtu, lease = network["mtu"], network["lease_seconds"]
-        if not isinstance(mtu, int) or isinstance(mtu, bool) or not 68 <= mtu <= 65535:
-            raise DhcpError(f"network {network_id}: invalid MTU {mtu!r}")
+        contract.check_bridge(network, "network")  # all a deletion needs
+        if not isinstance(network.get("deleted"), bool):
+            raise contract.SpecError("network.deleted must be a boolean")
+        if network["deleted"]:
+            return network  # type: ignore[no-any-return]
+        contract.check_bridge_network(network, "network")
+        contract.check_mac(network["dhcp_mac"], "network.dhcp_mac")
+        lease = network["lease_seconds"]
         if not isinstance(lease, int) or isinstance(lease, bool) or lease < 120:
-            raise DhcpError(f"network {network_id}: invalid lease time {lease!r} (at least 120 s)")
-        if not _MAC.match(str(network["dhcp_mac"])):
-            raise DhcpError(f"network {network_id}: invalid DHCP port MAC {network['dhcp_mac']!r}")
+            raise contract.SpecError(f"network.lease_seconds must be an integer of at least 120, "
+                                     f"not {lease!r}")
         port = network["dhcp_port"]
         if port is not None:
             ipaddress.ip_interface(f"{port['ip_address']}/{ipaddress.ip_network(port['cidr']).prefixlen}")
@@ -111,20 +101,18 @@ def checked_spec(network: Any) -> contract.DhcpNetworkSpec:
                 ipaddress.ip_address(subnet["gateway_ip"])
             for server in subnet["dns_nameservers"]:
                 ipaddress.ip_address(server)
-        for host in network["hosts"]:
-            if not _MAC.match(str(host["mac_address"])):
-                raise DhcpError(f"network {network_id}: invalid host MAC {host['mac_address']!r}")
+        for i, host in enumerate(network["hosts"]):
+            contract.check_mac(host["mac_address"], f"network.hosts[{i}].mac_address")
             ipaddress.ip_address(host["ip_address"])
             if not isinstance(host["hostname"], str):
-                raise DhcpError(f"network {network_id}: invalid host name {host['hostname']!r}")
-        if network["provider_type"] not in ("vxlan", "flat"):
-            raise DhcpError(f"network {network_id}: provider type {network['provider_type']!r}")
-        if "segmentation_id" not in network:
-            raise KeyError("segmentation_id")
+                raise contract.SpecError(f"network.hosts[{i}].hostname must be a string, not "
+                                         f"{host['hostname']!r}")
+    except contract.SpecError as exc:
+        raise DhcpError(str(exc)) from exc
     except (KeyError, TypeError, ValueError) as exc:
-        raise DhcpError(f"network {network_id}: malformed DHCP network spec: "
+        raise DhcpError(f"network {network['network_id']}: malformed DHCP network spec: "
                         f"{type(exc).__name__}: {exc}") from exc
-    return network  # type: ignore[return-value]
+    return network  # type: ignore[no-any-return]
 
 
 def bridge_network(network: contract.DhcpNetworkSpec) -> contract.NetworkSpec:
@@ -173,7 +161,8 @@ def stale_leases(leases: str, hosts: str) -> list[str]:
     stale = []
     for line in leases.splitlines():
         fields = line.split()
-        if len(fields) >= 3 and _MAC.match(fields[1]) and (fields[1].lower(), fields[2]) not in pairs:
+        if len(fields) >= 3 and contract.MAC_ADDRESS.match(fields[1]) and \
+                (fields[1].lower(), fields[2]) not in pairs:
             stale.append(line)
     return stale
 

@@ -28,7 +28,6 @@ import functools
 import ipaddress
 import logging
 import os
-import re
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -44,7 +43,6 @@ LOG = logging.getLogger(__name__)
 STATE_DIRECTORY = "_network"
 GENERATION_FILE = "generation"
 HOLD_PREFIX = "host-sync:"
-_NETWORK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}$")
 
 
 class HostNetworkError(ComputeError):
@@ -67,37 +65,20 @@ def checked_state(state: Any, host: str | None = None) -> contract.HostNetworkSt
     networks, ports = state.get("networks"), state.get("ports")
     if not isinstance(networks, list) or not isinstance(ports, list):
         raise HostNetworkError("networks and ports must be lists")
-    for i, network in enumerate(networks):
-        where = f"networks[{i}]"
-        if not isinstance(network, dict):
-            raise HostNetworkError(f"{where} must be an object")
-        network_id = network.get("network_id")
-        if not isinstance(network_id, str) or not _NETWORK_ID.match(network_id):
-            raise HostNetworkError(f"{where}: invalid network id {network_id!r}")
-        if network.get("bridge") != contract.bridge_name(network_id):
-            raise HostNetworkError(f"{where}: bridge {network.get('bridge')!r} is not "
-                                   f"{contract.bridge_name(network_id)}")
-        if network.get("provider_type") not in ("vxlan", "flat"):
-            raise HostNetworkError(f"{where}: provider type {network.get('provider_type')!r}")
-        vni = network.get("segmentation_id")
-        if network["provider_type"] == "vxlan" and not _integer(vni, 1, 2 ** 24 - 1):
-            raise HostNetworkError(f"{where}: a vxlan network needs a VNI in 1..16777215, not {vni!r}")
-        if network["provider_type"] == "flat" and vni is not None:
-            raise HostNetworkError(f"{where}: a flat network has no segmentation_id")
-        if not _integer(network.get("mtu"), 68, 65535):
-            raise HostNetworkError(f"{where}: invalid MTU {network.get('mtu')!r}")
-        peers = network.get("peers")
-        if not isinstance(peers, list):
-            raise HostNetworkError(f"{where}.peers must be a list")
-        for peer in peers:
-            try:
-                ipaddress.ip_address(peer)
-            except (TypeError, ValueError):
-                raise HostNetworkError(f"{where}: invalid peer address {peer!r}") from None
     try:
-        contract._check_networks(ports)  # the spawn spec's own check of a NetworkSpec
+        for i, network in enumerate(networks):
+            contract.check_bridge_network(network, f"networks[{i}]")
+            peers = network.get("peers")
+            if not isinstance(peers, list):
+                raise contract.SpecError(f"networks[{i}].peers must be a list")
+            for peer in peers:
+                try:
+                    ipaddress.ip_address(peer)
+                except (TypeError, ValueError):
+                    raise contract.SpecError(f"networks[{i}].peers: invalid address {peer!r}") from None
+        contract.check_networks(ports, "ports")  # the spawn spec's own check of a NetworkSpec
     except contract.SpecError as exc:
-        raise HostNetworkError(str(exc).replace("spec.networks", "ports")) from None
+        raise HostNetworkError(str(exc)) from None
     for i, port in enumerate(ports):
         if "security" in port:
             try:

@@ -69,8 +69,6 @@ GARP_COUNT = 3
 # 5 s + 3 unanswered unicast probes before it asked the whole network (found driving make run: 4 s without
 # a reply from a new guest at its floating IP).
 NEIGHBOUR_PROBING = {"delay_first_probe_time": "1", "ucast_solicit": "0", "mcast_resolicit": "3"}
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}$")
-_MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 _DNAT = re.compile(rf"^-A {PREROUTING} -d (?P<floating>[0-9.]+)/32 -j DNAT "
                    r"--to-destination (?P<fixed>[0-9.]+)$")
 
@@ -105,28 +103,13 @@ def hold_owner(router_id: str) -> str:
 
 # The spec ------------------------------------------------------------------------------------------
 
-def _checked_leg(router_id: str, leg: Any, where: str) -> None:
-    if not isinstance(leg, dict):
-        raise contract.SpecError(f"router {router_id}: {where} is not an object")
-    for key in ("port_id", "network_id"):
-        if not isinstance(leg[key], str) or not _ID.match(leg[key]):
-            raise contract.SpecError(f"router {router_id}: {where}: invalid {key} {leg[key]!r}")
-    if leg["bridge"] != contract.bridge_name(leg["network_id"]):
-        raise contract.SpecError(f"router {router_id}: {where}: bridge {leg['bridge']!r} is not "
-                                 f"{contract.bridge_name(leg['network_id'])}")
-    if leg["provider_type"] not in ("vxlan", "flat"):
-        raise contract.SpecError(f"router {router_id}: {where}: provider type {leg['provider_type']!r}")
-    vni = leg["segmentation_id"]
-    if vni is not None and (not isinstance(vni, int) or isinstance(vni, bool)):
-        raise contract.SpecError(f"router {router_id}: {where}: invalid segmentation_id {vni!r}")
-    mtu = leg["mtu"]
-    if not isinstance(mtu, int) or isinstance(mtu, bool) or not 68 <= mtu <= 65535:
-        raise contract.SpecError(f"router {router_id}: {where}: invalid MTU {mtu!r}")
-    if not isinstance(leg["mac_address"], str) or not _MAC.match(leg["mac_address"]):
-        raise contract.SpecError(f"router {router_id}: {where}: invalid MAC {leg['mac_address']!r}")
+def _checked_leg(leg: Any, where: str) -> None:
+    contract.check_bridge_network(leg, where)
+    contract.check_id(leg.get("port_id"), f"{where}.port_id")
+    contract.check_mac(leg.get("mac_address"), f"{where}.mac_address")
     network = ipaddress.IPv4Network(leg["cidr"], strict=False)
     if ipaddress.IPv4Address(leg["ip_address"]) not in network:
-        raise contract.SpecError(f"router {router_id}: {where}: {leg['ip_address']} is not in {leg['cidr']}")
+        raise contract.SpecError(f"{where}.ip_address {leg['ip_address']} is not in {leg['cidr']}")
     if leg["gateway_ip"] is not None:
         ipaddress.IPv4Address(leg["gateway_ip"])
 
@@ -137,9 +120,7 @@ def checked_spec(router: Any) -> contract.RouterSpec:
     A deletion needs its id only: what to remove is read from the node."""
     if not isinstance(router, dict):
         raise contract.SpecError(f"router spec is not an object: {router!r}")
-    router_id = router.get("router_id")
-    if not isinstance(router_id, str) or not _ID.match(router_id):
-        raise contract.SpecError(f"invalid router id {router_id!r}")
+    router_id = contract.check_id(router.get("router_id"), "router.router_id")
     if not isinstance(router.get("deleted"), bool):
         raise contract.SpecError(f"router {router_id}: 'deleted' must be a boolean")
     if router["deleted"]:
@@ -148,11 +129,11 @@ def checked_spec(router: Any) -> contract.RouterSpec:
         if not isinstance(router["enable_snat"], bool):
             raise contract.SpecError(f"router {router_id}: 'enable_snat' must be a boolean")
         if router["gateway"] is not None:
-            _checked_leg(router_id, router["gateway"], "gateway")
+            _checked_leg(router["gateway"], f"router {router_id}: gateway")
         if not isinstance(router["interfaces"], list):
             raise contract.SpecError(f"router {router_id}: 'interfaces' must be a list")
         for index, leg in enumerate(router["interfaces"]):
-            _checked_leg(router_id, leg, f"interfaces[{index}]")
+            _checked_leg(leg, f"router {router_id}: interfaces[{index}]")
         names = [name for name, _ in legs(router)]  # type: ignore[arg-type]
         if len(set(names)) != len(names):
             raise contract.SpecError(f"router {router_id}: two legs have the same device name "

@@ -328,12 +328,27 @@ def test_nothing_to_serve_removes_the_server(servers: DhcpServers, host: FakeHos
     {"lease_seconds": 5}, {"hosts": [{"mac_address": MAC, "ip_address": "10.0.0.9", "hostname": None}]},
     {"hosts": [{"mac_address": "x", "ip_address": "10.0.0.9", "hostname": "a"}]},
     {"subnets": [{"subnet_id": "s", "cidr": "bad", "gateway_ip": None, "dns_nameservers": []}]},
-    {"provider_type": "vlan"},
+    {"provider_type": "vlan"}, {"provider_type": "vxlan"}, {"segmentation_id": 1000},
 ])
 def test_malformed_specs_are_refused(change: dict[str, Any]) -> None:
     spec: dict[str, Any] = {**copy.deepcopy(dhcp_spec()), **change}
     with pytest.raises(DhcpError):
         checked_spec(spec)
+
+
+def test_a_refusal_names_the_field() -> None:
+    with pytest.raises(DhcpError, match=r"^network\.mtu must be an integer in 68\.\.65535, not 0$"):
+        checked_spec({**dhcp_spec(), "mtu": 0})
+    with pytest.raises(DhcpError, match=r"^network\.hosts\[0\]\.mac_address must be a MAC address"):
+        checked_spec(dhcp_spec(hosts=[("x", "10.0.0.9", "a")]))
+
+
+def test_a_deletion_needs_only_the_network_and_its_bridge() -> None:
+    network_id = str(uuid.uuid4())
+    deletion = {"network_id": network_id, "bridge": contract.bridge_name(network_id), "deleted": True}
+    assert checked_spec(deletion) == deletion
+    with pytest.raises(DhcpError, match=r"^network\.bridge must be"):
+        checked_spec({**deletion, "bridge": "brqother"})
 
 
 def test_family_records_only_without_host_devices(tmp_path: Path) -> None:

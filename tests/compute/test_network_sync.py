@@ -100,12 +100,22 @@ def test_a_bridge_someone_else_holds_survives(family: Network) -> None:
     assert family.network_host_sync(state(3, [], [])) == [f"bridge {a['bridge']} removed"]
 
 
+def test_a_refusal_names_the_field() -> None:
+    a = network_spec("flat", None)
+    with pytest.raises(HostNetworkError, match=r"^ports\[0\]\.tap must be"):
+        checked_state(state(1, [], [{**a, "tap": "tapevil"}]), HOST)
+    with pytest.raises(HostNetworkError, match=r"^networks\[0\]\.segmentation_id must be a VNI"):
+        checked_state(state(1, [{**host_network("n1"), "segmentation_id": 0}], []), HOST)
+
+
 @pytest.mark.parametrize("change", [
     {"host": "other-host"}, {"generation": -1}, {"generation": "7"}, {"networks": {}},
     {"networks": [{**host_network("n1"), "bridge": "brqevil"}]},
     {"networks": [{**host_network("n1"), "peers": ["not-an-ip"]}]},
     {"networks": [{**host_network("n1"), "segmentation_id": None}]},
     {"networks": [{**host_network("n1"), "mtu": 10}]},
+    {"networks": [{**host_network("n1", None), "segmentation_id": 1000}]},
+    {"ports": [{**network_spec("flat", None), "mac_address": "nope"}]},
     {"ports": [{**network_spec("flat", None), "tap": "tapevil"}]},
     {"ports": [secured(network_spec("flat", None), [{**RULES[0], "protocol": "tcp -j ACCEPT"}])]},
 ])

@@ -361,6 +361,8 @@ def test_parsed_nat_reads_what_restore_input_writes() -> None:
     {"interfaces": [leg(IF_PORT, TENANT_NET, "10.0.0.1", "10.0.0.0/24", mtu=0)]},
     {"interfaces": [leg(IF_PORT, TENANT_NET, "10.0.0.1", "10.0.0.0/24", mac="x")]},
     {"interfaces": [leg(IF_PORT, TENANT_NET, "10.0.0.1", "10.0.0.0/24", provider="vlan")]},
+    {"interfaces": [leg(IF_PORT, TENANT_NET, "10.0.0.1", "10.0.0.0/24", provider="vxlan")]},  # no VNI
+    {"interfaces": [leg(IF_PORT, TENANT_NET, "10.0.0.1", "10.0.0.0/24", vni=1000)]},  # flat with one
     {"interfaces": [leg(IF_PORT, TENANT_NET, "10.0.0.1", "10.0.0.0/24"),
                     leg(IF_PORT[:11] + "x", TENANT_NET, "10.0.1.1", "10.0.1.0/24")]},  # same device name
     {"interfaces": [leg("bad id", TENANT_NET, "10.0.0.1", "10.0.0.0/24")]},
@@ -372,6 +374,14 @@ def test_parsed_nat_reads_what_restore_input_writes() -> None:
 def test_malformed_specs_are_refused(change: dict[str, Any]) -> None:
     spec: dict[str, Any] = {**copy.deepcopy(router_spec()), **change}
     with pytest.raises(contract.SpecError):
+        checked_spec(spec)
+
+
+def test_a_refusal_names_the_leg_and_field() -> None:
+    bad = leg(IF_PORT, TENANT_NET, "10.0.0.1", "10.0.0.0/24", mac="x")
+    spec: dict[str, Any] = {**router_spec(router_id="r1"), "interfaces": [bad]}
+    with pytest.raises(contract.SpecError,
+                       match=r"^router r1: interfaces\[0\]\.mac_address must be a MAC address, not 'x'$"):
         checked_spec(spec)
 
 
