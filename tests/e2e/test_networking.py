@@ -120,6 +120,7 @@ def test_two_servers_get_their_leases_and_leave_nothing_behind(stack: Stack) -> 
     network = created.json()
     network_id, vni = network["id"], network["segmentation_id"]
     server_ids: list[str] = []
+    rule_ids: list[str] = []
     try:
         subnet_answer = stack.api("POST", "/api/v1/subnets/",
                                   json={"network": network_id, "cidr": str(CIDR)})
@@ -192,9 +193,19 @@ def test_two_servers_get_their_leases_and_leave_nothing_behind(stack: Stack) -> 
             taps.append(contract.tap_name(port["id"]))
         assert len({lease[0] for lease in leases.values()}) == SERVERS
 
+        # The project's default group admits ingress only from its own members, and the DHCP port is
+        # none (Neutron's): an ICMP rule for the subnet lets the DHCP namespace ping the guests.
+        project = servers[server_ids[0]]["project"]
+        [default] = [g for g in stack.api("GET", "/api/v1/security-groups/?name=default").json()
+                     if g["project"] == project]
+        rule = stack.api("POST", "/api/v1/security-group-rules/", json={
+            "security_group": default["id"], "direction": "ingress", "protocol": "icmp",
+            "remote_ip_prefix": str(CIDR)})
+        assert rule.status_code == 201, rule.text
+        rule_ids.append(rule.json()["id"])
         netns = namespace_name(network_id)
         for server_id in server_ids:
-            ping = _ping(netns, leases[server_id][0], timeout=15)
+            ping = _ping(netns, leases[server_id][0], timeout=30)
             assert ping.returncode == 0, ping.stdout + ping.stderr
 
         print()
@@ -223,6 +234,8 @@ def test_two_servers_get_their_leases_and_leave_nothing_behind(stack: Stack) -> 
         stack.wait_for(f"nothing of network {network_id} left on the host", nothing_left, 30)
         assert not (stack.instances_path / STATE_DIRECTORY / network_id).exists()
     finally:
+        for rule_id in rule_ids:
+            stack.api("DELETE", f"/api/v1/security-group-rules/{rule_id}/")
         for server_id in server_ids:
             stack.api("DELETE", f"/api/v1/servers/{server_id}/")
         if server_ids:
