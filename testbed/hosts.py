@@ -523,6 +523,23 @@ def delete_netns(name: str) -> list[str]:
 
 
 @contextlib.contextmanager
+def fresh_namespaces(prefix: str, count: int) -> Iterator[list[str]]:
+    """``count`` new network namespaces named ``<prefix><pid>-<random>``, each with ``lo`` up; deleted
+    (with anything still running in them) on exit, also when making one failed."""
+    names = [f"{prefix}{os.getpid()}-{secrets.token_hex(3)}" for _ in range(count)]
+    made: list[str] = []
+    try:
+        for name in names:
+            run_command("ip", "netns", "add", name)
+            made.append(name)
+            run_command("ip", "-n", name, "link", "set", "lo", "up")
+        yield names
+    finally:
+        for name in made:
+            delete_netns(name)
+
+
+@contextlib.contextmanager
 def _subnet_lock() -> Iterator[None]:
     """Serialise subnet claims of concurrent test runs on this machine (each a pytest process)."""
     ROOT.mkdir(mode=0o755, parents=True, exist_ok=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -21,7 +20,7 @@ import pytest
 
 from compute_workers.network.dhcp import DhcpServers, namespace_name, ns_end_name
 from compute_workers.network.linuxbridge import CommandRunner, LinuxBridges
-from testbed.hosts import delete_netns
+from testbed.hosts import delete_netns, fresh_namespaces, missing_netns_features
 
 from .test_dhcp import dhcp_spec
 
@@ -35,17 +34,10 @@ def _missing() -> str | None:
         if shutil.which(tool) is None:
             return f"needs `{tool}` (Debian package {package})"
     probe = f"{PREFIX}{os.getpid()}-probe"
-    steps = ((["ip", "netns", "add", probe], "network namespaces"),
-             (["ip", "-n", probe, "link", "add", "br0", "type", "bridge"], "Linux bridges"),
-             (["ip", "-n", probe, "link", "add", "ve0", "type", "veth", "peer", "name", "ve1"], "veth pairs"))
-    try:
-        for argv, feature in steps:
-            result = subprocess.run(argv, capture_output=True, text=True, timeout=10)
-            if result.returncode != 0:
-                return f"no {feature} here: `{' '.join(argv)}` fails: {result.stderr.strip()}"
-    finally:
-        subprocess.run(["ip", "netns", "del", probe], capture_output=True, timeout=10)
-    return None
+    return missing_netns_features(probe, (
+        (["ip", "-n", probe, "link", "add", "br0", "type", "bridge"], "Linux bridges"),
+        (["ip", "-n", probe, "link", "add", "ve0", "type", "veth", "peer", "name", "ve1"], "veth pairs"),
+    ))
 
 
 MISSING = _missing()
@@ -65,17 +57,8 @@ def ok(ns: str, *argv: str) -> str:
 @pytest.fixture
 def host_ns() -> Iterator[tuple[str, str]]:
     """The test's "host" namespace and its "guest" namespace."""
-    names = [f"{PREFIX}{os.getpid()}-{secrets.token_hex(2)}" for _ in range(2)]
-    made: list[str] = []
-    try:
-        for name in names:
-            subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True, timeout=10)
-            made.append(name)
-            ok(name, "ip", "link", "set", "lo", "up")
+    with fresh_namespaces(PREFIX, 2) as names:
         yield names[0], names[1]
-    finally:
-        for name in made:
-            delete_netns(name)
 
 
 def _kill_dnsmasq(directory: Path) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import shutil
 import signal
 import subprocess
@@ -24,7 +23,7 @@ from compute_workers import contract
 from compute_workers.network.firewall import Firewall
 from compute_workers.network.host import HostNetworking
 from compute_workers.network.linuxbridge import CommandRunner, LinuxBridges
-from testbed.hosts import delete_netns, missing_netns_features
+from testbed.hosts import fresh_namespaces, missing_netns_features
 
 PREFIX = "cchfw-"  # namespaces: cchfw-<pid>-<random>
 SUBNET = "10.253.213"
@@ -75,13 +74,7 @@ class Guest:
 @pytest.fixture
 def bed(tmp_path: Path) -> Iterator[tuple[str, HostNetworking, list[Guest]]]:
     """The host namespace, its host network sync, two guests on one flat network (not yet plugged)."""
-    names = [f"{PREFIX}{os.getpid()}-{secrets.token_hex(2)}" for _ in range(3)]
-    made: list[str] = []
-    try:
-        for name in names:
-            subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True, timeout=10)
-            made.append(name)
-            sh(name, "ip", "link", "set", "lo", "up")
+    with fresh_namespaces(PREFIX, 3) as names:
         host = names[0]
         runner = CommandRunner(host)
         bridges = LinuxBridges(runner)
@@ -98,9 +91,6 @@ def bed(tmp_path: Path) -> Iterator[tuple[str, HostNetworking, list[Guest]]]:
                 "bridge": contract.bridge_name(network_id), "tap": contract.tap_name(port_id)}
             guests.append(Guest(ns, port, ip))
         yield host, networking, guests
-    finally:
-        for name in made:
-            delete_netns(name)
 
 
 def plug(host: str, guest: Guest) -> None:

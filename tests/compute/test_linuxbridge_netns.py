@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import subprocess
 import time
@@ -15,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from compute_workers.network.linuxbridge import CommandRunner, LinuxBridges
-from testbed.hosts import delete_netns, missing_netns_features
+from testbed.hosts import fresh_namespaces, missing_netns_features
 
 from .test_linuxbridge import network_spec
 
@@ -49,22 +48,13 @@ def sh(ns: str, *argv: str) -> str:
 @pytest.fixture
 def namespaces() -> Iterator[list[str]]:
     """Two fresh namespaces joined by a veth pair: UNDERLAY[0] in the first, UNDERLAY[1] in the second."""
-    names = [f"{PREFIX}{os.getpid()}-{secrets.token_hex(2)}" for _ in range(2)]
-    made: list[str] = []
-    try:
-        for name in names:
-            subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True, timeout=10)
-            made.append(name)
-            sh(name, "ip", "link", "set", "lo", "up")
+    with fresh_namespaces(PREFIX, 2) as names:
         sh(names[0], "ip", "link", "add", "under0", "type", "veth", "peer", "name", "under1", "netns",
            names[1])
         for name, link, address in zip(names, ("under0", "under1"), UNDERLAY, strict=True):
             sh(name, "ip", "addr", "add", f"{address}/24", "dev", link)
             sh(name, "ip", "link", "set", link, "up")
         yield names
-    finally:
-        for name in made:
-            delete_netns(name)
 
 
 def link_details(ns: str, name: str) -> dict[str, object]:

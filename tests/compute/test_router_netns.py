@@ -31,7 +31,7 @@ import pytest
 from compute_workers import contract
 from compute_workers.network.linuxbridge import CommandRunner, LinuxBridges
 from compute_workers.network.router import Routers, hold_owner, namespace_name
-from testbed.hosts import delete_netns, missing_netns_features
+from testbed.hosts import delete_netns, fresh_namespaces, missing_netns_features
 
 PREFIX = "ccl3-"  # namespaces: ccl3-<pid>-<random>
 EXTERNAL = "203.0.113"  # TEST-NET-3: .1 the outside, .10 the router's gateway, .20 the floating IP
@@ -112,18 +112,9 @@ def leg(network_id: str, port_id: str, ip: str, cidr: str, gateway_ip: str | Non
 @pytest.fixture
 def namespaces() -> Iterator[dict[str, str]]:
     """Fresh namespaces: outside, node, guest1, guest2."""
-    names = {role: f"{PREFIX}{os.getpid()}-{secrets.token_hex(3)}" for role in ("outside", "node", "guest1",
-                                                                                 "guest2")}
-    made: list[str] = []
-    try:
-        for name in names.values():
-            subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True, timeout=10)
-            made.append(name)
-            ok(name, "ip", "link", "set", "lo", "up")
-        yield names
-    finally:
-        for name in made:
-            delete_netns(name)
+    roles = ("outside", "node", "guest1", "guest2")
+    with fresh_namespaces(PREFIX, len(roles)) as names:
+        yield dict(zip(roles, names, strict=True))
 
 
 def test_floating_ip_dnat_snat_removal_and_deletion(namespaces: dict[str, str]) -> None:
