@@ -29,7 +29,10 @@ wait_for() {  # wait_for <seconds> <description> <command...>
 }
 
 redis_up() { redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null | grep -q PONG; }
-libvirt_up() { virsh -c qemu:///system version >/dev/null 2>&1; }
+# `virsh version` waits on libvirtd, which can hang in a QEMU capability probe (a stuck
+# `qemu-system-x86_64 -machine none,accel=kvm:tcg` on a host whose /dev/kvm cannot run guests):
+# bound every probe so a hang is reported instead of blocking forever.
+libvirt_up() { timeout 10 virsh -c qemu:///system version >/dev/null 2>&1; }
 virtlogd_up() { pgrep -x virtlogd >/dev/null; }
 postgres_up() { pg_isready -q -h 127.0.0.1 2>/dev/null; }
 
@@ -49,7 +52,12 @@ start() {
     mkdir -p /run/libvirt /var/lib/libvirt
     setsid nohup unshare --pid --fork --mount-proc tini -s -- libvirtd \
       >>"$log_dir/libvirtd.log" 2>&1 </dev/null &
-    wait_for 30 libvirtd libvirt_up
+    if ! wait_for 60 libvirtd libvirt_up; then
+      echo "libvirtd does not answer; a stuck QEMU capability probe is the usual cause:" >&2
+      pgrep -af 'qemu-system.*-machine none' >&2 || true
+      echo "kill it (kill -9 <pid>) and run this again" >&2
+      return 1
+    fi
   fi
   if [ "$want_postgres" = 1 ] && ! postgres_up; then
     echo "==> starting postgresql"
