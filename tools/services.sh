@@ -20,7 +20,8 @@ mkdir -p "$log_dir"
 
 wait_for() {  # wait_for <seconds> <description> <command...>
   local limit=$1 what=$2; shift 2
-  for _ in $(seq 1 $((limit * 10))); do
+  local deadline=$((SECONDS + limit))
+  while [ "$SECONDS" -lt "$deadline" ]; do  # by the clock: one probe may itself take seconds
     "$@" >/dev/null 2>&1 && return 0
     sleep 0.1
   done
