@@ -305,7 +305,9 @@ def login_attempt_begin(username: str) -> None:
     now = timezone.now()
     window = timedelta(seconds=settings.LOGIN_FAILURE_WINDOW)
     limit = settings.LOGIN_FAILURE_LIMIT
-    LoginAttempt.objects.filter(username=username, at__lt=now - window).delete()
+    # Rows out of the window count for nobody: every username's go (guesses at usernames that do not
+    # exist must not fill the table).
+    LoginAttempt.objects.filter(at__lt=now - window).delete()
     attempt = LoginAttempt.objects.create(username=username, at=now)
     earlier: list[datetime] = list(
         LoginAttempt.objects.filter(username=username, at__gte=now - window, pk__lt=attempt.pk)
