@@ -514,3 +514,34 @@ def test_the_data_migration_turns_memberships_into_roles(transactional_db):
     assert roles == {("alice", "blue", "member"), ("root", "ops", "admin")}
     assert "identity_membership" not in connection.introspection.table_names()
     assert "authtoken_token" not in connection.introspection.table_names()
+
+
+def test_concurrent_guesses_get_no_more_than_the_limit(transactional_db, settings):
+    """Each attempt is stored before its password is checked and counted against the earlier ones:
+    a burst from many web workers gets exactly LOGIN_FAILURE_LIMIT password checks."""
+    from tests.control.conftest import run_concurrently
+
+    settings.LOGIN_FAILURE_LIMIT = 5
+    make_user("alice", Project.objects.create(name="blue"))
+    answers = run_concurrently(lambda _: login("alice", "wrong").status_code, list(range(12)))
+    assert sorted(answers) == [401] * 5 + [429] * 7
+
+
+def test_disabling_a_project_in_the_django_admin_revokes_its_tokens(project, member, admin):
+    api = client_for(member)
+    browser = Client()
+    browser.force_login(admin)
+    [assignment] = RoleAssignment.objects.filter(project=project)
+    page = browser.post(f"/admin/identity/project/{project.pk}/change/", {
+        "name": "blue", "description": "",  # "enabled" unchecked
+        "role_assignments-TOTAL_FORMS": "1", "role_assignments-INITIAL_FORMS": "1",
+        "role_assignments-MIN_NUM_FORMS": "0", "role_assignments-MAX_NUM_FORMS": "1000",
+        "role_assignments-0-id": str(assignment.pk), "role_assignments-0-project": str(project.pk),
+        "role_assignments-0-user": str(member.pk), "role_assignments-0-role": "reader",
+    })
+    assert page.status_code == 302, page.content.decode()[:2000]
+    project.refresh_from_db()
+    assert project.enabled is False
+    assert RoleAssignment.objects.get(pk=assignment.pk).role == "reader"
+    assert api.get("/api/v1/servers/").status_code == 401
+    assert not Token.objects.filter(project=project, revoked_at__isnull=True).exists()
