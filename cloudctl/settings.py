@@ -110,7 +110,7 @@ if _default_db["ENGINE"] == "django.db.backends.sqlite3":
 DATABASES = {"default": _default_db}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
-# Applied where a password is set through the API (users/), createsuperuser and bootstrap.
+# Applied where a password is set through the API (users/), an interactive createsuperuser and bootstrap.
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
