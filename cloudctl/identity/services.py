@@ -292,8 +292,8 @@ class LoginThrottled(Throttled):
     wait as Retry-After)."""
 
     def __init__(self, username: str, wait: int) -> None:
-        super().__init__(wait=wait, detail=f"too many failed logins for user {username!r}; try again "
-                                           f"in {wait} s")
+        # DRF adds "Expected available in <wait> seconds."
+        super().__init__(wait=wait, detail=f"too many failed logins for user {username!r}.")
 
 
 def login_attempt_begin(username: str) -> None:
