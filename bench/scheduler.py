@@ -70,7 +70,7 @@ def _seed(hosts: int) -> None:
     from cloudctl.compute.models import Host
     from cloudctl.compute.services import flavors_seed
     from cloudctl.identity.models import Project
-    from cloudctl.identity.services import membership_set
+    from cloudctl.identity.services import role_assign
     from cloudctl.images.services import image_import
 
     call_command("migrate", verbosity=0)
@@ -83,7 +83,7 @@ def _seed(hosts: int) -> None:
         for i in range(hosts)])
     project = Project.objects.create(name="bench")
     user = get_user_model().objects.create_user(username="bench", password="bench")
-    membership_set(user=user, project=project)
+    role_assign(user=user, project=project)
     flavors_seed()
     disk = Path(tempfile.mkdtemp()) / "bench.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)

@@ -51,6 +51,22 @@ class IdOrNameField(serializers.Field):
         return value
 
 
+class StrictSerializer(serializers.Serializer):
+    """Refuses keys it does not know (400 naming them) instead of ignoring them: a PATCH of a field
+    that cannot change must not answer 200 with nothing changed."""
+
+    unchangeable: tuple[str, ...] = ()
+
+    def to_internal_value(self, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = sorted(set(data) - set(self.fields))
+            if unknown:
+                raise serializers.ValidationError({
+                    key: ["cannot be changed after creation" if key in self.unchangeable
+                          else "unknown field"] for key in unknown})
+        return super().to_internal_value(data)
+
+
 def lookup(queryset: QuerySet[Any], ref: str, *, kind: str, id_kind: type) -> Any:
     """Find one object by primary key or, failing that, by unique name; 400 otherwise."""
     try:
@@ -164,7 +180,7 @@ def document_unsupported_media_type(result: dict[str, Any], **_: Any) -> dict[st
 class TokenScheme(OpenApiAuthenticationExtension):
     """``Authorization: Token <key>``; described here to mention the compute workers' token."""
 
-    target_class = "rest_framework.authentication.TokenAuthentication"
+    target_class = "cloudctl.identity.authentication.TokenAuthentication"
     name = "tokenAuth"
     priority = 1  # over drf-spectacular's own description of TokenAuthentication
 
@@ -172,8 +188,9 @@ class TokenScheme(OpenApiAuthenticationExtension):
         scheme = build_bearer_security_scheme_object(header_name="Authorization",
                                                      token_prefix="Token")
         scheme["description"] = (
-            "`Authorization: Token <key>` with the key from POST /api/v1/auth/token/ "
-            "(compute workers send CLOUDCTL_SERVICE_TOKEN the same way: image data only)")
+            "`Authorization: Token <token>` with the token from POST /api/v1/auth/token/: scoped to "
+            "one project, valid TOKEN_TTL seconds (compute workers send CLOUDCTL_SERVICE_TOKEN the "
+            "same way: image data only)")
         return scheme
 
 

@@ -52,7 +52,6 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
-    "rest_framework.authtoken",
     "drf_spectacular",
     "drf_spectacular_sidecar",  # Swagger UI's JS/CSS served from here: no CDN needed
     "django_celery_results",
@@ -111,7 +110,13 @@ if _default_db["ENGINE"] == "django.db.backends.sqlite3":
 DATABASES = {"default": _default_db}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
-AUTH_PASSWORD_VALIDATORS: list[dict[str, str]] = []
+# Applied where a password is set through the API (users/), an interactive createsuperuser and bootstrap.
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
@@ -131,7 +136,7 @@ LOGGING = {
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "cloudctl.identity.authentication.ServiceTokenAuthentication",
-        "rest_framework.authentication.TokenAuthentication",
+        "cloudctl.identity.authentication.TokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["cloudctl.identity.permissions.IsAuthenticatedUser"],
@@ -154,6 +159,8 @@ SPECTACULAR_SETTINGS = {
         "vm_state and task_state."
     ),
     "SERVE_INCLUDE_SCHEMA": False,
+    # One name for the identity roles wherever they appear (a member's role, a token's roles).
+    "ENUM_NAME_OVERRIDES": {"RoleEnum": "cloudctl.identity.models.Role.choices"},
     "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
     "SERVE_AUTHENTICATION": [],
     "COMPONENT_SPLIT_REQUEST": True,
@@ -167,6 +174,14 @@ SPECTACULAR_SETTINGS = {
     # Security schemes come from the authentication classes: tokenAuth (`Authorization: Token
     # <key>`, described in cloudctl/api.py) and cookieAuth (the admin's session).
 }
+
+# --- Identity ---------------------------------------------------------------------------------------
+# Seconds an API token lives (Keystone's default: 12 hours).
+TOKEN_TTL = env_int("TOKEN_TTL", 43200, minimum=60)
+# A username with LOGIN_FAILURE_LIMIT failed logins in the last LOGIN_FAILURE_WINDOW seconds gets 429
+# (API token and /admin/login/) until the oldest of them is that old.
+LOGIN_FAILURE_LIMIT = env_int("LOGIN_FAILURE_LIMIT", 10, minimum=1)
+LOGIN_FAILURE_WINDOW = env_int("LOGIN_FAILURE_WINDOW", 60, minimum=1)
 
 # --- cloudctl -------------------------------------------------------------------------------------
 # The base URL compute workers use to download images (GET /api/v1/images/<id>/file).

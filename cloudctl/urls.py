@@ -11,7 +11,8 @@ from cloudctl.compute.api.hosts import AggregateViewSet, AvailabilityZoneView, H
 from cloudctl.compute.api.migrations import MigrationViewSet
 from cloudctl.compute.api.servers import ServerGroupViewSet, ServerViewSet
 from cloudctl.compute.dashboard import capacity_dashboard
-from cloudctl.identity.api import TokenView
+from cloudctl.identity.admin import throttled_admin_login
+from cloudctl.identity.api import ProjectViewSet, TokenView, UserViewSet
 from cloudctl.images.api import ImageViewSet
 from cloudctl.network.api import (
     NetworkViewSet,
@@ -39,6 +40,8 @@ router.register("security-groups", SecurityGroupViewSet, basename="security-grou
 router.register("security-group-rules", SecurityGroupRuleViewSet, basename="security-group-rule")
 router.register("routers", RouterViewSet, basename="router")
 router.register("floating-ips", FloatingIPViewSet, basename="floating-ip")
+router.register("projects", ProjectViewSet, basename="project")
+router.register("users", UserViewSet, basename="user")
 
 urlpatterns = [
     path("api/v1/auth/token/", TokenView.as_view(), name="auth-token"),
@@ -47,5 +50,8 @@ urlpatterns = [
     path("api/v1/docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
     path("api/v1/", include(router.urls)),
     path("admin/dashboard/", capacity_dashboard, name="capacity-dashboard"),
+    # The admin site's login, counted and throttled as POST /api/v1/auth/token/ (before admin.site.urls,
+    # so that it answers /admin/login/).
+    path("admin/login/", throttled_admin_login, name="admin-login-throttled"),
     path("admin/", admin.site.urls),
 ]

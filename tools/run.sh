@@ -42,7 +42,7 @@ image=$CLOUDCTL_STATE_DIR/images/tiny.qcow2
 export PATH="$repo/.venv/bin:$PATH"
 python manage.py migrate --noinput
 python manage.py collectstatic --noinput -v0
-python manage.py bootstrap --image "$image" --demo-network
+python manage.py bootstrap --image "$image" --demo-network --demo-user
 
 cat <<MSG
 
@@ -50,6 +50,7 @@ cat <<MSG
     API     http://127.0.0.1:8000/api/v1/   (token: POST /api/v1/auth/token/)
     admin   http://127.0.0.1:8000/admin/
     Flower  http://127.0.0.1:${FLOWER_PORT:-5555}/   (login: $FLOWER_BASIC_AUTH)
-    user    ${CLOUDCTL_ADMIN_USER:-admin} (password printed above when it was created)
+    users   ${CLOUDCTL_ADMIN_USER:-admin} (admin role), demo (member role): passwords printed above
+            when they were created (POST /api/v1/auth/token/ {"username", "password"})
 MSG
 exec honcho start -f Procfile

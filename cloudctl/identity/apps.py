@@ -4,4 +4,9 @@ from django.apps import AppConfig
 class IdentityConfig(AppConfig):
     name = "cloudctl.identity"
     label = "identity"
-    verbose_name = "Projects and users"
+    verbose_name = "Projects, users and roles"
+
+    def ready(self) -> None:
+        from cloudctl.identity import signals
+
+        signals.connect()

@@ -1,7 +1,10 @@
-"""Authentication of compute workers, which have no database and so no user row.
+"""Authentication: users' API tokens, and the compute workers, which have no database and so no
+user row.
 
-They present ``Authorization: Token <CLOUDCTL_SERVICE_TOKEN>`` and become a
-:class:`ServicePrincipal`, allowed only what :func:`is_service` checks permit (image download).
+Users present ``Authorization: Token <secret>`` (from POST /api/v1/auth/token/); the user returned
+carries the token's :class:`~cloudctl.identity.services.Scope`. Compute workers present
+``Authorization: Token <CLOUDCTL_SERVICE_TOKEN>`` and become a :class:`ServicePrincipal`, allowed
+only what :func:`is_service` checks permit (image download).
 """
 
 from __future__ import annotations
@@ -11,7 +14,10 @@ from typing import Any
 
 from django.conf import settings
 from rest_framework.authentication import BaseAuthentication, get_authorization_header
+from rest_framework.exceptions import AuthenticationFailed
 from rest_framework.request import Request
+
+from cloudctl.identity import services
 
 
 class ServicePrincipal:
@@ -43,6 +49,30 @@ class ServiceTokenAuthentication(BaseAuthentication):
 
     def authenticate_header(self, request: Request) -> str:
         return "Token"  # makes a missing or wrong token a 401, not a 403
+
+
+class TokenAuthentication(BaseAuthentication):
+    """``Authorization: Token <secret>``: the token's user, scoped to the token's project. An
+    expired, revoked or otherwise unusable token is a 401 that says why."""
+
+    keyword = b"token"
+
+    def authenticate(self, request: Request) -> tuple[Any, Any] | None:
+        parts = get_authorization_header(request).split()
+        if not parts or parts[0].lower() != self.keyword:
+            return None
+        if len(parts) != 2:
+            raise AuthenticationFailed("invalid token header: give `Token <token>`")
+        try:
+            secret = parts[1].decode()
+        except UnicodeError:
+            raise AuthenticationFailed("invalid token") from None
+        user, scope = services.token_authenticate(secret)
+        services.scope_attach(user, scope)
+        return user, scope
+
+    def authenticate_header(self, request: Request) -> str:
+        return "Token"
 
 
 def is_service(user: Any) -> bool:

@@ -20,9 +20,15 @@ from rest_framework import serializers, status, viewsets
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from cloudctl.api import ErrorSerializer, IdOrNameField, StrictCharField, error_responses, lookup
-from cloudctl.identity.models import Membership
-from cloudctl.identity.services import is_admin, project_of
+from cloudctl.api import (
+    ErrorSerializer,
+    IdOrNameField,
+    StrictCharField,
+    StrictSerializer,
+    error_responses,
+    lookup,
+)
+from cloudctl.identity.services import is_admin, project_id_of, project_of
 from cloudctl.network import selectors, services
 from cloudctl.network.models import (
     Direction,
@@ -36,22 +42,6 @@ from cloudctl.network.models import (
 )
 
 # --- shared ----------------------------------------------------------------------------------------
-
-
-class StrictSerializer(serializers.Serializer):
-    """Refuses keys it does not know (400 naming them) instead of ignoring them: a PATCH of a field
-    that cannot change must not answer 200 with nothing changed."""
-
-    unchangeable: tuple[str, ...] = ()
-
-    def to_internal_value(self, data: Any) -> Any:
-        if isinstance(data, dict):
-            unknown = sorted(set(data) - set(self.fields))
-            if unknown:
-                raise serializers.ValidationError({
-                    key: ["cannot be changed after creation" if key in self.unchangeable
-                          else "unknown field"] for key in unknown})
-        return super().to_internal_value(data)
 
 
 class AdminOnlyFieldsMixin:
@@ -525,9 +515,8 @@ class SecurityGroupRuleCreateSerializer(StrictSerializer):
 
 def _default_group_of(user: Any) -> None:
     """The user's project has its default group once it lists its groups (Neutron's first need)."""
-    membership = Membership.objects.filter(user=user).select_related("project").first()
-    if membership is not None:
-        services.security_group_default(project=membership.project)
+    if project_id_of(user) is not None:
+        services.security_group_default(project=project_of(user))
 
 
 @extend_schema_view(

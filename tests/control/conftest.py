@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 from django.contrib.auth import get_user_model
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from cloudctl.compute import conductor, rpc
@@ -21,7 +20,7 @@ from cloudctl.compute.errors import ComputeUnavailable
 from cloudctl.compute.models import Flavor, Host
 from cloudctl.compute.services import flavors_seed
 from cloudctl.identity.models import Project
-from cloudctl.identity.services import membership_set
+from cloudctl.identity.services import role_assign, token_issue
 from cloudctl.images.models import Image
 from cloudctl.images.services import image_import
 from cloudctl.network import rpc as network_rpc
@@ -101,16 +100,19 @@ def _image_store(settings: Any, tmp_path: Path) -> None:
     settings.CLOUDCTL_SERVICE_TOKEN = "service-secret"
 
 
-def make_user(username: str, project: Project, *, admin: bool = False) -> Any:
+def make_user(username: str, project: Project, *, admin: bool = False, role: str = "member") -> Any:
+    """A user with ``role`` in ``project`` (``admin=True``: the admin role, and Django admin access).
+    Its password is "pw": users made here skip the password validators, as create_user does."""
     user = get_user_model().objects.create_user(username=username, password="pw",
                                                 is_staff=admin, is_superuser=admin)
-    membership_set(user=user, project=project)
+    role_assign(user=user, project=project, role="admin" if admin else role)
     return user
 
 
-def client_for(user: Any) -> APIClient:
+def client_for(user: Any, project: Project | None = None) -> APIClient:
+    """An API client with a real token of ``user``, scoped to ``project`` (default: its first)."""
     client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.get_or_create(user=user)[0].key}")
+    client.credentials(HTTP_AUTHORIZATION=f"Token {token_issue(user=user, project=project).secret}")
     return client
 
 

@@ -88,7 +88,7 @@ def test_token_endpoint(member):
     client = APIClient()
     good = client.post("/api/v1/auth/token/", {"username": "alice", "password": "pw"},
                        format="json")
-    assert good.status_code == 200 and len(good.json()["token"]) == 40
+    assert good.status_code == 200 and len(good.json()["token"]) == 43  # token_urlsafe(32)
     authed = APIClient()
     authed.credentials(HTTP_AUTHORIZATION=f"Token {good.json()['token']}")
     assert authed.get("/api/v1/servers/").status_code == 200

@@ -73,7 +73,26 @@ def test_route_discovery_sees_the_api() -> None:
     routes = _api_routes()
     assert routes["/api/v1/servers/{}/reboot/"] == {"post"}
     assert routes["/api/v1/images/{}/file/"] == {"get", "put"}
-    assert routes["/api/v1/auth/token/"] == {"post"}
+    assert routes["/api/v1/auth/token/"] == {"post", "delete"}
+    assert routes["/api/v1/projects/"] == {"get", "post"}
+    assert routes["/api/v1/projects/{}/"] == {"get", "patch"}
+    assert routes["/api/v1/projects/{}/members/"] == {"get", "post"}
+    assert routes["/api/v1/projects/{}/members/{}/"] == {"delete"}
+    assert routes["/api/v1/users/"] == {"get", "post"}
+    assert routes["/api/v1/users/{}/"] == {"get", "patch"}
+
+
+def test_the_token_endpoint_is_documented(schema: dict[str, Any]) -> None:
+    """Issuing needs no token (and says 429); the answer names the project and the roles; every
+    other operation needs tokenAuth."""
+    issue = schema["paths"]["/api/v1/auth/token/"]["post"]
+    assert {"200", "401", "403", "429"} <= set(issue["responses"]) and not issue.get("security")
+    answer = issue["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
+    fields = schema["components"]["schemas"][answer.rsplit("/", 1)[1]]["properties"]
+    assert {"token", "expires_at", "project", "roles", "user", "is_admin"} <= set(fields)
+    assert "204" in schema["paths"]["/api/v1/auth/token/"]["delete"]["responses"]
+    assert {"tokenAuth": []} in schema["paths"]["/api/v1/flavors/"]["get"]["security"]
+    assert {} not in schema["paths"]["/api/v1/flavors/"]["get"]["security"]  # no anonymous access
 
 
 def test_every_api_route_and_method_is_documented(schema: dict[str, Any]) -> None:

@@ -22,6 +22,9 @@ REPO = Path(__file__).resolve().parents[2]
     ("SCHEDULER_ENABLED_FILTERS", "RamFilter,NoSuchFilter", "unknown scheduler filter(s) NoSuchFilter"),
     ("NETWORK_VNI_RANGE", "1000-1999", "NETWORK_VNI_RANGE='1000-1999' is invalid: expected first:last"),
     ("NETWORK_VNI_RANGE", "2000:1000", "expected 1 <= first <= last <= 16777215"),
+    ("TOKEN_TTL", "12h", "TOKEN_TTL='12h' is invalid: expected an integer"),
+    ("TOKEN_TTL", "10", "expected an integer >= 60"),
+    ("LOGIN_FAILURE_LIMIT", "0", "expected an integer >= 1"),
 ])
 def test_bad_values_name_the_variable(tmp_path, name, value, expected):
     env = {**os.environ, "CLOUDCTL_STATE_DIR": str(tmp_path), name: value}

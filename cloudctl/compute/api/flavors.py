@@ -1,4 +1,4 @@
-"""/api/v1/flavors/: everyone reads, administrators create and delete."""
+"""/api/v1/flavors/: every user reads (with a token), administrators create and delete."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from cloudctl.compute.api.common import StrictCharField
 from cloudctl.compute.models import (
     Flavor,
 )
+from cloudctl.identity.permissions import IsAuthenticatedUser
 from cloudctl.identity.services import is_admin
 
 
@@ -66,7 +67,7 @@ FLAVOR_ID = OpenApiParameter("id", OpenApiTypes.INT, OpenApiParameter.PATH,
 class FlavorViewSet(mixins.CreateModelMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin,
                     mixins.DestroyModelMixin, viewsets.GenericViewSet):
     serializer_class = FlavorSerializer
-    permission_classes = [IsAdminOrReadOnly]
+    permission_classes = [IsAuthenticatedUser, IsAdminOrReadOnly]
 
     def get_queryset(self) -> QuerySet[Flavor]:
         return selectors.flavors_visible_to(self.request.user)

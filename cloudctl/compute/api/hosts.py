@@ -14,7 +14,6 @@ from drf_spectacular.utils import (
 )
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
-from rest_framework.permissions import IsAdminUser
 from rest_framework.request import Request
 from rest_framework.response import Response
 
@@ -25,6 +24,7 @@ from cloudctl.compute.models import (
     Aggregate,
     Host,
 )
+from cloudctl.identity.permissions import IsCloudAdmin
 from cloudctl.identity.services import is_admin
 
 
@@ -96,7 +96,7 @@ _ADMIN_ERRORS = error_responses(401, 403)
 )
 class HostViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
     serializer_class = HostSerializer
-    permission_classes = [IsAdminUser]
+    permission_classes = [IsCloudAdmin]
     lookup_field = "name"
     lookup_value_regex = "[^/]+"
 
@@ -222,7 +222,7 @@ AGGREGATE_ID = OpenApiParameter("id", OpenApiTypes.INT, OpenApiParameter.PATH,
 )
 class AggregateViewSet(viewsets.ModelViewSet):
     serializer_class = AggregateSerializer
-    permission_classes = [IsAdminUser]
+    permission_classes = [IsCloudAdmin]
     queryset = Aggregate.objects.prefetch_related("hosts")
     http_method_names = ["get", "post", "put", "patch", "delete", "head", "options"]
 

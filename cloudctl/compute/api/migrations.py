@@ -17,7 +17,6 @@ from drf_spectacular.utils import (
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import NotFound
-from rest_framework.permissions import IsAdminUser
 from rest_framework.request import Request
 from rest_framework.response import Response
 
@@ -31,6 +30,7 @@ from cloudctl.compute.models import (
     MigrationStatus,
     MigrationType,
 )
+from cloudctl.identity.permissions import IsCloudAdmin
 
 
 class LiveMigrateSerializer(serializers.Serializer):
@@ -107,7 +107,7 @@ class ServerMigrationActions:
 
     @_migration_action("Live-migrate a running server to another host (admin); checked next, then "
                        "followed in GET .../migrations/", LiveMigrateSerializer, checked_later=True)
-    @action(detail=True, methods=["post"], url_path="live-migrate", permission_classes=[IsAdminUser])
+    @action(detail=True, methods=["post"], url_path="live-migrate", permission_classes=[IsCloudAdmin])
     def live_migrate(self, request: Request, pk: str | None = None) -> Response:
         body = LiveMigrateSerializer(data=request.data)
         body.is_valid(raise_exception=True)
@@ -117,7 +117,7 @@ class ServerMigrationActions:
 
     @_migration_action("Cold-migrate a server to another host (admin): stopped, moved, started "
                        "there if it ran; checked next", MigrateSerializer, checked_later=True)
-    @action(detail=True, methods=["post"], permission_classes=[IsAdminUser])
+    @action(detail=True, methods=["post"], permission_classes=[IsCloudAdmin])
     def migrate(self, request: Request, pk: str | None = None) -> Response:
         body = MigrateSerializer(data=request.data)
         body.is_valid(raise_exception=True)
@@ -173,7 +173,7 @@ class ServerMigrationActions:
                                                    description="The migration cannot be aborted now"),
                               **error_responses(401, 403, 404)})
     @action(detail=True, methods=["post"], url_path=r"migrations/(?P<migration_id>[0-9]+)/abort",
-            permission_classes=[IsAdminUser])
+            permission_classes=[IsCloudAdmin])
     def abort_migration(self, request: Request, pk: str | None = None,
                         migration_id: str | None = None) -> Response:
         migration = migration_requests.migration_abort(migration=self._migration(migration_id),
@@ -189,7 +189,7 @@ class ServerMigrationActions:
                                                                "migration"),
                               **error_responses(401, 403, 404)})
     @action(detail=True, methods=["post"], url_path=r"migrations/(?P<migration_id>[0-9]+)/force-complete",
-            permission_classes=[IsAdminUser])
+            permission_classes=[IsCloudAdmin])
     def force_complete_migration(self, request: Request, pk: str | None = None,
                                  migration_id: str | None = None) -> Response:
         migration = migration_requests.migration_force_complete(migration=self._migration(migration_id),
@@ -225,7 +225,7 @@ MIGRATION_FILTERS = [
 )
 class MigrationViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
     serializer_class = MigrationSerializer
-    permission_classes = [IsAdminUser]
+    permission_classes = [IsCloudAdmin]
 
     def get_queryset(self) -> QuerySet[Migration]:
         if getattr(self, "action", None) != "list":

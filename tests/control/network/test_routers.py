@@ -551,7 +551,7 @@ def test_the_network_node_gets_every_router_and_dhcp_network_after_host_init(
 
 
 def test_bootstrap_seeds_the_demo_networks_once(db, outbox: Outbox, capsys, monkeypatch):
-    monkeypatch.setenv("CLOUDCTL_ADMIN_PASSWORD", "pw")
+    monkeypatch.setenv("CLOUDCTL_ADMIN_PASSWORD", "seed-password-1")
     call_command("bootstrap", "--demo-network")
     call_command("bootstrap", "--demo-network")
     out = capsys.readouterr().out
