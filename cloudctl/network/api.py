@@ -20,7 +20,14 @@ from rest_framework import serializers, status, viewsets
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from cloudctl.api import ErrorSerializer, IdOrNameField, StrictCharField, error_responses, lookup
+from cloudctl.api import (
+    ErrorSerializer,
+    IdOrNameField,
+    StrictCharField,
+    error_responses,
+    lookup,
+    paginated,
+)
 from cloudctl.identity.models import Membership
 from cloudctl.identity.services import is_admin, project_of
 from cloudctl.network import selectors, services
@@ -140,7 +147,8 @@ class ScopedViewSet(viewsets.GenericViewSet):
         return Response(self.get_serializer(obj).data, status=code)
 
     def list(self, request: Request) -> Response:
-        return Response(self.get_serializer(self.filter_queryset(self.get_queryset()), many=True).data)
+        return paginated(self, self.filter_queryset(self.get_queryset()),
+                         lambda page: self.get_serializer(page, many=True).data)
 
     def retrieve(self, request: Request, pk: str | None = None) -> Response:
         return Response(self.get_serializer(self.get_object()).data)

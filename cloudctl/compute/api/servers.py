@@ -20,7 +20,7 @@ from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from cloudctl.api import CodedErrorSerializer, error_responses
+from cloudctl.api import CodedErrorSerializer, error_responses, paginated
 from cloudctl.compute import ports, selectors, services
 from cloudctl.compute.api.common import SERVER_ID, IdOrNameField, StrictCharField, lookup
 from cloudctl.compute.api.migrations import ServerMigrationActions
@@ -418,7 +418,8 @@ class ServerViewSet(ServerMigrationActions, mixins.ListModelMixin, mixins.Retrie
     def actions(self, request: Request, pk: str | None = None) -> Response:
         instance = self.get_object()
         records = selectors.server_actions(instance=instance)
-        return Response(ActionSerializer(records, many=True, context={"request": request}).data)
+        return paginated(self, records, lambda page: ActionSerializer(
+            page, many=True, context={"request": request}).data)
 
     @extend_schema(
         summary="The tail of the server's serial console, read from its host",
