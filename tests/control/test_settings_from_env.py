@@ -22,6 +22,11 @@ REPO = Path(__file__).resolve().parents[2]
     ("SCHEDULER_ENABLED_FILTERS", "RamFilter,NoSuchFilter", "unknown scheduler filter(s) NoSuchFilter"),
     ("NETWORK_VNI_RANGE", "1000-1999", "NETWORK_VNI_RANGE='1000-1999' is invalid: expected first:last"),
     ("NETWORK_VNI_RANGE", "2000:1000", "expected 1 <= first <= last <= 16777215"),
+    ("API_LIST_MAX_LIMIT", "0", "API_LIST_MAX_LIMIT='0' is invalid: expected an integer >= 1"),
+    ("API_LIST_DEFAULT_LIMIT", "all", "API_LIST_DEFAULT_LIMIT='all' is invalid: expected an integer"),
+    ("API_MAX_BODY_BYTES", "1MiB", "API_MAX_BODY_BYTES='1MiB' is invalid: expected an integer"),
+    ("IMAGE_SIZE_CAP", "20G", "IMAGE_SIZE_CAP='20G' is invalid: expected an integer"),
+    ("TASK_DEADLINE_IMAGE_SAVING", "10", "expected an integer >= 60"),
 ])
 def test_bad_values_name_the_variable(tmp_path, name, value, expected):
     env = {**os.environ, "CLOUDCTL_STATE_DIR": str(tmp_path), name: value}
