@@ -283,3 +283,35 @@ def test_the_limits_are_the_compute_workers(monkeypatch: pytest.MonkeyPatch) -> 
     assert worker_images.QEMU_IMG_PRLIMIT == qemu_img_limits.prlimit_argv(
         services.QEMU_IMG_ADDRESS_SPACE, services.QEMU_IMG_CPU_SECONDS)
     assert qemu_img_limits.QEMU_IMG_PRLIMIT == ("prlimit", f"--as={1024 ** 3}", "--cpu=30", "--")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_client_that_disconnects_mid_upload_leaves_the_image_killed(live_server: Any,
+                                                                      settings: Any) -> None:
+    """Over a real socket: the client declares 4 MiB, sends 1 MiB and hangs up."""
+    import socket
+    import urllib.request
+    from urllib.parse import urlparse
+
+    from cloudctl.identity.models import Project
+    from tests.control.conftest import make_user
+
+    project = Project.objects.create(name="sock")
+    make_user("uploader", project)
+    login = urllib.request.Request(f"{live_server.url}/api/v1/auth/token/", method="POST",
+                                   data=json.dumps({"username": "uploader", "password": "pw"}).encode(),
+                                   headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(login, timeout=10) as answer:
+        token = json.load(answer)["token"]
+    image = Image.objects.create(name="cut", disk_format="raw", owner=project)
+    address = urlparse(live_server.url)
+    with socket.create_connection((address.hostname, address.port), timeout=10) as conn:
+        conn.sendall((f"PUT /api/v1/images/{image.pk}/file HTTP/1.1\r\nHost: {address.netloc}\r\n"
+                      f"Authorization: Token {token}\r\nContent-Type: application/octet-stream\r\n"
+                      f"Content-Length: {4 * MiB}\r\n\r\n").encode() + b"\0" * MiB)
+    deadline = time.monotonic() + 30
+    while Image.objects.get(pk=image.pk).status in (ImageStatus.QUEUED, ImageStatus.SAVING):
+        assert time.monotonic() < deadline, "the upload stayed saving"
+        time.sleep(0.1)
+    assert killed_because(str(image.pk)).startswith(f"upload truncated: received {MiB} of {4 * MiB} bytes")
+    assert staging_files(settings) == []
