@@ -451,6 +451,24 @@ def document_paged_lists(result: dict[str, Any], **_: Any) -> dict[str, Any]:
 
 # --- request bodies --------------------------------------------------------------------------------
 
+def document_body_limits(result: dict[str, Any], **_: Any) -> dict[str, Any]:
+    """Schema postprocessing hook: every operation that takes a body answers 413 to one that is too
+    large (a JSON body over API_MAX_BODY_BYTES; image data over IMAGE_SIZE_CAP)."""
+    error = {"$ref": "#/components/schemas/Error"}
+    for operations in result.get("paths", {}).values():
+        for operation in operations.values():
+            if isinstance(operation, dict) and "requestBody" in operation:
+                raw = "application/octet-stream" in operation["requestBody"].get("content", {})
+                operation.setdefault("responses", {}).setdefault("413", {
+                    "description": (f"The image data is over IMAGE_SIZE_CAP ({settings.IMAGE_SIZE_CAP} "
+                                    "bytes): the image is killed" if raw else
+                                    f"The body is over API_MAX_BODY_BYTES ({settings.API_MAX_BODY_BYTES} "
+                                    "bytes)"),
+                    "content": {"application/json": {"schema": error}},
+                })
+    return result
+
+
 class RequestBodyTooLarge(APIException):
     status_code = status.HTTP_413_REQUEST_ENTITY_TOO_LARGE
     default_code = "request_too_large"

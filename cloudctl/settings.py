@@ -174,10 +174,11 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
-    # Enum names as usual, then the 415 answer of every operation that takes a body, then the Link
-    # header of every paged list.
+    # Enum names as usual, then the 415 and 413 answers of every operation that takes a body, then
+    # the Link header (and the 400) of every paged list.
     "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums",
                              "cloudctl.api.document_unsupported_media_type",
+                             "cloudctl.api.document_body_limits",
                              "cloudctl.api.document_paged_lists"],
     # Security schemes come from the authentication classes: tokenAuth (`Authorization: Token
     # <key>`, described in cloudctl/api.py) and cookieAuth (the admin's session).

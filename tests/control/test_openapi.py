@@ -110,6 +110,14 @@ def test_a_body_of_another_media_type_is_documented_as_415(schema: dict[str, Any
     assert "415" not in schema["paths"]["/api/v1/servers/"]["get"]["responses"]  # no body, no 415
 
 
+def test_a_body_too_large_is_documented_as_413(schema: dict[str, Any]) -> None:
+    create = schema["paths"]["/api/v1/servers/"]["post"]["responses"]["413"]
+    assert "API_MAX_BODY_BYTES" in create["description"]
+    upload = schema["paths"]["/api/v1/images/{id}/file/"]["put"]["responses"]["413"]
+    assert "IMAGE_SIZE_CAP" in upload["description"]
+    assert "413" not in schema["paths"]["/api/v1/servers/"]["get"]["responses"]
+
+
 def test_a_json_parse_error_matches_the_documented_400(schema: dict[str, Any]) -> None:
     [by_field, parse_error] = schema["components"]["schemas"]["ValidationError"]["oneOf"]
     assert parse_error["required"] == ["detail"] and by_field["additionalProperties"]["oneOf"]
