@@ -171,3 +171,26 @@ def test_a_tenant_pages_through_its_own_items_only(project: Any, other_project: 
                                  for i in range(6) for p in (project, other_project)])
     items, _ = walk(mine, "/api/v1/networks/?limit=2")
     assert len(items) == 6 and {n["project"] for n in items} == {"blue"}
+
+
+def test_servers_filtered_by_status_are_paged_after_the_filter(api: APIClient, outbox: Outbox,
+                                                               flavors: Any, image: Any) -> None:
+    from cloudctl.compute.models import Instance
+
+    ids = [api.post("/api/v1/servers/", {"name": f"s{i}", "flavor": "m1.nano", "image": "tiny"},
+                    format="json").json()["id"] for i in range(9)]
+    active, stopped, rebooting = ids[:5], ids[5:7], ids[7:8]
+    Instance.objects.filter(uuid__in=active).update(vm_state="active", task_state=None)
+    Instance.objects.filter(uuid__in=stopped).update(vm_state="stopped", task_state=None)
+    Instance.objects.filter(uuid__in=rebooting).update(vm_state="active", task_state="rebooting")
+    items, sizes = walk(api, "/api/v1/servers/?status=ACTIVE&limit=2")
+    assert sizes == [2, 2, 1] and sorted(s["id"] for s in items) == sorted(active)
+    assert {s["status"] for s in items} == {"ACTIVE"}
+    assert [s["id"] for s in walk(api, "/api/v1/servers/?status=shutoff")[0]] == [
+        s["id"] for s in api.get("/api/v1/servers/").json() if s["id"] in stopped]
+    assert [s["id"] for s in api.get("/api/v1/servers/?status=REBOOT").json()] == rebooting
+    assert [s["id"] for s in api.get("/api/v1/servers/?status=BUILD").json()] == [ids[8]]
+    refused = api.get("/api/v1/servers/?status=RUNNING")
+    assert refused.status_code == 400 and "ACTIVE" in refused.json()["status"][0]
+    # A server is shown whatever the list's filter.
+    assert api.get(f"/api/v1/servers/{stopped[0]}/?status=ACTIVE").status_code == 200
