@@ -196,8 +196,9 @@ IMAGE_STORE = env_choice("IMAGE_STORE", "local", ["local"])
 # its staging file removed and the image killed.
 IMAGE_SIZE_CAP = env_int("IMAGE_SIZE_CAP", 20 * 1024 ** 3, minimum=1)
 # Seconds an upload (image status saving) may go without receiving data before the reaper kills the
-# image and removes its staging file: the uploading client or web process is gone.
-IMAGE_SAVING_DEADLINE = env_int("TASK_DEADLINE_IMAGE_SAVING", 600, minimum=60)
+# image and removes its staging file: the uploading client or web process is gone. At least the time
+# qemu-img may take to inspect the data (two calls of cloudctl.images.services.QEMU_IMG_TIMEOUT).
+IMAGE_SAVING_DEADLINE = env_int("TASK_DEADLINE_IMAGE_SAVING", 600, minimum=180)
 
 SCHEDULER_MAX_ATTEMPTS = env_int("SCHEDULER_MAX_ATTEMPTS", 3, minimum=1)
 SCHEDULER_ENABLED_FILTERS = env_list(

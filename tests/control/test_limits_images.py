@@ -315,3 +315,17 @@ def test_a_client_that_disconnects_mid_upload_leaves_the_image_killed(live_serve
         time.sleep(0.1)
     assert killed_because(str(image.pk)).startswith(f"upload truncated: received {MiB} of {4 * MiB} bytes")
     assert staging_files(settings) == []
+
+
+def test_the_reaper_deadline_cannot_be_shorter_than_an_inspection(tmp_path: Path) -> None:
+    """A live upload says it is alive before qemu-img runs, then not until it ends: the smallest
+    TASK_DEADLINE_IMAGE_SAVING must outlast both qemu-img calls."""
+    import subprocess as sp
+    import sys
+
+    env = {**os.environ, "TASK_DEADLINE_IMAGE_SAVING": "179", "CLOUDCTL_STATE_DIR": str(tmp_path),
+           "DJANGO_SETTINGS_MODULE": "cloudctl.settings"}
+    refused = sp.run([sys.executable, "-c", "import django; django.setup()"], capture_output=True,
+                     text=True, env=env, cwd=Path(__file__).resolve().parents[2])
+    assert refused.returncode != 0 and "TASK_DEADLINE_IMAGE_SAVING" in refused.stderr
+    assert 2 * services.QEMU_IMG_TIMEOUT + services.UPLOAD_PROGRESS_SECONDS < 180

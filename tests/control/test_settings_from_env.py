@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
     ("API_LIST_DEFAULT_LIMIT", "all", "API_LIST_DEFAULT_LIMIT='all' is invalid: expected an integer"),
     ("API_MAX_BODY_BYTES", "1MiB", "API_MAX_BODY_BYTES='1MiB' is invalid: expected an integer"),
     ("IMAGE_SIZE_CAP", "20G", "IMAGE_SIZE_CAP='20G' is invalid: expected an integer"),
-    ("TASK_DEADLINE_IMAGE_SAVING", "10", "expected an integer >= 60"),
+    ("TASK_DEADLINE_IMAGE_SAVING", "60", "expected an integer >= 180"),
 ])
 def test_bad_values_name_the_variable(tmp_path, name, value, expected):
     env = {**os.environ, "CLOUDCTL_STATE_DIR": str(tmp_path), name: value}
