@@ -240,6 +240,20 @@ def _field_nullable(model: type[Model], path: str) -> bool:
     return nullable
 
 
+def _is_relation(model: type[Model], path: str) -> bool:
+    """Whether ``path`` ends on a relation (``project``): ordering by it would follow the related
+    model's own ordering, which a keyset cannot compare, so the list is paged by its id."""
+    current: Any = model
+    field: Any = None
+    for part in path.split("__"):
+        try:
+            field = current._meta.get_field(part)
+        except (FieldDoesNotExist, AttributeError):
+            return False
+        current = field.related_model if field.is_relation else None
+    return bool(field is not None and field.is_relation)
+
+
 def _has_field(model: type[Model], name: str) -> bool:
     try:
         model._meta.get_field(name)
@@ -327,7 +341,11 @@ class MarkerPagination(BasePagination):
                                            "paged; order by fields")
             if name == "?":
                 raise ImproperlyConfigured(f"{model.__name__}: a random order cannot be paged")
-            keys.append(("pk" if name == model._meta.pk.name else name, descending))
+            if name == model._meta.pk.name:
+                name = "pk"
+            elif _is_relation(model, name):
+                name += "__pk"  # compared, as ordered, by the related row's id
+            keys.append((name, descending))
         if not any(name == "pk" for name, _ in keys):
             keys.append(("pk", keys[-1][1] if keys else False))
         return keys

@@ -194,3 +194,35 @@ def test_servers_filtered_by_status_are_paged_after_the_filter(api: APIClient, o
     assert refused.status_code == 400 and "ACTIVE" in refused.json()["status"][0]
     # A server is shown whatever the list's filter.
     assert api.get(f"/api/v1/servers/{stopped[0]}/?status=ACTIVE").status_code == 200
+
+
+@pytest.mark.parametrize("ordering", [("project", "name"), ("-segmentation_id",),
+                                      ("segmentation_id", "-name"), ("-project__name", "-created")])
+def test_any_field_ordering_pages_each_item_once(project: Any, other_project: Any,
+                                                 ordering: tuple[str, ...]) -> None:
+    """The keyset follows the list's ordering, relations and NULLs (flat networks have no
+    segmentation id) included, in both directions."""
+    from django.test import RequestFactory
+    from rest_framework.request import Request
+
+    from cloudctl.api import MarkerPagination
+
+    Network.objects.bulk_create(
+        [Network(name=f"n{i % 4}", project=(project, other_project)[i % 2], mtu=1450,
+                 provider_type="flat" if i % 3 else "vxlan", segmentation_id=None if i % 3 else 1000 + i)
+         for i in range(23)])
+    everything = list(Network.objects.order_by(*ordering, "pk").values_list("pk", flat=True))
+    seen: list[Any] = []
+    marker: str | None = None
+    while True:
+        query = {"limit": "4", **({"marker": marker} if marker else {})}
+        paginator = MarkerPagination()
+        page = paginator.paginate_queryset(Network.objects.order_by(*ordering),
+                                           Request(RequestFactory().get("/networks/", query)))
+        seen += [network.pk for network in page]
+        marker = paginator.next_marker
+        if marker is None:
+            break
+    assert len(seen) == len(set(seen)) == 23
+    if not any(key.lstrip("-") == "segmentation_id" for key in ordering):
+        assert seen == everything  # same order as the database's (NULLs placed apart otherwise)
