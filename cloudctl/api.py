@@ -1,17 +1,29 @@
 """REST API plumbing shared by every endpoint: errors as JSON with the reason, and their
-OpenAPI description (the serializers below only document the shapes the handler renders)."""
+OpenAPI description (the serializers below only document the shapes the handler renders); the
+lists' pagination (``limit`` and ``marker``, as Nova) and the JSON bodies' size limit."""
 
 from __future__ import annotations
 
+import io
+import re
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from django.db.models import QuerySet
+from django.conf import settings
+from django.core.exceptions import FieldDoesNotExist, ImproperlyConfigured
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db.models import F, Model, Q, QuerySet
+from django.db.models.expressions import OrderBy
 from drf_spectacular.extensions import OpenApiAuthenticationExtension, OpenApiSerializerExtension
 from drf_spectacular.plumbing import build_bearer_security_scheme_object
 from drf_spectacular.utils import OpenApiResponse, extend_schema_field
-from rest_framework import serializers
+from rest_framework import serializers, status
+from rest_framework.exceptions import APIException
+from rest_framework.pagination import BasePagination
+from rest_framework.parsers import JSONParser
+from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.views import exception_handler as drf_exception_handler
+from rest_framework.utils.urls import replace_query_param
 
 from cloudctl.errors import CloudctlError
 
@@ -19,6 +31,9 @@ from cloudctl.errors import CloudctlError
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
     """DRF's handler plus cloudctl's errors, each of which says its status code and body (409 with
     the blocking state, 400 with the field, 503 when a compute worker did not answer)."""
+    # Imported here: rest_framework.views reads DEFAULT_PARSER_CLASSES, which names this module.
+    from rest_framework.views import exception_handler as drf_exception_handler
+
     if isinstance(exc, CloudctlError):
         return Response(exc.body(), status=exc.status_code)
     return drf_exception_handler(exc, context)
@@ -208,3 +223,308 @@ class ServiceTokenScheme(OpenApiAuthenticationExtension):
 
     def get_security_definition(self, auto_schema: Any) -> list[dict[str, Any]]:
         return []
+
+
+# --- lists: limit and marker -----------------------------------------------------------------------
+
+def _positive_limit(raw: str | None) -> int:
+    """The page size asked for: API_LIST_DEFAULT_LIMIT when absent, clamped to API_LIST_MAX_LIMIT
+    (as Nova's max_limit); 400 when it is not a positive integer."""
+    if raw is None or raw == "":
+        return min(settings.API_LIST_DEFAULT_LIMIT, settings.API_LIST_MAX_LIMIT)
+    if not re.fullmatch(r"[0-9]+", raw) or int(raw) < 1:
+        raise serializers.ValidationError({"limit": [f"{raw!r} is not a positive integer"]})
+    return min(int(raw), settings.API_LIST_MAX_LIMIT)
+
+
+def _no_marker(marker: str) -> serializers.ValidationError:
+    return serializers.ValidationError({"marker": [f"no item with id {marker!r}"]})
+
+
+def _field_nullable(model: type[Model], path: str) -> bool:
+    """Whether the ordering key ``path`` (``name``, ``project__name``) can be NULL; an annotation or
+    anything that cannot be followed counts as nullable."""
+    current: Any = model
+    nullable = False
+    for part in path.split("__"):
+        try:
+            field = current._meta.get_field(part)
+        except (FieldDoesNotExist, AttributeError):
+            return True
+        nullable = nullable or bool(getattr(field, "null", False))
+        if field.is_relation and field.related_model is not None:
+            current = field.related_model
+    return nullable
+
+
+def _is_relation(model: type[Model], path: str) -> bool:
+    """Whether ``path`` ends on a relation (``project``): ordering by it would follow the related
+    model's own ordering, which a keyset cannot compare, so the list is paged by its id."""
+    current: Any = model
+    field: Any = None
+    for part in path.split("__"):
+        try:
+            field = current._meta.get_field(part)
+        except (FieldDoesNotExist, AttributeError):
+            return False
+        current = field.related_model if field.is_relation else None
+    return bool(field is not None and field.is_relation)
+
+
+def _has_field(model: type[Model], name: str) -> bool:
+    try:
+        model._meta.get_field(name)
+    except FieldDoesNotExist:
+        return False
+    return True
+
+
+class MarkerPagination(BasePagination):
+    """Every list, page by page, as Nova: ``?limit=N&marker=<id of the last item seen>``.
+
+    The body stays a plain JSON array; when there is a next page the answer carries
+    ``Link: <url>; rel="next"`` (RFC 8288, as GitHub), the same URL with ``marker`` and ``limit``
+    set, and no count (counting costs a scan). The page after the marker is a keyset query on the
+    list's own ordering (the queryset's, else the model's) completed by the primary key, so paging
+    neither skips nor repeats an item when others are added or removed meanwhile. A marker that names
+    no item of the list is 400, as Nova's ``marker not found``.
+
+    The marker is the id the API shows for an item: the view's ``lookup_field`` (``name`` for hosts),
+    or ``pagination_marker_field`` for a list that is not a queryset (availability zones: ``name``).
+    The marker is looked up in the view's unfiltered queryset, so an item that left the filter
+    between two pages (a server whose status changed) still marks the place.
+    """
+
+    limit_query_param = "limit"
+    marker_query_param = "marker"
+
+    def __init__(self) -> None:
+        self.next_marker: str | None = None
+        self.limit = 0
+        self.request: Request | None = None
+
+    # -- paging --
+
+    def paginate_queryset(self, queryset: Any, request: Request, view: Any = None) -> list[Any]:
+        self.request = request
+        self.limit = _positive_limit(request.query_params.get(self.limit_query_param))
+        marker = request.query_params.get(self.marker_query_param)
+        if isinstance(queryset, QuerySet):
+            items, key = self._page_of_queryset(queryset, marker, view)
+        else:
+            items, key = self._page_of_sequence(list(queryset), marker, view)
+        page = items[:self.limit]
+        self.next_marker = str(key(page[-1])) if len(items) > self.limit else None
+        return page
+
+    @staticmethod
+    def _marker_field(view: Any, model: type[Model] | None = None) -> str:
+        """The view's ``pagination_marker_field`` or ``lookup_field``; the primary key of a model
+        without that field (a list of other objects under a detail route: a server's actions)."""
+        field = str(getattr(view, "pagination_marker_field", None) or getattr(view, "lookup_field", "pk"))
+        if model is not None and (field == model._meta.pk.name or not _has_field(model, field)):
+            return "pk"
+        return field
+
+    def _page_of_queryset(self, queryset: QuerySet[Any], marker: str | None,
+                          view: Any) -> tuple[list[Any], Callable[[Any], Any]]:
+        model = queryset.model
+        marker_field = self._marker_field(view, model)
+        keys = self._ordering(queryset)
+        queryset = queryset.order_by(*[
+            OrderBy(F(name), descending=descending,
+                    nulls_last=True if _field_nullable(model, name) else None)
+            for name, descending in keys])
+        if marker is not None:
+            queryset = queryset.filter(self._after(model, keys, self._marker_row(
+                queryset, marker, marker_field, [name for name, _ in keys], view)))
+        items = list(queryset[:self.limit + 1])
+        return items, lambda item: getattr(item, marker_field)
+
+    @staticmethod
+    def _ordering(queryset: QuerySet[Any]) -> list[tuple[str, bool]]:
+        """(field, descending) of the queryset's ordering, ended by the primary key."""
+        model = queryset.model
+        declared: Sequence[Any] = queryset.query.order_by or (
+            model._meta.ordering if queryset.query.default_ordering else ())
+        keys: list[tuple[str, bool]] = []
+        for entry in declared:
+            if isinstance(entry, str):
+                descending, name = entry.startswith("-"), entry.lstrip("-+")
+            elif isinstance(entry, OrderBy) and isinstance(entry.expression, F):
+                descending, name = entry.descending, entry.expression.name
+            else:
+                raise ImproperlyConfigured(f"{model.__name__}: a list ordered by {entry!r} cannot be "
+                                           "paged; order by fields")
+            if name == "?":
+                raise ImproperlyConfigured(f"{model.__name__}: a random order cannot be paged")
+            if name == model._meta.pk.name:
+                name = "pk"
+            elif _is_relation(model, name):
+                name += "__pk"  # compared, as ordered, by the related row's id
+            keys.append((name, descending))
+        if not any(name == "pk" for name, _ in keys):
+            keys.append(("pk", keys[-1][1] if keys else False))
+        return keys
+
+    def _marker_row(self, queryset: QuerySet[Any], marker: str, marker_field: str,
+                    names: list[str], view: Any) -> dict[str, Any]:
+        model = queryset.model
+        field = model._meta.pk if marker_field == "pk" else model._meta.get_field(marker_field)
+        try:
+            value = field.to_python(marker)
+        except (DjangoValidationError, ValueError, TypeError):
+            raise _no_marker(marker) from None
+        scope = queryset
+        if view is not None and hasattr(view, "get_queryset"):
+            unfiltered = view.get_queryset()
+            if isinstance(unfiltered, QuerySet) and unfiltered.model is model:
+                scope = unfiltered
+        row = scope.filter(**{marker_field: value}).values(*names).first()
+        if row is None:
+            raise _no_marker(marker)
+        return dict(row)
+
+    @staticmethod
+    def _after(model: type[Model], keys: list[tuple[str, bool]], row: dict[str, Any]) -> Q:
+        """The rows strictly after ``row`` in the order ``keys`` (NULLs last in both directions)."""
+        after = Q(pk__in=[])
+        equal = Q()
+        for name, descending in keys:
+            value = row[name]
+            nullable = _field_nullable(model, name)
+            if value is None:
+                # Past a NULL only NULLs follow; within them the next key decides.
+                equal &= Q(**{f"{name}__isnull": True})
+                continue
+            beyond = Q(**{f"{name}__{'lt' if descending else 'gt'}": value})
+            if nullable:
+                beyond |= Q(**{f"{name}__isnull": True})
+            after |= equal & beyond
+            equal &= Q(**{name: value})
+        return after
+
+    def _page_of_sequence(self, items: list[Any], marker: str | None,
+                          view: Any) -> tuple[list[Any], Callable[[Any], Any]]:
+        """A list built in Python (already in its order): the items after the marker's."""
+        field = self._marker_field(view)
+
+        def key(item: Any) -> Any:
+            return item[field] if isinstance(item, dict) else getattr(item, field)
+
+        if marker is not None:
+            position = next((i for i, item in enumerate(items) if str(key(item)) == marker), None)
+            if position is None:
+                raise _no_marker(marker)
+            items = items[position + 1:]
+        return items[:self.limit + 1], key
+
+    # -- the answer --
+
+    def next_link(self) -> str | None:
+        if self.next_marker is None or self.request is None:
+            return None
+        url = replace_query_param(self.request.build_absolute_uri(), self.marker_query_param,
+                                  self.next_marker)
+        return replace_query_param(url, self.limit_query_param, self.limit)
+
+    def get_paginated_response(self, data: Any) -> Response:
+        response = Response(data)
+        link = self.next_link()
+        if link is not None:
+            response["Link"] = f'<{link}>; rel="next"'
+        return response
+
+    def get_paginated_response_schema(self, schema: dict[str, Any]) -> dict[str, Any]:
+        return schema  # still the plain array; the next page is in the Link header
+
+    def get_schema_operation_parameters(self, view: Any) -> list[dict[str, Any]]:
+        return [
+            {"name": self.limit_query_param, "required": False, "in": "query",
+             "description": f"at most this many items (default {settings.API_LIST_DEFAULT_LIMIT}, "
+                            f"larger values count as {settings.API_LIST_MAX_LIMIT}); the answer's "
+                            '`Link: <url>; rel="next"` header gives the next page, absent on the '
+                            "last",
+             "schema": {"type": "integer", "minimum": 1}},
+            {"name": self.marker_query_param, "required": False, "in": "query",
+             "description": f"the {self._marker_field(view).replace('pk', 'id')} of the last item of "
+                            "the previous page: the list goes on after it",
+             "schema": {"type": "string"}},
+        ]
+
+
+def paginated(view: Any, items: Any, serialize: Callable[[Any], Any]) -> Response:
+    """The answer of a list written by hand (an ``@action`` or a ``list`` of its own): the page
+    ``view``'s paginator cuts from ``items``, serialized, with the next page's link."""
+    page = view.paginate_queryset(items)
+    if page is None:  # a view that opted out of pagination (pagination_class = None)
+        return Response(serialize(items))
+    return view.get_paginated_response(serialize(page))
+
+
+def document_paged_lists(result: dict[str, Any], **_: Any) -> dict[str, Any]:
+    """Schema postprocessing hook: every paged list documents its ``Link`` header, and the 400 of a
+    ``limit`` or ``marker`` it cannot use."""
+    invalid = {"description": "Invalid query (e.g. a `limit` that is not a positive integer, a "
+                              "`marker` that names no item)",
+               "content": {"application/json": {
+                   "schema": {"$ref": "#/components/schemas/ValidationError"}}}}
+    for operations in result.get("paths", {}).values():
+        for operation in operations.values():
+            if not isinstance(operation, dict):
+                continue
+            names = {p.get("name") for p in operation.get("parameters", [])}
+            ok = operation.get("responses", {}).get("200")
+            if {"limit", "marker"} <= names and isinstance(ok, dict):
+                ok.setdefault("headers", {})["Link"] = {
+                    "description": '`<url>; rel="next"`: the next page (same query, `marker` and '
+                                   "`limit` set); absent on the last page",
+                    "schema": {"type": "string"}}
+                operation["responses"].setdefault("400", invalid)
+    return result
+
+
+# --- request bodies --------------------------------------------------------------------------------
+
+def document_body_limits(result: dict[str, Any], **_: Any) -> dict[str, Any]:
+    """Schema postprocessing hook: every operation that takes a body answers 413 to one that is too
+    large (a JSON body over API_MAX_BODY_BYTES; image data over IMAGE_SIZE_CAP)."""
+    error = {"$ref": "#/components/schemas/Error"}
+    for operations in result.get("paths", {}).values():
+        for operation in operations.values():
+            if isinstance(operation, dict) and "requestBody" in operation:
+                raw = "application/octet-stream" in operation["requestBody"].get("content", {})
+                operation.setdefault("responses", {}).setdefault("413", {
+                    "description": (f"The image data is over IMAGE_SIZE_CAP ({settings.IMAGE_SIZE_CAP} "
+                                    "bytes): the image is killed" if raw else
+                                    f"The body is over API_MAX_BODY_BYTES ({settings.API_MAX_BODY_BYTES} "
+                                    "bytes)"),
+                    "content": {"application/json": {"schema": error}},
+                })
+    return result
+
+
+class RequestBodyTooLarge(APIException):
+    status_code = status.HTTP_413_REQUEST_ENTITY_TOO_LARGE
+    default_code = "request_too_large"
+
+
+class BoundedJSONParser(JSONParser):
+    """DRF's JSON parser, reading at most API_MAX_BODY_BYTES: a larger body is 413.
+
+    DRF's parser reads the request stream itself, so Django's DATA_UPLOAD_MAX_MEMORY_SIZE does not
+    apply. A declared Content-Length above the limit is refused before reading a byte; whatever the
+    headers say, no more than limit + 1 bytes are read.
+    """
+
+    def parse(self, stream: Any, media_type: str | None = None,
+              parser_context: dict[str, Any] | None = None) -> Any:
+        limit = settings.API_MAX_BODY_BYTES
+        request = (parser_context or {}).get("request")
+        declared = request.META.get("CONTENT_LENGTH") if request is not None else None
+        if declared and str(declared).isdigit() and int(declared) > limit:
+            raise RequestBodyTooLarge(f"request body is {int(declared)} bytes; the limit is {limit}")
+        body = stream.read(limit + 1) if stream is not None else b""
+        if len(body) > limit:
+            raise RequestBodyTooLarge(f"request body is more than {limit} bytes; the limit is {limit}")
+        return super().parse(io.BytesIO(body), media_type, parser_context)

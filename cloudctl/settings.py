@@ -133,6 +133,14 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": env_str("CLOUDCTL_LOG_LEVEL", "INFO")},
 }
 
+# --- Limits: no request can exhaust the service --------------------------------------------------
+# A list answers at most this many items when the request gives no limit, and never more than the
+# maximum (a larger limit is clamped, as Nova's max_limit).
+API_LIST_DEFAULT_LIMIT = env_int("API_LIST_DEFAULT_LIMIT", 1000, minimum=1)
+API_LIST_MAX_LIMIT = env_int("API_LIST_MAX_LIMIT", 1000, minimum=1)
+# A JSON request body larger than this is refused with 413 (image data excepted: IMAGE_SIZE_CAP).
+API_MAX_BODY_BYTES = env_int("API_MAX_BODY_BYTES", 1024 * 1024, minimum=1024)
+
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "cloudctl.identity.authentication.ServiceTokenAuthentication",
@@ -140,11 +148,16 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["cloudctl.identity.permissions.IsAuthenticatedUser"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    # JSON only, at most API_MAX_BODY_BYTES (image data has its own endpoint and IMAGE_SIZE_CAP).
+    "DEFAULT_PARSER_CLASSES": ["cloudctl.api.BoundedJSONParser"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "UNAUTHENTICATED_USER": None,
     "EXCEPTION_HANDLER": "cloudctl.api.exception_handler",
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    # Every list is paged (?limit=&marker=, a Link header to the next page), lists written by hand
+    # included (cloudctl.api.paginated).
+    "DEFAULT_PAGINATION_CLASS": "cloudctl.api.MarkerPagination",
+    "PAGE_SIZE": API_LIST_DEFAULT_LIMIT,
 }
 
 # OpenAPI 3 schema at /api/v1/schema/, Swagger UI at /api/v1/docs/ (both readable without a token).
@@ -168,9 +181,12 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
-    # Enum names as usual, then the 415 answer of every operation that takes a body.
+    # Enum names as usual, then the 415 and 413 answers of every operation that takes a body, then
+    # the Link header (and the 400) of every paged list.
     "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums",
-                             "cloudctl.api.document_unsupported_media_type"],
+                             "cloudctl.api.document_unsupported_media_type",
+                             "cloudctl.api.document_body_limits",
+                             "cloudctl.api.document_paged_lists"],
     # Security schemes come from the authentication classes: tokenAuth (`Authorization: Token
     # <key>`, described in cloudctl/api.py) and cookieAuth (the admin's session).
 }
@@ -191,6 +207,13 @@ CLOUDCTL_SERVICE_TOKEN = env_str("CLOUDCTL_SERVICE_TOKEN", "")
 IMAGES_PATH = Path(env_str("IMAGES_PATH", str(STATE_DIR / "image-store")))
 # Where image bytes are kept: "local" (the directory IMAGES_PATH) is the backend there is.
 IMAGE_STORE = env_choice("IMAGE_STORE", "local", ["local"])
+# Bytes an image's data may have (as Glance's image_size_cap): a larger upload is refused with 413,
+# its staging file removed and the image killed.
+IMAGE_SIZE_CAP = env_int("IMAGE_SIZE_CAP", 20 * 1024 ** 3, minimum=1)
+# Seconds an upload (image status saving) may go without receiving data before the reaper kills the
+# image and removes its staging file: the uploading client or web process is gone. At least the time
+# qemu-img may take to inspect the data (two calls of cloudctl.images.services.QEMU_IMG_TIMEOUT).
+IMAGE_SAVING_DEADLINE = env_int("TASK_DEADLINE_IMAGE_SAVING", 600, minimum=180)
 
 SCHEDULER_MAX_ATTEMPTS = env_int("SCHEDULER_MAX_ATTEMPTS", 3, minimum=1)
 SCHEDULER_ENABLED_FILTERS = env_list(

@@ -28,6 +28,7 @@ from typing import Any
 
 import requests
 
+from compute_workers import qemu_img_limits
 from compute_workers.exception import (
     HypervisorError,
     ImageChecksumMismatch,
@@ -45,8 +46,9 @@ LOG = logging.getLogger(__name__)
 GiB = 1024 ** 3
 CHUNK_SIZE = 1024 * 1024
 QEMU_IMG_TIMEOUT = 120.0
-# qemu-img parses untrusted files: bound its memory and CPU time, as Nova does.
-QEMU_IMG_PRLIMIT = ("prlimit", f"--as={1 * GiB}", "--cpu=30", "--")
+# qemu-img parses untrusted files: bound its memory and CPU time, as Nova does (the control plane's
+# upload inspection uses the same limits: compute_workers.qemu_img_limits).
+QEMU_IMG_PRLIMIT = qemu_img_limits.QEMU_IMG_PRLIMIT
 _IMAGE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 

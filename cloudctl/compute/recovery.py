@@ -4,9 +4,10 @@
   is now decides), then each of its servers: a build ends in ERROR, a delete is sent again, a reboot
   or power change is repeated, a pause or suspend is rolled back to what the domain is (Nova's
   ``ComputeManager._init_instance``). The network node also gets every DHCP network and router again.
-* The reapers (periodic, from beat): a task past its deadline ends in a truthful state, a migration
-  step that did not report within MIGRATION_STEP_TIMEOUT ends from what the hosts last reported, and
-  a resize left unconfirmed for RESIZE_CONFIRM_WINDOW is confirmed.
+* The reapers (periodic, from beat): a task past its deadline ends in a truthful state (and an image
+  upload that stopped receiving data ends killed), a migration step that did not report within
+  MIGRATION_STEP_TIMEOUT ends from what the hosts last reported, and a resize left unconfirmed for
+  RESIZE_CONFIRM_WINDOW is confirmed.
 
 Every outcome is said on the server's action, so an operator can read what happened and why.
 """
@@ -41,6 +42,7 @@ from cloudctl.compute.services import action_start, finish_action, mark_deleted
 from cloudctl.compute.specs import spawn_spec
 from cloudctl.compute.states import VM_STATE_FOR_POWER_STATE, PowerState, TaskState, VmState
 from cloudctl.compute.sync import sync_power_state
+from cloudctl.images.services import image_uploads_reap
 from cloudctl.network import dhcp, hostsync, routers
 from compute_workers import contract
 from compute_workers.contract import ActionResult
@@ -250,7 +252,8 @@ def reap_expired_tasks() -> int:
 
     Builds use INSTANCE_BUILD_TIMEOUT; every other task its TASK_DEADLINES entry. The truth comes
     from the host's last heartbeat when it is recent; a server on a host that is down, or whose
-    domain the host did not report, ends in ERROR with a fault that says what is known.
+    domain the host did not report, ends in ERROR with a fault that says what is known. Image uploads
+    (status saving) that received nothing for IMAGE_SAVING_DEADLINE end killed, with the reason.
     """
     now = timezone.now()
     reaped = 0
@@ -262,6 +265,10 @@ def reap_expired_tasks() -> int:
                    .filter(task_state=task, task_state_since__lt=now - timedelta(seconds=seconds)))
         for instance in expired:
             reaped += _reap(instance, task, seconds)
+    try:
+        reaped += image_uploads_reap(now=now)
+    except Exception:  # the servers' reaping above stands whatever happens to the images'
+        log.exception("reaping the stalled image uploads failed")
     return reaped
 
 

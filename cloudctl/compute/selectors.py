@@ -21,7 +21,7 @@ from cloudctl.compute.models import (
     Migration,
     ServerGroup,
 )
-from cloudctl.compute.states import VmState
+from cloudctl.compute.states import VmState, states_for_status
 from cloudctl.identity.services import is_admin, project_id_of
 from compute_workers.contract import ActionResult
 
@@ -35,6 +35,16 @@ def servers_visible_to(user: Any) -> QuerySet[Instance]:
     if is_admin(user):
         return servers
     return servers.filter(project_id=project_id_of(user))
+
+
+def servers_with_status(servers: QuerySet[Instance], status: str) -> QuerySet[Instance]:
+    """The servers of ``servers`` whose API status is ``status`` (BUILD, ACTIVE, SHUTOFF, ...)."""
+    match = Q(pk__in=[])
+    for vm_state, task_states in states_for_status(status).items():
+        idle = Q(task_state__isnull=True) if None in task_states else Q(pk__in=[])
+        busy = [task for task in task_states if task is not None]
+        match |= Q(vm_state=vm_state) & (idle | Q(task_state__in=busy))
+    return servers.filter(match)
 
 
 def servers_live() -> QuerySet[Instance]:

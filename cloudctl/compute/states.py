@@ -60,6 +60,22 @@ def derive_status(vm_state: str, task_state: str | None) -> str:
     return _STATUS_BY_VM_STATE.get(VmState(vm_state), "UNKNOWN")
 
 
+def states_for_status(status: str) -> dict[str, list[str | None]]:
+    """vm_state -> the task_states (None: idle) whose derived status is ``status``: the inverse of
+    :func:`derive_status`, computed from it (Nova's ``task_and_vm_state_from_status``), so a list
+    filtered by status shows exactly the servers that show that status."""
+    found: dict[str, list[str | None]] = {}
+    for vm_state in VmState.values:
+        for task_state in [None, *TaskState.values]:
+            if derive_status(vm_state, task_state) == status:
+                found.setdefault(vm_state, []).append(task_state)
+    return found
+
+
+# Every status a server can show, for the list's ?status= filter.
+STATUSES = sorted({derive_status(v, t) for v in VmState.values for t in [None, *TaskState.values]})
+
+
 @dataclass(frozen=True)
 class Transition:
     """An action's allowed starting points and the task_state it moves the instance into."""

@@ -15,9 +15,13 @@ from django.conf import settings
 
 
 class ImageStore(Protocol):
-    def staging(self) -> AbstractContextManager[tuple[BinaryIO, Path]]:
+    def staging(self, key: str) -> AbstractContextManager[tuple[BinaryIO, Path]]:
         """A context manager yielding a writable file and its local path, for bytes that are not
-        yet an image; removed on exit unless :meth:`commit` took it."""
+        yet ``key``'s data; removed on exit unless :meth:`commit` took it."""
+
+    def staging_discard(self, key: str) -> int:
+        """Remove what a staging of ``key`` left behind (its process died before the exit);
+        returns how many files went."""
 
     def commit(self, staged: Path, key: str) -> None:
         """Make staged bytes the data of ``key`` (atomically)."""
@@ -33,15 +37,21 @@ class LocalDirectoryStore:
         self.root = root
 
     @contextmanager
-    def staging(self) -> Iterator[tuple[BinaryIO, Path]]:
+    def staging(self, key: str) -> Iterator[tuple[BinaryIO, Path]]:
         self.root.mkdir(parents=True, exist_ok=True)
-        handle = tempfile.NamedTemporaryFile(dir=self.root, prefix=".upload-", delete=False)
+        handle = tempfile.NamedTemporaryFile(dir=self.root, prefix=f".upload-{key}-", delete=False)
         path = Path(handle.name)
         try:
             with handle:
                 yield cast(BinaryIO, handle), path
         finally:
             path.unlink(missing_ok=True)
+
+    def staging_discard(self, key: str) -> int:
+        leftovers = list(self.root.glob(f".upload-{key}-*")) if self.root.exists() else []
+        for path in leftovers:
+            path.unlink(missing_ok=True)
+        return len(leftovers)
 
     def commit(self, staged: Path, key: str) -> None:
         os.replace(staged, self.root / key)

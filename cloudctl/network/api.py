@@ -27,6 +27,7 @@ from cloudctl.api import (
     StrictSerializer,
     error_responses,
     lookup,
+    paginated,
 )
 from cloudctl.identity.services import is_admin, project_id_of, project_of
 from cloudctl.network import selectors, services
@@ -130,7 +131,8 @@ class ScopedViewSet(viewsets.GenericViewSet):
         return Response(self.get_serializer(obj).data, status=code)
 
     def list(self, request: Request) -> Response:
-        return Response(self.get_serializer(self.filter_queryset(self.get_queryset()), many=True).data)
+        return paginated(self, self.filter_queryset(self.get_queryset()),
+                         lambda page: self.get_serializer(page, many=True).data)
 
     def retrieve(self, request: Request, pk: str | None = None) -> Response:
         return Response(self.get_serializer(self.get_object()).data)

@@ -20,7 +20,7 @@ from cloudctl.compute.errors import (
 from cloudctl.compute.models import Instance, Migration
 from cloudctl.errors import CloudctlError
 from cloudctl.images.models import Image
-from cloudctl.images.services import ImageConflict, ImageRejected
+from cloudctl.images.services import ImageConflict, ImageDataTooLarge, ImageRejected
 
 SERVER = Instance(uuid=uuid.UUID(int=7), vm_state="active", task_state="migrating")
 SERVER_STATE = {"status": "MIGRATING", "vm_state": "active", "task_state": "migrating"}
@@ -39,6 +39,8 @@ SERVER_STATE = {"status": "MIGRATING", "vm_state": "active", "task_state": "migr
     (ImageConflict(Image(status="active"), "already uploaded"), 409,
      {"detail": "already uploaded", "code": "conflict", "status": "active"}),
     (ImageRejected("upload is empty"), 400, {"file": ["upload is empty"]}),
+    (ImageDataTooLarge("image data is 3 bytes; IMAGE_SIZE_CAP is 2 bytes"), 413,
+     {"detail": "image data is 3 bytes; IMAGE_SIZE_CAP is 2 bytes", "code": "image_too_large"}),
     (ComputeUnavailable("no answer"), 503, {"detail": "no answer", "code": "compute_unavailable"}),
 ])
 def test_each_error_answers_as_it_always_did(error: CloudctlError, status_code: int,

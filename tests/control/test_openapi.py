@@ -129,6 +129,14 @@ def test_a_body_of_another_media_type_is_documented_as_415(schema: dict[str, Any
     assert "415" not in schema["paths"]["/api/v1/servers/"]["get"]["responses"]  # no body, no 415
 
 
+def test_a_body_too_large_is_documented_as_413(schema: dict[str, Any]) -> None:
+    create = schema["paths"]["/api/v1/servers/"]["post"]["responses"]["413"]
+    assert "API_MAX_BODY_BYTES" in create["description"]
+    upload = schema["paths"]["/api/v1/images/{id}/file/"]["put"]["responses"]["413"]
+    assert "IMAGE_SIZE_CAP" in upload["description"]
+    assert "413" not in schema["paths"]["/api/v1/servers/"]["get"]["responses"]
+
+
 def test_a_json_parse_error_matches_the_documented_400(schema: dict[str, Any]) -> None:
     [by_field, parse_error] = schema["components"]["schemas"]["ValidationError"]["oneOf"]
     assert parse_error["required"] == ["detail"] and by_field["additionalProperties"]["oneOf"]
@@ -197,3 +205,50 @@ def test_network_endpoints_document_their_conflicts(schema: dict[str, Any]) -> N
     assert {"detail", "code", "port", "ports"} <= set(schema["components"]["schemas"][conflict]["properties"])
     assert "409" in schema["paths"]["/api/v1/networks/{id}/"]["delete"]["responses"]
     assert {"get", "post"} <= set(schema["paths"]["/api/v1/security-group-rules/"])
+
+
+def _list_operations(schema: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """path -> GET operation, of every GET that answers a JSON array."""
+    found = {}
+    for path, operations in schema["paths"].items():
+        get = operations.get("get")
+        body = (get or {}).get("responses", {}).get("200", {}).get("content", {}).get("application/json")
+        if not body:
+            continue
+        shape = body["schema"]
+        if "$ref" in shape:
+            shape = schema["components"]["schemas"][shape["$ref"].rsplit("/", 1)[1]]
+        if shape.get("type") == "array":
+            found[path] = get
+    return found
+
+
+def test_every_list_documents_limit_marker_and_the_link(schema: dict[str, Any]) -> None:
+    lists = _list_operations(schema)
+    assert {"/api/v1/servers/", "/api/v1/availability-zones/", "/api/v1/servers/{id}/actions/",
+            "/api/v1/servers/{id}/migrations/", "/api/v1/security-group-rules/"} <= set(lists)
+    for path, operation in lists.items():
+        parameters = {p["name"]: p for p in operation.get("parameters", []) if p["in"] == "query"}
+        assert {"limit", "marker"} <= set(parameters), path
+        assert parameters["limit"]["schema"] == {"type": "integer", "minimum": 1}, path
+        assert "Link" in operation["responses"]["200"]["headers"], path
+        assert "400" in operation["responses"], path
+
+
+@pytest.mark.django_db
+def test_every_list_is_paged(schema: dict[str, Any], admin_api: Any, flavors: Any, image: Any,
+                             outbox: Any) -> None:
+    """Whatever the list (a ModelViewSet's, a ``list`` or an ``@action`` written by hand): its
+    paginator reads the query, so a limit of 0 is refused. A list added without pagination fails
+    here."""
+    from tests.control.conftest import active_server
+
+    server = active_server(admin_api, outbox)
+    lists = _list_operations(schema)
+    assert len(lists) >= 15
+    for path in lists:
+        url = path.replace("{id}", str(server.uuid))
+        assert "{" not in url, f"{path}: give this test an id for it"
+        response = admin_api.get(url, {"limit": "0"})
+        assert response.status_code == 400 and "limit" in response.json(), (path, response.content)
+        assert admin_api.get(url, {"limit": "1"}).status_code == 200, path

@@ -25,6 +25,11 @@ REPO = Path(__file__).resolve().parents[2]
     ("TOKEN_TTL", "12h", "TOKEN_TTL='12h' is invalid: expected an integer"),
     ("TOKEN_TTL", "10", "expected an integer >= 60"),
     ("LOGIN_FAILURE_LIMIT", "0", "expected an integer >= 1"),
+    ("API_LIST_MAX_LIMIT", "0", "API_LIST_MAX_LIMIT='0' is invalid: expected an integer >= 1"),
+    ("API_LIST_DEFAULT_LIMIT", "all", "API_LIST_DEFAULT_LIMIT='all' is invalid: expected an integer"),
+    ("API_MAX_BODY_BYTES", "1MiB", "API_MAX_BODY_BYTES='1MiB' is invalid: expected an integer"),
+    ("IMAGE_SIZE_CAP", "20G", "IMAGE_SIZE_CAP='20G' is invalid: expected an integer"),
+    ("TASK_DEADLINE_IMAGE_SAVING", "60", "expected an integer >= 180"),
 ])
 def test_bad_values_name_the_variable(tmp_path, name, value, expected):
     env = {**os.environ, "CLOUDCTL_STATE_DIR": str(tmp_path), name: value}

@@ -17,7 +17,7 @@ from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from cloudctl.api import error_responses
+from cloudctl.api import error_responses, paginated
 from cloudctl.compute import migration_requests, selectors, services
 from cloudctl.compute.api.common import BlockMigrationField, StrictCharField
 from cloudctl.compute.models import (
@@ -162,8 +162,10 @@ class AvailabilityZoneSerializer(serializers.Serializer):
                                   help_text="the zone's hosts; shown to administrators only")
 
 
-class AvailabilityZoneView(viewsets.ViewSet):
+class AvailabilityZoneView(viewsets.GenericViewSet):
     """Zones; administrators also see each zone's hosts."""
+
+    pagination_marker_field = "name"
 
     @extend_schema(summary="List the availability zones",
                    responses={200: AvailabilityZoneSerializer(many=True),
@@ -171,10 +173,10 @@ class AvailabilityZoneView(viewsets.ViewSet):
     def list(self, request: Request) -> Response:
         zones = selectors.availability_zones()
         admin = is_admin(request.user)
-        return Response([
+        return paginated(self, [
             {"name": name, "available": any(h.is_up and h.enabled for h in hosts),
              **({"hosts": [h.name for h in hosts]} if admin else {})}
-            for name, hosts in sorted(zones.items())])
+            for name, hosts in sorted(zones.items())], lambda page: page)
 
 
 class AggregateSerializer(serializers.ModelSerializer):

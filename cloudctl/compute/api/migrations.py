@@ -20,7 +20,7 @@ from rest_framework.exceptions import NotFound
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from cloudctl.api import CodedErrorSerializer, error_responses
+from cloudctl.api import CodedErrorSerializer, error_responses, paginated
 from cloudctl.compute import migration_requests, selectors
 from cloudctl.compute.api.common import SERVER_ID, BlockMigrationField, IdOrNameField, StrictCharField, lookup
 from cloudctl.compute.models import (
@@ -153,7 +153,7 @@ class ServerMigrationActions:
     def server_migrations(self, request: Request, pk: str | None = None) -> Response:
         instance = self.get_object()
         found = selectors.migrations_visible_to(request.user).filter(instance=instance)
-        return Response(MigrationSerializer(found, many=True).data)
+        return paginated(self, found, lambda page: MigrationSerializer(page, many=True).data)
 
     @extend_schema(summary="One migration of the server", parameters=[SERVER_ID, MIGRATION_ID],
                    responses={200: MigrationSerializer, **error_responses(401, 403, 404)})

@@ -20,7 +20,7 @@ from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from cloudctl.api import CodedErrorSerializer, error_responses
+from cloudctl.api import CodedErrorSerializer, error_responses, paginated
 from cloudctl.compute import ports, selectors, services
 from cloudctl.compute.api.common import SERVER_ID, IdOrNameField, StrictCharField, lookup
 from cloudctl.compute.api.migrations import ServerMigrationActions
@@ -31,6 +31,7 @@ from cloudctl.compute.models import (
     InstanceActionEvent,
     ServerGroup,
 )
+from cloudctl.compute.states import STATUSES
 from cloudctl.identity.services import is_admin, project_of
 from cloudctl.images.models import Image
 from cloudctl.images.services import images_visible_to
@@ -313,7 +314,9 @@ def _server_action(summary: str, request: Any = None, *, bad_request: bool = Fal
 
 @extend_schema_view(
     list=extend_schema(summary="List the servers visible to you",
-                       responses={200: ServerSerializer(many=True), **error_responses(401, 403)}),
+                       parameters=[OpenApiParameter("status", OpenApiTypes.STR, enum=STATUSES,
+                                                    description="only the servers in this status")],
+                       responses={200: ServerSerializer(many=True), **error_responses(400, 401, 403)}),
     retrieve=extend_schema(summary="Show a server", parameters=[SERVER_ID],
                            responses={200: ServerSerializer, **error_responses(401, 403, 404)}),
     create=extend_schema(
@@ -339,6 +342,15 @@ class ServerViewSet(ServerMigrationActions, mixins.ListModelMixin, mixins.Retrie
 
     def get_queryset(self) -> QuerySet[Instance]:
         return selectors.servers_visible_to(self.request.user)
+
+    def filter_queryset(self, queryset: QuerySet[Instance]) -> QuerySet[Instance]:
+        """The list's ``?status=`` (as Nova's; any case); a server itself is found whatever it shows."""
+        wanted = self.request.query_params.get("status")
+        if getattr(self, "action", None) != "list" or wanted is None:
+            return queryset
+        if wanted.upper() not in STATUSES:
+            raise serializers.ValidationError({"status": [f"one of {', '.join(STATUSES)}"]})
+        return selectors.servers_with_status(queryset, wanted.upper())
 
     def create(self, request: Request) -> Response:
         body = ServerCreateSerializer(data=request.data, context={"request": request})
@@ -418,7 +430,8 @@ class ServerViewSet(ServerMigrationActions, mixins.ListModelMixin, mixins.Retrie
     def actions(self, request: Request, pk: str | None = None) -> Response:
         instance = self.get_object()
         records = selectors.server_actions(instance=instance)
-        return Response(ActionSerializer(records, many=True, context={"request": request}).data)
+        return paginated(self, records, lambda page: ActionSerializer(
+            page, many=True, context={"request": request}).data)
 
     @extend_schema(
         summary="The tail of the server's serial console, read from its host",
