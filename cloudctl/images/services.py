@@ -8,13 +8,15 @@ import subprocess
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from django.db import transaction
 from django.db.models import Q, QuerySet
 
-from cloudctl.errors import CloudctlError
+from cloudctl.errors import CloudctlError, QuotaExceeded
 from cloudctl.identity.models import Project
 from cloudctl.identity.services import is_admin, project_id_of
 from cloudctl.images.models import DiskFormat, Image, ImageStatus, Visibility
 from cloudctl.images.storage import image_store
+from cloudctl.quotas.services import quota_enforce
 
 
 class ImageRejected(CloudctlError, ValueError):
@@ -87,11 +89,14 @@ def image_create(*, name: str, disk_format: str, owner: Project | None,
                  visibility: str = Visibility.PRIVATE, container_format: str = "bare",
                  min_ram: int = 0, min_disk: int = 0,
                  properties: dict[str, Any] | None = None) -> Image:
-    """A queued image record, waiting for its bytes."""
-    return Image.objects.create(name=name, disk_format=disk_format, owner=owner,
-                                visibility=visibility, container_format=container_format,
-                                min_ram=min_ram, min_disk=min_disk,
-                                properties=properties or {}, status=ImageStatus.QUEUED)
+    """A queued image record, waiting for its bytes; counted against ``owner``'s images quota."""
+    with transaction.atomic():
+        if owner is not None:
+            quota_enforce(project=owner, requested={"images": 1})
+        return Image.objects.create(name=name, disk_format=disk_format, owner=owner,
+                                    visibility=visibility, container_format=container_format,
+                                    min_ram=min_ram, min_disk=min_disk,
+                                    properties=properties or {}, status=ImageStatus.QUEUED)
 
 
 def image_kill(image: Image, reason: str) -> None:
@@ -107,8 +112,13 @@ def image_upload(*, image: Image, stream: BinaryIO, expected_size: int | None) -
 
     queued → saving → active, or killed with the reason in ``properties["failure"]`` when the
     bytes are truncated, not what ``disk_format`` says, or unsafe (backing file, data file).
-    One upload per image: the queued → saving step is a compare-and-swap.
+    One upload per image: the queued → saving step is a compare-and-swap. The owner's image_bytes
+    quota is checked before reading when the size is announced (refused: the image stays queued),
+    and always in the transaction that makes the image active (refused: killed, bytes removed).
     """
+    if expected_size is not None and image.owner_id is not None:
+        with transaction.atomic():
+            quota_enforce(project=image.owner_id, requested={"image_bytes": expected_size})
     if not Image.objects.filter(pk=image.pk, status=ImageStatus.QUEUED).update(
             status=ImageStatus.SAVING):
         image.refresh_from_db()
@@ -137,9 +147,17 @@ def image_upload(*, image: Image, stream: BinaryIO, expected_size: int | None) -
     except Exception as exc:
         image_kill(image, f"upload failed: {exc}")
         raise
-    Image.objects.filter(pk=image.pk).update(
-        status=ImageStatus.ACTIVE, size=received, sha256=digest.hexdigest(),
-        virtual_size=info.get("virtual-size"))
+    try:
+        with transaction.atomic():
+            if image.owner_id is not None:
+                quota_enforce(project=image.owner_id, requested={"image_bytes": received})
+            Image.objects.filter(pk=image.pk).update(
+                status=ImageStatus.ACTIVE, size=received, sha256=digest.hexdigest(),
+                virtual_size=info.get("virtual-size"))
+    except QuotaExceeded as exc:
+        store.delete(str(image.id))
+        image_kill(image, str(exc))
+        raise
     image.refresh_from_db()
     return image
 
