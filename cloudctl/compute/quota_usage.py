@@ -85,6 +85,11 @@ def enforce_server_group_create(*, project: Project) -> None:
     quota_enforce(project=project, requested={"server_groups": 1})
 
 
+def enforce_snapshot(*, project: Project) -> None:
+    """In the snapshot's transaction, before the server's row is touched: one more image fits."""
+    quota_enforce(project=project, requested={"images": 1})
+
+
 def placement_drift() -> list[str]:
     """Claims (Allocations) without a live server, source claims of migrations that ended, and
     servers running on a host without a claim there."""

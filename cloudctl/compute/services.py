@@ -287,6 +287,9 @@ def server_snapshot(*, instance: Instance, user: Any, name: str,
     """
     host = require_host_up(instance, "snapshot")
     with transaction.atomic():
+        # The project's images quota (403 before the server changes state). Its row is locked
+        # before the server's, the order every quota-checked operation follows (a resize too).
+        quota_usage.enforce_snapshot(project=instance.project)
         transition(instance, states.SNAPSHOT)
         base = instance.image
         image = image_create(

@@ -334,3 +334,16 @@ def test_admin_sets_a_limit_through_the_service(admin, project):
     bad = staff.post("/admin/quotas/projectquota/add/", {"project": project.pk, "resource": "cores",
                                                          "limit": "-5"})
     assert bad.status_code == 200 and ProjectQuota.objects.get(pk=quota.pk).limit == -1
+
+
+def test_a_snapshot_needs_the_images_quota(api, project, flavors, image, outbox: Outbox):
+    server = active_server(api, outbox)
+    set_limits(project, images=0)
+    refused(api.post(f"{API}/servers/{server.uuid}/snapshot/", {"name": "snap"}, format="json"),
+            "images", requested=1, in_use=0, limit=0)
+    server.refresh_from_db()
+    assert (server.vm_state, server.task_state) == ("active", None)
+    assert not Image.objects.filter(owner=project).exists()
+    set_limits(project, images=1)
+    assert api.post(f"{API}/servers/{server.uuid}/snapshot/", {"name": "snap"},
+                    format="json").status_code == 202

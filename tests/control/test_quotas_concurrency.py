@@ -79,3 +79,31 @@ def test_concurrent_creates_within_the_limit_are_all_accepted(member, project, f
     client_for(member)
     results = _create_all(member, [f"s{i}" for i in range(CONCURRENT)])
     assert Counter(status for status, _ in results) == {202: CONCURRENT}
+
+
+def test_concurrent_port_creates_respect_the_ports_quota(member, project, outbox: Outbox):
+    api = client_for(member)
+    net = api.post("/api/v1/networks/", {"name": "n"}, format="json").json()
+    assert api.post("/api/v1/subnets/", {"network": net["id"], "cidr": "10.0.0.0/24"},
+                    format="json").status_code == 201  # and its DHCP port, which does not count
+    ProjectQuota.objects.create(project=project, resource="ports", limit=5)
+
+    def create(i: int) -> Any:
+        answer = client_for(member).post("/api/v1/ports/", {"network": net["id"]}, format="json")
+        return answer.status_code, answer.json()
+
+    results = run_concurrently(create, list(range(20)), timeout=120)
+    assert Counter(status for status, _ in results) == {201: 5, 403: 15}
+    assert all(body["in_use"] == 5 for status, body in results if status == 403)
+    assert quota_usage(project)["ports"] == {"limit": 5, "in_use": 5}
+
+
+def test_concurrent_security_group_creates_respect_their_quota(member, project):
+    ProjectQuota.objects.create(project=project, resource="security_groups", limit=3)
+    client_for(member)
+
+    def create(i: int) -> int:
+        return client_for(member).post("/api/v1/security-groups/", {"name": f"g{i}"},
+                                       format="json").status_code
+
+    assert Counter(run_concurrently(create, list(range(20)), timeout=120)) == {201: 3, 403: 17}
