@@ -116,7 +116,7 @@ def image_upload(*, image: Image, stream: BinaryIO, expected_size: int | None) -
     quota is checked before reading when the size is announced (refused: the image stays queued),
     and always in the transaction that makes the image active (refused: killed, bytes removed).
     """
-    if expected_size is not None and image.owner_id is not None:
+    if expected_size is not None and image.owner_id is not None and image.status == ImageStatus.QUEUED:
         with transaction.atomic():
             quota_enforce(project=image.owner_id, requested={"image_bytes": expected_size})
     if not Image.objects.filter(pk=image.pk, status=ImageStatus.QUEUED).update(

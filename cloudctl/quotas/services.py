@@ -25,6 +25,9 @@ from cloudctl.quotas import registry
 from cloudctl.quotas.models import ProjectQuota
 from cloudctl.quotas.resources import BY_NAME, NAMES, RESOURCES, UNLIMITED
 
+# The largest limit the database keeps (a signed 64-bit column).
+MAX_LIMIT = 2**63 - 1
+
 
 def _project_id(project: Project | int) -> int:
     return project if isinstance(project, int) else int(project.pk)
@@ -95,6 +98,8 @@ def quota_update(*, project: Project, limits: Mapping[str, Any]) -> dict[str, di
             raise InvalidRequest(name, "a limit is an integer (-1: unlimited)")
         if value < UNLIMITED:
             raise InvalidRequest(name, f"a limit is -1 (unlimited) or more, not {value}")
+        if value > MAX_LIMIT:
+            raise InvalidRequest(name, f"a limit is at most {MAX_LIMIT} (-1: unlimited)")
     with transaction.atomic():
         _lock_project(int(project.pk))
         for name, value in limits.items():

@@ -74,3 +74,21 @@ def test_a_project_over_a_lowered_limit_is_reported_not_drift(api, project, flav
     assert status == 0
     assert "2 / 1" in output and "OVER LIMIT" in output
     assert "over limit: project blue: instances 2 in use over its limit 1" in output
+
+
+def test_a_source_claim_kept_after_its_migration_ended_is_drift(api, project, flavors, image,
+                                                               outbox: Outbox):
+    from cloudctl.compute.models import Migration, MigrationStatus, MigrationType
+
+    server = active_server(api, outbox)
+    migration = Migration.objects.create(instance=server, migration_type=MigrationType.COLD,
+                                         status=MigrationStatus.CONFIRMED, source_host=server.host,
+                                         old_flavor=server.flavor, new_flavor=server.flavor)
+    leaked = Allocation.objects.create(instance=server, host=server.host, migration=migration,
+                                       vcpus=1, memory_mb=128, disk_gb=1)
+    status, output = audit()
+    assert status == 1
+    assert (f"claim {leaked.pk} on host hv1 is held for migration {migration.pk} of server "
+            f"{server.uuid}, which ended confirmed") in output
+    Migration.objects.filter(pk=migration.pk).update(status=MigrationStatus.FINISHED)
+    assert audit()[0] == 0, "while the resize waits for confirm, the source claim is held rightly"

@@ -94,6 +94,7 @@ def test_admin_patch_changes_limits(admin_api, api, project):
     ({"instances": "ten"}, "instances", "an integer"),
     ({"instances": True}, "instances", "an integer"),
     ({"instances": 1.5}, "instances", "an integer"),
+    ({"image_bytes": 2**63}, "image_bytes", "at most 9223372036854775807"),
     ({}, "non_field_errors", "at least one resource"),
     ([1, 2], "non_field_errors", "at least one resource"),
 ])
