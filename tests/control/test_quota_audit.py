@@ -92,3 +92,14 @@ def test_a_source_claim_kept_after_its_migration_ended_is_drift(api, project, fl
             f"{server.uuid}, which ended confirmed") in output
     Migration.objects.filter(pk=migration.pk).update(status=MigrationStatus.FINISHED)
     assert audit()[0] == 0, "while the resize waits for confirm, the source claim is held rightly"
+
+
+def test_the_usage_table_of_one_project(api, project, other_project, flavors, image, outbox: Outbox):
+    from django.core.management.base import CommandError
+
+    active_server(api, outbox)
+    out = StringIO()
+    call_command("quota_audit", "--project", "blue", stdout=out)
+    assert "project blue" in out.getvalue() and "project green" not in out.getvalue()
+    with pytest.raises(CommandError, match="no project 'nowhere'"):
+        call_command("quota_audit", "--project", "nowhere")
