@@ -37,3 +37,24 @@ class InvalidRequest(CloudctlError):
 
     def body(self) -> dict[str, Any]:
         return {self.field: [self.message]}
+
+
+class QuotaExceeded(CloudctlError):
+    """A creation that would take the project over one of its limits (HTTP 403, as Nova): the body
+    names the resource, how much was asked, how much is in use and the limit."""
+
+    status_code = 403
+    code = "quota_exceeded"
+
+    def __init__(self, *, resource: str, requested: int, in_use: int, limit: int,
+                 owner: str = "project") -> None:
+        self.resource = resource
+        self.requested = requested
+        self.in_use = in_use
+        self.limit = limit
+        super().__init__(f"quota exceeded for {resource}: {requested} requested, {in_use} in use "
+                         f"of the {owner}'s limit of {limit}")
+
+    def body(self) -> dict[str, Any]:
+        return {**super().body(), "resource": self.resource, "requested": self.requested,
+                "in_use": self.in_use, "limit": self.limit}

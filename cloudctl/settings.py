@@ -56,6 +56,7 @@ INSTALLED_APPS = [
     "drf_spectacular_sidecar",  # Swagger UI's JS/CSS served from here: no CDN needed
     "django_celery_results",
     "cloudctl.identity",
+    "cloudctl.quotas",
     "cloudctl.images",
     "cloudctl.compute",
     "cloudctl.network",
@@ -316,6 +317,24 @@ NETWORK_DHCP_LEASE_SECONDS = env_int("NETWORK_DHCP_LEASE_SECONDS", 86400, minimu
 # (compute.network_host_sync): what a lost message or a worker that ignored one left behind converges
 # within it.
 NETWORK_RESYNC_INTERVAL = env_int("NETWORK_RESYNC_INTERVAL", 60, minimum=1)
+
+# --- Quotas ---------------------------------------------------------------------------------------
+# Each project's default limits (administrators override them per project: PATCH
+# /api/v1/quotas/<project>/); -1 is unlimited. Nova's and Neutron's defaults where they have one.
+QUOTA_INSTANCES = env_int("QUOTA_INSTANCES", 10, minimum=-1)
+QUOTA_CORES = env_int("QUOTA_CORES", 20, minimum=-1)
+QUOTA_RAM = env_int("QUOTA_RAM", 51200, minimum=-1)  # MiB
+QUOTA_SERVER_GROUPS = env_int("QUOTA_SERVER_GROUPS", 10, minimum=-1)
+QUOTA_SERVER_GROUP_MEMBERS = env_int("QUOTA_SERVER_GROUP_MEMBERS", 10, minimum=-1)  # per group
+QUOTA_KEYPAIRS = env_int("QUOTA_KEYPAIRS", 100, minimum=-1)  # per user
+QUOTA_IMAGES = env_int("QUOTA_IMAGES", 100, minimum=-1)
+QUOTA_IMAGE_BYTES = env_int("QUOTA_IMAGE_BYTES", 100 * 1024**3, minimum=-1)
+QUOTA_NETWORKS = env_int("QUOTA_NETWORKS", 100, minimum=-1)
+QUOTA_PORTS = env_int("QUOTA_PORTS", 500, minimum=-1)
+QUOTA_ROUTERS = env_int("QUOTA_ROUTERS", 10, minimum=-1)
+QUOTA_FLOATING_IPS = env_int("QUOTA_FLOATING_IPS", 50, minimum=-1)
+QUOTA_SECURITY_GROUPS = env_int("QUOTA_SECURITY_GROUPS", 10, minimum=-1)
+QUOTA_SECURITY_GROUP_RULES = env_int("QUOTA_SECURITY_GROUP_RULES", 100, minimum=-1)
 
 # --- Celery (scheduler, conductor, beat; compute workers have their own app) ----------------------
 CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0")

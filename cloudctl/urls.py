@@ -22,6 +22,7 @@ from cloudctl.network.api import (
     SubnetViewSet,
 )
 from cloudctl.network.l3_api import FloatingIPViewSet, RouterViewSet
+from cloudctl.quotas.api import LimitsView, QuotaView
 
 router = SimpleRouter()
 router.trailing_slash = "/?"  # /images/<id>/file and /images/<id>/file/ both work
@@ -48,6 +49,8 @@ urlpatterns = [
     # Readable without a token, like Nova's published API reference (SPECTACULAR_SETTINGS).
     path("api/v1/schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("api/v1/docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
+    path("api/v1/quotas/<str:project>/", QuotaView.as_view(), name="quotas"),
+    path("api/v1/limits/", LimitsView.as_view(), name="limits"),
     path("api/v1/", include(router.urls)),
     path("admin/dashboard/", capacity_dashboard, name="capacity-dashboard"),
     # The admin site's login, counted and throttled as POST /api/v1/auth/token/ (before admin.site.urls,

@@ -27,7 +27,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from cloudctl.compute import states
+from cloudctl.compute import quota_usage, states
 from cloudctl.compute.conductor import record_event
 from cloudctl.compute.errors import (
     ComputeUnavailable,
@@ -197,9 +197,13 @@ def server_resize(*, instance: Instance, user: Any, flavor: Flavor,
     if image is not None and flavor.memory_mb < image.min_ram:
         raise InvalidRequest("flavor", f"flavor {flavor.name} has {flavor.memory_mb} MiB RAM; image "
                                        f"{image.name} needs at least {image.min_ram} MiB")
-    return _begin(instance=instance, user=user, rule=states.RESIZE, kind=MigrationType.RESIZE,
-                  host=None, flavor=flavor, request_id=request_id,
-                  same_host=settings.ALLOW_RESIZE_TO_SAME_HOST)
+    with transaction.atomic():
+        # The new flavor's cores and RAM above the old ones, counted in the resize's transaction;
+        # from here until it is confirmed or reverted the server counts its larger flavor.
+        quota_usage.enforce_resize(instance=instance, flavor=flavor)
+        return _begin(instance=instance, user=user, rule=states.RESIZE, kind=MigrationType.RESIZE,
+                      host=None, flavor=flavor, request_id=request_id,
+                      same_host=settings.ALLOW_RESIZE_TO_SAME_HOST)
 
 
 def _require_idle(instance: Instance, rule: states.Transition) -> None:

@@ -16,7 +16,7 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from cloudctl.compute import ports, rpc, selectors, states
+from cloudctl.compute import ports, quota_usage, rpc, selectors, states
 from cloudctl.compute.errors import (
     HostUnavailable,
     InvalidRequest,
@@ -98,7 +98,8 @@ def server_create(*, user: Any, project: Project, name: str, flavor: Flavor, ima
 
     ``networks``: see :func:`cloudctl.compute.ports.requested_networks`. The ports are created (or
     the given ones bound) in the server's transaction: a refused port refuses the server, and
-    nothing of the request is left."""
+    nothing of the request is left. Over a quota (instances, cores, ram, the group's members, ports):
+    :class:`~cloudctl.errors.QuotaExceeded`, nothing created."""
     _check_boot_fit(flavor, image)
     if availability_zone and availability_zone not in selectors.availability_zones():
         raise InvalidRequest("availability_zone", f"no availability zone {availability_zone!r}")
@@ -109,6 +110,9 @@ def server_create(*, user: Any, project: Project, name: str, flavor: Flavor, ima
     hints = {key: [str(v) for v in value] for key, value in
              (("same_host", same_host), ("different_host", different_host)) if value}
     with transaction.atomic():
+        # The project's row is locked and its usage counted here, before anything is inserted: the
+        # ports below are checked against the ports quota in the same turn.
+        quota_usage.enforce_server_create(project=project, flavor=flavor, server_group=server_group)
         instance = Instance.objects.create(
             name=name, project=project, user=user, flavor=flavor, image=image,
             vcpus=flavor.vcpus, memory_mb=flavor.memory_mb, root_gb=flavor.root_gb,
@@ -283,6 +287,9 @@ def server_snapshot(*, instance: Instance, user: Any, name: str,
     """
     host = require_host_up(instance, "snapshot")
     with transaction.atomic():
+        # The project's images quota (403 before the server changes state). Its row is locked
+        # before the server's, the order every quota-checked operation follows (a resize too).
+        quota_usage.enforce_snapshot(project=instance.project)
         transition(instance, states.SNAPSHOT)
         base = instance.image
         image = image_create(
@@ -326,8 +333,10 @@ def host_set_enabled(*, host: Host, enabled: bool, reason: str = "") -> Host:
 
 
 def server_group_create(*, user: Any, project: Project, name: str, policy: str) -> ServerGroup:
-    return ServerGroup.objects.create(name=name, policy=policy, project=project,
-                                      user=user if getattr(user, "pk", None) else None)
+    with transaction.atomic():
+        quota_usage.enforce_server_group_create(project=project)
+        return ServerGroup.objects.create(name=name, policy=policy, project=project,
+                                          user=user if getattr(user, "pk", None) else None)
 
 
 def aggregate_zone_sync(host: Host) -> None:

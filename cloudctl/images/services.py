@@ -13,14 +13,16 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from django.conf import settings
+from django.db import transaction
 from django.db.models import Q, QuerySet
 from django.utils import timezone
 
-from cloudctl.errors import CloudctlError
+from cloudctl.errors import CloudctlError, QuotaExceeded
 from cloudctl.identity.models import Project
 from cloudctl.identity.services import is_admin, project_id_of
 from cloudctl.images.models import DiskFormat, Image, ImageStatus, Visibility
 from cloudctl.images.storage import image_store
+from cloudctl.quotas.services import quota_enforce
 from compute_workers.qemu_img_limits import QEMU_IMG_ADDRESS_SPACE, QEMU_IMG_CPU_SECONDS, prlimit_argv
 
 log = logging.getLogger(__name__)
@@ -128,11 +130,14 @@ def image_create(*, name: str, disk_format: str, owner: Project | None,
                  visibility: str = Visibility.PRIVATE, container_format: str = "bare",
                  min_ram: int = 0, min_disk: int = 0,
                  properties: dict[str, Any] | None = None) -> Image:
-    """A queued image record, waiting for its bytes."""
-    return Image.objects.create(name=name, disk_format=disk_format, owner=owner,
-                                visibility=visibility, container_format=container_format,
-                                min_ram=min_ram, min_disk=min_disk,
-                                properties=properties or {}, status=ImageStatus.QUEUED)
+    """A queued image record, waiting for its bytes; counted against ``owner``'s images quota."""
+    with transaction.atomic():
+        if owner is not None:
+            quota_enforce(project=owner, requested={"images": 1})
+        return Image.objects.create(name=name, disk_format=disk_format, owner=owner,
+                                    visibility=visibility, container_format=container_format,
+                                    min_ram=min_ram, min_disk=min_disk,
+                                    properties=properties or {}, status=ImageStatus.QUEUED)
 
 
 def image_kill(image: Image, reason: str) -> None:
@@ -178,8 +183,14 @@ def image_upload(*, image: Image, stream: BinaryIO, expected_size: int | None) -
     bytes are truncated, over IMAGE_SIZE_CAP (413), not what ``disk_format`` says, or unsafe
     (backing file, data file), or when the upload is interrupted whatever the way (the client goes,
     the stream or the process raises: even ``SystemExit``); the staging file never outlives the
-    call. One upload per image: the queued → saving step is a compare-and-swap.
+    call. One upload per image: the queued → saving step is a compare-and-swap. The owner's
+    image_bytes quota is checked before reading when the size is announced (refused: the image
+    stays queued), and always in the transaction that makes the image active (refused: killed,
+    bytes removed).
     """
+    if expected_size is not None and image.owner_id is not None and image.status == ImageStatus.QUEUED:
+        with transaction.atomic():
+            quota_enforce(project=image.owner_id, requested={"image_bytes": expected_size})
     if not Image.objects.filter(pk=image.pk, status=ImageStatus.QUEUED).update(
             status=ImageStatus.SAVING, updated=timezone.now()):
         image.refresh_from_db()
@@ -219,9 +230,18 @@ def image_upload(*, image: Image, stream: BinaryIO, expected_size: int | None) -
     except BaseException as exc:  # a dying web worker (SystemExit) must not leave it saving either
         _upload_kill(image, f"upload interrupted after {received} bytes: {type(exc).__name__}: {exc}")
         raise
-    if not Image.objects.filter(pk=image.pk, status=ImageStatus.SAVING).update(
-            status=ImageStatus.ACTIVE, size=received, sha256=digest.hexdigest(),
-            virtual_size=info.get("virtual-size"), updated=timezone.now()):
+    try:
+        with transaction.atomic():
+            if image.owner_id is not None:
+                quota_enforce(project=image.owner_id, requested={"image_bytes": received})
+            activated = Image.objects.filter(pk=image.pk, status=ImageStatus.SAVING).update(
+                status=ImageStatus.ACTIVE, size=received, sha256=digest.hexdigest(),
+                virtual_size=info.get("virtual-size"), updated=timezone.now())
+    except QuotaExceeded as exc:
+        store.delete(str(image.id))
+        _upload_kill(image, str(exc))
+        raise
+    if not activated:
         # The reaper killed it between the last word and the commit: its data goes.
         store.delete(str(image.id))
         image.refresh_from_db()

@@ -58,6 +58,7 @@ from cloudctl.network.services import (
     system_port_create,
     system_port_delete,
 )
+from cloudctl.quotas.services import quota_enforce
 
 
 def _label(obj: Network | Subnet | Router) -> str:
@@ -126,6 +127,7 @@ def router_create(*, user: Any, project: Project, name: str = "",
                   gateway: GatewayRequest | None = None) -> Router:
     """A router of ``project``, with a gateway on an external network when ``gateway`` names one
     (400 when the network is not external; 409 when its pools are exhausted)."""
+    quota_enforce(project=project, requested={"routers": 1})
     router = Router.objects.create(project=project, name=name,
                                    enable_snat=gateway.enable_snat if gateway is not None else True)
     if gateway is not None and gateway.network is not None:
@@ -389,6 +391,7 @@ def floating_ip_create(*, user: Any, project: Project, network: Network,
     if not network.subnets.exists():
         raise NetworkConflict(f"external network {_label(network)} has no subnet to allocate floating "
                               "IPs from")
+    quota_enforce(project=project, requested={"floating_ips": 1})
     fip_id = uuid.uuid4()
     port = system_port_create(network=network, project=network.project,
                               device_owner=DEVICE_OWNER_FLOATINGIP, device_id=str(fip_id))

@@ -55,6 +55,8 @@ from cloudctl.network.models import (
     SecurityGroupRule,
     Subnet,
 )
+from cloudctl.network.quota_usage import counts_against_quota
+from cloudctl.quotas.services import quota_enforce
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +157,7 @@ def network_create(*, user: Any, project: Project, name: str = "", shared: bool 
     if mtu is None:
         mtu = network_max_mtu(kind)
     _check_mtu(mtu, kind)
+    quota_enforce(project=project, requested={"networks": 1})
     fields = {"name": name, "project": project, "shared": shared, "external": bool(external),
               "provider_type": kind, "mtu": mtu, "admin_state_up": admin_state_up}
     if kind == ProviderType.FLAT:
@@ -418,6 +421,7 @@ def security_group_create(*, user: Any, project: Project, name: str,
     if name == DEFAULT_SECURITY_GROUP:
         raise InvalidRequest("name", "'default' is the name of the project's default group, made by "
                              "cloudctl; choose another")
+    quota_enforce(project=project, requested={"security_groups": 1, "security_group_rules": 1})
     group = SecurityGroup.objects.create(project=project, name=name, description=description)
     SecurityGroupRule.objects.create(security_group=group, direction=Direction.EGRESS)
     return group
@@ -490,6 +494,7 @@ def security_group_rule_create(*, user: Any, security_group: SecurityGroup, dire
     if remote_group is not None and remote_group.project_id != security_group.project_id:
         raise InvalidRequest("remote_group", f"security group {remote_group.id} belongs to another "
                              "project")
+    quota_enforce(project=security_group.project_id, requested={"security_group_rules": 1})
     SecurityGroup.objects.select_for_update().filter(pk=security_group.pk).first()
     fields = {"direction": direction, "ethertype": ethertype, "protocol": protocol,
               "port_range_min": port_range_min, "port_range_max": port_range_max,
@@ -647,6 +652,8 @@ def port_create(*, user: Any, project: Project, network: Network, name: str = ""
     if not port_security_enabled and security_groups:
         raise InvalidRequest("security_groups", PORT_SECURITY_NEEDED)
     _check_usable_network(network, user, project)
+    if counts_against_quota(device_owner):
+        quota_enforce(project=project, requested={"ports": 1})  # the project's lock before the network's
     network = _lock_network(network)
     if security_groups is None:
         security_groups = [security_group_default(project=project)] if port_security_enabled else []

@@ -77,7 +77,8 @@ def test_claim_never_overcommits(new_server):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_concurrent_schedulers_never_overcommit(new_server, outbox):
+def test_concurrent_schedulers_never_overcommit(new_server, project, outbox, settings):
+    settings.QUOTA_INSTANCES = settings.QUOTA_CORES = -1  # twelve servers: over the default quotas
     heartbeat("hv1", memory_mb=512, vcpus=1)  # 768 MiB usable: six m1.nano
     servers = [new_server(name=f"s{i}") for i in range(12)]
     placed = run_concurrently(lambda server: schedule_instance(str(server.uuid)), servers)
