@@ -10,16 +10,10 @@ tools/venv.sh requirements.txt
 tools/services.sh start
 
 export CLOUDCTL_STATE_DIR=${CLOUDCTL_STATE_DIR:-$repo/var}
-mkdir -p "$CLOUDCTL_STATE_DIR"
-# Secrets generated once per installation, kept in var/cloudctl.env (mode 600); a value set in
-# the environment wins.
+# var/ (0700) holds the secret key, the database and cloudctl.env (0600): the installation's
+# secrets, generated once by tools/state-dir.sh; a value set in the environment wins.
+tools/state-dir.sh "$CLOUDCTL_STATE_DIR"
 env_file=$CLOUDCTL_STATE_DIR/cloudctl.env
-random_hex() { head -c 32 /dev/urandom | sha256sum | cut -c1-"$1"; }
-if [ ! -f "$env_file" ]; then
-  (umask 077
-   printf 'CLOUDCTL_SERVICE_TOKEN=%s\n' "$(random_hex 64)"
-   printf 'FLOWER_BASIC_AUTH=admin:%s\n' "$(random_hex 20)") > "$env_file"
-fi
 for name in CLOUDCTL_SERVICE_TOKEN FLOWER_BASIC_AUTH; do
   if [ -z "${!name:-}" ]; then
     export "$name=$(sed -n "s/^$name=//p" "$env_file")"
@@ -39,17 +33,35 @@ export COMPUTE_TUNNEL_IP=${COMPUTE_TUNNEL_IP:-127.0.0.1}
 image=$CLOUDCTL_STATE_DIR/images/tiny.qcow2
 [ -f "$image" ] || tools/build-tiny-image.sh "$image"
 
+# Web, scheduler, conductor, beat and Flower run as the unprivileged system user `cloudctl`, owner
+# of the state directory; only the compute worker stays root: it drives libvirt and plugs the
+# network (bridges, namespaces, iptables), as Nova's compute does through privsep. Started by
+# another user than root, everything runs as that user.
+export CLOUDCTL_RUN_AS=""
+control_user=$(id -un)
+if [ "$(id -u)" -eq 0 ]; then
+  control_user=cloudctl
+  tools/cloudctl-user.sh "$CLOUDCTL_STATE_DIR"
+  CLOUDCTL_RUN_AS="setpriv --reuid=cloudctl --regid=cloudctl --init-groups --no-new-privs --"
+  if ! $CLOUDCTL_RUN_AS test -r "$repo/manage.py" -a -x "$repo/.venv/bin/python"; then
+    echo "the user cloudctl cannot read $repo (or its .venv): make every parent directory" \
+         "traversable (chmod o+x) or check the code out elsewhere, e.g. /opt/cloudctl" >&2
+    exit 1
+  fi
+fi
+
 export PATH="$repo/.venv/bin:$PATH"
-python manage.py migrate --noinput
-python manage.py collectstatic --noinput -v0
-python manage.py bootstrap --image "$image" --demo-network
+$CLOUDCTL_RUN_AS python manage.py migrate --noinput
+$CLOUDCTL_RUN_AS python manage.py collectstatic --noinput -v0
+$CLOUDCTL_RUN_AS python manage.py bootstrap --image "$image" --demo-network
 
 cat <<MSG
 
 ==> cloudctl is starting:
     API     http://127.0.0.1:8000/api/v1/   (token: POST /api/v1/auth/token/)
     admin   http://127.0.0.1:8000/admin/
-    Flower  http://127.0.0.1:${FLOWER_PORT:-5555}/   (login: $FLOWER_BASIC_AUTH)
+    Flower  http://127.0.0.1:${FLOWER_PORT:-5555}/   (login: FLOWER_BASIC_AUTH in $env_file)
     user    ${CLOUDCTL_ADMIN_USER:-admin} (password printed above when it was created)
+    users   web, scheduler, conductor, beat, Flower: $control_user; compute worker: $(id -un)
 MSG
 exec honcho start -f Procfile
