@@ -51,6 +51,13 @@ def _persistent_secret_key() -> str:
 SECRET_KEY = _persistent_secret_key()
 DEBUG = env_bool("CLOUDCTL_DEBUG", False)
 ALLOWED_HOSTS = env_list("CLOUDCTL_ALLOWED_HOSTS", ["127.0.0.1", "localhost"])
+# Behind a reverse proxy that terminates TLS (deploy/nginx/cloudctl.conf): trust its
+# X-Forwarded-Proto, so that Django knows the request was HTTPS (the admin's CSRF origin check), and
+# send the session and CSRF cookies over HTTPS only.
+if env_bool("CLOUDCTL_TLS_PROXY", False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
 
 INSTALLED_APPS = [
     "django.contrib.admin",

@@ -142,3 +142,18 @@ def test_procfile_runs_the_control_plane_unprivileged_and_only_compute_as_root()
     for process in ("web", "scheduler", "conductor", "beat", "flower"):
         assert lines[process].strip().startswith("${CLOUDCTL_RUN_AS} "), process
     assert "CLOUDCTL_RUN_AS" not in lines["compute"]
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("1", "('HTTP_X_FORWARDED_PROTO', 'https') True True"),
+    ("", "None False False"),
+])
+def test_behind_a_tls_proxy_the_forwarded_scheme_is_trusted_and_cookies_are_secure(tmp_path, value,
+                                                                                  expected):
+    code = ("import django; django.setup(); from django.conf import settings as s; "
+            "print(s.SECURE_PROXY_SSL_HEADER, s.SESSION_COOKIE_SECURE, s.CSRF_COOKIE_SECURE)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                            env=env_without_database(CLOUDCTL_STATE_DIR=str(tmp_path),
+                                                     CLOUDCTL_TLS_PROXY=value))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == expected
