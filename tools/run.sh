@@ -40,20 +40,32 @@ image=$CLOUDCTL_STATE_DIR/images/tiny.qcow2
 export CLOUDCTL_RUN_AS=""
 control_user=$(id -un)
 if [ "$(id -u)" -eq 0 ]; then
-  control_user=cloudctl
   tools/cloudctl-user.sh "$CLOUDCTL_STATE_DIR"
-  CLOUDCTL_RUN_AS="setpriv --reuid=cloudctl --regid=cloudctl --init-groups --no-new-privs --"
-  if ! $CLOUDCTL_RUN_AS test -r "$repo/manage.py" -a -x "$repo/.venv/bin/python"; then
-    echo "the user cloudctl cannot read $repo (or its .venv): make every parent directory" \
-         "traversable (chmod o+x) or check the code out elsewhere, e.g. /opt/cloudctl" >&2
-    exit 1
+  as_cloudctl="setpriv --reuid=cloudctl --regid=cloudctl --init-groups --no-new-privs --"
+  # cloudctl must run the venv's own interpreter (same version as root gets) and read the code.
+  probe='import sys, django, celery, redis; print(sys.version)'
+  if [ "$($as_cloudctl "$repo/.venv/bin/python" -c "$probe" 2>/dev/null)" = \
+       "$("$repo/.venv/bin/python" -c "$probe")" ] &&
+     $as_cloudctl test -r "$repo/manage.py"; then
+    CLOUDCTL_RUN_AS=$as_cloudctl
+    control_user=cloudctl
+  else
+    # Still up, but say loudly why the control plane runs as root.
+    interpreter=$(readlink -f "$repo/.venv/bin/python")
+    echo "WARNING: the user cloudctl cannot run $interpreter (the .venv's Python) or read $repo:" \
+         "every parent directory of both must be traversable (a Python under /root is not)." \
+         "The control plane runs as root this time; check the code out elsewhere (e.g." \
+         "/opt/cloudctl) with a venv from /usr/bin/python3 (PYTHON=/usr/bin/python3 tools/venv.sh)." >&2
   fi
 fi
 
 export PATH="$repo/.venv/bin:$PATH"
-$CLOUDCTL_RUN_AS python manage.py migrate --noinput
-$CLOUDCTL_RUN_AS python manage.py collectstatic --noinput -v0
-$CLOUDCTL_RUN_AS python manage.py bootstrap --image "$image" --demo-network
+# The venv's interpreter by its path (the Procfile's flower line too): a bare `python` finds its venv
+# through PATH and the interpreter's real path, which another user may not be allowed to resolve.
+export CLOUDCTL_PYTHON="$repo/.venv/bin/python"
+$CLOUDCTL_RUN_AS "$CLOUDCTL_PYTHON" manage.py migrate --noinput
+$CLOUDCTL_RUN_AS "$CLOUDCTL_PYTHON" manage.py collectstatic --noinput -v0
+$CLOUDCTL_RUN_AS "$CLOUDCTL_PYTHON" manage.py bootstrap --image "$image" --demo-network
 
 cat <<MSG
 

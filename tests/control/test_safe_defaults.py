@@ -126,7 +126,7 @@ def test_flower_starts_with_a_login_and_keeps_the_password_off_its_command_line(
     assert "celery flower" in result.stdout
     procfile = (REPO / "Procfile").read_text()
     flower_line = next(line for line in procfile.splitlines() if line.startswith("flower:"))
-    assert "python -m cloudctl.flower" in flower_line
+    assert "${CLOUDCTL_PYTHON:-python} -m cloudctl.flower" in flower_line
     assert "FLOWER_BASIC_AUTH" not in flower_line  # the password stays out of `ps`
 
 
