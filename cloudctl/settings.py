@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import secrets
 import socket
+import time
 from pathlib import Path
 
 import dj_database_url
@@ -21,28 +22,42 @@ from cloudctl.env import (
     env_list,
     env_str,
 )
+from cloudctl.files import create_private_file, private_dir, private_file
 from compute_workers import contract
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 STATE_DIR = Path(env_str("CLOUDCTL_STATE_DIR", str(BASE_DIR / "var")))
+# 0700: it holds the secret key, the SQLite database, cloudctl.env (narrowed here when older).
+private_dir(STATE_DIR)
+private_file(STATE_DIR / "cloudctl.env")  # written by tools/run.sh; 0644 before it created it 0600
 
 
 def _persistent_secret_key() -> str:
-    """CLOUDCTL_SECRET_KEY, else a random key generated once and kept in STATE_DIR/secret_key."""
+    """CLOUDCTL_SECRET_KEY, else a random key generated once and kept in STATE_DIR/secret_key
+    (created 0600; a process starting at the same time reads the one the first wrote)."""
     configured = env_str("CLOUDCTL_SECRET_KEY", "")
     if configured:
         return configured
     path = STATE_DIR / "secret_key"
-    if not path.exists():
-        STATE_DIR.mkdir(parents=True, exist_ok=True)
-        path.write_text(secrets.token_urlsafe(50))
-        path.chmod(0o600)
-    return path.read_text().strip()
+    create_private_file(path, secrets.token_urlsafe(50))
+    for _ in range(50):
+        key = path.read_text().strip()
+        if key:
+            return key
+        time.sleep(0.1)  # another process created it and is writing it
+    raise ImproperlyConfiguredEnv("CLOUDCTL_SECRET_KEY", "", f"a key, or a non-empty file {path}")
 
 
 SECRET_KEY = _persistent_secret_key()
 DEBUG = env_bool("CLOUDCTL_DEBUG", False)
 ALLOWED_HOSTS = env_list("CLOUDCTL_ALLOWED_HOSTS", ["127.0.0.1", "localhost"])
+# Behind a reverse proxy that terminates TLS (deploy/nginx/cloudctl.conf): trust its
+# X-Forwarded-Proto, so that Django knows the request was HTTPS (the admin's CSRF origin check), and
+# send the session and CSRF cookies over HTTPS only.
+if env_bool("CLOUDCTL_TLS_PROXY", False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -106,6 +121,10 @@ if _default_db["ENGINE"] == "django.db.backends.sqlite3":
         "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
     }
     Path(_default_db["NAME"]).parent.mkdir(parents=True, exist_ok=True)
+    # Created 0600 before SQLite creates it with the umask (an empty file is an empty database;
+    # its -wal and -shm files take the database's mode).
+    if _default_db["NAME"] != ":memory:":
+        create_private_file(Path(_default_db["NAME"]))
     # Tests use a file too: an in-memory database locks whole tables instead of waiting.
     _default_db["TEST"] = {"NAME": str(Path(_default_db["NAME"]).with_suffix(".test.sqlite3"))}
 DATABASES = {"default": _default_db}

@@ -63,8 +63,10 @@ def _fail_no_valid_host(instance: Instance, no_host: NoValidHost) -> None:
             vm_state=VmState.ERROR, task_state=None, fault=fault)
         if not updated:
             return
+        # The action and its event are the owner's to read: the message without host names (the
+        # fault keeps both; the API shows administrators the one naming the hosts).
         record_event(str(instance.uuid), event="schedule", result=ActionResult.ERROR,
-                     message=fault["message"])
+                     message=fault["tenant_message"])
         action = current_action(str(instance.uuid))
         if action is not None:
-            finish_action(action, result=ActionResult.ERROR, message=fault["message"])
+            finish_action(action, result=ActionResult.ERROR, message=fault["tenant_message"])

@@ -350,6 +350,9 @@ class PortSerializer(serializers.ModelSerializer):
     fixed_ips = FixedIPSerializer(many=True, read_only=True)
     security_groups = serializers.PrimaryKeyRelatedField(many=True, read_only=True,
                                                          pk_field=serializers.UUIDField())
+    # Neutron's binding:host_id: the hypervisor's name, for administrators only.
+    binding_host = serializers.SerializerMethodField(
+        help_text="the host the port is bound to: administrators only (empty for the others)")
 
     class Meta:
         model = Port
@@ -357,6 +360,10 @@ class PortSerializer(serializers.ModelSerializer):
                   "port_security_enabled", "device_id", "device_owner", "binding_host", "status",
                   "admin_state_up", "created", "updated")
         read_only_fields = fields
+
+    def get_binding_host(self, port: Port) -> str:
+        request = self.context.get("request")
+        return port.binding_host if request is not None and is_admin(request.user) else ""
 
 
 class SecurityGroupRefs(serializers.ListField):

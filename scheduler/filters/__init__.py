@@ -1,6 +1,9 @@
 """Host filters with Nova's names. Each is a small class: ``host_passes(host_state, spec)``.
 
-``explain(spec, rejected)`` turns the hosts a filter removed into one sentence for the fault.
+``explain(spec, rejected)`` turns the hosts a filter removed into one sentence for the fault, naming
+them (for administrators); ``explain_for_tenant`` says the same without a host name (tenants are not
+told the names of the hypervisors), with the figures: "no host has 16384 MiB free; the most free is
+9216 MiB".
 Enabled filters and their order come from settings; :func:`load_filters` fails on an unknown name.
 """
 
@@ -25,6 +28,11 @@ class BaseHostFilter:
     def explain(self, spec: RequestSpec, rejected: Sequence[HostState]) -> str:
         return f"{len(rejected)} host(s) rejected by {self.name}"
 
+    def explain_for_tenant(self, spec: RequestSpec, rejected: Sequence[HostState]) -> str:
+        """:meth:`explain` without host names (a filter whose ``explain`` names hosts says it
+        again without them)."""
+        return f"{len(rejected)} host(s) rejected by {self.name}"
+
 
 class RetryFilter(BaseHostFilter):
     """Skip hosts this instance's build already failed on."""
@@ -37,6 +45,9 @@ class RetryFilter(BaseHostFilter):
     def explain(self, spec: RequestSpec, rejected: Sequence[HostState]) -> str:
         return f"already tried and failed on {', '.join(h.name for h in rejected)}"
 
+    def explain_for_tenant(self, spec: RequestSpec, rejected: Sequence[HostState]) -> str:
+        return f"the build already failed on the {len(rejected)} host(s) left"
+
 
 class AvailabilityZoneFilter(BaseHostFilter):
     name = "AvailabilityZoneFilter"
@@ -46,6 +57,9 @@ class AvailabilityZoneFilter(BaseHostFilter):
 
     def explain(self, spec: RequestSpec, rejected: Sequence[HostState]) -> str:
         return f"{len(rejected)} host(s) are not in availability zone {spec.availability_zone}"
+
+    def explain_for_tenant(self, spec: RequestSpec, rejected: Sequence[HostState]) -> str:
+        return f"no host is in availability zone {spec.availability_zone}"
 
 
 class ComputeFilter(BaseHostFilter):
@@ -66,6 +80,9 @@ class ComputeFilter(BaseHostFilter):
             parts.append(f"{len(disabled)} host(s) disabled ({', '.join(disabled[:5])})")
         return "; ".join(parts)
 
+    def explain_for_tenant(self, spec: RequestSpec, rejected: Sequence[HostState]) -> str:
+        return "no host is up and enabled"
+
 
 class _ResourceFilter(BaseHostFilter):
     unit = ""
@@ -84,6 +101,11 @@ class _ResourceFilter(BaseHostFilter):
         best = max(rejected, key=self.free)
         return (f"{len(rejected)} host(s) lack {self.wanted(spec)} {self.unit} {self.resource} "
                 f"free; the most free is {self.free(best):g} {self.unit} on {best.name}")
+
+    def explain_for_tenant(self, spec: RequestSpec, rejected: Sequence[HostState]) -> str:
+        best = max(self.free(h) for h in rejected)
+        return (f"no host has {self.wanted(spec)} {self.unit} free; the most free is "
+                f"{max(best, 0):g} {self.unit}")
 
 
 class RamFilter(_ResourceFilter):
@@ -184,6 +206,10 @@ class ComputeCapabilitiesFilter(BaseHostFilter):
         wanted = ", ".join(f"{':'.join(p)} {v}" for p, v in self.requirements(spec))
         return f"{len(rejected)} host(s) lack the flavor's required capabilities ({wanted})"
 
+    def explain_for_tenant(self, spec: RequestSpec, rejected: Sequence[HostState]) -> str:
+        wanted = ", ".join(f"{':'.join(p)} {v}" for p, v in self.requirements(spec))
+        return f"no host has the flavor's required capabilities ({wanted})"
+
 
 class ImagePropertiesFilter(BaseHostFilter):
     """The image's ``architecture`` and ``hypervisor_type`` properties must match the host."""
@@ -206,6 +232,11 @@ class ImagePropertiesFilter(BaseHostFilter):
                   if spec.image_properties.get(k)}
         return f"{len(rejected)} host(s) do not match the image's {wanted}"
 
+    def explain_for_tenant(self, spec: RequestSpec, rejected: Sequence[HostState]) -> str:
+        wanted = {k: spec.image_properties[k] for k in ("architecture", "hypervisor_type")
+                  if spec.image_properties.get(k)}
+        return f"no host matches the image's {wanted}"
+
 
 class ServerGroupAffinityFilter(BaseHostFilter):
     """Hard affinity: once a member of the group is placed, the others go to its host."""
@@ -220,6 +251,10 @@ class ServerGroupAffinityFilter(BaseHostFilter):
     def explain(self, spec: RequestSpec, rejected: Sequence[HostState]) -> str:
         return (f"the server group's affinity policy requires host "
                 f"{', '.join(sorted(spec.group_hosts))}, which cannot take it")
+
+    def explain_for_tenant(self, spec: RequestSpec, rejected: Sequence[HostState]) -> str:
+        return ("the server group's affinity policy requires the host of its other members, "
+                "which cannot take it")
 
 
 class ServerGroupAntiAffinityFilter(BaseHostFilter):
@@ -236,6 +271,9 @@ class ServerGroupAntiAffinityFilter(BaseHostFilter):
         return (f"{len(rejected)} host(s) already run a member of the server group "
                 "(anti-affinity)")
 
+    def explain_for_tenant(self, spec: RequestSpec, rejected: Sequence[HostState]) -> str:
+        return "every host left already runs a member of the server group (anti-affinity)"
+
 
 class SameHostFilter(BaseHostFilter):
     name = "SameHostFilter"
@@ -247,6 +285,9 @@ class SameHostFilter(BaseHostFilter):
         return (f"the same_host hint allows only {', '.join(sorted(spec.same_host or ())) or 'none'}"
                 f"; {len(rejected)} host(s) excluded")
 
+    def explain_for_tenant(self, spec: RequestSpec, rejected: Sequence[HostState]) -> str:
+        return "the hosts of the same_host hint's servers cannot take it"
+
 
 class DifferentHostFilter(BaseHostFilter):
     name = "DifferentHostFilter"
@@ -256,6 +297,9 @@ class DifferentHostFilter(BaseHostFilter):
 
     def explain(self, spec: RequestSpec, rejected: Sequence[HostState]) -> str:
         return f"the different_host hint excludes {', '.join(h.name for h in rejected)}"
+
+    def explain_for_tenant(self, spec: RequestSpec, rejected: Sequence[HostState]) -> str:
+        return "the different_host hint excludes every host left"
 
 
 ALL_FILTERS: dict[str, type[BaseHostFilter]] = {

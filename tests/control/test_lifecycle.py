@@ -11,6 +11,7 @@ from django.db import connection
 from django.utils import timezone
 
 from cloudctl.compute import conductor, recovery, sync
+from cloudctl.compute.host_ids import host_id
 from cloudctl.compute.models import Host, Instance, InstanceAction
 from cloudctl.compute.scheduling import schedule_instance
 from cloudctl.compute.states import TaskState, VmState
@@ -113,7 +114,7 @@ def test_actions_on_a_server_whose_host_is_down_are_409(api, server, outbox):
     assert shown["host_status"] == "DOWN"
     response = act(api, server, "stop")
     assert response.status_code == 409
-    assert "its host hv1 is down" in response.json()["detail"]
+    assert f"its host {host_id(server.project_id, 'hv1')} is down" in response.json()["detail"]
     assert response.json()["code"] == "host_unavailable"
     # Delete still works: a local delete, the domain is reaped when the host returns.
     assert api.delete(f"/api/v1/servers/{server.uuid}/").status_code == 204
@@ -254,7 +255,8 @@ def test_periodic_sync_finds_a_vanished_domain(api, server):
     assert sync.sync_host(host, {}, timezone.now()) == 1
     shown = api.get(f"/api/v1/servers/{server.uuid}/").json()
     assert shown["status"] == "ERROR"
-    assert shown["fault"]["message"] == "the domain of this server no longer exists on host hv1"
+    assert shown["fault"]["message"] == ("the domain of this server no longer exists on host "
+                                         f"{host_id(server.project_id, 'hv1')}")
 
 
 def test_worker_restart_table(api, server, member, project, flavors, image, outbox,
@@ -302,7 +304,8 @@ def test_reaper_ends_an_expired_task_truthfully(api, server):
     assert (shown["status"], shown["task_state"]) == ("ACTIVE", None)
     [reboot, _] = api.get(f"/api/v1/servers/{server.uuid}/actions/").json()
     assert reboot["result"] == "Error"
-    assert reboot["message"] == ("rebooting did not finish within 300 s on host hv1; the host "
+    assert reboot["message"] == (f"rebooting did not finish within 300 s on host "
+                                 f"{host_id(server.project_id, 'hv1')}; the host "
                                  "last reported the domain running, so the server is active")
     assert reboot["events"][-1]["event"] == "task_deadline_exceeded"
 

@@ -12,6 +12,7 @@ from drf_spectacular.utils import (
     OpenApiParameter,
     OpenApiResponse,
     extend_schema,
+    extend_schema_field,
     extend_schema_view,
 )
 from rest_framework import mixins, serializers, status, viewsets
@@ -25,12 +26,14 @@ from cloudctl.compute import migration_requests, selectors
 from cloudctl.compute.api.common import SERVER_ID, BlockMigrationField, IdOrNameField, StrictCharField, lookup
 from cloudctl.compute.models import (
     Flavor,
+    Host,
     Instance,
     Migration,
     MigrationStatus,
     MigrationType,
 )
 from cloudctl.identity.permissions import IsCloudAdmin
+from cloudctl.identity.services import is_admin
 
 
 class LiveMigrateSerializer(serializers.Serializer):
@@ -54,8 +57,8 @@ class ResizeSerializer(serializers.Serializer):
 
 class MigrationSerializer(serializers.ModelSerializer):
     server = serializers.UUIDField(source="instance_id", read_only=True)
-    source_host = serializers.CharField(source="source_host.name", default=None, allow_null=True)
-    dest_host = serializers.CharField(source="dest_host.name", default=None, allow_null=True)
+    source_host = serializers.SerializerMethodField(help_text="administrators only (null for the others)")
+    dest_host = serializers.SerializerMethodField(help_text="administrators only (null for the others)")
     old_flavor = serializers.CharField(source="old_flavor.name")
     new_flavor = serializers.CharField(source="new_flavor.name")
     action_id = serializers.IntegerField(allow_null=True)
@@ -68,6 +71,20 @@ class MigrationSerializer(serializers.ModelSerializer):
                   "disk_remaining", "downtime_ms", "progress_updated", "error", "failed_check", "batch",
                   "action_id", "created", "updated", "started_at", "finished_at")
         read_only_fields = fields
+
+    def _host_name(self, host: Host | None) -> str | None:
+        # A tenant's resize shows no hypervisor names (the server's hostId says where it runs).
+        if host is None or not is_admin(self.context["request"].user):
+            return None
+        return host.name
+
+    @extend_schema_field(serializers.CharField(allow_null=True))
+    def get_source_host(self, migration: Migration) -> str | None:
+        return self._host_name(migration.source_host)
+
+    @extend_schema_field(serializers.CharField(allow_null=True))
+    def get_dest_host(self, migration: Migration) -> str | None:
+        return self._host_name(migration.dest_host)
 
 
 MIGRATION_ID = OpenApiParameter("migration_id", OpenApiTypes.INT, OpenApiParameter.PATH,
@@ -103,7 +120,8 @@ class ServerMigrationActions:
 
     def _migration_accepted(self, migration: Migration) -> Response:
         migration = selectors.migrations_visible_to(self.request.user).get(pk=migration.pk)
-        return Response(MigrationSerializer(migration).data, status=status.HTTP_202_ACCEPTED)
+        return Response(MigrationSerializer(migration, context={"request": self.request}).data,
+                        status=status.HTTP_202_ACCEPTED)
 
     @_migration_action("Live-migrate a running server to another host (admin); checked next, then "
                        "followed in GET .../migrations/", LiveMigrateSerializer, checked_later=True)
@@ -153,14 +171,16 @@ class ServerMigrationActions:
     def server_migrations(self, request: Request, pk: str | None = None) -> Response:
         instance = self.get_object()
         found = selectors.migrations_visible_to(request.user).filter(instance=instance)
-        return paginated(self, found, lambda page: MigrationSerializer(page, many=True).data)
+        return paginated(self, found, lambda page: MigrationSerializer(
+            page, many=True, context={"request": request}).data)
 
     @extend_schema(summary="One migration of the server", parameters=[SERVER_ID, MIGRATION_ID],
                    responses={200: MigrationSerializer, **error_responses(401, 403, 404)})
     @action(detail=True, methods=["get"], url_path=r"migrations/(?P<migration_id>[0-9]+)")
     def server_migration(self, request: Request, pk: str | None = None,
                          migration_id: str | None = None) -> Response:
-        return Response(MigrationSerializer(self._migration(migration_id)).data)
+        return Response(MigrationSerializer(self._migration(migration_id),
+                                            context={"request": request}).data)
 
     @extend_schema(summary="Abort a migration (admin): the server stays on its source, running",
                    description="A migration not started yet (`accepted`, `checking`; any kind) ends "

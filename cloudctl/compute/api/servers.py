@@ -22,8 +22,15 @@ from rest_framework.response import Response
 
 from cloudctl.api import CodedErrorSerializer, error_responses, paginated
 from cloudctl.compute import ports, selectors, services
-from cloudctl.compute.api.common import SERVER_ID, IdOrNameField, StrictCharField, lookup
+from cloudctl.compute.api.common import (
+    SERVER_ID,
+    HidesHostNames,
+    IdOrNameField,
+    StrictCharField,
+    lookup,
+)
 from cloudctl.compute.api.migrations import ServerMigrationActions
+from cloudctl.compute.host_ids import host_id
 from cloudctl.compute.models import (
     Flavor,
     Instance,
@@ -186,17 +193,28 @@ class ServerImageSerializer(serializers.Serializer):
 
 
 class ServerFaultSerializer(serializers.Serializer):
-    """Documentation only: why a server is in error (details only for administrators on 5xx)."""
+    """Documentation only: why a server is in error (details only for administrators on 5xx; the
+    message names hosts for administrators only, e.g. NoValidHost's)."""
 
     message = serializers.CharField()
     code = serializers.IntegerField()
     details = serializers.CharField(allow_blank=True)
 
 
+def _admin_reads(serializer: serializers.Serializer) -> bool:
+    return is_admin(serializer.context["request"].user)
+
+
+HOST_HELP = "the hypervisor's name: administrators only (null for the others)"
+HOST_ID_HELP = ("sha224 hex of the project id and the host name, as Nova's hostId: equal for two "
+                "servers of one project on one host; empty without a host")
+
+
 class ServerSerializer(serializers.ModelSerializer):
     id = serializers.UUIDField(source="uuid", read_only=True)
     status = serializers.CharField(read_only=True)
-    host = serializers.CharField(source="host.name", default=None, read_only=True, allow_null=True)
+    host = serializers.SerializerMethodField(help_text=HOST_HELP)
+    hostId = serializers.SerializerMethodField(help_text=HOST_ID_HELP)  # Nova's name
     project = serializers.CharField(source="project.name", read_only=True)
     flavor = serializers.SerializerMethodField()
     image = serializers.SerializerMethodField()
@@ -207,7 +225,7 @@ class ServerSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = Instance
-        fields = ("id", "name", "status", "vm_state", "task_state", "power_state", "host",
+        fields = ("id", "name", "status", "vm_state", "task_state", "power_state", "host", "hostId",
                   "host_status", "availability_zone", "flavor", "image", "fault", "project",
                   "server_group", "addresses", "created", "updated", "launched_at")
         read_only_fields = fields
@@ -242,6 +260,15 @@ class ServerSerializer(serializers.ModelSerializer):
             return None
         return {"id": str(instance.image.id), "name": instance.image.name}
 
+    @extend_schema_field(serializers.CharField(allow_null=True))
+    def get_host(self, instance: Instance) -> str | None:
+        if instance.host is None or not _admin_reads(self):
+            return None
+        return instance.host.name
+
+    def get_hostId(self, instance: Instance) -> str:
+        return host_id(instance.project_id, instance.host.name if instance.host else None)
+
     def get_host_status(self, instance: Instance) -> str:
         return selectors.host_status(instance)
 
@@ -250,22 +277,37 @@ class ServerSerializer(serializers.ModelSerializer):
         if not instance.fault:
             return None
         fault = dict(instance.fault)
+        admin = _admin_reads(self)
         # As Nova: technical details of internal errors are for administrators.
-        if fault.get("code", 500) >= 500 and not is_admin(self.context["request"].user):
+        if fault.get("code", 500) >= 500 and not admin:
             fault["details"] = ""
-        return {"message": fault.get("message", ""), "code": fault.get("code", 500),
-                "details": fault.get("details", "")}
+        # A fault written with a form for tenants (NoValidHost: no host names) shows it to them.
+        message = fault.get("message", "")
+        if not admin:
+            message = fault.get("tenant_message") or message
+        return {"message": message, "code": fault.get("code", 500), "details": fault.get("details", "")}
 
 
 class ActionEventSerializer(serializers.ModelSerializer):
     traceback = serializers.SerializerMethodField()
+    host = serializers.SerializerMethodField(help_text="the host it ran on: administrators only "
+                                                       "(empty for the others)")
+    hostId = serializers.SerializerMethodField(help_text=HOST_ID_HELP)  # Nova's name
 
     class Meta:
         model = InstanceActionEvent
-        fields = ("event", "result", "host", "message", "start_time", "finish_time", "traceback")
+        fields = ("event", "result", "host", "hostId", "message", "start_time", "finish_time",
+                  "traceback")
 
     def get_traceback(self, event: InstanceActionEvent) -> str:
-        return event.traceback if is_admin(self.context["request"].user) else ""
+        return event.traceback if _admin_reads(self) else ""
+
+    def get_host(self, event: InstanceActionEvent) -> str:
+        return event.host if _admin_reads(self) else ""
+
+    def get_hostId(self, event: InstanceActionEvent) -> str:
+        # The server's project (not the acting user's), as the server's own hostId.
+        return host_id(self.context["server_project_id"], event.host)
 
 
 class ActionSerializer(serializers.ModelSerializer):
@@ -332,8 +374,8 @@ def _server_action(summary: str, request: Any = None, *, bad_request: bool = Fal
                                         description="Accepted: its compute worker destroys it"),
                    **error_responses(401, 403, 404, 409)}),
 )
-class ServerViewSet(ServerMigrationActions, mixins.ListModelMixin, mixins.RetrieveModelMixin,
-                    viewsets.GenericViewSet):
+class ServerViewSet(HidesHostNames, ServerMigrationActions, mixins.ListModelMixin,
+                    mixins.RetrieveModelMixin, viewsets.GenericViewSet):
     # A server and its lifecycle actions; its migrations' actions come from ServerMigrationActions.
     # (A comment, not a docstring: drf-spectacular would publish it on every operation.)
 
@@ -369,7 +411,8 @@ class ServerViewSet(ServerMigrationActions, mixins.ListModelMixin, mixins.Retrie
 
     def _accepted(self, action_record: InstanceAction) -> Response:
         action_record = selectors.server_actions(instance=action_record.instance).get(pk=action_record.pk)
-        return Response(ActionSerializer(action_record, context={"request": self.request}).data,
+        context = {"request": self.request, "server_project_id": action_record.instance.project_id}
+        return Response(ActionSerializer(action_record, context=context).data,
                         status=status.HTTP_202_ACCEPTED)
 
     @_server_action("Reboot a server (SOFT: ACPI, then HARD after the timeout; HARD: reset)",
@@ -430,8 +473,9 @@ class ServerViewSet(ServerMigrationActions, mixins.ListModelMixin, mixins.Retrie
     def actions(self, request: Request, pk: str | None = None) -> Response:
         instance = self.get_object()
         records = selectors.server_actions(instance=instance)
+        context = {"request": request, "server_project_id": instance.project_id}
         return paginated(self, records, lambda page: ActionSerializer(
-            page, many=True, context={"request": request}).data)
+            page, many=True, context=context).data)
 
     @extend_schema(
         summary="The tail of the server's serial console, read from its host",
@@ -461,8 +505,12 @@ class ServerGroupSerializer(serializers.ModelSerializer):
         read_only_fields = ("id", "project", "members", "created")
 
     def get_members(self, group: ServerGroup) -> list[dict[str, Any]]:
+        """Each member with its hostId (anti-affinity can be checked by the owner) and, for
+        administrators, its host."""
+        admin = _admin_reads(self)
         return [{"id": str(m.uuid), "name": m.name, "status": m.status,
-                 "host": m.host.name if m.host else None}
+                 "host": m.host.name if m.host and admin else None,
+                 "hostId": host_id(m.project_id, m.host.name if m.host else None)}
                 for m in selectors.server_group_members(group=group)]
 
 
@@ -484,7 +532,7 @@ SERVER_GROUP_ID = OpenApiParameter("id", OpenApiTypes.UUID, OpenApiParameter.PAT
                           responses={204: OpenApiResponse(description="Deleted"),
                                      **error_responses(401, 403, 404)}),
 )
-class ServerGroupViewSet(mixins.CreateModelMixin, mixins.ListModelMixin,
+class ServerGroupViewSet(HidesHostNames, mixins.CreateModelMixin, mixins.ListModelMixin,
                          mixins.RetrieveModelMixin, mixins.DestroyModelMixin,
                          viewsets.GenericViewSet):
     """Nova's os-server-groups: deleting a group leaves its servers running, ungrouped."""
