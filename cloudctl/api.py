@@ -100,6 +100,13 @@ def lookup(queryset: QuerySet[Any], ref: str, *, kind: str, id_kind: type) -> An
     raise serializers.ValidationError(f"no {kind} with id or name {ref!r}")
 
 
+class ProjectRefSerializer(serializers.Serializer):
+    """A project as other objects name it: ``{"id", "name"}``."""
+
+    id = serializers.IntegerField()
+    name = serializers.CharField()
+
+
 # --- OpenAPI: the error shapes ---------------------------------------------------------------------
 
 class ErrorSerializer(serializers.Serializer):

@@ -28,6 +28,7 @@ from rest_framework.views import APIView
 from cloudctl.api import (
     ErrorSerializer,
     IdOrNameField,
+    ProjectRefSerializer,
     StrictCharField,
     StrictSerializer,
     error_responses,
@@ -44,11 +45,6 @@ class TokenRequestSerializer(serializers.Serializer):
     password = StrictCharField(trim_whitespace=False, max_length=4096)
     project = IdOrNameField(required=False, help_text="the project to act in (id or name); default: "
                                                       "the user's first project")
-
-
-class ProjectRefSerializer(serializers.Serializer):
-    id = serializers.IntegerField()
-    name = serializers.CharField()
 
 
 class TokenResponseSerializer(serializers.Serializer):

@@ -13,7 +13,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from cloudctl.api import error_responses
+from cloudctl.api import ProjectRefSerializer, error_responses
 from cloudctl.identity.models import Project
 from cloudctl.identity.services import is_admin, project_id_of, project_of
 from cloudctl.quotas.resources import RESOURCES
@@ -26,11 +26,6 @@ class QuotaEntrySerializer(serializers.Serializer):
     limit = serializers.IntegerField(help_text="-1: unlimited")
     in_use = serializers.IntegerField(help_text="counted from the resources now; per-owner "
                                                 "resources: the largest owner")
-
-
-class ProjectRefSerializer(serializers.Serializer):
-    id = serializers.IntegerField()
-    name = serializers.CharField()
 
 
 QuotaSetSerializer = type("QuotaSetSerializer", (serializers.Serializer,), {
