@@ -32,6 +32,7 @@ from cloudctl.api import (
     StrictCharField,
     StrictSerializer,
     error_responses,
+    paginated,
 )
 from cloudctl.identity import services
 from cloudctl.identity.models import Project, Role, RoleAssignment
@@ -245,7 +246,8 @@ class ProjectViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
     def members(self, request: Request, pk: str | None = None) -> Response:
         project = self.get_object()
         if request.method == "GET":
-            return Response(MemberSerializer(services.role_assignments_of(project), many=True).data)
+            return paginated(self, services.role_assignments_of(project),
+                             lambda page: MemberSerializer(page, many=True).data)
         body = MemberRequestSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         assignment = services.role_assign(project=project, **body.validated_data)
