@@ -6,6 +6,7 @@ variable.
 
 from __future__ import annotations
 
+import os
 import secrets
 import socket
 from pathlib import Path
@@ -21,26 +22,36 @@ from cloudctl.env import (
     env_list,
     env_str,
 )
-from compute_workers import contract
+from compute_workers import contract, credentials
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 STATE_DIR = Path(env_str("CLOUDCTL_STATE_DIR", str(BASE_DIR / "var")))
 
 
-def _persistent_secret_key() -> str:
-    """CLOUDCTL_SECRET_KEY, else a random key generated once and kept in STATE_DIR/secret_key."""
-    configured = env_str("CLOUDCTL_SECRET_KEY", "")
+def _persistent_secret(variable: str, file_name: str) -> str:
+    """Environment variable ``variable``, else a random secret generated once into STATE_DIR/``file_name``
+    (mode 0600). Created under a temporary name and linked into place, so that processes starting
+    together all read the one secret that won."""
+    configured = env_str(variable, "")
     if configured:
         return configured
-    path = STATE_DIR / "secret_key"
+    path = STATE_DIR / file_name
     if not path.exists():
         STATE_DIR.mkdir(parents=True, exist_ok=True)
-        path.write_text(secrets.token_urlsafe(50))
-        path.chmod(0o600)
+        temporary = path.with_name(f".{file_name}.{secrets.token_hex(8)}")
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as out:
+            out.write(secrets.token_urlsafe(50))
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            pass
+        finally:
+            temporary.unlink()
     return path.read_text().strip()
 
 
-SECRET_KEY = _persistent_secret_key()
+SECRET_KEY = _persistent_secret("CLOUDCTL_SECRET_KEY", "secret_key")
 DEBUG = env_bool("CLOUDCTL_DEBUG", False)
 ALLOWED_HOSTS = env_list("CLOUDCTL_ALLOWED_HOSTS", ["127.0.0.1", "localhost"])
 
@@ -279,10 +290,26 @@ NETWORK_DHCP_LEASE_SECONDS = env_int("NETWORK_DHCP_LEASE_SECONDS", 86400, minimu
 # within it.
 NETWORK_RESYNC_INTERVAL = env_int("NETWORK_RESYNC_INTERVAL", 60, minimum=1)
 
+# --- Compute hosts' credentials --------------------------------------------------------------------
+# The Redis password: REDIS_PASSWORD, else STATE_DIR/redis.password (tools/services.sh generates it).
+# It goes into every Redis URL below (compute_workers.credentials.redis_url) unless a URL names its own.
+REDIS_PASSWORD = credentials.redis_password(os.environ, STATE_DIR)
+# Host keys are HMAC(CLOUDCTL_HOST_KEY_SECRET, "host:<name>:<generation>"): `manage.py host_credentials`.
+CLOUDCTL_HOST_KEY_SECRET = _persistent_secret("CLOUDCTL_HOST_KEY_SECRET", "host_key_secret")
+# A report signed further than this from the conductor's clock is dropped (replays, wrong clocks).
+REPORT_MAX_SKEW = env_float("REPORT_MAX_SKEW", credentials.DEFAULT_MAX_SKEW, minimum=1.0)
+# Hosts that join enabled at their first heartbeat (names, or shell patterns such as `hv*`); any other
+# new host joins disabled until an admin enables it. Default: the host `make run` configures
+# (COMPUTE_HOST), if set.
+COMPUTE_TRUSTED_HOSTS = env_list("COMPUTE_TRUSTED_HOSTS",
+                                 [env_str("COMPUTE_HOST", "")] if env_str("COMPUTE_HOST", "") else [])
+
 # --- Celery (scheduler, conductor, beat; compute workers have their own app) ----------------------
-CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0")
+CELERY_BROKER_URL = credentials.redis_url(env_str("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0"),
+                                          REDIS_PASSWORD)
 # Where compute workers store results of synchronous calls (console output).
-CELERY_RPC_BACKEND = env_str("CELERY_RPC_BACKEND", "redis://127.0.0.1:6379/1")
+CELERY_RPC_BACKEND = credentials.redis_url(env_str("CELERY_RPC_BACKEND", "redis://127.0.0.1:6379/1"),
+                                           REDIS_PASSWORD)
 CELERY_RESULT_BACKEND = "django-db"
 CELERY_RESULT_EXTENDED = True
 CELERY_RESULT_EXPIRES = env_int("CELERY_RESULT_EXPIRES", 7 * 24 * 3600, minimum=60)

@@ -60,6 +60,10 @@ class Host(models.Model):
     # entries for the vxlan networks they share point here. "": none (flat networks only).
     tunnel_ip = models.CharField(max_length=64, blank=True, default="",
                                  help_text="VXLAN tunnel endpoint (COMPUTE_TUNNEL_IP), from the heartbeat")
+    # The generation of the host's key (HMAC(CLOUDCTL_HOST_KEY_SECRET, "host:<name>:<generation>"),
+    # compute_workers.credentials): `manage.py host_credentials --rotate` bumps it, revoking the old key.
+    key_generation = models.PositiveIntegerField(
+        default=1, help_text="generation of the host key its reports are signed with (host_credentials)")
     # Per-host overrides; null means the global setting.
     cpu_allocation_ratio = models.FloatField(null=True, blank=True)
     ram_allocation_ratio = models.FloatField(null=True, blank=True)
