@@ -7,10 +7,14 @@ repo=$PWD
 
 tools/install-system.sh
 tools/venv.sh requirements.txt
-tools/services.sh start
-
 export CLOUDCTL_STATE_DIR=${CLOUDCTL_STATE_DIR:-$repo/var}
 mkdir -p "$CLOUDCTL_STATE_DIR"
+tools/services.sh start
+# Redis requires the password services.sh generated (var/redis.password): every process gets it.
+export REDIS_PASSWORD=${REDIS_PASSWORD:-$(cat "$CLOUDCTL_STATE_DIR/redis.password")}
+# The compute host this machine runs (the Procfile's compute worker): trusted, so it joins enabled
+# (COMPUTE_TRUSTED_HOSTS defaults to it), and given its host key below.
+export COMPUTE_HOST=${COMPUTE_HOST:-$(hostname)}
 # Secrets generated once per installation, kept in var/cloudctl.env (mode 600); a value set in
 # the environment wins.
 env_file=$CLOUDCTL_STATE_DIR/cloudctl.env
@@ -43,6 +47,12 @@ export PATH="$repo/.venv/bin:$PATH"
 python manage.py migrate --noinput
 python manage.py collectstatic --noinput -v0
 python manage.py bootstrap --image "$image" --demo-network
+# The key the compute worker signs its reports with (see `manage.py host_credentials`).
+if [ -z "${COMPUTE_HOST_KEY:-}" ]; then
+  COMPUTE_HOST_KEY=$(python manage.py host_credentials "$COMPUTE_HOST" 2>/dev/null |
+                     sed -n 's/^COMPUTE_HOST_KEY=//p')
+  export COMPUTE_HOST_KEY
+fi
 
 cat <<MSG
 
