@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Start the daemons cloudctl talks to, when they are not running already. No systemd needed.
-# Usage: tools/services.sh start [--postgres]     (idempotent)
+# Usage: tools/services.sh start [--postgres] [--redis-only]     (idempotent)
 #        tools/services.sh status
 #
 # libvirtd runs in a PID namespace whose PID 1 is tini: libvirt waits for a dead QEMU to be
@@ -15,9 +15,11 @@ set -euo pipefail
 cmd=${1:-start}
 shift || true
 want_postgres=0
+redis_only=0
 for arg in "$@"; do
   case "$arg" in
     --postgres) want_postgres=1 ;;
+    --redis-only) redis_only=1 ;;
     *) echo "unknown option $arg" >&2; exit 2 ;;
   esac
 done
@@ -104,6 +106,7 @@ start_redis() {
 
 start() {
   start_redis
+  [ "$redis_only" = 1 ] && return 0
   if ! virtlogd_up; then
     echo "==> starting virtlogd"
     virtlogd -d
@@ -139,5 +142,5 @@ status() {
 case "$cmd" in
   start) start ;;
   status) status ;;
-  *) echo "usage: $0 start [--postgres] | status" >&2; exit 2 ;;
+  *) echo "usage: $0 start [--postgres] [--redis-only] | status" >&2; exit 2 ;;
 esac
