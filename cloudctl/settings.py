@@ -307,6 +307,9 @@ COMPUTE_TRUSTED_HOSTS = env_list("COMPUTE_TRUSTED_HOSTS",
 # --- Celery (scheduler, conductor, beat; compute workers have their own app) ----------------------
 CELERY_BROKER_URL = credentials.redis_url(env_str("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0"),
                                           REDIS_PASSWORD)
+# Celery takes the environment's CELERY_BROKER_URL over this setting, and that variable holds the URL
+# without REDIS_PASSWORD: the URLs Celery connects with (read: consume, write: send) are set explicitly.
+CELERY_BROKER_READ_URL = CELERY_BROKER_WRITE_URL = CELERY_BROKER_URL
 # Where compute workers store results of synchronous calls (console output).
 CELERY_RPC_BACKEND = credentials.redis_url(env_str("CELERY_RPC_BACKEND", "redis://127.0.0.1:6379/1"),
                                            REDIS_PASSWORD)

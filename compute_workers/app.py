@@ -18,6 +18,10 @@ RESULT_EXPIRES = 300
 def celery_settings(config: ComputeConfig) -> dict[str, Any]:
     return {
         "broker_url": config.broker_connection_url,
+        # Celery takes the environment's CELERY_BROKER_URL over broker_url, and that variable holds the
+        # URL without REDIS_PASSWORD: the URLs it connects with are set explicitly.
+        "broker_read_url": config.broker_connection_url,
+        "broker_write_url": config.broker_connection_url,
         "broker_connection_retry_on_startup": True,
         # Redis has no real acknowledgements: a task that is delivered and not acknowledged within
         # visibility_timeout is delivered again (to any worker of the queue). It must exceed the longest

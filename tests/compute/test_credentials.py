@@ -3,9 +3,11 @@ signatures that survive the broker's JSON and bind a report to one host, and the
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import pytest
 from celery import Celery, Task
@@ -13,7 +15,7 @@ from celery.contrib.testing.worker import start_worker
 from kombu.utils.json import dumps, loads
 
 from compute_workers import contract, credentials
-from compute_workers.app import celery_settings
+from compute_workers.app import celery_settings, create_app
 from compute_workers.config import ComputeConfig
 from compute_workers.reporter import CeleryReporter, derived_host_keys, one_host_key
 
@@ -44,6 +46,13 @@ def test_the_worker_puts_redis_password_in_both_urls() -> None:
                                              "CELERY_RPC_BACKEND": "redis://h:1/4"})
     settings = celery_settings(config)
     assert (settings["broker_url"], settings["result_backend"]) == ("redis://:pw@h:1/3", "redis://:pw@h:1/4")
+    # Celery prefers the environment's CELERY_BROKER_URL (no password) to broker_url: what it connects
+    # with is the URL with the password all the same.
+    app = create_app(config)
+    with patch.dict(os.environ, {"CELERY_BROKER_URL": "redis://h:1/3"}):
+        assert app.conf.broker_url == "redis://h:1/3"
+        for connection in (app.connection_for_read(), app.connection_for_write()):
+            assert connection.as_uri(include_password=True) == "redis://:pw@h:1/3"
     assert "pw" not in repr(config) and "k3y" not in repr(ComputeConfig.from_env(
         environ={"COMPUTE_HOST_KEY": "k3y"}))
 

@@ -83,3 +83,18 @@ def test_the_host_key_secret_is_generated_once_and_private(tmp_path):
     assert _settings_of(tmp_path, "CLOUDCTL_HOST_KEY_SECRET") == [first]
     assert _settings_of(tmp_path, "CLOUDCTL_HOST_KEY_SECRET", CLOUDCTL_HOST_KEY_SECRET="set") == ["set"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+
+
+def test_the_control_planes_celery_connects_with_the_password_despite_the_environment(tmp_path):
+    """Celery prefers the environment's CELERY_BROKER_URL (here without the password) to its setting:
+    the scheduler, conductor and beat connect with the URL that carries it all the same."""
+    (tmp_path / "redis.password").write_text("f1le\n")
+    code = ("import django; django.setup(); from cloudctl.celery import app; "
+            "print(app.connection_for_read().as_uri(include_password=True)); "
+            "print(app.connection_for_write().as_uri(include_password=True))")
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_PASSWORD"}
+    env.update(CLOUDCTL_STATE_DIR=str(tmp_path), DJANGO_SETTINGS_MODULE="cloudctl.settings",
+               CELERY_BROKER_URL="redis://127.0.0.1:6379/5")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                            check=True, env=env)
+    assert result.stdout.splitlines() == ["redis://:f1le@127.0.0.1:6379/5"] * 2
