@@ -93,9 +93,10 @@ def host_key(secret: str, host: str, generation: int) -> str:
 
 def canonical(task_name: str, host: str, timestamp: str, kwargs: Mapping[str, Any]) -> bytes:
     """The bytes a report's signature covers. JSON with sorted keys and no spaces: the same after the
-    message went through the broker's JSON (tuples become lists, which encode the same)."""
+    message went through the broker's JSON (tuples become lists, which encode the same; kombu gives
+    back a UUID or a datetime as such, and both sides write it as its ``str``)."""
     return json.dumps([task_name, host, timestamp, kwargs], sort_keys=True, separators=(",", ":"),
-                      ensure_ascii=True, allow_nan=True).encode()
+                      ensure_ascii=True, allow_nan=True, default=str).encode()
 
 
 def signature(key: str, task_name: str, host: str, timestamp: str, kwargs: Mapping[str, Any]) -> str:
@@ -130,7 +131,7 @@ def verify(headers: Mapping[str, Any], task_name: str, kwargs: Mapping[str, Any]
         raise ReportRejected(f"timestamp {timestamp[:40]} is {skew:.0f} s from the conductor's clock "
                              f"(at most {max_skew:.0f} s allowed): a replay or a wrong clock")
     named = kwargs.get("host")
-    if named is not None and named != host:
+    if named != host:
         raise ReportRejected(f"signed by host {host!r} but speaks for host {named!r}")
     key = key_of(host)
     if key is None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import threading
+import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from unittest.mock import patch
@@ -57,7 +59,8 @@ def test_the_worker_puts_redis_password_in_both_urls() -> None:
         environ={"COMPUTE_HOST_KEY": "k3y"}))
 
 
-REPORT = {"instance_uuid": "9f0c", "host": "hv1", "expected_task_state": None,
+REPORT = {"instance_uuid": uuid.UUID(int=7), "at": datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
+          "host": "hv1", "expected_task_state": None,
           "values": {"vm_state": "active", "task_state": None}, "event": {"name": "é", "result": "Start"},
           "observed_at": 1765000000.123456789, "tuple": (1, 2)}
 
@@ -66,6 +69,7 @@ def test_a_signature_survives_the_brokers_json_and_binds_task_host_time_and_argu
     key = credentials.host_key("secret", "hv1", 1)
     headers = credentials.sign(key, contract.CONDUCTOR_INSTANCE_UPDATE, "hv1", REPORT, now=lambda: 1000.0)
     received = loads(dumps(REPORT))  # what the conductor's task gets: tuples are lists now
+    assert isinstance(received["instance_uuid"], uuid.UUID) and received["tuple"] == [1, 2]
     keys = {"hv1": key, "hv2": credentials.host_key("secret", "hv2", 1)}
     verify = {"key_of": keys.get, "now": lambda: 1100.0}
     assert credentials.verify(loads(dumps(headers)), contract.CONDUCTOR_INSTANCE_UPDATE, received,
@@ -81,6 +85,8 @@ def test_a_signature_survives_the_brokers_json_and_binds_task_host_time_and_argu
                             contract.CONDUCTOR_INSTANCE_UPDATE, received),
         "no key for host 'hv3'": ({**headers, credentials.HOST_HEADER: "hv3"},
                                   contract.CONDUCTOR_INSTANCE_UPDATE, {**received, "host": "hv3"}),
+        "speaks for host None": (headers, contract.CONDUCTOR_INSTANCE_UPDATE,
+                                 {k: v for k, v in received.items() if k != "host"}),
     }
     for reason, (sent_headers, task_name, kwargs) in refusals.items():
         with pytest.raises(credentials.ReportRejected, match=reason):
@@ -122,15 +128,16 @@ def test_the_signature_headers_reach_the_task_through_a_real_worker() -> None:
             done.set()
             return None
 
-    @app.task(name=contract.CONDUCTOR_HOST_STOPPING, base=Recording)
-    def host_stopping(host: str) -> None:
-        """The conductor's task, as far as this test needs it."""
+    # A name of its own: cloudctl's shared conductor tasks join every Celery app of the process.
+    @app.task(name="tests.signed_probe", base=Recording)
+    def signed_probe(host: str) -> None:
+        """Stands for a conductor task."""
     reporter = CeleryReporter(app, one_host_key("hv1", "k1"))
     with start_worker(app, pool="solo", perform_ping_check=False, queues=[contract.CONDUCTOR_QUEUE]):
-        reporter.report(contract.CONDUCTOR_HOST_STOPPING, host="hv1")
+        reporter.report("tests.signed_probe", host="hv1")
         assert done.wait(10)
     assert seen["direct"] is False
-    assert credentials.verify(seen["headers"], contract.CONDUCTOR_HOST_STOPPING, seen["kwargs"],
+    assert credentials.verify(seen["headers"], "tests.signed_probe", seen["kwargs"],
                               {"hv1": "k1"}.get) == "hv1"
 
 
