@@ -83,6 +83,9 @@ def test_a_redis_without_a_password_gets_it_and_one_with_another_is_refused(tmp_
     # Another state dir, another password: refused, with what to do.
     other = services(redis_port, tmp_path / "b", "start", "--redis-only")
     assert other.returncode == 1 and "requires a password that is not the one of" in other.stderr
+    wrong = services(redis_port, tmp_path / "b", "start", "--redis-only", REDIS_PASSWORD="not-it-4242")
+    assert wrong.returncode == 1 and "the one of REDIS_PASSWORD" in wrong.stderr
+    assert "not-it-4242" not in wrong.stdout + wrong.stderr
     # REDIS_PASSWORD wins over the file.
     assert services(redis_port, tmp_path / "b", "start", "--redis-only",
                     REDIS_PASSWORD=password).returncode == 0

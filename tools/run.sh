@@ -49,7 +49,7 @@ python manage.py collectstatic --noinput -v0
 python manage.py bootstrap --image "$image" --demo-network
 # The key the compute worker signs its reports with (see `manage.py host_credentials`).
 if [ -z "${COMPUTE_HOST_KEY:-}" ]; then
-  COMPUTE_HOST_KEY=$(python manage.py host_credentials "$COMPUTE_HOST" 2>/dev/null |
+  COMPUTE_HOST_KEY=$(python manage.py host_credentials -v 0 "$COMPUTE_HOST" |
                      sed -n 's/^COMPUTE_HOST_KEY=//p')
   export COMPUTE_HOST_KEY
 fi

@@ -97,9 +97,10 @@ start_redis() {
       printf 'CONFIG SET requirepass %s\n' "$password" | redis_cli "" >/dev/null
       redis_up || { echo "could not set the password of the Redis on port $redis_port" >&2; return 1; } ;;
     foreign)
-      echo "redis-server on port $redis_port requires a password that is not the one of" \
-           "${REDIS_PASSWORD:+REDIS_PASSWORD}${REDIS_PASSWORD:-$redis_password_file}: set REDIS_PASSWORD" \
-           "to its password (or stop it)" >&2
+      local source=$redis_password_file
+      [ -n "${REDIS_PASSWORD:-}" ] && source=REDIS_PASSWORD
+      echo "redis-server on port $redis_port requires a password that is not the one of $source:" \
+           "set REDIS_PASSWORD to its password (or stop it)" >&2
       return 1 ;;
   esac
 }

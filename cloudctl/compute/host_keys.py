@@ -83,7 +83,8 @@ def report_verified(task_name: str, headers: Mapping[str, Any] | None, args: Seq
     except credentials.ReportRejected as exc:
         with _rejected_lock:
             rejected_reports[task_name] += 1
-        log.warning("dropped report %s %s (host argument %r): %s", task_name, task_id or "",
-                    kwargs.get("host"), exc)
+            total = sum(rejected_reports.values())
+        log.warning("dropped report %s %s (host argument %r): %s [%d dropped by this process]", task_name,
+                    task_id or "", kwargs.get("host"), exc, total)
         return False
     return True

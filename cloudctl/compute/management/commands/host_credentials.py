@@ -1,9 +1,9 @@
 """``manage.py host_credentials <host>``: the key a compute host signs its reports with.
 
 Prints the lines to put in the host's compute worker environment (``COMPUTE_HOST=...``,
-``COMPUTE_HOST_KEY=...``) on stdout, and how to use them on stderr: ``tools/run.sh`` reads the key of
-the host it starts from stdout. ``--rotate`` issues a new key (the old one is refused from now on);
-``--revoke`` refuses the current key and disables the host, printing no new key.
+``COMPUTE_HOST_KEY=...``) on stdout, and how to use them on stderr (not with ``-v 0``): ``tools/run.sh``
+reads the key of the host it starts from stdout. ``--rotate`` issues a new key (the old one is refused
+from now on); ``--revoke`` refuses the current key and disables the host, printing no new key.
 """
 
 from __future__ import annotations
@@ -37,10 +37,11 @@ class Command(BaseCommand):
             self.stderr.write(f"host {issued.host}: key revoked and host disabled; `host_credentials "
                               f"{issued.host} --rotate` issues a new key, the admin API enables it again")
             return
-        self.stderr.write(
-            f"host {issued.host}: key generation {issued.generation}"
-            f"{'' if issued.registered else ' (the host has not joined yet)'}. Put these lines in the "
-            "environment of its compute worker (`python -m compute_workers`), with CELERY_BROKER_URL and "
-            "REDIS_PASSWORD; keep them secret:")
+        if options["verbosity"] > 0:
+            self.stderr.write(
+                f"host {issued.host}: key generation {issued.generation}"
+                f"{'' if issued.registered else ' (the host has not joined yet)'}. Put these lines in the "
+                "environment of its compute worker (`python -m compute_workers`), with CELERY_BROKER_URL "
+                "and REDIS_PASSWORD; keep them secret:")
         self.stdout.write(f"COMPUTE_HOST={issued.host}")
         self.stdout.write(f"COMPUTE_HOST_KEY={issued.key}")
