@@ -233,8 +233,7 @@ def host_heartbeat(*, host: str, resources: dict[str, Any], starting: bool = Fal
     return record
 
 
-NEW_HOST_REASON = ("new host: enable it once you trust it (COMPUTE_TRUSTED_HOSTS lists the hosts that "
-                   "join enabled)")
+NEW_HOST_REASON = Host.NEW_HOST_REASON
 
 
 def host_trusted(host: str) -> bool:

@@ -73,8 +73,18 @@ class Host(models.Model):
     class Meta:
         ordering = ("name",)
 
+    # The reason a host heard of for the first time joins disabled with (unless COMPUTE_TRUSTED_HOSTS
+    # names it): until an admin enables it, it is trusted with nothing, not even a server it claims.
+    NEW_HOST_REASON = ("new host: enable it once you trust it (COMPUTE_TRUSTED_HOSTS lists the hosts that "
+                       "join enabled)")
+
     def __str__(self) -> str:
         return self.name
+
+    @property
+    def awaiting_trust(self) -> bool:
+        """Joined disabled as a new host, and not enabled by an admin since."""
+        return not self.enabled and self.disabled_reason == self.NEW_HOST_REASON
 
     @property
     def is_up(self) -> bool:

@@ -255,3 +255,24 @@ def test_host_credentials_of_a_host_not_yet_joined(db, settings) -> None:
     assert Host.objects.filter(name="hv9", key_generation=2, enabled=False).exists()
     with pytest.raises(CommandError, match="invalid host name"):
         call_command("host_credentials", "two words", stdout=io.StringIO(), stderr=io.StringIO())
+
+
+def test_a_host_awaiting_trust_cannot_take_a_server_by_claiming_its_domain(spawning: Instance,
+                                                                          settings) -> None:
+    """The sync moves a server whose domain left its host to the one host that reports it (a finished
+    live migration)... but not to a newcomer nobody trusted yet, which could claim any uuid."""
+    from django.utils import timezone
+
+    from cloudctl.compute import conductor, sync
+
+    conductor_tasks.instance_update(instance_uuid=str(spawning.uuid), host="hv1",
+                                    expected_task_state="spawning", values=SPAWNED)
+    settings.COMPUTE_TRUSTED_HOSTS = []
+    deliver(conductor_tasks.host_init, {"host": "stranger", "resources": _resources(
+        instances={str(spawning.uuid): "running"})}, signer="stranger")
+    assert Host.objects.get(name="stranger").awaiting_trust
+    source = heartbeat("hv1", instances={})
+    sync.sync_host(source, {}, conductor.observed_at_of({"observed_at": timezone.now().timestamp() + 1}))
+    spawning.refresh_from_db()
+    assert spawning.host.name == "hv1" and spawning.vm_state == VmState.ERROR  # gone, not adopted
+    assert not spawning.actions.filter(events__event="domain_found_elsewhere").exists()
