@@ -6,6 +6,7 @@ variable.
 
 from __future__ import annotations
 
+import os
 import secrets
 import socket
 import time
@@ -23,7 +24,7 @@ from cloudctl.env import (
     env_str,
 )
 from cloudctl.files import create_private_file, private_dir, private_file
-from compute_workers import contract
+from compute_workers import contract, credentials
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 STATE_DIR = Path(env_str("CLOUDCTL_STATE_DIR", str(BASE_DIR / "var")))
@@ -32,23 +33,24 @@ private_dir(STATE_DIR)
 private_file(STATE_DIR / "cloudctl.env")  # written by tools/run.sh; 0644 before it created it 0600
 
 
-def _persistent_secret_key() -> str:
-    """CLOUDCTL_SECRET_KEY, else a random key generated once and kept in STATE_DIR/secret_key
-    (created 0600; a process starting at the same time reads the one the first wrote)."""
-    configured = env_str("CLOUDCTL_SECRET_KEY", "")
+def _persistent_secret(variable: str, file_name: str) -> str:
+    """Environment variable ``variable``, else a random secret generated once into
+    STATE_DIR/``file_name`` (created 0600 with O_EXCL: of processes starting together, one writes
+    and the others wait for and read what it wrote)."""
+    configured = env_str(variable, "")
     if configured:
         return configured
-    path = STATE_DIR / "secret_key"
+    path = STATE_DIR / file_name
     create_private_file(path, secrets.token_urlsafe(50))
     for _ in range(50):
-        key = path.read_text().strip()
-        if key:
-            return key
+        value = path.read_text().strip()
+        if value:
+            return value
         time.sleep(0.1)  # another process created it and is writing it
-    raise ImproperlyConfiguredEnv("CLOUDCTL_SECRET_KEY", "", f"a key, or a non-empty file {path}")
+    raise ImproperlyConfiguredEnv(variable, "", f"a value, or a non-empty file {path}")
 
 
-SECRET_KEY = _persistent_secret_key()
+SECRET_KEY = _persistent_secret("CLOUDCTL_SECRET_KEY", "secret_key")
 DEBUG = env_bool("CLOUDCTL_DEBUG", False)
 ALLOWED_HOSTS = env_list("CLOUDCTL_ALLOWED_HOSTS", ["127.0.0.1", "localhost"])
 # Behind a reverse proxy that terminates TLS (deploy/nginx/cloudctl.conf): trust its
@@ -355,10 +357,29 @@ QUOTA_FLOATING_IPS = env_int("QUOTA_FLOATING_IPS", 50, minimum=-1)
 QUOTA_SECURITY_GROUPS = env_int("QUOTA_SECURITY_GROUPS", 10, minimum=-1)
 QUOTA_SECURITY_GROUP_RULES = env_int("QUOTA_SECURITY_GROUP_RULES", 100, minimum=-1)
 
+# --- Compute hosts' credentials --------------------------------------------------------------------
+# The Redis password: REDIS_PASSWORD, else STATE_DIR/redis.password (tools/services.sh generates it).
+# It goes into every Redis URL below (compute_workers.credentials.redis_url) unless a URL names its own.
+REDIS_PASSWORD = credentials.redis_password(os.environ, STATE_DIR)
+# Host keys are HMAC(CLOUDCTL_HOST_KEY_SECRET, "host:<name>:<generation>"): `manage.py host_credentials`.
+CLOUDCTL_HOST_KEY_SECRET = _persistent_secret("CLOUDCTL_HOST_KEY_SECRET", "host_key_secret")
+# A report signed further than this from the conductor's clock is dropped (replays, wrong clocks).
+REPORT_MAX_SKEW = env_float("REPORT_MAX_SKEW", credentials.DEFAULT_MAX_SKEW, minimum=1.0)
+# Hosts that join enabled at their first heartbeat (names, or shell patterns such as `hv*`); any other
+# new host joins disabled until an admin enables it. Default: the host `make run` configures
+# (COMPUTE_HOST), if set.
+COMPUTE_TRUSTED_HOSTS = env_list("COMPUTE_TRUSTED_HOSTS",
+                                 [env_str("COMPUTE_HOST", "")] if env_str("COMPUTE_HOST", "") else [])
+
 # --- Celery (scheduler, conductor, beat; compute workers have their own app) ----------------------
-CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0")
+CELERY_BROKER_URL = credentials.redis_url(env_str("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0"),
+                                          REDIS_PASSWORD)
+# Celery takes the environment's CELERY_BROKER_URL over this setting, and that variable holds the URL
+# without REDIS_PASSWORD: the URLs Celery connects with (read: consume, write: send) are set explicitly.
+CELERY_BROKER_READ_URL = CELERY_BROKER_WRITE_URL = CELERY_BROKER_URL
 # Where compute workers store results of synchronous calls (console output).
-CELERY_RPC_BACKEND = env_str("CELERY_RPC_BACKEND", "redis://127.0.0.1:6379/1")
+CELERY_RPC_BACKEND = credentials.redis_url(env_str("CELERY_RPC_BACKEND", "redis://127.0.0.1:6379/1"),
+                                           REDIS_PASSWORD)
 CELERY_RESULT_BACKEND = "django-db"
 CELERY_RESULT_EXTENDED = True
 CELERY_RESULT_EXPIRES = env_int("CELERY_RESULT_EXPIRES", 7 * 24 * 3600, minimum=60)

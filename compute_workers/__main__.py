@@ -23,7 +23,7 @@ from compute_workers.config import DRIVERS, ComputeConfig, ConfigError
 from compute_workers.exception import ComputeError
 from compute_workers.heartbeat import Heartbeat
 from compute_workers.manager import ComputeManager
-from compute_workers.reporter import CeleryReporter
+from compute_workers.reporter import CeleryReporter, one_host_key
 from compute_workers.tasks import register_tasks
 from compute_workers.virt import load_driver
 
@@ -97,7 +97,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     app = create_app(config)
-    manager = ComputeManager(config, driver, CeleryReporter(app))
+    if not config.host_key:
+        LOG.warning("COMPUTE_HOST_KEY is not set: the conductor drops every report of host %s (issue its "
+                    "key with `manage.py host_credentials %s` on the control plane)", config.host,
+                    config.host)
+    manager = ComputeManager(config, driver, CeleryReporter(app, one_host_key(config.host, config.host_key)))
     try:
         manager.init_host()
     except (ComputeError, OSError) as exc:

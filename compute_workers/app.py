@@ -17,7 +17,11 @@ RESULT_EXPIRES = 300
 
 def celery_settings(config: ComputeConfig) -> dict[str, Any]:
     return {
-        "broker_url": config.broker_url,
+        "broker_url": config.broker_connection_url,
+        # Celery takes the environment's CELERY_BROKER_URL over broker_url, and that variable holds the
+        # URL without REDIS_PASSWORD: the URLs it connects with are set explicitly.
+        "broker_read_url": config.broker_connection_url,
+        "broker_write_url": config.broker_connection_url,
         "broker_connection_retry_on_startup": True,
         # Redis has no real acknowledgements: a task that is delivered and not acknowledged within
         # visibility_timeout is delivered again (to any worker of the queue). It must exceed the longest
@@ -25,7 +29,7 @@ def celery_settings(config: ComputeConfig) -> dict[str, Any]:
         # (ComputeConfig checks this at start).
         "broker_transport_options": {"visibility_timeout": config.visibility_timeout},
         # Only the results of synchronous calls (get_console_output) are stored, in their own Redis DB.
-        "result_backend": config.rpc_backend,
+        "result_backend": config.rpc_backend_url,
         "result_expires": RESULT_EXPIRES,
         "task_ignore_result": True,
         # JSON only: tasks carry plain data, and pickle from the network would run arbitrary code.

@@ -7,6 +7,9 @@ A malformed value fails at start with :class:`ConfigError` naming the variable.
 |---|---|---|
 | `CELERY_BROKER_URL` | `redis://127.0.0.1:6379/0` | Broker the worker consumes from and sends conductor reports to. |
 | `CELERY_RPC_BACKEND` | `redis://127.0.0.1:6379/1` | Redis result backend holding the results of synchronous calls (`compute.get_console_output`). |
+| `REDIS_PASSWORD` | (empty) | Password of the Redis broker, put into the two URLs above when they name none (`tools/services.sh` generates it into the control plane's `var/redis.password`). |
+| `COMPUTE_HOST_KEY` | (empty) | This host's key (`manage.py host_credentials <host>` on the control plane prints it): every report to the conductor is signed with it (HMAC-SHA256). Unset: the worker starts, but the conductor drops every report of this host. |
+| `CLOUDCTL_API_URL` | `http://127.0.0.1:8000` | The control plane's API. The service token is sent only to URLs under it: an image or upload URL of a task that points anywhere else is refused without a request. |
 | `COMPUTE_HOST` | `socket.gethostname()` | Host name; the worker consumes queue `compute.<host>` as node `compute@<host>`. |
 | `COMPUTE_LIBVIRT_URI` | `qemu:///system` | libvirt connection URI (`test:///default` for fast tests). |
 | `COMPUTE_DRIVER` | `libvirt` | `libvirt`, or `fake` (in-memory hypervisor, for benchmarks). |
@@ -74,8 +77,9 @@ import socket
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from compute_workers import contract
+from compute_workers import contract, credentials
 
 DRIVERS = ("libvirt", "fake")
 VIRT_TYPES = ("auto", "kvm", "qemu")
@@ -148,6 +152,13 @@ def _host(text: str) -> str:
     return text
 
 
+def _api_url(text: str) -> str:
+    parts = urlsplit(text.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise ValueError("must be an http(s) URL without query or fragment, e.g. http://10.0.0.1:8000")
+    return text.strip().rstrip("/")
+
+
 def _address(text: str) -> str:
     """A migration address: a host name or an IP address, nothing a URI could be made of."""
     if text and (any(c.isspace() or c in "/?#@" for c in text) or text.startswith("[")):
@@ -208,6 +219,9 @@ class ComputeConfig:
     machine_type: str = _env("COMPUTE_MACHINE_TYPE", "pc", _non_empty)
     instances_path: Path = _env("INSTANCES_PATH", DEFAULT_INSTANCES_PATH, Path)  # noqa: RUF009 (a field)
     service_token: str = _env("CLOUDCTL_SERVICE_TOKEN", "", secret=True)
+    redis_password: str = _env("REDIS_PASSWORD", "", secret=True)
+    host_key: str = _env("COMPUTE_HOST_KEY", "", secret=True)
+    api_url: str = _env("CLOUDCTL_API_URL", "http://127.0.0.1:8000", _api_url)
     heartbeat_interval: float = _env("COMPUTE_HEARTBEAT_INTERVAL", 5.0, _positive_float)
     concurrency: int = _env("COMPUTE_CONCURRENCY", 4, _positive_int)
     reserved_host_memory_mb: int = _env("COMPUTE_RESERVED_HOST_MEMORY_MB", 512, _non_negative_int)
@@ -332,6 +346,16 @@ class ComputeConfig:
     @property
     def queue(self) -> str:
         return contract.compute_queue(self.host)
+
+    @property
+    def broker_connection_url(self) -> str:
+        """CELERY_BROKER_URL with REDIS_PASSWORD in it (when it names no password itself)."""
+        return credentials.redis_url(self.broker_url, self.redis_password)
+
+    @property
+    def rpc_backend_url(self) -> str:
+        """CELERY_RPC_BACKEND with REDIS_PASSWORD in it (when it names no password itself)."""
+        return credentials.redis_url(self.rpc_backend, self.redis_password)
 
     @classmethod
     def from_env(cls, overrides: Mapping[str, str] | None = None,

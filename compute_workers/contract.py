@@ -66,15 +66,17 @@ redelivery); every task converges to its target state (starting a running domain
 ``compute.snapshot_instance(instance_uuid, action_id, image_id, upload_url, image_name)``
     Snapshot the instance's root disk into a standalone qcow2 and upload it with
     ``PUT upload_url`` (streamed, ``Authorization: Token <CLOUDCTL_SERVICE_TOKEN>``, body = the
-    qcow2 bytes). Live when the domain runs (the guest keeps running: libvirt block copy, paused at
-    most briefly), cold when it is shut off. Expected task_state "image_snapshot"; when the copy is
-    made it reports values ``{"task_state": "image_uploading"}`` (expected "image_snapshot"), and
-    at the end ``{"task_state": None}`` plus the truthful vm_state/power_state (expected
-    "image_uploading"). Progress goes in events with result "progress" (message e.g. "copied
-    12.0 of 33.0 MiB"), which update the open event without closing it. On failure the server is
-    left as it was (running or stopped) and the report carries ``fault``; the image service marks
-    the image killed when its upload fails, and the conductor does when no upload was made. At
-    most ``COMPUTE_MAX_CONCURRENT_SNAPSHOTS`` run at once on a host; the others wait.
+    qcow2 bytes); an ``upload_url`` (as an image's ``url``) not under the worker's CLOUDCTL_API_URL
+    is refused before any work or connection. Live when the domain runs (the guest keeps running:
+    libvirt block copy, paused at most briefly), cold when it is shut off. Expected task_state
+    "image_snapshot"; when the copy is made it reports values ``{"task_state": "image_uploading"}``
+    (expected "image_snapshot"), and at the end ``{"task_state": None}`` plus the truthful
+    vm_state/power_state (expected "image_uploading"). Progress goes in events with result
+    "progress" (message e.g. "copied 12.0 of 33.0 MiB"), which update the open event without
+    closing it. On failure the server is left as it was (running or stopped) and the report carries
+    ``fault``; the image service marks the image killed when its upload fails, and the conductor
+    does when no upload was made. At most ``COMPUTE_MAX_CONCURRENT_SNAPSHOTS`` run at once on a
+    host; the others wait.
 
 Migration tasks. Every one carries ``migration_id`` (the control plane's Migration record) and
 reports with ``conductor.migration_update`` (below) instead of ``conductor.instance_update``; a task
@@ -183,7 +185,9 @@ derived from the domain's real power state: running→active, paused→paused, s
 shutdown/crashed→stopped, no domain→error), task_state None, plus the event closed with "error"
 and a ``fault``.
 
-Conductor tasks (sent to ``conductor``):
+Conductor tasks (sent to ``conductor``), keyword arguments only, each signed by the host named in its
+``host`` argument (message headers ``cloudctl_host``, ``cloudctl_ts``, ``cloudctl_sig``: see
+:mod:`compute_workers.credentials`); the conductor drops any report whose signature does not prove it:
 
 ``conductor.instance_update(instance_uuid, host, expected_task_state, values, event=None, fault=None,
 action_id=None)``

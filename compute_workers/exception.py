@@ -72,6 +72,11 @@ class ImageTooLarge(ImageError):
     """The image's virtual size exceeds the flavor's root disk."""
 
 
+class ImageURLRefused(ImageError):
+    """The image URL of a task is not under the configured API URL (CLOUDCTL_API_URL): the service
+    token is never sent there, on any host."""
+
+
 class ImageUploadError(ComputeError):
     """The snapshot could not be uploaded: the image service refused it or could not be reached."""
 

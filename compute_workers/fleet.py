@@ -14,7 +14,9 @@ fake`` would; what the hosts share is the process:
   that queue's name (kombu's Redis transport keeps it in the message, also when it restores an
   unacknowledged one). A spawn whose routing key is not a fleet queue falls back to its spec's ``host``;
   any other such task is logged and dropped;
-* one reporter, one power-state event thread, one heartbeat thread: each host's
+* one reporter, signing each host's reports with the host's first key derived from
+  ``CLOUDCTL_HOST_KEY_SECRET`` (the control plane's secret: a fleet is a simulation run beside the
+  control plane, never a real host), one power-state event thread, one heartbeat thread: each host's
   ``conductor.host_heartbeat`` (its own resources and instances, ``observed_at``) every
   ``--heartbeat-interval`` seconds (default 10: 1,000 hosts make 100 heartbeats a second), spread
   evenly over the interval;
@@ -46,6 +48,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import signal
 import sys
 import tempfile
@@ -62,7 +65,7 @@ from compute_workers.config import ComputeConfig, ConfigError
 from compute_workers.heartbeat import SpreadHeartbeat
 from compute_workers.manager import ComputeManager
 from compute_workers.power_events import PowerStateEvents
-from compute_workers.reporter import CeleryReporter, Reporter
+from compute_workers.reporter import CeleryReporter, Reporter, derived_host_keys
 from compute_workers.tasks import register_tasks
 from compute_workers.virt.driver import ComputeDriver
 from compute_workers.virt.fake import FakeDriver
@@ -268,7 +271,14 @@ def run(config: ComputeConfig, names: list[str], args: argparse.Namespace, start
                           disk_gb=config.fake_disk_gb, spawn_delay=args.spawn_delay,
                           destroy_delay=args.destroy_delay)
 
-    fleet = Fleet(config, names, CeleryReporter(app), make_driver)
+    # Simulated hosts on the control plane's machine sign with keys derived from its secret (each
+    # host's first generation); a real host gets its own key only (COMPUTE_HOST_KEY).
+    secret = os.environ.get("CLOUDCTL_HOST_KEY_SECRET", "").strip()
+    if not secret:
+        LOG.warning("CLOUDCTL_HOST_KEY_SECRET is not set: the fleet's reports go unsigned and the "
+                    "conductor drops them")
+    fleet = Fleet(config, names, CeleryReporter(app, derived_host_keys(secret) if secret else None),
+                  make_driver)
     fleet.init_hosts()
     register_tasks(app, fleet)
     heartbeat = fleet.heartbeat(config.heartbeat_interval)

@@ -28,7 +28,7 @@ from typing import Any
 
 import requests
 
-from compute_workers import qemu_img_limits
+from compute_workers import credentials, qemu_img_limits
 from compute_workers.exception import (
     HypervisorError,
     ImageChecksumMismatch,
@@ -38,6 +38,7 @@ from compute_workers.exception import (
     ImageNotFound,
     ImageSizeMismatch,
     ImageTooLarge,
+    ImageURLRefused,
 )
 from compute_workers.locks import KeyedLock, file_lock, try_file_lock
 
@@ -176,13 +177,22 @@ def qcow2_backing_file(path: Path) -> str | None:
 
 
 class ImageCache:
-    """Downloads images into ``base_dir`` once and hands out the cached paths."""
+    """Downloads images into ``base_dir`` once and hands out the cached paths; only from URLs under
+    ``api_url``, the one place the service token ``token`` is sent to."""
 
-    def __init__(self, base_dir: Path, *, token: str, timeout: float) -> None:
+    def __init__(self, base_dir: Path, *, token: str, timeout: float, api_url: str) -> None:
         self.base_dir = base_dir
         self.token = token
         self.timeout = timeout
+        self.api_url = api_url
         self._locks = KeyedLock()
+
+    def check_url(self, url: Any, name: str) -> str:
+        """``url`` if the service token may be sent there (under the API URL); else ImageURLRefused."""
+        try:
+            return credentials.check_api_url(url, self.api_url, f"the URL of image {name}")
+        except credentials.UntrustedURL as exc:
+            raise ImageURLRefused(str(exc)) from None
 
     def path(self, image_id: str) -> Path:
         if not _IMAGE_ID.fullmatch(image_id):
@@ -248,10 +258,11 @@ class ImageCache:
         if not self.token:
             raise ImageDownloadError(f"cannot download image {name}: CLOUDCTL_SERVICE_TOKEN is not set "
                                      "on this host")
+        url = self.check_url(image.get("url"), name)
         expected_size = image.get("size") if isinstance(image.get("size"), int) else None
         partial = self.base_dir / f".{image['id']}.part-{uuid.uuid4().hex}"
         try:
-            size, digest = self._stream_to(image["url"], name, partial, expected_size)
+            size, digest = self._stream_to(url, name, partial, expected_size)
             if expected_size is not None and size != expected_size:
                 raise ImageSizeMismatch(f"Image {name} size mismatch: expected {expected_size} bytes, "
                                         f"got {size}")

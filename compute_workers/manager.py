@@ -66,7 +66,7 @@ class ComputeManager:
                  families: Iterable[type[OperationFamily]] = FAMILIES,
                  bridges: HostBridges | None = None, firewall: HostFirewall | None = None) -> None:
         images = ImageCache(config.instances_path / "_base", token=config.service_token,
-                            timeout=config.image_download_timeout)
+                            timeout=config.image_download_timeout, api_url=config.api_url)
         bridges = bridges or host_bridges(config, driver)
         self.context = HostContext(config=config, driver=driver, reporter=reporter, images=images,
                                    instance_locks=KeyedLock(), journal=ActionJournal(config.instances_path),

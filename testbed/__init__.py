@@ -14,6 +14,7 @@ fixtures in ``tests/`` turn the answer into a skip.
 - :mod:`testbed.dhcpnet`: a network for guests booted with QEMU directly: bridge, taps and dnsmasq in a
   network namespace of its own.
 - :mod:`testbed.domains`: removing leftover guests from a libvirt connection.
+- :mod:`testbed.broker`: the Redis URLs, carrying cloudctl's one Redis password.
 """
 
 from pathlib import Path

@@ -44,7 +44,8 @@ def host_workers(harness: NamespaceHosts, stack: Stack, workers: dict[str, HostW
         for host in harness.hosts:
             log_path = stack.log_path.parent / f"compute-{host.name}.log"
             stack.extra_logs.append(log_path)
-            env = {**stack.env, **(host_env or {}).get(host.name, {})}
+            env = {**stack.env, "COMPUTE_HOST_KEY": stack.host_key(host.name),
+                   **(host_env or {}).get(host.name, {})}
             workers[host.name] = harness.start_worker(host, env, log_path)
         yield
     finally:

@@ -20,7 +20,9 @@ from urllib.parse import urlparse, urlunparse
 
 import requests
 
+from compute_workers import credentials
 from testbed import REPO
+from testbed.broker import REDIS, redis_cli_env, redis_password
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -48,6 +50,11 @@ class Stack:
         if self.token:
             headers.setdefault("Authorization", f"Token {self.token}")
         return requests.request(method, f"{self.url}{path}", headers=headers, timeout=30, **kwargs)
+
+    def host_key(self, host: str) -> str:
+        """The COMPUTE_HOST_KEY of compute host ``host`` (its first key: what ``manage.py host_credentials``
+        prints for a host that has not joined yet)."""
+        return credentials.host_key(self.env["CLOUDCTL_HOST_KEY_SECRET"], host, credentials.FIRST_GENERATION)
 
     def log_tail(self, lines: int = 80) -> str:
         def tail(path: Path) -> str:
@@ -129,6 +136,7 @@ def run_stack(tiny_image_path: Path, state: Path, *, procfile: Path | Mapping[st
     else:
         env["DATABASE_URL"] = f"sqlite:///{state / 'cloudctl.sqlite3'}"
     broker_db, rpc_db = redis_dbs
+    host_key_secret = secrets.token_hex(32)
     env.update({
         "PATH": f"{VENV_BIN}:{env.get('PATH', '')}",
         "CLOUDCTL_STATE_DIR": str(state),
@@ -137,8 +145,16 @@ def run_stack(tiny_image_path: Path, state: Path, *, procfile: Path | Mapping[st
         "CLOUDCTL_SERVICE_TOKEN": secrets.token_hex(16),
         "CLOUDCTL_ADMIN_USER": "admin",
         "CLOUDCTL_ADMIN_PASSWORD": "e2e-password",
-        "CELERY_BROKER_URL": f"redis://127.0.0.1:6379/{broker_db}",
-        "CELERY_RPC_BACKEND": f"redis://127.0.0.1:6379/{rpc_db}",
+        # Every process adds REDIS_PASSWORD to these URLs (the state dir here is the stack's own).
+        "CELERY_BROKER_URL": f"redis://{REDIS}/{broker_db}",
+        "CELERY_RPC_BACKEND": f"redis://{REDIS}/{rpc_db}",
+        "REDIS_PASSWORD": redis_password(),
+        # Host keys: the Procfile's compute worker has hosts[0]'s; a fleet derives its hosts' keys from
+        # the secret; Stack.host_key gives the others'. Every host of the stack joins enabled, and so do
+        # the extra workers named after them (ExtraWorker: "<host>-b").
+        "CLOUDCTL_HOST_KEY_SECRET": host_key_secret,
+        "COMPUTE_HOST_KEY": credentials.host_key(host_key_secret, hosts[0], credentials.FIRST_GENERATION),
+        "COMPUTE_TRUSTED_HOSTS": ",".join([*hosts, *(f"{host}-*" for host in hosts)]),
         "COMPUTE_HOST": hosts[0],
         "COMPUTE_LIBVIRT_URI": "qemu:///system",
         "COMPUTE_HEARTBEAT_INTERVAL": "2",
@@ -155,7 +171,8 @@ def run_stack(tiny_image_path: Path, state: Path, *, procfile: Path | Mapping[st
     if "E2E_VIRT_TYPE" in os.environ:
         env["COMPUTE_VIRT_TYPE"] = os.environ["E2E_VIRT_TYPE"]
     for db in redis_dbs:
-        subprocess.run(["redis-cli", "-n", str(db), "flushdb"], check=True, capture_output=True)
+        subprocess.run(["redis-cli", "-n", str(db), "flushdb"], check=True, capture_output=True,
+                       env=redis_cli_env())
     manage = [str(VENV_BIN / "python"), "manage.py"]
     subprocess.run([*manage, "migrate", "--noinput", "-v0"], cwd=REPO, env=env, check=True)
     subprocess.run([*manage, "collectstatic", "--noinput", "-v0"], cwd=REPO, env=env, check=True)
@@ -232,7 +249,7 @@ class ExtraWorker:
 
     def start(self) -> None:
         env = {**self.stack.env, "COMPUTE_HOST": self.name, "INSTANCES_PATH": str(self.instances),
-               "COMPUTE_VIRT_TYPE": "qemu"}
+               "COMPUTE_HOST_KEY": self.stack.host_key(self.name), "COMPUTE_VIRT_TYPE": "qemu"}
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [str(VENV_BIN / "python"), "-m", "compute_workers", "--host", self.name],

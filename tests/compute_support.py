@@ -53,6 +53,7 @@ class ImageServer:
     """A local image API: serves registered bytes at /images/<name>, only with the service token."""
 
     base_url: str
+    token: str = TOKEN
     files: dict[str, bytes] = field(default_factory=dict)
     requests: list[str] = field(default_factory=list)
     # PUT /uploads/<name> (the image service's upload API): what was stored, and the answer to give
@@ -80,76 +81,99 @@ class _QuietHTTPServer(ThreadingHTTPServer):
         super().handle_error(request, client_address)
 
 
+_IMAGE_API: dict[str, Any] = {}  # "url": the one server's base URL, "state": the ImageServer serving now
+_IMAGE_API_LOCK = threading.Lock()
+
+
+def image_api_url() -> str:
+    """The base URL of this process's one local image API (started at the first call): workers are
+    configured with it as their CLOUDCTL_API_URL, the only place they send the service token to; each
+    :func:`serve_images` serves its own files there."""
+    with _IMAGE_API_LOCK:
+        if "url" not in _IMAGE_API:
+            httpd = _QuietHTTPServer(("127.0.0.1", 0), _ImageHandler)
+            threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+            _IMAGE_API["url"] = f"http://127.0.0.1:{httpd.server_address[1]}"
+        return str(_IMAGE_API["url"])
+
+
+class _ImageHandler(BaseHTTPRequestHandler):
+    def _state(self) -> ImageServer | None:
+        state = _IMAGE_API.get("state")
+        if state is None:
+            self._answer(503, '{"detail": "no image API is serving"}')
+        return state
+
+    def do_GET(self) -> None:
+        state = self._state()
+        if state is None:
+            return
+        state.requests.append(self.path)
+        if self.headers.get("Authorization") != f"Token {state.token}":
+            self.send_error(401, "missing or wrong service token")
+            return
+        data = state.files.get(self.path.removeprefix("/images/"))
+        if data is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_PUT(self) -> None:
+        state = self._state()
+        if state is None:
+            return
+        state.requests.append(f"PUT {self.path}")
+        if self.headers.get("Authorization") != f"Token {state.token}":
+            self._answer(401, '{"detail": "missing or wrong service token"}')
+            return
+        if self.headers.get("Content-Type") != "application/octet-stream":
+            self._answer(415, '{"detail": "expected application/octet-stream"}')
+            return
+        body = self._read_body()
+        if state.upload_answer is not None:
+            self._answer(*state.upload_answer)
+            return
+        state.uploads[self.path.removeprefix("/uploads/")] = body
+        self._answer(204, "")
+
+    def _read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            chunks = []
+            while size := int(self.rfile.readline().split(b";")[0], 16):
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+            self.rfile.readline()
+            return b"".join(chunks)
+        return self.rfile.read(int(self.headers.get("Content-Length", "0")))
+
+    def _answer(self, status: int, body: str) -> None:
+        data = body.encode()
+        self.send_response(status)
+        if data:
+            self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
 @contextmanager
 def serve_images(token: str = TOKEN) -> Iterator[ImageServer]:
-    """A local image API on 127.0.0.1 that answers only requests carrying ``token``."""
-    server_state: dict[str, ImageServer] = {}
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            state = server_state["server"]
-            state.requests.append(self.path)
-            if self.headers.get("Authorization") != f"Token {token}":
-                self.send_error(401, "missing or wrong service token")
-                return
-            data = state.files.get(self.path.removeprefix("/images/"))
-            if data is None:
-                self.send_error(404)
-                return
-            self.send_response(200)
-            self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_PUT(self) -> None:
-            state = server_state["server"]
-            state.requests.append(f"PUT {self.path}")
-            if self.headers.get("Authorization") != f"Token {token}":
-                self._answer(401, '{"detail": "missing or wrong service token"}')
-                return
-            if self.headers.get("Content-Type") != "application/octet-stream":
-                self._answer(415, '{"detail": "expected application/octet-stream"}')
-                return
-            body = self._read_body()
-            if state.upload_answer is not None:
-                self._answer(*state.upload_answer)
-                return
-            state.uploads[self.path.removeprefix("/uploads/")] = body
-            self._answer(204, "")
-
-        def _read_body(self) -> bytes:
-            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                chunks = []
-                while size := int(self.rfile.readline().split(b";")[0], 16):
-                    chunks.append(self.rfile.read(size))
-                    self.rfile.readline()
-                self.rfile.readline()
-                return b"".join(chunks)
-            return self.rfile.read(int(self.headers.get("Content-Length", "0")))
-
-        def _answer(self, status: int, body: str) -> None:
-            data = body.encode()
-            self.send_response(status)
-            if data:
-                self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    httpd = _QuietHTTPServer(("127.0.0.1", 0), Handler)
-    server_state["server"] = ImageServer(f"http://127.0.0.1:{httpd.server_address[1]}")
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
+    """The local image API (at :func:`image_api_url`) serving a fresh set of files, answering only
+    requests carrying ``token``, until the block ends."""
+    server = ImageServer(image_api_url(), token=token)
+    previous = _IMAGE_API.get("state")
+    _IMAGE_API["state"] = server
     try:
-        yield server_state["server"]
+        yield server
     finally:
-        httpd.shutdown()
-        httpd.server_close()
-
+        _IMAGE_API["state"] = previous
 
 
 class ConductorQueue:

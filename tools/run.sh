@@ -7,12 +7,16 @@ repo=$PWD
 
 tools/install-system.sh
 tools/venv.sh requirements.txt
-tools/services.sh start
-
 export CLOUDCTL_STATE_DIR=${CLOUDCTL_STATE_DIR:-$repo/var}
 # var/ (0700) holds the secret key, the database and cloudctl.env (0600): the installation's
 # secrets, generated once by tools/state-dir.sh; a value set in the environment wins.
 tools/state-dir.sh "$CLOUDCTL_STATE_DIR"
+tools/services.sh start
+# Redis requires the password services.sh generated (var/redis.password): every process gets it.
+export REDIS_PASSWORD=${REDIS_PASSWORD:-$(cat "$CLOUDCTL_STATE_DIR/redis.password")}
+# The compute host this machine runs (the Procfile's compute worker): trusted, so it joins enabled
+# (COMPUTE_TRUSTED_HOSTS defaults to it), and given its host key below.
+export COMPUTE_HOST=${COMPUTE_HOST:-$(hostname)}
 env_file=$CLOUDCTL_STATE_DIR/cloudctl.env
 for name in CLOUDCTL_SERVICE_TOKEN FLOWER_BASIC_AUTH; do
   if [ -z "${!name:-}" ]; then
@@ -66,6 +70,12 @@ export CLOUDCTL_PYTHON="$repo/.venv/bin/python"
 $CLOUDCTL_RUN_AS "$CLOUDCTL_PYTHON" manage.py migrate --noinput
 $CLOUDCTL_RUN_AS "$CLOUDCTL_PYTHON" manage.py collectstatic --noinput -v0
 $CLOUDCTL_RUN_AS "$CLOUDCTL_PYTHON" manage.py bootstrap --image "$image" --demo-network --demo-user
+# The key the compute worker signs its reports with (see `manage.py host_credentials`).
+if [ -z "${COMPUTE_HOST_KEY:-}" ]; then
+  COMPUTE_HOST_KEY=$($CLOUDCTL_RUN_AS "$CLOUDCTL_PYTHON" manage.py host_credentials -v 0 "$COMPUTE_HOST" |
+                     sed -n 's/^COMPUTE_HOST_KEY=//p')
+  export COMPUTE_HOST_KEY
+fi
 
 cat <<MSG
 

@@ -1,22 +1,33 @@
 #!/usr/bin/env bash
 # Start the daemons cloudctl talks to, when they are not running already. No systemd needed.
-# Usage: tools/services.sh start [--postgres]     (idempotent)
+# Usage: tools/services.sh start [--postgres] [--redis-only]     (idempotent)
 #        tools/services.sh status
 #
 # libvirtd runs in a PID namespace whose PID 1 is tini: libvirt waits for a dead QEMU to be
 # reaped, and a slow-reaping PID 1 (as in containers) makes every `destroy` cost ~2 s.
+#
+# Redis (127.0.0.1:${REDIS_PORT:-6379}) requires a password: REDIS_PASSWORD, else the one generated
+# once into $CLOUDCTL_STATE_DIR/redis.password (mode 0600; default state dir var/), which cloudctl's
+# settings and tools/run.sh, tools/test.sh read. The password reaches redis-server on its standard
+# input (a config read from stdin) and redis-cli through REDISCLI_AUTH: never in a command line
+# that `ps` shows. A Redis already running without a password gets it (CONFIG SET requirepass).
 set -euo pipefail
 cmd=${1:-start}
 shift || true
 want_postgres=0
+redis_only=0
 for arg in "$@"; do
   case "$arg" in
     --postgres) want_postgres=1 ;;
+    --redis-only) redis_only=1 ;;
     *) echo "unknown option $arg" >&2; exit 2 ;;
   esac
 done
 log_dir=${CLOUDCTL_LOG_DIR:-/var/log/cloudctl}
 mkdir -p "$log_dir"
+state_dir=${CLOUDCTL_STATE_DIR:-$(cd "$(dirname "$0")/.." && pwd)/var}
+redis_port=${REDIS_PORT:-6379}
+redis_password_file=$state_dir/redis.password
 
 wait_for() {  # wait_for <seconds> <description> <command...>
   local limit=$1 what=$2; shift 2
@@ -29,7 +40,45 @@ wait_for() {  # wait_for <seconds> <description> <command...>
   return 1
 }
 
-redis_up() { redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null | grep -q PONG; }
+# The password every cloudctl process uses: REDIS_PASSWORD, else the state dir's file (made once).
+redis_password() {
+  if [ -n "${REDIS_PASSWORD:-}" ]; then
+    printf '%s' "$REDIS_PASSWORD"
+    return
+  fi
+  if [ ! -s "$redis_password_file" ]; then
+    (umask 077
+     mkdir -p "$state_dir"
+     head -c 32 /dev/urandom | sha256sum | cut -c1-48 > "$redis_password_file.$$"
+     mv "$redis_password_file.$$" "$redis_password_file")
+  fi
+  tr -d '[:space:]' < "$redis_password_file"
+}
+# redis_cli <password|""> <args...>: redis-cli on our port, authenticated when a password is given.
+redis_cli() {
+  local password=$1; shift
+  if [ -n "$password" ]; then
+    REDISCLI_AUTH=$password redis-cli -h 127.0.0.1 -p "$redis_port" "$@" 2>/dev/null
+  else
+    env -u REDISCLI_AUTH redis-cli -h 127.0.0.1 -p "$redis_port" "$@" 2>/dev/null
+  fi
+}
+# redis_state <password>: down | open (no password) | ours (requires this password) | foreign
+redis_state() {
+  local answer
+  answer=$(redis_cli "" ping || true)
+  case "$answer" in
+    PONG) echo open ;;
+    *NOAUTH*) if redis_cli "$1" ping | grep -q PONG; then echo ours; else echo foreign; fi ;;
+    *) echo down ;;
+  esac
+}
+redis_up() { [ "$(redis_state "$(redis_password)")" = ours ]; }
+known_redis_password() {  # as redis_password, without making the file
+  if [ -n "${REDIS_PASSWORD:-}" ]; then printf '%s' "$REDIS_PASSWORD"
+  elif [ -s "$redis_password_file" ]; then tr -d '[:space:]' < "$redis_password_file"
+  fi
+}
 # `virsh version` waits on libvirtd, which can hang in a QEMU capability probe (a stuck
 # `qemu-system-x86_64 -machine none,accel=kvm:tcg` on a host whose /dev/kvm cannot run guests):
 # bound every probe so a hang is reported instead of blocking forever.
@@ -37,13 +86,32 @@ libvirt_up() { timeout 10 virsh -c qemu:///system version >/dev/null 2>&1; }
 virtlogd_up() { pgrep -x virtlogd >/dev/null; }
 postgres_up() { pg_isready -q -h 127.0.0.1 2>/dev/null; }
 
+start_redis() {
+  local password
+  password=$(redis_password)
+  case "$(redis_state "$password")" in
+    ours) ;;
+    down)
+      echo "==> starting redis-server (port $redis_port, password required)"
+      printf 'requirepass %s\n' "$password" | redis-server - --daemonize yes --bind 127.0.0.1 \
+        --port "$redis_port" --save '' --logfile "$log_dir/redis.log"
+      wait_for 10 redis redis_up ;;
+    open)
+      echo "==> redis-server on port $redis_port runs without a password: setting it (CONFIG SET requirepass)"
+      printf 'CONFIG SET requirepass %s\n' "$password" | redis_cli "" >/dev/null
+      redis_up || { echo "could not set the password of the Redis on port $redis_port" >&2; return 1; } ;;
+    foreign)
+      local source=$redis_password_file
+      [ -n "${REDIS_PASSWORD:-}" ] && source=REDIS_PASSWORD
+      echo "redis-server on port $redis_port requires a password that is not the one of $source:" \
+           "set REDIS_PASSWORD to its password (or stop it)" >&2
+      return 1 ;;
+  esac
+}
+
 start() {
-  if ! redis_up; then
-    echo "==> starting redis-server"
-    redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save '' \
-      --logfile "$log_dir/redis.log"
-    wait_for 10 redis redis_up
-  fi
+  start_redis
+  [ "$redis_only" = 1 ] && return 0
   if ! virtlogd_up; then
     echo "==> starting virtlogd"
     virtlogd -d
@@ -74,7 +142,8 @@ start() {
 }
 
 status() {
-  redis_up && echo "redis: up" || echo "redis: down"
+  echo "redis: $(redis_state "$(known_redis_password)" | sed 's/^ours$/up (password required)/;
+    s/^open$/up WITHOUT a password (start sets it)/; s/^foreign$/up, with another password/')"
   virtlogd_up && echo "virtlogd: up" || echo "virtlogd: down"
   libvirt_up && echo "libvirtd: up" || echo "libvirtd: down"
   postgres_up && echo "postgresql: up" || echo "postgresql: down"
@@ -83,5 +152,5 @@ status() {
 case "$cmd" in
   start) start ;;
   status) status ;;
-  *) echo "usage: $0 start [--postgres] | status" >&2; exit 2 ;;
+  *) echo "usage: $0 start [--postgres] [--redis-only] | status" >&2; exit 2 ;;
 esac

@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 tools/install-system.sh --browser
 tools/venv.sh requirements-dev.txt
 tools/services.sh start
+# Redis requires the password services.sh generated: the tests' URLs and processes carry it.
+export REDIS_PASSWORD=${REDIS_PASSWORD:-$(cat "${CLOUDCTL_STATE_DIR:-var}/redis.password")}
 
 echo "==> ruff"
 .venv/bin/ruff check .

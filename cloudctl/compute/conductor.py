@@ -6,6 +6,7 @@ Reports carry the task_state the worker expected; a report about an instance tha
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -170,12 +171,13 @@ def build_failed(*, instance_uuid: str, host: str, fault: dict[str, Any], resche
 
 
 def instance_destroyed(*, instance_uuid: str, host: str) -> None:
-    """The host removed the domain and files: finish the delete."""
+    """The host removed the domain and files: finish the delete. Only the instance's own host (the
+    one the delete was sent to) can say so."""
     with transaction.atomic():
         instance = (Instance.objects.select_for_update()
-                    .filter(uuid=instance_uuid, task_state=TaskState.DELETING).first())
+                    .filter(uuid=instance_uuid, host__name=host, task_state=TaskState.DELETING).first())
         if instance is None:
-            log.info("instance_destroyed for %s from %s: not deleting, nothing to do",
+            log.info("instance_destroyed for %s from %s: not deleting there, nothing to do",
                      instance_uuid, host)
             return
         action = current_action(instance_uuid)
@@ -215,7 +217,7 @@ def host_heartbeat(*, host: str, resources: dict[str, Any], starting: bool = Fal
     if not live.filter(**same_tunnel).update(**values):
         previous = rows.values_list("tunnel_ip", flat=True).first()
         if previous is None:
-            _, created = Host.objects.get_or_create(name=host, defaults=values)
+            _, created = Host.objects.get_or_create(name=host, defaults={**values, **_joining(host)})
             if not created:  # registered meanwhile by the conductor's other process
                 previous = rows.values_list("tunnel_ip", flat=True).first()
         if previous is not None:
@@ -229,6 +231,25 @@ def host_heartbeat(*, host: str, resources: dict[str, Any], starting: bool = Fal
     record = Host.objects.get(name=host)
     _reap_deleted_domains(record)
     return record
+
+
+NEW_HOST_REASON = Host.NEW_HOST_REASON
+
+
+def host_trusted(host: str) -> bool:
+    """Whether a new host joins enabled: its name matches COMPUTE_TRUSTED_HOSTS (names or shell
+    patterns; by default the host `make run` configures)."""
+    return any(fnmatch.fnmatchcase(host, pattern) for pattern in settings.COMPUTE_TRUSTED_HOSTS)
+
+
+def _joining(host: str) -> dict[str, Any]:
+    """The state a host's first heartbeat creates it in: enabled when trusted, else disabled (it is
+    up, and gets no server until an admin enables it)."""
+    if host_trusted(host):
+        log.info("host %s joined (trusted: enabled)", host)
+        return {"enabled": True}
+    log.warning("host %s joined disabled: %s", host, NEW_HOST_REASON)
+    return {"enabled": False, "disabled_reason": NEW_HOST_REASON}
 
 
 # A heartbeat without ``observed_at`` is taken to be this old: its list of domains may predate

@@ -60,6 +60,10 @@ class Host(models.Model):
     # entries for the vxlan networks they share point here. "": none (flat networks only).
     tunnel_ip = models.CharField(max_length=64, blank=True, default="",
                                  help_text="VXLAN tunnel endpoint (COMPUTE_TUNNEL_IP), from the heartbeat")
+    # The generation of the host's key (HMAC(CLOUDCTL_HOST_KEY_SECRET, "host:<name>:<generation>"),
+    # compute_workers.credentials): `manage.py host_credentials --rotate` bumps it, revoking the old key.
+    key_generation = models.PositiveIntegerField(
+        default=1, help_text="generation of the host key its reports are signed with (host_credentials)")
     # Per-host overrides; null means the global setting.
     cpu_allocation_ratio = models.FloatField(null=True, blank=True)
     ram_allocation_ratio = models.FloatField(null=True, blank=True)
@@ -69,8 +73,18 @@ class Host(models.Model):
     class Meta:
         ordering = ("name",)
 
+    # The reason a host heard of for the first time joins disabled with (unless COMPUTE_TRUSTED_HOSTS
+    # names it): until an admin enables it, it is trusted with nothing, not even a server it claims.
+    NEW_HOST_REASON = ("new host: enable it once you trust it (COMPUTE_TRUSTED_HOSTS lists the hosts that "
+                       "join enabled)")
+
     def __str__(self) -> str:
         return self.name
+
+    @property
+    def awaiting_trust(self) -> bool:
+        """Joined disabled as a new host, and not enabled by an admin since."""
+        return not self.enabled and self.disabled_reason == self.NEW_HOST_REASON
 
     @property
     def is_up(self) -> bool:

@@ -94,10 +94,11 @@ def sync_power_state(instance: Instance, power_state: str, observed_at: datetime
 def _adopt_from_elsewhere(instance: Instance) -> bool:
     """The domain is gone from the server's host but another host that is up reports it (a live
     migration that libvirt finished after its worker died, for example): reality wins, the record
-    and the claim move there."""
+    and the claim move there. Not to a host that joined and awaits an admin's trust: a stranger's
+    heartbeat listing a server's uuid must not take the server."""
     uuid = str(instance.uuid)
     found = [host for host in Host.objects.filter(reported_instances__has_key=uuid).exclude(
-        pk=instance.host_id) if host.is_up]
+        pk=instance.host_id) if host.is_up and not host.awaiting_trust]
     if len(found) != 1:
         return False
     host = found[0]

@@ -1,8 +1,11 @@
 """Conductor tasks: thin wrappers that apply compute workers' reports through conductor services.
 
-This is the boundary between the two worlds: every report's payload (values, event, fault, progress)
-is checked against the contract's types here (:func:`contract.validate_values` and its siblings), so
-a malformed report fails its task with the reason instead of reaching the database.
+This is the boundary between the two worlds. Every report delivered by the broker must first prove
+which host sent it (:class:`HostReport`: its signature headers, checked against the host's key);
+then its payload (values, event, fault, progress) is checked against the contract's types here
+(:func:`contract.validate_values` and its siblings), so a malformed report fails its task with the
+reason instead of reaching the database. The services behind (conductor, sync, recovery, migration
+reports) apply a report only to what the signing host owns: its instances, its end of a migration.
 """
 
 from __future__ import annotations
@@ -11,13 +14,27 @@ import ipaddress
 from collections.abc import Mapping
 from typing import Any
 
-from celery import shared_task
+from celery import Task, shared_task
 
-from cloudctl.compute import conductor, migration_reports, recovery, sync
+from cloudctl.compute import conductor, host_keys, migration_reports, recovery, sync
 from compute_workers import contract
 
 
-@shared_task(name=contract.CONDUCTOR_INSTANCE_UPDATE)
+class HostReport(Task):
+    """A conductor task fed by compute workers: a message from the broker runs only when its signature
+    headers prove it comes from the host it names (:func:`host_keys.report_verified`); otherwise it is
+    dropped (logged at WARNING, counted) and the task returns None. A direct call in this process
+    (tests, other services) is not a message and is not checked."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        request = self.request
+        if not request.called_directly and not host_keys.report_verified(
+                self.name, request.headers, args, kwargs, task_id=request.id):
+            return None
+        return super().__call__(*args, **kwargs)
+
+
+@shared_task(name=contract.CONDUCTOR_INSTANCE_UPDATE, base=HostReport)
 def instance_update(instance_uuid: str, host: str, expected_task_state: str | None,
                     values: dict[str, Any], event: dict[str, Any] | None = None,
                     fault: dict[str, Any] | None = None, action_id: int | None = None) -> bool:
@@ -28,37 +45,37 @@ def instance_update(instance_uuid: str, host: str, expected_task_state: str | No
                                      fault=_plain(contract.validate_fault(fault)), action_id=action_id)
 
 
-@shared_task(name=contract.CONDUCTOR_BUILD_FAILED)
+@shared_task(name=contract.CONDUCTOR_BUILD_FAILED, base=HostReport)
 def build_failed(instance_uuid: str, host: str, fault: dict[str, Any], reschedule: bool) -> None:
     conductor.build_failed(instance_uuid=instance_uuid, host=host,
                            fault=dict(contract.validate_fault(fault) or {}), reschedule=reschedule)
 
 
-@shared_task(name=contract.CONDUCTOR_INSTANCE_DESTROYED)
+@shared_task(name=contract.CONDUCTOR_INSTANCE_DESTROYED, base=HostReport)
 def instance_destroyed(instance_uuid: str, host: str) -> None:
     conductor.instance_destroyed(instance_uuid=instance_uuid, host=host)
 
 
-@shared_task(name=contract.CONDUCTOR_HOST_HEARTBEAT, ignore_result=True)
+@shared_task(name=contract.CONDUCTOR_HOST_HEARTBEAT, base=HostReport, ignore_result=True)
 def host_heartbeat(host: str, resources: dict[str, Any]) -> None:
     resources = _resources(resources)
     record = conductor.host_heartbeat(host=host, resources=resources)
     sync.sync_host(record, resources.get("instances", {}), conductor.observed_at_of(resources))
 
 
-@shared_task(name=contract.CONDUCTOR_HOST_STOPPING)
+@shared_task(name=contract.CONDUCTOR_HOST_STOPPING, base=HostReport)
 def host_stopping(host: str) -> None:
     conductor.host_stopping(host=host)
 
 
-@shared_task(name=contract.CONDUCTOR_HOST_INIT)
+@shared_task(name=contract.CONDUCTOR_HOST_INIT, base=HostReport)
 def host_init(host: str, resources: dict[str, Any]) -> None:
     resources = _resources(resources)
     conductor.host_heartbeat(host=host, resources=resources, starting=True)
     recovery.host_init(host=host, reported=resources.get("instances", {}))
 
 
-@shared_task(name=contract.CONDUCTOR_POWER_STATE_UPDATE, ignore_result=True)
+@shared_task(name=contract.CONDUCTOR_POWER_STATE_UPDATE, base=HostReport, ignore_result=True)
 def power_state_update(host: str, instance_uuid: str, power_state: str,
                        observed_at: float | None = None) -> bool:
     return sync.power_state_update(host=host, instance_uuid=instance_uuid,
@@ -70,7 +87,7 @@ def reap_expired_tasks() -> int:
     return recovery.reap_expired_tasks()
 
 
-@shared_task(name=contract.CONDUCTOR_MIGRATION_UPDATE)
+@shared_task(name=contract.CONDUCTOR_MIGRATION_UPDATE, base=HostReport)
 def migration_update(migration_id: int, host: str, status: str, error: str | None = None,
                      values: dict[str, Any] | None = None, event: dict[str, Any] | None = None) -> bool:
     return migration_reports.migration_update(
@@ -79,7 +96,7 @@ def migration_update(migration_id: int, host: str, status: str, error: str | Non
         event=_plain(contract.validate_event(event)))
 
 
-@shared_task(name=contract.CONDUCTOR_MIGRATION_PROGRESS, ignore_result=True)
+@shared_task(name=contract.CONDUCTOR_MIGRATION_PROGRESS, base=HostReport, ignore_result=True)
 def migration_progress(migration_id: int, host: str, progress: dict[str, Any]) -> bool:
     return migration_reports.migration_progress(migration_id=migration_id, host=host,
                                                 progress=dict(contract.validate_progress(progress)))

@@ -122,6 +122,7 @@ class LiveMigration(OperationFamily):
         if not self.config.service_token:
             raise ImageDownloadError(f"image {label} is not cached on host {self.host} and CLOUDCTL_SERVICE_"
                                      "TOKEN is not set there to download it")
+        url = self.images.check_url(url, label)
         headers = {"Authorization": f"Token {self.config.service_token}", "Range": "bytes=0-0"}
         try:
             with requests.get(url, headers=headers, stream=True,

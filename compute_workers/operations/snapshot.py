@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import requests
 from celery import Task
 
-from compute_workers import contract
+from compute_workers import contract, credentials
 from compute_workers.contract import EventResult, TaskState
 from compute_workers.exception import ComputeError, ImageUploadError, InstanceNotFound
 from compute_workers.operations.base import (
@@ -106,6 +106,7 @@ class Snapshot(OperationFamily):
     def _snapshot_and_upload(self, instance_uuid: str, action_id: int | None, target: Path, upload_url: str,
                              label: str, phase: dict[str, Any]) -> str:
         event = "compute_snapshot_instance"
+        self._checked_upload_url(upload_url, label)  # refused before any work, not after the copy
         state = self.driver.get_info(instance_uuid)
         kind = "live" if state in (RUNNING, PAUSED) else "cold"
         started = time.monotonic()
@@ -141,11 +142,20 @@ class Snapshot(OperationFamily):
                 f"{size / MiB:.1f} MiB; copy and convert {copied:.1f} s, upload {uploaded:.1f} s, total "
                 f"{time.monotonic() - started:.1f} s")
 
+    def _checked_upload_url(self, upload_url: str, label: str) -> str:
+        """``upload_url`` when it is under the API URL; the service token goes nowhere else."""
+        try:
+            return credentials.check_api_url(upload_url, self.config.api_url,
+                                             f"the upload URL of image {label}")
+        except credentials.UntrustedURL as exc:
+            raise ImageUploadError(str(exc)) from None
+
     def _upload(self, path: Path, upload_url: str, label: str) -> None:
         """Stream ``path`` to the image service; a non-2xx answer is a failure with its message."""
         if not self.config.service_token:
             raise ImageUploadError(f"cannot upload image {label}: CLOUDCTL_SERVICE_TOKEN is not set on "
                                    f"host {self.host}")
+        upload_url = self._checked_upload_url(upload_url, label)
         headers = {"Authorization": f"Token {self.config.service_token}",
                    "Content-Type": "application/octet-stream"}
         timeout = self.config.image_upload_timeout

@@ -27,7 +27,7 @@ from tests.compute_support import ConductorQueue as ConductorQueue
 from tests.compute_support import ImageServer as ImageServer
 from tests.compute_support import SpecFactory as SpecFactory
 from tests.compute_support import forget_queues as forget_queues
-from tests.compute_support import new_spec, serve_images
+from tests.compute_support import image_api_url, new_spec, serve_images
 
 
 @pytest.fixture(autouse=True)
@@ -57,7 +57,7 @@ def make_spec() -> SpecFactory:
 
 def make_config(instances_path: Path, **overrides: str) -> ComputeConfig:
     values = {"COMPUTE_HOST": HOST, "INSTANCES_PATH": str(instances_path), "CLOUDCTL_SERVICE_TOKEN": TOKEN,
-              "COMPUTE_IMAGE_DOWNLOAD_TIMEOUT": "30", **overrides}
+              "COMPUTE_IMAGE_DOWNLOAD_TIMEOUT": "30", "CLOUDCTL_API_URL": image_api_url(), **overrides}
     return ComputeConfig.from_env(values, environ={})
 
 

@@ -26,12 +26,13 @@ from compute_workers.operations import Build
 from compute_workers.reporter import ListReporter
 from compute_workers.tasks import register_tasks
 from compute_workers.virt.fake import FakeDriver
+from testbed.broker import redis_url
 
 from .conftest import ConductorQueue, SpecFactory, forget_queues, make_config
 
 REPO = Path(__file__).resolve().parents[2]
 # Not DB 15: test_worker_process's worker clears that broker's conductor queue.
-BROKER = BACKEND = "redis://127.0.0.1:6379/14"
+BROKER = BACKEND = redis_url(14)
 
 
 def test_host_names_sort_as_numbers() -> None:

@@ -71,7 +71,8 @@ def test_an_image_whose_lock_is_held_is_kept(managed: tuple[ComputeManager, List
 
 def test_a_spawn_touches_the_cached_image(tmp_path: Path, image_server: ImageServer,
                                           small_qcow2: bytes) -> None:
-    cache = ImageCache(tmp_path / "_base", token="test-service-token", timeout=30)
+    cache = ImageCache(tmp_path / "_base", token="test-service-token", timeout=30,
+                       api_url=image_server.base_url)
     image = image_server.add("tiny", small_qcow2)
     path = cache.fetch(image).path
     old = time.time() - 2 * DAY

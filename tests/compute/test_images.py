@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,15 +19,16 @@ from compute_workers.exception import (
     ImageNotFound,
     ImageSizeMismatch,
     ImageTooLarge,
+    ImageURLRefused,
 )
 from compute_workers.images import ImageCache, create_overlay, qemu_img_info
 
-from .conftest import TOKEN, ImageServer, qemu_img
+from .conftest import TOKEN, ImageServer, image_api_url, qemu_img
 
 
 @pytest.fixture
 def cache(tmp_path: Path) -> ImageCache:
-    return ImageCache(tmp_path / "_base", token=TOKEN, timeout=30)
+    return ImageCache(tmp_path / "_base", token=TOKEN, timeout=30, api_url=image_api_url())
 
 
 def test_fetch_downloads_verifies_and_caches(cache: ImageCache, image_server: ImageServer,
@@ -59,7 +62,7 @@ def test_concurrent_fetches_from_two_processes_download_once(tmp_path: Path, ima
                                                              small_qcow2: bytes) -> None:
     image = image_server.add("tiny", small_qcow2)
     script = ("import sys, json; from pathlib import Path; from compute_workers.images import ImageCache; "
-              f"print(ImageCache(Path(sys.argv[1]), token={TOKEN!r}, timeout=30)"
+              f"print(ImageCache(Path(sys.argv[1]), token={TOKEN!r}, timeout=30, api_url={image_api_url()!r})"
               ".fetch(json.loads(sys.argv[2])).downloaded_bytes)")
     processes = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "_base"), json.dumps(image)],
                                   stdout=subprocess.PIPE, text=True) for _ in range(3)]
@@ -121,7 +124,7 @@ def test_image_with_an_external_data_file_is_refused(cache: ImageCache, image_se
 def test_the_service_token_is_sent(tmp_path: Path, image_server: ImageServer, small_qcow2: bytes) -> None:
     image = image_server.add("tiny", small_qcow2)
     with pytest.raises(ImageDownloadError, match="HTTP 401") as error:
-        ImageCache(tmp_path / "_base", token="wrong", timeout=30).fetch(image)
+        ImageCache(tmp_path / "_base", token="wrong", timeout=30, api_url=image_api_url()).fetch(image)
     assert error.value.reschedule
 
 
@@ -129,7 +132,7 @@ def test_a_missing_token_is_a_clear_error(tmp_path: Path, image_server: ImageSer
                                           small_qcow2: bytes) -> None:
     image = image_server.add("tiny", small_qcow2)
     with pytest.raises(ImageDownloadError, match="CLOUDCTL_SERVICE_TOKEN is not set"):
-        ImageCache(tmp_path / "_base", token="", timeout=30).fetch(image)
+        ImageCache(tmp_path / "_base", token="", timeout=30, api_url=image_api_url()).fetch(image)
     assert image_server.requests == []
 
 
@@ -141,12 +144,72 @@ def test_missing_image_is_not_rescheduled(cache: ImageCache, image_server: Image
     assert not error.value.reschedule
 
 
-def test_unreachable_image_api_is_rescheduled(cache: ImageCache, small_qcow2: bytes) -> None:
+def test_unreachable_image_api_is_rescheduled(tmp_path: Path, small_qcow2: bytes) -> None:
+    cache = ImageCache(tmp_path / "_base", token=TOKEN, timeout=30, api_url="http://127.0.0.1:9")
     image = {"id": "tiny", "name": "tiny", "url": "http://127.0.0.1:9/images/tiny", "sha256": "0" * 64,
              "size": None, "disk_format": "qcow2"}
     with pytest.raises(ImageDownloadError, match="cannot download image tiny") as error:
         cache.fetch(image)
     assert error.value.reschedule
+
+
+@pytest.fixture
+def listener() -> Iterator[tuple[str, list[object]]]:
+    """A TCP port on 127.0.0.1 that records every connection made to it: (base URL, connections)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.05)
+    accepted: list[object] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                connection, _ = server.accept()
+            except TimeoutError:
+                continue
+            accepted.append(connection)
+            connection.close()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}", accepted
+    finally:
+        stop.set()
+        thread.join(5)
+        server.close()
+
+
+@pytest.mark.parametrize("where", ["{other}/images/tiny", "{api}.evil.example/images/tiny",
+                                   "https://{api_host}/images/tiny", "{api_scheme}://user@{api_host}/images/tiny",
+                                   "file:///etc/passwd", "{api}/../images/tiny"])
+def test_an_image_url_outside_the_api_gets_no_request_and_no_token(
+        tmp_path: Path, image_server: ImageServer, small_qcow2: bytes,
+        listener: tuple[str, list[object]], where: str) -> None:
+    """The service token goes to the configured API URL only: an image URL from a message pointing
+    anywhere else (another port, another host, another scheme, credentials, a path escaping the
+    prefix) fails at once with the reason, no connection made."""
+    other, connections = listener
+    api = image_api_url()
+    url = where.format(other=other, api=api, api_host=api.split("//")[1], api_scheme="http")
+    image = {**image_server.add("tiny", small_qcow2), "url": url}
+    cache = ImageCache(tmp_path / "_base", token=TOKEN, timeout=30, api_url=api)
+    with pytest.raises(ImageURLRefused, match=r"is not under the configured API URL") as error:
+        cache.fetch(image)
+    assert not error.value.reschedule, "every host refuses it: no point rescheduling"
+    assert connections == [] and image_server.requests == []
+    assert not (cache.base_dir / "tiny").exists()
+
+
+def test_an_api_url_with_a_path_prefix_admits_only_urls_below_it(tmp_path: Path, image_server: ImageServer,
+                                                                  small_qcow2: bytes) -> None:
+    image = image_server.add("tiny", small_qcow2)
+    below = ImageCache(tmp_path / "a", token=TOKEN, timeout=30, api_url=f"{image_api_url()}/images/")
+    assert below.fetch(image).downloaded_bytes == len(small_qcow2)
+    beside = ImageCache(tmp_path / "b", token=TOKEN, timeout=30, api_url=f"{image_api_url()}/img")
+    with pytest.raises(ImageURLRefused):
+        beside.fetch(image)
+    assert image_server.requests == ["/images/tiny"]
 
 
 @pytest.mark.parametrize("image_id", ["../etc", ".hidden", "a/b", ""])

@@ -4,6 +4,7 @@ Run against the fake driver and LibvirtTestDriver (test:///default); the real th
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -128,13 +129,42 @@ def test_a_refused_upload_is_a_fault_with_the_servers_message(managed: Managed, 
     assert no_temporary_files(manager)
 
 
-def test_an_unreachable_image_service_is_a_fault(managed: Managed, make_spec: SpecFactory) -> None:
-    manager, reporter = managed
+def test_an_unreachable_image_service_is_a_fault(tmp_path: Path, make_spec: SpecFactory) -> None:
+    manager, reporter = make_manager(FakeDriver(), tmp_path / "instances", CLOUDCTL_API_URL="http://127.0.0.1:9")
     uuid = spawned(manager, reporter, make_spec())
     manager.family(Snapshot).snapshot_instance(uuid, 5, "snap", "http://127.0.0.1:9/uploads/snap", "snap")
     final = reporter.named(contract.CONDUCTOR_INSTANCE_UPDATE)[-1]
     assert final["fault"]["message"].startswith("cannot upload image snap to the image service: ")
     assert final["values"] == ACTIVE and final["expected_task_state"] == "image_uploading"
+    assert no_temporary_files(manager)
+
+
+def test_an_upload_url_outside_the_api_is_refused_before_any_work(managed: Managed, make_spec: SpecFactory,
+                                                                 image_server: ImageServer) -> None:
+    """A snapshot_instance naming an upload URL elsewhere (a forged message): no snapshot is made, no
+    connection is attempted (the service token would go with it), the action ends with the reason."""
+    manager, reporter = managed
+    uuid = spawned(manager, reporter, make_spec())
+    snapshots: list[Path] = []
+    real_snapshot = manager.driver.snapshot
+
+    def recording(instance_uuid: str, target: Path, progress: Callable[[int, int], None]) -> None:
+        snapshots.append(target)
+        real_snapshot(instance_uuid, target, progress)
+
+    with socket.create_server(("127.0.0.1", 0)) as elsewhere:
+        elsewhere.settimeout(0.2)
+        url = f"http://127.0.0.1:{elsewhere.getsockname()[1]}/uploads/snap"
+        manager.driver.snapshot = recording  # type: ignore[method-assign]
+        manager.family(Snapshot).snapshot_instance(uuid, 5, "snap", url, "snap")
+        with pytest.raises(TimeoutError):
+            elsewhere.accept()  # nobody connected
+    final = reporter.named(contract.CONDUCTOR_INSTANCE_UPDATE)[-1]
+    assert final["fault"]["message"] == (f"the upload URL of image snap {url} is not under the configured "
+                                         f"API URL {image_server.base_url} (CLOUDCTL_API_URL): refused, the "
+                                         "service token is sent nowhere else")
+    assert final["values"] == ACTIVE
+    assert snapshots == [] and image_server.requests == []
     assert no_temporary_files(manager)
 
 

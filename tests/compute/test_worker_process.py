@@ -17,12 +17,13 @@ import redis
 from celery import Celery
 
 from compute_workers import contract
+from testbed.broker import redis_url
 
 from .conftest import ConductorQueue, SpecFactory, forget_queues
 
 REPO = Path(__file__).resolve().parents[2]
-BROKER = "redis://127.0.0.1:6379/15"
-BACKEND = "redis://127.0.0.1:6379/14"
+BROKER = redis_url(15)
+BACKEND = redis_url(14)
 
 
 def run_module(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -98,6 +98,8 @@ def send_on_commit(monkeypatch: pytest.MonkeyPatch) -> None:
 def _image_store(settings: Any, tmp_path: Path) -> None:
     settings.IMAGES_PATH = tmp_path / "image-store"
     settings.CLOUDCTL_SERVICE_TOKEN = "service-secret"
+    # Every host a test heartbeats joins enabled; tests/control/test_host_keys.py tests the default.
+    settings.COMPUTE_TRUSTED_HOSTS = ["*"]
 
 
 def make_user(username: str, project: Project, *, admin: bool = False, role: str = "member") -> Any:

@@ -59,3 +59,50 @@ def test_the_dhcp_host_defaults_to_the_network_node(tmp_path, extra, expected):
                                  "DJANGO_SETTINGS_MODULE": "cloudctl.settings"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == expected
+
+
+def _settings_of(tmp_path: Path, names: str, **env: str) -> list[str]:
+    """The values of settings ``names`` (space-separated) in a process with ``env`` and its own state dir."""
+    unset = ("REDIS_PASSWORD", "CELERY_BROKER_URL", "CELERY_RPC_BACKEND", "CLOUDCTL_HOST_KEY_SECRET")
+    base = {k: v for k, v in os.environ.items() if k not in unset}
+    code = ("import django; django.setup(); from django.conf import settings; "
+            f"print('\\n'.join(str(getattr(settings, name)) for name in {names.split()!r}))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                            check=True, env={**base, "CLOUDCTL_STATE_DIR": str(tmp_path),
+                                             "DJANGO_SETTINGS_MODULE": "cloudctl.settings", **env})
+    return result.stdout.splitlines()
+
+
+def test_every_redis_url_carries_the_one_password(tmp_path):
+    """REDIS_PASSWORD, else the state dir's redis.password (tools/services.sh), goes into both URLs;
+    a URL that names its own password keeps it."""
+    names = "CELERY_BROKER_URL CELERY_RPC_BACKEND"
+    assert _settings_of(tmp_path, names) == ["redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/1"]
+    (tmp_path / "redis.password").write_text("f1le\n")
+    assert _settings_of(tmp_path, names) == ["redis://:f1le@127.0.0.1:6379/0", "redis://:f1le@127.0.0.1:6379/1"]
+    assert _settings_of(tmp_path, names, REDIS_PASSWORD="env", CELERY_BROKER_URL="redis://10.0.0.1:6379/3",
+                        CELERY_RPC_BACKEND="redis://:own@10.0.0.1/4") == [
+        "redis://:env@10.0.0.1:6379/3", "redis://:own@10.0.0.1/4"]
+
+
+def test_the_host_key_secret_is_generated_once_and_private(tmp_path):
+    [first] = _settings_of(tmp_path, "CLOUDCTL_HOST_KEY_SECRET")
+    assert len(first) >= 40 and (tmp_path / "host_key_secret").stat().st_mode & 0o777 == 0o600
+    assert _settings_of(tmp_path, "CLOUDCTL_HOST_KEY_SECRET") == [first]
+    assert _settings_of(tmp_path, "CLOUDCTL_HOST_KEY_SECRET", CLOUDCTL_HOST_KEY_SECRET="set") == ["set"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+
+
+def test_the_control_planes_celery_connects_with_the_password_despite_the_environment(tmp_path):
+    """Celery prefers the environment's CELERY_BROKER_URL (here without the password) to its setting:
+    the scheduler, conductor and beat connect with the URL that carries it all the same."""
+    (tmp_path / "redis.password").write_text("f1le\n")
+    code = ("import django; django.setup(); from cloudctl.celery import app; "
+            "print(app.connection_for_read().as_uri(include_password=True)); "
+            "print(app.connection_for_write().as_uri(include_password=True))")
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_PASSWORD"}
+    env.update(CLOUDCTL_STATE_DIR=str(tmp_path), DJANGO_SETTINGS_MODULE="cloudctl.settings",
+               CELERY_BROKER_URL="redis://127.0.0.1:6379/5")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                            check=True, env=env)
+    assert result.stdout.splitlines() == ["redis://:f1le@127.0.0.1:6379/5"] * 2

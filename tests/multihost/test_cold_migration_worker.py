@@ -24,15 +24,16 @@ from celery import Celery
 
 from compute_workers import contract
 from compute_workers.virt.libvirt import volumes
+from testbed.broker import redis_url
 from testbed.hosts import HostWorker, NamespaceHost, NamespaceHosts
-from tests.compute_support import TOKEN, ConductorQueue, ImageServer, new_spec, serve_images
+from tests.compute_support import TOKEN, ConductorQueue, ImageServer, image_api_url, new_spec, serve_images
 
 from .guests import READY, read, wait_for
 
 pytestmark = pytest.mark.libvirt
 
-BROKER = "redis://127.0.0.1:6379/7"  # Redis DBs of this module alone (other suites use others at once)
-BACKEND = "redis://127.0.0.1:6379/6"
+BROKER = redis_url(7)  # Redis DBs of this module alone (other suites use others at once)
+BACKEND = redis_url(6)
 ACTIVE = {"vm_state": "active", "task_state": None, "power_state": "running"}
 BIGGER = {"name": "m1.small", "vcpus": 2, "memory_mb": 256, "root_gb": 2}
 
@@ -40,7 +41,9 @@ BIGGER = {"name": "m1.small", "vcpus": 2, "memory_mb": 256, "root_gb": 2}
 def worker_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("COMPUTE_", "CELERY_"))}
     return {**env, "CELERY_BROKER_URL": BROKER, "CELERY_RPC_BACKEND": BACKEND,
-            "CLOUDCTL_SERVICE_TOKEN": TOKEN, "COMPUTE_HEARTBEAT_INTERVAL": "1", "PYTHONUNBUFFERED": "1",
+            "CLOUDCTL_SERVICE_TOKEN": TOKEN, "CLOUDCTL_API_URL": image_api_url(),
+            "COMPUTE_HEARTBEAT_INTERVAL": "1",
+            "PYTHONUNBUFFERED": "1",
             "COMPUTE_CLEAN_SHUTDOWN_TIMEOUT": "30"}
 
 

@@ -27,7 +27,7 @@ import pytest
 from compute_workers import contract
 from compute_workers.network.linuxbridge import CommandRunner, LinuxBridges
 from testbed.hosts import NamespaceHost, NamespaceHosts
-from tests.compute_support import TOKEN, new_spec, serve_images
+from tests.compute_support import TOKEN, image_api_url, new_spec, serve_images
 
 from .conftest import running_hosts
 from .guests import read, wait_for
@@ -51,9 +51,10 @@ from compute_workers.reporter import ListReporter
 from compute_workers.virt.libvirt.driver import LibvirtDriver
 
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-netns, instances, token = sys.argv[1:4]
+netns, instances, token, api_url = sys.argv[1:5]
 config = ComputeConfig.from_env({"COMPUTE_HOST": "host-a", "INSTANCES_PATH": instances,
-                                 "CLOUDCTL_SERVICE_TOKEN": token, "COMPUTE_VIRT_TYPE": "qemu"}, environ={})
+                                 "CLOUDCTL_SERVICE_TOKEN": token, "CLOUDCTL_API_URL": api_url,
+                                 "COMPUTE_VIRT_TYPE": "qemu"}, environ={})
 reporter = ListReporter()
 manager = ComputeManager(config, LibvirtDriver("qemu:///system", config.instances_path, "qemu"), reporter,
                          bridges=LinuxBridges(CommandRunner(netns)))
@@ -80,7 +81,7 @@ class HostManager:
     def __init__(self, host: NamespaceHost) -> None:
         self.process = subprocess.Popen(
             host.command(sys.executable, "-c", DRIVER_SCRIPT,
-                         host.netns, str(host.instances_path), TOKEN),
+                         host.netns, str(host.instances_path), TOKEN, image_api_url()),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def call(self, verb: str, argument: str) -> list[tuple[str, dict[str, Any]]]:

@@ -18,9 +18,10 @@ import redis
 from celery import Celery
 
 from compute_workers import contract
+from testbed.broker import redis_url
 from testbed.domains import remove_domains
 from testbed.hosts import NamespaceHost, NamespaceHosts, command_pid
-from tests.compute_support import TOKEN, ConductorQueue, new_spec, serve_images
+from tests.compute_support import TOKEN, ConductorQueue, image_api_url, new_spec, serve_images
 
 from .conftest import running_hosts
 from .guests import READY, domain_xml, read, wait_for
@@ -119,8 +120,8 @@ def test_a_shared_storage_group_names_known_hosts() -> None:
         NamespaceHosts(3, shared=(("host-a", "host-b"), ("host-b", "host-c")))
 
 
-BROKER = "redis://127.0.0.1:6379/5"  # Redis DBs of this module alone (other suites use others at once)
-BACKEND = "redis://127.0.0.1:6379/4"
+BROKER = redis_url(5)  # Redis DBs of this module alone (other suites use others at once)
+BACKEND = redis_url(4)
 POWEROFF = "cloudctl-guest: poweroff (clean)"
 ACTIVE = {"vm_state": "active", "task_state": None, "power_state": "running"}
 
@@ -139,7 +140,9 @@ def conductor() -> Iterator[ConductorQueue]:
 def worker_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("COMPUTE_", "CELERY_"))}
     return {**env, "CELERY_BROKER_URL": BROKER, "CELERY_RPC_BACKEND": BACKEND,
-            "CLOUDCTL_SERVICE_TOKEN": TOKEN, "COMPUTE_HEARTBEAT_INTERVAL": "1", "PYTHONUNBUFFERED": "1"}
+            "CLOUDCTL_SERVICE_TOKEN": TOKEN, "CLOUDCTL_API_URL": image_api_url(),
+            "COMPUTE_HEARTBEAT_INTERVAL": "1",
+            "PYTHONUNBUFFERED": "1"}
 
 
 def namespace(pid: int, kind: str) -> str:

@@ -31,15 +31,16 @@ import redis
 from celery import Celery
 
 from compute_workers import contract
+from testbed.broker import redis_url
 from testbed.hosts import HostWorker, NamespaceHost, NamespaceHosts
-from tests.compute_support import TOKEN, ConductorQueue, ImageServer, new_spec, serve_images
+from tests.compute_support import TOKEN, ConductorQueue, ImageServer, image_api_url, new_spec, serve_images
 
 from .guests import READY, read, wait_for
 
 pytestmark = pytest.mark.libvirt
 
-BROKER = "redis://127.0.0.1:6379/9"  # this module's Redis DBs alone (other suites use others at once)
-BACKEND = "redis://127.0.0.1:6379/8"
+BROKER = redis_url(9)  # this module's Redis DBs alone (other suites use others at once)
+BACKEND = redis_url(8)
 ACTIVE = {"vm_state": "active", "task_state": None, "power_state": "running"}
 POWEROFF = "cloudctl-guest: poweroff (clean)"
 FINAL = {contract.MIGRATION_MIGRATED, contract.MIGRATION_CANCELLED, contract.MIGRATION_FAILED}
@@ -48,7 +49,9 @@ FINAL = {contract.MIGRATION_MIGRATED, contract.MIGRATION_CANCELLED, contract.MIG
 def worker_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("COMPUTE_", "CELERY_"))}
     return {**env, "CELERY_BROKER_URL": BROKER, "CELERY_RPC_BACKEND": BACKEND,
-            "CLOUDCTL_SERVICE_TOKEN": TOKEN, "COMPUTE_HEARTBEAT_INTERVAL": "5", "PYTHONUNBUFFERED": "1",
+            "CLOUDCTL_SERVICE_TOKEN": TOKEN, "CLOUDCTL_API_URL": image_api_url(),
+            "COMPUTE_HEARTBEAT_INTERVAL": "5",
+            "PYTHONUNBUFFERED": "1",
             # Only shared-storage migrations take it (host-b and host-c bind-mount one directory,
             # which libvirt cannot tell from local storage).
             "COMPUTE_MIGRATION_UNSAFE": "1",
