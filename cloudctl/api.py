@@ -14,6 +14,8 @@ from django.core.exceptions import FieldDoesNotExist, ImproperlyConfigured
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db.models import F, Model, Q, QuerySet
 from django.db.models.expressions import OrderBy
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.views import defaults
 from drf_spectacular.extensions import OpenApiAuthenticationExtension, OpenApiSerializerExtension
 from drf_spectacular.plumbing import build_bearer_security_scheme_object
 from drf_spectacular.utils import OpenApiResponse, extend_schema_field
@@ -37,6 +39,60 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
     if isinstance(exc, CloudctlError):
         return Response(exc.body(), status=exc.status_code)
     return drf_exception_handler(exc, context)
+
+
+# --- errors Django answers itself (no view matched, or a view crashed) --------------------------------
+
+def _is_api(request: HttpRequest) -> bool:
+    return request.path_info.startswith("/api/")
+
+
+def not_found(request: HttpRequest, exception: Exception) -> HttpResponse:
+    """handler404: a path under /api/ that matches no URL pattern (an id that is not an id, an unknown
+    collection) answers DRF's JSON error body like a 404 from a view; elsewhere (the admin) Django's
+    HTML page."""
+    if _is_api(request):
+        return JsonResponse({"detail": "Not found."}, status=status.HTTP_404_NOT_FOUND)
+    return defaults.page_not_found(request, exception)
+
+
+def server_error(request: HttpRequest) -> HttpResponse:
+    """handler500: an unhandled exception under /api/ answers JSON (logged by Django as usual)."""
+    if _is_api(request):
+        return JsonResponse({"detail": "Internal server error."},
+                            status=status.HTTP_500_INTERNAL_SERVER_ERROR)
+    return defaults.server_error(request)
+
+
+def bad_request(request: HttpRequest, exception: Exception) -> HttpResponse:
+    """handler400: Django's own 400s (e.g. a SuspiciousOperation, a bad Host) as JSON under /api/."""
+    if _is_api(request):
+        return JsonResponse({"detail": "Bad request."}, status=status.HTTP_400_BAD_REQUEST)
+    return defaults.bad_request(request, exception)
+
+
+def permission_denied(request: HttpRequest, exception: Exception) -> HttpResponse:
+    """handler403: Django's own PermissionDenied outside DRF's views, as JSON under /api/."""
+    if _is_api(request):
+        return JsonResponse({"detail": "You do not have permission to perform this action."},
+                            status=status.HTTP_403_FORBIDDEN)
+    return defaults.permission_denied(request, exception)
+
+
+def document_not_found(result: dict[str, Any], **_: Any) -> dict[str, Any]:
+    """Schema postprocessing hook: every operation on a path with a parameter answers 404 (no such
+    object, one not visible to the caller, or a parameter that cannot be an id: see ``not_found``)."""
+    error = {"$ref": "#/components/schemas/Error"}
+    for url, operations in result.get("paths", {}).items():
+        if "{" not in url:
+            continue
+        for operation in operations.values():
+            if isinstance(operation, dict) and "responses" in operation:
+                operation["responses"].setdefault("404", {
+                    "description": "No such object (or not visible to you)",
+                    "content": {"application/json": {"schema": error}},
+                })
+    return result
 
 
 # --- fields every API module uses ------------------------------------------------------------------

@@ -204,11 +204,12 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
     # Enum names as usual, then the 415 and 413 answers of every operation that takes a body, then
-    # the Link header (and the 400) of every paged list.
+    # the Link header (and the 400) of every paged list, then the 404 of every path with a parameter.
     "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums",
                              "cloudctl.api.document_unsupported_media_type",
                              "cloudctl.api.document_body_limits",
-                             "cloudctl.api.document_paged_lists"],
+                             "cloudctl.api.document_paged_lists",
+                             "cloudctl.api.document_not_found"],
     # Security schemes come from the authentication classes: tokenAuth (`Authorization: Token
     # <key>`, described in cloudctl/api.py) and cookieAuth (the admin's session).
 }

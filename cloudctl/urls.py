@@ -44,6 +44,13 @@ router.register("floating-ips", FloatingIPViewSet, basename="floating-ip")
 router.register("projects", ProjectViewSet, basename="project")
 router.register("users", UserViewSet, basename="user")
 
+# JSON errors under /api/ even where no DRF view answers (a path that matches no pattern); the admin's
+# HTML pages elsewhere.
+handler400 = "cloudctl.api.bad_request"
+handler403 = "cloudctl.api.permission_denied"
+handler404 = "cloudctl.api.not_found"
+handler500 = "cloudctl.api.server_error"
+
 urlpatterns = [
     path("api/v1/auth/token/", TokenView.as_view(), name="auth-token"),
     # Readable without a token, like Nova's published API reference (SPECTACULAR_SETTINGS).

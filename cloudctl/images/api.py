@@ -37,7 +37,8 @@ from cloudctl.images.services import (
 
 
 class ImageSerializer(serializers.ModelSerializer):
-    owner = serializers.CharField(source="owner.name", default=None, read_only=True)
+    # Public images have no owner project: null.
+    owner = serializers.CharField(source="owner.name", default=None, read_only=True, allow_null=True)
 
     class Meta:
         model = Image

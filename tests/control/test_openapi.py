@@ -153,6 +153,26 @@ def test_the_documented_error_answers_are_what_the_api_says(client: Any, django_
     assert broken.json()["detail"].startswith("JSON parse error")
 
 
+@pytest.mark.django_db
+def test_a_path_that_matches_no_route_answers_json_under_the_api_only(api: Any, client: Any) -> None:
+    """Django's own 404 (no URL pattern matched, e.g. an id with a dot) is the API's JSON error body
+    under /api/, and stays the HTML page elsewhere (the admin)."""
+    for path in ("/api/v1/aggregates/0.5/", "/api/v1/nothing-here/", "/api/v2/"):
+        answer = api.get(path)
+        assert answer.status_code == 404, path
+        assert answer["Content-Type"] == "application/json" and answer.json() == {"detail": "Not found."}
+    page = client.get("/no-such-page/")
+    assert page.status_code == 404 and page["Content-Type"].startswith("text/html")
+
+
+def test_every_operation_on_an_object_documents_its_404(schema: dict[str, Any]) -> None:
+    for url, operations in schema["paths"].items():
+        if "{" in url:
+            for method, operation in operations.items():
+                assert "404" in operation["responses"], f"{method.upper()} {url}"
+    assert "404" not in schema["paths"]["/api/v1/servers/"]["get"]["responses"]
+
+
 def test_image_data_is_binary(schema: dict[str, Any]) -> None:
     file = schema["paths"]["/api/v1/images/{id}/file/"]
     assert "application/octet-stream" in file["put"]["requestBody"]["content"]

@@ -174,3 +174,18 @@ def test_flavor_extra_specs_and_image_properties(api, admin_api, flavors, image,
     arm = boot(api, "arm")
     assert arm["fault"]["message"].startswith("No valid host was found: ImagePropertiesFilter: no "
                                               "host matches the image's")
+
+
+def test_an_aggregate_name_is_unique(admin_api: Any) -> None:
+    """A second aggregate of the same name is a 400 naming the field (it was an IntegrityError: 500);
+    saving an aggregate under its own name is fine."""
+    first = admin_api.post("/api/v1/aggregates/", {"name": "rack1"}, format="json")
+    assert first.status_code == 201
+    again = admin_api.post("/api/v1/aggregates/", {"name": "rack1"}, format="json")
+    assert again.status_code == 400
+    assert again.json() == {"name": ["an aggregate named 'rack1' already exists"]}
+    same = admin_api.put(f"/api/v1/aggregates/{first.json()['id']}/", {"name": "rack1"}, format="json")
+    assert same.status_code == 200
+    admin_api.post("/api/v1/aggregates/", {"name": "rack2"}, format="json")
+    clash = admin_api.patch(f"/api/v1/aggregates/{first.json()['id']}/", {"name": "rack2"}, format="json")
+    assert clash.status_code == 400 and "name" in clash.json()

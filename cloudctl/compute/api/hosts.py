@@ -189,6 +189,16 @@ class AggregateSerializer(serializers.ModelSerializer):
         fields = ("id", "name", "availability_zone", "metadata", "hosts", "created")
         read_only_fields = ("id", "hosts", "created")
 
+    def validate_name(self, value: str) -> str:
+        # The field is declared (StrictCharField), so ModelSerializer adds no UniqueValidator of its own:
+        # without this a second aggregate of the same name was an IntegrityError, a 500.
+        others = Aggregate.objects.filter(name=value)
+        if self.instance is not None:
+            others = others.exclude(pk=self.instance.pk)
+        if others.exists():
+            raise serializers.ValidationError(f"an aggregate named {value!r} already exists")
+        return value
+
     def validate_metadata(self, value: Any) -> dict[str, Any]:
         if not isinstance(value, dict):
             raise serializers.ValidationError("must be an object of key: value")
