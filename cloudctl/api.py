@@ -111,11 +111,14 @@ class StrictCharField(serializers.CharField):
 class IdOrNameField(serializers.Field):
     """A reference given as an id (integer or uuid) or a name."""
 
-    default_error_messages = {"invalid": "must be an id or a name (string or integer)"}
+    default_error_messages = {"invalid": "must be an id or a name (string or integer)",
+                              "null_characters": "Null characters are not allowed."}
 
     def to_internal_value(self, data: Any) -> str:
         if isinstance(data, bool) or not isinstance(data, (str, int)) or str(data).strip() == "":
             self.fail("invalid")
+        if "\x00" in str(data):  # as DRF's CharField: PostgreSQL cannot even compare such a string
+            self.fail("null_characters")
         return str(data).strip()
 
     def to_representation(self, value: Any) -> Any:

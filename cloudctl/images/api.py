@@ -53,8 +53,9 @@ class ImageCreateSerializer(serializers.ModelSerializer):
     disk_format = serializers.ChoiceField(choices=DiskFormat.choices)
     container_format = serializers.ChoiceField(choices=["bare"], default="bare")
     visibility = serializers.ChoiceField(choices=Visibility.choices, default=Visibility.PRIVATE)
-    min_ram = serializers.IntegerField(min_value=0, default=0)
-    min_disk = serializers.IntegerField(min_value=0, default=0)
+    # The model's PositiveIntegerField: at most 2**31 - 1 on PostgreSQL (beyond: a DataError, a 500).
+    min_ram = serializers.IntegerField(min_value=0, max_value=2**31 - 1, default=0)
+    min_disk = serializers.IntegerField(min_value=0, max_value=2**31 - 1, default=0)
     properties = serializers.DictField(child=serializers.CharField(allow_blank=True),
                                        required=False, default=dict)
 

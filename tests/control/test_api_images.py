@@ -121,3 +121,14 @@ def test_compute_workers_may_upload_but_not_list(api, small_qcow2: Path):
     service.credentials(HTTP_AUTHORIZATION="Token service-secret")
     assert service.get("/api/v1/images/").status_code == 403
     assert upload(service, image_id, small_qcow2.read_bytes()).status_code == 200
+
+
+def test_min_ram_and_min_disk_fit_the_database(api):
+    """Beyond 2**31 - 1 (the column's range on PostgreSQL) a 400 naming the field, not a 500."""
+    for field in ("min_ram", "min_disk"):
+        answer = api.post("/api/v1/images/", {"name": "big", "disk_format": "qcow2", field: 2**31},
+                          format="json")
+        assert answer.status_code == 400 and field in answer.json()
+    fits = api.post("/api/v1/images/", {"name": "big", "disk_format": "qcow2", "min_ram": 2**31 - 1},
+                    format="json")
+    assert fits.status_code == 201 and fits.json()["min_ram"] == 2**31 - 1
