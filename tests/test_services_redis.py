@@ -119,6 +119,8 @@ def test_the_broker_keeps_its_queues_across_a_kill_9_and_a_restart(tmp_path: Pat
         time.sleep(0.05)
     assert cli(redis_port, "ping", password=password) != "PONG"
     assert services(redis_port, state, "start", "--redis-only").returncode == 0
+    aof_files = list((data_dir / "appendonlydir").iterdir())
+    assert aof_files and all(path.stat().st_mode & 0o777 == 0o600 for path in aof_files)
     with Connection(url) as connection:
         message = connection.SimpleQueue("scheduler").get(timeout=5)
         assert message.payload == {"task": "scheduler.schedule_instance", "id": 42}

@@ -118,7 +118,7 @@ def test_a_killed_process_is_restarted_while_the_others_keep_running(tmp_path: P
         run.wait_for(r"^\d\d:\d\d:\d\d worker +\| worker up$")
         run.wait_for(r"^\d\d:\d\d:\d\d other +\| other up$")
         os.kill(first, signal.SIGKILL)
-        run.wait_for(r"\| worker was killed by signal SIGKILL after [\d.]+ s; restarting in 0.2 s$")
+        run.wait_for(r"\| worker was killed by SIGKILL after [\d.]+ s; restarting in 0.2 s$")
         second = run.started("worker")
         assert second != first and alive(second)
         run.wait_for(r"^\d\d:\d\d:\d\d worker +\| worker up$")
@@ -126,7 +126,7 @@ def test_a_killed_process_is_restarted_while_the_others_keep_running(tmp_path: P
         assert run.matching(r"\| other started") == [run.matching(r"\| other started")[0]]  # started once
         # Killed again: restarted again, the delay doubled (the first run was short).
         os.kill(second, signal.SIGKILL)
-        run.wait_for(r"\| worker was killed by signal SIGKILL after [\d.]+ s; restarting in 0.4 s$")
+        run.wait_for(r"\| worker was killed by SIGKILL after [\d.]+ s; restarting in 0.4 s$")
         assert alive(run.started("worker")) and alive(other)
 
 
@@ -173,6 +173,32 @@ def test_sigterm_stops_every_process_and_their_children(tmp_path: Path) -> None:
         run.wait_for(r"\| SIGTERM received: stopping every process")
         for pid in (parent, plain, grandchild):
             wait_gone(pid)
+
+
+def test_a_command_that_finishes_its_work_after_sigterm_gets_the_grace(tmp_path: Path) -> None:
+    """``sh`` runs a command without exec'ing it (here `; true`, in the Procfile `${CLOUDCTL_RUN_AS} celery`)
+    and dies at SIGTERM at once: the command itself (a Celery worker's warm shutdown) still gets its time."""
+    script = tmp_path / "worker.py"
+    script.write_text("import signal, sys, time\n"
+                      "def finish(*_):\n"
+                      "    print('finishing', flush=True)\n"
+                      "    time.sleep(1)\n"
+                      "    print('done', flush=True)\n"
+                      "    sys.exit(0)\n"
+                      "signal.signal(signal.SIGTERM, finish)\n"
+                      "print('ready', flush=True)\n"
+                      "time.sleep(300)\n")
+    procfile = f"celery: {sys.executable} {script}; true\n"
+    with supervisor(tmp_path, procfile, "--grace", "5") as run:
+        run.started("celery")
+        run.wait_for(r"\| ready$")
+        began = time.monotonic()
+        run.process.send_signal(signal.SIGTERM)
+        assert run.process.wait(10) == 128 + signal.SIGTERM
+        assert 1 <= time.monotonic() - began < 4
+        run.wait_for(r"celery +\| finishing$")
+        run.wait_for(r"celery +\| done$")
+        assert not run.matching(": SIGKILL$")
 
 
 def test_a_process_that_ignores_sigterm_is_killed_after_the_grace(tmp_path: Path) -> None:

@@ -101,9 +101,10 @@ start_redis() {
       local data_dir
       data_dir=$(redis_data_dir) || return 1
       echo "==> starting redis-server (port $redis_port, password required, AOF in $data_dir)"
-      printf 'requirepass %s\n' "$password" | redis-server - --daemonize yes --bind 127.0.0.1 \
-        --port "$redis_port" --dir "$data_dir" --appendonly yes --appendfsync everysec --save '' \
-        --logfile "$log_dir/redis.log"
+      # umask 077: its AOF files (every queued task) are 0600, as its directory is 0700.
+      printf 'requirepass %s\n' "$password" | (umask 077; exec redis-server - --daemonize yes \
+        --bind 127.0.0.1 --port "$redis_port" --dir "$data_dir" --appendonly yes --appendfsync everysec \
+        --save '' --logfile "$log_dir/redis.log")
       # Replaying a long AOF takes a while: LOADING answers until it is done.
       wait_for 60 redis redis_up ;;
     open)

@@ -72,12 +72,18 @@ def backoff_delay(failures: int, initial: float = 1.0, maximum: float = 30.0) ->
     return float(min(maximum, initial * 2 ** min(failures, 32)))
 
 
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
 def describe_exit(returncode: int) -> str:
     if returncode < 0:
-        try:
-            return f"was killed by signal {signal.Signals(-returncode).name}"
-        except ValueError:
-            return f"was killed by signal {-returncode}"
+        return f"was killed by {signal_name(-returncode)}"
+    if returncode > 128:  # sh's status of a command a signal killed
+        return f"exited with code {returncode} (its command was killed by {signal_name(returncode - 128)})"
     return f"exited with code {returncode}"
 
 
@@ -115,8 +121,13 @@ class Child:
     started: float = 0.0
     failures: int = 0  # failed runs in a row, each shorter than --stable-after
     restart_at: float | None = 0.0  # monotonic time of the next start; None: not to be started again
-    last_group: int | None = None  # process group of the last run, until what was left of it is gone
+    # The process group of the last run once its first process (``sh``) is gone: what remains of it (a
+    # Celery worker finishing its tasks after SIGTERM, a pool, gunicorn's workers) gets until
+    # ``leftover_until`` to end before SIGKILL, and the next run waits for it.
+    leftover: int | None = None
+    leftover_until: float = 0.0
     exits: list[int] = field(default_factory=list)
+    relays: list[threading.Thread] = field(default_factory=list)  # readers of its runs' output
 
     @property
     def running(self) -> bool:
@@ -132,13 +143,16 @@ class Policy:
 
 
 def signal_group(group: int | None, signum: int) -> bool:
-    """Send ``signum`` to process group ``group``; False when the group is gone (or was never ours)."""
+    """Send ``signum`` to process group ``group``; False when the group is gone (or not ours to signal).
+    Signal 0 tells whether any process of the group is left."""
     if group is None:
         return False
     try:
         os.killpg(group, signum)
-    except (ProcessLookupError, PermissionError):
+    except ProcessLookupError:
         return False
+    except PermissionError:
+        return signum == 0  # it exists, as another user's
     return True
 
 
@@ -160,8 +174,6 @@ class Supervisor:
 
     # one process ------------------------------------------------------------------------------------
     def start(self, child: Child) -> None:
-        signal_group(child.last_group, signal.SIGKILL)  # what the last run left behind
-        child.last_group = None
         try:
             child.process = subprocess.Popen(["sh", "-c", child.command], cwd=self.cwd, env=self.env,
                                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -175,7 +187,9 @@ class Supervisor:
         child.started = time.monotonic()
         child.restart_at = None
         self.say(f"{child.name} started (pid={child.process.pid})")
-        threading.Thread(target=self._relay, args=(child.name, child.process), daemon=True).start()
+        relay = threading.Thread(target=self._relay, args=(child.name, child.process), daemon=True)
+        relay.start()
+        child.relays = [*(thread for thread in child.relays if thread.is_alive()), relay]
 
     def _relay(self, name: str, process: subprocess.Popen[bytes]) -> None:
         assert process.stdout is not None
@@ -192,8 +206,9 @@ class Supervisor:
         returncode = process.returncode
         child.process = None
         child.exits.append(returncode)
-        child.last_group = process.pid
-        signal_group(process.pid, signal.SIGTERM)  # its pool or workers, orphaned now
+        # Whatever of its group is left (its command, when sh did not exec it; a pool) is stopped too.
+        child.leftover, child.leftover_until = process.pid, now + self.policy.grace
+        signal_group(process.pid, signal.SIGTERM)
         ran = now - child.started
         what = f"{child.name} {describe_exit(returncode)} after {ran:.1f} s"
         if self.stop_signal is not None:
@@ -216,51 +231,76 @@ class Supervisor:
         child.restart_at = now + backoff_delay(child.failures, self.policy.initial, self.policy.maximum)
         child.failures += 1
 
+    def leftover_gone(self, child: Child, now: float) -> bool:
+        """Whether nothing of ``child``'s last run is left; SIGKILL to what is, past its grace."""
+        if not signal_group(child.leftover, 0):
+            child.leftover = None
+            return True
+        if now < child.leftover_until:
+            return False
+        self.say(f"what is left of {child.name}'s last run (process group {child.leftover}) still runs "
+                 f"{self.policy.grace:g} s after SIGTERM: SIGKILL")
+        signal_group(child.leftover, signal.SIGKILL)
+        child.leftover = None
+        return True
+
     # all of them ------------------------------------------------------------------------------------
     def run(self) -> int:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, self._on_signal)
+        for handled in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(handled, self._on_signal)
         while self.stop_signal is None:
             now = time.monotonic()
             for child in self.children:
                 self.reap(child)
+                if child.leftover is not None:
+                    self.leftover_gone(child, now)
                 if (self.stop_signal is None and not child.running and child.restart_at is not None
-                        and now >= child.restart_at):
+                        and now >= child.restart_at and child.leftover is None):
                     self.start(child)
             if not any(child.running or child.restart_at is not None for child in self.children):
                 self.say("no process left to run")
-                self._clean_up_groups()
+                self._stop_all()
                 return 0 if all(child.exits[-1:] == [0] for child in self.children) else 1
             time.sleep(0.05)
-        return self.stop()
-
-    def stop(self) -> int:
-        assert self.stop_signal is not None
-        signum = self.stop_signal
+        signum: int = self.stop_signal
         self.say(f"{signal.Signals(signum).name} received: stopping every process (SIGTERM, SIGKILL after "
                  f"{self.policy.grace:g} s or at a second signal)")
+        self._stop_all()
+        return 128 + signum
+
+    def _stop_all(self) -> None:
+        """SIGTERM to every process group, SIGKILL to what is left of them after the grace."""
+        now = time.monotonic()
         for child in self.children:
             if child.process is not None:
                 signal_group(child.process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + self.policy.grace
+            child.leftover_until = min(child.leftover_until, now + self.policy.grace)
+        deadline = now + self.policy.grace
         signals_then = self.signals_received
-        while any(child.running for child in self.children):
-            if time.monotonic() >= deadline or self.signals_received > signals_then:
+        while True:
+            for child in self.children:
+                self.reap(child)
+                child.leftover_until = min(child.leftover_until, deadline)
+            now = time.monotonic()
+            if self.signals_received > signals_then:  # a second Ctrl-C: no more waiting
+                deadline = now
+                for child in self.children:
+                    child.leftover_until = now
+            if now >= deadline:
                 for child in self.children:
                     if child.process is not None:
                         self.say(f"{child.name} still runs: SIGKILL")
                         signal_group(child.process.pid, signal.SIGKILL)
                         child.process.wait()
-            for child in self.children:
-                self.reap(child)
+                        self.reap(child)
+            pending = [child for child in self.children if child.running
+                       or (child.leftover is not None and not self.leftover_gone(child, now))]
+            if not pending:
+                for child in self.children:  # their last lines
+                    for thread in child.relays:
+                        thread.join(timeout=1)
+                return
             time.sleep(0.05)
-        self._clean_up_groups()
-        return 128 + signum
-
-    def _clean_up_groups(self) -> None:
-        for child in self.children:
-            signal_group(child.last_group, signal.SIGKILL)
-            child.last_group = None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
