@@ -11,14 +11,16 @@ to install. This is the small supervisor the Procfile needs, on the standard lib
   output (stdout and stderr) printed line by line behind ``HH:MM:SS name |`` as honcho does;
 - a process that fails (a non-zero exit, or killed by a signal) is restarted after 1 s, then 2, 4, 8,
   16 and 30 s at most between attempts; the delay starts again from 1 s once a run lasted 60 s. What
-  remains of its process group (a Celery worker's pool, gunicorn's workers) is sent SIGTERM when it
-  dies and SIGKILL before the next start;
+  remains of its process group (a Celery worker's pool, gunicorn's workers, the command itself when
+  only its ``sh`` died) is sent SIGTERM at once and SIGKILL after ``--grace`` seconds; the next run
+  starts once it is gone;
 - a process that exits with 78 (EX_CONFIG: e.g. Flower without ``FLOWER_BASIC_AUTH``) is not restarted,
   with that said: its configuration must change first. One that exits with 0 ended on purpose (a
   Celery worker told to shut down) and stays down too. The units of ``deploy/systemd`` follow the same
   rule (``Restart=on-failure``, ``RestartPreventExitStatus=78``);
-- SIGINT (Ctrl-C) or SIGTERM stops them all: SIGTERM to every process group, SIGKILL to those still
-  there after ``--grace`` seconds (or at a second Ctrl-C). It exits with 128 + the signal's number; or,
+- SIGINT (Ctrl-C) or SIGTERM stops them all: SIGTERM to every process group, SIGKILL to what is still
+  there after ``--grace`` seconds (or at a second Ctrl-C): a Celery worker under ``sh`` gets its warm
+  shutdown although ``sh`` dies at once. It exits with 128 + the signal's number; or,
   when no process is left to run, with 0 if every one exited with 0, else 1.
 """
 
