@@ -3,9 +3,9 @@
 Runs the driver's init_host, starts sending a ``conductor.power_state_update`` on every lifecycle event
 of an instance's domain, sends ``conductor.host_init`` (retried until the broker takes it), starts the
 heartbeat (one at once, then every COMPUTE_HEARTBEAT_INTERVAL seconds), then a Celery worker (threads
-pool, events on) consuming only ``compute.<host>`` as node ``compute@<host>``. SIGTERM (what honcho
-sends) stops it cleanly: running tasks finish first. Options override the environment variables listed
-in :mod:`compute_workers.config`.
+pool, events on) consuming only ``compute.<host>`` as node ``compute@<host>``. SIGTERM (what make run's
+supervisor and systemd send) stops it cleanly: running tasks finish first. Options override the
+environment variables listed in :mod:`compute_workers.config`.
 """
 
 from __future__ import annotations

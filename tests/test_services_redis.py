@@ -1,6 +1,7 @@
 """tools/services.sh and Redis: a password generated once (0600), never on a command line, set on a Redis
-that runs without one, and a Redis with another password refused. Run against a Redis of the test's own
-(another port, its own state dir), never the shared one on 6379."""
+that runs without one, and a Redis with another password refused; the queues kept across a kill -9 and a
+restart (AOF). Run against a Redis of the test's own (another port, its own state dir), never the shared
+one on 6379."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import os
 import shutil
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from kombu import Connection
 
 REPO = Path(__file__).resolve().parent.parent
 SERVICES = REPO / "tools" / "services.sh"
@@ -78,6 +81,8 @@ def test_a_redis_without_a_password_gets_it_and_one_with_another_is_refused(tmp_
     assert "WITHOUT a password" in services(redis_port, tmp_path / "a", "status").stdout
     started = services(redis_port, tmp_path / "a", "start", "--redis-only")
     assert started.returncode == 0 and "CONFIG SET requirepass" in started.stdout
+    # Not started by services.sh: left without persistence, and said so.
+    assert "keeps its queues with appendonly no, appendfsync everysec" in started.stderr
     password = (tmp_path / "a" / "redis.password").read_text().strip()
     assert "NOAUTH" in cli(redis_port, "ping") and cli(redis_port, "ping", password=password) == "PONG"
     # Another state dir, another password: refused, with what to do.
@@ -89,3 +94,44 @@ def test_a_redis_without_a_password_gets_it_and_one_with_another_is_refused(tmp_
     # REDIS_PASSWORD wins over the file.
     assert services(redis_port, tmp_path / "b", "start", "--redis-only",
                     REDIS_PASSWORD=password).returncode == 0
+
+
+def test_the_broker_keeps_its_queues_across_a_kill_9_and_a_restart(tmp_path: Path, redis_port: int) -> None:
+    state = tmp_path / "state"
+    assert services(redis_port, state, "start", "--redis-only").returncode == 0
+    password = (state / "redis.password").read_text().strip()
+    data_dir = state / "redis"
+    assert data_dir.stat().st_mode & 0o777 == 0o700
+    redis_dir = cli(redis_port, "config", "get", "dir", password=password).splitlines()[1]
+    assert redis_dir == str(data_dir.resolve())
+    status = services(redis_port, state, "status").stdout
+    assert "redis persistence: appendonly yes, appendfsync everysec" in status
+    # A task waiting in a queue, put there as Celery puts it (kombu's Redis transport: a list).
+    url = f"redis://:{password}@127.0.0.1:{redis_port}/0"
+    with Connection(url) as connection:
+        connection.SimpleQueue("scheduler").put({"task": "scheduler.schedule_instance", "id": 42})
+    info = cli(redis_port, "info", "server", password=password)
+    pid = int(next(line for line in info.splitlines() if line.startswith("process_id:")).split(":")[1])
+    os.kill(pid, 9)  # no shutdown, no save: a crash
+    for _ in range(100):
+        if not Path(f"/proc/{pid}").exists():
+            break
+        time.sleep(0.05)
+    assert cli(redis_port, "ping", password=password) != "PONG"
+    assert services(redis_port, state, "start", "--redis-only").returncode == 0
+    aof_files = list((data_dir / "appendonlydir").iterdir())
+    assert aof_files and all(path.stat().st_mode & 0o777 == 0o600 for path in aof_files)
+    with Connection(url) as connection:
+        message = connection.SimpleQueue("scheduler").get(timeout=5)
+        assert message.payload == {"task": "scheduler.schedule_instance", "id": 42}
+        message.ack()
+
+
+def test_redis_data_is_not_kept_where_a_symlink_points(tmp_path: Path, redis_port: int) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (state / "redis").symlink_to(tmp_path / "elsewhere")
+    refused = services(redis_port, state, "start", "--redis-only")
+    assert refused.returncode == 1 and "is a symlink or not" in refused.stderr
+    assert "NOAUTH" not in cli(redis_port, "ping")  # nothing was started

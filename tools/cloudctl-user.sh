@@ -12,7 +12,9 @@ fi
 state=${1:-}
 if [ -n "$state" ]; then
   mkdir -p "$state"
-  # Only what is not cloudctl's yet (files root made: the demo image, an older installation's).
-  find "$state" \( ! -user cloudctl -o ! -group cloudctl \) -exec chown -h cloudctl:cloudctl {} +
+  # Only what is not cloudctl's yet (files root made: the demo image, an older installation's). Not
+  # redis/: the broker's AOF files stay with the user who runs redis-server (tools/services.sh).
+  find "$state" -path "$state/redis" -prune -o \( ! -user cloudctl -o ! -group cloudctl \) \
+    -exec chown -h cloudctl:cloudctl {} +
   chmod 700 "$state"
 fi

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make run`: install what is missing, start the daemons, prepare the database and the demo
-# image, then start every Procfile process with honcho (Ctrl-C stops them all).
+# image, then start every Procfile process under tools/supervise.py: a process that dies is restarted
+# (1 s, 2 s, ... 30 s apart), the others keep running; Ctrl-C stops them all.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -87,4 +88,4 @@ cat <<MSG
             when they were created (POST /api/v1/auth/token/ {"username", "password"})
     runs as web, scheduler, conductor, beat, Flower: $control_user; compute worker: $(id -un)
 MSG
-exec honcho start -f Procfile
+exec "$CLOUDCTL_PYTHON" tools/supervise.py -f Procfile

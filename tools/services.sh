@@ -11,6 +11,11 @@
 # settings and tools/run.sh, tools/test.sh read. The password reaches redis-server on its standard
 # input (a config read from stdin) and redis-cli through REDISCLI_AUTH: never in a command line
 # that `ps` shows. A Redis already running without a password gets it (CONFIG SET requirepass).
+#
+# The broker keeps its queues across a restart: redis-server runs with AOF persistence (appendonly
+# yes, appendfsync everysec) in $CLOUDCTL_STATE_DIR/redis/ (0700, the starting user's), no RDB
+# snapshots. A Redis this script did not start is left as it is, with a warning when it keeps its
+# queues in memory only.
 set -euo pipefail
 cmd=${1:-start}
 shift || true
@@ -28,6 +33,7 @@ mkdir -p "$log_dir"
 state_dir=${CLOUDCTL_STATE_DIR:-$(cd "$(dirname "$0")/.." && pwd)/var}
 redis_port=${REDIS_PORT:-6379}
 redis_password_file=$state_dir/redis.password
+redis_data_dir=$state_dir/redis
 
 wait_for() {  # wait_for <seconds> <description> <command...>
   local limit=$1 what=$2; shift 2
@@ -92,10 +98,15 @@ start_redis() {
   case "$(redis_state "$password")" in
     ours) ;;
     down)
-      echo "==> starting redis-server (port $redis_port, password required)"
-      printf 'requirepass %s\n' "$password" | redis-server - --daemonize yes --bind 127.0.0.1 \
-        --port "$redis_port" --save '' --logfile "$log_dir/redis.log"
-      wait_for 10 redis redis_up ;;
+      local data_dir
+      data_dir=$(redis_data_dir) || return 1
+      echo "==> starting redis-server (port $redis_port, password required, AOF in $data_dir)"
+      # umask 077: its AOF files (every queued task) are 0600, as its directory is 0700.
+      printf 'requirepass %s\n' "$password" | (umask 077; exec redis-server - --daemonize yes \
+        --bind 127.0.0.1 --port "$redis_port" --dir "$data_dir" --appendonly yes --appendfsync everysec \
+        --save '' --logfile "$log_dir/redis.log")
+      # Replaying a long AOF takes a while: LOADING answers until it is done.
+      wait_for 60 redis redis_up ;;
     open)
       echo "==> redis-server on port $redis_port runs without a password: setting it (CONFIG SET requirepass)"
       printf 'CONFIG SET requirepass %s\n' "$password" | redis_cli "" >/dev/null
@@ -107,6 +118,29 @@ start_redis() {
            "set REDIS_PASSWORD to its password (or stop it)" >&2
       return 1 ;;
   esac
+  if [ "$(redis_persistence "$password")" != "appendonly yes, appendfsync everysec" ]; then
+    echo "WARNING: redis-server on port $redis_port keeps its queues with $(redis_persistence "$password"):" \
+         "a crash or restart loses the tasks waiting in them. Restart it through this script for AOF" \
+         "(once its queues are empty: redis-cli -p $redis_port shutdown; tools/services.sh start)." >&2
+  fi
+}
+# redis_data_dir: the directory (absolute) AOF files go to, made 0700; refused when it is a symlink or
+# not the starting user's (root's Redis must not write where another user points it).
+redis_data_dir() {
+  (umask 077; mkdir -p "$redis_data_dir")
+  if [ -L "$redis_data_dir" ] || [ ! -O "$redis_data_dir" ]; then
+    echo "$redis_data_dir is a symlink or not $(id -un)'s: refusing to keep Redis data there" >&2
+    return 1
+  fi
+  chmod 700 "$redis_data_dir"
+  (cd "$redis_data_dir" && pwd -P)
+}
+# redis_persistence <password>: "appendonly yes, appendfsync everysec" (or what the Redis has instead)
+redis_persistence() {
+  local aof fsync
+  aof=$(redis_cli "$1" config get appendonly | sed -n 2p)
+  fsync=$(redis_cli "$1" config get appendfsync | sed -n 2p)
+  printf 'appendonly %s, appendfsync %s' "${aof:-?}" "${fsync:-?}"
 }
 
 start() {
@@ -144,6 +178,9 @@ start() {
 status() {
   echo "redis: $(redis_state "$(known_redis_password)" | sed 's/^ours$/up (password required)/;
     s/^open$/up WITHOUT a password (start sets it)/; s/^foreign$/up, with another password/')"
+  if [ -n "$(known_redis_password)" ] && [ "$(redis_state "$(known_redis_password)")" = ours ]; then
+    echo "redis persistence: $(redis_persistence "$(known_redis_password)")"
+  fi
   virtlogd_up && echo "virtlogd: up" || echo "virtlogd: down"
   libvirt_up && echo "libvirtd: up" || echo "libvirtd: down"
   postgres_up && echo "postgresql: up" || echo "postgresql: down"
