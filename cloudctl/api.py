@@ -20,7 +20,7 @@ from drf_spectacular.extensions import OpenApiAuthenticationExtension, OpenApiSe
 from drf_spectacular.plumbing import build_bearer_security_scheme_object
 from drf_spectacular.utils import OpenApiResponse, extend_schema_field
 from rest_framework import serializers, status
-from rest_framework.exceptions import APIException
+from rest_framework.exceptions import APIException, ParseError
 from rest_framework.pagination import BasePagination
 from rest_framework.parsers import JSONParser
 from rest_framework.request import Request
@@ -593,4 +593,20 @@ class BoundedJSONParser(JSONParser):
         body = stream.read(limit + 1) if stream is not None else b""
         if len(body) > limit:
             raise RequestBodyTooLarge(f"request body is more than {limit} bytes; the limit is {limit}")
-        return super().parse(io.BytesIO(body), media_type, parser_context)
+        data = super().parse(io.BytesIO(body), media_type, parser_context)
+        if _holds_nul(data):
+            # PostgreSQL's text and jsonb cannot store it: refused here, for every field at once,
+            # rather than a database error (500) in whichever free-form field holds it.
+            raise ParseError("JSON strings may not contain the NUL character (\\u0000)")
+        return data
+
+
+def _holds_nul(value: Any) -> bool:
+    """Whether a parsed JSON value has a NUL character in any string, key or value, at any depth."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_holds_nul(key) or _holds_nul(item) for key, item in value.items())
+    if isinstance(value, list):
+        return any(_holds_nul(item) for item in value)
+    return False

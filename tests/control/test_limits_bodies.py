@@ -12,6 +12,7 @@ from django.test import RequestFactory
 from rest_framework.test import APIClient
 
 from cloudctl.api import BoundedJSONParser, RequestBodyTooLarge
+from cloudctl.images.models import Image
 
 pytestmark = pytest.mark.django_db
 
@@ -88,3 +89,17 @@ def test_image_data_is_not_a_json_body(api: APIClient) -> None:
                        content_type="application/octet-stream")
     assert uploaded.status_code == 200, uploaded.content
     assert uploaded.json()["status"] == "active" and uploaded.json()["size"] == 3 * MiB
+
+
+@pytest.mark.parametrize("body", [
+    {"name": "a\u0000b"},
+    {"name": "n", "properties": {"k": "v\u0000"}},
+    {"name": "n", "properties": {"k\u0000": "v"}},
+    {"name": "n", "tags": [["deep", "x\u0000"]]},
+])
+def test_a_nul_character_anywhere_in_a_json_string_is_400(api: APIClient, body: Any) -> None:
+    """PostgreSQL cannot store NUL in text or jsonb: refused at parsing, for every field, not a 500."""
+    response = api.post("/api/v1/images/", json.dumps(body), content_type="application/json")
+    assert response.status_code == 400
+    assert response.json() == {"detail": "JSON strings may not contain the NUL character (\\u0000)"}
+    assert not Image.objects.filter(name__startswith="n").exists()
