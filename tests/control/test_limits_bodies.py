@@ -103,3 +103,13 @@ def test_a_nul_character_anywhere_in_a_json_string_is_400(api: APIClient, body: 
     assert response.status_code == 400
     assert response.json() == {"detail": "JSON strings may not contain the NUL character (\\u0000)"}
     assert not Image.objects.filter(name__startswith="n").exists()
+
+
+def test_an_id_or_name_field_refuses_nul_for_callers_that_bypass_the_json_parser() -> None:
+    from rest_framework.exceptions import ValidationError
+
+    from cloudctl.api import IdOrNameField
+
+    with pytest.raises(ValidationError):
+        IdOrNameField().run_validation("sub\x00net")
+    assert IdOrNameField().run_validation("subnet") == "subnet"

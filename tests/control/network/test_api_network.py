@@ -66,10 +66,11 @@ def test_fixed_ips_by_subnet_and_address(api):
     assert outside.status_code == 400 and "is not inside subnet" in outside.json()["fixed_ips"][0]
     empty = post(api, "ports", network=net["id"], fixed_ips=[{}])
     assert empty.status_code == 400 and "fixed_ips" in empty.json()
-    # A NUL in a reference is a 400 (PostgreSQL cannot even look such a name up: it was a 500).
+    # A NUL in a reference is a 400 (PostgreSQL cannot even look such a name up: it was a 500): the
+    # JSON parser refuses it in any string; IdOrNameField refuses it too for non-JSON callers.
     nul = post(api, "ports", network=net["id"], fixed_ips=[{"subnet": "sub\x00net"}])
     assert nul.status_code == 400
-    assert nul.json() == {"fixed_ips": {"0": {"subnet": ["Null characters are not allowed."]}}}
+    assert nul.json() == {"detail": "JSON strings may not contain the NUL character (\\u0000)"}
 
 
 def test_an_exhausted_pool_answers_409_saying_so(api):
