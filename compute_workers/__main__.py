@@ -1,9 +1,9 @@
 """``python -m compute_workers``: the compute worker of one hypervisor host.
 
 Runs the driver's init_host, starts sending a ``conductor.power_state_update`` on every lifecycle event
-of an instance's domain, sends the reports an earlier run left in its outbox (``INSTANCES_PATH/_reports``:
-see :mod:`compute_workers.outbox`) and then ``conductor.host_init`` (both retried until the broker takes
-them), starts sending the outbox in the background, starts the
+of an instance's domain, sends the reports an earlier run left in its outbox
+(``INSTANCES_PATH/_reports/<host>``: see :mod:`compute_workers.outbox`) and then ``conductor.host_init``
+(both retried until the broker takes them), starts sending the outbox in the background, starts the
 heartbeat (one at once, then every COMPUTE_HEARTBEAT_INTERVAL seconds), then a Celery worker (threads
 pool, events on) consuming only ``compute.<host>`` as node ``compute@<host>``. SIGTERM (what honcho
 sends) stops it cleanly: running tasks finish first. Options override the environment variables listed
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                     "key with `manage.py host_credentials %s` on the control plane)", config.host,
                     config.host)
     reporter = CeleryReporter(app, one_host_key(config.host, config.host_key),
-                              Outbox.under(config.instances_path))
+                              Outbox.under(config.instances_path, config.host))
     manager = ComputeManager(config, driver, reporter)
     try:
         manager.init_host()

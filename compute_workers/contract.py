@@ -229,7 +229,7 @@ action_id=None)``
     ``busy`` (no spawn runs for it any more) is completed as its lost spawn report would have
     (the report, when it comes later, is dropped as stale).
 
-Delivery: a worker keeps a report the broker does not take in its outbox (``INSTANCES_PATH/_reports``)
+Delivery: a worker keeps a report the broker does not take in its outbox (``INSTANCES_PATH/_reports/<host>``)
 and sends it again, in order and signed anew, when the broker answers (heartbeats, ``host_init``,
 ``host_stopping`` and ``migration_progress`` are not kept: the next one supersedes them). A report may
 therefore arrive late, or twice; every conductor task above is a compare-and-swap that drops it then.

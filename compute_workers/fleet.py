@@ -280,7 +280,7 @@ def run(config: ComputeConfig, names: list[str], args: argparse.Namespace, start
                     "conductor drops them")
     # The outbox lives in this run's temporary directory, as the simulated domains live in memory.
     reporter = CeleryReporter(app, derived_host_keys(secret) if secret else None,
-                              Outbox.under(config.instances_path))
+                              Outbox.under(config.instances_path, args.prefix))
     fleet = Fleet(config, names, reporter, make_driver)
     fleet.init_hosts()
     register_tasks(app, fleet)

@@ -7,7 +7,7 @@ appends a report it cannot publish here, and sends the outbox again, oldest firs
 broker answers (:class:`OutboxSender`, woken at once by a heartbeat that got through). While the
 outbox holds anything, new reports queue behind it: reports keep their order.
 
-Layout: ``INSTANCES_PATH/_reports/<sequence>.json``, one file per report, ``{"task", "kwargs",
+Layout: ``INSTANCES_PATH/_reports/<host>/<sequence>.json``, one file per report, ``{"task", "kwargs",
 "queued_at"}``. Each is written whole to a hidden temporary file, fsync'd, renamed into place and its
 directory fsync'd: a crash leaves either the complete report or none, and a restarted worker finds
 the outbox and sends it (before its ``host_init``, so the conductor's restart handling sees the
@@ -52,21 +52,26 @@ class Outbox:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self._lock = threading.Lock()
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._next = max((sequence for sequence, _ in self._files()), default=0) + 1
 
     @classmethod
-    def under(cls, instances_path: Path) -> Outbox:
-        """The outbox of the worker whose INSTANCES_PATH is ``instances_path``."""
-        return cls(instances_path / OUTBOX_DIR)
+    def under(cls, instances_path: Path, name: str) -> Outbox:
+        """The outbox of worker ``name`` (its host) whose INSTANCES_PATH is ``instances_path``: its own
+        directory, so workers that share an INSTANCES_PATH (tests) never send each other's reports."""
+        if not name or "/" in name or name.startswith("."):
+            raise ValueError(f"invalid outbox name {name!r}")
+        return cls(instances_path / OUTBOX_DIR / name)
 
     def _files(self) -> list[tuple[int, Path]]:
         found = []
-        with os.scandir(self.directory) as entries:
-            for entry in entries:
-                stem = entry.name.removesuffix(_SUFFIX)
-                if entry.name.endswith(_SUFFIX) and stem.isdigit():
-                    found.append((int(stem), Path(entry.path)))
+        try:
+            with os.scandir(self.directory) as entries:
+                for entry in entries:
+                    stem = entry.name.removesuffix(_SUFFIX)
+                    if entry.name.endswith(_SUFFIX) and stem.isdigit():
+                        found.append((int(stem), Path(entry.path)))
+        except FileNotFoundError:  # made by the first report kept
+            return []
         return sorted(found)
 
     def append(self, task: str, kwargs: dict[str, Any]) -> Path:
@@ -75,6 +80,7 @@ class Outbox:
         data = json.dumps({"task": task, "kwargs": kwargs, "queued_at": time.time()},
                           separators=(",", ":")).encode()
         with self._lock:  # the file of sequence n is in place before n+1 is written: order holds
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             sequence = self._next
             path = self.directory / f"{sequence:012d}{_SUFFIX}"
             temporary = self.directory / f".{path.name}.tmp"

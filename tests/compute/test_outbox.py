@@ -54,7 +54,8 @@ KEY = "k1"
 
 
 def reporter_on(broker: Broker, instances_path: Path) -> CeleryReporter:
-    return CeleryReporter(broker, one_host_key(HOST, KEY), Outbox.under(instances_path))  # type: ignore[arg-type]
+    outbox = Outbox.under(instances_path, HOST)
+    return CeleryReporter(broker, one_host_key(HOST, KEY), outbox)  # type: ignore[arg-type]
 
 
 def update(n: int, instance: str = "11111111-1111-4111-8111-111111111111") -> dict[str, Any]:
@@ -74,7 +75,7 @@ def test_reports_the_broker_refuses_are_kept_in_order_and_sent_once_when_it_answ
     # A heartbeat is not kept: it fails, and the next one goes.
     with pytest.raises(OperationalError):
         reporter.report(contract.CONDUCTOR_HOST_HEARTBEAT, host=HOST, resources={})
-    files = sorted((tmp_path / OUTBOX_DIR).iterdir())
+    files = sorted((tmp_path / OUTBOX_DIR / HOST).iterdir())
     assert [path.name for path in files] == [f"{n:012d}.json" for n in (1, 2, 3, 4)]
     assert json.loads(files[0].read_text())["kwargs"] == update(0)
     assert broker.sent == []
@@ -126,7 +127,7 @@ def test_a_restarted_worker_finds_its_outbox_and_sends_it(tmp_path: Path) -> Non
 
     second = reporter_on(broker, tmp_path)
     second.report(contract.CONDUCTOR_INSTANCE_UPDATE, **update(1))  # behind the earlier run's reports
-    assert [path.name for path in sorted((tmp_path / OUTBOX_DIR).iterdir())] == [
+    assert [path.name for path in sorted((tmp_path / OUTBOX_DIR / HOST).iterdir())] == [
         f"{n:012d}.json" for n in (1, 2, 3)]
     broker.down = False
     assert second.flush() == 3
@@ -185,7 +186,7 @@ def test_the_sender_thread_retries_on_its_own(tmp_path: Path) -> None:
 
 
 def test_a_file_that_is_not_a_report_is_set_aside(tmp_path: Path) -> None:
-    outbox = Outbox.under(tmp_path)
+    outbox = Outbox.under(tmp_path, HOST)
     outbox.append(contract.CONDUCTOR_INSTANCE_DESTROYED, {"instance_uuid": "u", "host": HOST})
     (outbox.directory / "000000000000.json").write_text("{not json")
     (outbox.directory / ".000000000009.json.tmp").write_text("{cut short")  # a crash mid-write
@@ -228,10 +229,10 @@ def test_the_heartbeat_names_the_instances_an_operation_runs_on(tmp_path: Path) 
 def test_a_real_broker_that_refuses_connections_sends_the_report_to_the_outbox(tmp_path: Path) -> None:
     """kombu's own error, after Celery's publish retries (about a second), on a port nobody serves."""
     app = Celery("outbox-test", broker="redis://127.0.0.1:9/0", set_as_current=False, fixups=[])
-    reporter = CeleryReporter(app, one_host_key(HOST, KEY), Outbox.under(tmp_path))
+    reporter = CeleryReporter(app, one_host_key(HOST, KEY), Outbox.under(tmp_path, HOST))
     started = time.monotonic()
     reporter.report(contract.CONDUCTOR_INSTANCE_DESTROYED, instance_uuid="u", host=HOST)
     assert time.monotonic() - started < 10
-    (pending,) = Outbox.under(tmp_path).pending()
+    (pending,) = Outbox.under(tmp_path, HOST).pending()
     assert (pending.task, pending.kwargs) == (contract.CONDUCTOR_INSTANCE_DESTROYED,
                                              {"instance_uuid": "u", "host": HOST})
