@@ -1,7 +1,9 @@
 """``python -m compute_workers``: the compute worker of one hypervisor host.
 
 Runs the driver's init_host, starts sending a ``conductor.power_state_update`` on every lifecycle event
-of an instance's domain, sends ``conductor.host_init`` (retried until the broker takes it), starts the
+of an instance's domain, sends the reports an earlier run left in its outbox
+(``INSTANCES_PATH/_reports/<host>``: see :mod:`compute_workers.outbox`) and then ``conductor.host_init``
+(both retried until the broker takes them), starts sending the outbox in the background, starts the
 heartbeat (one at once, then every COMPUTE_HEARTBEAT_INTERVAL seconds), then a Celery worker (threads
 pool, events on) consuming only ``compute.<host>`` as node ``compute@<host>``. SIGTERM (what make run's
 supervisor and systemd send) stops it cleanly: running tasks finish first. Options override the
@@ -23,6 +25,7 @@ from compute_workers.config import DRIVERS, ComputeConfig, ConfigError
 from compute_workers.exception import ComputeError
 from compute_workers.heartbeat import Heartbeat
 from compute_workers.manager import ComputeManager
+from compute_workers.outbox import Outbox
 from compute_workers.reporter import CeleryReporter, one_host_key
 from compute_workers.tasks import register_tasks
 from compute_workers.virt import load_driver
@@ -68,11 +71,15 @@ def _exit_on_sigterm(signum: int, _frame: FrameType | None) -> None:
 HOST_INIT_RETRY_MAX = 30.0
 
 
-def send_host_init(manager: ComputeManager) -> None:
-    """``conductor.host_init``, retried with backoff: the conductor must hear it before any task runs."""
+def send_host_init(manager: ComputeManager, reporter: CeleryReporter | None = None) -> None:
+    """``conductor.host_init``, retried with backoff: the conductor must hear it before any task runs.
+    The reports ``reporter``'s outbox kept from an earlier run go first: the conductor's restart
+    handling (which ends an interrupted build in ERROR) must see a spawn that did finish."""
     delay = 1.0
     while True:
         try:
+            if reporter is not None and (sent := reporter.flush()):
+                LOG.info("%d report(s) kept in the outbox sent before host_init", sent)
             manager.host_init()
             LOG.info("host_init sent for host %s", manager.host)
             return
@@ -101,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         LOG.warning("COMPUTE_HOST_KEY is not set: the conductor drops every report of host %s (issue its "
                     "key with `manage.py host_credentials %s` on the control plane)", config.host,
                     config.host)
-    manager = ComputeManager(config, driver, CeleryReporter(app, one_host_key(config.host, config.host_key)))
+    reporter = CeleryReporter(app, one_host_key(config.host, config.host_key),
+                              Outbox.under(config.instances_path, config.host))
+    manager = ComputeManager(config, driver, reporter)
     try:
         manager.init_host()
     except (ComputeError, OSError) as exc:
@@ -114,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     register_tasks(app, manager)
     # Events first: a change between the host_init snapshot and the registration would be missed.
     manager.watch_power_states()
-    send_host_init(manager)
+    send_host_init(manager, reporter)
+    reporter.start()
 
     heartbeat = Heartbeat(manager.heartbeat, config.heartbeat_interval)
     heartbeat.start()
@@ -134,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             manager.reporter.report(contract.CONDUCTOR_HOST_STOPPING, host=manager.host)
         except Exception as exc:
             LOG.warning("could not report that host %s is stopping: %s", manager.host, exc)
+        reporter.stop()
         manager.close()
 
 

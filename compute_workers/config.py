@@ -61,6 +61,7 @@ A malformed value fails at start with :class:`ConfigError` naming the variable.
 | `COMPUTE_FAKE_VCPUS` | `16` | vCPUs the fake driver reports (`--vcpus`). |
 | `COMPUTE_FAKE_MEMORY_MB` | `32768` | RAM the fake driver reports (`--memory-mb`). |
 | `COMPUTE_FAKE_DISK_GB` | `500` | Disk the fake driver reports (`--disk-gb`). |
+| `COMPUTE_FAKE_SPAWN_DELAY` | `0` | Seconds the fake driver's spawn takes (tests and benchmarks: a spawn in flight during a fault). |
 
 Celery time limits are not enforced by the ``threads`` pool the worker runs (Celery ignores them
 there); they are declared for pools that do, and the operations bound their own waits (download
@@ -269,6 +270,7 @@ class ComputeConfig:
     fake_vcpus: int = _env("COMPUTE_FAKE_VCPUS", 16, _positive_int)
     fake_memory_mb: int = _env("COMPUTE_FAKE_MEMORY_MB", 32768, _positive_int)
     fake_disk_gb: int = _env("COMPUTE_FAKE_DISK_GB", 500, _positive_int)
+    fake_spawn_delay: float = _env("COMPUTE_FAKE_SPAWN_DELAY", 0.0, _non_negative_float)
 
     def __post_init__(self) -> None:
         for kind in ("spawn", "terminate", "console", "lifecycle", "snapshot", "live_migration", "resize",

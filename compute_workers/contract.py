@@ -223,7 +223,16 @@ action_id=None)``
     ``progress``: ``{"memory_total", "memory_processed", "memory_remaining", "disk_total",
     "disk_processed", "disk_remaining"}`` in bytes (libvirt job info) plus ``"observed_at"`` (epoch).
 ``conductor.host_heartbeat(host, resources)``
-    Sent every ``COMPUTE_HEARTBEAT_INTERVAL`` seconds; see :data:`HEARTBEAT_RESOURCE_KEYS`.
+    Sent every ``COMPUTE_HEARTBEAT_INTERVAL`` seconds; see :data:`HEARTBEAT_RESOURCE_KEYS`. It is also
+    the host's word on builds: a server spawning on ``host`` for longer than ``BUILD_REPORT_GRACE``
+    whose domain ``instances`` lists running, observed after the build started, and which is not
+    ``busy`` (no spawn runs for it any more) is completed as its lost spawn report would have
+    (the report, when it comes later, is dropped as stale).
+
+Delivery: a worker keeps a report the broker does not take in its outbox (``INSTANCES_PATH/_reports/<host>``)
+and sends it again, in order and signed anew, when the broker answers (heartbeats, ``host_init``,
+``host_stopping`` and ``migration_progress`` are not kept: the next one supersedes them). A report may
+therefore arrive late, or twice; every conductor task above is a compare-and-swap that drops it then.
 """
 
 from __future__ import annotations
@@ -685,6 +694,7 @@ HEARTBEAT_RESOURCE_KEYS = (
     "cpu_info",             # dict: arch, model, vendor, features (list)
     "instances",            # dict: instance uuid -> power state, for every cloudctl domain on the host
     "observed_at",          # float, the host's time.time() just before it listed the domains
+    "busy",                 # list of the instance uuids an operation (spawn, reboot, ...) runs on now
     "tunnel_ip",            # str, COMPUTE_TUNNEL_IP (this host's VXLAN endpoint); "" when unset
 )
 

@@ -64,6 +64,7 @@ from compute_workers.app import create_app
 from compute_workers.config import ComputeConfig, ConfigError
 from compute_workers.heartbeat import SpreadHeartbeat
 from compute_workers.manager import ComputeManager
+from compute_workers.outbox import Outbox
 from compute_workers.power_events import PowerStateEvents
 from compute_workers.reporter import CeleryReporter, Reporter, derived_host_keys
 from compute_workers.tasks import register_tasks
@@ -277,8 +278,10 @@ def run(config: ComputeConfig, names: list[str], args: argparse.Namespace, start
     if not secret:
         LOG.warning("CLOUDCTL_HOST_KEY_SECRET is not set: the fleet's reports go unsigned and the "
                     "conductor drops them")
-    fleet = Fleet(config, names, CeleryReporter(app, derived_host_keys(secret) if secret else None),
-                  make_driver)
+    # The outbox lives in this run's temporary directory, as the simulated domains live in memory.
+    reporter = CeleryReporter(app, derived_host_keys(secret) if secret else None,
+                              Outbox.under(config.instances_path, args.prefix))
+    fleet = Fleet(config, names, reporter, make_driver)
     fleet.init_hosts()
     register_tasks(app, fleet)
     heartbeat = fleet.heartbeat(config.heartbeat_interval)
@@ -290,6 +293,7 @@ def run(config: ComputeConfig, names: list[str], args: argparse.Namespace, start
         LOG.info("host_init sent for %d hosts (%s…%s) in %.2f s", len(names), names[0], names[-1],
                  time.monotonic() - sending)
         heartbeat.start()
+        reporter.start()
         LOG.info("fleet of %d hosts (%d vCPUs, %d MiB, %d GiB each; journals in %s) built in %.2f s; "
                  "starting the worker", len(names), config.fake_vcpus, config.fake_memory_mb,
                  config.fake_disk_gb, journals, time.monotonic() - started)
@@ -301,6 +305,7 @@ def run(config: ComputeConfig, names: list[str], args: argparse.Namespace, start
         return int(worker.exitcode or 0)
     finally:
         heartbeat.stop()
+        reporter.stop()
         fleet.close()
 
 

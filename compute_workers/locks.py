@@ -66,6 +66,11 @@ class KeyedLock:
         with self._guard:
             return len(self._locks)
 
+    def held(self) -> list[str]:
+        """The keys somebody holds or waits for now, sorted."""
+        with self._guard:
+            return sorted(self._locks)
+
 
 @contextmanager
 def file_lock(path: Path) -> Iterator[None]:

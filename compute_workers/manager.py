@@ -168,6 +168,9 @@ class ComputeManager:
         """The heartbeat's resources: the driver's totals plus what only the worker knows."""
         resources = self.driver.get_available_resource()
         observed_at = time.time()  # before reading the domains: the list is at least this fresh
+        # Read before the domains: an operation that ends meanwhile is still named busy (the safe side:
+        # the conductor completes no build of a busy instance from this heartbeat).
+        busy = self.instance_locks.held()
         resources.update({
             "libvirt_uri": self.config.libvirt_uri,
             "driver": self.driver.name,
@@ -175,6 +178,7 @@ class ComputeManager:
             "disk_gb_reserved": self.config.reserved_host_disk_gb,
             "instances": self.driver.list_instances(),
             "observed_at": observed_at,
+            "busy": busy,
             # The other hosts' VXLAN flood entries point here (the control plane's HostNetwork.peers).
             "tunnel_ip": self.config.tunnel_ip,
         })

@@ -3,7 +3,8 @@
 Two sources feed this module, both through the conductor:
 
 * ``power_state_update`` from libvirt lifecycle events, seconds after a guest changes state;
-* the heartbeat's list of domains, every few seconds (the periodic sync).
+* the heartbeat's list of domains, every few seconds (the periodic sync, and the builds whose spawn
+  report was lost: :func:`complete_builds`).
 
 Rules follow Nova's ``_sync_instance_power_state``: instances with a task in flight are left to it,
 and a guest the user did not ask to start is never started. What a compute worker's restart
@@ -13,14 +14,16 @@ interrupted, and tasks past their deadline, are :mod:`cloudctl.compute.recovery`
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
+import uuid
+from collections.abc import Collection
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from cloudctl.compute import ports, rpc
+from cloudctl.compute import conductor, ports, rpc
 from cloudctl.compute.models import Allocation, Host, Instance, InstanceAction
 from cloudctl.compute.states import VM_STATE_FOR_POWER_STATE, PowerState, TaskState, VmState
 from compute_workers import contract
@@ -165,3 +168,43 @@ def sync_host(host: Host, reported: dict[str, str], observed_at: datetime) -> in
         power_state = reported.get(str(instance.uuid), PowerState.NOSTATE)
         changed += sync_power_state(instance, power_state, observed_at)
     return changed
+
+
+BUILD_COMPLETED_FROM_HEARTBEAT = "completed from the host's heartbeat: the spawn report was lost"
+
+
+def complete_builds(host: Host, reported: dict[str, str], observed_at: datetime,
+                    busy: Collection[str] = ()) -> int:
+    """Ask the host what is true instead of waiting out INSTANCE_BUILD_TIMEOUT: a server spawning on
+    ``host`` for longer than BUILD_REPORT_GRACE, whose domain the heartbeat (observed after the build
+    started) lists running and on which no operation runs there any more (``busy``), finished its
+    spawn; its report was lost. It is completed by the spawn report's own code path
+    (:func:`conductor.instance_update`, expected task_state spawning), so the real report, if it
+    comes later, is dropped as stale. Returns how many were completed.
+
+    Not for a build that failed: a spawn that fails removes its domain before it reports build_failed
+    and holds the instance (busy) until then; a build_failed already applied left spawning."""
+    running = []
+    for key, power_state in reported.items():
+        if power_state != PowerState.RUNNING or key in busy:
+            continue
+        try:
+            running.append(uuid.UUID(key))
+        except (ValueError, AttributeError, TypeError):
+            continue
+    if not running:
+        return 0
+    started_before = min(timezone.now() - timedelta(seconds=settings.BUILD_REPORT_GRACE), observed_at)
+    stuck = (Instance.objects.filter(host=host, uuid__in=running, vm_state=VmState.BUILDING,
+                                     task_state=TaskState.SPAWNING, task_state_since__lt=started_before)
+             .values_list("uuid", flat=True))
+    completed = 0
+    for instance_uuid in stuck:
+        if conductor.instance_update(
+                instance_uuid=str(instance_uuid), host=host.name, expected_task_state=TaskState.SPAWNING,
+                values={"vm_state": VmState.ACTIVE, "task_state": None, "power_state": PowerState.RUNNING},
+                event={"name": "compute_spawn", "result": ActionResult.SUCCESS,
+                       "message": BUILD_COMPLETED_FROM_HEARTBEAT}):
+            log.warning("build of %s on %s %s", instance_uuid, host.name, BUILD_COMPLETED_FROM_HEARTBEAT)
+            completed += 1
+    return completed

@@ -60,7 +60,9 @@ def instance_destroyed(instance_uuid: str, host: str) -> None:
 def host_heartbeat(host: str, resources: dict[str, Any]) -> None:
     resources = _resources(resources)
     record = conductor.host_heartbeat(host=host, resources=resources)
-    sync.sync_host(record, resources.get("instances", {}), conductor.observed_at_of(resources))
+    observed_at = conductor.observed_at_of(resources)
+    sync.complete_builds(record, resources.get("instances", {}), observed_at, resources.get("busy", []))
+    sync.sync_host(record, resources.get("instances", {}), observed_at)
 
 
 @shared_task(name=contract.CONDUCTOR_HOST_STOPPING, base=HostReport)
@@ -110,9 +112,13 @@ def confirm_expired_resizes() -> int:
 
 def _resources(resources: Any) -> dict[str, Any]:
     """A heartbeat's (or host_init's) resources: an object; ``tunnel_ip``, when given, "" or an IP
-    address (the other hosts' VXLAN flood entries will point at it)."""
+    address (the other hosts' VXLAN flood entries will point at it); ``busy``, when given, a list of
+    strings."""
     if not isinstance(resources, dict):
         raise contract.ReportError("resources must be a JSON object")
+    busy = resources.get("busy", [])
+    if not isinstance(busy, list) or not all(isinstance(item, str) for item in busy):
+        raise contract.ReportError(f"busy must be a list of instance uuids, not {busy!r}")
     tunnel_ip = resources.get("tunnel_ip", "")
     if not isinstance(tunnel_ip, str):
         raise contract.ReportError(f"tunnel_ip must be a string, not {tunnel_ip!r}")

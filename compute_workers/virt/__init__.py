@@ -15,7 +15,8 @@ def load_driver(config: ComputeConfig) -> ComputeDriver:
         from compute_workers.virt.fake import FakeDriver
 
         return FakeDriver(vcpus=config.fake_vcpus, memory_mb=config.fake_memory_mb,
-                          disk_gb=config.fake_disk_gb, migration_uri=config.migration_uri)
+                          disk_gb=config.fake_disk_gb, spawn_delay=config.fake_spawn_delay,
+                          migration_uri=config.migration_uri)
     if config.driver == "libvirt":
         # Imported here: hosts that only simulate (fake driver) need no libvirt-python.
         from compute_workers.virt.libvirt.driver import LibvirtDriver, is_test_uri

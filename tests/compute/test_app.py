@@ -54,12 +54,13 @@ def test_celery_reporter_sends_to_the_conductor_queue() -> None:
     reporter = CeleryReporter(app)
     reporter.report(contract.CONDUCTOR_INSTANCE_DESTROYED, instance_uuid="u", host="h")
     reporter.report(contract.CONDUCTOR_HOST_HEARTBEAT, host="h", resources={})
+    retry = {"retry": True, "retry_policy": CeleryReporter.RETRY_POLICY}
     assert app.sent == [
         (contract.CONDUCTOR_INSTANCE_DESTROYED,
-         {"kwargs": {"instance_uuid": "u", "host": "h"}, "queue": contract.CONDUCTOR_QUEUE}),
+         {"kwargs": {"instance_uuid": "u", "host": "h"}, "queue": contract.CONDUCTOR_QUEUE, **retry}),
         (contract.CONDUCTOR_HOST_HEARTBEAT,
          {"kwargs": {"host": "h", "resources": {}}, "queue": contract.CONDUCTOR_STATUS_QUEUE,
-          "expires": 60.0}),
+          "expires": 60.0, **retry}),
     ]
 
 

@@ -1,0 +1,124 @@
+"""A spawn report lost on the way (broker down): the host's heartbeat says what is true, and after
+BUILD_REPORT_GRACE the conductor completes the build as the report would have (sync.complete_builds).
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from django.utils import timezone
+
+from cloudctl.compute import conductor, tasks
+from cloudctl.compute.models import Instance, InstanceAction
+from cloudctl.compute.scheduling import schedule_instance
+from cloudctl.compute.services import server_create
+from cloudctl.compute.states import TaskState, VmState
+from cloudctl.compute.sync import BUILD_COMPLETED_FROM_HEARTBEAT
+from compute_workers import contract
+from tests.control.conftest import heartbeat
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def spawning(member, project, flavors, image, outbox) -> Instance:
+    """A server placed on hv1 (the only host), spawning there, no report yet."""
+    heartbeat("hv1")
+    server = server_create(user=member, project=project, name="s", flavor=flavors["m1.nano"], image=image)
+    schedule_instance(str(server.uuid))
+    server.refresh_from_db()
+    assert (server.host.name, server.task_state) == ("hv1", TaskState.SPAWNING)
+    outbox.compute.clear()
+    return server
+
+
+def _beat(instances: dict[str, str], *, busy: list[str] | None = None,
+          observed_at: float | None = None) -> None:
+    """The heartbeat task of hv1, as the conductor runs it (called directly: no signature)."""
+    resources: dict[str, Any] = {
+        "libvirt_uri": "test:///default", "driver": "fake", "virt_type": "qemu", "hypervisor_type": "QEMU",
+        "hypervisor_version": 7002000, "vcpus": 4, "memory_mb": 8192, "memory_mb_reserved": 0,
+        "disk_gb": 100, "disk_gb_reserved": 0, "cpu_info": {"arch": "x86_64"}, "instances": instances,
+        "observed_at": time.time() if observed_at is None else observed_at, "tunnel_ip": "",
+        "busy": busy or []}
+    tasks.host_heartbeat(host="hv1", resources=resources)
+
+
+def _age(server: Instance, seconds: float) -> None:
+    Instance.objects.filter(uuid=server.uuid).update(
+        task_state_since=timezone.now() - timedelta(seconds=seconds))
+
+
+def test_within_the_grace_the_build_waits_for_its_report(spawning, settings):
+    settings.BUILD_REPORT_GRACE = 30
+    _age(spawning, 20)
+    _beat({str(spawning.uuid): contract.POWER_RUNNING})
+    spawning.refresh_from_db()
+    assert (spawning.status, spawning.task_state) == ("BUILD", TaskState.SPAWNING)
+
+
+def test_after_the_grace_the_heartbeat_completes_the_build_and_the_late_report_is_harmless(
+        spawning, settings, outbox):
+    settings.BUILD_REPORT_GRACE = 30
+    _age(spawning, 31)
+    _beat({str(spawning.uuid): contract.POWER_RUNNING})
+    spawning.refresh_from_db()
+    assert (spawning.status, spawning.vm_state, spawning.task_state, spawning.power_state) == (
+        "ACTIVE", VmState.ACTIVE, None, contract.POWER_RUNNING)
+    assert spawning.launched_at is not None
+    action = InstanceAction.objects.get(instance=spawning)
+    assert action.finish_time is not None and action.result == "Success"
+    spawn_events = list(action.events.filter(event="compute_spawn"))
+    assert [(e.result, e.message, e.host) for e in spawn_events] == [
+        ("Success", BUILD_COMPLETED_FROM_HEARTBEAT, "hv1")]
+
+    # The real report, resent from the host's outbox later: dropped as stale, nothing changes, no
+    # domain is removed (the server lives where the report says).
+    updated = spawning.updated
+    assert not tasks.instance_update(
+        instance_uuid=str(spawning.uuid), host="hv1", expected_task_state="spawning",
+        values={"vm_state": "active", "task_state": None, "power_state": "running"},
+        event={"name": "compute_spawn", "result": "success", "message": "domain started"})
+    spawning.refresh_from_db()
+    assert (spawning.status, spawning.updated) == ("ACTIVE", updated)
+    assert action.events.filter(event="compute_spawn").count() == 1
+    assert outbox.compute == []
+    # A second heartbeat changes nothing either.
+    _beat({str(spawning.uuid): contract.POWER_RUNNING})
+    spawning.refresh_from_db()
+    assert spawning.updated == updated
+
+
+@pytest.mark.parametrize("case", ["busy", "observed_before_the_build", "paused", "shutdown", "absent"])
+def test_no_completion_without_the_hosts_word_that_the_spawn_is_done(spawning, settings, case):
+    settings.BUILD_REPORT_GRACE = 30
+    _age(spawning, 60)
+    uuid = str(spawning.uuid)
+    if case == "busy":  # the spawn still runs there (or fails and removes the domain)
+        _beat({uuid: contract.POWER_RUNNING}, busy=[uuid])
+    elif case == "observed_before_the_build":
+        _beat({uuid: contract.POWER_RUNNING}, observed_at=time.time() - 120)
+    elif case == "absent":
+        _beat({})
+    else:
+        _beat({uuid: {"paused": contract.POWER_PAUSED, "shutdown": contract.POWER_SHUTDOWN}[case]})
+    spawning.refresh_from_db()
+    assert (spawning.status, spawning.task_state) == ("BUILD", TaskState.SPAWNING)
+
+
+def test_a_build_that_failed_is_not_completed_by_the_old_hosts_heartbeat(spawning, settings, outbox):
+    settings.BUILD_REPORT_GRACE = 0
+    conductor.build_failed(instance_uuid=str(spawning.uuid), host="hv1",
+                           fault={"message": "no", "code": 500, "details": ""}, reschedule=True)
+    _age(spawning, 60)
+    _beat({str(spawning.uuid): contract.POWER_RUNNING})
+    spawning.refresh_from_db()
+    assert (spawning.status, spawning.task_state, spawning.host) == ("BUILD", TaskState.SCHEDULING, None)
+
+
+def test_a_malformed_busy_list_is_refused_at_the_boundary(spawning):
+    with pytest.raises(contract.ReportError, match="busy must be a list"):
+        _beat({}, busy="all")  # type: ignore[arg-type]
