@@ -1,7 +1,7 @@
 """The demo networks ``make run`` seeds (``manage.py bootstrap --demo-network``), as DevStack does:
 an external flat network ``public`` (172.24.4.0/24, no DHCP: floating IPs and routers' gateways come
-from 172.24.4.10-250), the admin project's ``private`` network (10.0.0.0/24 with DHCP), and
-``router1`` joining them. Idempotent: what exists (by name) is kept, what is missing is made. The
+from 172.24.4.10-250), the ``private`` network (10.0.0.0/24 with DHCP) of the demo project (of the
+admin project without a demo user), and ``router1`` joining them. Idempotent: what exists (by name) is kept, what is missing is made. The
 project's ``default`` security group is left as Neutron makes it (users add ICMP or SSH themselves).
 """
 
@@ -38,9 +38,13 @@ def _subnet(network: Network, cidr: str) -> Subnet | None:
 
 
 @transaction.atomic
-def demo_networks_seed(*, user: Any, project: Project) -> DemoNetworks:
+def demo_networks_seed(*, user: Any, project: Project,
+                       tenant_project: Project | None = None) -> DemoNetworks:
     """Make what is missing of the demo networks (``user``: an administrator; ``project``: the
-    admin project, which owns them all). ``created`` names what this call made."""
+    admin project, which owns ``public``). ``private`` and ``router1`` belong to ``tenant_project``
+    (the demo user's, as DevStack gives its demo project the private network), else to ``project``
+    too. ``created`` names what this call made."""
+    owner = tenant_project or project
     created: list[str] = []
     public = Network.objects.filter(name=PUBLIC, external=True).first()
     if public is None:
@@ -53,18 +57,18 @@ def demo_networks_seed(*, user: Any, project: Project) -> DemoNetworks:
                                                name=f"{PUBLIC}-subnet", gateway_ip=PUBLIC_GATEWAY,
                                                allocation_pools=[PUBLIC_POOL], enable_dhcp=False)
         created.append(f"subnet {PUBLIC_CIDR}")
-    private = Network.objects.filter(name=PRIVATE, project=project).first()
+    private = Network.objects.filter(name=PRIVATE, project=owner).first()
     if private is None:
-        private = services.network_create(user=user, project=project, name=PRIVATE)
+        private = services.network_create(user=user, project=owner, name=PRIVATE)
         created.append(f"network {PRIVATE}")
     private_subnet = _subnet(private, PRIVATE_CIDR)
     if private_subnet is None:
         private_subnet = services.subnet_create(user=user, network=private, cidr=PRIVATE_CIDR,
                                                 name=f"{PRIVATE}-subnet", enable_dhcp=True)
         created.append(f"subnet {PRIVATE_CIDR}")
-    router = Router.objects.filter(name=ROUTER, project=project).first()
+    router = Router.objects.filter(name=ROUTER, project=owner).first()
     if router is None:
-        router = l3.router_create(user=user, project=project, name=ROUTER,
+        router = l3.router_create(user=user, project=owner, name=ROUTER,
                                   gateway=l3.GatewayRequest(network=public))
         created.append(f"router {ROUTER}")
     elif router.external_network_id is None:

@@ -579,6 +579,24 @@ def test_bootstrap_seeds_the_demo_networks_once(db, outbox: Outbox, capsys, monk
     assert result.created == ["gateway of router1"]
 
 
+def test_with_a_demo_user_the_private_network_and_router_are_the_demo_projects(
+        db, outbox: Outbox, monkeypatch):
+    """As DevStack: the demo user boots on `private` and routes through `router1`, both its project's;
+    `public` stays the admin project's, shared and external."""
+    from tests.control.conftest import client_for
+
+    monkeypatch.setenv("CLOUDCTL_ADMIN_PASSWORD", "seed-password-1")
+    monkeypatch.setenv("CLOUDCTL_DEMO_PASSWORD", "demo-password-1")
+    call_command("bootstrap", "--demo-network", "--demo-user")
+    assert Network.objects.get(name="public").project.name == "admin"
+    assert Network.objects.get(name="private").project.name == "demo"
+    assert Router.objects.get(name="router1").project.name == "demo"
+    demo_api = client_for(get_user_model().objects.get(username="demo"))
+    names = {n["name"] for n in demo_api.get("/api/v1/networks/").json()}
+    assert names == {"public", "private"}
+    assert [r["name"] for r in demo_api.get("/api/v1/routers/").json()] == ["router1"]
+
+
 # --- the admin ---------------------------------------------------------------------------------------
 
 

@@ -36,8 +36,9 @@ class Command(BaseCommand):
                             help="a user 'demo' with the member role in a project 'demo' (password: "
                                  "CLOUDCTL_DEMO_PASSWORD, else generated and shown once)")
         parser.add_argument("--demo-network", action="store_true",
-                            help="the external network 'public' (172.24.4.0/24), the admin project's "
-                                 "'private' (10.0.0.0/24, DHCP) and 'router1' joining them")
+                            help="the external network 'public' (172.24.4.0/24), 'private' "
+                                 "(10.0.0.0/24, DHCP) and 'router1' joining them; private and router1 "
+                                 "belong to the demo project with --demo-user, else to admin")
 
     def handle(self, *args: Any, **options: Any) -> None:
         username = os.environ.get("CLOUDCTL_ADMIN_USER") or "admin"
@@ -47,6 +48,7 @@ class Command(BaseCommand):
             user = self._user(username, os.environ.get("CLOUDCTL_ADMIN_PASSWORD") or "",
                               "CLOUDCTL_ADMIN_PASSWORD", superuser=True)
             role_assign(user=user, project=project, role=Role.ADMIN)
+            demo_project = None
             if options["demo_user"]:
                 demo_project, _ = Project.objects.get_or_create(
                     name="demo", defaults={"description": "the demo user's project"})
@@ -56,7 +58,7 @@ class Command(BaseCommand):
             flavors = flavors_seed()
         self.stdout.write(f"flavors: {', '.join(f.name for f in flavors)}")
         if options["demo_network"]:
-            demo = demo_networks_seed(user=user, project=project)
+            demo = demo_networks_seed(user=user, project=project, tenant_project=demo_project)
             self.stdout.write(f"demo networks: {', '.join(demo.created) or 'all there already'} "
                               f"({demo.public.name}, {demo.private.name}, {demo.router.name})")
         if options["image"]:
