@@ -1,8 +1,9 @@
 """The demo networks ``make run`` seeds (``manage.py bootstrap --demo-network``), as DevStack does:
 an external flat network ``public`` (172.24.4.0/24, no DHCP: floating IPs and routers' gateways come
 from 172.24.4.10-250), the ``private`` network (10.0.0.0/24 with DHCP) of the demo project (of the
-admin project without a demo user), and ``router1`` joining them. Idempotent: what exists (by name) is kept, what is missing is made. The
-project's ``default`` security group is left as Neutron makes it (users add ICMP or SSH themselves).
+admin project without a demo user), and ``router1`` joining them. Idempotent: what exists (by name)
+is kept, what is missing is made. The project's ``default`` security group is left as Neutron makes
+it (users add ICMP or SSH themselves).
 """
 
 from __future__ import annotations
