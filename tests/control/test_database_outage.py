@@ -261,10 +261,35 @@ def _resources() -> dict[str, Any]:
             "cpu_info": {"arch": "x86_64"}, "instances": {}, "observed_at": time.time(), "tunnel_ip": ""}
 
 
-def _signed(kwargs: dict[str, Any], _: str = "") -> dict[str, str]:
+def _signed(kwargs: dict[str, Any], _: str = "", task: Any = None) -> dict[str, str]:
+    """hv1's signature headers of ``kwargs`` for ``task`` (host_init for resources, else
+    instance_update)."""
     from compute_workers import credentials
 
     from .test_host_keys import key
 
-    task = conductor_tasks.host_init if "resources" in kwargs else conductor_tasks.instance_update
+    if task is None:
+        task = conductor_tasks.host_init if "resources" in kwargs else conductor_tasks.instance_update
     return credentials.sign(key("hv1"), task.name, "hv1", kwargs)
+
+
+def test_a_heartbeat_that_loses_the_database_after_a_new_tunnel_ip_still_tells_the_peers(
+        admin, project, outbox: Outbox, commit, caplog) -> None:
+    """The new tunnel IP and the sync of the hosts sharing a vxlan network with it are one
+    transaction: an outage between them rolls the IP back, and the retry sends the sync."""
+    from .network.test_hostsync import TUNNELS, guest_port, network, synced
+
+    for name, ip in TUNNELS.items():
+        heartbeat(name, tunnel_ip=ip)
+    net = network(admin, project, dhcp=False)
+    guest_port(admin, project, net, "hv1")
+    guest_port(admin, project, net, "hv2")
+    outbox.host_syncs.clear()
+    kwargs = {"host": "hv1", "resources": {**_resources(), "tunnel_ip": "192.0.2.111"}}
+    reading_peers = lambda sql: sql.lstrip().startswith("SELECT") and '"network_port"' in sql  # noqa: E731
+    with commit(), database_down(reading_peers, times=1) as failed:
+        conductor_tasks.host_heartbeat.apply(kwargs=kwargs, headers=_signed(kwargs, "heartbeat",
+                                                                           conductor_tasks.host_heartbeat))
+    assert failed and "retry 1 of" in caplog.text
+    sent = synced(outbox)
+    assert list(sent) == ["hv2"] and sent["hv2"]["networks"][0]["peers"] == ["192.0.2.111"]
