@@ -32,13 +32,26 @@ from cloudctl.errors import CloudctlError
 
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
     """DRF's handler plus cloudctl's errors, each of which says its status code and body (409 with
-    the blocking state, 400 with the field, 503 when a compute worker did not answer)."""
+    the blocking state, 400 with the field, 503 when a compute worker did not answer). A database
+    outage (:func:`cloudctl.database.database_unavailable`: a lost or refused connection, in the
+    view or already in the authentication) is 503 ``database_unavailable`` with ``Retry-After``,
+    and the broken connection is closed so that the next request connects anew."""
     # Imported here: rest_framework.views reads DEFAULT_PARSER_CLASSES, which names this module.
     from rest_framework.views import exception_handler as drf_exception_handler
+    from rest_framework.views import set_rollback
 
+    from cloudctl import database
+
+    if database.database_unavailable(exc):
+        set_rollback()
+        return _response(database.request_failed(exc))
     if isinstance(exc, CloudctlError):
-        return Response(exc.body(), status=exc.status_code)
+        return _response(exc)
     return drf_exception_handler(exc, context)
+
+
+def _response(error: CloudctlError) -> Response:
+    return Response(error.body(), status=error.status_code, headers=error.headers())
 
 
 # --- errors Django answers itself (no view matched, or a view crashed) --------------------------------
@@ -206,7 +219,8 @@ class ValidationErrorSchema(OpenApiSerializerExtension):
 
 class CodedErrorSerializer(ErrorSerializer):
     """409 of a console that cannot be read (``conflict``), 503 of a compute worker that did not
-    answer (``compute_unavailable``)."""
+    answer (``compute_unavailable``) or of a database that cannot be reached
+    (``database_unavailable``, with ``Retry-After``)."""
 
     code = serializers.CharField()
 
@@ -289,6 +303,33 @@ class ServiceTokenScheme(OpenApiAuthenticationExtension):
 
     def get_security_definition(self, auto_schema: Any) -> list[dict[str, Any]]:
         return []
+
+
+DATABASE_UNAVAILABLE_DESCRIPTION = (
+    "The database is unavailable (a restart or a failover): `{\"code\": \"database_unavailable\"}`; "
+    "nothing was changed, send the same request again after `Retry-After` seconds")
+
+
+def document_database_unavailable(result: dict[str, Any], **_: Any) -> dict[str, Any]:
+    """Schema postprocessing hook: every operation answers 503 ``database_unavailable`` with
+    ``Retry-After`` while the database cannot be reached (:mod:`cloudctl.database`); an operation
+    that documents a 503 of its own (a compute worker that did not answer) says both."""
+    retry_after = {"Retry-After": {"description": "seconds to wait before sending the request again",
+                                   "schema": {"type": "integer"}}}
+    for operations in result.get("paths", {}).values():
+        for operation in operations.values():
+            if not isinstance(operation, dict) or "responses" not in operation:
+                continue
+            answer = operation["responses"].setdefault("503", {
+                "description": DATABASE_UNAVAILABLE_DESCRIPTION,
+                "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/CodedError"}}}})
+            if answer.get("description") != DATABASE_UNAVAILABLE_DESCRIPTION:
+                answer["description"] = (f"{answer.get('description', '')}; or "
+                                         f"{DATABASE_UNAVAILABLE_DESCRIPTION[0].lower()}"
+                                         f"{DATABASE_UNAVAILABLE_DESCRIPTION[1:]}")
+            answer.setdefault("headers", {}).update(retry_after)
+    return result
 
 
 # --- lists: limit and marker -----------------------------------------------------------------------

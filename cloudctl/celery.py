@@ -6,5 +6,6 @@ from celery import Celery
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "cloudctl.settings")
 
-app = Celery("cloudctl")
+# Every task of this app retries when the database is lost (cloudctl.database.DatabaseTask).
+app = Celery("cloudctl", task_cls="cloudctl.database:DatabaseTask")
 app.config_from_object("django.conf:settings", namespace="CELERY")

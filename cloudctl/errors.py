@@ -22,6 +22,10 @@ class CloudctlError(Exception):
         """The JSON body of the API's answer."""
         return {"detail": str(self), "code": self.code}
 
+    def headers(self) -> dict[str, str]:
+        """Headers of the API's answer besides the body (``Retry-After`` of a 503)."""
+        return {}
+
 
 class InvalidRequest(CloudctlError):
     """A request that is well-formed but cannot be served (HTTP 400), naming the field: the body is
@@ -58,3 +62,19 @@ class QuotaExceeded(CloudctlError):
     def body(self) -> dict[str, Any]:
         return {**super().body(), "resource": self.resource, "requested": self.requested,
                 "in_use": self.in_use, "limit": self.limit}
+
+
+class DatabaseUnavailable(CloudctlError):
+    """The database cannot be reached now (HTTP 503, ``Retry-After``): a restart or a failover, not
+    the request's fault; the same request succeeds once it is back (see :mod:`cloudctl.database`)."""
+
+    status_code = 503
+    code = "database_unavailable"
+
+    def __init__(self, message: str = "the database is unavailable; retry shortly") -> None:
+        super().__init__(message)
+
+    def headers(self) -> dict[str, str]:
+        from django.conf import settings
+
+        return {"Retry-After": str(settings.DATABASE_RETRY_AFTER)}

@@ -80,9 +80,12 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # First: a database outage anywhere below (a view, another middleware) answers 503, not 500.
+    "cloudctl.database.DatabaseUnavailableMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",  # admin CSS/JS under gunicorn, no nginx needed
-    "django.contrib.sessions.middleware.SessionMiddleware",
+    # Django's, but a session not saved for a database outage is the outage's 503 (not a 400).
+    "cloudctl.database.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
@@ -129,7 +132,19 @@ if _default_db["ENGINE"] == "django.db.backends.sqlite3":
         create_private_file(Path(_default_db["NAME"]))
     # Tests use a file too: an in-memory database locks whole tables instead of waiting.
     _default_db["TEST"] = {"NAME": str(Path(_default_db["NAME"]).with_suffix(".test.sqlite3"))}
+else:
+    # A persistent connection (CONN_MAX_AGE) that the server dropped while it sat idle (a restart,
+    # a failover) is checked before its first query of each request or task and replaced, instead
+    # of failing that query: requests after an outage succeed at once.
+    _default_db["CONN_HEALTH_CHECKS"] = True
+    # Seconds a connection attempt may take (libpq waits forever by default): while the database
+    # host is unreachable, requests answer 503 after this long instead of hanging. A
+    # ?connect_timeout= in DATABASE_URL wins.
+    _default_db.setdefault("OPTIONS", {}).setdefault(
+        "connect_timeout", env_int("DATABASE_CONNECT_TIMEOUT", 5, minimum=1))
 DATABASES = {"default": _default_db}
+# The Retry-After (seconds) of the API's 503 while the database cannot be reached.
+DATABASE_RETRY_AFTER = env_int("DATABASE_RETRY_AFTER", 5, minimum=1)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # Applied where a password is set through the API (users/), an interactive createsuperuser and bootstrap.
@@ -204,12 +219,14 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
     # Enum names as usual, then the 415 and 413 answers of every operation that takes a body, then
-    # the Link header (and the 400) of every paged list, then the 404 of every path with a parameter.
+    # the Link header (and the 400) of every paged list, then the 404 of every path with a parameter,
+    # then every operation's 503 of a database outage.
     "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums",
                              "cloudctl.api.document_unsupported_media_type",
                              "cloudctl.api.document_body_limits",
                              "cloudctl.api.document_paged_lists",
-                             "cloudctl.api.document_not_found"],
+                             "cloudctl.api.document_not_found",
+                             "cloudctl.api.document_database_unavailable"],
     # Security schemes come from the authentication classes: tokenAuth (`Authorization: Token
     # <key>`, described in cloudctl/api.py) and cookieAuth (the admin's session).
 }
@@ -403,6 +420,18 @@ CELERY_TASK_TIME_LIMIT = 180
 # hard time limit of any task (compute tasks included), or a slow task runs twice.
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 7200}
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# A control-plane task that loses the database is retried (cloudctl.database.DatabaseTask) at most
+# this many times, after 1, 2, 4, ... seconds (full jitter) up to TASK_DATABASE_RETRY_MAX_DELAY each.
+# A compute host's report is signed: its last retry must run within REPORT_MAX_SKEW of the signing.
+TASK_DATABASE_MAX_RETRIES = env_int("TASK_DATABASE_MAX_RETRIES", 10, minimum=0)
+TASK_DATABASE_RETRY_MAX_DELAY = env_int("TASK_DATABASE_RETRY_MAX_DELAY", 30, minimum=1)
+_database_retry_window = sum(min(TASK_DATABASE_RETRY_MAX_DELAY, 2 ** n)
+                             for n in range(TASK_DATABASE_MAX_RETRIES))
+if _database_retry_window >= REPORT_MAX_SKEW:
+    raise ImproperlyConfiguredEnv(
+        "TASK_DATABASE_MAX_RETRIES", str(TASK_DATABASE_MAX_RETRIES),
+        f"retries that end within REPORT_MAX_SKEW ({REPORT_MAX_SKEW:g} s; these take up to "
+        f"{_database_retry_window} s with TASK_DATABASE_RETRY_MAX_DELAY={TASK_DATABASE_RETRY_MAX_DELAY})")
 CELERY_WORKER_SEND_TASK_EVENTS = True
 CELERY_TASK_SEND_SENT_EVENT = True
 CELERY_TASK_ROUTES = {

@@ -211,24 +211,28 @@ def host_heartbeat(*, host: str, resources: dict[str, Any], starting: bool = Fal
     same_tunnel = {"tunnel_ip": values["tunnel_ip"]} if "tunnel_ip" in values else {}
     rows = Host.objects.filter(name=host)
     live = rows if starting else rows.filter(last_heartbeat__isnull=False)
-    # One UPDATE for the common case (the host exists, is up, its tunnel IP unchanged): heartbeats
-    # are the conductor's bulk work. The condition is checked against the committed row: a
-    # concurrent stop wins.
-    if not live.filter(**same_tunnel).update(**values):
-        previous = rows.values_list("tunnel_ip", flat=True).first()
-        if previous is None:
-            _, created = Host.objects.get_or_create(name=host, defaults={**values, **_joining(host)})
-            if not created:  # registered meanwhile by the conductor's other process
-                previous = rows.values_list("tunnel_ip", flat=True).first()
-        if previous is not None:
-            if not live.update(**values):
-                del values["last_heartbeat"]
-                rows.update(**values)
-                log.info("host %s: heartbeat after its worker stopped; down until it starts again", host)
-            if same_tunnel and previous != values["tunnel_ip"]:
-                log.info("host %s: tunnel IP now %r", host, values["tunnel_ip"])
-                hostsync.tunnel_changed(host)
-    record = Host.objects.get(name=host)
+    # One transaction: a new tunnel IP and the sync of its peers (sent on commit) go together, so a
+    # database lost between them leaves neither, and the retried heartbeat sees the change again.
+    with transaction.atomic():
+        # One UPDATE for the common case (the host exists, is up, its tunnel IP unchanged):
+        # heartbeats are the conductor's bulk work. The condition is checked against the committed
+        # row: a concurrent stop wins.
+        if not live.filter(**same_tunnel).update(**values):
+            previous = rows.values_list("tunnel_ip", flat=True).first()
+            if previous is None:
+                _, created = Host.objects.get_or_create(name=host, defaults={**values, **_joining(host)})
+                if not created:  # registered meanwhile by the conductor's other process
+                    previous = rows.values_list("tunnel_ip", flat=True).first()
+            if previous is not None:
+                if not live.update(**values):
+                    del values["last_heartbeat"]
+                    rows.update(**values)
+                    log.info("host %s: heartbeat after its worker stopped; down until it starts again",
+                             host)
+                if same_tunnel and previous != values["tunnel_ip"]:
+                    log.info("host %s: tunnel IP now %r", host, values["tunnel_ip"])
+                    hostsync.tunnel_changed(host)
+        record = Host.objects.get(name=host)
     _reap_deleted_domains(record)
     return record
 

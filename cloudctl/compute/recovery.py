@@ -42,6 +42,7 @@ from cloudctl.compute.services import action_start, finish_action, mark_deleted
 from cloudctl.compute.specs import spawn_spec
 from cloudctl.compute.states import VM_STATE_FOR_POWER_STATE, PowerState, TaskState, VmState
 from cloudctl.compute.sync import sync_power_state
+from cloudctl.database import DATABASE_ERRORS
 from cloudctl.images.services import image_uploads_reap
 from cloudctl.network import dhcp, hostsync, routers
 from compute_workers import contract
@@ -72,6 +73,8 @@ def host_init(*, host: str, reported: dict[str, str]) -> None:
     if record is not None:
         try:
             migrations_recover(host=record, reported=reported)
+        except DATABASE_ERRORS:
+            raise  # the database is gone: the whole task is retried (DatabaseTask), not skipped
         except Exception:
             log.exception("recovering the migrations of %s after a worker restart failed", host)
     servers = (Instance.objects.select_related("host", "project", "flavor", "image")
@@ -80,6 +83,8 @@ def host_init(*, host: str, reported: dict[str, str]) -> None:
         power_state = reported.get(str(instance.uuid), PowerState.NOSTATE)
         try:
             _init_instance(instance, power_state)
+        except DATABASE_ERRORS:
+            raise  # not a bad row: every other would fail too; the task's retry recovers them all
         except Exception:  # one bad row must not stop the others from recovering
             log.exception("recovering %s on %s after a worker restart failed", instance.uuid, host)
     network_node_init(host=host)
@@ -94,11 +99,15 @@ def network_node_init(*, host: str) -> None:
     if host == settings.NETWORK_DHCP_HOST:
         try:
             log.info("host %s runs DHCP: %d network(s) sent again", host, dhcp.dhcp_resync_all())
+        except DATABASE_ERRORS:
+            raise
         except Exception:
             log.exception("sending the DHCP networks to %s again failed", host)
     if host == settings.NETWORK_NODE_HOST:
         try:
             log.info("host %s runs the routers: %d sent again", host, routers.routers_resync_all())
+        except DATABASE_ERRORS:
+            raise
         except Exception:
             log.exception("sending the routers to %s again failed", host)
 
@@ -267,6 +276,8 @@ def reap_expired_tasks() -> int:
             reaped += _reap(instance, task, seconds)
     try:
         reaped += image_uploads_reap(now=now)
+    except DATABASE_ERRORS:
+        raise  # the task is retried; what was reaped above is committed and not reaped twice
     except Exception:  # the servers' reaping above stands whatever happens to the images'
         log.exception("reaping the stalled image uploads failed")
     return reaped

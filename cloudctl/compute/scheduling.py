@@ -36,8 +36,16 @@ def schedule_instance(instance_uuid: str) -> str | None:
     try:
         candidates = placement.candidate_hosts(spec, subset_size=settings.SCHEDULER_HOST_SUBSET_SIZE)
         for candidate in candidates:
-            if placement.claim(instance_uuid, candidate.name, spec):
-                break
+            # The claim, its event and the spawn spec in one transaction, the spawn sent once it
+            # committed: a database lost half-way leaves the server waiting in scheduling (the
+            # task's retry places it again), never claimed without its spawn.
+            with transaction.atomic():
+                if placement.claim(instance_uuid, candidate.name, spec):
+                    record_event(instance_uuid, event="schedule", result=ActionResult.SUCCESS,
+                                 host=candidate.name, message=f"attempt {len(spec.ignore_hosts) + 1}")
+                    instance.refresh_from_db()
+                    spawn = spawn_spec(instance, candidate.name)
+                    break
             log.info("lost the race for %s on %s; trying the next host", instance_uuid,
                      candidate.name)
         else:
@@ -48,10 +56,7 @@ def schedule_instance(instance_uuid: str) -> str | None:
     except NoValidHost as no_host:
         _fail_no_valid_host(instance, no_host)
         return None
-    record_event(instance_uuid, event="schedule", result=ActionResult.SUCCESS, host=candidate.name,
-                 message=f"attempt {len(spec.ignore_hosts) + 1}")
-    instance.refresh_from_db()
-    rpc.cast(candidate.name, contract.COMPUTE_SPAWN, spec=spawn_spec(instance, candidate.name))
+    rpc.cast(candidate.name, contract.COMPUTE_SPAWN, spec=spawn)
     return candidate.name
 
 

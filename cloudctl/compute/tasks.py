@@ -17,10 +17,11 @@ from typing import Any
 from celery import Task, shared_task
 
 from cloudctl.compute import conductor, host_keys, migration_reports, recovery, sync
+from cloudctl.database import DatabaseTask
 from compute_workers import contract
 
 
-class HostReport(Task):
+class SignedReport(Task):
     """A conductor task fed by compute workers: a message from the broker runs only when its signature
     headers prove it comes from the host it names (:func:`host_keys.report_verified`); otherwise it is
     dropped (logged at WARNING, counted) and the task returns None. A direct call in this process
@@ -32,6 +33,12 @@ class HostReport(Task):
                 self.name, request.headers, args, kwargs, task_id=request.id):
             return None
         return super().__call__(*args, **kwargs)
+
+
+class HostReport(DatabaseTask, SignedReport):
+    """A compute host's report: signed (:class:`SignedReport`) and retried when the database is lost
+    (:class:`DatabaseTask`). The retry wraps the signature check, which reads the host's key
+    generation from the database too; a retried message keeps its headers, so it is checked again."""
 
 
 @shared_task(name=contract.CONDUCTOR_INSTANCE_UPDATE, base=HostReport)

@@ -30,6 +30,9 @@ REPO = Path(__file__).resolve().parents[2]
     ("API_MAX_BODY_BYTES", "1MiB", "API_MAX_BODY_BYTES='1MiB' is invalid: expected an integer"),
     ("IMAGE_SIZE_CAP", "20G", "IMAGE_SIZE_CAP='20G' is invalid: expected an integer"),
     ("TASK_DEADLINE_IMAGE_SAVING", "60", "expected an integer >= 180"),
+    ("DATABASE_RETRY_AFTER", "0", "DATABASE_RETRY_AFTER='0' is invalid: expected an integer >= 1"),
+    # A signed report retried past REPORT_MAX_SKEW would be dropped as a replay.
+    ("TASK_DATABASE_MAX_RETRIES", "20", "expected retries that end within REPORT_MAX_SKEW (300 s"),
 ])
 def test_bad_values_name_the_variable(tmp_path, name, value, expected):
     env = {**os.environ, "CLOUDCTL_STATE_DIR": str(tmp_path), name: value}
@@ -106,3 +109,13 @@ def test_the_control_planes_celery_connects_with_the_password_despite_the_enviro
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                             check=True, env=env)
     assert result.stdout.splitlines() == ["redis://:f1le@127.0.0.1:6379/5"] * 2
+
+
+def test_postgresql_connections_are_health_checked_and_time_out(tmp_path):
+    """A persistent connection a database restart closed is replaced before use; connecting gives up
+    after DATABASE_CONNECT_TIMEOUT (libpq would wait forever)."""
+    url = "postgres://u:p@db.invalid:5432/cloudctl"
+    [configured] = _settings_of(tmp_path, "DATABASES", DATABASE_URL=url, DATABASE_CONNECT_TIMEOUT="7")
+    assert "'CONN_HEALTH_CHECKS': True" in configured and "'connect_timeout': 7" in configured
+    [given] = _settings_of(tmp_path, "DATABASES", DATABASE_URL=url + "?connect_timeout=2")
+    assert "'connect_timeout': 2}" in given  # the URL's own wins
