@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from compute_workers.durable import replace_durably
 from compute_workers.virt.driver import checked_uuid
 
 FILENAME = "actions.done"
@@ -111,18 +111,8 @@ class MigrationJournal:
             raise ValueError(f"result must be one of {RESULTS}")
         path = self.path(migration_id, step)
         self.directory.mkdir(mode=0o755, parents=True, exist_ok=True)
-        temporary = self.directory / f".{path.name}.{os.getpid()}.{threading.get_ident()}"
         data = {"instance_uuid": instance_uuid, "result": result, "at": time.time(), **details}
-        with open(temporary, "w", encoding="utf-8") as out:
-            json.dump(data, out)
-            out.flush()
-            os.fsync(out.fileno())
-        temporary.rename(path)
-        directory = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        replace_durably(path, json.dumps(data).encode(), mode=0o644)
         self._prune()
 
     def _prune(self) -> None:

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from compute_workers.durable import replace_durably
+
 LOG = logging.getLogger(__name__)
 
 OUTBOX_DIR = "_reports"
@@ -83,19 +85,7 @@ class Outbox:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             sequence = self._next
             path = self.directory / f"{sequence:012d}{_SUFFIX}"
-            temporary = self.directory / f".{path.name}.tmp"
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            try:
-                os.write(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            temporary.rename(path)
-            directory = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                os.fsync(directory)
-            finally:
-                os.close(directory)
+            replace_durably(path, data)
             self._next = sequence + 1
         return path
 
