@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import io
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from django.conf import settings
@@ -92,19 +92,25 @@ def permission_denied(request: HttpRequest, exception: Exception) -> HttpRespons
     return defaults.permission_denied(request, exception)
 
 
+def _operations(result: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every operation of a generated schema with its path: what each postprocessing hook below
+    walks (a path's entries that are not operations, e.g. its ``parameters`` list, are skipped)."""
+    for url, operations in result.get("paths", {}).items():
+        for operation in operations.values():
+            if isinstance(operation, dict):
+                yield url, operation
+
+
 def document_not_found(result: dict[str, Any], **_: Any) -> dict[str, Any]:
     """Schema postprocessing hook: every operation on a path with a parameter answers 404 (no such
     object, one not visible to the caller, or a parameter that cannot be an id: see ``not_found``)."""
     error = {"$ref": "#/components/schemas/Error"}
-    for url, operations in result.get("paths", {}).items():
-        if "{" not in url:
-            continue
-        for operation in operations.values():
-            if isinstance(operation, dict) and "responses" in operation:
-                operation["responses"].setdefault("404", {
-                    "description": "No such object (or not visible to you)",
-                    "content": {"application/json": {"schema": error}},
-                })
+    for url, operation in _operations(result):
+        if "{" in url and "responses" in operation:
+            operation["responses"].setdefault("404", {
+                "description": "No such object (or not visible to you)",
+                "content": {"application/json": {"schema": error}},
+            })
     return result
 
 
@@ -261,14 +267,13 @@ def document_unsupported_media_type(result: dict[str, Any], **_: Any) -> dict[st
     """Schema postprocessing hook: every operation that takes a body answers 415 to a body of another
     media type (DRF's parsers: JSON, or the raw bytes of an image upload)."""
     error = {"$ref": "#/components/schemas/Error"}
-    for operations in result.get("paths", {}).values():
-        for operation in operations.values():
-            if isinstance(operation, dict) and "requestBody" in operation:
-                accepted = ", ".join(sorted(operation["requestBody"].get("content", {})))
-                operation.setdefault("responses", {}).setdefault("415", {
-                    "description": f"The body is not {accepted}",
-                    "content": {"application/json": {"schema": error}},
-                })
+    for _url, operation in _operations(result):
+        if "requestBody" in operation:
+            accepted = ", ".join(sorted(operation["requestBody"].get("content", {})))
+            operation.setdefault("responses", {}).setdefault("415", {
+                "description": f"The body is not {accepted}",
+                "content": {"application/json": {"schema": error}},
+            })
     return result
 
 
@@ -316,19 +321,18 @@ def document_database_unavailable(result: dict[str, Any], **_: Any) -> dict[str,
     that documents a 503 of its own (a compute worker that did not answer) says both."""
     retry_after = {"Retry-After": {"description": "seconds to wait before sending the request again",
                                    "schema": {"type": "integer"}}}
-    for operations in result.get("paths", {}).values():
-        for operation in operations.values():
-            if not isinstance(operation, dict) or "responses" not in operation:
-                continue
-            answer = operation["responses"].setdefault("503", {
-                "description": DATABASE_UNAVAILABLE_DESCRIPTION,
-                "content": {"application/json": {
-                    "schema": {"$ref": "#/components/schemas/CodedError"}}}})
-            if answer.get("description") != DATABASE_UNAVAILABLE_DESCRIPTION:
-                answer["description"] = (f"{answer.get('description', '')}; or "
-                                         f"{DATABASE_UNAVAILABLE_DESCRIPTION[0].lower()}"
-                                         f"{DATABASE_UNAVAILABLE_DESCRIPTION[1:]}")
-            answer.setdefault("headers", {}).update(retry_after)
+    for _url, operation in _operations(result):
+        if "responses" not in operation:
+            continue
+        answer = operation["responses"].setdefault("503", {
+            "description": DATABASE_UNAVAILABLE_DESCRIPTION,
+            "content": {"application/json": {
+                "schema": {"$ref": "#/components/schemas/CodedError"}}}})
+        if answer.get("description") != DATABASE_UNAVAILABLE_DESCRIPTION:
+            answer["description"] = (f"{answer.get('description', '')}; or "
+                                     f"{DATABASE_UNAVAILABLE_DESCRIPTION[0].lower()}"
+                                     f"{DATABASE_UNAVAILABLE_DESCRIPTION[1:]}")
+        answer.setdefault("headers", {}).update(retry_after)
     return result
 
 
@@ -576,18 +580,15 @@ def document_paged_lists(result: dict[str, Any], **_: Any) -> dict[str, Any]:
                               "`marker` that names no item)",
                "content": {"application/json": {
                    "schema": {"$ref": "#/components/schemas/ValidationError"}}}}
-    for operations in result.get("paths", {}).values():
-        for operation in operations.values():
-            if not isinstance(operation, dict):
-                continue
-            names = {p.get("name") for p in operation.get("parameters", [])}
-            ok = operation.get("responses", {}).get("200")
-            if {"limit", "marker"} <= names and isinstance(ok, dict):
-                ok.setdefault("headers", {})["Link"] = {
-                    "description": '`<url>; rel="next"`: the next page (same query, `marker` and '
-                                   "`limit` set); absent on the last page",
-                    "schema": {"type": "string"}}
-                operation["responses"].setdefault("400", invalid)
+    for _url, operation in _operations(result):
+        names = {p.get("name") for p in operation.get("parameters", [])}
+        ok = operation.get("responses", {}).get("200")
+        if {"limit", "marker"} <= names and isinstance(ok, dict):
+            ok.setdefault("headers", {})["Link"] = {
+                "description": '`<url>; rel="next"`: the next page (same query, `marker` and '
+                               "`limit` set); absent on the last page",
+                "schema": {"type": "string"}}
+            operation["responses"].setdefault("400", invalid)
     return result
 
 
@@ -597,17 +598,16 @@ def document_body_limits(result: dict[str, Any], **_: Any) -> dict[str, Any]:
     """Schema postprocessing hook: every operation that takes a body answers 413 to one that is too
     large (a JSON body over API_MAX_BODY_BYTES; image data over IMAGE_SIZE_CAP)."""
     error = {"$ref": "#/components/schemas/Error"}
-    for operations in result.get("paths", {}).values():
-        for operation in operations.values():
-            if isinstance(operation, dict) and "requestBody" in operation:
-                raw = "application/octet-stream" in operation["requestBody"].get("content", {})
-                operation.setdefault("responses", {}).setdefault("413", {
-                    "description": (f"The image data is over IMAGE_SIZE_CAP ({settings.IMAGE_SIZE_CAP} "
-                                    "bytes): the image is killed" if raw else
-                                    f"The body is over API_MAX_BODY_BYTES ({settings.API_MAX_BODY_BYTES} "
-                                    "bytes)"),
-                    "content": {"application/json": {"schema": error}},
-                })
+    for _url, operation in _operations(result):
+        if "requestBody" in operation:
+            raw = "application/octet-stream" in operation["requestBody"].get("content", {})
+            operation.setdefault("responses", {}).setdefault("413", {
+                "description": (f"The image data is over IMAGE_SIZE_CAP ({settings.IMAGE_SIZE_CAP} "
+                                "bytes): the image is killed" if raw else
+                                f"The body is over API_MAX_BODY_BYTES ({settings.API_MAX_BODY_BYTES} "
+                                "bytes)"),
+                "content": {"application/json": {"schema": error}},
+            })
     return result
 
 
