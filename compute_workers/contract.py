@@ -177,6 +177,28 @@ the old disk is kept on the source in ``INSTANCES_PATH/<uuid>_resize/`` until co
     Renames ``<uuid>_resize`` back to ``<uuid>``, defines the domain from ``spec`` (the old flavor),
     starts it when ``power_on``. Reports "reverted" with ``values`` ``{"power_state"}``, or "error".
 
+Evacuation (Nova's evacuate: a server rebuilt on another host because its own host is down and
+fenced; migration type "evacuation", reports with ``conductor.migration_update``, journal key
+``migration-<id>-<step>`` as above):
+
+``compute.rebuild_instance(instance_uuid, migration_id, spec, on_shared_storage, power_on)`` (destination)
+    Build the instance here for a host that died. With ``on_shared_storage`` the instance directory
+    (``INSTANCES_PATH/<uuid>/disk``) is the dead host's, on storage both hosts mount (their heartbeats
+    report the same ``storage_id``): the disk is used as it is (only its base image is fetched into
+    the cache), and a missing disk is an error (nothing is ever created in its place). Without it the
+    disk is created from ``spec``'s image as spawn creates it (a leftover directory of the instance
+    here is replaced): the old root disk's data is lost, which the control plane only asks for when
+    the user allowed it. Then, as spawn: ``console.log``, the domain defined from ``spec`` (its ports
+    plugged), started when ``power_on``. A domain of the instance already here (a redelivery) is
+    reported as it is, never built twice. Reports "rebuilt" with ``values`` ``{"power_state"}``, or
+    "error" with ``error`` (nothing of it left defined here; on shared storage the disk is never
+    removed).
+``compute.destroy_evacuated(instance_uuid, migration_id, keep_disks)`` (the host that came back)
+    Sent after ``conductor.host_init`` of a host whose server was evacuated while it was down: the
+    stale domain is destroyed and undefined (never started), and ``INSTANCES_PATH/<uuid>`` removed
+    unless ``keep_disks`` (shared storage: the directory is the new host's). Nothing there is
+    success. Reports "source_cleaned" (or "error" with ``error``).
+
 Each reports ``conductor.instance_update`` with the expected task_state and ``action_id``: on
 success ``values`` = the target (vm_state, task_state None, power_state) and an event named
 ``compute_<operation>_instance`` (e.g. ``compute_reboot_instance``), opened with result "start"
@@ -291,6 +313,8 @@ COMPUTE_FINISH_RESIZE = "compute.finish_resize"
 COMPUTE_CONFIRM_RESIZE = "compute.confirm_resize"
 COMPUTE_REVERT_RESIZE = "compute.revert_resize"
 COMPUTE_FINISH_REVERT_RESIZE = "compute.finish_revert_resize"
+COMPUTE_REBUILD_INSTANCE = "compute.rebuild_instance"
+COMPUTE_DESTROY_EVACUATED = "compute.destroy_evacuated"
 COMPUTE_NETWORK_DHCP_SYNC = "compute.network_dhcp_sync"
 COMPUTE_NETWORK_HOST_SYNC = "compute.network_host_sync"
 COMPUTE_NETWORK_ROUTER_SYNC = "compute.network_router_sync"
@@ -309,6 +333,8 @@ MIGRATION_FINISHED = "finished"
 MIGRATION_CONFIRMED = "confirmed"
 MIGRATION_REVERTED_DEST = "reverted_dest"
 MIGRATION_REVERTED = "reverted"
+MIGRATION_REBUILT = "rebuilt"                # evacuation: the server runs (or is defined) on the destination
+MIGRATION_SOURCE_CLEANED = "source_cleaned"  # evacuation: the host that came back removed its stale copy
 # The event of a switch-over (its request opens it; the source's report, or the migration's end, closes it).
 FORCE_COMPLETE_EVENT = "compute_live_migration_force_complete"
 MIGRATION_PROGRESS_KEYS = ("memory_total", "memory_processed", "memory_remaining", "disk_total",
