@@ -380,6 +380,7 @@ class TaskState(StrEnum):
     RESIZE_FINISH = "resize_finish"
     RESIZE_REVERTING = "resize_reverting"
     RESIZE_CONFIRMING = "resize_confirming"
+    REBUILDING = "rebuilding"  # evacuation: rebuilt on another host because its own is down and fenced
     DELETING = "deleting"
 
 

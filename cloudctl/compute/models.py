@@ -43,6 +43,12 @@ class Host(models.Model):
     availability_zone = models.CharField(max_length=255, blank=True, editable=False)
     enabled = models.BooleanField(default=True)
     disabled_reason = models.CharField(max_length=255, blank=True)
+    # Nova's service force-down: an admin (or a fencing command that succeeded) says the host is off.
+    # It is down whatever its heartbeats say until this is cleared; only then may its servers be
+    # evacuated (rebuilt elsewhere) without the risk of running twice.
+    forced_down = models.BooleanField(default=False)
+    forced_down_reason = models.CharField(max_length=255, blank=True)
+    forced_down_at = models.DateTimeField(null=True, blank=True)
     last_heartbeat = models.DateTimeField(null=True, blank=True)
     vcpus = models.PositiveIntegerField(default=0)
     memory_mb = models.PositiveIntegerField(default=0)
@@ -60,6 +66,10 @@ class Host(models.Model):
     # entries for the vxlan networks they share point here. "": none (flat networks only).
     tunnel_ip = models.CharField(max_length=64, blank=True, default="",
                                  help_text="VXLAN tunnel endpoint (COMPUTE_TUNNEL_IP), from the heartbeat")
+    # The id of the filesystem holding the host's INSTANCES_PATH (its .storage-id file, from the
+    # heartbeat): hosts with the same non-empty id share their instances directory.
+    storage_id = models.CharField(max_length=64, blank=True, default="",
+                                  help_text="id of the storage holding INSTANCES_PATH, from the heartbeat")
     # The generation of the host's key (HMAC(CLOUDCTL_HOST_KEY_SECRET, "host:<name>:<generation>"),
     # compute_workers.credentials): `manage.py host_credentials --rotate` bumps it, revoking the old key.
     key_generation = models.PositiveIntegerField(
@@ -88,7 +98,7 @@ class Host(models.Model):
 
     @property
     def is_up(self) -> bool:
-        if self.last_heartbeat is None:
+        if self.forced_down or self.last_heartbeat is None:
             return False
         age = timezone.now() - self.last_heartbeat
         return age < timedelta(seconds=settings.SERVICE_DOWN_TIME)
@@ -213,6 +223,7 @@ class MigrationType(models.TextChoices):
     LIVE = "live-migration"
     COLD = "migration"
     RESIZE = "resize"
+    EVACUATION = "evacuation"
 
 
 class MigrationStatus(models.TextChoices):
@@ -230,6 +241,8 @@ class MigrationStatus(models.TextChoices):
     FINISHED = "finished"            # resize: VERIFY_RESIZE, waiting for confirm or revert
     CONFIRMING = "confirming"
     REVERTING = "reverting"
+    REBUILDING = "rebuilding"        # evacuation: the destination rebuilds the server
+    DONE = "done"                    # evacuation: rebuilt; the dead host's copy is not cleaned up yet
     COMPLETED = "completed"          # live migration done
     CONFIRMED = "confirmed"          # cold migration or resize done
     REVERTED = "reverted"
@@ -244,7 +257,8 @@ MIGRATION_IN_PROGRESS = (MigrationStatus.ACCEPTED, MigrationStatus.CHECKING, Mig
                          MigrationStatus.RUNNING, MigrationStatus.RUNNING_POSTCOPY,
                          MigrationStatus.CANCELLING, MigrationStatus.MIGRATING,
                          MigrationStatus.POST_MIGRATING, MigrationStatus.FINISHED,
-                         MigrationStatus.CONFIRMING, MigrationStatus.REVERTING)
+                         MigrationStatus.CONFIRMING, MigrationStatus.REVERTING,
+                         MigrationStatus.REBUILDING)
 
 
 class Migration(models.Model):

@@ -49,7 +49,7 @@ def enabled_weighers() -> list[tuple[BaseWeigher, float]]:
 # The Host columns a HostState needs; reading only these as plain rows (not model instances, and
 # not the large reported_instances column) is what keeps a decision fast with 1,000 hosts.
 _HOST_COLUMNS = ("id", "name", "availability_zone", "enabled", "disabled_reason", "last_heartbeat",
-                 "vcpus", "memory_mb", "memory_mb_reserved", "disk_gb", "disk_gb_reserved",
+                 "forced_down", "vcpus", "memory_mb", "memory_mb_reserved", "disk_gb", "disk_gb_reserved",
                  "hypervisor_type", "hypervisor_version", "virt_type", "cpu_info",
                  "cpu_allocation_ratio", "ram_allocation_ratio", "disk_allocation_ratio")
 
@@ -64,7 +64,8 @@ def host_state_of(row: dict[str, Any], usage: dict[str, Any],
     return HostState(
         name=row["name"],
         availability_zone=row["availability_zone"] or settings.DEFAULT_AVAILABILITY_ZONE,
-        enabled=row["enabled"], is_up=heartbeat is not None and heartbeat > up_since,
+        enabled=row["enabled"], is_up=(heartbeat is not None and heartbeat > up_since
+                                               and not row["forced_down"]),
         vcpus=row["vcpus"], memory_mb=row["memory_mb"], disk_gb=row["disk_gb"],
         memory_mb_reserved=row["memory_mb_reserved"], disk_gb_reserved=row["disk_gb_reserved"],
         vcpus_used=usage.get("vcpus_used") or 0, memory_mb_used=usage.get("memory_mb_used") or 0,
