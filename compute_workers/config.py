@@ -311,6 +311,9 @@ class ComputeConfig:
             *((name, self.console_soft_time_limit, self.console_time_limit)
               for name in MIGRATION_CHECK_TASKS),
             (contract.COMPUTE_PRE_LIVE_MIGRATION, self.spawn_soft_time_limit, self.spawn_time_limit),
+            # A rebuild downloads the image and builds as a spawn does; the cleanup is a terminate.
+            (contract.COMPUTE_REBUILD_INSTANCE, self.spawn_soft_time_limit, self.spawn_time_limit),
+            (contract.COMPUTE_DESTROY_EVACUATED, self.terminate_soft_time_limit, self.terminate_time_limit),
             *((name, self.lifecycle_soft_time_limit, self.lifecycle_time_limit)
               for name in LIVE_MIGRATION_STEP_TASKS),
             (contract.COMPUTE_NETWORK_DHCP_SYNC, self.dhcp_soft_time_limit, self.dhcp_time_limit),

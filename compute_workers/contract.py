@@ -723,7 +723,22 @@ HEARTBEAT_RESOURCE_KEYS = (
     "observed_at",          # float, the host's time.time() just before it listed the domains
     "busy",                 # list of the instance uuids an operation (spawn, reboot, ...) runs on now
     "tunnel_ip",            # str, COMPUTE_TUNNEL_IP (this host's VXLAN endpoint); "" when unset
+    "storage_id",           # str, INSTANCES_PATH/.storage-id (see check_storage_id); "" when unreadable
 )
+
+# What ``INSTANCES_PATH/.storage-id`` holds: a uuid4 hex written once (O_CREAT|O_EXCL) by the first host
+# that finds it missing. Hosts reporting the same non-empty id share their instances directory.
+STORAGE_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def check_storage_id(value: Any) -> str:
+    """The heartbeat's ``storage_id``: a :data:`STORAGE_ID` or "" (unknown: shares with nobody); a
+    missing key (a worker older than it) is "" too. Raises :class:`ReportError` for anything else."""
+    if value is None or value == "":
+        return ""
+    if not isinstance(value, str) or not STORAGE_ID.match(value):
+        raise ReportError(f"storage_id must be 32 lower-case hex digits or empty, not {value!r}")
+    return value
 
 
 def conductor_queue(task_name: str) -> str:

@@ -99,11 +99,13 @@ class Fleet:
     """The managers of simulated hosts, one per name, sharing ``reporter``; the tasks' :class:`Managers`.
 
     ``config`` is the settings every host shares; each host's own is a copy with its name and
-    ``instances_path / <name>``.
+    ``instances_path / <name>``, which ``make_driver`` gets to make its driver (hosts given different
+    paths have different storage: each its own ``storage_id``, and an evacuation between them rebuilds
+    from the image).
     """
 
     def __init__(self, config: ComputeConfig, hosts: Sequence[str], reporter: Reporter,
-                 make_driver: Callable[[], ComputeDriver]) -> None:
+                 make_driver: Callable[[ComputeConfig], ComputeDriver]) -> None:
         if not hosts:
             raise ValueError("a fleet needs at least one host")
         self.config = config
@@ -112,7 +114,7 @@ class Fleet:
         self._by_queue: dict[str, ComputeManager] = {}
         for host in hosts:
             host_config = dataclasses.replace(config, host=host, instances_path=config.instances_path / host)
-            manager = ComputeManager(host_config, make_driver(), reporter)
+            manager = ComputeManager(host_config, make_driver(host_config), reporter)
             self.managers[host] = manager
             self._by_queue[host_config.queue] = manager
         if len(self.managers) != len(hosts):
@@ -267,10 +269,10 @@ def run(config: ComputeConfig, names: list[str], args: argparse.Namespace, start
         journals: Path) -> int:
     app = create_fleet_app(config)
 
-    def make_driver() -> FakeDriver:
+    def make_driver(host_config: ComputeConfig) -> FakeDriver:
         return FakeDriver(vcpus=config.fake_vcpus, memory_mb=config.fake_memory_mb,
                           disk_gb=config.fake_disk_gb, spawn_delay=args.spawn_delay,
-                          destroy_delay=args.destroy_delay)
+                          destroy_delay=args.destroy_delay, instances_path=host_config.instances_path)
 
     # Simulated hosts on the control plane's machine sign with keys derived from its secret (each
     # host's first generation); a real host gets its own key only (COMPUTE_HOST_KEY).

@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from compute_workers import contract
+from compute_workers import contract, shared_storage
 from compute_workers.config import ComputeConfig
 from compute_workers.images import ImageCache, qcow2_backing_file
 from compute_workers.journal import ActionJournal, MigrationJournal
@@ -181,6 +181,8 @@ class ComputeManager:
             "busy": busy,
             # The other hosts' VXLAN flood entries point here (the control plane's HostNetwork.peers).
             "tunnel_ip": self.config.tunnel_ip,
+            # Hosts reporting the same id share INSTANCES_PATH: an evacuation between them keeps the disk.
+            "storage_id": shared_storage.storage_id(self.config.instances_path),
         })
         return resources
 

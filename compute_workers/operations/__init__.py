@@ -12,6 +12,7 @@ from __future__ import annotations
 from compute_workers.operations.base import OperationFamily
 from compute_workers.operations.build import Build
 from compute_workers.operations.dhcp import Dhcp
+from compute_workers.operations.evacuate import Evacuate
 from compute_workers.operations.lifecycle import Lifecycle
 from compute_workers.operations.live_migration import LiveMigration
 from compute_workers.operations.network import Network
@@ -19,9 +20,8 @@ from compute_workers.operations.resize import Resize
 from compute_workers.operations.router import Router
 from compute_workers.operations.snapshot import Snapshot
 
-FAMILIES: tuple[type[OperationFamily], ...] = (Build, Lifecycle, Snapshot, Resize, LiveMigration, Dhcp,
-                                               Router, Network)
+FAMILIES: tuple[type[OperationFamily], ...] = (Build, Lifecycle, Snapshot, Resize, LiveMigration, Evacuate,
+                                               Dhcp, Router, Network)
 
-__all__ = ["FAMILIES", "Build", "Dhcp", "Lifecycle", "LiveMigration", "Network", "OperationFamily", "Resize",
-           "Router",
-           "Snapshot"]
+__all__ = ["FAMILIES", "Build", "Dhcp", "Evacuate", "Lifecycle", "LiveMigration", "Network",
+           "OperationFamily", "Resize", "Router", "Snapshot"]

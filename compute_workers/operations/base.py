@@ -13,7 +13,8 @@ import contextlib
 import dataclasses
 import logging
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from compute_workers import contract, migration_jobs
@@ -133,15 +134,93 @@ class HostOperations:
 
     def migration_done(self, migration_id: int, instance_uuid: str, step: str, status: str, *,
                         error: str | None = None, values: dict[str, Any] | None = None,
-                        event: contract.Event | None = None) -> None:
-        """Journal the step's final ``status``, then report it."""
+                        event: contract.Event | None = None, details: dict[str, Any] | None = None) -> None:
+        """Journal the step's final ``status`` (with ``details``, what a later step wants to know), then
+        report it."""
         result = EventResult.ERROR if status in migration_jobs.FAILED_STATUSES else EventResult.SUCCESS
         try:
-            self.migration_journal.record(migration_id, step, instance_uuid, result, status=status)
+            self.migration_journal.record(migration_id, step, instance_uuid, result,
+                                          **{**(details or {}), "status": status})
         except OSError as exc:  # the outcome must still be reported
             LOG.error("cannot journal %s of migration %s (%s): a redelivery of it would run again", step,
                       migration_id, exc)
         self.migration_update(migration_id, status, error=error, values=values, event=event)
+
+    def migration_redelivered(self, step: str, instance_uuid: str, migration_id: int, *,
+                              values: bool = True) -> bool:
+        """Whether ``step`` of this migration already ended here; if so its journaled status is reported
+        again (with the power state read now when ``values``): the conductor drops what it already
+        applied, so this only makes up for a report lost between the journal and the send."""
+        try:
+            record = self.migration_journal.done(migration_id, step)
+        except OSError as exc:
+            LOG.error("cannot read the migration journal (%s): running %s of migration %s", exc, step,
+                      migration_id)
+            return False
+        if record is None:
+            return False
+        status = str(record.get("status") or (contract.MIGRATION_ERROR if record.get("result") == "error"
+                                              else "done"))
+        message = (f"{step} of migration {migration_id} already ended on host {self.host} with status "
+                   f"{status}; redelivered task ignored")
+        LOG.info("%s (instance %s)", message, instance_uuid)
+        failed = status in migration_jobs.FAILED_STATUSES
+        self.migration_update(migration_id, status, error=message if failed else None,
+                              values=self.migration_values(instance_uuid) if values else None)
+        return True
+
+    def migration_step(self, step: str, instance_uuid: str, migration_id: Any, status: str,
+                       run: Callable[[], tuple[str, dict[str, Any] | None]], *,
+                       details: dict[str, Any] | None = None, report_redelivery: bool = False) -> None:
+        """Run one step of a migration unless this host already did (journal), journal it, report it:
+        ``status`` with the ``values`` and message ``run`` returns (event ``compute_<step>`` closed
+        with "success"), or "error" with the message of what ``run`` raised, the power state read now
+        and the event closed with "error". A redelivered step does nothing; with ``report_redelivery``
+        it reports its journaled status again. Never raises."""
+        event = f"compute_{step}"
+        if isinstance(migration_id, bool) or not isinstance(migration_id, int):
+            LOG.error("%s of %r refused: migration id %r is not an integer (no report can name it)", event,
+                      instance_uuid, migration_id)
+            return
+        try:
+            checked_uuid(instance_uuid)
+        except InvalidInstanceUUID as exc:
+            LOG.error("%s of migration %s refused: %s", event, migration_id, exc)
+            self.migration_update(migration_id, contract.MIGRATION_ERROR, error=str(exc),
+                                  event=self.event(event, EventResult.ERROR, str(exc)))
+            return
+        with self.instance_locks.hold(instance_uuid):
+            if report_redelivery:
+                if self.migration_redelivered(step, instance_uuid, migration_id):
+                    return
+            elif self.migration_journal.done(migration_id, step) is not None:
+                LOG.info("%s of migration %s already done on this host; redelivered task ignored (%s)", step,
+                         migration_id, instance_uuid)
+                return
+            try:
+                message, values = run()
+            except Exception as exc:
+                error = fault_from(exc, self.host)["message"]
+                if isinstance(exc, NotImplementedError):
+                    error = f"the {self.driver.name} driver of host {self.host} cannot do {step}"
+                LOG.error("%s of %s (migration %s) failed on %s: %s", event, instance_uuid, migration_id,
+                          self.host, error, exc_info=not isinstance(exc, ComputeError | contract.SpecError))
+                self.migration_done(migration_id, instance_uuid, step, contract.MIGRATION_ERROR, error=error,
+                                    values=self.migration_values(instance_uuid) or None,
+                                    event=self.event(event, EventResult.ERROR, error), details=details)
+                return
+            LOG.info("%s of %s (migration %s): %s", event, instance_uuid, migration_id, message)
+            self.migration_done(migration_id, instance_uuid, step, status, values=values,
+                                event=self.event(event, EventResult.SUCCESS, message), details=details)
+
+    def migration_spec(self, instance_uuid: str, spec: dict[str, Any] | None) -> dict[str, Any]:
+        """The spec a migration step defines the domain from: valid, of this instance, for this host."""
+        checked = self.checked_spec(instance_uuid, spec)
+        if checked is None:
+            raise contract.SpecError(f"no spec for instance {instance_uuid}: this step needs one")
+        if checked["host"] != self.host:
+            raise contract.SpecError(f"spec is for host {checked['host']}, not {self.host}")
+        return checked
 
     def migration_values(self, instance_uuid: str) -> dict[str, Any]:
         """``{"power_state"}`` read now: ``nostate`` when the domain is not here; empty when the
@@ -153,6 +232,22 @@ class HostOperations:
         except Exception as exc:
             LOG.warning("cannot read the power state of %s: %s", instance_uuid, exc)
             return {}
+
+    # Images ---------------------------------------------------------------------------------------
+
+    def fetch_base_image(self, spec: dict[str, Any]) -> tuple[Path | None, str]:
+        """The base image of a validated ``spec`` in the cache (downloaded when missing) and what was
+        done, for an event; ``(None, "")`` when the driver needs no image. Raises ImageDownloadError."""
+        if not self.driver.capabilities["needs_base_image"]:
+            return None, ""
+        image = spec["image"]
+        label = image.get("name") or image["id"]
+        fetched = self.images.fetch(image)
+        if not fetched.downloaded_bytes:
+            return fetched.path, f"image {label} already cached on {self.host}"
+        return fetched.path, (f"image {label} downloaded to {self.host}: {fetched.downloaded_bytes} bytes in "
+                              f"{fetched.seconds:.1f} s")
+
     # The host's bridges ----------------------------------------------------------------------------
 
     @contextlib.contextmanager

@@ -133,17 +133,13 @@ class Build(OperationFamily):
     def _prepare_image(self, spec: dict[str, Any]) -> Path | None:
         if not self.driver.capabilities["needs_base_image"]:
             return None
-        image = spec["image"]
-        label = image.get("name") or image["id"]
+        label = spec["image"].get("name") or spec["image"]["id"]
         self.update(spec["instance_uuid"], SPAWNING, {}, event=self.event(
             "compute_prep_image", EventResult.START, f"preparing image {label} on {self.host}"))
-        fetched = self.images.fetch(image)
-        message = (f"image {label} already cached on {self.host}" if not fetched.downloaded_bytes else
-                   f"image {label} downloaded to {self.host}: {fetched.downloaded_bytes} bytes in "
-                   f"{fetched.seconds:.1f} s")
+        path, message = self.fetch_base_image(spec)
         self.update(spec["instance_uuid"], SPAWNING, {},
                     event=self.event("compute_prep_image", EventResult.SUCCESS, message))
-        return fetched.path
+        return path
 
     def _build_failed(self, spec: dict[str, Any], exc: Exception, *, cleanup: bool) -> None:
         """Report a failed build; ``cleanup``: this attempt called driver.spawn, make sure nothing of

@@ -173,7 +173,7 @@ class LiveMigration(OperationFamily):
         if not self._checked_migration(step, instance_uuid, migration_id):
             return
         with self.instance_locks.hold(instance_uuid):
-            if self._migration_redelivered(step, instance_uuid, migration_id):
+            if self.migration_redelivered(step, instance_uuid, migration_id, values=False):
                 return
             started = time.monotonic()
             markers.remove_marker(self.config.instances_path, shared_marker)
@@ -183,9 +183,7 @@ class LiveMigration(OperationFamily):
                     raise ComputeError(f"the instance directory of {instance_uuid} is not on storage shared "
                                        f"with host {self.host} and this is no block migration: its disk "
                                        "would not reach the destination")
-                base_image = None
-                if self.driver.capabilities["needs_base_image"]:
-                    base_image = self.images.fetch(spec["image"]).path
+                base_image, _fetched = self.fetch_base_image(spec)
                 # The guest arrives with taps on these bridges: they must be there before it moves,
                 # and stay (held) until it has arrived or the migration is rolled back.
                 networks = spec.get("networks") or ()
@@ -242,7 +240,7 @@ class LiveMigration(OperationFamily):
         step = "live_migration"
         if not self._checked_migration(step, instance_uuid, migration_id):
             return
-        if self._migration_redelivered(step, instance_uuid, migration_id):
+        if self.migration_redelivered(step, instance_uuid, migration_id):
             return
         job = self.jobs.start(migration_id, instance_uuid)
         if job is None:
@@ -252,7 +250,7 @@ class LiveMigration(OperationFamily):
         try:
             with self.instance_locks.hold(instance_uuid):
                 # A run of this migration that ended while this one waited journaled its outcome.
-                if self._migration_redelivered(step, instance_uuid, migration_id):
+                if self.migration_redelivered(step, instance_uuid, migration_id):
                     return
                 bridges, taps = self.instance_bridges(instance_uuid), self.instance_taps(instance_uuid)
                 self.source.migrate(job, dest_host, migration_uri, migration_data_uri, bool(block_migration),
@@ -307,7 +305,7 @@ class LiveMigration(OperationFamily):
         if not self._checked_migration(step, instance_uuid, migration_id):
             return
         with self.instance_locks.hold(instance_uuid):
-            if self._migration_redelivered(step, instance_uuid, migration_id):
+            if self.migration_redelivered(step, instance_uuid, migration_id):
                 return
             try:
                 self._checked_spec_for(instance_uuid, spec)
@@ -356,7 +354,7 @@ class LiveMigration(OperationFamily):
         if not self._checked_migration(step, instance_uuid, migration_id):
             return
         with self.instance_locks.hold(instance_uuid):
-            if self._migration_redelivered(step, instance_uuid, migration_id):
+            if self.migration_redelivered(step, instance_uuid, migration_id):
                 return
             try:
                 removed = self.driver.rollback_live_migration_at_destination(instance_uuid,
@@ -378,26 +376,6 @@ class LiveMigration(OperationFamily):
             LOG.info("%s of %s (migration %s): %s", step, instance_uuid, migration_id, message)
             self.migration_done(migration_id, instance_uuid, step, contract.MIGRATION_ROLLED_BACK,
                                 event=self.event(event, EventResult.SUCCESS, message))
-
-    def _migration_redelivered(self, step: str, instance_uuid: str, migration_id: int) -> bool:
-        """Whether ``step`` of this migration already ended here; if so its status is reported again."""
-        try:
-            record = self.migration_journal.done(migration_id, step)
-        except OSError as exc:
-            LOG.error("cannot read the migration journal (%s): running %s of migration %s", exc, step,
-                      migration_id)
-            return False
-        if record is None:
-            return False
-        status = str(record.get("status") or (contract.MIGRATION_ERROR if record.get("result") == "error"
-                                              else "done"))
-        message = (f"{step} of migration {migration_id} already ended on host {self.host} with status "
-                   f"{status}; redelivered task ignored")
-        LOG.info("%s (instance %s)", message, instance_uuid)
-        failed = status in migration_jobs.FAILED_STATUSES
-        values = None if step == "pre_live_migration" else self.migration_values(instance_uuid)
-        self.migration_update(migration_id, status, error=message if failed else None, values=values)
-        return True
 
     def _checked_migration(self, step: str, instance_uuid: str, migration_id: Any, *,
                            report: bool = True) -> bool:

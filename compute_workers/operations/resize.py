@@ -21,10 +21,7 @@ from typing import TYPE_CHECKING, Any
 from celery import Task
 
 from compute_workers import contract
-from compute_workers.contract import EventResult
-from compute_workers.exception import ComputeError, InvalidInstanceUUID
-from compute_workers.operations.base import MiB, OperationFamily, fault_from
-from compute_workers.virt.driver import checked_uuid
+from compute_workers.operations.base import MiB, OperationFamily
 
 if TYPE_CHECKING:
     from compute_workers.tasks import TaskRegistrar
@@ -48,19 +45,12 @@ class Resize(OperationFamily):
         "prepared"."""
 
         def run() -> tuple[str, dict[str, Any] | None]:
-            checked = self._migration_spec(instance_uuid, spec)
+            checked = self.migration_spec(instance_uuid, spec)
             self._remove_shared_marker(shared_marker)
-            if not self.driver.capabilities["needs_base_image"]:
-                return f"host {self.host} is ready to receive instance {instance_uuid}", None
-            image = checked["image"]
-            label = image.get("name") or image["id"]
-            fetched = self.images.fetch(image)
-            if not fetched.downloaded_bytes:
-                return f"image {label} already cached on {self.host}", None
-            return (f"image {label} downloaded to {self.host}: {fetched.downloaded_bytes} bytes in "
-                    f"{fetched.seconds:.1f} s"), None
+            _base_image, fetched = self.fetch_base_image(checked)
+            return fetched or f"host {self.host} is ready to receive instance {instance_uuid}", None
 
-        self._migration_step("prep_resize", instance_uuid, migration_id, contract.MIGRATION_PREPARED, run)
+        self.migration_step("prep_resize", instance_uuid, migration_id, contract.MIGRATION_PREPARED, run)
 
     def resize_instance(self, instance_uuid: str, migration_id: int, dest_host: str, migration_uri: str,
                         timeout: float | None) -> None:
@@ -96,7 +86,7 @@ class Resize(OperationFamily):
                     f"resize_instance took {time.monotonic() - started:.1f} s"), None
 
         details: dict[str, Any] = {"dest_host": dest_host}
-        self._migration_step("resize_instance", instance_uuid, migration_id, contract.MIGRATION_MIGRATED, run,
+        self.migration_step("resize_instance", instance_uuid, migration_id, contract.MIGRATION_MIGRATED, run,
                              details=details)
 
     def _copy_progress(self, migration_id: int) -> Callable[[int, int], None]:
@@ -126,7 +116,7 @@ class Resize(OperationFamily):
         (the new flavor), start it when ``power_on``. Reports "finished" with the power state."""
 
         def run() -> tuple[str, dict[str, Any] | None]:
-            checked = self._migration_spec(instance_uuid, spec)
+            checked = self.migration_spec(instance_uuid, spec)
             started = time.monotonic()
             with self.plugged(checked):
                 self.driver.finish_migration(checked, bool(power_on))
@@ -137,7 +127,7 @@ class Resize(OperationFamily):
                     f"{flavor.get('name') or '?'} ({flavor['vcpus']} vCPU, {flavor['memory_mb']} MiB RAM, "
                     f"{flavor['root_gb']} GiB disk) and {done}"), {"power_state": power_state}
 
-        self._migration_step("finish_resize", instance_uuid, migration_id, contract.MIGRATION_FINISHED, run)
+        self.migration_step("finish_resize", instance_uuid, migration_id, contract.MIGRATION_FINISHED, run)
 
     def confirm_resize(self, instance_uuid: str, migration_id: int) -> None:
         """Source: remove ``<uuid>_resize``, and a leftover definition of the domain when the instance
@@ -155,7 +145,7 @@ class Resize(OperationFamily):
                 self.remove_filtering(instance_uuid, [tap for tap in taps if isinstance(tap, str)])
             return (f"original files of instance {instance_uuid} removed from {self.host}"), None
 
-        self._migration_step("confirm_resize", instance_uuid, migration_id, contract.MIGRATION_CONFIRMED, run)
+        self.migration_step("confirm_resize", instance_uuid, migration_id, contract.MIGRATION_CONFIRMED, run)
 
     def revert_resize(self, instance_uuid: str, migration_id: int) -> None:
         """Destination: destroy and undefine the domain, remove ``INSTANCES_PATH/<uuid>`` (the copy; the
@@ -167,7 +157,7 @@ class Resize(OperationFamily):
             self.unplug(instance_uuid, bridges, taps)  # finish_revert_resize plugs them again on the source
             return f"the resized instance {instance_uuid} was destroyed and removed from {self.host}", None
 
-        self._migration_step("revert_resize", instance_uuid, migration_id, contract.MIGRATION_REVERTED_DEST,
+        self.migration_step("revert_resize", instance_uuid, migration_id, contract.MIGRATION_REVERTED_DEST,
                              run)
 
     def finish_revert_resize(self, instance_uuid: str, migration_id: int, spec: dict[str, Any],
@@ -176,7 +166,7 @@ class Resize(OperationFamily):
         old flavor) and started when ``power_on``. Reports "reverted" with the power state."""
 
         def run() -> tuple[str, dict[str, Any] | None]:
-            checked = self._migration_spec(instance_uuid, spec)
+            checked = self.migration_spec(instance_uuid, spec)
             started = time.monotonic()
             with self.plugged(checked):
                 self.driver.finish_revert_migration(checked, bool(power_on))
@@ -185,72 +175,8 @@ class Resize(OperationFamily):
             return (f"instance {instance_uuid} back on {self.host} on its original disk with flavor "
                     f"{checked['flavor'].get('name') or '?'}, {done}"), {"power_state": power_state}
 
-        self._migration_step("finish_revert_resize", instance_uuid, migration_id, contract.MIGRATION_REVERTED,
+        self.migration_step("finish_revert_resize", instance_uuid, migration_id, contract.MIGRATION_REVERTED,
                              run)
-
-    def _migration_step(self, step: str, instance_uuid: str, migration_id: Any, status: str,
-                        run: Callable[[], tuple[str, dict[str, Any] | None]], *,
-                        details: dict[str, Any] | None = None) -> None:
-        """Run one step of a migration unless this host already did (journal), journal it, report it."""
-        event = f"compute_{step}"
-        if isinstance(migration_id, bool) or not isinstance(migration_id, int):
-            LOG.error("%s of %r refused: migration id %r is not an integer (no report can name it)", event,
-                      instance_uuid, migration_id)
-            return
-        try:
-            checked_uuid(instance_uuid)
-        except InvalidInstanceUUID as exc:
-            LOG.error("%s of migration %s refused: %s", event, migration_id, exc)
-            self.migration_update(migration_id, contract.MIGRATION_ERROR, error=str(exc),
-                                  event=self.event(event, EventResult.ERROR, str(exc)))
-            return
-        with self.instance_locks.hold(instance_uuid):
-            if self.migration_journal.done(migration_id, step) is not None:
-                LOG.info("%s of migration %s already done on this host; redelivered task ignored (%s)", step,
-                         migration_id, instance_uuid)
-                return
-            try:
-                message, values = run()
-            except Exception as exc:
-                error = fault_from(exc, self.host)["message"]
-                if isinstance(exc, NotImplementedError):
-                    error = f"the {self.driver.name} driver of host {self.host} cannot do {step}"
-                LOG.error("%s of %s (migration %s) failed on %s: %s", event, instance_uuid, migration_id,
-                          self.host, error, exc_info=not isinstance(exc, ComputeError | contract.SpecError))
-                self._journal_migration(migration_id, step, instance_uuid, "error", details)
-                self.migration_update(migration_id, contract.MIGRATION_ERROR, error=error,
-                                      values=self._migration_truth(instance_uuid),
-                                      event=self.event(event, EventResult.ERROR, error))
-                return
-            LOG.info("%s of %s (migration %s): %s", event, instance_uuid, migration_id, message)
-            self._journal_migration(migration_id, step, instance_uuid, "success", details)
-            self.migration_update(migration_id, status, values=values,
-                                  event=self.event(event, EventResult.SUCCESS, message))
-
-    def _journal_migration(self, migration_id: int, step: str, instance_uuid: str, result: str,
-                           details: dict[str, Any] | None) -> None:
-        try:
-            self.migration_journal.record(migration_id, step, instance_uuid, result, **(details or {}))
-        except OSError as exc:  # the outcome must still be reported
-            LOG.error("cannot journal step %s of migration %s (%s): a redelivery of it would run again", step,
-                      migration_id, exc)
-
-    def _migration_truth(self, instance_uuid: str) -> dict[str, Any] | None:
-        """``{"power_state"}`` of the instance on this host now (nostate: no domain here)."""
-        try:
-            return {"power_state": self.power_state_or_none(instance_uuid) or contract.POWER_NOSTATE}
-        except Exception as exc:
-            LOG.warning("cannot read the power state of %s after a failure: %s", instance_uuid, exc)
-            return None
-
-    def _migration_spec(self, instance_uuid: str, spec: dict[str, Any] | None) -> dict[str, Any]:
-        """The spec a migration step defines the domain from: valid, of this instance, for this host."""
-        checked = self.checked_spec(instance_uuid, spec)
-        if checked is None:
-            raise contract.SpecError(f"no spec for instance {instance_uuid}: this step needs one")
-        if checked["host"] != self.host:
-            raise contract.SpecError(f"spec is for host {checked['host']}, not {self.host}")
-        return checked
 
     def _remove_shared_marker(self, marker: str | None) -> None:
         if not marker:

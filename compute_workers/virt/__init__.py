@@ -16,7 +16,7 @@ def load_driver(config: ComputeConfig) -> ComputeDriver:
 
         return FakeDriver(vcpus=config.fake_vcpus, memory_mb=config.fake_memory_mb,
                           disk_gb=config.fake_disk_gb, spawn_delay=config.fake_spawn_delay,
-                          migration_uri=config.migration_uri)
+                          migration_uri=config.migration_uri, instances_path=config.instances_path)
     if config.driver == "libvirt":
         # Imported here: hosts that only simulate (fake driver) need no libvirt-python.
         from compute_workers.virt.libvirt.driver import LibvirtDriver, is_test_uri

@@ -128,12 +128,14 @@ class ComputeDriver(abc.ABC):
         """
 
     @abc.abstractmethod
-    def destroy(self, instance_uuid: str) -> None:
-        """Stop the domain at once, undefine it (managed save included), delete its directory.
+    def destroy(self, instance_uuid: str, destroy_disks: bool = True) -> None:
+        """Stop the domain at once, undefine it (managed save included), delete its directory unless
+        ``destroy_disks`` is False (Nova's: the directory is on storage another host now uses).
 
-        Afterwards nothing of the instance is left on the host. If the instance is not found, this
-        still succeeds. Raises HypervisorError when the hypervisor refuses; what was removed stays
-        removed and a second call finishes the job.
+        Afterwards no domain of the instance is left on the host (and, with ``destroy_disks``, none of its
+        files). Never starts anything. If the instance is not found, this still succeeds. Raises
+        HypervisorError when the hypervisor refuses; what was removed stays removed and a second call
+        finishes the job.
         """
 
     def instance_bridges(self, instance_uuid: str) -> list[str]:
@@ -235,6 +237,23 @@ class ComputeDriver(abc.ABC):
     def resume(self, instance_uuid: str) -> None:
         """Restore a suspended domain from its saved memory. Afterwards it runs; already running is
         success. Raises InstanceNotFound, InstanceInvalidState when there is no saved state."""
+        raise NotImplementedError
+
+    def rebuild(self, spec: dict[str, Any], base_image: Path | None, on_shared_storage: bool,
+                power_on: bool) -> None:
+        """Evacuation's destination: build the instance of a validated ``spec`` here because the host it
+        ran on died (Nova's ``rebuild`` with ``recreate``).
+
+        With ``on_shared_storage`` the instance directory is the dead host's, on storage both mount: its
+        disk is used as it is (the console log is created if missing); without the disk it raises
+        InstanceNotFound and creates nothing in its place. Without it the directory is made as
+        :meth:`spawn` makes it (a leftover one is replaced: the old disk's data is lost). Then the domain
+        is defined from ``spec`` and started when ``power_on``.
+
+        Afterwards the domain is defined (running if ``power_on``). Raises InstanceExists if a domain of
+        the instance is already defined here (the manager checks first). On failure no domain of the
+        instance is left defined here; the directory is removed unless ``on_shared_storage`` (then it is
+        never touched: the disk is the instance's only copy)."""
         raise NotImplementedError
 
     # Cold migration and resize, as Nova's migrate_disk_and_power_off / finish_migration /

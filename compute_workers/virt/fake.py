@@ -45,6 +45,13 @@ from compute_workers.virt.driver import (
 _COPIED_DISKS: dict[str, int] = {}
 _COPIED_DISKS_LOCK = threading.Lock()
 
+# The instances' "disks" (libvirt: INSTANCES_PATH/<uuid>/disk), by (storage, instance uuid): the instance
+# whose disk it is (its boot count is the disk's). A driver's storage is its ``instances_path`` (fake
+# hosts given the same path share it, as hosts mounting one share do), else its own. What an evacuation
+# on shared storage finds, or does not; a live migration or a cold one moves it to the destination's.
+_DISKS: dict[tuple[str, str], FakeInstance] = {}
+_DISKS_LOCK = threading.Lock()
+
 
 @dataclasses.dataclass
 class FakeInstance:
@@ -96,8 +103,10 @@ class FakeDriver(ComputeDriver):
 
     def __init__(self, *, vcpus: int = 16, memory_mb: int = 32768, disk_gb: int = 500,
                  spawn_delay: float = 0.0, destroy_delay: float = 0.0,
-                 needs_base_image: bool = False, migration_uri: str | None = None) -> None:
+                 needs_base_image: bool = False, migration_uri: str | None = None,
+                 instances_path: Path | None = None) -> None:
         super().__init__()
+        self.storage = str(instances_path.absolute()) if instances_path is not None else f"fake-{id(self)}"
         self.capabilities = {**self.capabilities, "needs_base_image": needs_base_image,
                              "supports_reboot": True, "supports_power_ops": True,
                              "supports_pause": True, "supports_suspend": True,
@@ -153,16 +162,62 @@ class FakeDriver(ComputeDriver):
         console = [f"cloudctl-fake: booting {contract.domain_name(instance_uuid)}",
                    "cloudctl-guest: boot-count 1", "cloudctl-guest: ready"]
         with self._lock:
-            self.instances[instance_uuid] = FakeInstance(spec, contract.POWER_RUNNING, console)
+            self.instances[instance_uuid] = instance = FakeInstance(spec, contract.POWER_RUNNING, console)
+        self._disk_set(instance_uuid, instance)
         self._changed(instance_uuid)
 
-    def destroy(self, instance_uuid: str) -> None:
+    def destroy(self, instance_uuid: str, destroy_disks: bool = True) -> None:
         checked_uuid(instance_uuid)
         time.sleep(self.destroy_delay)
         with self._lock:
             gone = self.instances.pop(instance_uuid, None)
+        if destroy_disks:
+            self._disk_pop(instance_uuid)
         if gone is not None:
             self._changed(instance_uuid)
+
+    def rebuild(self, spec: dict[str, Any], base_image: Path | None, on_shared_storage: bool,
+                power_on: bool) -> None:
+        instance_uuid = checked_uuid(spec["instance_uuid"])
+        name = contract.domain_name(instance_uuid)
+        with self._lock:
+            if instance_uuid in self.instances:
+                raise InstanceExists(f"instance {instance_uuid} already exists on this host")
+        if on_shared_storage:
+            with _DISKS_LOCK:
+                disk = _DISKS.get((self.storage, instance_uuid))
+            if disk is None:
+                raise InstanceNotFound(f"the disk of instance {instance_uuid} is not on this host's storage "
+                                       f"({self.storage}), which should share it with the host that died: "
+                                       "nothing was created in its place")
+            console = [*disk.console, f"cloudctl-fake: {name} defined on the disk of a host that died"]
+            instance = FakeInstance(spec, contract.POWER_SHUTDOWN, console, disk.boots)
+        else:
+            time.sleep(self.spawn_delay)
+            instance = FakeInstance(spec, contract.POWER_SHUTDOWN,
+                                    [f"cloudctl-fake: {name} rebuilt from its image"], 0)
+        with self._lock:
+            self.instances[instance_uuid] = instance
+        self._disk_set(instance_uuid, instance)
+        self._changed(instance_uuid)
+        if power_on:
+            self.power_on(instance_uuid)
+
+    def has_disk(self, instance_uuid: str) -> bool:
+        """Whether this host's storage holds the instance's disk (libvirt: ``<uuid>/disk`` exists)."""
+        with _DISKS_LOCK:
+            return (self.storage, checked_uuid(instance_uuid)) in _DISKS
+
+    def _disk_set(self, instance_uuid: str, instance: FakeInstance, storage: str | None = None) -> None:
+        with _DISKS_LOCK:
+            _DISKS[(storage or self.storage, instance_uuid)] = instance
+
+    def _disk_pop(self, instance_uuid: str, only: FakeInstance | None = None) -> None:
+        """Remove the instance's disk from this host's storage (``only``: if it is still that one's)."""
+        with _DISKS_LOCK:
+            key = (self.storage, instance_uuid)
+            if only is None or _DISKS.get(key) is only:
+                _DISKS.pop(key, None)
 
     def _get(self, instance_uuid: str) -> FakeInstance:
         with self._lock:
@@ -333,6 +388,8 @@ class FakeDriver(ComputeDriver):
                 self.instances[instance_uuid] = FakeInstance(spec, contract.POWER_SHUTDOWN, console, boots)
             else:
                 existing.spec = spec
+            instance = self.instances[instance_uuid]
+        self._disk_set(instance_uuid, instance)
         self._changed(instance_uuid)
         if power_on:
             self.power_on(instance_uuid)
@@ -340,8 +397,10 @@ class FakeDriver(ComputeDriver):
     def confirm_migration(self, instance_uuid: str, instance_moved: bool | None) -> None:
         checked_uuid(instance_uuid)
         with self._lock:
-            self.resize_sources.pop(instance_uuid, None)
+            original = self.resize_sources.pop(instance_uuid, None)
             leftover = self.instances.pop(instance_uuid, None) if instance_moved else None
+        if original is not None:  # its <uuid>_resize goes (not the copy a same-host resize made)
+            self._disk_pop(instance_uuid, only=original)
         with _COPIED_DISKS_LOCK:
             _COPIED_DISKS.pop(instance_uuid, None)
         if leftover is not None:
@@ -359,6 +418,8 @@ class FakeDriver(ComputeDriver):
                 self.instances[instance_uuid] = self.resize_sources.pop(instance_uuid)
             elif instance_uuid not in self.instances:
                 raise InstanceNotFound(f"instance {instance_uuid} has nothing to revert to on this host")
+            instance = self.instances[instance_uuid]
+        self._disk_set(instance_uuid, instance)
         with _COPIED_DISKS_LOCK:
             _COPIED_DISKS.pop(instance_uuid, None)
         self._changed(instance_uuid)
@@ -428,11 +489,13 @@ class FakeDriver(ComputeDriver):
                 if instance_uuid in peer.instances:
                     raise HypervisorError(f"the fake hypervisor could not migrate it to {dest_uri}: a domain "
                                           "of that instance already exists there")
-                peer.instances[instance_uuid] = dataclasses.replace(
+                peer.instances[instance_uuid] = arrived = dataclasses.replace(
                     instance, power_state=running_before,
                     console=[*instance.console, "cloudctl-fake: live-migrated here"])
             with self._lock:
                 self.instances.pop(instance_uuid, None)
+            self._disk_pop(instance_uuid)  # on shared storage: the same key, set again just below
+            peer._disk_set(instance_uuid, arrived)
         finally:
             with self._lock:
                 self._migrations.pop(instance_uuid, None)
@@ -554,6 +617,14 @@ class FakeBuildAbortDriver(FakeDriver):
         with self._lock:
             self.instances[spec["instance_uuid"]] = FakeInstance(spec, contract.POWER_SHUTDOWN, [])
         raise HypervisorError("fake hypervisor refused to start the domain")
+
+    def rebuild(self, spec: dict[str, Any], base_image: Path | None, on_shared_storage: bool,
+                power_on: bool) -> None:
+        """Fails half-way too, and, unlike a driver keeping its post-conditions, leaves the domain
+        defined: the manager must remove it without touching a shared disk."""
+        with self._lock:
+            self.instances[spec["instance_uuid"]] = FakeInstance(spec, contract.POWER_SHUTDOWN, [])
+        raise HypervisorError("fake hypervisor refused to start the rebuilt domain")
 
 
 class FakeMigrationCopyFailsDriver(FakeDriver):

@@ -45,7 +45,8 @@ def test_host_names_sort_as_numbers() -> None:
 
 def make_fleet(tmp_path: Path, count: int = 3) -> tuple[Fleet, ListReporter]:
     reporter = ListReporter()
-    fleet = Fleet(make_config(tmp_path), host_names("fake-", count), reporter, FakeDriver)
+    fleet = Fleet(make_config(tmp_path), host_names("fake-", count), reporter,
+                  lambda config: FakeDriver(instances_path=config.instances_path))
     fleet.init_hosts()
     return fleet, reporter
 

@@ -19,7 +19,7 @@ import contextlib
 import logging
 import os
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -176,26 +176,73 @@ class LibvirtDriver(ComputeDriver):
         return domain
 
     def spawn(self, spec: dict[str, Any], base_image: Path | None) -> None:
+        self._build_from_image(spec, base_image, power_on=True, what="spawn")
+
+    def rebuild(self, spec: dict[str, Any], base_image: Path | None, on_shared_storage: bool,
+                power_on: bool) -> None:
+        if not on_shared_storage:
+            self._build_from_image(spec, base_image, power_on=power_on, what="rebuild")
+            return
+        instance_uuid = checked_uuid(spec["instance_uuid"])
+        if self._lookup(instance_uuid) is not None:
+            raise InstanceExists(f"instance {instance_uuid} already exists on this host")
+        directory = self.instance_dir(instance_uuid)
+        if not self._recreatable(instance_uuid):
+            raise InstanceNotFound(f"the disk of instance {instance_uuid} is not in {directory} on this "
+                                   "host, which should share it with the host that died: nothing was "
+                                   "created in its place")
+        (directory / "console.log").touch(mode=0o600, exist_ok=True)
+        with self._undefined_on_failure(instance_uuid, "rebuild"):  # the directory is never touched
+            self._define_and_start(instance_uuid, spec, power_on)
+
+    def _build_from_image(self, spec: dict[str, Any], base_image: Path | None, *, power_on: bool,
+                          what: str) -> None:
+        """A new instance directory (:meth:`_make_instance_dir`), the domain defined from ``spec`` and
+        started when ``power_on``; on failure nothing of it is left (no domain, no directory)."""
         instance_uuid = checked_uuid(spec["instance_uuid"])
         if self._lookup(instance_uuid) is not None:
             raise InstanceExists(f"instance {instance_uuid} already exists on this host")
         directory = self.instance_dir(instance_uuid)
         try:
-            if directory.exists():  # left by an attempt that died before cleaning up: no domain uses it
-                shutil.rmtree(directory)
-            directory.mkdir(mode=0o755, parents=True)
-            self._create_disk(spec, base_image, directory / "disk", missing_base="spawn needs the base image")
-            (directory / "console.log").touch(mode=0o600)
-            xml = self._write_definition(instance_uuid, spec)
-            with hypervisor_errors(f"libvirt cannot define the domain of instance {instance_uuid}"):
-                domain = self.conn.defineXML(xml)
-            with hypervisor_errors(f"libvirt cannot start the domain of instance {instance_uuid}"):
-                domain.create()
+            self._make_instance_dir(spec, base_image, disk=True, missing_base=f"{what} needs the base image")
+            self._define_and_start(instance_uuid, spec, power_on)
         except BaseException:
-            LOG.warning("spawn of %s failed; removing what it made", instance_uuid)
+            LOG.warning("%s of %s failed; removing what it made", what, instance_uuid)
             with contextlib.suppress(Exception):
                 self.destroy(instance_uuid)
             shutil.rmtree(directory, ignore_errors=True)
+            raise
+
+    def _make_instance_dir(self, spec: dict[str, Any], base_image: Path | None, *, disk: bool,
+                           missing_base: str) -> None:
+        """``INSTANCES_PATH/<uuid>`` as spawn makes it: a directory left by an attempt that died is
+        replaced (no domain uses it: the callers checked), then the disk when ``disk`` (see
+        :meth:`_create_disk`) and an empty console log. On failure nothing of it is left."""
+        directory = self.instance_dir(spec["instance_uuid"])
+        try:
+            if directory.exists():
+                shutil.rmtree(directory)
+            directory.mkdir(mode=0o755, parents=True)
+            if disk:
+                self._create_disk(spec, base_image, directory / "disk", missing_base=missing_base)
+            (directory / "console.log").touch(mode=0o600)
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+
+    @contextlib.contextmanager
+    def _undefined_on_failure(self, instance_uuid: str, what: str) -> Iterator[None]:
+        """Run the block; if it fails, stop and undefine any domain of the instance it left (its files
+        are left alone), then let the error propagate."""
+        try:
+            yield
+        except BaseException:
+            LOG.warning("%s of %s failed; undefining its domain here", what, instance_uuid)
+            with contextlib.suppress(Exception):
+                domain = self._lookup(instance_uuid)
+                if domain is not None:
+                    guest.stop(domain)
+                    guest.undefine(domain)
             raise
 
     def _create_disk(self, spec: dict[str, Any], base_image: Path | None, disk: Path, *,
@@ -209,13 +256,14 @@ class LibvirtDriver(ComputeDriver):
         images.create_overlay(base_image, image["disk_format"], disk, spec["flavor"]["root_gb"],
                               image.get("name") or image["id"])
 
-    def destroy(self, instance_uuid: str) -> None:
+    def destroy(self, instance_uuid: str, destroy_disks: bool = True) -> None:
         domain = self._lookup(instance_uuid)
         if domain is not None:
             guest.stop(domain)
             guest.undefine(domain)
-        with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(self.instance_dir(instance_uuid))
+        if destroy_disks:
+            with contextlib.suppress(FileNotFoundError):
+                shutil.rmtree(self.instance_dir(instance_uuid))
 
     def instance_bridges(self, instance_uuid: str) -> list[str]:
         return self._of_definition(instance_uuid, bridges_of)
@@ -472,16 +520,8 @@ class LibvirtDriver(ComputeDriver):
         directory = self.instance_dir(instance_uuid)
         self._prepare_migrated_disk(instance_uuid, directory, spec["flavor"]["root_gb"])
         (directory / "console.log").touch(mode=0o600, exist_ok=True)
-        try:
+        with self._undefined_on_failure(instance_uuid, "finish resize"):
             self._define_and_start(instance_uuid, spec, power_on)
-        except BaseException:
-            LOG.warning("finish resize of %s failed; undefining its domain here", instance_uuid)
-            domain = self._lookup(instance_uuid)
-            if domain is not None:
-                with contextlib.suppress(Exception):
-                    guest.stop(domain)
-                    guest.undefine(domain)
-            raise
 
     def _prepare_migrated_disk(self, instance_uuid: str, directory: Path, root_gb: int) -> None:
         """Hook of finish_migration: the copied disk must be here; it grows to the new flavor's size."""
@@ -563,18 +603,9 @@ class LibvirtDriver(ComputeDriver):
             raise InstanceExists(f"instance {instance_uuid} already exists on this host")
         if shared_storage:
             return
-        directory = self.instance_dir(instance_uuid)
-        try:
-            if directory.exists():  # left by an attempt that failed: no domain uses it
-                shutil.rmtree(directory)
-            directory.mkdir(mode=0o755, parents=True)
-            if block_migration:  # the overlay spawn creates: NON_SHARED_INC copies its contents into it
-                self._create_disk(spec, base_image, directory / "disk",
-                                  missing_base="block migration needs the base image on the destination")
-            (directory / "console.log").touch(mode=0o600)
-        except BaseException:
-            shutil.rmtree(directory, ignore_errors=True)
-            raise
+        # For block migration the overlay spawn creates: NON_SHARED_INC copies its contents into it.
+        self._make_instance_dir(spec, base_image, disk=block_migration,
+                                missing_base="block migration needs the base image on the destination")
 
     def live_migration(self, instance_uuid: str, dest_uri: str, dest_migrate_uri: str | None = None,
                        block_migration: bool = False, *, unsafe: bool = False, bandwidth_mib: int = 0,
