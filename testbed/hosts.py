@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import ipaddress
+import json
 import logging
 import os
 import secrets
@@ -42,6 +43,10 @@ LIBVIRT_DIRS = ("/etc/libvirt", "/run/libvirt", "/var/lib/libvirt", "/var/cache/
 NETWORK = ipaddress.IPv4Network("10.253.0.0/16")  # each run takes a /24 of it (_claim_subnet)
 ROOT_HOST_PART = 254  # the root namespace's address in a run's /24
 OWNER_FILE = "owner"  # the pid of the test process that started a run (remove_stale_runs)
+# Where a process other than the test (a fencing command, see testbed.fence) finds a run's hosts: the
+# path of the run's state file (NamespaceHosts.state_path), set in that process's environment.
+STATE_ENV = "CLOUDCTL_HARNESS_STATE"
+STATE_FILE = "harness.json"
 LOG = logging.getLogger(__name__)
 CAP_NET_ADMIN = 12
 CAP_SYS_ADMIN = 21
@@ -375,7 +380,70 @@ class NamespaceHosts:
             self._wait_for_socket(host, started + timeout)
             # The daemon answers, so unshare has long forked the namespaces' PID 1.
             host.init_pid = _init_pid(host)
+        self._write_state()
         return self.hosts
+
+    @property
+    def state_path(self) -> Path:
+        """The run's state file (written by start()): what :func:`load_state` reads in another process."""
+        return self.directory / STATE_FILE
+
+    def fence_env(self) -> dict[str, str]:
+        """The environment a fencing command (``python -m testbed.fence <host>``) needs to find this run."""
+        return {STATE_ENV: str(self.state_path)}
+
+    def power_off(self, name: str, timeout: float = 10) -> list[int]:
+        """Cut the power of host ``name``: SIGKILL every process of its PID namespace but its PID 1 (its
+        libvirtd, its guests' QEMU processes, its compute worker if one runs through
+        :class:`HostWorker`), as a power cut ends them: no clean shutdown, no ``host_stopping``.
+        Returns the PIDs killed. Its namespaces, bridges and files stay (the machine is off, not gone);
+        :meth:`power_on` starts its libvirtd again. Raises RuntimeError if processes are left after
+        ``timeout`` seconds."""
+        host = self.host(name)
+        killed = power_off(host.init_pid, timeout)
+        for worker in self.workers:
+            if worker.host is host and worker.process is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    worker.process.wait(timeout)  # its nsexec ends as the worker did: SIGKILL
+        return killed
+
+    def power_on(self, name: str, timeout: float = 30) -> None:
+        """Bring host ``name`` back after :meth:`power_off` (or a fencing command): its ``/run/libvirt``
+        emptied (a tmpfs a reboot empties), its libvirtd started again in its namespaces. Its persistent
+        domains are defined again, shut off (nothing starts them); its compute worker is the caller's to
+        start. Raises RuntimeError while processes of the host still run, or if libvirtd does not answer
+        within ``timeout`` seconds."""
+        host = self.host(name)
+        running = host_processes(host.init_pid)
+        if running:
+            raise RuntimeError(f"{name} is not powered off: processes {sorted(running)} still run on it")
+        run_dir = host.directory / "_run_libvirt"
+        for entry in run_dir.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        # --daemon: the daemon is reparented to the host's PID 1, as the first one was its child; its log
+        # goes where the first one's stderr went.
+        argv = ["ip", "netns", "exec", host.netns,
+                *host.command("libvirtd", "--listen", "--daemon", "--pid-file", "/run/libvirt/libvirtd.pid",
+                              env={"LIBVIRT_LOG_OUTPUTS": f"3:file:{host.log_path}"}, wd=Path("/"))]
+        with host.log_path.open("ab") as log:  # not a pipe: the daemon would hold it open
+            result = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    timeout=timeout)
+        if result.returncode != 0:
+            raise RuntimeError(f"libvirtd of {name} did not start again ({result.returncode}):\n"
+                               f"{host.log()[-3000:]}")
+        self._wait_for_socket(host, time.monotonic() + timeout)
+
+    def _write_state(self) -> None:
+        """The run's hosts as another process (a fencing command) needs them; see :func:`load_state`."""
+        state = {"run_id": self.run_id, "owner": os.getpid(),
+                 "hosts": {host.name: {"init_pid": host.init_pid, "netns": host.netns, "ip": host.ip,
+                                       "directory": str(host.directory)} for host in self.hosts}}
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=1))
+        os.replace(tmp, self.state_path)
 
     def add_namespace(self, suffix: str) -> str:
         """A network namespace of this run (``cch-<run>-<suffix>``, e.g. a test's "outside world"), deleted
@@ -473,6 +541,59 @@ class NamespaceHosts:
         shutil.rmtree(self.directory, ignore_errors=True)
         if errors:
             raise RuntimeError("multi-host tear-down incomplete: " + "; ".join(errors))
+
+
+def host_processes(init_pid: int) -> dict[int, str]:
+    """The processes of the harness host whose PID 1 is ``init_pid`` (root PID numbering), PID 1 left
+    out: every process of its PID namespace (its libvirtd, QEMU, a worker run through nsexec), with its
+    command name. A process that exits meanwhile (or a zombie: its namespaces are gone) is left out."""
+    try:
+        namespace = os.readlink(f"/proc/{init_pid}/ns/pid")
+    except OSError as exc:
+        raise RuntimeError(f"no harness host has PID 1 {init_pid} any more: {exc}") from None
+    processes = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == init_pid:
+            continue
+        try:
+            if os.readlink(entry / "ns" / "pid") == namespace:
+                processes[int(entry.name)] = (entry / "comm").read_text().strip()
+        except OSError:
+            continue
+    return processes
+
+
+def power_off(init_pid: int, timeout: float = 10) -> list[int]:
+    """SIGKILL every process of the harness host whose PID 1 is ``init_pid`` (see :func:`host_processes`)
+    until none is left: its power cut. Returns the PIDs killed; raises RuntimeError if some are still
+    there after ``timeout`` seconds (their PID 1, tini, reaps its children at once)."""
+    killed: list[int] = []
+    deadline = time.monotonic() + timeout
+    while processes := host_processes(init_pid):
+        for pid in processes:
+            _kill(pid)
+            if pid not in killed:
+                killed.append(pid)
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"processes of the host with PID 1 {init_pid} survive SIGKILL: {processes}")
+        time.sleep(0.02)
+    return killed
+
+
+def load_state(path: Path | None = None) -> dict[str, Any]:
+    """A run's state file (:attr:`NamespaceHosts.state_path`; default: the path in ``$CLOUDCTL_HARNESS_
+    STATE``): ``{"run_id", "owner", "hosts": {name: {"init_pid", "netns", "ip", "directory"}}}``.
+    Raises RuntimeError when there is none to read."""
+    if path is None:
+        value = os.environ.get(STATE_ENV, "")
+        if not value:
+            raise RuntimeError(f"{STATE_ENV} is not set: no harness run to find")
+        path = Path(value)
+    try:
+        state: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise RuntimeError(f"cannot read the harness state {path}: {exc}") from None
+    return state
 
 
 def remove_stale_runs() -> list[str]:

@@ -1,8 +1,11 @@
 """The multi-host harness works: two independent libvirt hosts on this machine, and a running demo
-guest live-migrated (block migration) from one to the other while it keeps running."""
+guest live-migrated (block migration) from one to the other while it keeps running; a host whose power
+is cut (by the test, or by ``python -m testbed.fence`` in another process) and brought back."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -15,8 +18,9 @@ import pytest
 
 from testbed import REPO
 from testbed.domains import remove_domains
-from testbed.hosts import ROOT, NamespaceHost, remove_stale_runs
+from testbed.hosts import ROOT, HostWorker, NamespaceHost, host_processes, remove_stale_runs
 
+from .conftest import running_hosts
 from .guests import READY, domain_xml, prepare_block_migration, read, wait_for
 
 pytestmark = pytest.mark.libvirt
@@ -130,3 +134,86 @@ def test_a_killed_test_run_leaves_nothing_the_next_run_does_not_remove(
     assert f"cch-{run_id}-r" not in links
     remove_stale_runs()
     assert all(host.directory.is_dir() for host in libvirt_hosts)  # a live run is left alone
+
+
+class SleepingWorker(HostWorker):
+    """Stands for a host's compute worker (run the same way, through nsexec in its namespaces), without
+    the broker a real one needs: what a power cut must end too."""
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(self.host.command("sleep", "600"), env=self.env, cwd=REPO,
+                                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+
+
+def qemu_pids(host: NamespaceHost) -> list[int]:
+    return [pid for pid, name in host_processes(host.init_pid).items() if name.startswith("qemu")]
+
+
+def answers(host: NamespaceHost) -> bool:
+    try:
+        libvirt.open(host.uri).close()
+        return True
+    except libvirt.libvirtError:
+        return False
+
+
+def test_a_host_powered_off_by_the_fence_command_and_back(tiny_image_path: Path, tmp_path: Path) -> None:
+    """One host with a running guest and a worker: ``python -m testbed.fence`` (another process, which
+    finds the run through its state file) kills them and the daemon at once, exits 0 once no QEMU is
+    left, and again for a host already off; power_on brings the daemon back with the guest defined and
+    shut off, never started; power_off from the test does the same as the command."""
+    with running_hosts(1) as hosts:
+        host = hosts.hosts[0]
+        instance_uuid = str(uuid.uuid4())
+        directory = host.local_instances / instance_uuid
+        directory.mkdir()
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(tiny_image_path),
+                        str(directory / "disk")], check=True)
+        inside = hosts.instances_path / instance_uuid
+        conn = libvirt.open(host.uri)
+        conn.defineXML(domain_xml(f"mh-{instance_uuid}", instance_uuid, inside / "disk",
+                                  inside / "console.log")).create()
+        conn.close()
+        assert len(qemu_pids(host)) == 1
+        worker = SleepingWorker(host, {"PATH": os.environ["PATH"]}, tmp_path / "worker.log")
+        worker.start()
+        hosts.workers.append(worker)
+        wait_for(lambda: any(name == "sleep" for name in host_processes(host.init_pid).values()), 10,
+                 lambda: str(host_processes(host.init_pid)))
+
+        fence = [sys.executable, "-m", "testbed.fence", host.name]
+        env = {**os.environ, **hosts.fence_env()}
+        started = time.monotonic()
+        result = subprocess.run(fence, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+        fenced = time.monotonic() - started
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert host_processes(host.init_pid) == {} and not answers(host)
+        assert worker.wait(10) == -signal.SIGKILL  # its stand-in nsexec ends as the worker did
+        again = subprocess.run(fence, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+        assert again.returncode == 0 and "0 process(es) killed" in again.stdout, again.stderr
+        unknown = subprocess.run([*fence[:-1], "host-z"], cwd=REPO, env=env, capture_output=True, text=True,
+                                 timeout=60)
+        assert unknown.returncode == 2 and "host-z" in unknown.stderr
+
+        started = time.monotonic()
+        hosts.power_on(host.name)
+        back = time.monotonic() - started
+        conn = libvirt.open(host.uri)
+        try:
+            domain = conn.lookupByUUIDString(instance_uuid)
+            assert domain.state()[0] == libvirt.VIR_DOMAIN_SHUTOFF and qemu_pids(host) == []
+            domain.create()  # the host works again
+            assert len(qemu_pids(host)) == 1
+        finally:
+            conn.close()
+        killed = hosts.power_off(host.name)
+        assert len(killed) >= 2 and host_processes(host.init_pid) == {}  # libvirtd and QEMU at least
+        hosts.power_on(host.name)
+        conn = libvirt.open(host.uri)
+        try:
+            assert conn.lookupByUUIDString(instance_uuid).state()[0] == libvirt.VIR_DOMAIN_SHUTOFF
+            remove_domains(conn, lambda domain: domain.UUIDString() == instance_uuid)
+        finally:
+            conn.close()
+        print(f"\nfence: host off in {fenced:.2f} s; power on: libvirtd answers in {back:.2f} s")
