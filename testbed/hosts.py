@@ -288,7 +288,7 @@ user = "root"
 group = "root"
 """
 
-# Runs as tini's child inside the new namespaces: private mounts, hostname, then the daemon. The host's
+# Runs as tini's child inside the new namespaces: private mounts, hostname, the daemon, the keeper. The host's
 # own /etc/hosts names it: libvirt resolves its hostname while it sets up every migration, and without
 # an entry glibc asks the machine's DNS server, which these namespaces cannot reach: each migration
 # stalled 5 s in getaddrinfo ("Temporary failure in name resolution") with the domain's job locked.
@@ -302,8 +302,13 @@ mount --bind {local_instances} {instances_path}
 mount --bind $d/hosts /etc/hosts
 hostname {hostname}
 ip link set lo up
-exec libvirtd --listen --pid-file /run/libvirt/libvirtd.pid
+(libvirtd --listen --pid-file /run/libvirt/libvirtd.pid &)
+exec sleep infinity
 """
+# The host's "power supply": PID 1 (tini) exits with its child, so its child is this process, which
+# no power cut (power_off) kills, and not libvirtd (started by a subshell that exits at once, so the
+# daemon too is a child of PID 1, which reaps it and the QEMU processes it daemonizes).
+KEEPER_CMDLINE = b"sleep\0infinity\0"
 
 
 class NamespaceHosts:
@@ -393,9 +398,9 @@ class NamespaceHosts:
         return {STATE_ENV: str(self.state_path)}
 
     def power_off(self, name: str, timeout: float = 10) -> list[int]:
-        """Cut the power of host ``name``: SIGKILL every process of its PID namespace but its PID 1 (its
-        libvirtd, its guests' QEMU processes, its compute worker if one runs through
-        :class:`HostWorker`), as a power cut ends them: no clean shutdown, no ``host_stopping``.
+        """Cut the power of host ``name``: SIGKILL every process of its PID namespace but its PID 1 and
+        the keeper of its namespaces (its libvirtd, its guests' QEMU processes, its compute worker if one
+        runs through :class:`HostWorker`), as a power cut ends them: no clean shutdown, no ``host_stopping``.
         Returns the PIDs killed. Its namespaces, bridges and files stay (the machine is off, not gone);
         :meth:`power_on` starts its libvirtd again. Raises RuntimeError if processes are left after
         ``timeout`` seconds."""
@@ -544,9 +549,10 @@ class NamespaceHosts:
 
 
 def host_processes(init_pid: int) -> dict[int, str]:
-    """The processes of the harness host whose PID 1 is ``init_pid`` (root PID numbering), PID 1 left
-    out: every process of its PID namespace (its libvirtd, QEMU, a worker run through nsexec), with its
-    command name. A process that exits meanwhile (or a zombie: its namespaces are gone) is left out."""
+    """The processes of the harness host whose PID 1 is ``init_pid`` (root PID numbering), PID 1 and its
+    keeper left out: every process of its PID namespace (its libvirtd, QEMU, a worker run through
+    nsexec), with its command name. A process that exits meanwhile (or a zombie: its namespaces are
+    gone) is left out."""
     try:
         namespace = os.readlink(f"/proc/{init_pid}/ns/pid")
     except OSError as exc:
@@ -556,8 +562,11 @@ def host_processes(init_pid: int) -> dict[int, str]:
         if not entry.name.isdigit() or int(entry.name) == init_pid:
             continue
         try:
-            if os.readlink(entry / "ns" / "pid") == namespace:
-                processes[int(entry.name)] = (entry / "comm").read_text().strip()
+            if os.readlink(entry / "ns" / "pid") != namespace:
+                continue
+            if int(entry.name) in _children(init_pid) and (entry / "cmdline").read_bytes() == KEEPER_CMDLINE:
+                continue  # the host's power supply (see START_SCRIPT)
+            processes[int(entry.name)] = (entry / "comm").read_text().strip()
         except OSError:
             continue
     return processes
