@@ -172,7 +172,7 @@ def heartbeat(name: str, *, vcpus: int = 4, memory_mb: int = 8192, disk_gb: int 
                  "hypervisor_type": "QEMU", "hypervisor_version": 7002000, "vcpus": vcpus,
                  "memory_mb": memory_mb, "memory_mb_reserved": 0, "disk_gb": disk_gb,
                  "disk_gb_reserved": 0, "cpu_info": {"arch": "x86_64"}, "instances": {},
-                 "observed_at": time.time(), "tunnel_ip": "", "busy": []}
+                 "observed_at": time.time(), "tunnel_ip": "", "busy": [], "storage_id": ""}
     resources.update(extra)
     assert set(contract.HEARTBEAT_RESOURCE_KEYS) <= set(resources)
     return conductor.host_heartbeat(host=name, resources=resources, starting=starting)
