@@ -171,12 +171,14 @@ class HostOperations:
 
     def migration_step(self, step: str, instance_uuid: str, migration_id: Any, status: str,
                        run: Callable[[], tuple[str, dict[str, Any] | None]], *,
-                       details: dict[str, Any] | None = None, report_redelivery: bool = False) -> None:
+                       details: dict[str, Any] | None = None, report_redelivery: bool = False,
+                       redelivered_values: bool = True) -> None:
         """Run one step of a migration unless this host already did (journal), journal it, report it:
         ``status`` with the ``values`` and message ``run`` returns (event ``compute_<step>`` closed
         with "success"), or "error" with the message of what ``run`` raised, the power state read now
         and the event closed with "error". A redelivered step does nothing; with ``report_redelivery``
-        it reports its journaled status again. Never raises."""
+        it reports its journaled status again (with the power state read now when
+        ``redelivered_values``). Never raises."""
         event = f"compute_{step}"
         if isinstance(migration_id, bool) or not isinstance(migration_id, int):
             LOG.error("%s of %r refused: migration id %r is not an integer (no report can name it)", event,
@@ -191,7 +193,7 @@ class HostOperations:
             return
         with self.instance_locks.hold(instance_uuid):
             if report_redelivery:
-                if self.migration_redelivered(step, instance_uuid, migration_id):
+                if self.migration_redelivered(step, instance_uuid, migration_id, values=redelivered_values):
                     return
             elif self.migration_journal.done(migration_id, step) is not None:
                 LOG.info("%s of migration %s already done on this host; redelivered task ignored (%s)", step,

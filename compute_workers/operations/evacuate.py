@@ -100,7 +100,8 @@ class Evacuate(OperationFamily):
             return f"host {self.host}: {found}; {files}", None
 
         self.migration_step("destroy_evacuated", instance_uuid, migration_id,
-                            contract.MIGRATION_SOURCE_CLEANED, run, report_redelivery=True)
+                            contract.MIGRATION_SOURCE_CLEANED, run, report_redelivery=True,
+                            redelivered_values=False)  # as the first report: no values
 
     @classmethod
     def register_tasks(cls, tasks: TaskRegistrar) -> None:
