@@ -41,7 +41,7 @@ from cloudctl.compute.models import MigrationStatus as S
 from cloudctl.compute.services import action_start, finish_action, mark_deleted
 from cloudctl.compute.specs import spawn_spec
 from cloudctl.compute.states import VM_STATE_FOR_POWER_STATE, PowerState, TaskState, VmState
-from cloudctl.compute.sync import sync_power_state
+from cloudctl.compute.sync import complete_build, sync_power_state
 from cloudctl.database import DATABASE_ERRORS
 from cloudctl.images.services import image_uploads_reap
 from cloudctl.network import dhcp, hostsync, routers
@@ -112,10 +112,21 @@ def network_node_init(*, host: str) -> None:
             log.exception("sending the routers to %s again failed", host)
 
 
+BUILD_COMPLETED_AT_RESTART = ("completed at the compute worker's restart: its domain runs, the spawn report "
+                              "was lost with the worker")
+
+
 def _init_instance(instance: Instance, power_state: str) -> None:
     host = instance.host.name if instance.host else ""
     uuid = str(instance.uuid)
     task = instance.task_state
+    if task == TaskState.SPAWNING and power_state == PowerState.RUNNING:
+        # The spawn finished (its domain runs) but its report died with the worker (kill -9 between
+        # the domain's start and the report): complete it as the heartbeat would, not ERROR.
+        if complete_build(uuid, host, BUILD_COMPLETED_AT_RESTART):
+            return
+        instance.refresh_from_db()
+        task = instance.task_state
     if task in (TaskState.SCHEDULING, TaskState.SPAWNING):
         message = (f"the build was interrupted by a restart of the compute worker on {host}; "
                    "delete this server and create it again")

@@ -198,13 +198,19 @@ def complete_builds(host: Host, reported: dict[str, str], observed_at: datetime,
     stuck = (Instance.objects.filter(host=host, uuid__in=running, vm_state=VmState.BUILDING,
                                      task_state=TaskState.SPAWNING, task_state_since__lt=started_before)
              .values_list("uuid", flat=True))
-    completed = 0
-    for instance_uuid in stuck:
-        if conductor.instance_update(
-                instance_uuid=str(instance_uuid), host=host.name, expected_task_state=TaskState.SPAWNING,
-                values={"vm_state": VmState.ACTIVE, "task_state": None, "power_state": PowerState.RUNNING},
-                event={"name": "compute_spawn", "result": ActionResult.SUCCESS,
-                       "message": BUILD_COMPLETED_FROM_HEARTBEAT}):
-            log.warning("build of %s on %s %s", instance_uuid, host.name, BUILD_COMPLETED_FROM_HEARTBEAT)
-            completed += 1
-    return completed
+    return sum(complete_build(str(instance_uuid), host.name, BUILD_COMPLETED_FROM_HEARTBEAT)
+               for instance_uuid in stuck)
+
+
+def complete_build(instance_uuid: str, host: str, message: str) -> bool:
+    """End the spawn of ``instance_uuid`` on ``host`` as its lost report would have: ACTIVE and running,
+    through the spawn report's own code path (expected task_state spawning), so the real report, if it
+    comes later, is dropped as stale. ``message`` says on the action how the build was found finished.
+    The caller has seen the domain running on ``host``. Returns whether the build was completed."""
+    if not conductor.instance_update(
+            instance_uuid=instance_uuid, host=host, expected_task_state=TaskState.SPAWNING,
+            values={"vm_state": VmState.ACTIVE, "task_state": None, "power_state": PowerState.RUNNING},
+            event={"name": "compute_spawn", "result": ActionResult.SUCCESS, "message": message}):
+        return False
+    log.warning("build of %s on %s %s", instance_uuid, host, message)
+    return True

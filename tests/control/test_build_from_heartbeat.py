@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 from django.utils import timezone
 
-from cloudctl.compute import conductor, tasks
+from cloudctl.compute import conductor, recovery, tasks
 from cloudctl.compute.models import Instance, InstanceAction
+from cloudctl.compute.recovery import BUILD_COMPLETED_AT_RESTART
 from cloudctl.compute.scheduling import schedule_instance
 from cloudctl.compute.services import server_create
 from cloudctl.compute.states import TaskState, VmState
@@ -122,3 +123,33 @@ def test_a_build_that_failed_is_not_completed_by_the_old_hosts_heartbeat(spawnin
 def test_a_malformed_busy_list_is_refused_at_the_boundary(spawning):
     with pytest.raises(contract.ReportError, match="busy must be a list"):
         _beat({}, busy="all")  # type: ignore[arg-type]
+
+
+def test_a_worker_restarted_after_its_domain_started_completes_the_build(spawning, outbox):
+    """kill -9 of the compute worker between the domain's start and the spawn report: host_init lists
+    the domain running, so the build is completed by the report's code path (not ERROR), at once,
+    whatever BUILD_REPORT_GRACE says, and the late report (from the outbox) is dropped."""
+    recovery.host_init(host="hv1", reported={str(spawning.uuid): contract.POWER_RUNNING})
+    spawning.refresh_from_db()
+    assert (spawning.status, spawning.vm_state, spawning.task_state, spawning.power_state,
+            spawning.fault) == (
+        "ACTIVE", VmState.ACTIVE, None, contract.POWER_RUNNING, None)
+    assert spawning.launched_at is not None
+    action = InstanceAction.objects.get(instance=spawning)
+    assert (action.finish_time is not None, action.result) == (True, "Success")
+    assert [(e.result, e.message) for e in action.events.filter(event="compute_spawn")] == [
+        ("Success", BUILD_COMPLETED_AT_RESTART)]
+    assert not action.events.filter(event="init_instance").exists()
+    assert not tasks.instance_update(
+        instance_uuid=str(spawning.uuid), host="hv1", expected_task_state="spawning",
+        values={"vm_state": "active", "task_state": None, "power_state": "running"})
+    assert outbox.compute == []
+
+
+@pytest.mark.parametrize("power_state", [None, contract.POWER_SHUTDOWN, contract.POWER_PAUSED])
+def test_a_worker_restarted_without_a_running_domain_ends_the_build_in_error(spawning, power_state):
+    reported = {} if power_state is None else {str(spawning.uuid): power_state}
+    recovery.host_init(host="hv1", reported=reported)
+    spawning.refresh_from_db()
+    assert (spawning.vm_state, spawning.task_state) == (VmState.ERROR, None)
+    assert "interrupted by a restart of the compute worker on hv1" in spawning.fault["message"]
