@@ -17,7 +17,7 @@ from cloudctl.compute.recovery import BUILD_COMPLETED_AT_RESTART
 from cloudctl.compute.scheduling import schedule_instance
 from cloudctl.compute.services import server_create
 from cloudctl.compute.states import TaskState, VmState
-from cloudctl.compute.sync import BUILD_COMPLETED_FROM_HEARTBEAT
+from cloudctl.compute.sync import BUILD_COMPLETED_FROM_HEARTBEAT, DELETE_COMPLETED_FROM_HEARTBEAT
 from compute_workers import contract
 from tests.control.conftest import heartbeat
 
@@ -153,3 +153,52 @@ def test_a_worker_restarted_without_a_running_domain_ends_the_build_in_error(spa
     spawning.refresh_from_db()
     assert (spawning.vm_state, spawning.task_state) == (VmState.ERROR, None)
     assert "interrupted by a restart of the compute worker on hv1" in spawning.fault["message"]
+
+
+@pytest.fixture
+def deleting(spawning, member) -> Instance:
+    """The server ACTIVE on hv1, then deleted: deleting there, no instance_destroyed report yet."""
+    from cloudctl.compute.services import server_delete
+
+    conductor.instance_update(instance_uuid=str(spawning.uuid), host="hv1", expected_task_state="spawning",
+                              values={"vm_state": "active", "task_state": None, "power_state": "running"})
+    spawning.refresh_from_db()
+    assert server_delete(instance=spawning, user=member) is False
+    spawning.refresh_from_db()
+    assert spawning.task_state == TaskState.DELETING
+    return spawning
+
+
+def test_a_delete_whose_domain_is_gone_is_finished_from_the_heartbeat(deleting, settings):
+    """The instance_destroyed report was lost (a conductor killed while it handled it): after the grace,
+    a heartbeat without the domain finishes the delete by the report's path, claim released."""
+    settings.BUILD_REPORT_GRACE = 30
+    _age(deleting, 31)
+    _beat({})
+    deleting.refresh_from_db()
+    assert (deleting.vm_state, deleting.task_state) == (VmState.DELETED, None)
+    assert not deleting.allocations.exists()
+    action = InstanceAction.objects.get(instance=deleting, action="delete")
+    assert action.result == "Success"
+    assert [e.message for e in action.events.filter(event="compute_terminate_instance")] == [
+        DELETE_COMPLETED_FROM_HEARTBEAT]
+    # The late report is harmless.
+    assert tasks.instance_destroyed(instance_uuid=str(deleting.uuid), host="hv1") is None
+    assert action.events.filter(event="compute_terminate_instance").count() == 1
+
+
+@pytest.mark.parametrize("case", ["within_grace", "listed", "busy", "observed_before_the_delete"])
+def test_no_delete_finished_without_the_hosts_word_that_the_domain_is_gone(deleting, settings, case):
+    settings.BUILD_REPORT_GRACE = 30
+    uuid = str(deleting.uuid)
+    _age(deleting, 20 if case == "within_grace" else 60)
+    if case == "listed":
+        _beat({uuid: contract.POWER_RUNNING})
+    elif case == "busy":
+        _beat({}, busy=[uuid])
+    elif case == "observed_before_the_delete":
+        _beat({}, observed_at=time.time() - 120)
+    else:
+        _beat({})
+    deleting.refresh_from_db()
+    assert deleting.task_state == TaskState.DELETING
