@@ -220,7 +220,8 @@ def check_stack(stack: Stack, *, fake_state: Path | None = None, slack: float = 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m testbed.invariants",
                                      description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--fake-state", type=Path, help="the fake hosts' COMPUTE_FAKE_STATE_DIR")
+    parser.add_argument("--fake-state", type=Path,
+                        help="the fake hosts' COMPUTE_FAKE_STATE_DIR (other hosts: their last heartbeat)")
     parser.add_argument("--slack", type=float, default=0.0, help="seconds past a deadline still not stuck")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO))
@@ -228,7 +229,16 @@ def main(argv: list[str] | None = None) -> int:
     import django
 
     django.setup()
-    report = check(fake_domains(args.fake_state) if args.fake_state else None, slack=args.slack)
+    domains = None
+    if args.fake_state:
+        # The fake hosts that keep state files are read there; every other host (a fleet's, say) by its
+        # last heartbeat.
+        from cloudctl.compute.models import Host
+
+        domains = {host.name: dict(host.reported_instances or {})
+                   for host in Host.objects.all() if host.is_up}
+        domains.update(fake_domains(args.fake_state))
+    report = check(domains, slack=args.slack)
     print(json.dumps(dataclasses.asdict(report)))
     return 0
 
