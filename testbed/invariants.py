@@ -10,7 +10,8 @@ host runs, and reports every breach of issue 19's rules:
 - **leaked** claims: an Allocation of a deleted server, or on a host the server is not on without a
   migration in progress between them, or held for a migration that ended;
 - **doubled** claims: a server holding claims on two hosts outside a migration;
-- **unclaimed**: a server on a host without its claim there (its resources would be given twice);
+- **unclaimed**: a server on a host without its claim there (its resources would be given twice); not
+  one in ERROR (a build that failed or timed out frees its claim and keeps the host it failed on);
 - **orphan domains**: a domain on a host where no server of it is (none, deleted, or elsewhere), outside
   a migration in progress;
 - **missing domains**: a server that is ACTIVE, SHUTOFF, PAUSED or SUSPENDED with no task in flight
@@ -149,7 +150,7 @@ def check(domains: Domains | None = None, *, slack: float = 0.0) -> Report:
             report.doubled.append(f"{name(servers[uuid])}: claims on "
                                   f"{sorted(hosts[allocation.host_id].name for allocation in plain)}")
     for uuid, server in servers.items():
-        if (server.host_id is not None and server.vm_state != VmState.DELETED
+        if (server.host_id is not None and server.vm_state not in (VmState.DELETED, VmState.ERROR)
                 and not any(allocation.host_id == server.host_id for allocation in claims[uuid])):
             report.unclaimed.append(f"{name(server)}: no claim on its host")
 

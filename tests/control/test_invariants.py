@@ -59,6 +59,9 @@ def test_a_deleted_servers_claim_is_leaked_and_its_domain_an_orphan(server):
 def test_a_server_on_a_host_without_its_claim_is_unclaimed(server):
     Allocation.objects.filter(instance=server).delete()
     assert len(check(running(server)).unclaimed) == 1
+    # A build that failed or timed out frees its claim and keeps the host it failed on.
+    Instance.objects.filter(uuid=server.uuid).update(vm_state="error")
+    assert check(running(server)).ok
 
 
 def test_orphan_and_missing_domains(server):
