@@ -286,7 +286,8 @@ SERVICE_DOWN_TIME = env_int("SERVICE_DOWN_TIME", 60, minimum=1)
 INSTANCE_BUILD_TIMEOUT = env_int("INSTANCE_BUILD_TIMEOUT", 900, minimum=10)
 # Seconds a server may stay spawning before a heartbeat of its host that shows its domain running
 # (and no spawn running for it there) completes the build, as the spawn report lost on the way would
-# have (cloudctl.compute.sync.complete_builds).
+# have (cloudctl.compute.sync.complete_builds); likewise a delete whose domain the heartbeat no longer
+# lists is finished (complete_deletes).
 BUILD_REPORT_GRACE = env_float("BUILD_REPORT_GRACE", 30.0, minimum=0.0)
 # Seconds a guest gets to shut down after the ACPI request before it is forced off (stop).
 CLEAN_SHUTDOWN_TIMEOUT = env_int("CLEAN_SHUTDOWN_TIMEOUT", 60, minimum=0)

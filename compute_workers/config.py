@@ -62,6 +62,8 @@ A malformed value fails at start with :class:`ConfigError` naming the variable.
 | `COMPUTE_FAKE_MEMORY_MB` | `32768` | RAM the fake driver reports (`--memory-mb`). |
 | `COMPUTE_FAKE_DISK_GB` | `500` | Disk the fake driver reports (`--disk-gb`). |
 | `COMPUTE_FAKE_SPAWN_DELAY` | `0` | Seconds the fake driver's spawn takes (tests and benchmarks: a spawn in flight during a fault). |
+| `COMPUTE_FAKE_DESTROY_DELAY` | `0` | Seconds the fake driver's destroy takes (a delete in flight during a fault). |
+| `COMPUTE_FAKE_STATE_DIR` | (empty) | Where the fake driver keeps its domains (`<dir>/<host>.json`, written at each change) so that they outlive a killed worker as libvirt's do (the kill -9 tests, `bench/chaos.py`). Empty: in memory only, a restarted fake worker is a host that rebooted. |
 
 Celery time limits are not enforced by the ``threads`` pool the worker runs (Celery ignores them
 there); they are declared for pools that do, and the operations bound their own waits (download
@@ -271,6 +273,8 @@ class ComputeConfig:
     fake_memory_mb: int = _env("COMPUTE_FAKE_MEMORY_MB", 32768, _positive_int)
     fake_disk_gb: int = _env("COMPUTE_FAKE_DISK_GB", 500, _positive_int)
     fake_spawn_delay: float = _env("COMPUTE_FAKE_SPAWN_DELAY", 0.0, _non_negative_float)
+    fake_destroy_delay: float = _env("COMPUTE_FAKE_DESTROY_DELAY", 0.0, _non_negative_float)
+    fake_state_dir: str = _env("COMPUTE_FAKE_STATE_DIR", "", str)
 
     def __post_init__(self) -> None:
         for kind in ("spawn", "terminate", "console", "lifecycle", "snapshot", "live_migration", "resize",

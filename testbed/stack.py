@@ -56,6 +56,26 @@ class Stack:
         prints for a host that has not joined yet)."""
         return credentials.host_key(self.env["CLOUDCTL_HOST_KEY_SECRET"], host, credentials.FIRST_GENERATION)
 
+    def process_group(self, name: str) -> int:
+        """The process group of process ``name``'s current run under tools/supervise.py (``supervised``
+        stacks): the pid its last ``<name> started (pid=N)`` line names."""
+        marker = f" {name} started (pid="
+        pids = [line.split(marker, 1)[1].split(")", 1)[0]
+                for line in self.log_path.read_text(errors="replace").splitlines() if marker in line]
+        if not pids:
+            raise LookupError(f"process {name} never started")
+        return int(pids[-1])
+
+    def kill(self, name: str, signum: int = signal.SIGKILL) -> int:
+        """Send ``signum`` (kill -9 by default) to every process of ``name``'s current run (its command,
+        a Celery worker's pool, gunicorn's workers): the supervisor restarts it. Returns the group."""
+        group = self.process_group(name)
+        try:
+            os.killpg(group, signum)
+        except ProcessLookupError:
+            pass  # it died already: the supervisor restarts it anyway
+        return group
+
     def log_tail(self, lines: int = 80) -> str:
         def tail(path: Path) -> str:
             text = path.read_text(errors="replace") if path.exists() else ""
@@ -110,15 +130,18 @@ def procfile_processes(without: Iterable[str] = (), procfile: Path = REPO / "Pro
 @contextmanager
 def run_stack(tiny_image_path: Path, state: Path, *, procfile: Path | Mapping[str, str], hosts: list[str],
               redis_dbs: tuple[int, int], extra_env: dict[str, str] | None = None,
-              companions: Callable[[Stack], AbstractContextManager[object]] | None = None
-              ) -> Iterator[Stack]:
+              companions: Callable[[Stack], AbstractContextManager[object]] | None = None,
+              supervised: bool = False) -> Iterator[Stack]:
     """Start the processes of ``procfile`` (a file, or name -> command, written to ``state/Procfile``)
     with honcho on a database and Redis DBs of their own, and yield once the API answers and every host
     in ``hosts`` heartbeats.
 
     ``companions(stack)`` runs processes beside honcho's, e.g. compute workers that a test may SIGKILL
     (honcho stops every process when one dies): entered once honcho runs, before the wait for the
-    hosts; exited before honcho stops. They read what they need (broker, token) from ``stack.env``."""
+    hosts; exited before honcho stops. They read what they need (broker, token) from ``stack.env``.
+
+    ``supervised``: the processes run under ``tools/supervise.py`` (what ``make run`` uses) instead of
+    honcho, restarted within a second when they die: :meth:`Stack.kill` SIGKILLs one of them."""
     if isinstance(procfile, Mapping):
         lines = [f"{name}: {command}" for name, command in procfile.items()]
         procfile = state / "Procfile"
@@ -180,9 +203,11 @@ def run_stack(tiny_image_path: Path, state: Path, *, procfile: Path | Mapping[st
                    check=True, capture_output=True)
 
     log_path = state / "honcho.log"
+    launcher = ([str(VENV_BIN / "python"), str(REPO / "tools" / "supervise.py"), "-f", str(procfile), "-d",
+                 str(REPO), "--backoff-initial", "0.5", "--backoff-max", "2", "--grace", "5"] if supervised
+                else [str(VENV_BIN / "honcho"), "-f", str(procfile), "-d", str(REPO), "start"])
     with open(log_path, "wb") as log:
-        honcho = subprocess.Popen([str(VENV_BIN / "honcho"), "-f", str(procfile), "-d", str(REPO),
-                                   "start"],
+        honcho = subprocess.Popen(launcher,
                                   cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                                   start_new_session=True)
     stack = Stack(url=f"http://127.0.0.1:{port}", flower_url=f"http://127.0.0.1:{flower_port}",

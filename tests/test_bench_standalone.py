@@ -27,6 +27,7 @@ runpy.run_path(script, run_name="__main__")
 # --help after its imports; scheduler_select.py has none and runs in well under a second.
 INVOCATIONS = {
     "boot_throughput.py": (["--help"], "usage: boot_throughput.py"),
+    "chaos.py": (["--help"], "usage: chaos.py"),
     "migration.py": (["--help"], "usage: migration.py"),
     "scheduler.py": (["--help"], "usage: scheduler.py"),
     "scheduler_select.py": ([], "us/decision"),

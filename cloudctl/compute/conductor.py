@@ -170,22 +170,23 @@ def build_failed(*, instance_uuid: str, host: str, fault: dict[str, Any], resche
             finish_action(action, result=ActionResult.ERROR, message=message)
 
 
-def instance_destroyed(*, instance_uuid: str, host: str) -> None:
+def instance_destroyed(*, instance_uuid: str, host: str, message: str = "") -> bool:
     """The host removed the domain and files: finish the delete. Only the instance's own host (the
-    one the delete was sent to) can say so."""
+    one the delete was sent to) can say so. Returns whether a delete was finished."""
     with transaction.atomic():
         instance = (Instance.objects.select_for_update()
                     .filter(uuid=instance_uuid, host__name=host, task_state=TaskState.DELETING).first())
         if instance is None:
             log.info("instance_destroyed for %s from %s: not deleting there, nothing to do",
                      instance_uuid, host)
-            return
+            return False
         action = current_action(instance_uuid)
         record_event(instance_uuid, event="compute_terminate_instance", result=ActionResult.SUCCESS,
-                     host=host)
+                     host=host, message=message)
         mark_deleted(instance)
         if action is not None:
             finish_action(action, result=ActionResult.SUCCESS)
+    return True
 
 
 _HOST_FIELDS = ("libvirt_uri", "driver", "virt_type", "hypervisor_type", "hypervisor_version",

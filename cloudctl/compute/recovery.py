@@ -1,7 +1,8 @@
 """Recovery: what a compute worker's restart interrupted, and what never reported back.
 
 * ``host_init``: a compute worker (re)started. Its migrations are settled first (where each domain
-  is now decides), then each of its servers: a build ends in ERROR, a delete is sent again, a reboot
+  is now decides), then each of its servers: a build whose domain runs is completed, another is
+  spawned again (a spawn is idempotent), a delete is sent again, a reboot
   or power change is repeated, a pause or suspend is rolled back to what the domain is (Nova's
   ``ComputeManager._init_instance``). The network node also gets every DHCP network and router again.
 * The reapers (periodic, from beat): a task past its deadline ends in a truthful state (and an image
@@ -41,7 +42,7 @@ from cloudctl.compute.models import MigrationStatus as S
 from cloudctl.compute.services import action_start, finish_action, mark_deleted
 from cloudctl.compute.specs import spawn_spec
 from cloudctl.compute.states import VM_STATE_FOR_POWER_STATE, PowerState, TaskState, VmState
-from cloudctl.compute.sync import sync_power_state
+from cloudctl.compute.sync import complete_build, sync_power_state
 from cloudctl.database import DATABASE_ERRORS
 from cloudctl.images.services import image_uploads_reap
 from cloudctl.network import dhcp, hostsync, routers
@@ -112,10 +113,32 @@ def network_node_init(*, host: str) -> None:
             log.exception("sending the routers to %s again failed", host)
 
 
+BUILD_COMPLETED_AT_RESTART = ("completed at the compute worker's restart: its domain runs, the spawn report "
+                              "was lost with the worker")
+
+
 def _init_instance(instance: Instance, power_state: str) -> None:
     host = instance.host.name if instance.host else ""
     uuid = str(instance.uuid)
     task = instance.task_state
+    if task == TaskState.SPAWNING and power_state == PowerState.RUNNING:
+        # The spawn finished (its domain runs) but its report died with the worker (kill -9 between
+        # the domain's start and the report): complete it as the heartbeat would, not ERROR.
+        if complete_build(uuid, host, BUILD_COMPLETED_AT_RESTART):
+            return
+        instance.refresh_from_db()
+        task = instance.task_state
+    if task == TaskState.SPAWNING:
+        # No running domain: the spawn was cut short, or had not started (its task still waits in
+        # the host's queue, consumed after this). A spawn is idempotent (it finds an existing domain
+        # by name and starts it), so it is sent again rather than the build ended in ERROR: a worker
+        # restarted while spawns were queued for it would otherwise fail them all and then run them
+        # for servers in ERROR. INSTANCE_BUILD_TIMEOUT still bounds the build.
+        record_event(uuid, event="init_instance", result=ActionResult.SUCCESS, host=host,
+                     message=f"the compute worker on {host} restarted during the spawn (domain "
+                             f"{power_state}); spawning again")
+        rpc.cast(host, contract.COMPUTE_SPAWN, spec=spawn_spec(instance, host))
+        return
     if task in (TaskState.SCHEDULING, TaskState.SPAWNING):
         message = (f"the build was interrupted by a restart of the compute worker on {host}; "
                    "delete this server and create it again")

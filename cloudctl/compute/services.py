@@ -138,7 +138,12 @@ def server_delete(*, instance: Instance, user: Any, request_id: str | None = Non
     conductor (:func:`cloudctl.compute.conductor.instance_destroyed`).
     """
     with transaction.atomic():
+        previous_task = instance.task_state
         transition(instance, DELETE)
+        # The delete replaces the task in flight (a build, a stop, a snapshot...): its report will be
+        # dropped as stale, so its action ends here or never does.
+        end_running_actions(instance, "superseded by a delete of the server"
+                            + (f" during {previous_task}" if previous_task else ""))
         action = action_start(instance=instance, action="delete", user=user,
                               request_id=request_id or new_request_id())
         if instance.host is None or not instance.host.is_up:
@@ -253,6 +258,15 @@ def finish_action(action: InstanceAction, *, result: str, message: str = "") -> 
             image_kill(image, message or "the snapshot failed")
 
 
+def end_running_actions(instance: Instance, message: str) -> int:
+    """End every action of ``instance`` still without a result in error with ``message``: what ends
+    them (the task they started) was replaced and will never report. Returns how many."""
+    running = list(InstanceAction.objects.filter(instance=instance, finish_time__isnull=True))
+    for action in running:
+        finish_action(action, result=ActionResult.ERROR, message=message)
+    return len(running)
+
+
 def server_reset_state(*, instance: Instance, user: Any, state: str, reason: str) -> InstanceAction:
     """Nova's os-resetState: force vm_state to active or error and clear the task, recording who
     did it and why. The escape hatch for an operator who knows better than the records."""
@@ -263,9 +277,7 @@ def server_reset_state(*, instance: Instance, user: Any, state: str, reason: str
     before = f"vm_state={instance.vm_state} task_state={instance.task_state}"
     with transaction.atomic():
         Instance.objects.filter(uuid=instance.uuid).change(vm_state=state, task_state=None)
-        for running in InstanceAction.objects.filter(instance=instance, finish_time__isnull=True):
-            finish_action(running, result=ActionResult.ERROR,
-                          message=f"ended by a reset of the state: {reason}")
+        end_running_actions(instance, f"ended by a reset of the state: {reason}")
         now = timezone.now()
         action = action_start(instance=instance, action="reset_state", user=user,
                               request_id=new_request_id())

@@ -3,8 +3,8 @@
 Two sources feed this module, both through the conductor:
 
 * ``power_state_update`` from libvirt lifecycle events, seconds after a guest changes state;
-* the heartbeat's list of domains, every few seconds (the periodic sync, and the builds whose spawn
-  report was lost: :func:`complete_builds`).
+* the heartbeat's list of domains, every few seconds (the periodic sync, and the builds and deletes
+  whose report was lost: :func:`complete_builds`, :func:`complete_deletes`).
 
 Rules follow Nova's ``_sync_instance_power_state``: instances with a task in flight are left to it,
 and a guest the user did not ask to start is never started. What a compute worker's restart
@@ -198,13 +198,47 @@ def complete_builds(host: Host, reported: dict[str, str], observed_at: datetime,
     stuck = (Instance.objects.filter(host=host, uuid__in=running, vm_state=VmState.BUILDING,
                                      task_state=TaskState.SPAWNING, task_state_since__lt=started_before)
              .values_list("uuid", flat=True))
-    completed = 0
-    for instance_uuid in stuck:
-        if conductor.instance_update(
-                instance_uuid=str(instance_uuid), host=host.name, expected_task_state=TaskState.SPAWNING,
-                values={"vm_state": VmState.ACTIVE, "task_state": None, "power_state": PowerState.RUNNING},
-                event={"name": "compute_spawn", "result": ActionResult.SUCCESS,
-                       "message": BUILD_COMPLETED_FROM_HEARTBEAT}):
-            log.warning("build of %s on %s %s", instance_uuid, host.name, BUILD_COMPLETED_FROM_HEARTBEAT)
-            completed += 1
-    return completed
+    return sum(complete_build(str(instance_uuid), host.name, BUILD_COMPLETED_FROM_HEARTBEAT)
+               for instance_uuid in stuck)
+
+
+def complete_build(instance_uuid: str, host: str, message: str) -> bool:
+    """End the spawn of ``instance_uuid`` on ``host`` as its lost report would have: ACTIVE and running,
+    through the spawn report's own code path (expected task_state spawning), so the real report, if it
+    comes later, is dropped as stale. ``message`` says on the action how the build was found finished.
+    The caller has seen the domain running on ``host``. Returns whether the build was completed."""
+    if not conductor.instance_update(
+            instance_uuid=instance_uuid, host=host, expected_task_state=TaskState.SPAWNING,
+            values={"vm_state": VmState.ACTIVE, "task_state": None, "power_state": PowerState.RUNNING},
+            event={"name": "compute_spawn", "result": ActionResult.SUCCESS, "message": message}):
+        return False
+    log.warning("build of %s on %s %s", instance_uuid, host, message)
+    return True
+
+
+DELETE_COMPLETED_FROM_HEARTBEAT = ("completed from the host's heartbeat: the domain is gone, the report "
+                                   "was lost")
+
+
+def complete_deletes(host: Host, reported: dict[str, str], observed_at: datetime,
+                     busy: Collection[str] = ()) -> int:
+    """:func:`complete_builds` for deletes: a server deleting on ``host`` for longer than
+    BUILD_REPORT_GRACE whose domain the heartbeat (observed after the delete started) no longer lists,
+    and on which nothing runs there any more (``busy``), was destroyed; its ``instance_destroyed``
+    report was lost (a conductor killed while it handled it: Redis gives an unacknowledged task back
+    only after the visibility timeout). It is finished by that report's own code path, at once rather
+    than at TASK_DEADLINE_DELETING. Returns how many were finished."""
+    started_before = min(timezone.now() - timedelta(seconds=settings.BUILD_REPORT_GRACE), observed_at)
+    gone = (Instance.objects.filter(host=host, task_state=TaskState.DELETING,
+                                    task_state_since__lt=started_before)
+            .values_list("uuid", flat=True))
+    finished = 0
+    for instance_uuid in gone:
+        key = str(instance_uuid)
+        if key in reported or key in busy:
+            continue
+        if conductor.instance_destroyed(instance_uuid=key, host=host.name,
+                                        message=DELETE_COMPLETED_FROM_HEARTBEAT):
+            log.warning("delete of %s on %s %s", key, host.name, DELETE_COMPLETED_FROM_HEARTBEAT)
+            finished += 1
+    return finished

@@ -69,6 +69,7 @@ def host_heartbeat(host: str, resources: dict[str, Any]) -> None:
     record = conductor.host_heartbeat(host=host, resources=resources)
     observed_at = conductor.observed_at_of(resources)
     sync.complete_builds(record, resources.get("instances", {}), observed_at, resources.get("busy", []))
+    sync.complete_deletes(record, resources.get("instances", {}), observed_at, resources.get("busy", []))
     sync.sync_host(record, resources.get("instances", {}), observed_at)
 
 

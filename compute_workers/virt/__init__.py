@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from compute_workers.config import DRIVERS, ComputeConfig, ConfigError
 from compute_workers.virt.driver import ComputeDriver
 
@@ -16,7 +18,10 @@ def load_driver(config: ComputeConfig) -> ComputeDriver:
 
         return FakeDriver(vcpus=config.fake_vcpus, memory_mb=config.fake_memory_mb,
                           disk_gb=config.fake_disk_gb, spawn_delay=config.fake_spawn_delay,
-                          migration_uri=config.migration_uri, instances_path=config.instances_path)
+                          destroy_delay=config.fake_destroy_delay, migration_uri=config.migration_uri,
+                          instances_path=config.instances_path,
+                          state_file=(Path(config.fake_state_dir) / f"{config.host}.json"
+                                      if config.fake_state_dir else None))
     if config.driver == "libvirt":
         # Imported here: hosts that only simulate (fake driver) need no libvirt-python.
         from compute_workers.virt.libvirt.driver import LibvirtDriver, is_test_uri

@@ -10,11 +10,16 @@ post-copy, or pausing the guest) ends it ``switch_over_delay`` seconds later, un
 sooner; in post-copy it can no longer be aborted, and with ``post_copy_failure`` set it then fails as
 libvirt's does, leaving the guest paused here and nowhere else. ``post_copy_refusals`` switches to
 post-copy are refused first, as libvirt refuses them while a block migration copies the disk.
+
+Given a ``state_file`` (``COMPUTE_FAKE_STATE_DIR``), the domains outlive the worker's process as libvirt's
+do: every change is written there durably and a new driver on the same file starts with them. The
+kill -9 tests and the chaos bench need it; without it a killed fake worker is a host that rebooted.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 import time
 import weakref
@@ -23,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from compute_workers import contract
+from compute_workers.durable import replace_durably
 from compute_workers.exception import (
     CPUIncompatible,
     HypervisorError,
@@ -104,7 +110,7 @@ class FakeDriver(ComputeDriver):
     def __init__(self, *, vcpus: int = 16, memory_mb: int = 32768, disk_gb: int = 500,
                  spawn_delay: float = 0.0, destroy_delay: float = 0.0,
                  needs_base_image: bool = False, migration_uri: str | None = None,
-                 instances_path: Path | None = None) -> None:
+                 instances_path: Path | None = None, state_file: Path | None = None) -> None:
         super().__init__()
         self.storage = str(instances_path.absolute()) if instances_path is not None else f"fake-{id(self)}"
         self.capabilities = {**self.capabilities, "needs_base_image": needs_base_image,
@@ -131,6 +137,10 @@ class FakeDriver(ComputeDriver):
         self._lock = threading.Lock()
         self._lifecycle_callback: Callable[[str], None] | None = None
         self._migrations: dict[str, _FakeMigrationJob] = {}
+        self.state_file = state_file
+        if state_file is not None and state_file.exists():
+            saved = json.loads(state_file.read_text())
+            self.instances = {uuid: FakeInstance(**fields) for uuid, fields in saved.items()}
         if migration_uri is not None:
             with _PEERS_LOCK:
                 _MIGRATION_PEERS[migration_uri] = self
@@ -251,7 +261,18 @@ class FakeDriver(ComputeDriver):
     def close(self) -> None:
         self._lifecycle_callback = None
 
+    def _save(self) -> None:
+        """Write the domains to ``state_file`` (if any): what a new driver on it starts with."""
+        if self.state_file is None:
+            return
+        with self._lock:
+            data = json.dumps({uuid: dataclasses.asdict(instance)
+                               for uuid, instance in self.instances.items()})
+            self.state_file.parent.mkdir(parents=True, exist_ok=True)
+            replace_durably(self.state_file, data.encode())
+
     def _changed(self, instance_uuid: str) -> None:
+        self._save()
         callback = self._lifecycle_callback
         if callback is not None:
             callback(instance_uuid)
@@ -560,6 +581,7 @@ class FakeDriver(ComputeDriver):
                 raise InstanceInvalidState(f"instance {instance_uuid} still runs on this host after its "
                                            "migration")
             self.instances.pop(instance_uuid, None)
+        self._save()
 
     def post_live_migration_at_destination(self, instance_uuid: str, spec: dict[str, Any]) -> dict[str, Any]:
         with self._lock:

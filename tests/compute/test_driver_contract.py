@@ -226,3 +226,28 @@ def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.01)
+
+
+def test_the_fake_drivers_domains_outlive_its_process_with_a_state_file(tmp_path: Path,
+                                                                         make_spec: SpecFactory) -> None:
+    """COMPUTE_FAKE_STATE_DIR: a fake worker killed and started again finds its domains, as libvirt's
+    survive a compute worker's kill -9; without it the new driver starts empty (a rebooted host)."""
+    from compute_workers.config import ComputeConfig
+    from compute_workers.virt import load_driver
+
+    env = {"COMPUTE_DRIVER": "fake", "COMPUTE_HOST": "hv9", "COMPUTE_FAKE_STATE_DIR": str(tmp_path / "fake")}
+    first = load_driver(ComputeConfig.from_env(environ=env))
+    running, stopped, gone = make_spec(), make_spec(), make_spec()
+    for spec in (running, stopped, gone):
+        first.spawn(spec, None)
+    first.power_off(stopped["instance_uuid"], 0)
+    first.destroy(gone["instance_uuid"])
+    assert (tmp_path / "fake" / "hv9.json").exists()
+
+    second = load_driver(ComputeConfig.from_env(environ=env))  # the same host after a restart
+    assert second.list_instances() == {running["instance_uuid"]: contract.POWER_RUNNING,
+                                       stopped["instance_uuid"]: contract.POWER_SHUTDOWN}
+    second.power_on(stopped["instance_uuid"], stopped)
+    assert second.get_info(stopped["instance_uuid"]) == contract.POWER_RUNNING
+    in_memory = load_driver(ComputeConfig.from_env(environ={**env, "COMPUTE_FAKE_STATE_DIR": ""}))
+    assert in_memory.list_instances() == {}

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 from rest_framework.test import APIClient
 
+from cloudctl.compute import conductor
 from cloudctl.compute.host_ids import host_id
 from cloudctl.compute.models import Allocation, Instance, InstanceAction
 from cloudctl.compute.scheduling import schedule_instance
@@ -138,6 +139,29 @@ def test_delete_of_a_placed_server_asks_its_host(api, flavors, image, host, outb
     again = api.delete(f"/api/v1/servers/{server['id']}/")
     assert again.status_code == 409
     assert again.json()["task_state"] == "deleting"
+
+
+def test_a_delete_ends_the_action_of_the_task_it_replaces(api, flavors, image, host, outbox,
+                                                          django_capture_on_commit_callbacks):
+    """A server deleted while it builds: the build's report will be dropped as stale, so its create
+    action ends at the delete, in error, saying so (found by the kill -9 chaos test: such actions
+    stayed without a result forever); the delete's own action ends when the host destroyed it."""
+    server = create(api, name="a", flavor="m1.nano", image="tiny").json()
+    assert schedule_instance(server["id"]) == "hv1"
+    with django_capture_on_commit_callbacks(execute=True):
+        assert api.delete(f"/api/v1/servers/{server['id']}/").status_code == 202
+    actions = {a["action"]: a for a in api.get(f"/api/v1/servers/{server['id']}/actions/").json()}
+    assert (actions["create"]["result"], actions["create"]["message"]) == (
+        "Error", "superseded by a delete of the server during spawning")
+    assert actions["create"]["finish_time"] is not None
+    assert (actions["delete"]["result"], actions["delete"]["finish_time"]) == ("", None)
+    # The late spawn report changes nothing (the action ended, the server is deleting).
+    assert not conductor.instance_update(instance_uuid=server["id"], host="hv1",
+                                         expected_task_state="spawning",
+                                         values={"vm_state": "active", "task_state": None})
+    conductor.instance_destroyed(instance_uuid=server["id"], host="hv1")
+    assert InstanceAction.objects.get(instance_id=server["id"], action="delete").result == "Success"
+    assert InstanceAction.objects.get(instance_id=server["id"], action="create").result == "Error"
 
 
 def test_console_output_is_409_while_not_on_a_host(api, flavors, image):

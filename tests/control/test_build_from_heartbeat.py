@@ -11,12 +11,13 @@ from typing import Any
 import pytest
 from django.utils import timezone
 
-from cloudctl.compute import conductor, tasks
+from cloudctl.compute import conductor, recovery, tasks
 from cloudctl.compute.models import Instance, InstanceAction
+from cloudctl.compute.recovery import BUILD_COMPLETED_AT_RESTART
 from cloudctl.compute.scheduling import schedule_instance
 from cloudctl.compute.services import server_create
 from cloudctl.compute.states import TaskState, VmState
-from cloudctl.compute.sync import BUILD_COMPLETED_FROM_HEARTBEAT
+from cloudctl.compute.sync import BUILD_COMPLETED_FROM_HEARTBEAT, DELETE_COMPLETED_FROM_HEARTBEAT
 from compute_workers import contract
 from tests.control.conftest import heartbeat
 
@@ -122,3 +123,90 @@ def test_a_build_that_failed_is_not_completed_by_the_old_hosts_heartbeat(spawnin
 def test_a_malformed_busy_list_is_refused_at_the_boundary(spawning):
     with pytest.raises(contract.ReportError, match="busy must be a list"):
         _beat({}, busy="all")  # type: ignore[arg-type]
+
+
+def test_a_worker_restarted_after_its_domain_started_completes_the_build(spawning, outbox):
+    """kill -9 of the compute worker between the domain's start and the spawn report: host_init lists
+    the domain running, so the build is completed by the report's code path (not ERROR), at once,
+    whatever BUILD_REPORT_GRACE says, and the late report (from the outbox) is dropped."""
+    recovery.host_init(host="hv1", reported={str(spawning.uuid): contract.POWER_RUNNING})
+    spawning.refresh_from_db()
+    assert (spawning.status, spawning.vm_state, spawning.task_state, spawning.power_state,
+            spawning.fault) == (
+        "ACTIVE", VmState.ACTIVE, None, contract.POWER_RUNNING, None)
+    assert spawning.launched_at is not None
+    action = InstanceAction.objects.get(instance=spawning)
+    assert (action.finish_time is not None, action.result) == (True, "Success")
+    assert [(e.result, e.message) for e in action.events.filter(event="compute_spawn")] == [
+        ("Success", BUILD_COMPLETED_AT_RESTART)]
+    assert not action.events.filter(event="init_instance").exists()
+    assert not tasks.instance_update(
+        instance_uuid=str(spawning.uuid), host="hv1", expected_task_state="spawning",
+        values={"vm_state": "active", "task_state": None, "power_state": "running"})
+    assert outbox.compute == []
+
+
+@pytest.mark.parametrize("power_state", [None, contract.POWER_SHUTDOWN, contract.POWER_PAUSED])
+def test_a_worker_restarted_without_a_running_domain_spawns_again(spawning, power_state, outbox):
+    """The spawn was cut short or still waited in the host's queue: host_init sends it again (the
+    worker's spawn is idempotent: it starts an existing domain) instead of failing the build, which
+    then ran anyway for a server in ERROR (found by the kill -9 chaos test)."""
+    reported = {} if power_state is None else {str(spawning.uuid): power_state}
+    recovery.host_init(host="hv1", reported=reported)
+    spawning.refresh_from_db()
+    assert (spawning.vm_state, spawning.task_state, spawning.fault) == (VmState.BUILDING, TaskState.SPAWNING,
+                                                                        None)
+    [spec] = [kwargs["spec"] for _, name, kwargs in outbox.compute if name == contract.COMPUTE_SPAWN]
+    assert (spec["instance_uuid"], spec["host"]) == (str(spawning.uuid), "hv1")
+    action = InstanceAction.objects.get(instance=spawning)
+    assert action.finish_time is None
+    assert "spawning again" in action.events.get(event="init_instance").message
+
+
+@pytest.fixture
+def deleting(spawning, member) -> Instance:
+    """The server ACTIVE on hv1, then deleted: deleting there, no instance_destroyed report yet."""
+    from cloudctl.compute.services import server_delete
+
+    conductor.instance_update(instance_uuid=str(spawning.uuid), host="hv1", expected_task_state="spawning",
+                              values={"vm_state": "active", "task_state": None, "power_state": "running"})
+    spawning.refresh_from_db()
+    assert server_delete(instance=spawning, user=member) is False
+    spawning.refresh_from_db()
+    assert spawning.task_state == TaskState.DELETING
+    return spawning
+
+
+def test_a_delete_whose_domain_is_gone_is_finished_from_the_heartbeat(deleting, settings):
+    """The instance_destroyed report was lost (a conductor killed while it handled it): after the grace,
+    a heartbeat without the domain finishes the delete by the report's path, claim released."""
+    settings.BUILD_REPORT_GRACE = 30
+    _age(deleting, 31)
+    _beat({})
+    deleting.refresh_from_db()
+    assert (deleting.vm_state, deleting.task_state) == (VmState.DELETED, None)
+    assert not deleting.allocations.exists()
+    action = InstanceAction.objects.get(instance=deleting, action="delete")
+    assert action.result == "Success"
+    assert [e.message for e in action.events.filter(event="compute_terminate_instance")] == [
+        DELETE_COMPLETED_FROM_HEARTBEAT]
+    # The late report is harmless.
+    assert tasks.instance_destroyed(instance_uuid=str(deleting.uuid), host="hv1") is None
+    assert action.events.filter(event="compute_terminate_instance").count() == 1
+
+
+@pytest.mark.parametrize("case", ["within_grace", "listed", "busy", "observed_before_the_delete"])
+def test_no_delete_finished_without_the_hosts_word_that_the_domain_is_gone(deleting, settings, case):
+    settings.BUILD_REPORT_GRACE = 30
+    uuid = str(deleting.uuid)
+    _age(deleting, 20 if case == "within_grace" else 60)
+    if case == "listed":
+        _beat({uuid: contract.POWER_RUNNING})
+    elif case == "busy":
+        _beat({}, busy=[uuid])
+    elif case == "observed_before_the_delete":
+        _beat({}, observed_at=time.time() - 120)
+    else:
+        _beat({})
+    deleting.refresh_from_db()
+    assert deleting.task_state == TaskState.DELETING

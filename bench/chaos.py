@@ -1,0 +1,239 @@
+"""Chaos bench: faults a real cloud sees, injected into a running cloudctl under a workload (issue 19).
+
+Starts web, scheduler, conductor and beat from the Procfile, two fake compute workers whose domains
+outlive them (COMPUTE_FAKE_STATE_DIR) and a fleet of ``--hosts`` more fake hosts, all under
+tools/supervise.py (what ``make run`` uses: a killed process is restarted), with short deadlines
+(testbed.chaos.chaos_env: build 25 s, tasks 15 s, reaper every 2 s). Then, per scenario, clients
+create, delete, reboot, stop/start and snapshot servers while the fault hits; the workload stops,
+and the bench waits until no task is in flight and the invariants of testbed.invariants hold.
+
+    .venv/bin/python bench/chaos.py [--hosts 30] [--scenarios kill9-web,broker-restart,...] [--seed N]
+
+Scenarios (default: every one that can run here):
+
+  kill9-web, kill9-scheduler, kill9-conductor, kill9-beat   SIGKILL of that process (its whole group)
+  kill9-compute-spawn, kill9-compute-delete                 SIGKILL of a compute worker while one of
+                                                            its servers spawns / is being deleted
+  broker-restart        SIGKILL of the bench's own redis-server (AOF on), started again 2 s later
+                        (always its own: the shared Redis of other users is never touched)
+  database-restart      runs --db-stop-command, waits 5 s, runs --db-start-command; only with both
+                        given, and they must act on a PostgreSQL of the bench's own (DATABASE_URL):
+                        never stop a cluster that other people's processes use
+  dead-host             a hook for evacuation (scenario_dead_host): does nothing yet
+
+Prints per scenario: operations attempted, accepted, refused (409: state), failed with the fault
+(connection lost, 5xx), stuck past deadline, leaked/doubled/missing claims, orphan and missing
+domains, unfinished actions (all of these must be 0) and the seconds from the workload's end until
+the invariants held. Needs Redis and redis-server (tools/services.sh start); PostgreSQL when
+DATABASE_URL is set, else SQLite. ``--real`` is not implemented: the demo guest on libvirt runs in
+tests/e2e; the invariants read libvirt with testbed.invariants.libvirt_domains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import secrets
+import shlex
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from testbed import chaos as bed  # noqa: E402  (the same harness the kill -9 test uses)
+from testbed.broker import redis_password  # noqa: E402
+from testbed.stack import Stack, run_stack  # noqa: E402
+
+HOSTS = ["chaos-1", "chaos-2"]
+COLUMNS = ("attempted", "accepted", "refused", "failed", "stuck", "leaked", "doubled", "unclaimed",
+           "orphan_domains", "missing_domains", "unfinished_actions")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class OwnRedis:
+    """A redis-server of the bench's own (AOF persistence, as tools/services.sh runs the real one),
+    killed with SIGKILL and started again on the same port and data directory."""
+
+    def __init__(self, directory: Path, password: str) -> None:
+        self.port, self.directory, self.password = free_port(), directory, password
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        config = (f"port {self.port}\nbind 127.0.0.1\ndir {self.directory}\nappendonly yes\n"
+                  f"appendfsync everysec\nsave \"\"\nrequirepass {self.password}\n")
+        self.process = subprocess.Popen(["redis-server", "-"], stdin=subprocess.PIPE,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert self.process.stdin is not None
+        self.process.stdin.write(config.encode())
+        self.process.stdin.close()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.05)
+        raise RuntimeError(f"redis-server did not listen on {self.port}")
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+
+# --- scenarios: each injects its fault into a stack that runs a workload ----------------------------
+
+Scenario = Callable[[Stack, bed.Workload, random.Random, argparse.Namespace], None]
+
+
+def kill9(target: str) -> Scenario:
+    def scenario(stack: Stack, workload: bed.Workload, rng: random.Random, args: argparse.Namespace) -> None:
+        bed.kill(stack, workload, target, rng, HOSTS)
+    return scenario
+
+
+def scenario_broker_restart(stack: Stack, workload: bed.Workload, rng: random.Random,
+                            args: argparse.Namespace) -> None:
+    time.sleep(rng.uniform(0.5, 2.0))
+    args.redis.kill()
+    time.sleep(2)
+    args.redis.start()
+
+
+def scenario_database_restart(stack: Stack, workload: bed.Workload, rng: random.Random,
+                              args: argparse.Namespace) -> None:
+    time.sleep(rng.uniform(0.5, 2.0))
+    subprocess.run(shlex.split(args.db_stop_command), check=True)
+    time.sleep(5)
+    subprocess.run(shlex.split(args.db_start_command), check=True)
+
+
+def scenario_dead_host(stack: Stack, workload: bed.Workload, rng: random.Random,
+                       args: argparse.Namespace) -> None:
+    """A host dies (issue 19, fault 4): the lead fills this in once evacuation lands. Intended: stop one
+    compute worker for good (``stack.kill(name)`` and keep the supervisor from restarting it, or a
+    fleet host's heartbeats stopped), wait SERVICE_DOWN_TIME, fence it (``forced_down``), call
+    ``POST /api/v1/hosts/{name}/evacuate/``, and let the invariants (which then must also see its
+    servers running elsewhere) measure the time from the failure to recovery. Does nothing yet."""
+
+
+SCENARIOS: dict[str, Scenario] = {
+    **{f"kill9-{name}": kill9(name) for name in ("web", "scheduler", "conductor", "beat")},
+    "kill9-compute-spawn": kill9("spawn"),
+    "kill9-compute-delete": kill9("delete"),
+    "broker-restart": scenario_broker_restart,
+    "database-restart": scenario_database_restart,
+    "dead-host": scenario_dead_host,
+}
+
+
+def run_scenario(name: str, stack: Stack, fake_state: Path, rng: random.Random,
+                 args: argparse.Namespace) -> dict[str, object]:
+    workload = bed.Workload(stack, rng, servers=args.servers)
+    workload.start(args.clients)
+    try:
+        time.sleep(args.warmup)
+        SCENARIOS[name](stack, workload, rng, args)
+        time.sleep(args.after)
+    finally:
+        workload.finish()
+    report, seconds = bed.wait_recovered(stack, fake_state, args.recovery_timeout)
+    row: dict[str, object] = {**workload.summary(), **report.counts(), "recover_s": seconds}
+    if not report.ok or seconds is None:
+        print(f"--- {name}: not recovered\n{report.describe()}\nin flight: {report.in_flight}",
+              file=sys.stderr)
+    return row
+
+
+@contextmanager
+def bench_stack(args: argparse.Namespace, state: Path) -> Iterator[tuple[Stack, Path]]:
+    image = state / "bench.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "32M"], check=True)
+    fake_state = state / "hypervisors"
+    secret = secrets.token_hex(32)
+    processes = bed.chaos_processes(secret, fake_state, HOSTS, fleet=args.hosts,
+                                    fleet_prefix="chaosfleet-")
+    password = redis_password()
+    args.redis = OwnRedis(state, password)
+    args.redis.start()
+    url = f"redis://127.0.0.1:{args.redis.port}"
+    env = {**bed.chaos_env(), "CLOUDCTL_HOST_KEY_SECRET": secret, "CLOUDCTL_LOG_LEVEL": "WARNING",
+           "CELERY_BROKER_URL": f"{url}/0", "CELERY_RPC_BACKEND": f"{url}/1"}
+    width = len(str(args.hosts))
+    fleet = [f"chaosfleet-{1:0{width}d}", f"chaosfleet-{args.hosts:0{width}d}"] if args.hosts else []
+    hosts = [*HOSTS, *fleet]
+    try:
+        with run_stack(image, state, procfile=processes, hosts=hosts, redis_dbs=(6, 7), extra_env=env,
+                       supervised=True) as stack:
+            yield stack, fake_state
+    finally:
+        args.redis.kill()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0],
+                                     epilog="\n\n".join((__doc__ or "").split("\n\n")[1:]),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hosts", type=int, default=30, help="fake hosts of the fleet, beside the two "
+                        "compute workers the kill scenarios hit (default 30)")
+    parser.add_argument("--scenarios", default="",
+                        help=f"comma-separated, from: {', '.join(SCENARIOS)} (default: all that can run)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed (printed; replays a run)")
+    parser.add_argument("--servers", type=int, default=8, help="servers the workload keeps (default 8)")
+    parser.add_argument("--clients", type=int, default=2, help="concurrent API clients (default 2)")
+    parser.add_argument("--warmup", type=float, default=4.0, help="seconds of workload before the fault")
+    parser.add_argument("--after", type=float, default=3.0, help="seconds of workload after the fault")
+    parser.add_argument("--recovery-timeout", type=float, default=bed.BUILD_TIMEOUT + 60.0,
+                        help="seconds to wait for the invariants after the workload stops")
+    parser.add_argument("--db-stop-command", default="", help="stops the bench's own PostgreSQL "
+                        "(database-restart runs only with both commands)")
+    parser.add_argument("--db-start-command", default="", help="starts it again")
+    parser.add_argument("--real", action="store_true", help="not implemented (see above)")
+    args = parser.parse_args()
+    if args.real:
+        parser.error("--real is not implemented: the demo guest's faults run in tests/e2e")
+    can_restart_db = bool(args.db_stop_command and args.db_start_command)
+    wanted = [name for name in args.scenarios.split(",") if name] or [
+        name for name in SCENARIOS if name != "database-restart" or can_restart_db]
+    unknown = [name for name in wanted if name not in SCENARIOS]
+    if unknown:
+        parser.error(f"unknown scenario(s) {unknown}; known: {list(SCENARIOS)}")
+    if "database-restart" in wanted and not can_restart_db:
+        parser.error("database-restart needs --db-stop-command and --db-start-command")
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
+    database = "PostgreSQL" if os.environ.get("DATABASE_URL", "").startswith("postgres") else "SQLite"
+    print(f"chaos bench: seed {seed}, {args.hosts} fleet hosts + {len(HOSTS)} killable, database {database}")
+    rng = random.Random(seed)
+    state = Path(tempfile.mkdtemp(prefix="cloudctl-chaos-"))
+    rows: dict[str, dict[str, object]] = {}
+    started = time.monotonic()
+    with bench_stack(args, state) as (stack, fake_state):
+        print(f"stack up in {time.monotonic() - started:.0f} s (log: {stack.log_path})")
+        for name in wanted:
+            rows[name] = run_scenario(name, stack, fake_state, rng, args)
+            print(f"{name}: {rows[name]}", flush=True)
+    header = f"{'scenario':22}" + "".join(f"{c[:10]:>11}" for c in COLUMNS) + f"{'recover s':>11}"
+    print("\n" + header)
+    failed = False
+    for name, row in rows.items():
+        seconds = row["recover_s"]
+        print(f"{name:22}" + "".join(f"{row[c]!s:>11}" for c in COLUMNS)
+              + f"{'never' if seconds is None else f'{seconds:.1f}':>11}")
+        failed |= seconds is None
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
