@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shlex
 import socket
 import time
 from pathlib import Path
@@ -309,6 +310,27 @@ RESIZE_CONFIRM_WINDOW = env_int("RESIZE_CONFIRM_WINDOW", 86400, minimum=0)
 # Seconds one step of a migration (prepare, finish, confirm, revert; the live job has its own
 # deadline) may take before the reaper ends the migration truthfully.
 MIGRATION_STEP_TIMEOUT = env_int("MIGRATION_STEP_TIMEOUT", 900, minimum=5)
+# --- A dead host: fencing and evacuation -----------------------------------------------------------
+# The command that powers a dead host off (an IPMI or PDU call, say): split as a shell would (shlex),
+# "{host}" replaced by the host's name in each argument, run without a shell; exit 0 means the host is
+# off, and it is forced down. Empty: no fencing command (an admin forces dead hosts down by hand).
+HOST_FENCE_COMMAND = env_str("HOST_FENCE_COMMAND", "")
+try:
+    shlex.split(HOST_FENCE_COMMAND)
+except ValueError as _error:
+    raise ImproperlyConfiguredEnv("HOST_FENCE_COMMAND", HOST_FENCE_COMMAND,
+                                  f"a command line shlex can split ({_error})") from None
+# Seconds the fencing command may run before it is killed (the attempt failed).
+HOST_FENCE_TIMEOUT = env_float("HOST_FENCE_TIMEOUT", 30.0, minimum=0.1)
+# Seconds between two runs of the periodic task that fences dead hosts and auto-evacuates them.
+HOST_FENCE_INTERVAL = env_float("HOST_FENCE_INTERVAL", 10.0, minimum=1.0)
+# Seconds before a failed fencing attempt of a host is tried again.
+HOST_FENCE_RETRY_INTERVAL = env_float("HOST_FENCE_RETRY_INTERVAL", 60.0, minimum=1.0)
+# Evacuate the servers of a fenced (forced down) dead host automatically, as the system.
+AUTO_EVACUATE = env_bool("AUTO_EVACUATE", False)
+# ... also the servers whose root disk is on the dead host's private storage (rebuilt from their image,
+# their disk's data lost). False: only those a host sharing the storage can take with their disk.
+AUTO_EVACUATE_ALLOW_DATA_LOSS = env_bool("AUTO_EVACUATE_ALLOW_DATA_LOSS", False)
 
 # Seconds an operation may keep a server in a task state before the reaper ends it truthfully.
 TASK_DEADLINES = {
@@ -450,6 +472,10 @@ CELERY_BEAT_SCHEDULE = {
     "confirm-expired-resizes": {
         "task": "conductor.confirm_expired_resizes",
         "schedule": env_float("REAPER_INTERVAL", 30.0, minimum=1.0),
+    },
+    "fence-and-evacuate-hosts": {
+        "task": "conductor.hosts_fence_and_evacuate",
+        "schedule": HOST_FENCE_INTERVAL,
     },
     "network-resync": {
         "task": "conductor.network_resync",

@@ -16,9 +16,14 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
-from cloudctl.compute import migration_requests, ports, selectors, services
+from cloudctl.compute import evacuation, migration_requests, ports, selectors, services
 from cloudctl.compute.dashboard import usage_bars
-from cloudctl.compute.errors import ComputeUnavailable, MigrationInvalidState, ServerConsoleUnavailable
+from cloudctl.compute.errors import (
+    ComputeUnavailable,
+    HostFenceFailed,
+    MigrationInvalidState,
+    ServerConsoleUnavailable,
+)
 from cloudctl.compute.models import (
     Aggregate,
     Allocation,
@@ -232,17 +237,68 @@ def live_migrate_servers_away(modeladmin: admin.ModelAdmin, request: HttpRequest
                                              f"({when})", level=messages.SUCCESS)
 
 
+@admin.action(description="Force selected hosts down (they are off: their servers may be evacuated)")
+def force_down_hosts(modeladmin: admin.ModelAdmin, request: HttpRequest, queryset: QuerySet[Host]) -> None:
+    for host in queryset:
+        evacuation.host_force_down(host=host, forced_down=True, user=request.user,
+                                   reason=f"forced down by {request.user} from the admin")
+    modeladmin.message_user(request, f"forced {queryset.count()} host(s) down")
+
+
+@admin.action(description="Clear forced down on selected hosts")
+def clear_forced_down(modeladmin: admin.ModelAdmin, request: HttpRequest, queryset: QuerySet[Host]) -> None:
+    for host in queryset:
+        evacuation.host_force_down(host=host, forced_down=False, user=request.user)
+    modeladmin.message_user(request, f"cleared forced down on {queryset.count()} host(s)")
+
+
+@admin.action(description="Fence selected dead hosts now (HOST_FENCE_COMMAND)")
+def fence_hosts(modeladmin: admin.ModelAdmin, request: HttpRequest, queryset: QuerySet[Host]) -> None:
+    for host in queryset:
+        try:
+            evacuation.host_fence(host=host, user=request.user)
+        except HostFenceFailed as refused:
+            modeladmin.message_user(request, f"host {host.name}: {refused}", level=messages.ERROR)
+        else:
+            modeladmin.message_user(request, f"host {host.name}: fenced and forced down",
+                                    level=messages.SUCCESS)
+
+
+@admin.action(description="Evacuate the servers of selected dead, fenced hosts (only those whose disk a "
+                          "host sharing the storage keeps)")
+def evacuate_hosts(modeladmin: admin.ModelAdmin, request: HttpRequest, queryset: QuerySet[Host]) -> None:
+    for host in queryset:
+        try:
+            servers = evacuation.host_evacuate_servers(host=host, user=request.user)
+        except evacuation.HostNotFenced as refused:
+            modeladmin.message_user(request, str(refused), level=messages.ERROR)
+            continue
+        if not servers:
+            modeladmin.message_user(request, f"host {host.name}: no servers to evacuate")
+        for result in servers:
+            name = f"{result.server.name} (on {host.name})"
+            if result.migration is None:
+                modeladmin.message_user(request, f"{name}: refused: {result.refused}",
+                                        level=messages.WARNING)
+            else:
+                modeladmin.message_user(request, f"{name}: evacuation {result.migration.pk} to "
+                                                 f"{result.migration.dest_host} accepted",
+                                        level=messages.SUCCESS)
+
+
 @admin.register(Host)
 class HostAdmin(admin.ModelAdmin):
-    list_display = ("name", "state", "enabled", "disabled_reason", "zone", "vcpu_usage",
+    list_display = ("name", "state", "forced_down", "enabled", "disabled_reason", "zone", "vcpu_usage",
                     "ram_usage", "disk_usage", "instance_count", "virt_type", "last_heartbeat")
-    list_filter = ("enabled", "virt_type")
+    list_filter = ("enabled", "forced_down", "virt_type")
     search_fields = ("name",)
     readonly_fields = ("name", "libvirt_uri", "driver", "virt_type", "availability_zone",
                        "last_heartbeat", "vcpus", "memory_mb", "memory_mb_reserved", "disk_gb",
                        "disk_gb_reserved", "hypervisor_type", "hypervisor_version", "cpu_info",
-                       "tunnel_ip", "reported_instances", "servers")
-    actions = [disable_hosts, enable_hosts, live_migrate_servers_away]
+                       "tunnel_ip", "reported_instances", "servers", "forced_down", "forced_down_reason",
+                       "forced_down_at", "fence_attempted_at", "fence_message", "storage_id")
+    actions = [disable_hosts, enable_hosts, live_migrate_servers_away, force_down_hosts, clear_forced_down,
+               fence_hosts, evacuate_hosts]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Host]:
         return selectors.hosts_with_usage()

@@ -16,7 +16,16 @@ from django.db import transaction
 from django.utils import timezone
 
 from cloudctl.compute import ports, rpc
-from cloudctl.compute.models import Allocation, Host, Instance, InstanceAction, InstanceActionEvent
+from cloudctl.compute.models import (
+    Allocation,
+    Host,
+    Instance,
+    InstanceAction,
+    InstanceActionEvent,
+    Migration,
+    MigrationStatus,
+    MigrationType,
+)
 from cloudctl.compute.services import finish_action, mark_deleted
 from cloudctl.compute.states import PowerState, TaskState, VmState
 from cloudctl.network import hostsync
@@ -207,6 +216,9 @@ def host_heartbeat(*, host: str, resources: dict[str, Any], starting: bool = Fal
     values["reported_instances"] = resources.get("instances", {})
     values["reported_at"] = observed_at_of(resources)
     values["last_heartbeat"] = timezone.now()
+    # Hosts reporting the same non-empty id share their instances directory (evacuation keeps the disk
+    # then); a worker older than the key reports none: "".
+    values["storage_id"] = resources.get("storage_id") or ""
     if "tunnel_ip" in resources:
         values["tunnel_ip"] = resources["tunnel_ip"] or ""
     same_tunnel = {"tunnel_ip": values["tunnel_ip"]} if "tunnel_ip" in values else {}
@@ -282,7 +294,12 @@ def _reap_deleted_domains(host: Host) -> None:
     reported = list(host.reported_instances or {})
     if not reported:
         return
-    leftovers = Instance.objects.filter(uuid__in=reported, vm_state=VmState.DELETED)
+    # A server evacuated away from this host has its copy removed by compute.destroy_evacuated (the
+    # disk kept on shared storage), not by a terminate.
+    evacuated = Migration.objects.filter(source_host=host, migration_type=MigrationType.EVACUATION,
+                                         status=MigrationStatus.DONE).values("instance_id")
+    leftovers = (Instance.objects.filter(uuid__in=reported, vm_state=VmState.DELETED)
+                 .exclude(uuid__in=evacuated))
     for instance_uuid in leftovers.values_list("uuid", flat=True):
         log.warning("host %s still has a domain for deleted server %s; removing it", host.name,
                     instance_uuid)

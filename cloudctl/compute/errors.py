@@ -69,3 +69,17 @@ class ComputeUnavailable(CloudctlError):
 
     status_code = 503
     code = "compute_unavailable"
+
+
+class EvacuationRefused(ServerError):
+    """The server cannot be evacuated now (HTTP 409); the message says why and what to do: no host can
+    take it, its disk's data would be lost without ``allow_data_loss``, its image is gone, a migration
+    of it is in progress."""
+
+    code = "evacuation_refused"
+
+
+class HostFenceFailed(CloudctlError):
+    """HOST_FENCE_COMMAND is not set, the host is up, or the command failed (HTTP 409)."""
+
+    code = "fence_failed"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import timedelta
 from enum import StrEnum
 from typing import Any, Protocol
 
@@ -38,9 +39,17 @@ from cloudctl.compute.migration_steps import (
     step_ids,
     step_send,
 )
-from cloudctl.compute.models import Flavor, Host, Instance, InstanceActionEvent, Migration, MigrationType
+from cloudctl.compute.models import (
+    MIGRATION_IN_PROGRESS,
+    Flavor,
+    Host,
+    Instance,
+    InstanceActionEvent,
+    Migration,
+    MigrationType,
+)
 from cloudctl.compute.models import MigrationStatus as S
-from cloudctl.compute.ports import server_ports_move
+from cloudctl.compute.ports import server_ports_follow, server_ports_move
 from cloudctl.compute.specs import spawn_spec
 from cloudctl.compute.states import PowerState, TaskState, VmState
 from compute_workers import contract
@@ -99,11 +108,13 @@ def migration_update(*, migration_id: int, host: str, status: str, error: str | 
         if migration is None:
             log.warning("dropped migration report %s from %s: no migration %s", status, host, migration_id)
             return False
-        live = migration.migration_type == MigrationType.LIVE
-        step = (LIVE_STEPS if live else COLD_STEPS).get(status)
-        if step is None or not step.accepts(migration.status, _reporter(migration, host, status)):
+        step = STEPS[migration.migration_type].get(status)
+        reporter = _reporter(migration, host, status)
+        if step is None or not step.accepts(migration.status, reporter):
             log.info("dropped migration report %s from %s for migration %s (%s, status %s)", status, host,
                      migration_id, migration.migration_type, migration.status)
+            if migration.migration_type == MigrationType.EVACUATION and reporter == Reporter.DEST:
+                _late_rebuild(migration, status)
             return False
         instance_uuid = str(migration.instance_id)
         if event:
@@ -464,4 +475,107 @@ COLD_STEPS: dict[str, Step] = {
     contract.MIGRATION_REVERTED: Step((S.REVERTING,), Reporter.SOURCE, _reverted),
     contract.MIGRATION_ERROR: Step((S.PREPARING, S.MIGRATING, S.POST_MIGRATING, S.CONFIRMING, S.REVERTING),
                                    Reporter.ANY, _cold_error),
+}
+
+
+# Evacuation steps ----------------------------------------------------------------------------------
+
+def evacuation_rebuilt(migration: Migration, *, values: dict[str, Any], **_: Any) -> None:
+    """The destination rebuilt the server: it is there now (host, zone, ports, allocation), the dead
+    host's allocation is released, the migration ``done`` until the dead host removes its stale copy
+    (at once if its worker runs again already, else when it starts: :mod:`cloudctl.compute.recovery`)."""
+    source, dest = migration.source_host, migration.dest_host
+    power_state = _reported_or_expected(migration, values)
+    moving = instance_in_task(migration, TaskState.REBUILDING).filter(host=source)
+    fallback = VmState.ACTIVE if migration.power_on else VmState.STOPPED
+    now = timezone.now()
+    if not _land(migration, moving, {**_landed(dest, power_state, fallback), "fault": None}):
+        # Deleted meanwhile (its claims went with it): the domain built there is removed by the
+        # destination's heartbeat reaping (a deleted server's domain).
+        message = f"rebuilt on {dest.name}, but the server is no longer rebuilding there (deleted meanwhile?)"
+        log.warning("evacuation %s: %s", migration.pk, message)
+        release_destination(migration)
+        migration_save(migration, status=S.ERROR, error=message, finished_at=now)
+        migration_event(migration, "evacuate", ActionResult.ERROR, message, host=dest.name)
+        migration_finish(migration, ActionResult.ERROR, message)
+        return
+    release_source(migration)
+    migration_save(migration, status=S.DONE, finished_at=now)
+    seconds = (now - (migration.started_at or migration.created)).total_seconds()
+    how = "with its disk (shared storage)" if migration.shared_storage else "from its image"
+    migration_event(migration, "evacuate", ActionResult.SUCCESS,
+                    f"{source.name} -> {dest.name}, rebuilt {how} in {seconds:.1f} s", host=dest.name)
+    migration_finish(migration, ActionResult.SUCCESS)
+    if source.last_heartbeat is not None and source.last_heartbeat > now - timedelta(
+            seconds=settings.SERVICE_DOWN_TIME):
+        # Its worker runs again (its host_init came before this report): the copy goes now.
+        step_send(source, contract.COMPUTE_DESTROY_EVACUATED, **step_ids(migration),
+                  keep_disks=bool(migration.shared_storage))
+
+
+def evacuation_failed(migration: Migration, error: str) -> None:
+    """The rebuild did not happen: the destination's claim is released, the server stays on the dead
+    host in ERROR with a fault that says what to do (evacuate it again, or delete it)."""
+    source, dest = migration.source_host, migration.dest_host
+    uuid = str(migration.instance_id)
+    where = f"from {source.name} to {dest.name if dest else '?'}"
+    message = (f"evacuation {migration.pk} {where} failed: {error}. The server is still on {source.name} "
+               f"(down, fenced): evacuate it again (POST /api/v1/servers/{uuid}/evacuate/) once the cause "
+               "is fixed, or delete it")
+    release_destination(migration)
+    if instance_in_task(migration, TaskState.REBUILDING).change(
+            task_state=None, vm_state=VmState.ERROR, fault={"message": message, "code": 500, "details": ""}):
+        server_ports_follow(uuid, VmState.ERROR)
+    migration_save(migration, status=S.ERROR, error=error, finished_at=timezone.now())
+    migration_event(migration, "evacuate", ActionResult.ERROR, message, host=dest.name if dest else "")
+    migration_finish(migration, ActionResult.ERROR, message)
+
+
+def _evacuation_error(migration: Migration, *, host: str, error: str, **_: Any) -> None:
+    """"error" from the destination while rebuilding (the rebuild failed), or from the dead host once
+    done (removing its stale copy failed: recorded; its next start tries again)."""
+    if migration.status == S.REBUILDING and migration.dest_host and host == migration.dest_host.name:
+        evacuation_failed(migration, f"{host} could not rebuild it: {error or 'no reason given'}")
+    elif migration.status == S.DONE and migration.source_host and host == migration.source_host.name:
+        migration_save(migration, error=f"removing the stale copy on {host} failed: {error}; tried again "
+                                        "when its compute worker starts next")
+        log.error("evacuation %s: removing the stale copy on %s failed: %s", migration.pk, host, error)
+    else:
+        log.info("dropped evacuation error from %s for migration %s (status %s)", host, migration.pk,
+                 migration.status)
+
+
+def _evacuation_source_cleaned(migration: Migration, *, host: str, **_: Any) -> None:
+    migration_save(migration, status=S.COMPLETED)
+    log.info("evacuation %s completed: %s removed its stale copy of %s", migration.pk, host,
+             migration.instance_id)
+
+
+def _late_rebuild(migration: Migration, status: str) -> None:
+    """A "rebuilt" the migration no longer expects (it ended in error: reaped, say) left a domain on
+    the destination for a server that is not there: it is removed (its disk kept on shared storage,
+    where it is the server's only one), unless the server lives there or is being rebuilt there again."""
+    dest = migration.dest_host
+    if status != contract.MIGRATION_REBUILT or migration.status != S.ERROR or dest is None:
+        return
+    instance = Instance.objects.filter(uuid=migration.instance_id).values("host_id").first()
+    again = Migration.objects.filter(instance_id=migration.instance_id, dest_host=dest,
+                                     status__in=MIGRATION_IN_PROGRESS).exists()
+    if instance is None or instance["host_id"] == dest.pk or again:
+        return
+    log.warning("evacuation %s: late rebuild on %s; removing the domain it left there", migration.pk,
+                dest.name)
+    step_send(dest, contract.COMPUTE_DESTROY_EVACUATED, **step_ids(migration),
+              keep_disks=bool(migration.shared_storage))
+
+
+EVACUATION_STEPS: dict[str, Step] = {
+    contract.MIGRATION_REBUILT: Step((S.REBUILDING,), Reporter.DEST, evacuation_rebuilt),
+    contract.MIGRATION_SOURCE_CLEANED: Step((S.DONE,), Reporter.SOURCE, _evacuation_source_cleaned),
+    contract.MIGRATION_ERROR: Step((S.REBUILDING, S.DONE), Reporter.ANY, _evacuation_error),
+}
+
+STEPS: dict[str, dict[str, Step]] = {
+    MigrationType.LIVE: LIVE_STEPS, MigrationType.COLD: COLD_STEPS, MigrationType.RESIZE: COLD_STEPS,
+    MigrationType.EVACUATION: EVACUATION_STEPS,
 }

@@ -49,6 +49,10 @@ class Host(models.Model):
     forced_down = models.BooleanField(default=False)
     forced_down_reason = models.CharField(max_length=255, blank=True)
     forced_down_at = models.DateTimeField(null=True, blank=True)
+    # HOST_FENCE_COMMAND's last attempt on this host (the periodic task retries a failed one after
+    # HOST_FENCE_RETRY_INTERVAL) and what it said: empty until it ran.
+    fence_attempted_at = models.DateTimeField(null=True, blank=True)
+    fence_message = models.TextField(blank=True)
     last_heartbeat = models.DateTimeField(null=True, blank=True)
     vcpus = models.PositiveIntegerField(default=0)
     memory_mb = models.PositiveIntegerField(default=0)

@@ -25,9 +25,17 @@ from django.utils import timezone
 
 from cloudctl.compute import rpc, states
 from cloudctl.compute.conductor import current_action, record_event
+from cloudctl.compute.evacuation import evacuated_cleanup
 from cloudctl.compute.migration_batches import batch_advance, migration_locked, waiting_batches
 from cloudctl.compute.migration_preflight import RULES
-from cloudctl.compute.migration_reports import confirm_failed, live_completed, live_failed, live_migrated
+from cloudctl.compute.migration_reports import (
+    confirm_failed,
+    evacuation_failed,
+    evacuation_rebuilt,
+    live_completed,
+    live_failed,
+    live_migrated,
+)
 from cloudctl.compute.migration_steps import (
     LIVE_JOB,
     abort_send,
@@ -36,6 +44,8 @@ from cloudctl.compute.migration_steps import (
     migration_event,
     migration_finish,
     migration_save,
+    step_ids,
+    step_send,
 )
 from cloudctl.compute.models import Allocation, Host, Instance, Migration, MigrationType
 from cloudctl.compute.models import MigrationStatus as S
@@ -72,6 +82,9 @@ def host_init(*, host: str, reported: dict[str, str]) -> None:
     network state."""
     record = Host.objects.filter(name=host).first()
     if record is not None:
+        # Before anything else: the stale copies of the servers evacuated away while it was down go
+        # (never started, never repeated: those servers are not on this host any more).
+        evacuated_cleanup(host=record)
         try:
             migrations_recover(host=record, reported=reported)
         except DATABASE_ERRORS:
@@ -385,7 +398,7 @@ def reap_stuck_migrations() -> int:
                 log.warning("host evacuation batch %s had room and migrations waiting: moved on", batch)
     stuck = Migration.objects.filter(status__in=(S.PREPARING, S.QUEUED, S.RUNNING, S.RUNNING_POSTCOPY,
                                                  S.CANCELLING, S.MIGRATING, S.POST_MIGRATING, S.CONFIRMING,
-                                                 S.REVERTING), updated__lt=now - step)
+                                                 S.REVERTING, S.REBUILDING), updated__lt=now - step)
     for migration in stuck.select_related("source_host", "dest_host"):
         if migration.status in (S.RUNNING, S.RUNNING_POSTCOPY, S.CANCELLING) and migration.started_at and \
                 migration.started_at + timedelta(seconds=migration.completion_timeout or 0) + step > now:
@@ -429,6 +442,9 @@ def _reported(host: Host | None, uuid: str) -> str | None:
 
 def _reap_migration(migration: Migration, late: str) -> None:
     uuid = str(migration.instance_id)
+    if migration.migration_type == MigrationType.EVACUATION:
+        _reap_evacuation(migration, late)
+        return
     if migration.migration_type == MigrationType.LIVE:
         on_dest, on_source = _reported(migration.dest_host, uuid), _reported(migration.source_host, uuid)
         if migration.status in (S.PREPARING, S.QUEUED, S.CANCELLING, S.RUNNING) and on_source:
@@ -451,6 +467,23 @@ def _reap_migration(migration: Migration, late: str) -> None:
         confirm_failed(migration, error=late)
         return
     _cold_interrupted(migration, late)
+
+
+def _reap_evacuation(migration: Migration, late: str) -> None:
+    """A rebuild that did not report: done if the destination's heartbeat shows the domain, else it
+    ends in error (the server in ERROR on the dead host, to evacuate again) and whatever the
+    destination built is removed (its disk kept on shared storage: the server's only one)."""
+    dest = migration.dest_host
+    on_dest = _reported(dest, str(migration.instance_id))
+    if on_dest:
+        migration_event(migration, "migration_deadline", ActionResult.SUCCESS,
+                        f"{late}; {dest.name if dest else '?'} reports the domain {on_dest}")
+        evacuation_rebuilt(migration, values={"power_state": on_dest})
+        return
+    evacuation_failed(migration, f"{late}; the destination does not report the domain")
+    if dest is not None and dest.is_up:
+        step_send(dest, contract.COMPUTE_DESTROY_EVACUATED, **step_ids(migration),
+                  keep_disks=bool(migration.shared_storage))
 
 
 def confirm_expired_resizes() -> int:

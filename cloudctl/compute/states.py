@@ -154,5 +154,17 @@ CONFIRM_RESIZE = Transition(action="confirmResize", from_vm_states=(VmState.RESI
 REVERT_RESIZE = Transition(action="revertResize", from_vm_states=(VmState.RESIZED,),
                            from_task_states=(None,), to_task_state=TaskState.RESIZE_REVERTING)
 
+# Evacuate (admin; Nova's evacuate): the server's host is down and fenced, so it is rebuilt on another
+# host. A lifecycle task the host's death interrupted may be in flight (it is over: its action ends in
+# error); a migration's, a build's or a delete's may not (each has its own ending).
+EVACUATE = Transition(
+    action="evacuate",
+    from_vm_states=(VmState.ACTIVE, VmState.STOPPED, VmState.PAUSED, VmState.SUSPENDED, VmState.ERROR),
+    from_task_states=(None, TaskState.REBOOTING, TaskState.REBOOTING_HARD, TaskState.POWERING_OFF,
+                      TaskState.POWERING_ON, TaskState.PAUSING, TaskState.UNPAUSING, TaskState.SUSPENDING,
+                      TaskState.RESUMING, TaskState.IMAGE_SNAPSHOT, TaskState.IMAGE_UPLOADING),
+    to_task_state=TaskState.REBUILDING,
+)
+
 # The vm_state that tells the truth about a domain in a given power state.
 VM_STATE_FOR_POWER_STATE = contract.VM_STATE_OF_POWER_STATE

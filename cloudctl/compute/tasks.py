@@ -16,7 +16,7 @@ from typing import Any
 
 from celery import Task, shared_task
 
-from cloudctl.compute import conductor, host_keys, migration_reports, recovery, sync
+from cloudctl.compute import conductor, evacuation, host_keys, migration_reports, recovery, sync
 from cloudctl.database import DatabaseTask
 from compute_workers import contract
 
@@ -112,6 +112,13 @@ def migration_progress(migration_id: int, host: str, progress: dict[str, Any]) -
                                                 progress=dict(contract.validate_progress(progress)))
 
 
+@shared_task(name="conductor.hosts_fence_and_evacuate")
+def hosts_fence_and_evacuate() -> dict[str, int]:
+    """Periodic (beat, HOST_FENCE_INTERVAL): fence the dead hosts holding servers (HOST_FENCE_COMMAND)
+    and, with AUTO_EVACUATE, evacuate the fenced hosts' servers."""
+    return evacuation.hosts_fence_and_evacuate()
+
+
 @shared_task(name="conductor.confirm_expired_resizes")
 def confirm_expired_resizes() -> int:
     """Periodic (beat): unconfirmed resizes past RESIZE_CONFIRM_WINDOW, and stuck migrations."""
@@ -127,6 +134,10 @@ def _resources(resources: Any) -> dict[str, Any]:
     busy = resources.get("busy", [])
     if not isinstance(busy, list) or not all(isinstance(item, str) for item in busy):
         raise contract.ReportError(f"busy must be a list of instance uuids, not {busy!r}")
+    storage_id = resources.get("storage_id", "")
+    if not isinstance(storage_id, str) or len(storage_id) > 64:
+        raise contract.ReportError(f"storage_id must be a string of at most 64 characters, not "
+                                   f"{storage_id!r}")
     tunnel_ip = resources.get("tunnel_ip", "")
     if not isinstance(tunnel_ip, str):
         raise contract.ReportError(f"tunnel_ip must be a string, not {tunnel_ip!r}")

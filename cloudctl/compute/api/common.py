@@ -38,6 +38,21 @@ class BlockMigrationField(serializers.Field):
         return value
 
 
+class StrictBooleanField(serializers.BooleanField):
+    """A JSON boolean only: DRF's BooleanField would take "yes" or 1 (for a choice that forces a host down
+    or loses a disk's data, say)."""
+
+    def to_internal_value(self, data: Any) -> bool:
+        if not isinstance(data, bool):
+            self.fail("invalid", input=data)
+        return data
+
+
+ALLOW_DATA_LOSS_HELP = (
+    "rebuild from the image a server whose root disk is on the dead host's private storage "
+    "(its data is lost); false: only onto a host sharing that storage")
+
+
 SERVER_ID = OpenApiParameter("id", OpenApiTypes.UUID, OpenApiParameter.PATH,
                              description="the server's id")
 

@@ -18,8 +18,13 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from cloudctl.api import error_responses, paginated
-from cloudctl.compute import migration_requests, selectors, services
-from cloudctl.compute.api.common import BlockMigrationField, StrictCharField
+from cloudctl.compute import evacuation, migration_requests, selectors, services
+from cloudctl.compute.api.common import (
+    ALLOW_DATA_LOSS_HELP,
+    BlockMigrationField,
+    StrictBooleanField,
+    StrictCharField,
+)
 from cloudctl.compute.models import (
     Aggregate,
     Host,
@@ -42,7 +47,8 @@ class HostSerializer(serializers.ModelSerializer):
                   "vcpus", "vcpus_used", "memory_mb", "memory_mb_reserved", "memory_mb_used",
                   "disk_gb", "disk_gb_reserved", "disk_gb_used", "hypervisor_type",
                   "hypervisor_version", "virt_type", "libvirt_uri", "instance_count",
-                  "last_heartbeat", "cpu_allocation_ratio", "ram_allocation_ratio",
+                  "last_heartbeat", "forced_down", "forced_down_reason", "forced_down_at",
+                  "fence_message", "storage_id", "cpu_allocation_ratio", "ram_allocation_ratio",
                   "disk_allocation_ratio")
         read_only_fields = fields
 
@@ -72,6 +78,21 @@ class EvacuationSerializer(serializers.Serializer):
     dest_host = serializers.CharField(source="migration.dest_host.name", default=None, allow_null=True,
                                       help_text="null until the pre-flight checks chose it")
     refused = serializers.CharField(help_text="why the server stays (empty when accepted)")
+
+
+class ForceDownSerializer(serializers.Serializer):
+    forced_down = StrictBooleanField(help_text="true: the host is off (down whatever its heartbeats say; its "
+                                               "servers may be evacuated); false: clear it")
+    reason = StrictCharField(max_length=255, required=False, default="", allow_blank=True)
+
+
+class HostEvacuateSerializer(serializers.Serializer):
+    allow_data_loss = StrictBooleanField(required=False, default=False, help_text=ALLOW_DATA_LOSS_HELP)
+
+
+class HostDeadEvacuationSerializer(serializers.Serializer):
+    host = HostSerializer()
+    servers = EvacuationSerializer(many=True)
 
 
 class HostEvacuationSerializer(serializers.Serializer):
@@ -144,6 +165,50 @@ class HostViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
         return Response({"host": self._host_data(host), "batch": evacuation.batch,
                          "max_servers": evacuation.max_servers,
                          "servers": EvacuationSerializer(evacuation.servers, many=True).data},
+                        status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(summary="Force a host down, or clear it (administrators; Nova's service forced_down)",
+                   description="`forced_down: true` says the host is off: it is down whatever its heartbeats "
+                               "say (no server is scheduled there) and its servers may be evacuated. It "
+                               "stays down until an administrator clears it (`forced_down: false`).",
+                   parameters=[HOST_NAME], request=ForceDownSerializer,
+                   responses={200: HostSerializer, **error_responses(400, 401, 403, 404)})
+    @action(detail=True, methods=["post"], url_path="force-down")
+    def force_down(self, request: Request, name: str | None = None) -> Response:
+        body = ForceDownSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        return self._shown(evacuation.host_force_down(host=self.get_object(), user=request.user,
+                                                      forced_down=body.validated_data["forced_down"],
+                                                      reason=body.validated_data["reason"]))
+
+    @extend_schema(summary="Fence a dead host now with HOST_FENCE_COMMAND (administrators)",
+                   description="Runs the command once (HOST_FENCE_TIMEOUT): exit 0 forces the host down "
+                               "(reason \"fenced by HOST_FENCE_COMMAND\"). 409 when no command is set, the "
+                               "host still heartbeats, or the command failed (what it said is in "
+                               "`fence_message`).",
+                   parameters=[HOST_NAME], request=None,
+                   responses={200: HostSerializer, **error_responses(401, 403, 404, 409)})
+    @action(detail=True, methods=["post"])
+    def fence(self, request: Request, name: str | None = None) -> Response:
+        return self._shown(evacuation.host_fence(host=self.get_object(), user=request.user))
+
+    @extend_schema(summary="Evacuate every server of a dead, fenced host (administrators; Nova's "
+                           "host-evacuate)",
+                   description="Each server is rebuilt on a host the scheduler picks, as POST "
+                               "/servers/{id}/evacuate/ does: accepted with its migration (type "
+                               "`evacuation`, status `rebuilding`), or refused with the reason; the "
+                               "others go on. 409 when the host is up or not fenced.",
+                   parameters=[HOST_NAME], request=HostEvacuateSerializer,
+                   responses={202: HostDeadEvacuationSerializer, **error_responses(400, 401, 403, 404, 409)})
+    @action(detail=True, methods=["post"])
+    def evacuate(self, request: Request, name: str | None = None) -> Response:
+        body = HostEvacuateSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        host = self.get_object()
+        servers = evacuation.host_evacuate_servers(host=host, user=request.user,
+                                                   allow_data_loss=body.validated_data["allow_data_loss"])
+        return Response({"host": self._host_data(host),
+                         "servers": EvacuationSerializer(servers, many=True).data},
                         status=status.HTTP_202_ACCEPTED)
 
     @extend_schema(summary="Enable a host again", parameters=[HOST_NAME], request=None,

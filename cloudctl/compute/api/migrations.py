@@ -22,8 +22,16 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from cloudctl.api import CodedErrorSerializer, error_responses, paginated
-from cloudctl.compute import migration_requests, selectors
-from cloudctl.compute.api.common import SERVER_ID, BlockMigrationField, IdOrNameField, StrictCharField, lookup
+from cloudctl.compute import evacuation, migration_requests, selectors
+from cloudctl.compute.api.common import (
+    ALLOW_DATA_LOSS_HELP,
+    SERVER_ID,
+    BlockMigrationField,
+    IdOrNameField,
+    StrictBooleanField,
+    StrictCharField,
+    lookup,
+)
 from cloudctl.compute.models import (
     Flavor,
     Host,
@@ -45,6 +53,12 @@ class LiveMigrateSerializer(serializers.Serializer):
 class MigrateSerializer(serializers.Serializer):
     host = StrictCharField(max_length=255, required=False, allow_null=True, default=None,
                            help_text="destination host; null: the scheduler picks one")
+
+
+class EvacuateSerializer(serializers.Serializer):
+    host = StrictCharField(max_length=255, required=False, allow_null=True, default=None,
+                           help_text="destination host; null: the scheduler picks one")
+    allow_data_loss = StrictBooleanField(required=False, default=False, help_text=ALLOW_DATA_LOSS_HELP)
 
 
 class ResizeSerializer(serializers.Serializer):
@@ -151,6 +165,26 @@ class ServerMigrationActions:
         body.is_valid(raise_exception=True)
         return self._migration_accepted(migration_requests.server_resize(
             instance=self.get_object(), user=request.user, flavor=body.validated_data["flavor"]))
+
+    @extend_schema(summary="Evacuate a server of a dead, fenced host: rebuild it on another host (admin; "
+                           "Nova's evacuate)",
+                   description="Only when the server's host stopped heartbeating and is forced down "
+                               "(fenced: POST /hosts/{name}/force-down/ or /fence/). The destination (the "
+                               "scheduler's filters, the dead host excluded) is chosen and claimed at once: "
+                               "202 with the migration (type `evacuation`, status `rebuilding`), then `done` "
+                               "once rebuilt there, `completed` once the dead host, back, removed its stale "
+                               "copy. A host sharing the dead host's instance storage keeps the disk; any "
+                               "other rebuilds it from the image, losing its data, only with "
+                               "`allow_data_loss`. 409 with the reason otherwise.",
+                   parameters=[SERVER_ID], request=EvacuateSerializer,
+                   responses={202: MigrationSerializer, **error_responses(400, 401, 403, 404, 409)})
+    @action(detail=True, methods=["post"], permission_classes=[IsCloudAdmin])
+    def evacuate(self, request: Request, pk: str | None = None) -> Response:
+        body = EvacuateSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        return self._migration_accepted(evacuation.server_evacuate(
+            instance=self.get_object(), user=request.user, host=body.validated_data["host"],
+            allow_data_loss=body.validated_data["allow_data_loss"]))
 
     @_migration_action("Confirm a resize: the old copy and its resources on the source are freed")
     @action(detail=True, methods=["post"], url_path="confirm-resize")
