@@ -447,3 +447,52 @@ def test_auto_evacuation_moves_the_servers_of_a_fenced_host_as_the_system(
     assert report(failed, "hv2", contract.MIGRATION_ERROR, error="disk full")
     assert evacuation.hosts_fence_and_evacuate()["evacuated"] == 0
     assert Migration.objects.filter(instance=web, migration_type="evacuation").count() == 1
+
+
+def test_a_server_deleted_after_its_evacuation_is_cleaned_up_once_when_its_old_host_is_back(
+        api: APIClient, admin_api: APIClient, dead_hv1: Instance, outbox: Outbox) -> None:
+    """The host that comes back lists two stale domains: one of a server evacuated then deleted on its
+    new host (destroy_evacuated, not a terminate as well), one of a server deleted while it was down
+    (the terminate of a deleted server's domain)."""
+    evacuated = dead_hv1
+    migration = evacuate(admin_api, evacuated).json()["id"]
+    assert report(migration, "hv2", contract.MIGRATION_REBUILT, values={"power_state": "running"})
+    assert api.delete(f"/api/v1/servers/{evacuated.uuid}/").status_code == 202  # hv2 is up: it destroys it
+    conductor.instance_destroyed(instance_uuid=str(evacuated.uuid), host="hv2")
+    gone = Instance.objects.create(name="gone", project=evacuated.project, flavor=evacuated.flavor, vcpus=1,
+                                   memory_mb=64, root_gb=1, host=Host.objects.get(name="hv1"),
+                                   vm_state="deleted", task_state=None)
+    outbox.compute.clear()
+    tasks.host_init("hv1", {**_resources(), "instances": {str(evacuated.uuid): "shutdown",
+                                                          str(gone.uuid): "running"}})
+    assert sorted((n, kw["instance_uuid"]) for _, n, kw in outbox.compute) == sorted([
+        (contract.COMPUTE_DESTROY_EVACUATED, str(evacuated.uuid)),
+        (contract.COMPUTE_TERMINATE, str(gone.uuid))])
+    assert {h for h, _, _ in outbox.compute} == {"hv1"}
+    assert Allocation.objects.filter(instance=evacuated).count() == 0
+    assert quota_usage.placement_drift() == []
+
+
+def test_hosts_are_forced_down_fenced_and_evacuated_from_the_admin(
+        settings: Any, tmp_path: Path, silent_hv1: Instance, admin: Any) -> None:
+    from django.test import Client
+    from django.urls import reverse
+
+    staff = Client()
+    staff.force_login(admin)
+    url = reverse("admin:compute_host_changelist")
+    hv1 = Host.objects.get(name="hv1")
+    settings.HOST_FENCE_COMMAND = script(tmp_path, "ok", "exit 0")
+    staff.post(url, {"action": "fence_hosts", "_selected_action": [hv1.pk]})
+    hv1.refresh_from_db()
+    assert hv1.forced_down and hv1.forced_down_reason == evacuation.FENCED_REASON
+    page = staff.post(url, {"action": "evacuate_hosts", "_selected_action": [hv1.pk]}, follow=True)
+    assert "accepted" in page.content.decode()
+    assert Migration.objects.get(instance=silent_hv1).migration_type == "evacuation"
+    staff.post(url, {"action": "clear_forced_down", "_selected_action": [hv1.pk]})
+    hv1.refresh_from_db()
+    assert not hv1.forced_down and hv1.fence_message == ""
+    staff.post(url, {"action": "force_down_hosts", "_selected_action": [hv1.pk]})
+    hv1.refresh_from_db()
+    assert hv1.forced_down and "from the admin" in hv1.forced_down_reason
+    assert staff.get(url).status_code == 200
