@@ -76,10 +76,8 @@ def dead_hv1(api: APIClient, admin_api: APIClient, outbox: Outbox, flavors: dict
 
 def test_heartbeats_report_the_storage_id_and_old_workers_none(db: None) -> None:
     assert heartbeat("hv1", storage_id=SHARED).storage_id == SHARED
-    resources = {key: value for key, value in {
-        "libvirt_uri": "test:///default", "vcpus": 4, "memory_mb": 8192, "disk_gb": 100, "instances": {},
-    }.items()}
-    assert conductor.host_heartbeat(host="hv1", resources=resources).storage_id == ""  # an older worker
+    older_worker = {key: value for key, value in _resources().items() if key != "storage_id"}
+    assert conductor.host_heartbeat(host="hv1", resources=older_worker).storage_id == ""
     with pytest.raises(contract.ReportError, match="storage_id"):
         tasks._resources({"storage_id": 42})
 
@@ -496,3 +494,21 @@ def test_hosts_are_forced_down_fenced_and_evacuated_from_the_admin(
     hv1.refresh_from_db()
     assert hv1.forced_down and "from the admin" in hv1.forced_down_reason
     assert staff.get(url).status_code == 200
+
+
+def test_the_destination_is_claimed_so_a_full_host_takes_no_more(
+        api: APIClient, admin_api: APIClient, outbox: Outbox, flavors: dict[str, Flavor], image: Any) -> None:
+    """hv2 has room for one 128 MiB server (150 MiB x RAM ratio 1.5): the first evacuation claims it, the
+    second is refused by the scheduler's RAM filter, not placed on top."""
+    web = active_server(api, outbox, name="web")
+    db = active_server(api, outbox, name="db")
+    heartbeat("hv1", storage_id=SHARED)
+    heartbeat("hv2", storage_id=SHARED, memory_mb=150)
+    die("hv1")
+    force_down(admin_api, "hv1")
+    assert evacuate(admin_api, web).status_code == 202
+    full = evacuate(admin_api, db)
+    assert full.status_code == 409 and "RamFilter" in full.json()["detail"], full.json()
+    assert allocations(web) == [("hv1", True), ("hv2", False)]
+    assert allocations(db) == [("hv1", False)]
+    assert Host.objects.get(name="hv2").allocations.count() == 1
