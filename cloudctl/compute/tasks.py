@@ -128,16 +128,14 @@ def confirm_expired_resizes() -> int:
 def _resources(resources: Any) -> dict[str, Any]:
     """A heartbeat's (or host_init's) resources: an object; ``tunnel_ip``, when given, "" or an IP
     address (the other hosts' VXLAN flood entries will point at it); ``busy``, when given, a list of
-    strings."""
+    strings; ``storage_id`` (:func:`contract.check_storage_id`) set, "" when missing."""
     if not isinstance(resources, dict):
         raise contract.ReportError("resources must be a JSON object")
     busy = resources.get("busy", [])
     if not isinstance(busy, list) or not all(isinstance(item, str) for item in busy):
         raise contract.ReportError(f"busy must be a list of instance uuids, not {busy!r}")
-    storage_id = resources.get("storage_id", "")
-    if not isinstance(storage_id, str) or len(storage_id) > 64:
-        raise contract.ReportError(f"storage_id must be a string of at most 64 characters, not "
-                                   f"{storage_id!r}")
+    # 32 hex digits or "" (a missing key, an older worker: "" too).
+    resources["storage_id"] = contract.check_storage_id(resources.get("storage_id"))
     tunnel_ip = resources.get("tunnel_ip", "")
     if not isinstance(tunnel_ip, str):
         raise contract.ReportError(f"tunnel_ip must be a string, not {tunnel_ip!r}")

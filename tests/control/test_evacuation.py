@@ -27,7 +27,8 @@ from .conftest import Outbox, active_server, heartbeat
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("send_on_commit")]
 
-SHARED = "nfs-0123456789abcdef"
+SHARED = "0123456789abcdef0123456789abcdef"
+LOCAL_1, LOCAL_2 = "1" * 32, "2" * 32
 
 
 def allocations(instance: Instance) -> list[tuple[str, bool]]:
@@ -78,8 +79,9 @@ def test_heartbeats_report_the_storage_id_and_old_workers_none(db: None) -> None
     assert heartbeat("hv1", storage_id=SHARED).storage_id == SHARED
     older_worker = {key: value for key, value in _resources().items() if key != "storage_id"}
     assert conductor.host_heartbeat(host="hv1", resources=older_worker).storage_id == ""
+    assert tasks._resources({})["storage_id"] == ""
     with pytest.raises(contract.ReportError, match="storage_id"):
-        tasks._resources({"storage_id": 42})
+        tasks._resources({"storage_id": "../shared"})
 
 
 def test_force_down_keeps_a_host_down_until_an_admin_clears_it(
@@ -131,7 +133,7 @@ def test_evacuate_is_refused_with_the_reason(
     unknown = evacuate(admin_api, server, host="hv9")
     assert unknown.status_code == 400 and "host" in unknown.json()
 
-    Host.objects.filter(name="hv2").update(storage_id="other")
+    Host.objects.filter(name="hv2").update(storage_id=LOCAL_2)
     private = evacuate(admin_api, server)
     assert private.status_code == 409
     detail = private.json()["detail"]
@@ -144,7 +146,7 @@ def test_evacuate_is_refused_with_the_reason(
     assert "ComputeFilter" in none.json()["detail"], none.json()  # the NoValidHost breakdown
     Host.objects.filter(name="hv2").update(enabled=True)
 
-    Host.objects.filter(name="hv2").update(storage_id="other")
+    Host.objects.filter(name="hv2").update(storage_id=LOCAL_2)
     image.status = ImageStatus.DELETED
     image.save(update_fields=["status"])
     gone = evacuate(admin_api, server, allow_data_loss=True)
@@ -233,7 +235,7 @@ def test_private_storage_rebuilds_from_the_image_only_when_data_loss_is_allowed(
         api: APIClient, admin_api: APIClient, outbox: Outbox, flavors: dict[str, Flavor], image: Any) -> None:
     server = active_server(api, outbox)
     Instance.objects.filter(uuid=server.uuid).update(vm_state="stopped", power_state="shutdown")
-    two_hosts(("local-1", "local-2"))
+    two_hosts((LOCAL_1, LOCAL_2))
     die("hv1")
     force_down(admin_api, "hv1")
     assert evacuate(admin_api, server).status_code == 409
@@ -420,7 +422,7 @@ def test_auto_evacuation_moves_the_servers_of_a_fenced_host_as_the_system(
     settings.AUTO_EVACUATE = True
     web = active_server(api, outbox, name="web")
     db = active_server(api, outbox, name="db")
-    two_hosts(("local-1", "local-2"))
+    two_hosts((LOCAL_1, LOCAL_2))
     die("hv1")
     assert evacuation.hosts_fence_and_evacuate()["evacuated"] == 0, "not fenced: nothing moves"
     assert not InstanceAction.objects.filter(action="evacuate").exists()
