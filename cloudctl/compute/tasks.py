@@ -134,8 +134,9 @@ def _resources(resources: Any) -> dict[str, Any]:
     busy = resources.get("busy", [])
     if not isinstance(busy, list) or not all(isinstance(item, str) for item in busy):
         raise contract.ReportError(f"busy must be a list of instance uuids, not {busy!r}")
-    # 32 hex digits or "" (a missing key, an older worker: "" too).
-    resources["storage_id"] = contract.check_storage_id(resources.get("storage_id"))
+    # 32 hex digits or "" (a missing key, an older worker: "" too). A copy: the message's own kwargs
+    # stay as signed (a retry checks the signature again).
+    resources = {**resources, "storage_id": contract.check_storage_id(resources.get("storage_id"))}
     tunnel_ip = resources.get("tunnel_ip", "")
     if not isinstance(tunnel_ip, str):
         raise contract.ReportError(f"tunnel_ip must be a string, not {tunnel_ip!r}")
