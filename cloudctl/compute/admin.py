@@ -21,6 +21,7 @@ from cloudctl.compute.dashboard import usage_bars
 from cloudctl.compute.errors import (
     ComputeUnavailable,
     HostFenceFailed,
+    HostNotFenced,
     MigrationInvalidState,
     ServerConsoleUnavailable,
 )
@@ -270,7 +271,7 @@ def evacuate_hosts(modeladmin: admin.ModelAdmin, request: HttpRequest, queryset:
     for host in queryset:
         try:
             servers = evacuation.host_evacuate_servers(host=host, user=request.user)
-        except evacuation.HostNotFenced as refused:
+        except HostNotFenced as refused:
             modeladmin.message_user(request, str(refused), level=messages.ERROR)
             continue
         if not servers:

@@ -83,3 +83,9 @@ class HostFenceFailed(CloudctlError):
     """HOST_FENCE_COMMAND is not set, the host is up, or the command failed (HTTP 409)."""
 
     code = "fence_failed"
+
+
+class HostNotFenced(CloudctlError):
+    """The host's servers may not be evacuated now (HTTP 409): it is up, or not fenced."""
+
+    code = "host_not_fenced"

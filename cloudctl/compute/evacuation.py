@@ -39,6 +39,7 @@ from cloudctl.compute import placement, states
 from cloudctl.compute.errors import (
     EvacuationRefused,
     HostFenceFailed,
+    HostNotFenced,
     HostUnavailable,
     InvalidRequest,
     ServerInvalidState,
@@ -59,7 +60,6 @@ from cloudctl.compute.specs import spawn_spec
 from cloudctl.compute.states import TaskState, VmState
 from cloudctl.compute.sync import _system_action
 from cloudctl.database import DATABASE_ERRORS
-from cloudctl.errors import CloudctlError
 from cloudctl.images.models import ImageStatus
 from compute_workers import contract
 from compute_workers.contract import ActionResult
@@ -183,12 +183,6 @@ def hosts_fence_and_evacuate() -> dict[str, int]:
 
 
 # --- Evacuation -----------------------------------------------------------------------------------
-
-class HostNotFenced(CloudctlError):
-    """The host's servers may not be evacuated now (HTTP 409): it is up, or not fenced."""
-
-    code = "host_not_fenced"
-
 
 @dataclass(frozen=True)
 class Destination:
