@@ -192,19 +192,24 @@ class Destination:
 
 def fencing_problem(host: Host) -> str:
     """Why the servers of ``host`` may not be rebuilt elsewhere now ("" when they may): it must be
-    forced down (fenced) and silent (a worker that still heartbeats may still run them)."""
+    fenced — forced down (by an admin, or by a fencing command that succeeded) and silent since. An
+    admin who powered a host off and forced it down need not wait SERVICE_DOWN_TIME (Nova does not
+    either); but a heartbeat that arrives after the force-down proves its worker runs, so may its
+    servers: refused until the host is really off."""
+    seen = f"{host.last_heartbeat:%Y-%m-%d %H:%M:%S} UTC" if host.last_heartbeat else "never"
+    if host.forced_down:
+        if (host.last_heartbeat is not None and host.forced_down_at is not None
+                and host.last_heartbeat > host.forced_down_at):
+            return (f"host {host.name} is forced down but still heartbeats (last {seen}, forced down "
+                    f"{host.forced_down_at:%Y-%m-%d %H:%M:%S} UTC): its compute worker runs, so may its "
+                    "servers; power the host off first")
+        return ""
     if not host_heartbeat_stale(host):
-        seen = f"{host.last_heartbeat:%Y-%m-%d %H:%M:%S} UTC"
-        if host.forced_down:
-            return (f"host {host.name} is forced down but still heartbeats (last {seen}): its compute worker "
-                    "runs, so may its servers; stop the host first")
         return (f"host {host.name} is up (last heartbeat {seen}); evacuate only rebuilds the servers of a "
                 "dead host (live-migrate or migrate them)")
-    if not host.forced_down:
-        return (f"host {host.name} is down but not fenced, so its servers may still run there; fence it: "
-                f"power it off and POST /api/v1/hosts/{host.name}/force-down/ {{\"forced_down\": true}}, or "
-                f"POST /api/v1/hosts/{host.name}/fence/ (HOST_FENCE_COMMAND)")
-    return ""
+    return (f"host {host.name} is down but not fenced, so its servers may still run there; fence it: "
+            f"power it off and POST /api/v1/hosts/{host.name}/force-down/ {{\"forced_down\": true}}, or "
+            f"POST /api/v1/hosts/{host.name}/fence/ (HOST_FENCE_COMMAND)")
 
 
 def require_fenced(instance: Instance) -> Host:

@@ -124,7 +124,7 @@ def test_evacuate_is_refused_with_the_reason(
     detail = unfenced.json()["detail"]
     assert "not fenced" in detail and "/api/v1/hosts/hv1/force-down/" in detail, detail
     force_down(admin_api, "hv1")
-    heartbeat("hv1", storage_id=SHARED)  # forced down, but its worker still heartbeats
+    heartbeat("hv1", storage_id=SHARED)  # forced down, but its worker heartbeats after that
     alive = evacuate(admin_api, server)
     assert alive.status_code == 409 and "still heartbeats" in alive.json()["detail"]
     die("hv1")
@@ -163,6 +163,17 @@ def test_evacuate_is_refused_with_the_reason(
     assert allocations(server) == [("hv1", False)]
     assert not Migration.objects.filter(migration_type="evacuation").exists()
     assert outbox.compute == []
+
+
+def test_a_host_powered_off_and_forced_down_is_evacuated_without_waiting_for_service_down_time(
+        api: APIClient, admin_api: APIClient, outbox: Outbox, flavors: dict[str, Flavor], image: Any) -> None:
+    """Its last heartbeat is seconds old, but none came after the force-down: fenced, evacuated now."""
+    server = active_server(api, outbox)
+    two_hosts()
+    force_down(admin_api, "hv1")
+    accepted = evacuate(admin_api, server)
+    assert accepted.status_code == 202, accepted.json()
+    assert accepted.json()["dest_host"] == "hv2"
 
 
 def test_evacuation_on_shared_storage_keeps_the_disk_and_the_dead_host_cleans_up_when_back(
