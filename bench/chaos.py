@@ -19,7 +19,8 @@ Scenarios (default: every one that can run here):
   database-restart      runs --db-stop-command, waits 5 s, runs --db-start-command; only with both
                         given, and they must act on a PostgreSQL of the bench's own (DATABASE_URL):
                         never stop a cluster that other people's processes use
-  dead-host             a hook for evacuation (scenario_dead_host): does nothing yet
+  dead-host             a compute worker frozen (SIGSTOP), seen down, forced down by the admin, its
+                        servers evacuated; then it comes back and must remove its stale domains
 
 Prints per scenario: operations attempted, accepted, refused (409: state), failed with the fault
 (connection lost, 5xx), stuck past deadline, leaked/doubled/missing claims, orphan and missing
@@ -36,6 +37,7 @@ import os
 import random
 import secrets
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -120,13 +122,64 @@ def scenario_database_restart(stack: Stack, workload: bed.Workload, rng: random.
     subprocess.run(shlex.split(args.db_start_command), check=True)
 
 
+def _servers_on(stack: Stack, host: str) -> list[dict[str, object]]:
+    body = stack.api("GET", "/api/v1/servers/?limit=500").json()
+    rows = body["results"] if isinstance(body, dict) else body
+    return [server for server in rows if server.get("host") == host]
+
+
 def scenario_dead_host(stack: Stack, workload: bed.Workload, rng: random.Random,
                        args: argparse.Namespace) -> None:
-    """A host dies (issue 19, fault 4): the lead fills this in once evacuation lands. Intended: stop one
-    compute worker for good (``stack.kill(name)`` and keep the supervisor from restarting it, or a
-    fleet host's heartbeats stopped), wait SERVICE_DOWN_TIME, fence it (``forced_down``), call
-    ``POST /api/v1/hosts/{name}/evacuate/``, and let the invariants (which then must also see its
-    servers running elsewhere) measure the time from the failure to recovery. Does nothing yet."""
+    """A host dies under the workload (issue 19, fault 4): its compute worker is frozen (SIGSTOP: no
+    heartbeat, its domains still "run", as a hung or cut-off host), seen down after SERVICE_DOWN_TIME,
+    fenced by the admin (force-down), and every server on it evacuated (``POST /hosts/{name}/evacuate/``
+    with allow_data_loss: fake hosts share no storage). Prints the seconds from the failure to the
+    host seen down and to all its evacuated servers running elsewhere. Then the host comes back (its
+    worker SIGKILLed, so the supervisor starts it again, as after a reboot): its stale domains must go
+    (the invariants count orphans), and its force-down is cleared."""
+    victim = HOSTS[1]
+    stack.wait_for(f"servers on {victim}", lambda: len(_servers_on(stack, victim)) >= 3, 60)
+    # The clients pause while the host is dead: their deletes of its servers would otherwise race the
+    # evacuation being measured (a server being deleted is not evacuated); they resume once it is back.
+    workload.finish()
+    failed = time.monotonic()
+    group = stack.kill(victim, signal.SIGSTOP)
+
+    def state() -> str:
+        return str(stack.api("GET", f"/api/v1/hosts/{victim}/").json()["state"])
+
+    stack.wait_for(f"{victim} down", lambda: state() == "down", 120)
+    down = time.monotonic() - failed
+    answer = stack.api("POST", f"/api/v1/hosts/{victim}/force-down/",
+                       json={"forced_down": True, "reason": "chaos bench: dead host"})
+    assert answer.status_code == 200, answer.text
+    answer = stack.api("POST", f"/api/v1/hosts/{victim}/evacuate/", json={"allow_data_loss": True})
+    assert answer.status_code in (200, 202), answer.text
+    results = answer.json()["servers"]
+    moved = [str(row["server"]) for row in results if row.get("accepted")]
+    refused = [str(row.get("refused", "")) for row in results if not row.get("accepted")]
+
+    def elsewhere() -> bool:
+        for server_id in moved:
+            body = stack.api("GET", f"/api/v1/servers/{server_id}/")
+            if body.status_code == 404:
+                continue  # the workload deleted it meanwhile
+            server = body.json()
+            if server["host"] == victim or server["status"] not in ("ACTIVE", "SHUTOFF", "ERROR"):
+                return False
+        return True
+
+    stack.wait_for("evacuated servers running elsewhere", elsewhere, 120)
+    running = time.monotonic() - failed
+    print(f"dead-host: {victim} seen down after {down:.1f} s (SERVICE_DOWN_TIME "
+          f"{bed.chaos_env()['SERVICE_DOWN_TIME']} s); {len(moved)} server(s) evacuated, running elsewhere "
+          f"{running:.1f} s after the failure; {len(refused)} refused: {sorted(set(refused))[:3]}",
+          flush=True)
+    os.killpg(group, signal.SIGKILL)  # the host reboots: the supervisor starts its worker again
+    stack.wait_for(f"{victim} worker restarted", lambda: stack.process_group(victim) != group, 30)
+    answer = stack.api("POST", f"/api/v1/hosts/{victim}/force-down/", json={"forced_down": False})
+    assert answer.status_code == 200, answer.text
+    workload.start(args.clients)
 
 
 SCENARIOS: dict[str, Scenario] = {
