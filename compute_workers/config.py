@@ -62,6 +62,7 @@ A malformed value fails at start with :class:`ConfigError` naming the variable.
 | `COMPUTE_FAKE_MEMORY_MB` | `32768` | RAM the fake driver reports (`--memory-mb`). |
 | `COMPUTE_FAKE_DISK_GB` | `500` | Disk the fake driver reports (`--disk-gb`). |
 | `COMPUTE_FAKE_SPAWN_DELAY` | `0` | Seconds the fake driver's spawn takes (tests and benchmarks: a spawn in flight during a fault). |
+| `COMPUTE_TEST_DUPLICATE_DELIVERY` | `0` | **Tests only.** `1` (or `after`): every task this worker runs is run a second time once the first run finished, with the same task id and arguments, as Redis redelivers a message that was not acknowledged; `concurrent`: the second run starts while the first still runs. Proves that every compute and network task changes nothing the second time (README: Duplicate delivery); doubles every operation's work, so the worker logs a WARNING at start when it is on. |
 
 Celery time limits are not enforced by the ``threads`` pool the worker runs (Celery ignores them
 there); they are declared for pools that do, and the operations bound their own waits (download
@@ -81,6 +82,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from compute_workers import contract, credentials
+from compute_workers.redelivery import parse_mode
 
 DRIVERS = ("libvirt", "fake")
 VIRT_TYPES = ("auto", "kvm", "qemu")
@@ -271,6 +273,7 @@ class ComputeConfig:
     fake_memory_mb: int = _env("COMPUTE_FAKE_MEMORY_MB", 32768, _positive_int)
     fake_disk_gb: int = _env("COMPUTE_FAKE_DISK_GB", 500, _positive_int)
     fake_spawn_delay: float = _env("COMPUTE_FAKE_SPAWN_DELAY", 0.0, _non_negative_float)
+    test_duplicate_delivery: str = _env("COMPUTE_TEST_DUPLICATE_DELIVERY", "0", parse_mode)
 
     def __post_init__(self) -> None:
         for kind in ("spawn", "terminate", "console", "lifecycle", "snapshot", "live_migration", "resize",
