@@ -141,7 +141,7 @@ def test_spawn_lifecycle_and_terminate_delivered_twice_change_nothing_the_second
     spawned = [kwargs for name, kwargs in instance_reports(reporter, instance_uuid)
                if name == contract.CONDUCTOR_INSTANCE_UPDATE and kwargs["values"].get("vm_state") == "active"]
     # Both deliveries say the same thing; the second one built nothing.
-    assert len(spawned) == 2 and "not rebuilt" in spawned[1]["event"]["message"]
+    assert len(spawned) == 2 and "redelivered spawn ignored" in spawned[1]["event"]["message"]
     assert not reporter.named(contract.CONDUCTOR_BUILD_FAILED)
 
     for name, action_id, extra, target in (
@@ -184,5 +184,5 @@ def test_a_concurrent_second_spawn_waits_for_the_first_and_builds_nothing(
     assert driver.list_instances() == {spec["instance_uuid"]: "running"}
     messages = [kwargs["event"]["message"] for kwargs in reporter.named(contract.CONDUCTOR_INSTANCE_UPDATE)
                 if kwargs["event"]["name"] == "compute_spawn"]
-    assert len(messages) == 2 and sum("not rebuilt" in message for message in messages) == 1
+    assert len(messages) == 2 and sum("redelivered spawn ignored" in message for message in messages) == 1
     manager.close()
