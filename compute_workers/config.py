@@ -64,6 +64,7 @@ A malformed value fails at start with :class:`ConfigError` naming the variable.
 | `COMPUTE_FAKE_SPAWN_DELAY` | `0` | Seconds the fake driver's spawn takes (tests and benchmarks: a spawn in flight during a fault). |
 | `COMPUTE_FAKE_DESTROY_DELAY` | `0` | Seconds the fake driver's destroy takes (a delete in flight during a fault). |
 | `COMPUTE_FAKE_STATE_DIR` | (empty) | Where the fake driver keeps its domains (`<dir>/<host>.json`, written at each change) so that they outlive a killed worker as libvirt's do (the kill -9 tests, `bench/chaos.py`). Empty: in memory only, a restarted fake worker is a host that rebooted. |
+| `COMPUTE_TEST_DUPLICATE_DELIVERY` | `0` | **Tests only.** `1` (or `after`): every task this worker runs is run a second time once the first run finished, with the same task id and arguments, as Redis redelivers a message that was not acknowledged; `concurrent`: the second run starts while the first still runs. Proves that every compute and network task changes nothing the second time (README: Duplicate delivery); doubles every operation's work, so the worker logs a WARNING at start when it is on. |
 
 Celery time limits are not enforced by the ``threads`` pool the worker runs (Celery ignores them
 there); they are declared for pools that do, and the operations bound their own waits (download
@@ -83,6 +84,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from compute_workers import contract, credentials
+from compute_workers.redelivery import parse_mode
 
 DRIVERS = ("libvirt", "fake")
 VIRT_TYPES = ("auto", "kvm", "qemu")
@@ -275,6 +277,7 @@ class ComputeConfig:
     fake_spawn_delay: float = _env("COMPUTE_FAKE_SPAWN_DELAY", 0.0, _non_negative_float)
     fake_destroy_delay: float = _env("COMPUTE_FAKE_DESTROY_DELAY", 0.0, _non_negative_float)
     fake_state_dir: str = _env("COMPUTE_FAKE_STATE_DIR", "", str)
+    test_duplicate_delivery: str = _env("COMPUTE_TEST_DUPLICATE_DELIVERY", "0", parse_mode)
 
     def __post_init__(self) -> None:
         for kind in ("spawn", "terminate", "console", "lifecycle", "snapshot", "live_migration", "resize",

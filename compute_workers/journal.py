@@ -113,15 +113,64 @@ class MigrationJournal:
         self.directory.mkdir(mode=0o755, parents=True, exist_ok=True)
         data = {"instance_uuid": instance_uuid, "result": result, "at": time.time(), **details}
         replace_durably(path, json.dumps(data).encode(), mode=0o644)
-        self._prune()
+        prune(self.directory, "migration-")
 
-    def _prune(self) -> None:
-        cutoff = time.time() - MIGRATION_RECORD_MAX_AGE
-        with os.scandir(self.directory) as entries:
-            for entry in entries:
-                if entry.name.startswith("migration-"):
-                    try:
-                        if entry.stat().st_mtime < cutoff:
-                            os.unlink(entry.path)
-                    except FileNotFoundError:
-                        pass
+
+def prune(directory: Path, prefix: str, max_age: float = MIGRATION_RECORD_MAX_AGE) -> None:
+    """Remove the records (files named ``prefix…``) of ``directory`` older than ``max_age`` seconds."""
+    cutoff = time.time() - max_age
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.name.startswith(prefix):
+                try:
+                    if entry.stat().st_mtime < cutoff:
+                        os.unlink(entry.path)
+                except FileNotFoundError:
+                    pass
+
+
+SPAWNS_DIR = ".spawns"
+
+
+class SpawnJournal:
+    """The spawns this host completed: ``INSTANCES_PATH/.spawns/spawn-<uuid>@<host>``.
+
+    A spawn's message can be delivered again long after it ran (a worker that died before acknowledging
+    it: at its restart, or after ``visibility_timeout``): by then the server may have been stopped,
+    paused, moved or deleted, and finding (or not finding) its domain no longer says whether this spawn
+    ran. So its outcome is journaled, written durably before it is reported; a redelivered spawn whose
+    record is here does nothing to the hypervisor. Not in the instance's directory (terminate and the
+    cleanup of a failed spawn remove it); named after the host, as INSTANCES_PATH may be shared by
+    several. A record names the spawn's ``request_id`` (the request of the action that asked for it):
+    a later spawn of the same instance for another request (a rebuild) is not a redelivery. Records
+    older than 30 days are removed when a new one is written.
+    """
+
+    def __init__(self, instances_path: Path, host: str) -> None:
+        self.directory = instances_path / SPAWNS_DIR
+        self.host = host
+
+    def path(self, instance_uuid: str) -> Path:
+        return self.directory / f"spawn-{checked_uuid(instance_uuid)}@{self.host}"
+
+    def done(self, instance_uuid: str, request_id: str) -> dict[str, Any] | None:
+        """The record of the spawn of ``instance_uuid`` for ``request_id`` on this host; None when this
+        host has not completed one."""
+        try:
+            record = json.loads(self.path(instance_uuid).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except ValueError:  # cannot be written half (renamed whole); count it as done all the same
+            return {"result": "error", "request_id": request_id}
+        if not isinstance(record, dict):
+            return {"result": "error", "request_id": request_id}
+        return record if record.get("request_id", "") == request_id else None
+
+    def record(self, instance_uuid: str, request_id: str, result: str) -> None:
+        if result not in RESULTS:
+            raise ValueError(f"result must be one of {RESULTS}")
+        path = self.path(instance_uuid)
+        self.directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+        data = {"instance_uuid": instance_uuid, "request_id": request_id, "result": result, "at": time.time()}
+        replace_durably(path, json.dumps(data).encode(), mode=0o644)
+        prune(self.directory, "spawn-")

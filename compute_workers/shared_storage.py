@@ -2,10 +2,10 @@
 
 The destination of a migration creates ``INSTANCES_PATH/.shared-<token>`` (its name goes back to the
 control plane in the check's answer); the source looks for that name in its own INSTANCES_PATH. Seen:
-the same filesystem (the instance directory on the source *is* the destination's), and the source
-removes the marker. Whoever comes next removes it too (the destination's ``pre_live_migration`` or
-``prep_resize``), and the markers of checks nobody followed up are removed after
-:data:`MARKER_MAX_AGE` by the next check on that host.
+the same filesystem (the instance directory on the source *is* the destination's). The source only
+looks (its check answers the same when delivered twice); the step that comes next removes the marker
+(the destination's ``pre_live_migration`` or ``prep_resize``), and the markers of checks nobody
+followed up are removed after :data:`MARKER_MAX_AGE` by the next check on that host.
 
 Marker names come over the network and become paths: only names of the exact shape made here are
 ever touched.

@@ -24,6 +24,7 @@ from celery.app.task import Context
 from compute_workers.config import ComputeConfig
 from compute_workers.manager import ComputeManager
 from compute_workers.operations import FAMILIES, OperationFamily
+from compute_workers.redelivery import CONCURRENT, OFF, DeliveredTwice
 
 LOG = logging.getLogger(__name__)
 
@@ -66,12 +67,21 @@ class TaskRegistrar:
         self.managers = managers
         self.limits = {name: {"soft_time_limit": soft, "time_limit": hard}
                        for name, soft, hard in managers.config.time_limits()}
+        # COMPUTE_TEST_DUPLICATE_DELIVERY: every task declared here runs twice per delivery.
+        self.duplicate_delivery = managers.config.test_duplicate_delivery
+        if self.duplicate_delivery != OFF:
+            LOG.warning("COMPUTE_TEST_DUPLICATE_DELIVERY=%s: every compute and network task is run twice "
+                        "(%s); a test setting, never for a real host", self.duplicate_delivery,
+                        "the second run while the first still runs" if self.duplicate_delivery ==
+                        CONCURRENT else "the second run after the first")
 
     def task(self, name: str, *, ignore_result: bool) -> Callable[[TaskFunction], TaskFunction]:
         """Declare the task ``name`` (a contract constant) with its time limits. bind=True: the task's
         request tells which queue (hence which host) it came from."""
+        doubled: dict[str, Any] = ({} if self.duplicate_delivery == OFF else
+                                   {"base": DeliveredTwice, "duplicate_delivery": self.duplicate_delivery})
         decorator: Callable[[TaskFunction], TaskFunction] = self.app.task(
-            name=name, ignore_result=ignore_result, shared=False, bind=True, **self.limits[name])
+            name=name, ignore_result=ignore_result, shared=False, bind=True, **self.limits[name], **doubled)
         return decorator
 
     def family(self, task: Task, family: type[Family], host: str | None = None) -> Family | None:

@@ -64,6 +64,14 @@ def record_event(instance_uuid: str, *, event: str, result: str = "", host: str 
         action.events.filter(event=event, finish_time__isnull=True).update(message=message)
         return
     if result == "Start":
+        # The conductor's processes may apply a host's reports out of order: a step's end handled before
+        # its start recorded the step already (closed without an opening: start_time == finish_time).
+        # Its late start must not open a second row that nothing would close.
+        latest = action.events.filter(event=event, host=host).order_by("-id").first()
+        if latest is not None and latest.finish_time is not None and latest.finish_time == latest.start_time:
+            log.info("event %s of %s from %s: its start came after its end; recorded once", event,
+                     instance_uuid, host)
+            return
         InstanceActionEvent.objects.create(action=action, event=event, host=host, message=message,
                                            start_time=now)
         return

@@ -1,8 +1,11 @@
 """Build: spawn an instance, terminate it, read its console; a failed build is reported to be
 rescheduled (or not).
 
-Spawn and terminate converge by the domain's name: a redelivered spawn finds the domain and reports it
-again, never builds twice; a terminate of an instance that is not here succeeds. The bridges of the
+Spawn and terminate converge by the domain's name: a spawn that finds the domain (an earlier attempt
+died before it finished) never builds twice; a terminate of an instance that is not here succeeds. A
+spawn's outcome is journaled before it is reported (:class:`~compute_workers.journal.SpawnJournal`): a
+redelivery of a spawn that completed does nothing to the hypervisor, however late it comes (it must not
+start a server stopped since, nor build again one deleted or failed since). The bridges of the
 spec's networks are made (compute_workers.network.linuxbridge: idempotent) before the domain is
 defined and started, with the ports' filtering (compute_workers.network.firewall); a terminate removes,
 after the domain is gone, its taps' chains and the bridges it leaves unused. A terminate that
@@ -21,7 +24,8 @@ from celery import Task
 from compute_workers import contract
 from compute_workers.contract import EventResult, TaskState, VmState
 from compute_workers.exception import ComputeError, ConsoleUnavailable, InstanceNotFound, InvalidInstanceUUID
-from compute_workers.operations.base import OperationFamily, fault_from
+from compute_workers.journal import SpawnJournal
+from compute_workers.operations.base import HostContext, OperationFamily, fault_from, target_values
 from compute_workers.virt.driver import checked_uuid
 
 if TYPE_CHECKING:
@@ -46,6 +50,10 @@ def reschedule_after(exc: BaseException) -> bool:
 class Build(OperationFamily):
     """compute.spawn, compute.terminate, compute.get_console_output."""
 
+    def __init__(self, context: HostContext) -> None:
+        super().__init__(context)
+        self.spawns = SpawnJournal(context.config.instances_path, context.host)
+
     def spawn(self, spec: dict[str, Any]) -> None:
         """Converge to "this instance runs here", then report active; or clean up and report
         build_failed. A redelivered spawn finds the domain and reports it again, never builds twice."""
@@ -62,7 +70,44 @@ class Build(OperationFamily):
                                      host=self.host, fault=fault_from(exc, self.host), reschedule=False)
             return
         with self.instance_locks.hold(spec["instance_uuid"]):
-            self._spawn_locked(spec)
+            if not self._spawn_redelivered(spec):
+                self._spawn_locked(spec)
+
+    def _spawn_redelivered(self, spec: dict[str, Any]) -> bool:
+        """Whether this host already completed this spawn (its journal says so): then the domain is left
+        as it is, whatever it became since, and only its state is reported again (the conductor drops it
+        unless the first report was lost)."""
+        instance_uuid = spec["instance_uuid"]
+        try:
+            record = self.spawns.done(instance_uuid, str(spec.get("request_id") or ""))
+        except OSError as exc:
+            LOG.error("cannot read the spawn journal of %s (%s): running the spawn", instance_uuid, exc)
+            return False
+        if record is None:
+            return False
+        try:
+            state = self.power_state_or_none(instance_uuid)
+        except Exception as exc:
+            state = None
+            LOG.warning("cannot read the power state of %s: %s", instance_uuid, exc)
+        domain = "absent" if state is None else f"{state}, left as it is"
+        LOG.info("spawn of %s already done on this host (%s); redelivered task ignored, domain %s",
+                 instance_uuid, record.get("result"), domain)
+        if record.get("result") == "success" and state is not None:
+            self.update(instance_uuid, SPAWNING, target_values(state), event=self.event(
+                "compute_spawn", EventResult.SUCCESS,
+                f"domain {contract.domain_name(instance_uuid)} spawned on {self.host} already; redelivered "
+                f"spawn ignored"))
+        return True
+
+    def _journal_spawn(self, spec: dict[str, Any], result: str) -> None:
+        """Journal the spawn's ``result`` before it is reported; a journal that cannot be written is
+        logged, never raised."""
+        try:
+            self.spawns.record(spec["instance_uuid"], str(spec.get("request_id") or ""), result)
+        except OSError as exc:  # the outcome must still be reported
+            LOG.error("cannot journal the spawn of %s (%s): a redelivery of it would run again",
+                      spec["instance_uuid"], exc)
 
     def _spawn_locked(self, spec: dict[str, Any]) -> None:
         instance_uuid = spec["instance_uuid"]
@@ -88,6 +133,7 @@ class Build(OperationFamily):
             return
         message = (f"domain {contract.domain_name(instance_uuid)} started on {self.host} in "
                    f"{time.monotonic() - started:.1f} s")
+        self._journal_spawn(spec, "success")
         self._spawned(instance_uuid, power_state, message)
 
     def _plugged_event(self, spec: dict[str, Any], made: list[str]) -> None:
@@ -108,9 +154,10 @@ class Build(OperationFamily):
                     event=self.event("compute_spawn", EventResult.SUCCESS, message))
 
     def _spawn_existing(self, spec: dict[str, Any], power_state: str) -> None:
-        """The domain exists: this is a redelivered spawn. Never rebuild nor remove it (it may be an
-        instance in use: the conductor drops our report if the instance moved on); start it if an
-        earlier attempt died between defining and starting it."""
+        """The domain exists, and no spawn of it completed here (the journal): an earlier attempt died
+        before it finished (the redelivery of one that completed never gets here). Never rebuild nor
+        remove it (the conductor drops our report if the instance moved on); start it if that attempt
+        died between defining and starting it."""
         instance_uuid = spec["instance_uuid"]
         try:
             if power_state == contract.POWER_PAUSED:
@@ -124,9 +171,11 @@ class Build(OperationFamily):
         except Exception as exc:
             # Not build_failed: that would reschedule while the domain stays here.
             LOG.error("spawn of %s: cannot start its existing domain: %s", instance_uuid, exc)
+            self._journal_spawn(spec, "error")
             self.update(instance_uuid, SPAWNING, {"vm_state": VmState.ERROR, "task_state": None},
                         fault=fault_from(exc, self.host))
             return
+        self._journal_spawn(spec, "success")
         self._spawned(instance_uuid, power_state, f"domain {contract.domain_name(instance_uuid)} already "
                                                   f"exists on {self.host}; not rebuilt")
 
@@ -157,6 +206,7 @@ class Build(OperationFamily):
                 networks = spec.get("networks") or ()
                 self.unplug(instance_uuid, [network["bridge"] for network in networks],
                             [network["tap"] for network in networks])
+        self._journal_spawn(spec, "error")
         self.reporter.report(contract.CONDUCTOR_BUILD_FAILED, instance_uuid=instance_uuid, host=self.host,
                              fault=fault_from(exc, self.host), reschedule=reschedule)
 

@@ -138,7 +138,8 @@ class LiveMigration(OperationFamily):
 
     def check_can_migrate_source(self, instance_uuid: str, shared_marker: str | None) -> dict[str, Any]:
         """Can the instance leave this host? Its domain must be here; says whether the destination's
-        marker is visible here (then removes it: shared storage) and the bytes its disk occupies."""
+        marker is visible here (shared storage) and the bytes its disk occupies. Changes nothing: asked
+        twice, it answers the same."""
         def refused(message: str) -> dict[str, Any]:
             LOG.warning("migration of %s from this host (%s) refused: %s", instance_uuid, self.host, message)
             return {"ok": False, "check": "source", "message": message}
@@ -155,8 +156,9 @@ class LiveMigration(OperationFamily):
                                                                     str(shared_marker))
         except markers.InvalidMarker as exc:
             return refused(str(exc))
-        if shared:
-            markers.remove_marker(self.config.instances_path, shared_marker)
+        # The marker stays: the next step (prep_resize, pre_live_migration) removes it, or the next check
+        # once it is old. Removed here, a second delivery of this check (run while the first goes on, or
+        # whose answer the result backend keeps instead) would answer "not shared".
         try:
             disk_bytes = (self.config.instances_path / instance_uuid / "disk").stat().st_blocks * 512
         except FileNotFoundError:

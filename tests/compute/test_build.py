@@ -4,6 +4,7 @@ what is left on the host, and the build tasks."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 from compute_workers import contract
 from compute_workers.app import create_app
 from compute_workers.exception import HypervisorError
+from compute_workers.journal import SpawnJournal
 from compute_workers.manager import ComputeManager
 from compute_workers.operations import Build
 from compute_workers.reporter import ListReporter
@@ -20,7 +22,7 @@ from compute_workers.virt.fake import FakeBuildAbortDriver, FakeDriver
 from compute_workers.virt.libvirt.driver import LibvirtDriver
 from compute_workers.virt.libvirt.testdriver import LibvirtTestDriver
 
-from .conftest import HOST, ImageServer, SpecFactory, make_manager
+from .conftest import HOST, ImageServer, Managed, SpecFactory, make_manager
 
 ACTIVE = {"vm_state": "active", "task_state": None, "power_state": "running"}
 
@@ -62,7 +64,7 @@ def test_redelivered_spawn_reports_again_without_a_second_domain(
     manager.family(Build).spawn(spec)
     updates = reporter.named(contract.CONDUCTOR_INSTANCE_UPDATE)
     assert [u["values"] for u in updates] == [ACTIVE, ACTIVE]
-    assert "already exists" in updates[1]["event"]["message"]
+    assert "redelivered spawn ignored" in updates[1]["event"]["message"]
     assert isinstance(manager.driver, LibvirtDriver)
     domains = [d.name() for d in manager.driver.conn.listAllDomains()]
     assert domains.count(contract.domain_name(spec["instance_uuid"])) == 1
@@ -94,9 +96,71 @@ def test_spawn_of_a_defined_but_stopped_domain_starts_it(
     spec = make_spec()
     manager.family(Build).spawn(spec)
     manager.driver.power_off(spec["instance_uuid"], 10)
-    manager.family(Build).spawn(spec)  # e.g. a previous attempt died between define and start
+    # A previous attempt died between define and start: it journaled nothing.
+    manager.family(Build).spawns.path(spec["instance_uuid"]).unlink()
+    manager.family(Build).spawn(spec)
     assert manager.driver.get_info(spec["instance_uuid"]) == contract.POWER_RUNNING
     assert last_update(reporter)["values"] == ACTIVE
+
+
+def test_a_late_redelivered_spawn_leaves_a_server_stopped_since_as_it_is(
+        managed: Managed, make_spec: SpecFactory) -> None:
+    """Redis may deliver a spawn again hours after it ran (a worker that died before acknowledging
+    it); the user stopped (or paused) the server meanwhile: the redelivery must not start it."""
+    manager, reporter = managed
+    spec = make_spec()
+    uuid = spec["instance_uuid"]
+    manager.family(Build).spawn(spec)
+    manager.driver.power_off(uuid, 0)
+    manager.family(Build).spawn(spec)
+    assert manager.driver.get_info(uuid) == contract.POWER_SHUTDOWN
+    # Its report says what is true (the conductor drops it: the server is no longer spawning).
+    assert last_update(reporter)["values"] == {"vm_state": "stopped", "task_state": None,
+                                               "power_state": "shutdown"}
+    manager.driver.power_on(uuid, spec)
+    manager.driver.pause(uuid)
+    manager.family(Build).spawn(spec)
+    assert manager.driver.get_info(uuid) == contract.POWER_PAUSED
+
+
+def test_a_late_redelivered_spawn_builds_no_server_deleted_or_failed_since(
+        managed: Managed, make_spec: SpecFactory) -> None:
+    manager, reporter = managed
+    build = manager.family(Build)
+    spec = make_spec()
+    build.spawn(spec)
+    build.terminate(spec["instance_uuid"])
+    reporter.reports.clear()
+    build.spawn(spec)  # the server was deleted since: nothing is built again, nothing reported
+    assert manager.driver.list_instances() == {}
+    assert reporter.reports == []
+
+    failing = make_spec(host="elsewhere")  # refused: not journaled, refused again
+    build.spawn(failing)
+    build.spawn(failing)
+    assert len(reporter.named(contract.CONDUCTOR_BUILD_FAILED)) == 2
+
+
+def test_a_redelivered_spawn_whose_build_failed_does_not_build_again(tmp_path: Path,
+                                                                    make_spec: SpecFactory) -> None:
+    attempts: list[str] = []
+
+    class FailingOnceDriver(FakeDriver):
+        def spawn(self, spec: dict[str, Any], base_image: Path | None) -> None:
+            attempts.append(spec["instance_uuid"])
+            if len(attempts) == 1:
+                raise HypervisorError("libvirt cannot start the domain: no memory")
+            super().spawn(spec, base_image)
+
+    manager, reporter = make_manager(FailingOnceDriver(), tmp_path)
+    spec = make_spec()
+    manager.family(Build).spawn(spec)
+    manager.family(Build).spawn(spec)  # the conductor rescheduled it elsewhere meanwhile
+    assert len(attempts) == 1 and manager.driver.list_instances() == {}
+    assert len(reporter.named(contract.CONDUCTOR_BUILD_FAILED)) == 1
+    # A spawn of the same instance for another request (a rebuild here) is no redelivery: it runs.
+    manager.family(Build).spawn({**spec, "request_id": "req-rebuild"})
+    assert len(attempts) == 2 and manager.driver.list_instances() == {spec["instance_uuid"]: "running"}
 
 
 def test_failing_driver_reports_build_failed_and_cleans_up(tmp_path: Path, make_spec: SpecFactory) -> None:
@@ -298,3 +362,19 @@ def test_tasks_are_registered_with_contract_names_and_limits(tmp_path: Path, mak
     app.tasks[contract.COMPUTE_TERMINATE].run(instance_uuid=spec["instance_uuid"])
     assert reporter.named(contract.CONDUCTOR_INSTANCE_DESTROYED) == [
         {"instance_uuid": spec["instance_uuid"], "host": HOST}]
+
+
+def test_the_spawn_journal_is_per_host_and_per_request(tmp_path: Path, make_spec: SpecFactory) -> None:
+    """INSTANCES_PATH may be shared by several hosts: one host's record says nothing of another's spawn;
+    a record is of one request (a rebuild's spawn is not a redelivery); a record written half counts."""
+    uuid = make_spec()["instance_uuid"]
+    here, there = SpawnJournal(tmp_path, "host-a"), SpawnJournal(tmp_path, "host-b")
+    here.record(uuid, "req-1", "success")
+    assert here.done(uuid, "req-1") == {"instance_uuid": uuid, "request_id": "req-1", "result": "success",
+                                        "at": pytest.approx(time.time(), abs=60)}
+    assert there.done(uuid, "req-1") is None
+    assert here.done(uuid, "req-2") is None
+    here.path(uuid).write_text("{not json")
+    assert here.done(uuid, "req-2") == {"result": "error", "request_id": "req-2"}
+    with pytest.raises(ValueError):
+        here.record(uuid, "req-1", "maybe")

@@ -21,7 +21,7 @@ from compute_workers import contract, migration_jobs
 from compute_workers import shared_storage as markers
 from compute_workers.exception import HypervisorError, PostCopyUnsupported
 from compute_workers.manager import ComputeManager
-from compute_workers.operations import Build, LiveMigration
+from compute_workers.operations import Build, LiveMigration, Resize
 from compute_workers.reporter import ListReporter
 from compute_workers.tasks import register_tasks
 from compute_workers.virt.fake import FakeDriver
@@ -138,7 +138,8 @@ def test_checks_answer_the_contract(hosts: tuple[Host, Host], make_spec: SpecFac
     assert bad["ok"] is False and bad["check"] == "source"
 
 
-def test_shared_storage_is_detected_and_the_marker_removed(tmp_path: Path, make_spec: SpecFactory) -> None:
+def test_shared_storage_is_detected_and_the_check_changes_nothing(tmp_path: Path,
+                                                                   make_spec: SpecFactory) -> None:
     shared = tmp_path / "nfs"
     source, dest = Host(tmp_path, "src", instances=shared), Host(tmp_path, "dst", instances=shared)
     spec = spawn_on(source, make_spec)
@@ -150,6 +151,18 @@ def test_shared_storage_is_detected_and_the_marker_removed(tmp_path: Path, make_
     assert answer["ok"] and answer["cpu"] == "skipped"  # nothing to compare with
     checked = source.live.check_can_migrate_source(spec["instance_uuid"], answer["shared_marker"])
     assert checked["shared_storage"] is True and checked["disk_bytes"] == disk.stat().st_blocks * 512 > 0
+    # Delivered twice (or twice at once), the check answers the same: it removed nothing.
+    answers: list[dict[str, Any]] = []
+    threads = [threading.Thread(target=lambda: answers.append(source.live.check_can_migrate_source(
+        spec["instance_uuid"], answer["shared_marker"]))) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert answers == [checked, checked]
+    # The step that follows removes it.
+    dest.manager.family(Resize).prep_resize(spec["instance_uuid"], 7, {**spec, "host": dest.name},
+                                            answer["shared_marker"])
     assert not (shared / answer["shared_marker"]).exists()
 
 

@@ -216,7 +216,7 @@ def test_an_unreachable_destination_changes_nothing(tmp_path: Path, make_spec: S
                                           "qemu+tcp://127.0.0.1:1/system: ")
         assert update["error"].endswith("; nothing was changed on this host")
         assert manager.driver.get_info(uuid) == "running"
-        assert sorted(p.name for p in instances.iterdir()) == [".migrations", uuid]
+        assert sorted(p.name for p in instances.iterdir()) == [".migrations", ".spawns", uuid]
     finally:
         for instance_uuid in manager.driver.list_instances():
             manager.driver.destroy(instance_uuid)

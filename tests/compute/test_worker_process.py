@@ -1,5 +1,9 @@
 """``python -m compute_workers`` as a process: options, configuration errors, and a fake-driver worker
-on the real Redis answering spawn / console / terminate, heartbeating, and stopping on SIGTERM."""
+on the real Redis answering spawn / console / terminate, heartbeating, and stopping on SIGTERM.
+
+The worker runs with ``COMPUTE_TEST_DUPLICATE_DELIVERY=concurrent``: every task it consumes is run a
+second time while the first run goes on, as a redelivery after a worker restart would; the per-instance
+locks and the journals make the second runs change nothing (one domain, one action's reports)."""
 
 from __future__ import annotations
 
@@ -58,7 +62,8 @@ def worker() -> Iterator[tuple[str, subprocess.Popen[str], ConductorQueue]]:
     host = f"pytest-{secrets.token_hex(4)}"
     conductor = ConductorQueue(BROKER)
     env = {**os.environ, "CELERY_BROKER_URL": BROKER, "CELERY_RPC_BACKEND": BACKEND,
-           "COMPUTE_HEARTBEAT_INTERVAL": "1", "PYTHONUNBUFFERED": "1"}
+           "COMPUTE_HEARTBEAT_INTERVAL": "1", "PYTHONUNBUFFERED": "1",
+           "COMPUTE_TEST_DUPLICATE_DELIVERY": "concurrent"}
     argv = [sys.executable, "-m", "compute_workers", "--host", host, "--driver", "fake", "--vcpus", "6",
             "--memory-mb", "6144", "--disk-gb", "60", "--concurrency", "2"]
     process = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -91,9 +96,15 @@ def test_worker_serves_its_queue_heartbeats_and_stops_on_sigterm(
     spec = make_spec(host=host)
     queue = contract.compute_queue(host)
     client.send_task(contract.COMPUTE_SPAWN, kwargs={"spec": spec}, queue=queue)
+    active = {"vm_state": "active", "task_state": None, "power_state": "running"}
     update = conductor.wait_for(contract.CONDUCTOR_INSTANCE_UPDATE, instance_uuid=spec["instance_uuid"])
     assert update["host"] == host and update["expected_task_state"] == "spawning"
-    assert update["values"] == {"vm_state": "active", "task_state": None, "power_state": "running"}
+    assert update["values"] == active
+    # The second delivery waited for the first (the instance's lock), found its spawn journaled and
+    # reported what is true again (the conductor drops it as stale); one domain.
+    again = conductor.wait_for(contract.CONDUCTOR_INSTANCE_UPDATE, instance_uuid=spec["instance_uuid"])
+    assert again["values"] == active
+    assert ["redelivered spawn ignored" in u["event"]["message"] for u in (update, again)] == [False, True]
 
     console = client.send_task(contract.COMPUTE_CONSOLE_OUTPUT,
                                kwargs={"instance_uuid": spec["instance_uuid"], "lines": 5}, queue=queue)
@@ -105,6 +116,9 @@ def test_worker_serves_its_queue_heartbeats_and_stops_on_sigterm(
 
     beat = conductor.wait_for(contract.CONDUCTOR_HOST_HEARTBEAT, host=host)
     assert beat["resources"]["instances"] == {spec["instance_uuid"]: "running"}
+    # Nothing more of the spawn: no third report, no build failure.
+    assert [name for name, _ in conductor.unclaimed if name in (
+        contract.CONDUCTOR_INSTANCE_UPDATE, contract.CONDUCTOR_BUILD_FAILED)] == []
 
     client.send_task(contract.COMPUTE_PAUSE, kwargs={"instance_uuid": spec["instance_uuid"], "action_id": 12},
                      queue=queue)
@@ -117,9 +131,13 @@ def test_worker_serves_its_queue_heartbeats_and_stops_on_sigterm(
     assert event["host"] == host and abs(event["observed_at"] - time.time()) < 20
 
     client.send_task(contract.COMPUTE_TERMINATE, kwargs={"instance_uuid": spec["instance_uuid"]}, queue=queue)
-    assert conductor.wait_for(contract.CONDUCTOR_INSTANCE_DESTROYED,
-                              instance_uuid=spec["instance_uuid"]) == {"instance_uuid": spec["instance_uuid"],
-                                                                       "host": host}
+    for _ in range(2):  # each delivery: the second found nothing to destroy, which is a success
+        assert conductor.wait_for(contract.CONDUCTOR_INSTANCE_DESTROYED, instance_uuid=spec["instance_uuid"]
+                                  ) == {"instance_uuid": spec["instance_uuid"], "host": host}
+    # The pause reported its start and its end once: the second delivery found it journaled.
+    pause_reports = [kwargs for name, kwargs in conductor.unclaimed
+                     if name == contract.CONDUCTOR_INSTANCE_UPDATE and kwargs.get("action_id") == 12]
+    assert [r["event"]["result"] for r in pause_reports] == ["start"], pause_reports
 
     started = time.monotonic()
     process.send_signal(signal.SIGTERM)
@@ -128,3 +146,9 @@ def test_worker_serves_its_queue_heartbeats_and_stops_on_sigterm(
     assert process.returncode == 0, output
     assert f"compute@{host} ready" in output
     assert "Warm shutdown" in output
+    assert "COMPUTE_TEST_DUPLICATE_DELIVERY=concurrent: every compute and network task is run twice" in output
+    for task in (contract.COMPUTE_SPAWN, contract.COMPUTE_CONSOLE_OUTPUT, contract.COMPUTE_PAUSE,
+                 contract.COMPUTE_TERMINATE):
+        assert f"duplicate delivery: running {task}[" in output, task
+    assert "already done on this host; redelivered task ignored (compute_pause_instance" in output
+    assert "the second run of" not in output

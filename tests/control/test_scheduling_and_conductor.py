@@ -221,6 +221,30 @@ def test_a_step_reported_at_start_and_end_is_one_event(new_server, outbox):
     assert server.availability_zone == "nova"  # the placed host's zone, as Nova records it
 
 
+def test_a_step_whose_end_is_applied_before_its_start_is_one_event(new_server, outbox):
+    """The conductor's two processes may take a host's consecutive reports in either order (an image
+    already cached: its start and end are sent a millisecond apart)."""
+    server = _placed(new_server, outbox)
+    report = dict(instance_uuid=str(server.uuid), host=server.host.name,
+                  expected_task_state="spawning", values={})
+    conductor.instance_update(**report, event={"name": "compute_prep_image", "result": "success",
+                                               "message": "image tiny already cached"})
+    conductor.instance_update(**report, event={"name": "compute_prep_image", "result": "start",
+                                               "message": "preparing image tiny"})
+    action = InstanceAction.objects.get(instance=server)
+    [step] = action.events.filter(event="compute_prep_image")
+    assert (step.result, step.message) == ("Success", "image tiny already cached")
+    assert step.finish_time is not None
+    # A step of the same name started again later, in order, is a step of its own.
+    conductor.instance_update(**report, event={"name": "compute_prep_image", "result": "start",
+                                               "message": "preparing image tiny again"})
+    conductor.instance_update(**report, event={"name": "compute_prep_image", "result": "success",
+                                               "message": "image tiny cached"})
+    steps = list(action.events.filter(event="compute_prep_image").order_by("id"))
+    assert [(e.result, e.message) for e in steps] == [("Success", "image tiny already cached"),
+                                                      ("Success", "image tiny cached")]
+
+
 @pytest.mark.django_db(transaction=True)
 def test_concurrent_anti_affinity_members_never_share_a_host(member, project, flavors, image,
                                                              outbox):

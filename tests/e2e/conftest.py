@@ -43,11 +43,15 @@ def stack(tiny_image_path: Path, tmp_path_factory: pytest.TempPathFactory,
     the stack's networks, in ``qdhcp-`` namespaces, and the routers, in ``qrouter-`` ones (the default,
     the machine's host name, has no worker in this stack). Its tunnel endpoint is 127.0.0.1 (vxlan
     networks, VNIs from a block of this run's own), and its flat uplink the root end of the
-    ``outside_world``'s veth: a flat network is the external one, reaching only that namespace."""
+    ``outside_world``'s veth: a flat network is the external one, reaching only that namespace. Its
+    workers deliver every task twice (``COMPUTE_TEST_DUPLICATE_DELIVERY=1``)."""
     host = f"e2e-{secrets.token_hex(3)}"
     vni = 10_000 + secrets.randbelow((16_000_000 - 10_000) // VNI_BLOCK) * VNI_BLOCK
+    # Every compute and network task of the stack's workers is run twice (README: Duplicate delivery):
+    # each e2e test proves, besides its own point, that a redelivery changes nothing.
     extra_env = {"COMPUTE_HOST": host, "NETWORK_DHCP_HOST": host, "NETWORK_NODE_HOST": host,
-                 "COMPUTE_TUNNEL_IP": "127.0.0.1", "NETWORK_VNI_RANGE": f"{vni}:{vni + VNI_BLOCK - 1}"}
+                 "COMPUTE_TUNNEL_IP": "127.0.0.1", "NETWORK_VNI_RANGE": f"{vni}:{vni + VNI_BLOCK - 1}",
+                 "COMPUTE_TEST_DUPLICATE_DELIVERY": "1"}
     if outside_world is not None:
         extra_env["COMPUTE_FLAT_INTERFACE"] = outside_world.interface
     with run_stack(tiny_image_path, tmp_path_factory.mktemp("stack"), procfile=REPO / "Procfile",
