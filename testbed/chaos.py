@@ -59,7 +59,10 @@ def chaos_processes(secret: str, fake_state: Path, hosts: list[str], *, fleet: i
     processes = procfile_processes(without=("compute", "flower"))
     for host in hosts:
         key = credentials.host_key(secret, host, credentials.FIRST_GENERATION)
+        # Each its own INSTANCES_PATH: the fake driver keeps its disks in its process, so two fake
+        # workers can share no storage (their evacuations rebuild from the image).
         processes[host] = (f"COMPUTE_HOST_KEY={key} COMPUTE_FAKE_STATE_DIR={fake_state} "
+                           f"INSTANCES_PATH={fake_state / ('instances-' + host)} "
                            f"python -m compute_workers --host {host} --driver fake --concurrency 4")
     if fleet:
         processes["fleet"] = (f"python -m compute_workers.fleet --hosts {fleet} --prefix {fleet_prefix} "
