@@ -38,7 +38,6 @@ import random
 import secrets
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -51,48 +50,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from testbed import chaos as bed  # noqa: E402  (the same harness the kill -9 test uses)
-from testbed.broker import redis_password  # noqa: E402
+from testbed.broker import OwnRedis, redis_password  # noqa: E402
 from testbed.stack import Stack, run_stack  # noqa: E402
 
 HOSTS = ["chaos-1", "chaos-2"]
 COLUMNS = ("attempted", "accepted", "refused", "failed", "stuck", "leaked", "doubled", "unclaimed",
            "orphan_domains", "missing_domains", "unfinished_actions")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class OwnRedis:
-    """A redis-server of the bench's own (AOF persistence, as tools/services.sh runs the real one),
-    killed with SIGKILL and started again on the same port and data directory."""
-
-    def __init__(self, directory: Path, password: str) -> None:
-        self.port, self.directory, self.password = free_port(), directory, password
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        config = (f"port {self.port}\nbind 127.0.0.1\ndir {self.directory}\nappendonly yes\n"
-                  f"appendfsync everysec\nsave \"\"\nrequirepass {self.password}\n")
-        self.process = subprocess.Popen(["redis-server", "-"], stdin=subprocess.PIPE,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        assert self.process.stdin is not None
-        self.process.stdin.write(config.encode())
-        self.process.stdin.close()
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            time.sleep(0.05)
-        raise RuntimeError(f"redis-server did not listen on {self.port}")
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
 
 
 # --- scenarios: each injects its fault into a stack that runs a workload ----------------------------
@@ -218,8 +181,8 @@ def bench_stack(args: argparse.Namespace, state: Path) -> Iterator[tuple[Stack, 
     secret = secrets.token_hex(32)
     processes = bed.chaos_processes(secret, fake_state, HOSTS, fleet=args.hosts,
                                     fleet_prefix="chaosfleet-")
-    password = redis_password()
-    args.redis = OwnRedis(state, password)
+    # Its URLs carry no password: the stack's processes add REDIS_PASSWORD to every Redis URL.
+    args.redis = OwnRedis(state / "redis", redis_password())
     args.redis.start()
     url = f"redis://127.0.0.1:{args.redis.port}"
     env = {**bed.chaos_env(), "CLOUDCTL_HOST_KEY_SECRET": secret, "CLOUDCTL_LOG_LEVEL": "WARNING",

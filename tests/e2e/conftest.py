@@ -8,6 +8,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import libvirt
 import pytest
 
 from testbed import REPO
@@ -72,3 +73,12 @@ def extra_worker(stack: Stack) -> Iterator[ExtraWorker]:
         worker.stop()
         remove_leftover_domains(instances)
         shutil.rmtree(instances, ignore_errors=True)
+
+
+@pytest.fixture
+def conn() -> Iterator[libvirt.virConnect]:
+    """A connection to the libvirtd the e2e stack's worker uses (qemu:///system), errors not printed."""
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    connection = libvirt.open("qemu:///system")
+    yield connection
+    connection.close()

@@ -13,7 +13,6 @@ import secrets
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import libvirt
@@ -31,14 +30,6 @@ from .test_snapshots import wait_image_active
 pytestmark = [pytest.mark.e2e, pytest.mark.libvirt]
 
 CIDR = "10.253.211.0/24"
-
-
-@pytest.fixture
-def conn() -> Iterator[libvirt.virConnect]:
-    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-    connection = libvirt.open("qemu:///system")
-    yield connection
-    connection.close()
 
 
 class LogSince:

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import libvirt
@@ -20,14 +19,6 @@ from testbed.stack import ExtraWorker, Stack
 pytestmark = [pytest.mark.e2e, pytest.mark.libvirt]
 
 READY = "cloudctl-guest: ready"
-
-
-@pytest.fixture
-def conn() -> Iterator[libvirt.virConnect]:
-    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-    connection = libvirt.open("qemu:///system")
-    yield connection
-    connection.close()
 
 
 def server(stack: Stack, server_id: str) -> dict[str, Any]:

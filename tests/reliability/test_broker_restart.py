@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from testbed.broker import OwnRedis
+
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,
                                 reason="redis-server is not installed")
 
@@ -28,44 +29,13 @@ HERE = Path(__file__).resolve().parent
 KILLS = 5
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Broker:
-    """A redis-server of the test's own, killed with SIGKILL and started again on the same port."""
-
-    def __init__(self, port: int, directory: Path) -> None:
-        self.port, self.directory = port, directory
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.directory)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            time.sleep(0.05)
-        raise RuntimeError(f"redis-server did not listen on {self.port}")
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=10)
-
-
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    broker = Broker(free_port(), tmp_path)
+def broker(tmp_path: Path) -> Iterator[OwnRedis]:
+    broker = OwnRedis(tmp_path / "redis")
     broker.start()
-    yield broker
-    if broker.process and broker.process.poll() is None:
+    try:
+        yield broker
+    finally:
         broker.kill()
 
 
@@ -73,12 +43,12 @@ def lines(path: Path) -> list[str]:
     return path.read_text().split() if path.exists() else []
 
 
-def test_a_worker_survives_broker_restarts_and_consumes_after_them(broker: Broker,
+def test_a_worker_survives_broker_restarts_and_consumes_after_them(broker: OwnRedis,
                                                                     tmp_path: Path) -> None:
     output, log = tmp_path / "done.txt", tmp_path / "worker.log"
     # No DJANGO_SETTINGS_MODULE: Celery would load its Django fix-up (and cloudctl) for it.
     env = {**{k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"},
-           "BROKER_TEST_URL": f"redis://127.0.0.1:{broker.port}/0",
+           "BROKER_TEST_URL": broker.url(0),
            "BROKER_TEST_OUTPUT": str(output), "PYTHONPATH": str(HERE)}
     celery = [sys.executable, "-m", "celery", "-A", "broker_app"]
     with log.open("wb") as log_file:

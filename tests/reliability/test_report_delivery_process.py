@@ -14,7 +14,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from kombu.exceptions import OperationalError
 
 from compute_workers import contract, credentials
 from compute_workers.outbox import OUTBOX_DIR
+from testbed.broker import OwnRedis
 from tests.compute_support import new_spec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -38,57 +38,11 @@ SPAWN_SECONDS = 4.0
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class OwnRedis:
-    """A redis-server process of this test: password in its config file (never on a command line)."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.port = free_port()
-        self.password = secrets.token_hex(16)
-        self.config = directory / "redis.conf"
-        self.config.write_text(f"bind 127.0.0.1\nport {self.port}\nrequirepass {self.password}\n"
-                               f"dir {directory}\nappendonly yes\nappendfsync always\nsave \"\"\n"
-                               f"logfile {directory / 'redis.log'}\n")
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def url(self, db: int) -> str:
-        return f"redis://:{self.password}@127.0.0.1:{self.port}/{db}"
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(["redis-server", str(self.config)], stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL)
-        client = redis.Redis(host="127.0.0.1", port=self.port, password=self.password)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                if client.ping():
-                    return
-            except redis.exceptions.RedisError:
-                time.sleep(0.05)
-        raise AssertionError(f"redis-server on port {self.port} did not start")
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
-
-
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[OwnRedis]:
     directory = tmp_path / "redis"
     directory.mkdir()
-    server = OwnRedis(directory)
+    server = OwnRedis(directory, appendfsync="always")
     server.start()
     try:
         yield server
