@@ -105,6 +105,7 @@ def scenario_dead_host(stack: Stack, workload: bed.Workload, rng: random.Random,
     # The clients pause while the host is dead: their deletes of its servers would otherwise race the
     # evacuation being measured (a server being deleted is not evacuated); they resume once it is back.
     workload.finish()
+    before = _servers_on(stack, victim)
     failed = time.monotonic()
     group = stack.kill(victim, signal.SIGSTOP)
 
@@ -113,14 +114,23 @@ def scenario_dead_host(stack: Stack, workload: bed.Workload, rng: random.Random,
 
     stack.wait_for(f"{victim} down", lambda: state() == "down", 120)
     down = time.monotonic() - failed
-    answer = stack.api("POST", f"/api/v1/hosts/{victim}/force-down/",
-                       json={"forced_down": True, "reason": "chaos bench: dead host"})
-    assert answer.status_code == 200, answer.text
-    answer = stack.api("POST", f"/api/v1/hosts/{victim}/evacuate/", json={"allow_data_loss": True})
-    assert answer.status_code in (200, 202), answer.text
-    results = answer.json()["servers"]
-    moved = [str(row["server"]) for row in results if row.get("accepted")]
-    refused = [str(row.get("refused", "")) for row in results if not row.get("accepted")]
+    if args.auto_evacuate:
+        # HOST_FENCE_COMMAND fences it (the bench's command stands for an IPMI power-off that
+        # succeeded), then AUTO_EVACUATE moves its servers: nobody calls the API.
+        stack.wait_for(f"{victim} fenced", lambda: bool(
+            stack.api("GET", f"/api/v1/hosts/{victim}/").json()["forced_down"]), 120)
+        moved = [str(server["id"]) for server in before if server["status"] in ("ACTIVE", "SHUTOFF")]
+        refused = [f"{server['id']} was {server['status']}" for server in before
+                   if server["status"] not in ("ACTIVE", "SHUTOFF")]
+    else:
+        answer = stack.api("POST", f"/api/v1/hosts/{victim}/force-down/",
+                           json={"forced_down": True, "reason": "chaos bench: dead host"})
+        assert answer.status_code == 200, answer.text
+        answer = stack.api("POST", f"/api/v1/hosts/{victim}/evacuate/", json={"allow_data_loss": True})
+        assert answer.status_code in (200, 202), answer.text
+        results = answer.json()["servers"]
+        moved = [str(row["server"]) for row in results if row.get("accepted")]
+        refused = [str(row.get("refused", "")) for row in results if not row.get("accepted")]
 
     def elsewhere() -> bool:
         for server_id in moved:
@@ -134,7 +144,8 @@ def scenario_dead_host(stack: Stack, workload: bed.Workload, rng: random.Random,
 
     stack.wait_for("evacuated servers running elsewhere", elsewhere, 120)
     running = time.monotonic() - failed
-    print(f"dead-host: {victim} seen down after {down:.1f} s (SERVICE_DOWN_TIME "
+    how = "fenced and evacuated automatically" if args.auto_evacuate else "forced down and evacuated by hand"
+    print(f"dead-host ({how}): {victim} seen down after {down:.1f} s (SERVICE_DOWN_TIME "
           f"{bed.chaos_env()['SERVICE_DOWN_TIME']} s); {len(moved)} server(s) evacuated, running elsewhere "
           f"{running:.1f} s after the failure; {len(refused)} refused: {sorted(set(refused))[:3]}",
           flush=True)
@@ -187,6 +198,9 @@ def bench_stack(args: argparse.Namespace, state: Path) -> Iterator[tuple[Stack, 
     url = f"redis://127.0.0.1:{args.redis.port}"
     env = {**bed.chaos_env(), "CLOUDCTL_HOST_KEY_SECRET": secret, "CLOUDCTL_LOG_LEVEL": "WARNING",
            "CELERY_BROKER_URL": f"{url}/0", "CELERY_RPC_BACKEND": f"{url}/1"}
+    if args.auto_evacuate:
+        env.update({"AUTO_EVACUATE": "1", "AUTO_EVACUATE_ALLOW_DATA_LOSS": "1", "HOST_FENCE_COMMAND": "true",
+                    "HOST_FENCE_INTERVAL": "2"})
     width = len(str(args.hosts))
     fleet = [f"chaosfleet-{1:0{width}d}", f"chaosfleet-{args.hosts:0{width}d}"] if args.hosts else []
     hosts = [*HOSTS, *fleet]
@@ -216,6 +230,10 @@ def main() -> int:
     parser.add_argument("--db-stop-command", default="", help="stops the bench's own PostgreSQL "
                         "(database-restart runs only with both commands)")
     parser.add_argument("--db-start-command", default="", help="starts it again")
+    parser.add_argument("--auto-evacuate", action="store_true",
+                        help="dead-host: AUTO_EVACUATE (with data loss allowed) and a HOST_FENCE_COMMAND "
+                             "that succeeds (`true`, standing for an IPMI power-off) every 2 s, instead of "
+                             "the admin's force-down and POST /hosts/{name}/evacuate/")
     parser.add_argument("--real", action="store_true", help="not implemented (see above)")
     args = parser.parse_args()
     if args.real:
