@@ -290,6 +290,11 @@ INSTANCE_BUILD_TIMEOUT = env_int("INSTANCE_BUILD_TIMEOUT", 900, minimum=10)
 # have (cloudctl.compute.sync.complete_builds); likewise a delete whose domain the heartbeat no longer
 # lists is finished (complete_deletes).
 BUILD_REPORT_GRACE = env_float("BUILD_REPORT_GRACE", 30.0, minimum=0.0)
+# Seconds after which a build's message counts as lost and is sent once more (both are idempotent):
+# a server still scheduling (its schedule_instance died with a killed scheduler, which Redis gives back
+# only after its visibility timeout), or spawning while its host's heartbeats, read since, neither list
+# its domain nor run anything for it (a scheduler killed between its claim and the spawn's send).
+BUILD_RESEND_AFTER = env_float("BUILD_RESEND_AFTER", 60.0, minimum=1.0)
 # Seconds a guest gets to shut down after the ACPI request before it is forced off (stop).
 CLEAN_SHUTDOWN_TIMEOUT = env_int("CLEAN_SHUTDOWN_TIMEOUT", 60, minimum=0)
 # --- Migration and resize --------------------------------------------------------------------------

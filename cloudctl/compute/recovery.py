@@ -15,6 +15,7 @@ Every outcome is said on the server's action, so an operator can read what happe
 
 from __future__ import annotations
 
+import functools
 import logging
 from datetime import datetime, timedelta
 from typing import Any
@@ -52,7 +53,7 @@ from cloudctl.compute.models import MigrationStatus as S
 from cloudctl.compute.services import action_start, finish_action, mark_deleted
 from cloudctl.compute.specs import spawn_spec
 from cloudctl.compute.states import VM_STATE_FOR_POWER_STATE, PowerState, TaskState, VmState
-from cloudctl.compute.sync import complete_build, sync_power_state
+from cloudctl.compute.sync import complete_build, resend_once, sync_power_state
 from cloudctl.database import DATABASE_ERRORS
 from cloudctl.images.services import image_uploads_reap
 from cloudctl.network import dhcp, hostsync, routers
@@ -291,6 +292,22 @@ def _cold_interrupted(migration: Migration, reason: str) -> None:
 
 
 # --- Reapers ---------------------------------------------------------------------------------------
+
+def resend_lost_schedules() -> int:
+    """A server still scheduling BUILD_RESEND_AFTER after it was created lost its schedule_instance (a
+    scheduler killed holding it: Redis gives an unacknowledged task back only after its visibility
+    timeout): it is sent once more (:func:`cloudctl.compute.sync.resend_once`), rather than the server
+    left in BUILD until INSTANCE_BUILD_TIMEOUT. Scheduling is idempotent: a late original finds the
+    server placed and does nothing. Returns how many were sent."""
+    cutoff = timezone.now() - timedelta(seconds=settings.BUILD_RESEND_AFTER)
+    waiting = Instance.objects.filter(task_state=TaskState.SCHEDULING,
+                                      task_state_since__lt=cutoff).values_list("uuid", flat=True)
+    return sum(resend_once(str(uuid), "schedule_resent", host="", message=(
+        f"still waiting for a host {settings.BUILD_RESEND_AFTER:g} s after the request (the scheduler's "
+        "message was lost): scheduling sent again"),
+        send=functools.partial(rpc.send_to_scheduler, contract.SCHEDULE_INSTANCE, instance_uuid=str(uuid)))
+        for uuid in waiting)
+
 
 def reap_expired_tasks() -> int:
     """End every task past its deadline in a truthful state, and say so on its action.

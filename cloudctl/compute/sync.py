@@ -13,9 +13,10 @@ interrupted, and tasks past their deadline, are :mod:`cloudctl.compute.recovery`
 
 from __future__ import annotations
 
+import functools
 import logging
 import uuid
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -25,6 +26,7 @@ from django.utils import timezone
 
 from cloudctl.compute import conductor, ports, rpc
 from cloudctl.compute.models import Allocation, Host, Instance, InstanceAction
+from cloudctl.compute.specs import spawn_spec
 from cloudctl.compute.states import VM_STATE_FOR_POWER_STATE, PowerState, TaskState, VmState
 from compute_workers import contract
 from compute_workers.contract import ActionResult
@@ -200,6 +202,45 @@ def complete_builds(host: Host, reported: dict[str, str], observed_at: datetime,
              .values_list("uuid", flat=True))
     return sum(complete_build(str(instance_uuid), host.name, BUILD_COMPLETED_FROM_HEARTBEAT)
                for instance_uuid in stuck)
+
+
+def resend_lost_spawns(host: Host, reported: dict[str, str], observed_at: datetime,
+                       busy: Collection[str] = ()) -> int:
+    """A server spawning on ``host`` for longer than BUILD_RESEND_AFTER whose domain the heartbeat
+    (observed that long after the build started) does not list and for which nothing runs there
+    (``busy``) never got its spawn (a scheduler killed between its claim and the send, a message the
+    broker lost): the spawn is sent once more (:func:`resend_once`). A spawn is idempotent (by domain
+    name and its host's spawn journal), so a late original changes nothing. Returns how many."""
+    started_before = min(timezone.now(), observed_at) - timedelta(seconds=settings.BUILD_RESEND_AFTER)
+    waiting = (Instance.objects.select_related("flavor", "image", "project", "host")
+               .filter(host=host, vm_state=VmState.BUILDING, task_state=TaskState.SPAWNING,
+                       task_state_since__lt=started_before))
+    sent = 0
+    for instance in waiting:
+        key = str(instance.uuid)
+        if key in reported or key in busy:
+            continue
+        spec = spawn_spec(instance, host.name)
+        sent += resend_once(key, "spawn_resent", host=host.name, message=(
+            f"no spawn ran on {host.name} {settings.BUILD_RESEND_AFTER:g} s after the server was placed "
+            "there (its message was lost): spawn sent again"),
+            send=functools.partial(rpc.cast, host.name, contract.COMPUTE_SPAWN, spec=spec))
+    return sent
+
+
+def resend_once(instance_uuid: str, event: str, *, host: str, message: str, send: Callable[[], None]) -> bool:
+    """Send a build's message again, at most once per action: ``event`` recorded on the server's running
+    action says it was (and why), and ``send`` runs when that commits. False: no running action, or
+    already resent."""
+    with transaction.atomic():
+        action = conductor.current_action(instance_uuid)
+        if action is None or action.events.filter(event=event).exists():
+            return False
+        conductor.record_event(instance_uuid, event=event, result=ActionResult.SUCCESS, host=host,
+                               message=message, action_id=action.pk)
+        transaction.on_commit(send)
+    log.warning("%s: %s", instance_uuid, message)
+    return True
 
 
 def complete_build(instance_uuid: str, host: str, message: str) -> bool:

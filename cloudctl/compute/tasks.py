@@ -69,6 +69,7 @@ def host_heartbeat(host: str, resources: dict[str, Any]) -> None:
     record = conductor.host_heartbeat(host=host, resources=resources)
     observed_at = conductor.observed_at_of(resources)
     sync.complete_builds(record, resources.get("instances", {}), observed_at, resources.get("busy", []))
+    sync.resend_lost_spawns(record, resources.get("instances", {}), observed_at, resources.get("busy", []))
     sync.complete_deletes(record, resources.get("instances", {}), observed_at, resources.get("busy", []))
     sync.sync_host(record, resources.get("instances", {}), observed_at)
 
@@ -94,7 +95,7 @@ def power_state_update(host: str, instance_uuid: str, power_state: str,
 
 @shared_task(name="conductor.reap_expired_tasks")
 def reap_expired_tasks() -> int:
-    return recovery.reap_expired_tasks()
+    return recovery.resend_lost_schedules() + recovery.reap_expired_tasks()
 
 
 @shared_task(name=contract.CONDUCTOR_MIGRATION_UPDATE, base=HostReport)

@@ -12,7 +12,7 @@ import pytest
 from django.utils import timezone
 
 from cloudctl.compute import conductor, recovery, tasks
-from cloudctl.compute.models import Instance, InstanceAction
+from cloudctl.compute.models import Allocation, Instance, InstanceAction
 from cloudctl.compute.recovery import BUILD_COMPLETED_AT_RESTART
 from cloudctl.compute.scheduling import schedule_instance
 from cloudctl.compute.services import server_create
@@ -210,3 +210,67 @@ def test_no_delete_finished_without_the_hosts_word_that_the_domain_is_gone(delet
         _beat({})
     deleting.refresh_from_db()
     assert deleting.task_state == TaskState.DELETING
+
+
+# --- A build's message lost: sent once more (BUILD_RESEND_AFTER) -------------------------------------
+
+
+def _resent(server: Instance, event: str) -> list[str]:
+    return list(InstanceAction.objects.get(instance=server).events.filter(event=event)
+                .values_list("message", flat=True))
+
+
+def test_a_spawn_that_never_ran_is_sent_again_once(spawning, settings, outbox, send_on_commit):
+    """A scheduler killed between its claim and the spawn's send: the host's heartbeats, read well
+    after the placement, neither list the domain nor run anything for it."""
+    settings.BUILD_RESEND_AFTER = 60
+    _age(spawning, 61)
+    _beat({})
+    spawns = outbox.compute_tasks(contract.COMPUTE_SPAWN)
+    assert [spec["spec"]["instance_uuid"] for spec in spawns] == [str(spawning.uuid)]
+    assert [host for host, name, _ in outbox.compute if name == contract.COMPUTE_SPAWN] == ["hv1"]
+    assert spawns[0]["spec"]["host"] == "hv1"
+    [message] = _resent(spawning, "spawn_resent")
+    assert "spawn sent again" in message
+    _beat({})  # once per action, not at every heartbeat
+    assert len(outbox.compute_tasks(contract.COMPUTE_SPAWN)) == 1
+    spawning.refresh_from_db()
+    assert (spawning.status, spawning.task_state) == ("BUILD", TaskState.SPAWNING)
+
+
+@pytest.mark.parametrize("case", ["recent", "listed", "busy", "observed_before"])
+def test_no_spawn_is_sent_again_without_the_hosts_word_that_none_ran(spawning, settings, outbox, case,
+                                                                  send_on_commit):
+    settings.BUILD_RESEND_AFTER = 60
+    uuid = str(spawning.uuid)
+    _age(spawning, 30 if case == "recent" else 90)
+    if case == "listed":  # the domain is there (paused at its start, say): the spawn runs or ran
+        _beat({uuid: contract.POWER_PAUSED})
+    elif case == "busy":  # the spawn runs (a large image still downloading)
+        _beat({}, busy=[uuid])
+    elif case == "observed_before":  # the list was read before the build had been waiting that long
+        _beat({}, observed_at=time.time() - 45)
+    else:
+        _beat({})
+    assert outbox.compute_tasks(contract.COMPUTE_SPAWN) == []
+    assert _resent(spawning, "spawn_resent") == []
+
+
+def test_a_schedule_lost_with_its_scheduler_is_sent_again_once_and_places_the_server_once(
+        member, project, flavors, image, outbox, settings, send_on_commit):
+    heartbeat("hv1")
+    settings.BUILD_RESEND_AFTER = 60
+    server = server_create(user=member, project=project, name="s", flavor=flavors["m1.nano"], image=image)
+    assert outbox.scheduler == [(contract.SCHEDULE_INSTANCE, {"instance_uuid": str(server.uuid)})]
+    tasks.reap_expired_tasks()
+    assert len(outbox.scheduler) == 1  # not yet: the scheduler may just be busy
+    _age(server, 61)
+    tasks.reap_expired_tasks()
+    tasks.reap_expired_tasks()
+    assert outbox.scheduler == [(contract.SCHEDULE_INSTANCE, {"instance_uuid": str(server.uuid)})] * 2
+    assert "scheduling sent again" in _resent(server, "schedule_resent")[0]
+    # Both copies run (the original was only late): the server is placed and its spawn sent once.
+    assert schedule_instance(str(server.uuid)) == "hv1"
+    assert schedule_instance(str(server.uuid)) is None
+    assert len(outbox.compute_tasks(contract.COMPUTE_SPAWN)) == 1
+    assert Allocation.objects.filter(instance_id=server.uuid).count() == 1
