@@ -103,10 +103,16 @@ def scenario_dead_host(stack: Stack, workload: bed.Workload, rng: random.Random,
     worker SIGKILLed, so the supervisor starts it again, as after a reboot): its stale domains must go
     (the invariants count orphans), and its force-down is cleared."""
     victim = HOSTS[1]
-    stack.wait_for(f"servers on {victim}", lambda: len(_servers_on(stack, victim)) >= 3, 60)
     # The clients pause while the host is dead: their deletes of its servers would otherwise race the
     # evacuation being measured (a server being deleted is not evacuated); they resume once it is back.
     workload.finish()
+    # Three servers placed there on purpose (the workload's may or may not be), running before it dies.
+    for _ in range(3):
+        answer = stack.api("POST", "/api/v1/servers/", json={
+            "name": f"victim-{rng.randrange(10**6)}", "flavor": "m1.nano", "image": "tiny", "host": victim})
+        assert answer.status_code == 202, answer.text
+    stack.wait_for(f"servers on {victim} running", lambda: sum(
+        server["status"] == "ACTIVE" for server in _servers_on(stack, victim)) >= 3, 60)
     before = _servers_on(stack, victim)
     failed = time.monotonic()
     group = stack.kill(victim, signal.SIGSTOP)
