@@ -58,7 +58,7 @@ from cloudctl.compute.models import (
 from cloudctl.compute.services import action_start, finish_action, new_request_id, transition
 from cloudctl.compute.specs import spawn_spec
 from cloudctl.compute.states import TaskState, VmState
-from cloudctl.compute.sync import _system_action
+from cloudctl.compute.sync import system_action
 from cloudctl.database import DATABASE_ERRORS
 from cloudctl.images.models import ImageStatus
 from compute_workers import contract
@@ -76,14 +76,6 @@ def _requester(user: Any) -> str:
 
 
 # --- Force-down and fencing -----------------------------------------------------------------------
-
-def host_heartbeat_stale(host: Host) -> bool:
-    """No heartbeat for SERVICE_DOWN_TIME (or the worker stopped): the host's own word is missing,
-    whatever ``forced_down`` says."""
-    if host.last_heartbeat is None:
-        return True
-    return timezone.now() - host.last_heartbeat >= timedelta(seconds=settings.SERVICE_DOWN_TIME)
-
 
 def host_force_down(*, host: Host, forced_down: bool, user: Any, reason: str = "") -> Host:
     """Nova's service force-down: ``forced_down`` True says the host is off (down whatever its
@@ -145,7 +137,7 @@ def host_fence(*, host: Host, user: Any) -> Host:
     if not settings.HOST_FENCE_COMMAND.strip():
         raise HostFenceFailed("HOST_FENCE_COMMAND is not set: fence the host by hand (power it off) and "
                               f'POST /api/v1/hosts/{host.name}/force-down/ {{"forced_down": true}}')
-    if not host_heartbeat_stale(host):
+    if host.heartbeat_recent:
         raise HostFenceFailed(f"host {host.name} is up (last heartbeat {host.last_heartbeat:%H:%M:%S} UTC): "
                               "only a host that stopped heartbeating is fenced")
     Host.objects.filter(pk=host.pk).update(fence_attempted_at=timezone.now())
@@ -204,7 +196,7 @@ def fencing_problem(host: Host) -> str:
                     f"{host.forced_down_at:%Y-%m-%d %H:%M:%S} UTC): its compute worker runs, so may its "
                     "servers; power the host off first")
         return ""
-    if not host_heartbeat_stale(host):
+    if host.heartbeat_recent:
         return (f"host {host.name} is up (last heartbeat {seen}); evacuate only rebuilds the servers of a "
                 "dead host (live-migrate or migrate them)")
     return (f"host {host.name} is down but not fenced, so its servers may still run there; fence it: "
@@ -421,7 +413,7 @@ def _say_once(server: Instance, reason: str, since: Any) -> None:
     said = InstanceAction.objects.filter(instance=server, action=states.EVACUATE.action,
                                          request_id=SYSTEM_REQUEST_ID, message=message, start_time__gte=since)
     if not said.exists():
-        _system_action(server, states.EVACUATE.action, result=ActionResult.ERROR, message=message,
+        system_action(server, states.EVACUATE.action, result=ActionResult.ERROR, message=message,
                        event="auto_evacuate")
         log.warning("auto-evacuation of %s: %s", server.uuid, reason)
 

@@ -101,11 +101,16 @@ class Host(models.Model):
         return not self.enabled and self.disabled_reason == self.NEW_HOST_REASON
 
     @property
-    def is_up(self) -> bool:
-        if self.forced_down or self.last_heartbeat is None:
+    def heartbeat_recent(self) -> bool:
+        """A heartbeat came within SERVICE_DOWN_TIME (a worker that stopped cleanly has none), whatever
+        ``forced_down`` says: the host's own word that its worker runs."""
+        if self.last_heartbeat is None:
             return False
-        age = timezone.now() - self.last_heartbeat
-        return age < timedelta(seconds=settings.SERVICE_DOWN_TIME)
+        return timezone.now() - self.last_heartbeat < timedelta(seconds=settings.SERVICE_DOWN_TIME)
+
+    @property
+    def is_up(self) -> bool:
+        return not self.forced_down and self.heartbeat_recent
 
     @property
     def ratios(self) -> dict[str, float]:

@@ -34,7 +34,7 @@ from compute_workers.contract import ActionResult
 log = logging.getLogger(__name__)
 
 
-def _system_action(instance: Instance, action: str, *, result: str, message: str,
+def system_action(instance: Instance, action: str, *, result: str, message: str,
                    event: str) -> InstanceAction:
     """Record what cloudctl did on its own (no user asked), finished at once."""
     now = timezone.now()
@@ -91,7 +91,7 @@ def sync_power_state(instance: Instance, power_state: str, observed_at: datetime
             ports.server_ports_follow(instance.uuid, changes.get("vm_state"))
         if updated and message:
             log.info("sync %s: %s", instance.uuid, message)
-            _system_action(instance, "sync_power_state", result=ActionResult.SUCCESS, message=message,
+            system_action(instance, "sync_power_state", result=ActionResult.SUCCESS, message=message,
                            event="sync_power_state")
     return bool(updated)
 
@@ -121,7 +121,7 @@ def _adopt_from_elsewhere(instance: Instance) -> bool:
         Allocation.objects.create(instance_id=uuid, host=host, vcpus=instance.vcpus,
                                   memory_mb=instance.memory_mb, disk_gb=instance.root_gb)
         instance.host = host
-        _system_action(instance, "sync_power_state", result=ActionResult.SUCCESS, message=message,
+        system_action(instance, "sync_power_state", result=ActionResult.SUCCESS, message=message,
                        event="domain_found_elsewhere")
     log.warning("sync %s: %s", uuid, message)
     return True
