@@ -47,6 +47,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -87,10 +88,8 @@ def scenario_database_restart(stack: Stack, workload: bed.Workload, rng: random.
     subprocess.run(shlex.split(args.db_start_command), check=True)
 
 
-def _servers_on(stack: Stack, host: str) -> list[dict[str, object]]:
-    body = stack.api("GET", "/api/v1/servers/?limit=500").json()
-    rows = body["results"] if isinstance(body, dict) else body
-    return [server for server in rows if server.get("host") == host]
+def _servers_on(workload: bed.Workload, host: str) -> list[dict[str, Any]]:
+    return [server for server in workload.servers() if server.get("host") == host]
 
 
 def scenario_dead_host(stack: Stack, workload: bed.Workload, rng: random.Random,
@@ -112,8 +111,8 @@ def scenario_dead_host(stack: Stack, workload: bed.Workload, rng: random.Random,
             "name": f"victim-{rng.randrange(10**6)}", "flavor": "m1.nano", "image": "tiny", "host": victim})
         assert answer.status_code == 202, answer.text
     stack.wait_for(f"servers on {victim} running", lambda: sum(
-        server["status"] == "ACTIVE" for server in _servers_on(stack, victim)) >= 3, 60)
-    before = _servers_on(stack, victim)
+        server["status"] == "ACTIVE" for server in _servers_on(workload, victim)) >= 3, 60)
+    before = _servers_on(workload, victim)
     failed = time.monotonic()
     group = stack.kill(victim, signal.SIGSTOP)
 
